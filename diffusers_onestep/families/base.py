@@ -1,0 +1,373 @@
+"""The backbone-family adapter interface -- the only abstraction the rest of the project sees of a backbone.
+
+An adapter turns one family's diffusers components into a canonical denoiser (k-diffusion ``external.py`` and EDM's
+``*Precond`` are the models for this): encode prompts into a :class:`Condition`, call a denoiser at
+``(x_t, t, condition)`` and return its *native* prediction, describe the noise path, shape latents, decode them.
+Times passed to :meth:`FamilyAdapter.denoise` are the path's natural times (see :mod:`..parameterization`); the
+adapter converts them to what the network expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import parameterization as param
+
+
+@dataclass
+class Condition:
+    """Encoded text condition of a batch. Every tensor has the batch on dim 0.
+
+    Attributes:
+        embeds: token embeddings ``[B, L, D]`` fed to cross-attention.
+        mask: attention mask ``[B, L]`` (PixArt, SANA); ``None`` where the family uses none (SDXL).
+        pooled: pooled text embedding ``[B, D']`` (SDXL's ``text_embeds``).
+    """
+
+    embeds: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    pooled: Optional[torch.Tensor] = None
+
+    def _tensors(self) -> Dict[str, Optional[torch.Tensor]]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def _map(self, fn) -> "Condition":
+        return replace(self, **{k: (fn(v) if v is not None else None) for k, v in self._tensors().items()})
+
+    @property
+    def batch_size(self) -> int:
+        return self.embeds.shape[0]
+
+    def to(self, device=None, dtype=None) -> "Condition":
+        def move(t: torch.Tensor) -> torch.Tensor:
+            # Masks stay integer/bool; only floating tensors take the dtype.
+            return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+
+        return self._map(move)
+
+    def detach(self) -> "Condition":
+        return self._map(lambda t: t.detach())
+
+    def repeat_interleave(self, repeats: int) -> "Condition":
+        return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def __getitem__(self, index) -> "Condition":
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return self._map(lambda t: t[index])
+
+    @staticmethod
+    def cat(conditions: Sequence["Condition"]) -> "Condition":
+        first = conditions[0]
+        merged = {}
+        for name, value in first._tensors().items():
+            merged[name] = None if value is None else torch.cat([getattr(c, name) for c in conditions], dim=0)
+        return Condition(**merged)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {k: v for k, v in self._tensors().items() if v is not None}
+
+    @classmethod
+    def from_state_dict(cls, tensors: Dict[str, torch.Tensor]) -> "Condition":
+        return cls(**{f.name: tensors.get(f.name) for f in fields(cls)})
+
+
+class FamilyAdapter:
+    """Canonical interface over one backbone family.
+
+    Subclasses set the class attributes and implement :meth:`_encode`, :meth:`_unconditional` and :meth:`_forward`.
+    """
+
+    #: registry key, e.g. ``"sdxl"``
+    name: str = ""
+    #: human name used in messages
+    display_name: str = ""
+    #: diffusers pipeline classes whose folders this adapter reads (``model_index.json`` ``_class_name``)
+    pipeline_class_names: Tuple[str, ...] = ()
+    #: the native diffusers pipeline class used for parity and text encoding
+    native_pipeline_class_name: str = ""
+    #: the denoiser component: ``"unet"`` or ``"transformer"``
+    denoiser_name: str = "transformer"
+    #: text components, in ``model_index.json`` order
+    text_component_names: Tuple[str, ...] = ("tokenizer", "text_encoder")
+    #: LoRA target modules used when the user gives none (diffusers training examples, diffusers-facts §5.2)
+    default_lora_target_modules: Tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+    #: the denoiser takes an embedded guidance scale (SANA-Sprint)
+    has_embedded_guidance: bool = False
+    #: default embedded guidance scale of the family's pipeline
+    default_embedded_guidance_scale: Optional[float] = None
+
+    def __init__(
+        self,
+        components: Dict[str, Any],
+        noise_path: Optional[param.NoisePath] = None,
+        prediction_type: Optional[str] = None,
+    ):
+        self.components = dict(components)
+        scheduler = self.components.get("scheduler")
+        scheduler_config = dict(scheduler.config) if scheduler is not None else {}
+        self.noise_path = noise_path or self.default_noise_path(scheduler_config)
+        self.prediction_type = param.check_prediction_type(
+            prediction_type or self.default_prediction_type(scheduler_config)
+        )
+        self._text_pipeline = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # construction
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pipeline(cls, pipeline, **kwargs) -> "FamilyAdapter":
+        """Adapter over a loaded pipeline's components; ``kwargs`` go to the constructor."""
+        return cls(pipeline.components, **kwargs)
+
+    @classmethod
+    def default_noise_path(cls, scheduler_config: Dict[str, Any]) -> param.NoisePath:
+        """The teacher's noise path read from its scheduler config (``OneStepScheduler`` configs name theirs)."""
+        if "noise_path" in scheduler_config:
+            return param.make_noise_path(scheduler_config["noise_path"], **scheduler_config)
+        return cls._family_noise_path(scheduler_config)
+
+    @classmethod
+    def _family_noise_path(cls, scheduler_config: Dict[str, Any]) -> param.NoisePath:
+        return param.VPPath.from_scheduler_config(scheduler_config)
+
+    @classmethod
+    def default_prediction_type(cls, scheduler_config: Dict[str, Any]) -> str:
+        return scheduler_config.get("prediction_type", "epsilon")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # components
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.components[self.denoiser_name]
+
+    @property
+    def vae(self):
+        return self.components.get("vae")
+
+    @property
+    def has_text_encoders(self) -> bool:
+        return all(self.components.get(n) is not None for n in self.text_component_names)
+
+    def drop_text_encoders(self) -> None:
+        """Free the text encoders once every condition the run needs is cached."""
+        for name in self.text_component_names:
+            if name.startswith("text_encoder"):
+                self.components[name] = None
+        self._text_pipeline = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        cfg = self.vae.config
+        channels = cfg.get("encoder_block_out_channels") or cfg.get("block_out_channels")
+        return 2 ** (len(channels) - 1)
+
+    @property
+    def patch_size(self) -> int:
+        return int(getattr(self.denoiser.config, "patch_size", None) or 1)
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Height and width must be multiples of this: the VAE factor times the denoiser's patch size."""
+        return self.vae_scale_factor * self.patch_size
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.denoiser.config.in_channels)
+
+    @property
+    def default_resolution(self) -> int:
+        return int(self.denoiser.config.sample_size) * self.vae_scale_factor
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> Tuple[int, int, int, int]:
+        f = self.vae_scale_factor
+        return (batch_size, self.latent_channels, height // f, width // f)
+
+    def image_size_of(self, latents: torch.Tensor) -> Tuple[int, int]:
+        return latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor
+
+    # ------------------------------------------------------------------------------------------------------------
+    # text
+    # ------------------------------------------------------------------------------------------------------------
+
+    def text_pipeline(self):
+        """The family's own diffusers pipeline holding only the text components (for ``encode_prompt``)."""
+        if self._text_pipeline is None:
+            import diffusers
+
+            cls = getattr(diffusers, self.native_pipeline_class_name)
+            self._text_pipeline = self._build_text_pipeline(cls)
+        return self._text_pipeline
+
+    def _build_text_pipeline(self, cls):
+        kwargs = {n: self.components.get(n) for n in self.text_component_names}
+        return cls(**kwargs, vae=None, transformer=None, scheduler=None)
+
+    def _require_text_encoders(self) -> None:
+        if not self.has_text_encoders:
+            missing = [n for n in self.text_component_names if self.components.get(n) is None]
+            raise ValueError(
+                f"This {self.display_name} model has no {', '.join(missing)}; pass `prompt_embeds` (and the "
+                "matching masks/pooled embeddings) instead of `prompt`."
+            )
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str], device=None) -> Condition:
+        """Encode a list of prompts exactly as the family's pipeline does."""
+        self._require_text_encoders()
+        return self._encode(list(prompts), device)
+
+    @torch.no_grad()
+    def unconditional(self, batch_size: int, device=None) -> Condition:
+        """The unconditional (null-prompt) condition used for classifier-free guidance."""
+        return self._unconditional(batch_size, device)
+
+    def _encode(self, prompts: List[str], device) -> Condition:
+        raise NotImplementedError
+
+    def _unconditional(self, batch_size: int, device) -> Condition:
+        self._require_text_encoders()
+        return self._encode([""] * batch_size, device)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # denoiser
+    # ------------------------------------------------------------------------------------------------------------
+
+    def denoise(
+        self,
+        x_t: torch.Tensor,
+        t,
+        condition: Condition,
+        *,
+        denoiser: Optional[torch.nn.Module] = None,
+        guidance: Optional[torch.Tensor] = None,
+        return_features: bool = False,
+    ):
+        """Run ``denoiser`` (default: the adapter's own) at ``(x_t, t, condition)``.
+
+        Args:
+            x_t: noisy latents ``[B, C, H, W]`` in VAE-latent units.
+            t: natural path time, a scalar or ``[B]``.
+            guidance: embedded guidance scale per sample (families with ``has_embedded_guidance``).
+            return_features: also return the feature map of :meth:`feature_module` (``[B, C', h, w]``), the trunk
+                that discriminator heads read (DMD2 §4.2, f-distill §6.3).
+
+        Returns:
+            The native prediction (``self.prediction_type``), ``[B, C, H, W]``, or ``(prediction, features)``.
+        """
+        denoiser = denoiser if denoiser is not None else self.denoiser
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        if not return_features:
+            return self._forward(denoiser, x_t, t, condition, guidance)
+        captured: List[torch.Tensor] = []
+        module = self.feature_module(_unwrap(denoiser))
+
+        def hook(_module, _inputs, output):
+            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+        handle = module.register_forward_hook(hook)
+        try:
+            prediction = self._forward(denoiser, x_t, t, condition, guidance)
+        finally:
+            handle.remove()
+        return prediction, self._features_to_map(captured[0], x_t)
+
+    def _forward(self, denoiser, x_t, t, condition, guidance) -> torch.Tensor:
+        raise NotImplementedError
+
+    def feature_module(self, denoiser: torch.nn.Module) -> torch.nn.Module:
+        """The module whose output feeds discriminator heads: the middle transformer block by default."""
+        blocks = denoiser.transformer_blocks
+        return blocks[len(blocks) // 2]
+
+    def feature_channels(self) -> int:
+        """Channels of the feature map returned with ``return_features=True``."""
+        denoiser = _unwrap(self.denoiser)
+        return int(denoiser.config.num_attention_heads * denoiser.config.attention_head_dim)
+
+    def _features_to_map(self, features: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        if features.ndim == 4:
+            return features
+        # Token sequence [B, N, D] of a patchified transformer -> [B, D, H/p, W/p].
+        h, w = x_t.shape[-2] // self.patch_size, x_t.shape[-1] // self.patch_size
+        return features.transpose(1, 2).reshape(features.shape[0], features.shape[2], h, w)
+
+    def _split_learned_sigma(self, output: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        # PixArt-style "learned sigma": the network outputs [prediction, variance]; keep the prediction.
+        if output.shape[1] == 2 * x_t.shape[1]:
+            return output[:, : x_t.shape[1]]
+        return output
+
+    # ------------------------------------------------------------------------------------------------------------
+    # latents <-> images
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _latent_normalization(self, latents: torch.Tensor):
+        cfg = self.vae.config
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+        if mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+            return mean, std / cfg.scaling_factor
+        shift = cfg.get("shift_factor") or 0.0
+        return shift, 1.0 / cfg.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1], as the family's pipeline decodes them."""
+        vae = self.vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        mean, scale = self._latent_normalization(latents)
+        latents = (latents * scale + mean).to(vae.dtype)
+        try:
+            return vae.decode(latents, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+
+    def encode_images(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Images in [-1, 1] -> latents in the units the denoiser sees (inverse of :meth:`decode`)."""
+        vae = self.vae
+        out = vae.encode(images.to(vae.dtype))
+        if hasattr(out, "latent_dist"):
+            latents = out.latent_dist.sample(generator)
+        else:
+            latents = out.latent if hasattr(out, "latent") else out[0]
+        mean, scale = self._latent_normalization(latents)
+        return (latents - mean) / scale
+
+    # ------------------------------------------------------------------------------------------------------------
+    # LoRA
+    # ------------------------------------------------------------------------------------------------------------
+
+    #: pipeline class whose ``save_lora_weights`` writes this family's LoRA file (diffusers key prefixes)
+    lora_pipeline_class_name: str = "SanaPipeline"
+
+    def lora_save_kwargs(self, lora_state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        return {f"{self.denoiser_name}_lora_layers": lora_state_dict}
+
+    def describe(self) -> Dict[str, Any]:
+        return {
+            "family": self.name,
+            "prediction_type": self.prediction_type,
+            **self.noise_path.describe(),
+        }
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP/FSDP/compile wrappers."""
+    while True:
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if inner is None or not isinstance(inner, torch.nn.Module):
+            return module
+        module = inner

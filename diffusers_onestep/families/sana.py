@@ -1,0 +1,118 @@
+"""SANA (Xie et al. 2024; flow matching, Gemma text) and SANA-Sprint (Chen et al. 2025; TrigFlow, embedded CFG)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .. import parameterization as param
+from .base import Condition, FamilyAdapter, _unwrap
+
+
+class SanaAdapter(FamilyAdapter):
+    name = "sana"
+    display_name = "SANA"
+    pipeline_class_names = ("SanaPipeline", "SanaPAGPipeline")
+    native_pipeline_class_name = "SanaPipeline"
+    denoiser_name = "transformer"
+    default_lora_target_modules = ("to_k", "to_q", "to_v")
+    default_max_sequence_length = 300
+
+    def __init__(self, components, noise_path=None, prediction_type=None, max_sequence_length: Optional[int] = None):
+        super().__init__(components, noise_path=noise_path, prediction_type=prediction_type)
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+
+    @classmethod
+    def _family_noise_path(cls, scheduler_config):
+        # FlowMatchEulerDiscreteScheduler stores `shift`; the DPM-Solver flow variant stores `flow_shift`.
+        shift = scheduler_config.get("shift") or scheduler_config.get("flow_shift") or 1.0
+        return param.FlowPath(shift=shift, num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000))
+
+    @classmethod
+    def default_prediction_type(cls, scheduler_config):
+        return "flow_prediction"
+
+    def _encode(self, prompts: List[str], device) -> Condition:
+        # No complex_human_instruction: it prepends ~1000 tokens of instructions meant for the 4.5 guidance
+        # teacher's prompt enhancement, not for distillation targets.
+        embeds, mask, _, _ = self.text_pipeline().encode_prompt(
+            prompts,
+            do_classifier_free_guidance=False,
+            device=device,
+            clean_caption=False,
+            max_sequence_length=self.max_sequence_length,
+            complex_human_instruction=None,
+        )
+        return Condition(embeds=embeds, mask=mask)
+
+    def _model_timestep(self, denoiser, t):
+        scale = getattr(_unwrap(denoiser).config, "timestep_scale", 1.0) or 1.0
+        return self.noise_path.to_scheduler_timestep(t) * scale
+
+    def _guidance(self, denoiser, guidance, batch_size, device):
+        return None
+
+    def _forward(self, denoiser, x_t, t, condition, guidance):
+        return denoiser(
+            x_t,
+            encoder_hidden_states=condition.embeds,
+            encoder_attention_mask=condition.mask,
+            timestep=self._model_timestep(denoiser, t),
+            guidance=self._guidance(denoiser, guidance, x_t.shape[0], x_t.device),
+            return_dict=False,
+        )[0]
+
+
+class SanaSprintAdapter(SanaAdapter):
+    """SANA-Sprint: a flow transformer run as a TrigFlow model, with guidance embedded in the network."""
+
+    name = "sana_sprint"
+    display_name = "SANA-Sprint"
+    pipeline_class_names = ("SanaSprintPipeline",)
+    native_pipeline_class_name = "SanaSprintPipeline"
+    has_embedded_guidance = True
+    default_embedded_guidance_scale = 4.5
+
+    @classmethod
+    def _family_noise_path(cls, scheduler_config):
+        return param.TrigFlowPath(sigma_data=scheduler_config.get("sigma_data", 0.5))
+
+    @classmethod
+    def default_prediction_type(cls, scheduler_config):
+        return "trigflow"
+
+    def _encode(self, prompts: List[str], device) -> Condition:
+        embeds, mask = self.text_pipeline().encode_prompt(
+            prompts,
+            device=device,
+            clean_caption=False,
+            max_sequence_length=self.max_sequence_length,
+            complex_human_instruction=None,
+        )
+        return Condition(embeds=embeds, mask=mask)
+
+    def _guidance(self, denoiser, guidance, batch_size, device):
+        config = _unwrap(denoiser).config
+        if not getattr(config, "guidance_embeds", False):
+            return None
+        if guidance is None:
+            guidance = torch.full((batch_size,), self.default_embedded_guidance_scale, device=device)
+        guidance = torch.as_tensor(guidance, device=device, dtype=torch.float32)
+        if guidance.ndim == 0:
+            guidance = guidance.expand(batch_size)
+        return guidance * config.guidance_embeds_scale
+
+    def _forward(self, denoiser, x_t, t, condition, guidance):
+        # TrigFlow time t -> flow time s and flow sample; the network's velocity -> TrigFlow output F.
+        s = param.trigflow_to_flow_time(t.to(torch.float64))
+        flow_sample = param.trigflow_to_flow_sample(x_t, t)
+        velocity = denoiser(
+            flow_sample.to(x_t.dtype),
+            encoder_hidden_states=condition.embeds,
+            encoder_attention_mask=condition.mask,
+            timestep=s.to(torch.float32),
+            guidance=self._guidance(denoiser, guidance, x_t.shape[0], x_t.device),
+            return_dict=False,
+        )[0]
+        return param.flow_velocity_to_trigflow(velocity, flow_sample, s)

@@ -1,0 +1,73 @@
+"""Stable Diffusion XL (Podell et al. 2023): UNet, two CLIP text encoders, VP path with epsilon prediction."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from .base import Condition, FamilyAdapter, _unwrap
+
+
+class SDXLAdapter(FamilyAdapter):
+    name = "sdxl"
+    display_name = "SDXL"
+    pipeline_class_names = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+    native_pipeline_class_name = "StableDiffusionXLPipeline"
+    denoiser_name = "unet"
+    text_component_names = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+    # DMD2's --generator_lora targets, also diffusers' LCM-LoRA SDXL list (diffusers-facts §5.2).
+    default_lora_target_modules = (
+        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+        "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+    )
+    lora_pipeline_class_name = "StableDiffusionXLPipeline"
+
+    def _build_text_pipeline(self, cls):
+        kwargs = {n: self.components.get(n) for n in self.text_component_names}
+        return cls(**kwargs, vae=None, unet=None, scheduler=None, add_watermarker=False)
+
+    def _encode(self, prompts: List[str], device) -> Condition:
+        embeds, _, pooled, _ = self.text_pipeline().encode_prompt(
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return Condition(embeds=embeds, pooled=pooled)
+
+    @property
+    def pooled_dim(self) -> int:
+        unet = _unwrap(self.denoiser)
+        return unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
+
+    def _unconditional(self, batch_size: int, device) -> Condition:
+        # SDXL's pipeline (force_zeros_for_empty_prompt) and DMD2 use all-zero embeddings as the null condition,
+        # so no text encoder is needed for it.
+        unet = _unwrap(self.denoiser)
+        tokenizer = self.components.get("tokenizer")
+        length = tokenizer.model_max_length if tokenizer is not None else 77
+        dtype = self.components["text_encoder_2"].dtype if self.components.get("text_encoder_2") else unet.dtype
+        device = device or unet.device
+        embeds = torch.zeros(batch_size, length, unet.config.cross_attention_dim, device=device, dtype=dtype)
+        pooled = torch.zeros(batch_size, self.pooled_dim, device=device, dtype=dtype)
+        return Condition(embeds=embeds, pooled=pooled)
+
+    def add_time_ids(self, x_t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """SDXL micro-conditioning ``(original_size, crop_top_left, target_size)`` with the pipeline's defaults."""
+        height, width = self.image_size_of(x_t)
+        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=x_t.device)
+        return ids.repeat(x_t.shape[0], 1)
+
+    def _forward(self, denoiser, x_t, t, condition, guidance):
+        added = {"text_embeds": condition.pooled, "time_ids": self.add_time_ids(x_t, condition.embeds.dtype)}
+        return denoiser(
+            x_t, t, encoder_hidden_states=condition.embeds, added_cond_kwargs=added, return_dict=False
+        )[0]
+
+    def feature_module(self, denoiser):
+        # DMD2 puts its GAN head on the UNet bottleneck (algorithms.md §4.2).
+        return denoiser.mid_block
+
+    def feature_channels(self) -> int:
+        return int(_unwrap(self.denoiser).config.block_out_channels[-1])
+
+    def lora_save_kwargs(self, lora_state_dict):
+        return {"unet_lora_layers": lora_state_dict}

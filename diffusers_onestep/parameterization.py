@@ -1,0 +1,392 @@
+"""Noise paths and prediction-type conversions -- the only place in the project that converts between them.
+
+Every supported backbone noises a clean latent ``x0`` along a Gaussian path ``x_t = alpha_t * x0 + sigma_t * eps``
+(algorithms.md §1.1) and predicts one of several quantities at ``(x_t, t)``. Everything downstream (the one-step
+scheduler, the pipeline, every distillation loss) asks this module for ``x0`` / ``eps`` and never converts inline.
+
+Paths and their *natural* time variable ``t``:
+
+=============  ==========================================  ==============================  =======================
+path           alpha_t, sigma_t                            t                               scheduler ``timesteps``
+=============  ==========================================  ==============================  =======================
+``vp``         sqrt(alphā_t), sqrt(1 - alphā_t)            index in [0, N-1] (SD, SDXL,     t
+                                                           PixArt)
+``flow``       1 - t, t  (rectified flow)                  sigma in [0, 1] (SANA, SD3)      t * N  (diffusers'
+                                                                                           FlowMatchEuler)
+``trigflow``   cos t, sin t  (sCM, in units of sigma_data) t in [0, pi/2] (SANA-Sprint)     t
+=============  ==========================================  ==============================  =======================
+
+Prediction types use diffusers' names (algorithms.md §1.2):
+
+* ``epsilon``: ``eps``;  ``sample``: ``x0``;
+* ``v_prediction``: ``v = alpha * eps - sigma * x0`` (Salimans & Ho 2022, eq. 3 of "Progressive Distillation");
+* ``flow_prediction``: the rectified-flow velocity ``v = eps - x0`` (Liu et al. 2022);
+* ``trigflow``: the TrigFlow output ``F = cos(t) eps - sin(t) x0`` (Lu & Song 2024, sCM eq. 6); algebraically the
+  v-prediction of the trig path.
+
+All conversions run in float64 (DMD2 ``get_x0_from_noise`` does the same) and return the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction", "trigflow")
+NOISE_PATHS = ("vp", "flow", "trigflow")
+
+# DMD/DMD2 sample the noise level of the score terms in [0.02 T, 0.98 T] (algorithms.md §3, §4.1).
+DEFAULT_TRAINING_TIME_RANGE = (0.02, 0.98)
+
+TimeLike = Union[float, int, torch.Tensor, Sequence[float]]
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    # MPS has no float64; everything else computes the conversions in double precision.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _as_time(t: TimeLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        return t.to(device=device, dtype=dtype)
+    return torch.as_tensor(t, device=device, dtype=dtype)
+
+
+def _broadcast(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Shape a per-sample (``[B]``) or scalar coefficient so that it broadcasts over ``like`` (``[B, ...]``)."""
+    if coef.ndim == 0:
+        return coef
+    if coef.ndim == 1 and like.ndim >= 1 and coef.shape[0] in (1, like.shape[0]):
+        return coef.reshape(coef.shape[0], *([1] * (like.ndim - 1)))
+    return coef
+
+
+class NoisePath:
+    """A Gaussian noise path ``x_t = alpha_t x0 + sigma_t eps`` with a natural time variable ``t``."""
+
+    kind: str = ""
+    #: smallest and largest natural time of the path
+    t_min: float = 0.0
+    t_max: float = 1.0
+
+    def alpha_sigma(self, t: TimeLike, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_t, sigma_t)`` in float64 (float32 on MPS)."""
+        raise NotImplementedError
+
+    def to_scheduler_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """Natural time -> the ``timesteps`` value a diffusers scheduler/pipeline of this family uses."""
+        return t
+
+    def from_scheduler_timestep(self, timestep: TimeLike) -> torch.Tensor:
+        """Inverse of :meth:`to_scheduler_timestep`."""
+        return torch.as_tensor(timestep, dtype=torch.float64)
+
+    def training_time(self, u: torch.Tensor) -> torch.Tensor:
+        """Map ``u`` in [0, 1] (0 = clean, 1 = pure noise) to natural time, including any schedule shift."""
+        return self.t_min + u * (self.t_max - self.t_min)
+
+    def sample_training_times(
+        self,
+        batch_size: int,
+        generator: Optional[torch.Generator] = None,
+        time_range: Tuple[float, float] = DEFAULT_TRAINING_TIME_RANGE,
+        device=None,
+    ) -> torch.Tensor:
+        """Draw times for the score terms; ``time_range`` is a fraction of the path (DMD: 0.02-0.98)."""
+        lo, hi = time_range
+        u = lo + (hi - lo) * torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        return self.training_time(u).to(device or "cpu")
+
+    def describe(self) -> dict:
+        return {"noise_path": self.kind}
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "noise_path")
+        return f"{type(self).__name__}({fields})"
+
+
+class VPPath(NoisePath):
+    """Discrete variance-preserving path of DDPM (Ho et al. 2020): ``alpha_t = sqrt(alphā_t)``.
+
+    ``t`` is the training-step index in ``[0, N-1]``; fractional ``t`` interpolates ``log alphā`` linearly.
+    """
+
+    kind = "vp"
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        if alphas_cumprod.numel() < 2 or not torch.all((alphas_cumprod > 0) & (alphas_cumprod <= 1)):
+            raise ValueError("alphas_cumprod must hold at least two values in (0, 1].")
+        self.alphas_cumprod = alphas_cumprod
+        self.num_train_timesteps = alphas_cumprod.numel()
+        self.t_min = 0.0
+        self.t_max = float(self.num_train_timesteps - 1)
+
+    @classmethod
+    def from_betas(
+        cls,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Sequence[float]] = None,
+        rescale_betas_zero_snr: bool = False,
+    ) -> "VPPath":
+        """Build the path exactly as diffusers' DDPM-family schedulers build ``alphas_cumprod``."""
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            trained_betas=trained_betas,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+        )
+        alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+        if rescale_betas_zero_snr:
+            # Zero terminal SNR makes alphā_{N-1} exactly 0; diffusers uses 2**-24 for the same reason.
+            alphas_cumprod[-1] = 2**-24
+        return cls(alphas_cumprod)
+
+    @classmethod
+    def from_scheduler_config(cls, config) -> "VPPath":
+        get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+        return cls.from_betas(
+            num_train_timesteps=get("num_train_timesteps", 1000),
+            beta_start=get("beta_start", 0.0001),
+            beta_end=get("beta_end", 0.02),
+            beta_schedule=get("beta_schedule", "linear"),
+            trained_betas=get("trained_betas", None),
+            rescale_betas_zero_snr=get("rescale_betas_zero_snr", False),
+        )
+
+    def alpha_sigma(self, t, device=None):
+        t_tensor = t if isinstance(t, torch.Tensor) else torch.as_tensor(t)
+        device = device or t_tensor.device
+        dtype = _compute_dtype(torch.device(device))
+        t64 = t_tensor.to(device=device, dtype=dtype)
+        if torch.any((t64 < self.t_min) | (t64 > self.t_max)):
+            raise ValueError(f"VP timesteps must lie in [0, {self.num_train_timesteps - 1}], got {t_tensor.tolist()}.")
+        log_ac = torch.log(self.alphas_cumprod.to(device=device, dtype=dtype))
+        lower = torch.floor(t64).long().clamp(max=self.num_train_timesteps - 1)
+        upper = (lower + 1).clamp(max=self.num_train_timesteps - 1)
+        frac = t64 - lower.to(dtype)
+        alpha_bar = torch.exp(log_ac[lower] * (1 - frac) + log_ac[upper] * frac)
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+    def from_scheduler_timestep(self, timestep):
+        return torch.as_tensor(timestep).to(torch.float64)
+
+    def sample_training_times(self, batch_size, generator=None, time_range=DEFAULT_TRAINING_TIME_RANGE, device=None):
+        # DMD2 draws integer steps: randint(0.02 N, 0.98 N + 1) (algorithms.md §4.1).
+        lo = int(round(time_range[0] * self.num_train_timesteps))
+        hi = min(int(round(time_range[1] * self.num_train_timesteps)), self.num_train_timesteps - 1)
+        return torch.randint(lo, hi + 1, (batch_size,), generator=generator).to(device or "cpu")
+
+    def training_time(self, u):
+        return torch.round(u * self.t_max)
+
+    def describe(self):
+        return {"noise_path": self.kind, "num_train_timesteps": self.num_train_timesteps}
+
+
+class FlowPath(NoisePath):
+    """Rectified-flow path ``x_t = (1 - t) x0 + t eps`` (Liu et al. 2022; SANA, SD3), ``t = sigma`` in [0, 1].
+
+    ``shift`` is the resolution shift ``t' = s t / (1 + (s - 1) t)`` used when sampling training times
+    (Esser et al. 2024, eq. 23; diffusers ``FlowMatchEulerDiscreteScheduler(shift=...)``).
+    """
+
+    kind = "flow"
+
+    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000):
+        if shift <= 0:
+            raise ValueError(f"The flow shift must be positive, got {shift}.")
+        self.shift = float(shift)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.t_min, self.t_max = 0.0, 1.0
+
+    def alpha_sigma(self, t, device=None):
+        t_tensor = t if isinstance(t, torch.Tensor) else torch.as_tensor(t)
+        device = device or t_tensor.device
+        t64 = t_tensor.to(device=device, dtype=_compute_dtype(torch.device(device)))
+        if torch.any((t64 < 0) | (t64 > 1)):
+            raise ValueError(f"Flow times (sigmas) must lie in [0, 1], got {t_tensor.tolist()}.")
+        return 1 - t64, t64
+
+    def shift_time(self, t: torch.Tensor) -> torch.Tensor:
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def training_time(self, u):
+        return self.shift_time(u)
+
+    def to_scheduler_timestep(self, t):
+        return t * self.num_train_timesteps
+
+    def from_scheduler_timestep(self, timestep):
+        return torch.as_tensor(timestep).to(torch.float64) / self.num_train_timesteps
+
+    def describe(self):
+        return {"noise_path": self.kind, "shift": self.shift, "num_train_timesteps": self.num_train_timesteps}
+
+
+class TrigFlowPath(NoisePath):
+    """TrigFlow path of sCM (Lu & Song 2024): ``x_t = cos(t) x0 + sin(t) eps`` in units of ``sigma_data``.
+
+    SANA-Sprint's sample space is ``sigma_data`` times the VAE latent; this module works in latent units, so
+    ``sigma_data`` only matters when a model is fed sample-space tensors.
+    """
+
+    kind = "trigflow"
+
+    def __init__(self, sigma_data: float = 0.5):
+        self.sigma_data = float(sigma_data)
+        self.t_min, self.t_max = 0.0, math.pi / 2
+
+    def alpha_sigma(self, t, device=None):
+        t_tensor = t if isinstance(t, torch.Tensor) else torch.as_tensor(t)
+        device = device or t_tensor.device
+        t64 = t_tensor.to(device=device, dtype=_compute_dtype(torch.device(device)))
+        if torch.any((t64 < 0) | (t64 > math.pi / 2 + 1e-6)):
+            raise ValueError(f"TrigFlow times must lie in [0, pi/2], got {t_tensor.tolist()}.")
+        return torch.cos(t64), torch.sin(t64)
+
+    def describe(self):
+        return {"noise_path": self.kind, "sigma_data": self.sigma_data}
+
+
+def make_noise_path(noise_path: str, **config) -> NoisePath:
+    """Build a path from its name and a (scheduler) config; unknown keys are ignored."""
+    if noise_path == "vp":
+        return VPPath.from_scheduler_config(config)
+    if noise_path == "flow":
+        return FlowPath(shift=config.get("shift", 1.0), num_train_timesteps=config.get("num_train_timesteps", 1000))
+    if noise_path == "trigflow":
+        return TrigFlowPath(sigma_data=config.get("sigma_data", 0.5))
+    raise ValueError(f"Unknown noise path {noise_path!r}; expected one of {', '.join(NOISE_PATHS)}.")
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"Unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}."
+        )
+    return prediction_type
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversions (algorithms.md §1.2). Each takes tensors ``[B, ...]`` and a time that is a scalar or ``[B]``.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _coefficients(path: NoisePath, t: TimeLike, like: torch.Tensor):
+    t = t.to(like.device) if isinstance(t, torch.Tensor) else _as_time(t, like.device, torch.float64)
+    alpha, sigma = path.alpha_sigma(t, device=like.device)
+    return _broadcast(alpha, like), _broadcast(sigma, like)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: TimeLike, path: NoisePath) -> torch.Tensor:
+    """``x_t = alpha_t x0 + sigma_t eps``."""
+    alpha, sigma = _coefficients(path, t, x0)
+    dtype = alpha.dtype
+    return (alpha * x0.to(dtype) + sigma * noise.to(dtype)).to(x0.dtype)
+
+
+def to_x0_and_epsilon(
+    model_output: torch.Tensor, sample: torch.Tensor, t: TimeLike, path: NoisePath, prediction_type: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Convert a prediction at ``(x_t = sample, t)`` into ``(x0, eps)``."""
+    check_prediction_type(prediction_type)
+    alpha, sigma = _coefficients(path, t, sample)
+    dtype = alpha.dtype
+    y, x_t = model_output.to(dtype), sample.to(dtype)
+    if prediction_type == "epsilon":
+        eps = y
+        x0 = (x_t - sigma * y) / alpha
+    elif prediction_type == "sample":
+        x0 = y
+        eps = (x_t - alpha * y) / sigma
+    elif prediction_type in ("v_prediction", "trigflow"):
+        # v = alpha eps - sigma x0 and x_t = alpha x0 + sigma eps; alpha^2 + sigma^2 = 1 on vp and trigflow paths,
+        # the general solution divides by it.
+        norm = alpha**2 + sigma**2
+        x0 = (alpha * x_t - sigma * y) / norm
+        eps = (sigma * x_t + alpha * y) / norm
+    else:  # flow_prediction: v = eps - x0, so x_t = (alpha + sigma) x0 + sigma v
+        x0 = (x_t - sigma * y) / (alpha + sigma)
+        eps = y + x0
+    return x0.to(model_output.dtype), eps.to(model_output.dtype)
+
+
+def to_x0(model_output, sample, t, path, prediction_type) -> torch.Tensor:
+    """The clean-sample estimate ``x̂0`` of a prediction."""
+    return to_x0_and_epsilon(model_output, sample, t, path, prediction_type)[0]
+
+
+def to_epsilon(model_output, sample, t, path, prediction_type) -> torch.Tensor:
+    """The noise estimate ``ε̂`` of a prediction."""
+    return to_x0_and_epsilon(model_output, sample, t, path, prediction_type)[1]
+
+
+def from_x0_and_epsilon(
+    x0: torch.Tensor, eps: torch.Tensor, t: TimeLike, path: NoisePath, prediction_type: str
+) -> torch.Tensor:
+    """The prediction a perfect model of type ``prediction_type`` outputs: the denoising training target."""
+    check_prediction_type(prediction_type)
+    alpha, sigma = _coefficients(path, t, x0)
+    dtype = alpha.dtype
+    x0_, eps_ = x0.to(dtype), eps.to(dtype)
+    if prediction_type == "epsilon":
+        out = eps_
+    elif prediction_type == "sample":
+        out = x0_
+    elif prediction_type in ("v_prediction", "trigflow"):
+        out = alpha * eps_ - sigma * x0_
+    else:
+        out = eps_ - x0_
+    return out.to(x0.dtype)
+
+
+def convert_prediction(
+    model_output: torch.Tensor, sample: torch.Tensor, t: TimeLike, path: NoisePath, source: str, target: str
+) -> torch.Tensor:
+    """Re-express a prediction of type ``source`` as type ``target`` at the same ``(x_t, t)``."""
+    if source == target:
+        return model_output
+    x0, eps = to_x0_and_epsilon(model_output, sample, t, path, source)
+    return from_x0_and_epsilon(x0, eps, t, path, target)
+
+
+def x0_to_score(x0: torch.Tensor, sample: torch.Tensor, t: TimeLike, path: NoisePath) -> torch.Tensor:
+    """Tweedie: ``∇ log p_t(x_t) = -(x_t - alpha_t x̂0) / sigma_t^2``."""
+    alpha, sigma = _coefficients(path, t, sample)
+    dtype = alpha.dtype
+    return (-(sample.to(dtype) - alpha * x0.to(dtype)) / sigma**2).to(sample.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TrigFlow <-> flow model wrapping (SANA-Sprint, algorithms.md §1.2): a flow-matching transformer is run as a
+# TrigFlow model by feeding it the equivalent flow sample and time and converting its velocity.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def trigflow_to_flow_time(t: torch.Tensor) -> torch.Tensor:
+    """Flow time ``s = sin t / (sin t + cos t)`` of TrigFlow time ``t``."""
+    return torch.sin(t) / (torch.sin(t) + torch.cos(t))
+
+
+def trigflow_to_flow_sample(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x_s = x_t / (sin t + cos t)``, the flow sample at ``s = trigflow_to_flow_time(t)`` (latent units)."""
+    t64 = _broadcast(torch.as_tensor(t, device=x_t.device, dtype=_compute_dtype(x_t.device)), x_t)
+    return (x_t.to(t64.dtype) / (torch.sin(t64) + torch.cos(t64))).to(x_t.dtype)
+
+
+def flow_velocity_to_trigflow(velocity: torch.Tensor, flow_sample: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``F = [(1 - 2s) x_s + (s^2 + (1 - s)^2) v] / sqrt(s^2 + (1 - s)^2)`` (algorithms.md §1.2)."""
+    s64 = _broadcast(torch.as_tensor(s, device=velocity.device, dtype=_compute_dtype(velocity.device)), velocity)
+    norm_sq = s64**2 + (1 - s64) ** 2
+    out = ((1 - 2 * s64) * flow_sample.to(s64.dtype) + norm_sq * velocity.to(s64.dtype)) / norm_sq.sqrt()
+    return out.to(velocity.dtype)
