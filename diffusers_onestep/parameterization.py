@@ -115,11 +115,13 @@ class VPPath(NoisePath):
 
     kind = "vp"
 
-    def __init__(self, alphas_cumprod: torch.Tensor):
+    def __init__(self, alphas_cumprod: torch.Tensor, beta_config: Optional[dict] = None):
         alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
         if alphas_cumprod.numel() < 2 or not torch.all((alphas_cumprod > 0) & (alphas_cumprod <= 1)):
             raise ValueError("alphas_cumprod must hold at least two values in (0, 1].")
         self.alphas_cumprod = alphas_cumprod
+        #: the beta-schedule arguments the path was built from (written into scheduler configs)
+        self.beta_config = dict(beta_config or {})
         self.num_train_timesteps = alphas_cumprod.numel()
         self.t_min = 0.0
         self.t_max = float(self.num_train_timesteps - 1)
@@ -149,7 +151,15 @@ class VPPath(NoisePath):
         if rescale_betas_zero_snr:
             # Zero terminal SNR makes alphā_{N-1} exactly 0; diffusers uses 2**-24 for the same reason.
             alphas_cumprod[-1] = 2**-24
-        return cls(alphas_cumprod)
+        beta_config = {
+            "num_train_timesteps": num_train_timesteps,
+            "beta_start": beta_start,
+            "beta_end": beta_end,
+            "beta_schedule": beta_schedule,
+            "trained_betas": list(trained_betas) if trained_betas is not None else None,
+            "rescale_betas_zero_snr": rescale_betas_zero_snr,
+        }
+        return cls(alphas_cumprod, beta_config)
 
     @classmethod
     def from_scheduler_config(cls, config) -> "VPPath":
@@ -190,7 +200,7 @@ class VPPath(NoisePath):
         return torch.round(u * self.t_max)
 
     def describe(self):
-        return {"noise_path": self.kind, "num_train_timesteps": self.num_train_timesteps}
+        return {"noise_path": self.kind, "num_train_timesteps": self.num_train_timesteps, **self.beta_config}
 
 
 class FlowPath(NoisePath):
@@ -250,7 +260,8 @@ class TrigFlowPath(NoisePath):
         t_tensor = t if isinstance(t, torch.Tensor) else torch.as_tensor(t)
         device = device or t_tensor.device
         t64 = t_tensor.to(device=device, dtype=_compute_dtype(torch.device(device)))
-        if torch.any((t64 < 0) | (t64 > math.pi / 2 + 1e-6)):
+        # diffusers stores pi/2 as 1.57080, a hair above it.
+        if torch.any((t64 < 0) | (t64 > math.pi / 2 + 1e-5)):
             raise ValueError(f"TrigFlow times must lie in [0, pi/2], got {t_tensor.tolist()}.")
         return torch.cos(t64), torch.sin(t64)
 

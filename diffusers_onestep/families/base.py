@@ -99,14 +99,20 @@ class FamilyAdapter:
     has_embedded_guidance: bool = False
     #: default embedded guidance scale of the family's pipeline
     default_embedded_guidance_scale: Optional[float] = None
+    #: text tokens kept by the family's pipeline (None: the tokenizer's own length)
+    default_max_sequence_length: Optional[int] = None
+    #: condition fields a caller must provide when passing embeddings instead of prompts
+    required_condition_fields: Tuple[str, ...] = ("embeds",)
 
     def __init__(
         self,
         components: Dict[str, Any],
         noise_path: Optional[param.NoisePath] = None,
         prediction_type: Optional[str] = None,
+        max_sequence_length: Optional[int] = None,
     ):
         self.components = dict(components)
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         scheduler = self.components.get("scheduler")
         scheduler_config = dict(scheduler.config) if scheduler is not None else {}
         self.noise_path = noise_path or self.default_noise_path(scheduler_config)

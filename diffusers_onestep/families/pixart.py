@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -17,10 +17,7 @@ class PixArtAlphaAdapter(FamilyAdapter):
     denoiser_name = "transformer"
     #: T5 tokens kept, as in the family's pipeline
     default_max_sequence_length = 120
-
-    def __init__(self, components, noise_path=None, prediction_type=None, max_sequence_length: Optional[int] = None):
-        super().__init__(components, noise_path=noise_path, prediction_type=prediction_type)
-        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+    required_condition_fields = ("embeds", "mask")
 
     def _encode(self, prompts: List[str], device) -> Condition:
         embeds, mask, _, _ = self.text_pipeline().encode_prompt(

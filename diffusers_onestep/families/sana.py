@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -18,10 +18,7 @@ class SanaAdapter(FamilyAdapter):
     denoiser_name = "transformer"
     default_lora_target_modules = ("to_k", "to_q", "to_v")
     default_max_sequence_length = 300
-
-    def __init__(self, components, noise_path=None, prediction_type=None, max_sequence_length: Optional[int] = None):
-        super().__init__(components, noise_path=noise_path, prediction_type=prediction_type)
-        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+    required_condition_fields = ("embeds", "mask")
 
     @classmethod
     def _family_noise_path(cls, scheduler_config):

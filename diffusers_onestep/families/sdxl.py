@@ -22,6 +22,7 @@ class SDXLAdapter(FamilyAdapter):
         "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
     )
     lora_pipeline_class_name = "StableDiffusionXLPipeline"
+    required_condition_fields = ("embeds", "pooled")
 
     def _build_text_pipeline(self, cls):
         kwargs = {n: self.components.get(n) for n in self.text_component_names}

@@ -1,0 +1,444 @@
+"""OneStepPipeline: runs any supported distilled 1-4 step student with ``pipe(prompt)``.
+
+The pipeline is written once against the family adapter (:mod:`diffusers_onestep.families`) and the
+:class:`~diffusers_onestep.OneStepScheduler`, which carries the student's timesteps and output parameterization;
+nothing in it depends on the backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..families import Condition, FamilyAdapter, detect_family, get_adapter_class
+from ..schedulers import OneStepScheduler
+from . import loading
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+#: families whose own diffusers pipeline can drive OneStepScheduler (saved folders name that class)
+NATIVE_INTEROP_FAMILIES = {
+    "sdxl": "StableDiffusionXLPipeline",
+    "pixart_alpha": "PixArtAlphaPipeline",
+    "pixart_sigma": "PixArtSigmaPipeline",
+    "sana": "SanaPipeline",
+}
+_COMPONENT_NAMES = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+class OneStepPipeline(DiffusionPipeline):
+    r"""Text-to-image generation with a distilled one- or few-step student of SDXL, PixArt-α/Σ, SANA or SANA-Sprint.
+
+    Args:
+        vae ([`AutoencoderKL`] or [`AutoencoderDC`]): the family's VAE.
+        scheduler ([`OneStepScheduler`]): carries the student's conditioning timesteps and parameterization.
+        unet ([`UNet2DConditionModel`], *optional*): the student denoiser of UNet families (SDXL).
+        transformer (*optional*): the student denoiser of DiT families (PixArt, SANA).
+        text_encoder, text_encoder_2, tokenizer, tokenizer_2 (*optional*): the family's text components; they may
+            be left out when prompts are always given as embeddings.
+        family (`str`, *optional*): `"sdxl"`, `"pixart_alpha"`, `"pixart_sigma"`, `"sana"` or `"sana_sprint"`;
+            detected from the components when not given.
+        embedded_guidance_scale (`float`, *optional*): default guidance of students with embedded guidance
+            (SANA-Sprint: 4.5).
+        max_sequence_length (`int`, *optional*): text tokens kept (PixArt-α 120, PixArt-Σ and SANA 300).
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->transformer->vae"
+    _optional_components = ["unet", "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+    _callback_tensor_inputs = ["latents", "denoised", "prompt_embeds"]
+
+    def __init__(
+        self,
+        vae,
+        scheduler: OneStepScheduler,
+        unet=None,
+        transformer=None,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        family: Optional[str] = None,
+        embedded_guidance_scale: Optional[float] = None,
+        max_sequence_length: Optional[int] = None,
+    ):
+        super().__init__()
+        if not isinstance(scheduler, OneStepScheduler):
+            raise ValueError(
+                f"OneStepPipeline needs a OneStepScheduler, got {type(scheduler).__name__}; build one with "
+                "OneStepScheduler.from_config(scheduler.config, conditioning_timesteps=[...], prediction_type=...)."
+            )
+        if (unet is None) == (transformer is None):
+            raise ValueError("OneStepPipeline needs exactly one denoiser: a `unet` (SDXL) or a `transformer`.")
+        self.register_modules(
+            vae=vae,
+            scheduler=scheduler,
+            unet=unet,
+            transformer=transformer,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+        )
+        if family is None:
+            denoiser = unet if unet is not None else transformer
+            name = "unet" if unet is not None else "transformer"
+            family = detect_family({}, {name: {"_class_name": type(denoiser).__name__, **dict(denoiser.config)}})
+        adapter_cls = get_adapter_class(family)
+        self.register_to_config(
+            family=adapter_cls.name,
+            embedded_guidance_scale=embedded_guidance_scale,
+            max_sequence_length=max_sequence_length,
+        )
+        self._adapter: Optional[FamilyAdapter] = None
+        self._adapter_key = None
+        self._interrupt = False
+
+    # ------------------------------------------------------------------------------------------------------------
+    # adapter
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def adapter(self) -> FamilyAdapter:
+        """The family adapter over the current components (rebuilt when a component is swapped)."""
+        key = tuple(id(getattr(self, n, None)) for n in _COMPONENT_NAMES + ("scheduler",))
+        if self._adapter is None or key != self._adapter_key:
+            components = {n: getattr(self, n, None) for n in _COMPONENT_NAMES}
+            self._adapter = get_adapter_class(self.config.family)(
+                components,
+                noise_path=self.scheduler.path,
+                prediction_type=self.scheduler.config.prediction_type,
+                max_sequence_length=self.config.max_sequence_length,
+            )
+            self._adapter_key = key
+        return self._adapter
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    def _uses_embedded_guidance(self) -> bool:
+        return self.adapter.has_embedded_guidance and bool(getattr(self.denoiser.config, "guidance_embeds", False))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # inputs
+    # ------------------------------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt,
+        height: int,
+        width: int,
+        num_inference_steps: Optional[int] = None,
+        timesteps: Optional[Sequence[float]] = None,
+        num_images_per_prompt: int = 1,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        prompt_attention_mask: Optional[torch.Tensor] = None,
+        pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        guidance_scale: Optional[float] = None,
+        negative_prompt=None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        generator=None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        callback_on_step_end_tensor_inputs: Optional[Sequence[str]] = None,
+    ) -> None:
+        """Raise one actionable ``ValueError`` for the first invalid argument."""
+        adapter = self.adapter
+        family = adapter.display_name
+        multiple = adapter.resolution_multiple
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % multiple:
+                raise ValueError(
+                    f"`{name}` must be a positive multiple of {multiple} (VAE factor {adapter.vae_scale_factor} × "
+                    f"patch size {adapter.patch_size}) for this {family} student, got {value!r}."
+                )
+        if timesteps is not None:
+            if num_inference_steps is not None and num_inference_steps != len(timesteps):
+                raise ValueError("Pass either `num_inference_steps` or `timesteps`, not both.")
+            self.scheduler.check_timesteps(timesteps)
+        else:
+            self.scheduler.select_timesteps(num_inference_steps)
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError(
+                "Pass exactly one of `prompt` and `prompt_embeds`, got "
+                + ("both." if prompt is not None else "neither.")
+            )
+        if prompt is not None:
+            if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and
+                                                all(isinstance(p, str) for p in prompt))):
+                raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            provided = {"embeds": prompt_embeds, "mask": prompt_attention_mask, "pooled": pooled_prompt_embeds}
+            arg_names = {"embeds": "prompt_embeds", "mask": "prompt_attention_mask", "pooled": "pooled_prompt_embeds"}
+            for field in adapter.required_condition_fields:
+                if provided[field] is None:
+                    raise ValueError(f"{family} students need `{arg_names[field]}` together with `prompt_embeds`.")
+            batch_size = prompt_embeds.shape[0]
+            for field, value in provided.items():
+                if value is not None and value.shape[0] != batch_size:
+                    raise ValueError(
+                        f"`{arg_names[field]}` has batch size {value.shape[0]} but `prompt_embeds` has {batch_size}."
+                    )
+
+        if negative_prompt is not None or negative_prompt_embeds is not None:
+            raise ValueError(
+                f"This {family} student takes no negative prompt: classifier-free guidance was distilled into it "
+                "(running it twice per step would not give guidance); remove `negative_prompt`."
+            )
+        if guidance_scale is not None:
+            if self._uses_embedded_guidance():
+                if guidance_scale < 0:
+                    raise ValueError(f"`guidance_scale` must be non-negative, got {guidance_scale}.")
+            elif guidance_scale > 1:
+                raise ValueError(
+                    f"This {family} student was distilled with its guidance built in and takes no `guidance_scale` "
+                    f"(got {guidance_scale}); remove the argument."
+                )
+
+        total = batch_size * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(f"Got {len(generator)} generators for a batch of {total} images; pass one per image.")
+        if latents is not None:
+            expected = adapter.latent_shape(total, height, width)
+            if tuple(latents.shape) != tuple(expected):
+                raise ValueError(f"`latents` must have shape {tuple(expected)}, got {tuple(latents.shape)}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}.")
+        for name in callback_on_step_end_tensor_inputs or ():
+            if name not in self._callback_tensor_inputs:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` may name {', '.join(self._callback_tensor_inputs)}, "
+                    f"got {name!r}."
+                )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # call
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, List[str], None] = None,
+        num_inference_steps: Optional[int] = None,
+        timesteps: Optional[List[float]] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_images_per_prompt: int = 1,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+        latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        prompt_attention_mask: Optional[torch.Tensor] = None,
+        pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        guidance_scale: Optional[float] = None,
+        negative_prompt: Union[str, List[str], None] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[Callable[["OneStepPipeline", int, Any, Dict], Dict]] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ):
+        r"""Generate images.
+
+        Args:
+            prompt (`str` or `list[str]`): the prompt(s); or pass `prompt_embeds`.
+            num_inference_steps (`int`, *optional*): number of steps, at most the number of timesteps the student
+                was trained at; `None` runs them all (the student's own setting).
+            timesteps (`list[float]`, *optional*): explicit conditioning timesteps overriding the stored ones.
+            height, width (`int`, *optional*): image size; defaults to the denoiser's native size.
+            num_images_per_prompt (`int`): images per prompt.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): makes sampling deterministic.
+            latents (`torch.Tensor`, *optional*): the initial noise, unit variance, of the latent shape.
+            prompt_embeds, prompt_attention_mask, pooled_prompt_embeds (*optional*): pre-computed text conditions
+                (SDXL needs `pooled_prompt_embeds`; PixArt and SANA need `prompt_attention_mask`).
+            guidance_scale (`float`, *optional*): only for students with embedded guidance (SANA-Sprint); other
+                students had classifier-free guidance distilled into them and refuse values above 1.
+            negative_prompt, negative_prompt_embeds: refused with an explanation (guidance-distilled students).
+            output_type (`str`): `"pil"`, `"np"`, `"pt"` or `"latent"` (the denoised latents).
+            return_dict (`bool`): return an [`ImagePipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, i, t, tensors)` after each
+                step; may return replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
+
+        Returns:
+            [`ImagePipelineOutput`] or `(images,)`.
+        """
+        adapter = self.adapter
+        # 0. Default size: the denoiser's native resolution
+        height = height or adapter.default_resolution
+        width = width or adapter.default_resolution
+
+        # 1. Check inputs
+        self.check_inputs(
+            prompt, height, width, num_inference_steps, timesteps, num_images_per_prompt, prompt_embeds,
+            prompt_attention_mask, pooled_prompt_embeds, guidance_scale, negative_prompt, negative_prompt_embeds,
+            generator, latents, output_type, callback_on_step_end_tensor_inputs,
+        )
+        self._interrupt = False
+        device = self._execution_device
+
+        # 2. Encode the prompt
+        if prompt_embeds is None:
+            condition = adapter.encode_prompt([prompt] if isinstance(prompt, str) else prompt, device=device)
+        else:
+            condition = Condition(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds).to(device)
+        if num_images_per_prompt > 1:
+            condition = condition.repeat_interleave(num_images_per_prompt)
+        batch = condition.batch_size
+
+        # 3. Timesteps: the student's own unless overridden
+        self.scheduler.set_timesteps(
+            None if timesteps is not None else num_inference_steps, device=device, timesteps=timesteps
+        )
+        self.scheduler.set_begin_index(0)
+        self._num_timesteps = len(self.scheduler.timesteps)
+
+        # 4. Initial noise, unit variance, in float32
+        shape = adapter.latent_shape(batch, height, width)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+
+        # 5. Embedded guidance (SANA-Sprint); None for guidance-distilled students
+        guidance = None
+        if self._uses_embedded_guidance():
+            scale = guidance_scale
+            if scale is None:
+                scale = self.config.embedded_guidance_scale or adapter.default_embedded_guidance_scale
+            guidance = torch.full((batch,), float(scale), device=device)
+
+        # 6. Sampling: predict x0 at each conditioning timestep, re-noise to the next (OneStepScheduler.step)
+        dtype = self.denoiser.dtype
+        condition = condition.to(dtype=dtype)
+        denoised = latents
+        with self.progress_bar(total=self._num_timesteps) as progress_bar:
+            for i, t in enumerate(self.scheduler.timesteps):
+                if self.interrupt:
+                    break
+                model_output = adapter.denoise(
+                    latents.to(dtype), self.scheduler.path_timesteps[i], condition, guidance=guidance
+                )
+                latents, denoised = self.scheduler.step(
+                    model_output.float(), t, latents, generator=generator, return_dict=False
+                )
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "denoised": denoised, "prompt_embeds": condition.embeds}
+                    outputs = callback_on_step_end(
+                        self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    ) or {}
+                    latents = outputs.pop("latents", latents)
+                    denoised = outputs.pop("denoised", denoised)
+                progress_bar.update()
+
+        # 7. Decode the final x0
+        if output_type == "latent":
+            image = denoised
+        else:
+            image = adapter.decode(denoised.to(self.vae.dtype))
+            image = VaeImageProcessor(vae_scale_factor=adapter.vae_scale_factor).postprocess(
+                image, output_type=output_type
+            )
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # loading and saving
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""Load a student from a folder or Hub id.
+
+        Accepted sources:
+
+        * a folder saved by :meth:`save_pretrained` (or by the training script), native-class or not;
+        * a LoRA student folder (``pytorch_lora_weights.safetensors`` + ``onestep_lora.json``);
+        * one of the known public one-step checkpoints (``presets.PRESETS``, e.g. ``"tianweiy/DMD2"``), resolved
+          through the preset (pass ``weight_name=`` to pick a variant);
+        * any SDXL / PixArt / SANA / SANA-Sprint pipeline folder or id, run at `conditioning_timesteps` (default: the
+          pure-noise end of its path) -- e.g. a teacher at one step, the baseline a student must beat.
+
+        Extra keyword arguments: ``conditioning_timesteps`` and ``prediction_type`` (used when the source has no
+        OneStepScheduler), ``weight_name`` (presets), and everything ``DiffusionPipeline.from_pretrained`` takes.
+        """
+        return loading.load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def _from_pretrained_folder(cls, pretrained_model_name_or_path, **kwargs):
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_base(cls, base_model, **kwargs) -> "OneStepPipeline":
+        r"""Build a student from a base pipeline plus denoiser-only weights or a LoRA (DMD2, Lightning, Hyper-SD, ...).
+
+        See :func:`diffusers_onestep.pipelines.loading.load_from_base` for the arguments.
+        """
+        return loading.load_from_base(cls, base_model, **kwargs)
+
+    def load_student_lora(self, path_or_state_dict, weight_name: Optional[str] = None, lora_scale: float = 1.0,
+                          **hub_kwargs) -> None:
+        """Load a LoRA student (file, folder, Hub id or state dict) into the denoiser and fuse it."""
+        from ..lora import load_and_fuse_lora
+
+        load_and_fuse_lora(self.adapter, path_or_state_dict, weight_name=weight_name, lora_scale=lora_scale,
+                           **hub_kwargs)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], safe_serialization: bool = True,
+                        **kwargs) -> None:
+        """Save the student; the folder is written to a temporary sibling and moved into place when complete.
+
+        For families whose own diffusers pipeline can drive :class:`OneStepScheduler` (SDXL, PixArt-α/Σ, SANA),
+        ``model_index.json`` names that pipeline class, so plain ``DiffusionPipeline.from_pretrained(folder)`` loads
+        the student too (with ``diffusers_onestep`` installed); SANA-Sprint folders name ``OneStepPipeline``.
+        """
+        if not safe_serialization:
+            raise ValueError("diffusers-onestep saves safetensors only; drop `safe_serialization=False`.")
+        if kwargs.get("push_to_hub"):
+            raise ValueError("Save first, then upload with `diffusers_onestep.hub.push_to_hub(folder, repo_id)`.")
+        save_directory = os.fspath(save_directory)
+        parent = os.path.dirname(os.path.abspath(save_directory))
+        os.makedirs(parent, exist_ok=True)
+        staging = os.path.join(parent, f".{os.path.basename(save_directory)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            super().save_pretrained(staging, safe_serialization=True, **kwargs)
+            self._write_native_model_index(staging)
+            loading.replace_directory(staging, save_directory)
+        finally:
+            if os.path.isdir(staging):
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _write_native_model_index(self, folder: str) -> None:
+        native = NATIVE_INTEROP_FAMILIES.get(self.config.family)
+        if native is None:
+            return
+        import diffusers
+        import inspect
+
+        path = os.path.join(folder, "model_index.json")
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+        accepted = set(inspect.signature(getattr(diffusers, native).__init__).parameters)
+        index = {k: v for k, v in index.items() if k.startswith("_") or (k in accepted and v != [None, None])}
+        index["_class_name"] = native
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+            f.write("\n")

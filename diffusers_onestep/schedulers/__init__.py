@@ -1,0 +1,3 @@
+from .scheduling_onestep import OneStepScheduler, OneStepSchedulerOutput
+
+__all__ = ["OneStepScheduler", "OneStepSchedulerOutput"]

@@ -1,0 +1,290 @@
+"""OneStepScheduler: the scheduler of a distilled 1-4 step student, carrying the student's own timesteps.
+
+Public one-step students are run today with borrowed schedulers and magic numbers (``LCMScheduler`` plus
+``timesteps=[399]`` for DMD2, trailing Euler with ``prediction_type="sample"`` for SDXL-Lightning, ...). This
+scheduler stores what the student was trained with -- its conditioning timestep(s), its output parameterization and
+the noise path -- in ``scheduler_config.json``, so ``pipe(prompt)`` needs no further arguments.
+
+Sampling is the multistep consistency/DMD2 scheme (Song et al. 2023, Algorithm 1; DMD2 §4.4): at each conditioning
+timestep predict ``x0``, then re-noise it to the next conditioning timestep with fresh noise from the caller's
+generator; the last step returns ``x0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .. import parameterization as param
+
+MAX_STEPS = 4
+
+
+@dataclass
+class OneStepSchedulerOutput(BaseOutput):
+    """Output of :meth:`OneStepScheduler.step`.
+
+    Args:
+        prev_sample (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
+            The input of the next step: ``x0`` re-noised to the next conditioning timestep, or ``x0`` itself after
+            the last step.
+        denoised (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
+            The student's clean-sample prediction ``x0`` at this step.
+    """
+
+    prev_sample: torch.Tensor
+    denoised: torch.Tensor
+
+
+class OneStepScheduler(SchedulerMixin, ConfigMixin):
+    """Scheduler for distilled one- and few-step students.
+
+    Args:
+        conditioning_timesteps (`list[float]`, defaults to `[999]`):
+            The timestep(s) the student was trained to denoise from, in the noise path's natural units and in
+            descending order: integer steps in `[0, num_train_timesteps)` for `"vp"` (DMD2 SDXL: `[399]`, 4-step:
+            `[999, 749, 499, 249]`), sigmas in `(0, 1]` for `"flow"`, angles in `(0, pi/2]` for `"trigflow"`
+            (SANA-Sprint: `[1.5708]`). One to four values.
+        prediction_type (`str`, defaults to `"epsilon"`):
+            What the student outputs: `"epsilon"`, `"v_prediction"`, `"sample"`, `"flow_prediction"` or `"trigflow"`.
+        noise_path (`str`, defaults to `"vp"`):
+            `"vp"` (DDPM betas below), `"flow"` (rectified flow) or `"trigflow"` (sCM).
+        num_train_timesteps (`int`, defaults to 1000):
+            Number of training steps of the VP schedule; the flow path reports `timesteps` as `sigma * this`.
+        beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
+            The VP beta schedule, with the meaning of diffusers' DDPM-family schedulers.
+        shift (`float`, defaults to 1.0):
+            Flow-matching resolution shift (kept for training-time sampling; sampling uses the stored timesteps).
+        sigma_data (`float`, defaults to 0.5):
+            TrigFlow data standard deviation.
+    """
+
+    _compatibles: List[str] = []
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        conditioning_timesteps: Sequence[float] = (999,),
+        prediction_type: str = "epsilon",
+        noise_path: str = "vp",
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
+        rescale_betas_zero_snr: bool = False,
+        shift: float = 1.0,
+        sigma_data: float = 0.5,
+    ):
+        param.check_prediction_type(prediction_type)
+        self.path = param.make_noise_path(
+            noise_path,
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            trained_betas=trained_betas,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+            shift=shift,
+            sigma_data=sigma_data,
+        )
+        self.check_timesteps(conditioning_timesteps, what="conditioning_timesteps")
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: Optional[int] = None
+        self.timesteps: Optional[torch.Tensor] = None
+        self.path_timesteps: Optional[torch.Tensor] = None
+        self._step_index: Optional[int] = None
+        self._begin_index: Optional[int] = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # construction helpers
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_noise_path(
+        cls, noise_path: param.NoisePath, conditioning_timesteps: Sequence[float], prediction_type: str
+    ) -> "OneStepScheduler":
+        """A scheduler for a student trained on ``noise_path`` (e.g. its teacher adapter's path)."""
+        config = {k: v for k, v in noise_path.describe().items() if k != "noise_path"}
+        return cls(
+            conditioning_timesteps=list(conditioning_timesteps),
+            prediction_type=prediction_type,
+            noise_path=noise_path.kind,
+            **config,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # timesteps
+    # ------------------------------------------------------------------------------------------------------------
+
+    def check_timesteps(self, timesteps: Sequence[float], what: str = "timesteps") -> List[float]:
+        values = [float(t) for t in timesteps]
+        if not 1 <= len(values) <= MAX_STEPS:
+            raise ValueError(f"`{what}` must hold 1 to {MAX_STEPS} timesteps, got {len(values)}: {values}.")
+        if any(b >= a for a, b in zip(values, values[1:])):
+            raise ValueError(f"`{what}` must be strictly decreasing, got {values}.")
+        lo, hi = self.path.t_min, self.path.t_max
+        kind = self.path.kind
+        if kind == "vp" and any(v != int(v) for v in values):
+            raise ValueError(f"`{what}` of a VP student must be integer steps, got {values}.")
+        if any(not (lo < v <= hi + 1e-5) for v in values):
+            raise ValueError(f"`{what}` of a {kind} student must lie in ({lo:g}, {hi:.5g}], got {values}.")
+        return values
+
+    @property
+    def max_inference_steps(self) -> int:
+        """The most steps this student supports: the number of conditioning timesteps it was trained at."""
+        return len(self.config.conditioning_timesteps)
+
+    def select_timesteps(self, num_inference_steps: Optional[int] = None) -> List[float]:
+        """Natural timesteps for ``num_inference_steps`` (``None``: all stored ones).
+
+        Fewer steps than stored take evenly spaced entries from the top, as LCMScheduler does on its grid
+        (4-step ``[999, 749, 499, 249]`` at 2 steps -> ``[999, 499]``).
+        """
+        stored = [float(t) for t in self.config.conditioning_timesteps]
+        if num_inference_steps is None:
+            return stored
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+            raise ValueError(f"`num_inference_steps` must be an integer, got {num_inference_steps!r}.")
+        if not 1 <= num_inference_steps <= len(stored):
+            raise ValueError(
+                f"This student supports 1 to {len(stored)} inference steps (it was trained at timesteps {stored}), "
+                f"got num_inference_steps={num_inference_steps}."
+            )
+        indices = np.floor(np.linspace(0, len(stored), num_inference_steps, endpoint=False)).astype(int)
+        return [stored[i] for i in indices]
+
+    def set_timesteps(
+        self,
+        num_inference_steps: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        timesteps: Optional[Sequence[float]] = None,
+    ):
+        """Set the sampling timesteps.
+
+        Args:
+            num_inference_steps (`int`, *optional*):
+                Number of steps; `None` runs every stored conditioning timestep.
+            device (`str` or `torch.device`, *optional*):
+                Device of `self.timesteps`.
+            timesteps (`list[float]`, *optional*):
+                Override the stored timesteps (natural units of the path, descending, 1-4 values). Mutually
+                exclusive with `num_inference_steps`.
+        """
+        if timesteps is not None and num_inference_steps is not None and num_inference_steps != len(timesteps):
+            raise ValueError("Pass either `num_inference_steps` or `timesteps`, not both.")
+        if timesteps is not None:
+            if isinstance(timesteps, torch.Tensor):
+                timesteps = timesteps.tolist()
+            natural = self.check_timesteps(timesteps, what="timesteps")
+        else:
+            natural = self.select_timesteps(num_inference_steps)
+        self.path_timesteps = torch.tensor(natural, dtype=torch.float64)
+        scheduler_timesteps = self.path.to_scheduler_timestep(self.path_timesteps)
+        if self.path.kind == "vp":
+            self.timesteps = scheduler_timesteps.round().long().to(device)
+        else:
+            self.timesteps = scheduler_timesteps.to(device=device, dtype=torch.float32)
+        self.num_inference_steps = len(natural)
+        self._step_index = None
+        self._begin_index = None
+
+    def to_path_time(self, timestep) -> torch.Tensor:
+        """A ``timesteps`` entry (scheduler units) as natural path time, e.g. for an adapter's ``denoise``."""
+        return self.path.from_scheduler_timestep(torch.as_tensor(timestep).detach().cpu())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # step bookkeeping (diffusers conventions)
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def step_index(self) -> Optional[int]:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep) -> int:
+        value = torch.as_tensor(timestep).detach().flatten()[0].to(torch.float64).cpu()
+        matches = torch.nonzero(torch.isclose(self.timesteps.cpu().to(torch.float64), value, rtol=0, atol=1e-4))
+        if len(matches) == 0:
+            raise ValueError(
+                f"Timestep {value.item():g} is not one of this scheduler's timesteps {self.timesteps.tolist()}."
+            )
+        return int(matches[0])
+
+    def _init_step_index(self, timestep):
+        self._step_index = self.index_for_timestep(timestep) if self.begin_index is None else self._begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """Identity: students take ``x_t`` unscaled (kept for interchangeability with other schedulers)."""
+        return sample
+
+    # ------------------------------------------------------------------------------------------------------------
+    # step
+    # ------------------------------------------------------------------------------------------------------------
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[int, float, torch.Tensor],
+        sample: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        return_dict: bool = True,
+    ) -> Union[OneStepSchedulerOutput, Tuple[torch.Tensor, torch.Tensor]]:
+        """Predict ``x0`` at ``timestep`` and move to the next conditioning timestep.
+
+        Args:
+            model_output (`torch.Tensor`): the student's output, of type `config.prediction_type`.
+            timestep (`int`, `float` or `torch.Tensor`): the current entry of `self.timesteps`.
+            sample (`torch.Tensor`): the current noisy sample `x_t`.
+            generator (`torch.Generator`, *optional*): draws the re-noising noise of multi-step sampling.
+            return_dict (`bool`): return a :class:`OneStepSchedulerOutput` instead of a tuple.
+
+        Returns:
+            :class:`OneStepSchedulerOutput` or `(prev_sample, denoised)`.
+        """
+        if self.timesteps is None:
+            raise ValueError("`set_timesteps` must be called before `step`.")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self.step_index >= len(self.timesteps):
+            raise ValueError(f"All {len(self.timesteps)} steps have been taken; call `set_timesteps` again.")
+
+        # 1. x0 from the student's output at its conditioning timestep
+        t = self.path_timesteps[self.step_index]
+        denoised = param.to_x0(model_output, sample, t, self.path, self.config.prediction_type)
+
+        # 2. re-noise to the next conditioning timestep (not on the last step)
+        if self.step_index == len(self.timesteps) - 1:
+            prev_sample = denoised
+        else:
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                 dtype=denoised.dtype)
+            prev_sample = param.add_noise(denoised, noise, self.path_timesteps[self.step_index + 1], self.path)
+
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, denoised
+        return OneStepSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Noise ``original_samples`` to ``timesteps`` (scheduler units, one per sample)."""
+        return param.add_noise(original_samples, noise, self.to_path_time(timesteps), self.path)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
