@@ -168,11 +168,20 @@ class FamilyAdapter:
                 self.components[name] = None
         self._text_pipeline = None
 
+    @staticmethod
+    def vae_scale_factor_of(vae_config: Dict[str, Any]) -> int:
+        """Spatial downsampling of a VAE from its config (AutoencoderKL and AutoencoderDC)."""
+        channels = vae_config.get("encoder_block_out_channels") or vae_config.get("block_out_channels")
+        return 2 ** (len(channels) - 1)
+
+    @classmethod
+    def resolution_multiple_of(cls, vae_config: Dict[str, Any], denoiser_config: Dict[str, Any]) -> int:
+        """What height and width must be multiples of, from configs alone (checked before loading weights)."""
+        return cls.vae_scale_factor_of(vae_config) * int(denoiser_config.get("patch_size") or 1)
+
     @property
     def vae_scale_factor(self) -> int:
-        cfg = self.vae.config
-        channels = cfg.get("encoder_block_out_channels") or cfg.get("block_out_channels")
-        return 2 ** (len(channels) - 1)
+        return self.vae_scale_factor_of(self.vae.config)
 
     @property
     def patch_size(self) -> int:
@@ -327,14 +336,18 @@ class FamilyAdapter:
         shift = cfg.get("shift_factor") or 0.0
         return shift, 1.0 / cfg.scaling_factor
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1], as the family's pipeline decodes them."""
+    def decode(self, latents: torch.Tensor, vae_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Latents -> images in [-1, 1], as the family's pipeline decodes them.
+
+        ``vae_dtype`` is the VAE's dtype when the caller already knows it (saves a walk over the VAE's modules).
+        """
         vae = self.vae
-        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        vae_dtype = vae_dtype or vae.dtype
+        upcast = vae_dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
         if upcast:
             vae.to(torch.float32)
         mean, scale = self._latent_normalization(latents)
-        latents = (latents * scale + mean).to(vae.dtype)
+        latents = (latents * scale + mean).to(torch.float32 if upcast else vae_dtype)
         try:
             return vae.decode(latents, return_dict=False)[0]
         finally:
@@ -359,8 +372,14 @@ class FamilyAdapter:
     #: pipeline class whose ``save_lora_weights`` writes this family's LoRA file (diffusers key prefixes)
     lora_pipeline_class_name: str = "SanaPipeline"
 
-    def lora_save_kwargs(self, lora_state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-        return {f"{self.denoiser_name}_lora_layers": lora_state_dict}
+    def lora_save_kwargs(self, lora_state_dict: Dict[str, torch.Tensor], metadata: Optional[dict] = None
+                         ) -> Dict[str, Any]:
+        """Keyword arguments of ``save_lora_weights`` of :attr:`lora_pipeline_class_name` for this denoiser."""
+        prefix = "unet" if self.denoiser_name == "unet" else "transformer"
+        kwargs = {f"{prefix}_lora_layers": lora_state_dict}
+        if metadata is not None:
+            kwargs[f"{prefix}_lora_adapter_metadata"] = metadata
+        return kwargs
 
     def describe(self) -> Dict[str, Any]:
         return {

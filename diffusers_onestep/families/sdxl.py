@@ -69,6 +69,3 @@ class SDXLAdapter(FamilyAdapter):
 
     def feature_channels(self) -> int:
         return int(_unwrap(self.denoiser).config.block_out_channels[-1])
-
-    def lora_save_kwargs(self, lora_state_dict):
-        return {"unet_lora_layers": lora_state_dict}

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -254,24 +252,3 @@ def load_from_base(
     if lora is not None:
         pipe.load_student_lora(lora, weight_name=lora_weight_name, lora_scale=lora_scale, **hub_kwargs)
     return pipe
-
-
-def replace_directory(staging: str, target: str) -> None:
-    """Move a completely written ``staging`` folder to ``target``, replacing it; never leaves a half folder.
-
-    The old ``target`` is renamed aside first and removed only after the new one is in place, so a crash at any
-    moment leaves either the old or the new complete folder at ``target`` (plus, at worst, a hidden leftover).
-    """
-    target = os.path.abspath(target)
-    backup = None
-    if os.path.lexists(target):
-        backup = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, backup)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, target)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,189 @@
+"""Training data: prompts (and, for GANs/discriminators, real images), plus a text-embedding cache.
+
+Prompt sources: a ``.txt`` file (one prompt a line), a ``.jsonl`` file, a local file or folder that ``datasets``
+reads (``.json``, ``.csv``, ``.parquet``, ``imagefolder`` with ``metadata.jsonl``), or a Hub dataset name. Real
+images come from a ``datasets`` image dataset (a local ``imagefolder`` or a Hub name).
+
+Batches are a pure function of ``(seed, step)``: the order of each epoch is a seeded permutation, so resuming at
+step ``k`` continues the exact data order without saving sampler state, and a global batch is split across
+processes by rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..families import Condition, FamilyAdapter
+
+
+class DataError(ValueError):
+    """A data source is missing, empty or lacks a column; the message says which and how to fix it."""
+
+
+def _load_dataset(source: str, split: str = "train"):
+    import datasets
+
+    if os.path.isdir(source):
+        files = os.listdir(source)
+        if any(f.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")) for f in files) or "metadata.jsonl" in files:
+            return datasets.load_dataset("imagefolder", data_dir=source, split=split)
+        return datasets.load_dataset(source, split=split)
+    if os.path.isfile(source):
+        extension = source.rsplit(".", 1)[-1].lower()
+        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}.get(extension)
+        if builder is None:
+            raise DataError(f"{source} is not a supported data file; use .txt, .jsonl, .json, .csv or .parquet.")
+        return datasets.load_dataset(builder, data_files=source, split=split)
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise DataError(f"{source!r} is neither an existing file or folder nor a Hub dataset name.") from None
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as error:  # datasets raises many types for a missing/unreachable dataset
+        raise DataError(f"Could not load the dataset {source!r}: {str(error).splitlines()[0]}") from None
+
+
+DATA_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+
+
+def check_prompt_source(source: str) -> None:
+    """Cheap checks of a prompt source that need no model (run before anything is loaded)."""
+    if not source:
+        raise DataError("No prompt source given; pass --prompts FILE_OR_DATASET.")
+    if os.path.exists(source):
+        return
+    if source.startswith((".", "/", "~")) or source.lower().endswith(DATA_EXTENSIONS):
+        raise DataError(f"The prompt source {source} does not exist.")
+
+
+def load_prompts(source: str, column: str = "text") -> List[str]:
+    """All non-empty prompts of a source, in order."""
+    check_prompt_source(source)
+    if os.path.isfile(source) and source.lower().endswith(".txt"):
+        with open(source, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f]
+    elif os.path.isfile(source) and source.lower().endswith(".jsonl"):
+        prompts = []
+        with open(source, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise DataError(f"{source} line {number} is not valid JSON.") from None
+                if column not in record:
+                    raise DataError(
+                        f"{source} line {number} has no {column!r} field (it has {', '.join(sorted(record))}); "
+                        "pass --prompt_column."
+                    )
+                prompts.append(str(record[column]).strip())
+    else:
+        dataset = _load_dataset(source)
+        if column not in dataset.column_names:
+            raise DataError(
+                f"The dataset {source} has no column {column!r}; its columns are "
+                f"{', '.join(dataset.column_names)}; pass --prompt_column."
+            )
+        prompts = [str(p).strip() for p in dataset[column]]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise DataError(f"The prompt source {source} holds no prompts.")
+    return prompts
+
+
+def load_real_images(source: str, resolution: int, image_column: str = "image",
+                     caption_column: Optional[str] = None) -> Tuple[torch.Tensor, Optional[List[str]]]:
+    """Real images resized (shorter side) and center-cropped to ``resolution``, in [-1, 1], with captions."""
+    from PIL import Image
+
+    dataset = _load_dataset(source)
+    if image_column not in dataset.column_names:
+        raise DataError(
+            f"The image dataset {source} has no column {image_column!r}; its columns are "
+            f"{', '.join(dataset.column_names)}; pass --image_column."
+        )
+    if caption_column is not None and caption_column not in dataset.column_names:
+        raise DataError(
+            f"The image dataset {source} has no caption column {caption_column!r}; its columns are "
+            f"{', '.join(dataset.column_names)}."
+        )
+    if len(dataset) == 0:
+        raise DataError(f"The image dataset {source} holds no images.")
+    images = []
+    for image in dataset[image_column]:
+        image = image.convert("RGB")
+        scale = resolution / min(image.size)
+        image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
+                             Image.BICUBIC)
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        images.append(torch.from_numpy(array).permute(2, 0, 1))
+    captions = [str(c) for c in dataset[caption_column]] if caption_column else None
+    return torch.stack(images), captions
+
+
+def epoch_permutation(seed: int, epoch: int, size: int) -> torch.Tensor:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(seed: int, step: int, global_batch: int, size: int) -> List[int]:
+    """Indices of the global batch of ``step``: consecutive slices of seeded per-epoch permutations."""
+    out = []
+    position = step * global_batch
+    while len(out) < global_batch:
+        epoch, offset = divmod(position, size)
+        perm = epoch_permutation(seed, epoch, size)
+        take = min(global_batch - len(out), size - offset)
+        out += perm[offset:offset + take].tolist()
+        position += take
+    return out
+
+
+class ConditionCache:
+    """Encoded conditions of a fixed prompt list, computed once so the text encoders can be freed."""
+
+    def __init__(self, adapter: FamilyAdapter, prompts: Sequence[str], batch_size: int = 64, device=None):
+        self.prompts = list(prompts)
+        unique = list(dict.fromkeys(self.prompts))
+        self._row = {p: i for i, p in enumerate(unique)}
+        chunks = [adapter.encode_prompt(unique[i:i + batch_size], device=device).to(device="cpu")
+                  for i in range(0, len(unique), batch_size)]
+        self.table = Condition.cat(chunks)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def get(self, indices: Sequence[int]) -> Condition:
+        rows = torch.tensor([self._row[self.prompts[i]] for i in indices])
+        return self.table[rows]
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.table.state_dict()
+
+
+class PromptSource:
+    """Conditions for prompt indices: from the cache, or encoded on the fly when caching is off."""
+
+    def __init__(self, adapter: FamilyAdapter, prompts: Sequence[str], cache: bool, device=None):
+        self.adapter = adapter
+        self.prompts = list(prompts)
+        self.device = device
+        self.cache = ConditionCache(adapter, self.prompts, device=device) if cache else None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def conditions(self, indices: Sequence[int]) -> Condition:
+        if self.cache is not None:
+            return self.cache.get(indices).to(self.device)
+        return self.adapter.encode_prompt([self.prompts[i] for i in indices], device=self.device)

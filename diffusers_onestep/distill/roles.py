@@ -1,0 +1,388 @@
+"""Teacher, critic ("fake score") and student over one frozen backbone -- and the helper that keeps gradients honest.
+
+Layouts (``RolesConfig.student`` × ``RolesConfig.critic``):
+
+==============  ==============  ===================================================================================
+student         critic          networks in memory
+==============  ==============  ===================================================================================
+``lora``        ``lora``        one backbone with adapters ``student`` and ``critic``; teacher = adapters disabled
+``full``        ``lora``        backbone with the ``critic`` adapter (SwiftBrush) + a trainable student copy
+``lora``        ``full``        backbone with the ``student`` adapter + a trainable critic copy (DMD2 LoRA recipe)
+``full``        ``full``        frozen teacher + trainable student and critic copies (DMD2)
+==============  ==============  ===================================================================================
+
+Two silent traps are handled here (feasibility.md §3, diffusers-facts §5.3):
+
+1. peft's ``set_adapter`` sets ``requires_grad=False`` on every other adapter and autograd skips such leaves at
+   backward time, so switching to the teacher or critic after the student's forward silently drops the student's
+   gradients. :meth:`BackboneRoles.train_phase` fixes the flags for the whole update: exactly the trained role's
+   parameters require grad, re-applied after every adapter switch.
+2. Under gradient checkpointing the forward is recomputed during backward with whatever adapter is active *then*;
+   ``train_phase`` re-activates the trained role before backward, and passes through a frozen role that are
+   differentiated w.r.t. their input (the GAN term) run without checkpointing (:meth:`input_grad_pass`).
+
+Under DDP every trainable parameter requires grad when the modules are wrapped (DDP only hooks those), the only
+forward through a DDP wrapper in an update is the trained role's, and every other pass uses the unwrapped module
+with its parameters frozen, so DDP never sees gradients it did not expect (pass ``find_unused_parameters=True``).
+PixArt's transformer has no ``PeftAdapterMixin``; adapters are injected with peft's functional API for all families.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..families import Condition, FamilyAdapter
+from ..families.base import _unwrap
+from .config import RolesConfig
+from .methods import DistillationModels
+
+TRAINABLE_ROLES = ("student", "critic")
+
+
+class DiscriminatorHead(nn.Module):
+    """A small conv head on trunk feature maps giving one logit per sample (after DMD2's ``cls_pred_branch``).
+
+    Stride-2 3×3 conv blocks with GroupNorm and SiLU, global average pooling, then a linear layer. It works on any
+    spatial size (a 1×1 bottleneck included). Runs in float32 whatever the trunk's precision.
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: Optional[int] = None, num_blocks: int = 2):
+        super().__init__()
+        hidden = hidden_channels or max(32, min(256, in_channels))
+        layers: List[nn.Module] = []
+        channels = in_channels
+        for _ in range(num_blocks):
+            groups = _groups(hidden)
+            layers += [nn.Conv2d(channels, hidden, 3, stride=2, padding=1), nn.GroupNorm(groups, hidden), nn.SiLU()]
+            channels = hidden
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, features: torch.Tensor, t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.body(features.to(self.out.weight.dtype))
+        return self.out(x.mean(dim=(2, 3))).squeeze(-1)
+
+
+def _groups(channels: int) -> int:
+    for groups in (32, 16, 8, 4, 2):
+        if channels % groups == 0:
+            return groups
+    return 1
+
+
+def _present_targets(model: nn.Module, targets: Sequence[str]) -> List[str]:
+    names = [name for name, _ in model.named_modules()]
+    present = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    if not present:
+        raise ValueError(
+            f"None of the LoRA target modules {list(targets)} exist in the {type(model).__name__}; pass "
+            "--lora_target_modules with module names of this model (e.g. to_q,to_k,to_v,to_out.0)."
+        )
+    return present
+
+
+class BackboneRoles(DistillationModels):
+    """The networks of a distillation run over a family adapter (see the module docstring for the layouts).
+
+    Args:
+        adapter: the teacher's family adapter; its denoiser becomes the frozen backbone.
+        config: the roles configuration.
+        student_prediction_type: the student's output parameterization (default: the teacher's).
+        discriminator: build a discriminator head on the trunk features.
+        dtype: dtype of the frozen teacher weights (mixed precision); trainable weights stay float32.
+    """
+
+    def __init__(
+        self,
+        adapter: FamilyAdapter,
+        config: RolesConfig,
+        student_prediction_type: Optional[str] = None,
+        discriminator: bool = False,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        self.adapter = adapter
+        self.config = config
+        self.path = adapter.noise_path
+        self.prediction_type = adapter.prediction_type
+        self.student_prediction_type = student_prediction_type or adapter.prediction_type
+        base = adapter.denoiser
+        self.teacher_has_embedded_guidance = adapter.has_embedded_guidance and bool(
+            getattr(base.config, "guidance_embeds", False)
+        )
+        # The null condition is encoded once, so text encoders can be dropped after caching.
+        self._null_condition = adapter.unconditional(1)
+
+        base.requires_grad_(False)
+        # Full roles are float32 copies of the clean teacher, made before any adapter is injected.
+        self.student_model = copy.deepcopy(base).float().requires_grad_(True) if config.student == "full" else None
+        self.critic_model = copy.deepcopy(base).float().requires_grad_(True) if config.critic == "full" else None
+        if dtype is not None:
+            base.to(dtype)
+
+        self.lora_roles = [r for r in TRAINABLE_ROLES if getattr(config, r) == "lora"]
+        self.backbone = base
+        if self.lora_roles:
+            self._inject_adapters()
+        self._tuner_layers = self._find_tuner_layers()
+        self.discriminator_head = DiscriminatorHead(adapter.feature_channels()) if discriminator else None
+
+        # Wrapped (DDP/FSDP) versions; identical to the modules until `set_prepared` is called.
+        self.prepared: Dict[str, nn.Module] = {name: module for name, module in self.trainable_modules().items()}
+        self._phase: Optional[str] = None
+        self._active: Optional[str] = None
+        self._apply_requires_grad()
+        if config.gradient_checkpointing:
+            for module in self.trainable_modules().values():
+                if hasattr(module, "enable_gradient_checkpointing"):
+                    module.enable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # construction
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _inject_adapters(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        targets = _present_targets(self.backbone, self.config.lora_target_modules or
+                                   self.adapter.default_lora_target_modules)
+        for role in self.lora_roles:
+            rank = self.config.lora_rank
+            if role == "critic" and self.config.critic_lora_rank:
+                rank = self.config.critic_lora_rank
+            lora_config = LoraConfig(
+                r=rank,
+                lora_alpha=self.config.lora_alpha or rank,
+                target_modules=targets,
+                lora_dropout=0.0,
+                init_lora_weights=True,  # B = 0: every role starts exactly at the teacher
+            )
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(lora_config, self.backbone, adapter_name=role)
+        # LoRA weights train in float32 even when the frozen base runs in bf16/fp16.
+        for name, parameter in self.backbone.named_parameters():
+            if "lora_" in name:
+                parameter.data = parameter.data.float()
+
+    def _find_tuner_layers(self):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m for m in self.backbone.modules() if isinstance(m, BaseTunerLayer)]
+
+    def lora_config(self, role: str):
+        return self.backbone.peft_config[role]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # parameters and modules
+    # ------------------------------------------------------------------------------------------------------------
+
+    def trainable_modules(self) -> Dict[str, nn.Module]:
+        """Modules that hold trainable parameters, by name (what ``accelerator.prepare`` wraps)."""
+        modules: Dict[str, nn.Module] = {}
+        if self.lora_roles:
+            modules["backbone"] = self.backbone
+        if self.student_model is not None:
+            modules["student_model"] = self.student_model
+        if self.critic_model is not None:
+            modules["critic_model"] = self.critic_model
+        if self.discriminator_head is not None:
+            modules["discriminator_head"] = self.discriminator_head
+        return modules
+
+    def set_prepared(self, name: str, module: nn.Module) -> None:
+        """Record the wrapped (e.g. DDP) version of a trainable module."""
+        self.prepared[name] = module
+
+    def named_role_parameters(self, role: str) -> Iterator:
+        """``(name, parameter)`` of a trainable role; the critic's include the discriminator head."""
+        if role not in TRAINABLE_ROLES:
+            raise ValueError(f"Unknown trainable role {role!r}; expected student or critic.")
+        if getattr(self.config, role) == "lora":
+            marker = f".{role}."
+            for name, parameter in self.backbone.named_parameters():
+                if "lora_" in name and marker in name:
+                    yield f"backbone.{name}", parameter
+        else:
+            module = self.student_model if role == "student" else self.critic_model
+            for name, parameter in module.named_parameters():
+                yield f"{role}_model.{name}", parameter
+        if role == "critic" and self.discriminator_head is not None:
+            for name, parameter in self.discriminator_head.named_parameters():
+                yield f"discriminator_head.{name}", parameter
+
+    def role_parameters(self, role: str) -> List[nn.Parameter]:
+        return [p for _, p in self.named_role_parameters(role)]
+
+    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Every trainable tensor (both roles and the head), detached, by stable name."""
+        state = {}
+        for role in TRAINABLE_ROLES:
+            for name, parameter in self.named_role_parameters(role):
+                state[name] = parameter.detach()
+        return state
+
+    @torch.no_grad()
+    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        own = {}
+        for role in TRAINABLE_ROLES:
+            own.update(dict(self.named_role_parameters(role)))
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"The checkpoint does not fit these roles: {len(missing)} missing and {len(unexpected)} unexpected "
+                f"tensors (e.g. {(missing + unexpected)[0]}); was it written with other --student/--critic settings?"
+            )
+        for name, parameter in own.items():
+            parameter.copy_(state[name].to(parameter.dtype))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # role switching
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _apply_requires_grad(self) -> None:
+        """Exactly the parameters of the phase's role require grad (all trainable ones outside a phase)."""
+        for role in TRAINABLE_ROLES:
+            flag = self._phase is None or self._phase == role
+            for parameter in self.role_parameters(role):
+                parameter.requires_grad_(flag)
+
+    def activate(self, role: str) -> None:
+        """Make the shared backbone compute ``role`` (teacher = adapters off); restore the phase's grad flags."""
+        if role not in ("teacher",) + TRAINABLE_ROLES:
+            raise ValueError(f"Unknown role {role!r}; expected teacher, critic or student.")
+        if not self.lora_roles or self._active == role:
+            return
+        if role == "teacher" or role not in self.lora_roles:
+            for layer in self._tuner_layers:
+                layer.enable_adapters(False)
+        else:
+            for layer in self._tuner_layers:
+                layer.enable_adapters(True)
+                layer.set_adapter(role)
+        self._active = role
+        self._apply_requires_grad()
+
+    @contextlib.contextmanager
+    def train_phase(self, role: str):
+        if role not in TRAINABLE_ROLES:
+            raise ValueError(f"Unknown trainable role {role!r}; expected student or critic.")
+        self._phase = role
+        self._apply_requires_grad()
+        try:
+            yield
+        finally:
+            # Backward (and checkpoint recomputation) must run under the adapter the loss was computed with.
+            self.activate(role)
+
+    def end_phase(self) -> None:
+        """Leave the current phase (all trainable parameters require grad again)."""
+        self._phase = None
+        self._apply_requires_grad()
+
+    @contextlib.contextmanager
+    def input_grad_pass(self, role: str):
+        module = self._module_of(role)
+        checkpointing = getattr(module, "is_gradient_checkpointing", False)
+        if checkpointing:
+            module.disable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            if checkpointing:
+                module.enable_gradient_checkpointing()
+
+    def _module_name(self, role: str) -> str:
+        if role == "student" and self.student_model is not None:
+            return "student_model"
+        if role == "critic" and self.critic_model is not None:
+            return "critic_model"
+        return "backbone"
+
+    def _module_of(self, role: str) -> nn.Module:
+        return getattr(self, self._module_name(role))
+
+    def _callable_of(self, role: str) -> nn.Module:
+        """The module to call: the wrapped (DDP) one only for the trained role's forward with grad."""
+        module = self._module_of(role)
+        if role == self._phase and torch.is_grad_enabled():
+            return self.prepared.get(self._module_name(role), module)
+        return module
+
+    # ------------------------------------------------------------------------------------------------------------
+    # DistillationModels
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _run(self, role, x_t, t, condition, guidance=None, return_features=False):
+        module = self._module_of(role)
+        if module is self.backbone:
+            self.activate(role)
+        dtype = _unwrap(module).dtype
+        condition = condition.to(dtype=dtype)
+        out = self.adapter.denoise(
+            x_t.to(dtype), t, condition, denoiser=self._callable_of(role), guidance=guidance,
+            return_features=return_features,
+        )
+        if return_features:
+            pred, features = out
+            return pred.float(), features
+        return out.float()
+
+    def teacher(self, x_t, t, condition, *, guidance=None, return_features=False):
+        return self._run("teacher", x_t, t, condition, guidance=guidance, return_features=return_features)
+
+    def critic(self, x_t, t, condition, *, return_features=False):
+        return self._run("critic", x_t, t, condition, return_features=return_features)
+
+    def student(self, x_t, t, condition):
+        return self._run("student", x_t, t, condition)
+
+    def discriminator(self, features, t):
+        head = self.discriminator_head
+        if self._phase == "critic" and torch.is_grad_enabled():
+            head = self.prepared.get("discriminator_head", head)
+        return head(features, t)
+
+    def unconditional(self, condition: Condition) -> Condition:
+        null = self._null_condition.to(device=condition.embeds.device)
+        return null.repeat_interleave(condition.batch_size)
+
+    def concat(self, conditions):
+        return Condition.cat(list(conditions))
+
+    def batch_size_of(self, condition: Condition) -> int:
+        return condition.batch_size
+
+    # ------------------------------------------------------------------------------------------------------------
+    # export
+    # ------------------------------------------------------------------------------------------------------------
+
+    def student_lora_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The student adapter in peft naming, without the adapter name (for ``save_lora_weights``)."""
+        from peft import get_peft_model_state_dict
+
+        if "student" not in self.lora_roles:
+            raise ValueError("The student is a full model, not a LoRA.")
+        return get_peft_model_state_dict(self.backbone, adapter_name="student")
+
+    def student_denoiser(self) -> nn.Module:
+        """A plain denoiser with the student's weights (the copy, or the backbone with the student LoRA fused)."""
+        if self.student_model is not None:
+            return copy.deepcopy(_unwrap(self.student_model))
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        from ..lora import fuse_lora
+
+        # Merge in float32: a bf16/fp16 teacher base would round the LoRA delta away.
+        clone = copy.deepcopy(self.backbone).float()
+        for layer in clone.modules():
+            if isinstance(layer, BaseTunerLayer):
+                layer.enable_adapters(True)
+        fuse_lora(clone, ["student"])
+        return clone

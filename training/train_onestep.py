@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Distill a diffusers text-to-image teacher (SDXL, PixArt-α/Σ, SANA, SANA-Sprint) into a one-step student.
+
+    accelerate launch training/train_onestep.py --teacher stabilityai/stable-diffusion-xl-base-1.0 \\
+        --prompts prompts.txt --output_dir dmd2-sdxl-lora
+
+This script only parses arguments into the typed config and hands it to the trainer; see docs/training.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from diffusers_onestep.distill.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
