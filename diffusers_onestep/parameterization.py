@@ -120,6 +120,7 @@ class VPPath(NoisePath):
         if alphas_cumprod.numel() < 2 or not torch.all((alphas_cumprod > 0) & (alphas_cumprod <= 1)):
             raise ValueError("alphas_cumprod must hold at least two values in (0, 1].")
         self.alphas_cumprod = alphas_cumprod
+        self._log_alphas_cumprod = torch.log(alphas_cumprod)
         #: the beta-schedule arguments the path was built from (written into scheduler configs)
         self.beta_config = dict(beta_config or {})
         self.num_train_timesteps = alphas_cumprod.numel()
@@ -180,7 +181,7 @@ class VPPath(NoisePath):
         t64 = t_tensor.to(device=device, dtype=dtype)
         if torch.any((t64 < self.t_min) | (t64 > self.t_max)):
             raise ValueError(f"VP timesteps must lie in [0, {self.num_train_timesteps - 1}], got {t_tensor.tolist()}.")
-        log_ac = torch.log(self.alphas_cumprod.to(device=device, dtype=dtype))
+        log_ac = self._log_alphas_cumprod.to(device=device, dtype=dtype)
         lower = torch.floor(t64).long().clamp(max=self.num_train_timesteps - 1)
         upper = (lower + 1).clamp(max=self.num_train_timesteps - 1)
         frac = t64 - lower.to(dtype)

@@ -321,6 +321,55 @@ NATIVE_CALL_KWARGS = {
 }
 
 
+#: the conditioning timesteps the parity oracles, the benchmark and the docs run each tiny family at (natural units
+#: of the family's noise path; ``None``: the loader's default, the pure-noise end -- pi/2 for SANA-Sprint)
+PARITY_TIMESTEPS = {
+    "sdxl": [399],
+    "pixart_alpha": [400],
+    "pixart_sigma": [400],
+    "sana": [1.0],
+    "sana_sprint": None,
+}
+
+
+def native_one_step_pipeline(family: str, folder: str, timesteps: Optional[Sequence[float]] = None):
+    """The family's own diffusers pipeline from ``folder``, set up to run the student the way its card would.
+
+    Returns ``(pipe, call_kwargs)``: ``pipe(prompt, **call_kwargs)`` computes what
+    ``OneStepPipeline.from_pretrained(folder, conditioning_timesteps=timesteps)`` computes (diffusers-facts §2, §3):
+    SDXL with ``LCMScheduler`` and ``timesteps=[...]`` at guidance 0; PixArt with ``DDPMScheduler(clip_sample=False)``
+    at guidance 1; SANA with one ``FlowMatchEulerDiscreteScheduler`` step at guidance 1 (``timesteps`` must be
+    ``[1.0]``); SANA-Sprint with ``num_inference_steps=1, intermediate_timesteps=None`` (``timesteps`` must be
+    ``None``). Height and width are the denoiser's native size.
+    """
+    import diffusers
+    from diffusers import DDPMScheduler, LCMScheduler
+
+    timesteps = PARITY_TIMESTEPS[family] if timesteps is None else list(timesteps)
+    cls = getattr(diffusers, NATIVE_PIPELINES[family])
+    pipe = cls.from_pretrained(folder, **({"add_watermarker": False} if family == "sdxl" else {}))
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(NATIVE_CALL_KWARGS[family])
+    if family == "sdxl":
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        kwargs.update(timesteps=[int(t) for t in timesteps], guidance_scale=0.0)
+    elif family in ("pixart_alpha", "pixart_sigma"):
+        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+        kwargs.update(timesteps=[int(t) for t in timesteps], guidance_scale=1.0)
+    elif family == "sana":
+        if list(timesteps) != [1.0]:
+            raise ValueError("SanaPipeline runs a one-step student only from pure noise: timesteps must be [1.0].")
+        kwargs.update(num_inference_steps=1, guidance_scale=1.0)
+    else:
+        if timesteps is not None:
+            raise ValueError("SanaSprintPipeline cannot take custom timesteps in diffusers 0.42.1; pass None.")
+        kwargs.update(num_inference_steps=1, intermediate_timesteps=None)
+    denoiser = pipe.unet if family == "sdxl" else pipe.transformer
+    size = int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
+    kwargs.update(height=size, width=size)
+    return pipe, kwargs
+
+
 def tiny_native_pipeline(family: str, seed: int = 0):
     """The family's own diffusers pipeline over :func:`tiny_components`."""
     import diffusers

@@ -137,6 +137,16 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`{what}` of a VP student must be integer steps, got {values}.")
         if any(not (lo < v <= hi + 1e-5) for v in values):
             raise ValueError(f"`{what}` of a {kind} student must lie in ({lo:g}, {hi:.5g}], got {values}.")
+        if self.config.prediction_type == "epsilon":
+            # x0 = (x_t - sigma eps) / alpha: undefined where the path has no signal left (flow t=1, TrigFlow pi/2,
+            # zero-terminal-SNR VP t=999 -- Lin et al. 2024 switch to v-prediction for exactly this reason).
+            alpha, _ = self.path.alpha_sigma(torch.tensor(values, dtype=torch.float64))
+            bad = [v for v, a in zip(values, alpha.tolist()) if abs(a) < 1e-3]
+            if bad:
+                raise ValueError(
+                    f"`{what}` {bad} leave no signal on the {kind} path (alpha_t < 1e-3), where an epsilon-prediction "
+                    "student cannot recover x0; use an earlier timestep or a v/sample/flow/trigflow prediction type."
+                )
         return values
 
     @property
