@@ -17,6 +17,15 @@ PATHS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """These tensors are tiny; on a shared 2-core machine, intra-op threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def wide_mixture():
     """Three unequal, overlapping components: every responsibility matters somewhere."""
     return GaussianMixture(
@@ -182,8 +191,9 @@ def test_exact_ratio_and_mc_divergence_against_gaussian_closed_forms():
     teacher = GaussianMixture([[1.0, -0.5]], stds=[0.6])
     st, path, t = student(), FLOW, 0.3
     alpha, sigma = 1 - t, t
-    p = D.MultivariateNormal(alpha * teacher.means[0], (alpha**2 * 0.36 + sigma**2) * torch.eye(2, dtype=torch.float64))
-    q = D.MultivariateNormal(alpha * st.b.detach(), alpha**2 * st.covariance() + sigma**2 * torch.eye(2, dtype=torch.float64))
+    eye = torch.eye(2, dtype=torch.float64)
+    p = D.MultivariateNormal(alpha * teacher.means[0], (alpha**2 * 0.36 + sigma**2) * eye)
+    q = D.MultivariateNormal(alpha * st.b.detach(), alpha**2 * st.covariance() + sigma**2 * eye)
     x = points()
     torch.testing.assert_close(st.exact_ratio(x, t, path, teacher), torch.exp(p.log_prob(x) - q.log_prob(x)))
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731

@@ -71,7 +71,8 @@ class GaussianMixture:
             raise ValueError(f"means must have shape [K, d], got {tuple(self.means.shape)}.")
         num = self.means.shape[0]
         self.stds = torch.as_tensor(stds, dtype=torch.float64).expand(num).clone()
-        weights = torch.ones(num, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        weights = torch.ones(num) if weights is None else weights
+        weights = torch.as_tensor(weights, dtype=torch.float64)
         if weights.shape != (num,) or torch.any(weights < 0) or weights.sum() <= 0 or torch.any(self.stds <= 0):
             raise ValueError("weights must be K non-negative numbers with a positive sum, and stds positive.")
         self.weights = weights / weights.sum()
@@ -138,7 +139,8 @@ class GaussianMixture:
         label = torch.as_tensor(label, dtype=torch.long, device=device)
         member = self.labels.to(device)[None, :] == label.reshape(-1, 1)  # [B or 1, K]
         if not torch.all(member.any(dim=1)):
-            raise ValueError(f"Unknown class label in {label.tolist()}; labels are {sorted(set(self.labels.tolist()))}.")
+            known = sorted(set(self.labels.tolist()))
+            raise ValueError(f"Unknown class label in {label.tolist()}; the labels are {known}.")
         log_w = torch.where(member, log_w, torch.full_like(log_w, -math.inf))
         log_w = log_w - torch.logsumexp(log_w, dim=1, keepdim=True)
         return log_w[0] if label.ndim == 0 else log_w
@@ -267,38 +269,45 @@ class GaussianStudent(torch.nn.Module):
         return A @ A.T
 
     def _moments(self, x: Tensor, t: TimeLike, path: NoisePath):
-        """``(α, σ, mean [B or 1, d], cov [B or 1, d, d])`` of ``q_t`` in float64."""
-        alpha, sigma = _path_coefficients(path, t, x)
-        alpha = alpha.reshape(-1, 1)
-        sigma = sigma.reshape(-1, 1)
+        """``(α [B or 1, 1], mean [B or 1, d], precision C_t⁻¹ [B or 1, d, d], log det C_t [B or 1])`` in float64.
+
+        ``C_t`` is factored once per distinct time (Monte-Carlo batches repeat a few times many times).
+        """
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device).reshape(-1)
+        if t.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"Got {t.shape[0]} times for {x.shape[0]} samples.")
+        unique_t, inverse = torch.unique(t, return_inverse=True)
+        alpha, sigma = path.alpha_sigma(unique_t, device=x.device)
+        alpha, sigma = alpha.to(torch.float64)[:, None, None], sigma.to(torch.float64)[:, None, None]
         eye = torch.eye(self.dim, dtype=torch.float64, device=x.device)
-        cov_x0 = self.covariance().to(x.device)
-        cov = alpha[..., None] ** 2 * cov_x0 + sigma[..., None] ** 2 * eye
+        cov = alpha**2 * self.covariance().to(x.device) + sigma**2 * eye  # [U, d, d]
+        chol = torch.linalg.cholesky(cov)
+        precision = torch.cholesky_inverse(chol)
+        log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+        alpha = alpha[inverse, 0]  # [B or 1, 1]
         mean = alpha * self.b.detach().to(x.device)
-        return alpha, sigma, mean, cov
+        return alpha, mean, precision[inverse], log_det[inverse]
 
     def noisy_log_prob(self, x: Tensor, t: TimeLike, path: NoisePath) -> Tensor:
         """``log q_t(x)``, ``[B]``."""
-        _, _, mean, cov = self._moments(x, t, path)
+        _, mean, precision, log_det = self._moments(x, t, path)
         diff = x.to(torch.float64) - mean
-        chol = torch.linalg.cholesky(cov)
-        sol = torch.cholesky_solve(diff[..., None], chol.expand(diff.shape[0], -1, -1))[..., 0]
-        log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-        out = -0.5 * (self.dim * math.log(2 * math.pi) + log_det + (diff * sol).sum(-1))
+        mahalanobis = torch.einsum("bi,bij,bj->b", diff, precision.expand(diff.shape[0], -1, -1), diff)
+        out = -0.5 * (self.dim * math.log(2 * math.pi) + log_det + mahalanobis)
         return out.to(x.dtype)
 
     def score(self, x: Tensor, t: TimeLike, path: NoisePath) -> Tensor:
         """``∇ log q_t(x) = − C_t⁻¹ (x − α_t b)``."""
-        _, _, mean, cov = self._moments(x, t, path)
+        _, mean, precision, _ = self._moments(x, t, path)
         diff = x.to(torch.float64) - mean
-        return (-torch.linalg.solve(cov.expand(diff.shape[0], -1, -1), diff)).to(x.dtype)
+        return (-torch.einsum("bij,bj->bi", precision.expand(diff.shape[0], -1, -1), diff)).to(x.dtype)
 
     def x0(self, x: Tensor, t: TimeLike, path: NoisePath) -> Tensor:
         """``E_q[x0 | x_t = x] = b + α_t A Aᵀ C_t⁻¹ (x − α_t b)``; well defined at ``α_t = 0``."""
-        alpha, _, mean, cov = self._moments(x, t, path)
+        alpha, mean, precision, _ = self._moments(x, t, path)
         diff = x.to(torch.float64) - mean
-        sol = torch.linalg.solve(cov.expand(diff.shape[0], -1, -1), diff)
-        out = self.b.detach().to(x.device) + alpha * (sol @ self.covariance().to(x.device).T)
+        solved = torch.einsum("bij,bj->bi", precision.expand(diff.shape[0], -1, -1), diff)
+        out = self.b.detach().to(x.device) + alpha * (solved @ self.covariance().to(x.device).T)
         return out.to(x.dtype)
 
     def prediction(self, x: Tensor, t: TimeLike, path: NoisePath, prediction_type: str) -> Tensor:

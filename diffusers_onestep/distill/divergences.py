@@ -1,7 +1,7 @@
 """f-divergences and their VSD weighting functions ``h(r) = r^2 f''(r)`` (f-distill, Xu, Nie & Vahdat 2025).
 
 For ``D_f(p || q) = E_q[f(r)]`` with ``r = p / q`` the density ratio *teacher over student* at the same noisy sample
-``x_t`` and time ``t``, the generator gradient is (f-distill, arXiv 2502.15681, eq. 7; algorithms.md §6.1)::
+``x_t`` and time ``t``, the generator gradient is (f-distill, arXiv 2502.15681, its main gradient theorem; algorithms.md §6.1)::
 
     ∇θ D_f(p_t || q_t) = E_{z, ε}[ h(r_t(x_t)) · (s_q(x_t) − s_p(x_t)) · ∂x_t/∂θ ],      h(r) = r^2 f''(r)
 
@@ -54,7 +54,7 @@ class Divergence:
         name (`str`): the name accepted by :func:`get_divergence` (the CLI name).
         f (`Callable[[Tensor], Tensor]`): the convex generator ``f`` with ``f(1) = 0``, elementwise on ``r > 0``.
         h (`Callable[[Tensor], Tensor]`): ``r^2 f''(r)``, the per-sample weight of the score difference
-            (f-distill eq. 7). Returns a tensor of the shape of ``r``.
+            (f-distill; algorithms.md §6.1). Returns a tensor of the shape of ``r``.
         bounded (`bool`): whether ``h`` stays bounded on ``(0, ∞)`` (bounded weights give low-variance gradients).
         description (`str`): one line on the behaviour of the divergence.
     """
@@ -183,21 +183,17 @@ def alpha_divergence(alpha: float) -> Divergence:
         raise ValueError(f"The alpha of an alpha-divergence must be finite, got {alpha!r}.")
     name = f"{ALPHA_PREFIX}{a:g}"
     if a == 0.0:
-        return Divergence(
-            name, lambda r: r - 1 - torch.log(r), lambda r: torch.ones_like(r), True,
-            "alpha = 0: the reverse-KL limit of the alpha family.",
-        )  # fmt: skip
+        f = lambda r: r - 1 - torch.log(r)  # noqa: E731
+        return Divergence(name, f, lambda r: torch.ones_like(r), True, "alpha = 0: the reverse-KL limit.")
     if a == 1.0:
-        return Divergence(
-            name, lambda r: torch.xlogy(r, r) - r + 1, lambda r: r, False,
-            "alpha = 1: the forward-KL limit of the alpha family.",
-        )  # fmt: skip
+        f = lambda r: torch.xlogy(r, r) - r + 1  # noqa: E731
+        return Divergence(name, f, lambda r: r, False, "alpha = 1: the forward-KL limit.")
     return Divergence(
         name,
         lambda r: (r**a - a * r - (1 - a)) / (a * (a - 1)),
         lambda r: r**a,
         False,
-        f"Amari alpha-divergence with alpha = {a:g}: more mode-covering as alpha grows (0: reverse KL, 1: forward KL).",
+        f"Amari alpha-divergence, alpha = {a:g}: more mode-covering as alpha grows (0: reverse KL, 1: forward KL).",
     )
 
 
