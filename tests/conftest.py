@@ -2,7 +2,7 @@
 
 The environment is set before anything imports huggingface_hub, diffusers or transformers: offline Hub and
 datasets, and a private ``HF_MODULES_CACHE`` (diffusers copies community-pipeline files there) so the tests never
-write into the user's Hugging Face folders.
+write into the user's Hugging Face folders. Torch runs one intra-op thread (see below).
 """
 
 import atexit
@@ -21,6 +21,10 @@ if "HF_MODULES_CACHE" not in os.environ:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The tiny models gain nothing from intra-op threads, and on a loaded 2-core machine two threads per process made
+# each call ~10x slower (threads spinning against other processes); one thread keeps the suite fast and stable.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -353,8 +353,8 @@ class OneStepPipeline(DiffusionPipeline):
         """
         adapter = self.adapter
         # 0. Default size: the denoiser's native resolution
-        height = height or adapter.default_resolution
-        width = width or adapter.default_resolution
+        height = adapter.default_resolution if height is None else height
+        width = adapter.default_resolution if width is None else width
 
         # 1. Check inputs
         self.check_inputs(
