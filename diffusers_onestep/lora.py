@@ -25,9 +25,11 @@ def read_lora_state_dict(
     kwargs = dict(hub_kwargs)
     if adapter.name == "sdxl":
         kwargs["unet_config"] = adapter.denoiser.config
-    state_dict, network_alphas, metadata = loader.lora_state_dict(
+    out = loader.lora_state_dict(
         path_or_state_dict, weight_name=weight_name, use_safetensors=True, return_lora_metadata=True, **kwargs
     )
+    # UNet loaders return (state_dict, network_alphas, metadata); transformer loaders (state_dict, metadata).
+    state_dict, network_alphas, metadata = out if len(out) == 3 else (out[0], None, out[1])
     prefix = adapter.denoiser_name + "."
     if any(k.startswith(prefix) for k in state_dict):
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

@@ -349,16 +349,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         values = parse_args(argv)
-        values.setdefault("output_dir", OutputConfig.output_dir)
-        family = None
-        if values.get("teacher"):
-            probe = config_from_values(values)
-            if probe.teacher and (probe.family == "auto" or probe.family):
-                from .trainer import resolve_family
+        # Validate what the user gave, detect the teacher's family from its configs, then fill family defaults.
+        probe = config_from_values(values).validate()
+        from .trainer import resolve_family
 
-                probe.validate()
-                family = resolve_family(probe)
-        config = config_from_values(values, family)
+        config = config_from_values(values, resolve_family(probe))
         preflight(config)
     except (ConfigError, DataError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

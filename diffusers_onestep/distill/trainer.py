@@ -188,6 +188,8 @@ class Trainer:
         cfg = self.config
         report_to = None if cfg.output.report_to == "none" else cfg.output.report_to
         self.accelerator = Accelerator(
+            # Several processes without CUDA: accelerate only forms a gloo group when told to use the CPU.
+            cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
             mixed_precision=cfg.optim.mixed_precision,
             log_with=report_to,
             project_config=ProjectConfiguration(
@@ -367,6 +369,7 @@ class Trainer:
             if self._nonfinite(step, role, "gradient norm"):
                 return {}
         optimizer.step()
+        self._hook("optimizer_step", role=role, step=step)
         self.lr_schedulers[role].step()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
@@ -615,6 +618,10 @@ class Trainer:
         if acc.is_main_process:
             os.makedirs(cfg.output.output_dir, exist_ok=True)
             cfg.save(os.path.join(cfg.output.output_dir, CONFIG_NAME))
+        from accelerate.utils import set_seed
+
+        # Seeds python, numpy and torch (LoRA A matrices and discriminator heads are initialised randomly).
+        set_seed(cfg.optim.seed)
         self._load_teacher()
         self._setup_data()
         self._setup_models()

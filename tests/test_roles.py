@@ -1,0 +1,185 @@
+"""Roles: one frozen backbone with student/critic LoRA adapters (or separate copies) -- gradients land only on the
+intended parameters, with and without gradient checkpointing, and the teacher is exactly the base model."""
+
+import copy
+
+import pytest
+import torch
+
+from diffusers_onestep.distill.config import MethodConfig, RolesConfig
+from diffusers_onestep.distill.methods import Batch, RandomSource, build_method
+from diffusers_onestep.distill.roles import BackboneRoles
+from diffusers_onestep.families import get_adapter_class
+from diffusers_onestep.testing import TINY_PROMPTS, tiny_components
+
+FAMILIES = ["sdxl", "pixart_alpha", "sana"]
+TIMESTEPS = {"sdxl": [399], "pixart_alpha": [400], "sana": [1.0]}
+
+
+def make_adapter(family):
+    adapter_cls = get_adapter_class(family)
+    adapter = adapter_cls(tiny_components(family), max_sequence_length=16)
+    return adapter
+
+
+def perturb_lora(roles, seed=0):
+    """LoRA B starts at zero (students start at the teacher); make it non-zero so every LoRA tensor gets gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in roles.backbone.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+
+
+def make_batch(adapter, batch_size=2, seed=0):
+    condition = adapter.encode_prompt(TINY_PROMPTS[:batch_size])
+    res = adapter.default_resolution if adapter.name != "sdxl" else 32
+    noise = torch.randn(adapter.latent_shape(batch_size, res, res), generator=torch.Generator().manual_seed(seed))
+    return Batch(condition=condition, noise=noise)
+
+
+def grads(params):
+    return [p.grad for p in params]
+
+
+def run_step(roles, method, role, batch, seed=0):
+    rng = RandomSource.from_seed(seed)
+    step = method.student_step if role == "student" else method.critic_step
+    loss, logs = step(batch, rng)
+    loss.backward()
+    assert torch.isfinite(loss)
+    return logs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_is_the_base_model(family):
+    adapter = make_adapter(family)
+    reference = copy.deepcopy(adapter.denoiser)
+    roles = BackboneRoles(adapter, RolesConfig(lora_rank=4))
+    perturb_lora(roles)
+    batch = make_batch(adapter)
+    t = torch.full((2,), adapter.noise_path.t_max * 0.5, dtype=torch.float64)
+    with torch.no_grad():
+        teacher = roles.teacher(batch.noise, t, batch.condition)
+        base = adapter.denoise(batch.noise, t, batch.condition, denoiser=reference)
+        student = roles.student(batch.noise, t, batch.condition)
+        critic = roles.critic(batch.noise, t, batch.condition)
+    torch.testing.assert_close(teacher, base.float(), rtol=0, atol=1e-6)
+    # ...and the adapters really change the outputs, each in its own way.
+    assert (student - teacher).abs().max() > 1e-4
+    assert (critic - teacher).abs().max() > 1e-4
+    assert (critic - student).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_reach_only_the_trained_adapter(family, checkpointing):
+    adapter = make_adapter(family)
+    roles = BackboneRoles(adapter, RolesConfig(lora_rank=4, gradient_checkpointing=checkpointing))
+    perturb_lora(roles)
+    method = build_method(MethodConfig(guidance_scale=3.0).validate(), roles, TIMESTEPS[family])
+    batch = make_batch(adapter)
+    student, critic = roles.role_parameters("student"), roles.role_parameters("critic")
+    base = [p for n, p in roles.backbone.named_parameters() if "lora_" not in n]
+    assert len(student) == len(critic) > 0
+
+    run_step(roles, method, "student", batch)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(student)), "student LoRA lost gradients"
+    assert all(g is None for g in grads(critic)), "critic LoRA got student gradients"
+    assert all(g is None for g in grads(base)), "the frozen base got gradients"
+
+    for p in student:
+        p.grad = None
+    run_step(roles, method, "critic", batch)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(critic)), "critic LoRA lost gradients"
+    assert all(g is None for g in grads(student)), "student LoRA got critic gradients"
+    assert all(g is None for g in grads(base))
+
+
+@pytest.mark.parametrize("family", ["sdxl", "pixart_alpha"])
+def test_checkpointing_gives_the_same_gradients(family):
+    """diffusers' checkpointing recomputes forwards during backward under whatever adapter is active then; the
+    roles helper must make that the trained role's adapter (diffusers-facts §5.3 'Fix B' is wrong here)."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        adapter = make_adapter(family)
+        roles = BackboneRoles(adapter, RolesConfig(lora_rank=4, gradient_checkpointing=checkpointing))
+        perturb_lora(roles)
+        method = build_method(MethodConfig(guidance_scale=3.0).validate(), roles, TIMESTEPS[family])
+        batch = make_batch(adapter)
+        run_step(roles, method, "student", batch, seed=1)
+        run_step(roles, method, "critic", batch, seed=2)
+        results.append([p.grad.clone() for p in roles.role_parameters("student") + roles.role_parameters("critic")])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("student,critic", [("full", "lora"), ("lora", "full"), ("full", "full")])
+def test_separate_copy_layouts(student, critic):
+    adapter = make_adapter("pixart_alpha")
+    reference = copy.deepcopy(adapter.denoiser)
+    roles = BackboneRoles(adapter, RolesConfig(student=student, critic=critic, lora_rank=4))
+    perturb_lora(roles)
+    if student == "full":
+        assert roles.student_model is not None and roles.student_model is not roles.backbone
+    if critic == "full":
+        assert roles.critic_model is not None and roles.critic_model is not roles.backbone
+    batch = make_batch(adapter)
+    method = build_method(MethodConfig(guidance_scale=3.0).validate(), roles, [400])
+    t = torch.full((2,), 500.0, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(roles.teacher(batch.noise, t, batch.condition),
+                                   adapter.denoise(batch.noise, t, batch.condition, denoiser=reference).float(),
+                                   rtol=0, atol=1e-6)
+    frozen = [p for n, p in roles.backbone.named_parameters() if "lora_" not in n]
+    run_step(roles, method, "student", batch)
+    assert all(p.grad is not None for p in roles.role_parameters("student"))
+    assert all(p.grad is None for p in roles.role_parameters("critic"))
+    assert all(p.grad is None for p in frozen)
+    for p in roles.role_parameters("student"):
+        p.grad = None
+    run_step(roles, method, "critic", batch)
+    assert all(p.grad is not None for p in roles.role_parameters("critic"))
+    assert all(p.grad is None for p in roles.role_parameters("student"))
+    assert all(p.grad is None for p in frozen)
+
+
+def test_discriminator_on_critic_trunk_trains_head_and_critic_only():
+    """DMD2: the GAN head sits on the critic's features; in the student step the critic is frozen."""
+    adapter = make_adapter("sdxl")
+    roles = BackboneRoles(adapter, RolesConfig(lora_rank=4), discriminator=True)
+    perturb_lora(roles)
+    config = MethodConfig(guidance_scale=3.0, gan_weight=5e-3, discriminator_trunk="critic").validate()
+    method = build_method(config, roles, [399])
+    batch = make_batch(adapter)
+    batch.real = torch.randn_like(batch.noise)
+    batch.real_condition = batch.condition
+    head = list(roles.discriminator_head.parameters())
+    logs = run_step(roles, method, "student", batch)
+    assert "student/gan_loss" in logs
+    assert all(p.grad is not None for p in roles.role_parameters("student"))
+    assert all(p.grad is None for p in roles.role_parameters("critic"))  # head included
+    for p in roles.role_parameters("student"):
+        p.grad = None
+    logs = run_step(roles, method, "critic", batch)
+    assert "critic/discriminator_loss" in logs
+    assert all(p.grad is not None for p in head)
+    assert all(p.grad is not None for p in roles.role_parameters("critic"))
+    assert all(p.grad is None for p in roles.role_parameters("student"))
+
+
+def test_f_divergence_on_teacher_trunk_freezes_the_teacher():
+    adapter = make_adapter("sana")
+    roles = BackboneRoles(adapter, RolesConfig(lora_rank=4), discriminator=True)
+    perturb_lora(roles)
+    method = build_method(MethodConfig(divergence="js", guidance_scale=3.0).validate(), roles, [1.0])
+    batch = make_batch(adapter)
+    batch.real = torch.randn_like(batch.noise)
+    batch.real_condition = batch.condition
+    logs = run_step(roles, method, "student", batch)
+    assert logs["student/dm_weight_mean"] == pytest.approx(1.0, abs=1e-3)  # h / mean(h)
+    base = [p for n, p in roles.backbone.named_parameters() if "lora_" not in n]
+    assert all(p.grad is None for p in base)
+    assert all(p.grad is None for p in roles.role_parameters("critic"))
+    assert all(p.grad is not None for p in roles.role_parameters("student"))

@@ -1,0 +1,213 @@
+"""The trainer in-process: exact resume, the critic:student update schedule, and config/CLI errors."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_onestep.distill import cli
+from diffusers_onestep.distill.config import ConfigError
+from diffusers_onestep.distill.trainer import Trainer, list_checkpoints
+from diffusers_onestep.testing import save_tiny_native_pipeline
+from training_utils import TINY_FLAGS, write_images, write_prompts
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    return {
+        "root": root,
+        "teacher": save_tiny_native_pipeline("pixart_alpha", str(root / "teacher")),
+        "sdxl": save_tiny_native_pipeline("sdxl", str(root / "teacher-sdxl")),
+        "prompts": write_prompts(str(root)),
+        "images": write_images(str(root / "images"), size=8),
+    }
+
+
+def make_config(workspace, output_dir, *extra):
+    argv = ["--teacher", workspace["teacher"], "--prompts", workspace["prompts"], "--output_dir", str(output_dir),
+            "--resolution", "8", *TINY_FLAGS, *[str(a) for a in extra]]
+    values = cli.parse_args(argv)
+    config = cli.config_from_values(values, family="pixart_alpha")
+    cli.preflight(config)
+    return config
+
+
+def trainable(path):
+    return load_file(os.path.join(path, "trainable.safetensors"))
+
+
+@pytest.mark.parametrize("student", ["lora", "full"])
+def test_resume_equals_uninterrupted_run(workspace, student):
+    """Stop after step 2, resume `latest`, and end exactly where an uninterrupted 5-step run ends: weights,
+    optimizer moments, discriminator head, ratio normalizer, data order and RNG all resume."""
+    common = ["--student", student, "--divergence", "js", "--real_images", workspace["images"],
+              "--critic_updates_per_student", "2", "--checkpointing_steps", "2", "--lr_scheduler", "constant",
+              "--ema_decay", "0.9"]
+    full_dir = workspace["root"] / f"full-{student}"
+    Trainer(make_config(workspace, full_dir, "--max_train_steps", "5", *common)).run()
+
+    split_dir = workspace["root"] / f"split-{student}"
+    Trainer(make_config(workspace, split_dir, "--max_train_steps", "2", *common)).run()
+    assert [s for s, _ in list_checkpoints(str(split_dir))] == [2]
+    resumed = make_config(workspace, split_dir, "--max_train_steps", "5", "--resume_from_checkpoint", "latest",
+                          *common)
+    Trainer(resumed).run()
+
+    a, b = trainable(full_dir / "checkpoint-5"), trainable(split_dir / "checkpoint-5")
+    assert a.keys() == b.keys() and any("discriminator_head" in k for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for name in ("ema.safetensors", "method.safetensors", "optimizer_student.safetensors",
+                 "optimizer_critic.safetensors"):
+        x, y = load_file(str(full_dir / "checkpoint-5" / name)), load_file(str(split_dir / "checkpoint-5" / name))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    # and training did move the weights away from the start
+    start = trainable(split_dir / "checkpoint-2")
+    assert any(not torch.equal(start[k], a[k]) for k in a)
+
+
+def test_update_schedule(workspace):
+    """Critic every iteration, student when step % ratio == 0 (DMD2 two time-scale rule), student first."""
+    events = []
+
+    def record(event, trainer, **info):
+        if event == "optimizer_step":
+            events.append((info["step"], info["role"]))
+
+    config = make_config(workspace, workspace["root"] / "schedule", "--max_train_steps", "11",
+                         "--critic_updates_per_student", "5", "--checkpointing_steps", "100")
+    trainer = Trainer(config, hooks=[record])
+    trainer.run()
+    expected = []
+    for step in range(11):
+        if step % 5 == 0:
+            expected.append((step, "student"))
+        expected.append((step, "critic"))
+    assert events == expected
+    # each optimizer stepped exactly as often as the schedule says
+    tensors = load_file(str(workspace["root"] / "schedule" / "checkpoint-11" / "optimizer_student.safetensors"))
+    step_values = {float(v) for k, v in tensors.items() if k.endswith(".step")}
+    assert step_values == {3.0}
+    tensors = load_file(str(workspace["root"] / "schedule" / "checkpoint-11" / "optimizer_critic.safetensors"))
+    assert {float(v) for k, v in tensors.items() if k.endswith(".step")} == {11.0}
+
+
+def test_checkpoints_total_limit_keeps_the_newest(workspace):
+    out = workspace["root"] / "limit"
+    Trainer(make_config(workspace, out, "--max_train_steps", "4", "--checkpointing_steps", "1",
+                        "--checkpoints_total_limit", "2", "--critic_updates_per_student", "1")).run()
+    assert [s for s, _ in list_checkpoints(str(out))] == [3, 4]
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # no staging leftovers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: one sentence, exit status 2, nothing loaded or written
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_cli(argv):
+    with pytest.raises(SystemExit) as info:
+        cli.main([str(a) for a in argv])
+    return info.value.code
+
+
+BAD = {
+    "missing teacher": ([], "--teacher"),
+    "teacher folder without model_index": (["--teacher", "{root}"], "model_index.json"),
+    "unknown divergence": (["--divergence", "wasserstein"], "wasserstein"),
+    "lora rank 0": (["--lora_rank", "0"], "--lora_rank"),
+    "resolution multiple": (["--teacher", "{sdxl}", "--resolution", "33"], "multiple of"),
+    "empty prompts": (["--prompts", "{empty}"], "holds no prompts"),
+    "missing prompt column": (["--prompts", "{jsonl}", "--prompt_column", "caption"], "caption"),
+    "f-divergence without images": (["--divergence", "js"], "--real_images"),
+    "fp16 on cpu": (["--mixed_precision", "fp16"], "fp16"),
+    "bad hub id": (["--hub_model_id", "not a valid id!!"], "hub_model_id"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_input_exits_before_loading(workspace, name, capsys, tmp_path):
+    argv, expected = BAD[name]
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"text": "a cat"}) + "\n")
+    fill = {"root": str(workspace["root"]), "sdxl": workspace["sdxl"], "empty": str(tmp_path / "empty.txt"),
+            "jsonl": str(tmp_path / "p.jsonl")}
+    argv = [a.format(**fill) for a in argv]
+    out = tmp_path / "out"
+    base = ["--prompts", workspace["prompts"], "--output_dir", str(out), "--resolution", "8"]
+    if name != "missing teacher" and "--teacher" not in argv:
+        base = ["--teacher", workspace["teacher"]] + base
+    if "--prompts" in argv:
+        i = base.index("--prompts")
+        del base[i:i + 2]
+    if "--resolution" in argv:
+        i = base.index("--resolution")
+        del base[i:i + 2]
+    code = run_cli(base + argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert expected in err
+    assert not out.exists(), "nothing may be written for bad input"
+
+
+def test_non_empty_output_dir_is_refused(workspace, capsys, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code = run_cli(["--teacher", workspace["teacher"], "--prompts", workspace["prompts"], "--output_dir", out])
+    assert code == 2 and "--overwrite_output_dir" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep.txt"]
+
+
+def test_resume_with_conflicting_config_lists_differences(workspace, capsys):
+    out = workspace["root"] / "conflict"
+    Trainer(make_config(workspace, out, "--max_train_steps", "1", "--critic_updates_per_student", "1")).run()
+    code = run_cli(["--teacher", workspace["teacher"], "--prompts", workspace["prompts"], "--output_dir", out,
+                    "--resolution", "8", *TINY_FLAGS, "--max_train_steps", "3", "--critic_updates_per_student", "1",
+                    "--resume_from_checkpoint", "latest", "--lora_rank", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "roles.lora_rank: 2 -> 3" in err
+
+
+def test_resume_path_that_is_not_a_checkpoint(workspace, capsys, tmp_path):
+    code = run_cli(["--teacher", workspace["teacher"], "--prompts", workspace["prompts"], "--output_dir",
+                    tmp_path / "o", "--resume_from_checkpoint", str(tmp_path)])
+    assert code == 2 and "not a complete checkpoint" in capsys.readouterr().err
+
+
+def test_config_file_values_are_overridden_by_flags(workspace, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"teacher: {workspace['teacher']}\nprompts: {workspace['prompts']}\nlora_rank: 7\n"
+                    "roles:\n  critic: full\nmethod:\n  guidance_scale: 2.5\n")
+    values = cli.parse_args(["--config", str(path), "--lora_rank", "3"])
+    config = cli.config_from_values(values, family="pixart_alpha")
+    assert config.roles.lora_rank == 3 and config.roles.critic == "full" and config.method.guidance_scale == 2.5
+    with pytest.raises(ConfigError, match="Unknown setting"):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"learning_rat": 1}))
+        cli.parse_args(["--config", str(bad)])
+
+
+def test_family_defaults_follow_the_papers(workspace):
+    values = cli.parse_args(["--teacher", workspace["sdxl"], "--prompts", workspace["prompts"]])
+    config = cli.config_from_values(values, family="sdxl")
+    assert config.method.guidance_scale == 8.0  # DMD2 SDXL real-score CFG
+    assert config.optim.learning_rate == 5e-5  # DMD2 SDXL 4-step LoRA
+    assert config.roles.lora_rank == 64 and config.roles.lora_alpha == 8
+    assert config.method.critic_updates_per_student == 5
+    values = cli.parse_args(["--teacher", workspace["sdxl"], "--prompts", workspace["prompts"], "--student", "full"])
+    assert cli.config_from_values(values, family="sdxl").optim.learning_rate == 5e-7
+
+
+def test_help_is_a_manual(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--teacher", "--divergence", "--student_timesteps", "--resume_from_checkpoint", "--push_to_hub",
+                 "examples:"):
+        assert flag in text

@@ -1,0 +1,86 @@
+"""End to end: `accelerate launch training/train_onestep.py` on tiny teachers of every family, as users run it."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from diffusers_onestep import OneStepPipeline
+from diffusers_onestep.testing import save_tiny_native_pipeline
+from training_utils import RESOLUTION, TINY_FLAGS, launch, write_images, write_prompts
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    teachers = {f: save_tiny_native_pipeline(f, str(root / f"teacher-{f}")) for f in ("sdxl", "pixart_alpha", "sana")}
+    return {"root": root, "teachers": teachers, "prompts": write_prompts(str(root)),
+            "images": write_images(str(root / "images"))}
+
+
+CASES = [(family, divergence, kind) for family in ("sdxl", "pixart_alpha", "sana")
+         for divergence in ("reverse_kl", "js") for kind in ("lora", "full")]
+
+
+@pytest.mark.parametrize("family,divergence,kind", CASES)
+def test_distill_save_load_run(workspace, family, divergence, kind):
+    out = workspace["root"] / f"out-{family}-{divergence}-{kind}"
+    args = ["--teacher", workspace["teachers"][family], "--prompts", workspace["prompts"], "--output_dir", out,
+            "--divergence", divergence, "--student", kind, "--max_train_steps", "2",
+            "--critic_updates_per_student", "1", "--resolution", RESOLUTION[family], *TINY_FLAGS]
+    if divergence == "js":
+        args += ["--real_images", workspace["images"]]
+    result = launch(args)
+    assert "Distilling" in result.stderr + result.stdout  # the progress bar
+
+    files = set(os.listdir(out))
+    assert {"README.md", "samples.png", "training_config.json", "checkpoint-2"} <= files
+    if kind == "lora":
+        assert {"pytorch_lora_weights.safetensors", "onestep_lora.json", "scheduler"} <= files
+        prefix = "unet." if family == "sdxl" else "transformer."
+        with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+            keys = list(f.keys())
+            metadata = f.metadata()
+        assert keys and all(k.startswith(prefix) and "lora" in k for k in keys)
+        assert "lora_adapter_metadata" in metadata  # rank and alpha travel with the weights
+    else:
+        assert "model_index.json" in files and not (out / "pytorch_lora_weights.safetensors").exists()
+    card = (out / "README.md").read_text()
+    assert workspace["teachers"][family] in card and "one-step" in card and divergence in card
+
+    pipe = OneStepPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.family == family
+    images = pipe("a photo of a cat", output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape[0] == 1 and images.shape[-1] == 3 and images.std() > 0
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["method"]["divergence"] == divergence and config["roles"]["student"] == kind
+
+
+def test_two_processes_match_one_process(workspace):
+    """2 processes × batch 2 (gloo) equal 1 process × batch 4: all randomness is drawn for the global batch."""
+    common = ["--teacher", workspace["teachers"]["pixart_alpha"], "--prompts", workspace["prompts"],
+              "--max_train_steps", "3", "--critic_updates_per_student", "2", "--resolution", "8", *TINY_FLAGS]
+    common = [a for a in common]
+    index = common.index("--train_batch_size")
+    one = workspace["root"] / "ddp-1"
+    two = workspace["root"] / "ddp-2"
+    single = list(common)
+    single[index + 1] = "4"
+    launch(single + ["--output_dir", one], num_processes=1)
+    launch(common + ["--output_dir", two], num_processes=2)
+    a = load_file(str(one / "checkpoint-3" / "trainable.safetensors"))
+    b = load_file(str(two / "checkpoint-3" / "trainable.safetensors"))
+    assert a.keys() == b.keys()
+    moved = 0.0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+        moved = max(moved, float(a[key].abs().max()))
+    assert moved > 0  # the weights did train
+    state = json.loads((two / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
