@@ -1,0 +1,171 @@
+"""Memory and step-time of one distillation step: shared-backbone LoRA layout vs three separate copies.
+
+Runs the library's own roles and method (VSD with CFG on the teacher) on a mid-sized SDXL-shaped UNet on the CPU.
+Each layout runs in a fresh subprocess so that its peak resident memory (``ru_maxrss``) is its own; the reported
+memory is the peak minus the process's memory right before the models are built (imports and text encoders are
+the same for both layouts).
+
+* ``memory_ratio`` = memory(shared LoRA backbone: teacher = adapters off, student and critic LoRA)
+  / memory(separate copies: frozen teacher + full student + full critic, DMD2's layout). Target <= 0.45.
+* ``overhead_ratio`` = step time / time spent in the network passes (teacher, critic and student forwards and the
+  two backwards) for the LoRA layout. Target <= 1.15.
+
+    python benchmarks/train_memory.py            # prints a table; the last line is one JSON object
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+RESULT_PREFIX = "RESULT "
+
+
+def mid_sized_sdxl_components(seed: int = 0):
+    """The tiny SDXL pipeline with an SDXL-shaped UNet of ~30M parameters (3 levels, cross-attention, text_time)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_onestep.testing import tiny_sdxl_components
+
+    components = tiny_sdxl_components(seed)
+    torch.manual_seed(seed)
+    components["unet"] = UNet2DConditionModel(
+        block_out_channels=(96, 192, 384),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+    ).eval()
+    return components
+
+
+def run_layout(layout: str, steps: int, batch_size: int, resolution: int, lora_rank: int) -> dict:
+    """One layout in this process: build, run ``steps`` student+critic updates, report memory and timings."""
+    import torch
+
+    from diffusers_onestep.distill.config import MethodConfig, RolesConfig
+    from diffusers_onestep.distill.methods import Batch, RandomSource, build_method
+    from diffusers_onestep.distill.roles import BackboneRoles
+    from diffusers_onestep.families import SDXLAdapter
+
+    torch.set_num_threads(1)
+    components = mid_sized_sdxl_components()
+    adapter = SDXLAdapter(components)
+    condition = adapter.encode_prompt(["a photo of a cat", "a red car"][:batch_size] * (batch_size // 2 or 1))
+    condition = condition[:batch_size]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+    kind = "lora" if layout == "lora" else "full"
+    roles = BackboneRoles(adapter, RolesConfig(student=kind, critic=kind, lora_rank=lora_rank, lora_alpha=8))
+    method = build_method(MethodConfig(guidance_scale=8.0).validate(), roles, [399])
+    optimizers = {role: torch.optim.AdamW(roles.role_parameters(role), lr=1e-5) for role in ("student", "critic")}
+
+    # Time every network pass by wrapping the roles' single entry point.
+    pass_time = {"teacher": 0.0, "critic": 0.0, "student": 0.0}
+    original_run = roles._run
+
+    def timed_run(role, *args, **kwargs):
+        start = time.perf_counter()
+        out = original_run(role, *args, **kwargs)
+        pass_time[role] += time.perf_counter() - start
+        return out
+
+    roles._run = timed_run
+    params = sum(p.numel() for n, p in roles.backbone.named_parameters() if "lora_" not in n)
+    trainable = sum(p.numel() for role in ("student", "critic") for p in roles.role_parameters(role))
+    totals = {"step": 0.0, "backward": {"student": 0.0, "critic": 0.0}}
+    rng = RandomSource.from_seed(0)
+    noise_generator = torch.Generator().manual_seed(0)
+    shape = adapter.latent_shape(batch_size, resolution, resolution)
+    for step in range(steps + 1):  # step 0 warms up and is not timed
+        if step == 1:
+            for key in pass_time:
+                pass_time[key] = 0.0
+            totals = {"step": 0.0, "backward": {"student": 0.0, "critic": 0.0}}
+        started = time.perf_counter()
+        batch = Batch(condition=condition, noise=torch.randn(shape, generator=noise_generator))
+        for role in ("student", "critic"):
+            step_fn = method.student_step if role == "student" else method.critic_step
+            loss, _ = step_fn(batch, rng)
+            t0 = time.perf_counter()
+            loss.backward()
+            totals["backward"][role] += time.perf_counter() - t0
+            optimizers[role].step()
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            roles.end_phase()
+        totals["step"] += time.perf_counter() - started
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    network = sum(pass_time.values()) + sum(totals["backward"].values())
+    return {
+        "layout": layout,
+        "unet_parameters_m": params / 1e6,
+        "trainable_parameters_m": trainable / 1e6,
+        "memory_mib": (rss_peak - rss_before) / 1024,
+        "step_s": totals["step"] / steps,
+        "teacher_s": pass_time["teacher"] / steps,
+        "critic_s": (pass_time["critic"] + totals["backward"]["critic"]) / steps,
+        "student_s": (pass_time["student"] + totals["backward"]["student"]) / steps,
+        "other_s": (totals["step"] - network) / steps,
+        "overhead_ratio": totals["step"] / network,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per layout (after one warm-up step)")
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--lora_rank", type=int, default=16,
+                        help="LoRA rank of student and critic. SDXL's default r=64 on 320-1280 channels is ~1/5 of the "
+                             "narrowest width; r=16 keeps that proportion on this UNet's 96-384 channels.")
+    parser.add_argument("--layout", choices=("lora", "separate"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.layout:
+        result = run_layout(args.layout, args.steps, args.batch_size, args.resolution, args.lora_rank)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return
+
+    results = {}
+    for layout in ("lora", "separate"):
+        command = [sys.executable, os.path.abspath(__file__), "--layout", layout, "--steps", str(args.steps),
+                   "--batch_size", str(args.batch_size), "--resolution", str(args.resolution),
+                   "--lora_rank", str(args.lora_rank)]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+        results[layout] = json.loads(next(line for line in out.splitlines() if line.startswith(RESULT_PREFIX))
+                                     [len(RESULT_PREFIX):])
+
+    lora, separate = results["lora"], results["separate"]
+    print(f"UNet: {lora['unet_parameters_m']:.1f}M parameters (SDXL-shaped), LoRA rank {args.lora_rank} "
+          f"({lora['trainable_parameters_m']:.1f}M trainable in both adapters), batch {args.batch_size}, "
+          f"{args.resolution}x{args.resolution} images, {args.steps} timed steps, 1 thread, CPU")
+    print(f"{'layout':<34}{'memory MiB':>11}{'step s':>9}{'teacher':>9}{'critic':>9}{'student':>9}{'other':>9}"
+          f"{'overhead':>10}")
+    names = {"lora": "shared backbone + 2 LoRA (ours)", "separate": "3 separate copies (DMD2)"}
+    for layout, r in results.items():
+        print(f"{names[layout]:<34}{r['memory_mib']:>11.0f}{r['step_s']:>9.2f}{r['teacher_s']:>9.2f}"
+              f"{r['critic_s']:>9.2f}{r['student_s']:>9.2f}{r['other_s']:>9.2f}{r['overhead_ratio']:>10.3f}")
+    memory_ratio = lora["memory_mib"] / separate["memory_mib"]
+    print(f"memory ratio (LoRA / separate) = {memory_ratio:.3f} (target <= 0.45); "
+          f"overhead ratio (LoRA layout) = {lora['overhead_ratio']:.3f} (target <= 1.15)")
+    print(json.dumps({"memory_ratio": round(memory_ratio, 4), "overhead_ratio": round(lora["overhead_ratio"], 4)}))
+
+
+if __name__ == "__main__":
+    main()
