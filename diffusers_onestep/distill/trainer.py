@@ -200,6 +200,14 @@ class Trainer:
             # must hook them when wrapping, so they require grad at prepare time; see roles.py).
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ConfigError(
+                f"{self.accelerator.distributed_type.value} is not supported yet: the frozen teacher and critic passes "
+                "run outside the wrapper and the two roles have separate optimizers; use DDP "
+                "(training/accelerate_configs/multi_gpu.yaml) with LoRA roles and --gradient_checkpointing."
+            )
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
 
