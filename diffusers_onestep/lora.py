@@ -8,11 +8,14 @@ read. Fusing merges with peft's ``safe_merge`` (which checks for non-finite weig
 
 from __future__ import annotations
 
+import re
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+#: first key segments by which diffusers LoRA files name the pipeline component a weight belongs to
+_COMPONENT_PREFIXES = {"unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior"}
 
 
 def read_lora_state_dict(
@@ -31,14 +34,18 @@ def read_lora_state_dict(
     # UNet loaders return (state_dict, network_alphas, metadata); transformer loaders (state_dict, metadata).
     state_dict, network_alphas, metadata = out if len(out) == 3 else (out[0], None, out[1])
     prefix = adapter.denoiser_name + "."
-    if any(k.startswith(prefix) for k in state_dict):
+    components = sorted({k.split(".", 1)[0] for k in state_dict} & _COMPONENT_PREFIXES)
+    if components:  # keys name their pipeline component: keep the denoiser's (none left: a LoRA for another model)
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if network_alphas:
         network_alphas = {k.removeprefix(prefix): v for k, v in network_alphas.items() if k.startswith(prefix)}
     if metadata:
         metadata = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)} or metadata
     if not state_dict:
-        raise ValueError(f"The LoRA file holds no weights for the {adapter.display_name} {adapter.denoiser_name}.")
+        found = f" (it holds weights for: {', '.join(components)})" if components else ""
+        raise ValueError(
+            f"The LoRA file holds no weights for the {adapter.display_name} {adapter.denoiser_name}{found}."
+        )
     return state_dict, network_alphas or None, metadata or None
 
 
@@ -54,20 +61,66 @@ def inject_lora(
     from diffusers.utils.peft_utils import _create_lora_config
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-    if "lora_A" not in next(iter(state_dict)):
+    # Convert when ANY key is not in peft form. diffusers' own loaders look at the first key only, and
+    # `convert_state_dict_to_diffusers` (what the LCM-LoRA SDXL example saves) writes a mixed file: attention layers as
+    # `to_q.lora.down`, every other layer as `conv1.lora_A`. Sorted, a conv key comes first and all attention weights
+    # would be dropped without an error.
+    if any(".lora_A." not in k and ".lora_B." not in k for k in state_dict if "lora" in k):
         state_dict = convert_unet_state_dict_to_peft(state_dict)
     rank = {f"^{k}": v.shape[1] for k, v in state_dict.items() if "lora_B" in k and v.ndim > 1}
     config = _create_lora_config(
         state_dict, network_alphas, metadata, rank, model_state_dict=model.state_dict(), adapter_name=adapter_name
     )
-    inject_adapter_in_model(config, model, adapter_name=adapter_name)
-    incompatible = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
-    unexpected = [k for k in getattr(incompatible, "unexpected_keys", []) if "lora_" in k]
-    if unexpected:
+    had_peft_layers = _has_peft_layers(model)
+    try:
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    except ValueError as error:
+        if "not found in the base model" not in str(error):
+            raise
         raise ValueError(
-            f"{len(unexpected)} LoRA weights match no layer of the {type(model).__name__} (first: {unexpected[0]}); "
-            "the LoRA was made for a different model."
-        )
+            f"The LoRA targets layers the {type(model).__name__} does not have (e.g. "
+            f"{sorted(config.target_modules)[0]!r}); it was made for a different model."
+        ) from None
+    try:
+        try:
+            incompatible = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+        except RuntimeError as error:
+            mismatch = re.search(r"size mismatch for (\S+?):", str(error))
+            if mismatch is None:
+                raise
+            raise ValueError(
+                f"The LoRA's weights do not fit the {type(model).__name__} (size mismatch at {mismatch.group(1)}); "
+                "it was made for a different model."
+            ) from None
+        unexpected = [k for k in getattr(incompatible, "unexpected_keys", []) if "lora" in k]
+        if unexpected:
+            raise ValueError(
+                f"{len(unexpected)} LoRA weights match no layer of the {type(model).__name__} (first: "
+                f"{unexpected[0]}); the LoRA was made for a different model."
+            )
+    except BaseException:
+        _remove_adapter(model, adapter_name, had_peft_layers)
+        raise
+
+
+def _has_peft_layers(model: torch.nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def _remove_adapter(model: torch.nn.Module, adapter_name: str, had_peft_layers: bool) -> None:
+    """Undo a failed injection: leave the model as it was, with no half-loaded adapter behind."""
+    if had_peft_layers:  # other adapters live in the model (training roles): remove only this one
+        from peft.functional import delete_adapter
+
+        delete_adapter(model, adapter_name, prefix="lora_")
+        return
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(model)
+    for attribute in ("peft_config", "_hf_peft_config_loaded"):
+        model.__dict__.pop(attribute, None)  # instance attributes set by the injection; class defaults stay
 
 
 def fuse_lora(model: torch.nn.Module, adapter_names: Iterable[str], lora_scale: float = 1.0) -> None:

@@ -126,9 +126,13 @@ def load_pipeline(cls, source, **kwargs):
 def load_lora_student(cls, source: str, lora_config: Dict[str, Any], **kwargs):
     """A LoRA student folder: the base pipeline, the stored scheduler, and the LoRA fused into the denoiser."""
     hub_kwargs = hub_kwargs_of(kwargs)
-    base = kwargs.pop("base_model", None) or lora_config["base_model"]
+    base_override = kwargs.pop("base_model", None)
+    base = base_override or lora_config["base_model"]
     scheduler = OneStepScheduler.from_pretrained(source, subfolder="scheduler", **hub_kwargs)
+    # `revision` names a revision of the LoRA repo; the base is pinned by the revision the student was trained on
     base_kwargs = {k: v for k, v in kwargs.items() if k != "revision"}
+    if lora_config.get("base_revision") and base_override is None and not os.path.isdir(base):
+        base_kwargs["revision"] = lora_config["base_revision"]
     pipe = cls.from_pretrained(base, scheduler=scheduler, family=lora_config.get("family"), **base_kwargs)
     pipe.load_student_lora(
         source,

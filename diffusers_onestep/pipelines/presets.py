@@ -79,8 +79,10 @@ PRESETS: List[Preset] = [
            "UNet safetensors on SDXL base, LCMScheduler, timesteps=[800]",
            weight_name="Hyper-SDXL-1step-Unet.safetensors", base_model=SDXL_BASE, default=True),
     Preset("ByteDance/Hyper-SD", "sdxl", "lora", (999,), "epsilon", 1024,
-           "load_lora_weights + fuse_lora(), TCDScheduler, 1 step, eta=1.0 (one TCD step at t=999 returns x0)",
-           weight_name="Hyper-SDXL-1step-lora.safetensors", base_model=SDXL_BASE),
+           "load_lora_weights + fuse_lora(), TCDScheduler, 1 step, eta=1.0",
+           weight_name="Hyper-SDXL-1step-lora.safetensors", base_model=SDXL_BASE,
+           notes="returns x0; one TCD step returns x0 re-noised to t=0 with its own noise estimate, "
+                 "sqrt(alphā_0) x0 + sqrt(1 - alphā_0) eps (3% of eps)"),
     Preset("PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512", "pixart_alpha", "denoiser", (400,), "epsilon", 512,
            "transformer/ on PixArt-XL-2-1024-MS text encoder and VAE, DDPMScheduler, timesteps=[400]",
            subfolder="transformer", base_model=PIXART_1024, default=True),
