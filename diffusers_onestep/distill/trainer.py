@@ -41,6 +41,8 @@ CONFIG_NAME = "training_config.json"
 TRAINER_STATE_NAME = "trainer_state.json"
 #: the file whose presence marks a complete checkpoint
 CHECKPOINT_COMMIT_FILE = TRAINER_STATE_NAME
+#: fault-injection variable of the crash-safety tests (see ``Trainer._fault``)
+FAULT_ENV = "DIFFUSERS_ONESTEP_FAULT"
 
 
 class NonFiniteError(RuntimeError):
@@ -165,10 +167,37 @@ class Trainer:
             out = hook(event, self, **info)
             if out is not None:
                 result = out
-        return result
+        fault = self._fault(event, info)
+        return fault if fault is not None else result
+
+    def _fault(self, event: str, info: Dict[str, Any]):
+        """Fault injection for the crash-safety tests, from ``DIFFUSERS_ONESTEP_FAULT="event@step[:action],..."``.
+
+        ``pause`` (the default) writes ``<output_dir>/.fault-<event>-<step>`` and waits until the process is killed
+        or interrupted; ``nan`` replaces the loss of a ``loss`` event with NaN. Steps are those the hooks report:
+        the 0-based iteration for ``loss``/``optimizer_step``, completed steps for checkpoint and ``after_step``.
+        """
+        spec = os.environ.get(FAULT_ENV)
+        if not spec:
+            return None
+        for item in spec.split(","):
+            where, _, action = item.partition(":")
+            name, _, step = where.partition("@")
+            if name != event or str(info.get("step")) != step:
+                continue
+            if (action or "pause") == "nan" and "loss" in info:
+                return info["loss"] * float("nan")
+            marker = os.path.join(self.config.output.output_dir, f".fault-{event}-{step}")
+            with open(marker, "w") as f:
+                f.write(str(os.getpid()))
+            while self._interrupt_signal is None:
+                time.sleep(0.05)
+        return None
 
     def _install_signal_handlers(self):
         def handler(signum, frame):
+            if self._interrupt_signal is not None:  # a second Ctrl-C: stop now, without the checkpoint
+                raise KeyboardInterrupt
             self._interrupt_signal = signum
 
         self._previous_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -431,7 +460,7 @@ class Trainer:
                 io.write_json(os.path.join(staging, f"optimizer_{role}.json"), plain)
                 io.write_json(os.path.join(staging, f"scheduler_{role}.json"), _scheduler_state(self.lr_schedulers[role]))
             self.config.save(os.path.join(staging, CONFIG_NAME))
-            self._hook("before_checkpoint_commit", path=staging)
+            self._hook("before_checkpoint_commit", path=staging, step=self.global_step)
             io.write_json(os.path.join(staging, TRAINER_STATE_NAME), {
                 "global_step": self.global_step,
                 "nonfinite_skips": self.nonfinite_skips,
@@ -442,7 +471,7 @@ class Trainer:
         if acc.is_main_process:
             io.replace_directory(staging, target)
             self._prune_checkpoints()
-            self._hook("checkpoint_written", path=target)
+            self._hook("checkpoint_written", path=target, step=self.global_step)
         acc.wait_for_everyone()
         return target
 
@@ -672,7 +701,8 @@ class Trainer:
                 s == self.global_step for s, _ in list_checkpoints(cfg.output.output_dir)
             ):
                 path = self.save_checkpoint()
-                logger.warning(f"Interrupted: saved {path}; resume with --resume_from_checkpoint latest.")
+                acc.print(f"Interrupted at step {self.global_step}: saved {path}; resume with "
+                          "--resume_from_checkpoint latest.")
             acc.end_training()
             self._restore_signal_handlers()
             raise
