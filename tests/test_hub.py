@@ -1,0 +1,82 @@
+"""Model cards and Hub upload, tested offline at the huggingface_hub API boundary."""
+
+import os
+
+import pytest
+from huggingface_hub import ModelCard
+from huggingface_hub.utils import filter_repo_objects
+
+from diffusers_onestep import hub
+from diffusers_onestep.distill.config import TrainConfig
+
+
+def make_config(teacher="stabilityai/stable-diffusion-xl-base-1.0", divergence="js"):
+    config = TrainConfig(teacher=teacher)
+    config.method.divergence = divergence
+    config.data.prompts = "prompts.txt"
+    return config
+
+
+def test_model_card_names_teacher_method_and_how_to_run(tmp_path):
+    card = hub.write_model_card(str(tmp_path), make_config(), family="sdxl", student_timesteps=[399],
+                                sample_grid="samples.png", prompts=["a cat"], lora=True, repo_id="me/student")
+    loaded = ModelCard.load(str(tmp_path / "README.md"))
+    assert loaded.data.base_model == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert loaded.data.library_name == "diffusers"
+    assert {"one-step", "distillation", "f-distill", "js", "lora", "sdxl"} <= set(loaded.data.tags)
+    text = loaded.text
+    assert 'OneStepPipeline.from_pretrained("me/student")' in text
+    assert "![samples](samples.png)" in text and "[399]" in text
+    assert '"divergence": "js"' in text  # the resolved training config
+    assert card.data.pipeline_tag == "text-to-image"
+
+
+def test_model_card_of_a_local_teacher_has_no_base_model_but_names_it(tmp_path):
+    teacher = str(tmp_path / "my-teacher")
+    os.makedirs(teacher)
+    hub.write_model_card(str(tmp_path), make_config(teacher=teacher, divergence="reverse_kl"), family="pixart_alpha",
+                         student_timesteps=[400], lora=False)
+    loaded = ModelCard.load(str(tmp_path / "README.md"))
+    assert loaded.data.base_model is None  # a local path is not a Hub id
+    assert teacher in loaded.text and "dmd" in loaded.data.tags
+
+
+def test_push_creates_the_repo_and_uploads_only_the_student(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    def create_repo(repo_id, **kwargs):
+        calls["create"] = (repo_id, kwargs)
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(**kwargs):
+        calls["upload"] = kwargs
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    for name in ("README.md", "pytorch_lora_weights.safetensors", "onestep_lora.json", "samples.png",
+                 "training_config.json", "scheduler/scheduler_config.json", "checkpoint-10/trainable.safetensors",
+                 "logs/events.out", "validation/step-000010.png", ".checkpoint-20.tmp/trainable.safetensors"):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+
+    repo = hub.push_to_hub(str(tmp_path), "me/student", private=True)
+    assert repo == "me/student"
+    repo_id, kwargs = calls["create"]
+    assert repo_id == "me/student" and kwargs["private"] is True and kwargs["exist_ok"] is True
+    upload = calls["upload"]
+    assert upload["repo_id"] == "me/student" and upload["folder_path"] == str(tmp_path)
+    files = [os.path.relpath(os.path.join(r, f), tmp_path) for r, _, fs in os.walk(tmp_path) for f in fs]
+    uploaded = set(filter_repo_objects(files, ignore_patterns=upload["ignore_patterns"]))
+    assert uploaded == {"README.md", "pytorch_lora_weights.safetensors", "onestep_lora.json", "samples.png",
+                        "training_config.json", "scheduler/scheduler_config.json"}
+
+
+@pytest.mark.parametrize("bad", ["no spaces allowed", "a/b/c", "-leading"])
+def test_hub_model_id_is_validated(bad):
+    config = make_config()
+    config.output.hub_model_id = bad
+    with pytest.raises(ValueError, match="not a valid Hub repo id"):
+        config.output.validate()
