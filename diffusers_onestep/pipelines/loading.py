@@ -56,6 +56,15 @@ def read_json(source: str, filename: str, hub_kwargs: Optional[Dict[str, Any]] =
         return json.load(f)
 
 
+def read_onestep_settings(source: str) -> Dict[str, Any]:
+    """The ``"_onestep"`` settings of a saved folder's ``model_index.json`` (local, or already in the Hub cache)."""
+    try:
+        index = read_json(source, "model_index.json", {"local_files_only": True})
+    except ValueError:  # not a folder and not a repo id
+        return {}
+    return dict((index or {}).get("_onestep") or {})
+
+
 def pure_noise_time(noise_path) -> float:
     """The conditioning timestep of a student that starts from pure noise (VP: 999, flow: 1, TrigFlow: pi/2)."""
     if noise_path.kind == "trigflow":
@@ -111,8 +120,11 @@ def load_pipeline(cls, source, **kwargs):
     for name in ("unet", "transformer"):
         if isinstance(model_index.get(name), list) and model_index[name][0] is not None:
             configs[name] = read_json(source, f"{name}/config.json", hub_kwargs) or {}
-    family = detect_family(model_index, configs)
-    kwargs.setdefault("family", family)
+    # Settings a native-class folder keeps under "_onestep" (OneStepPipeline.save_pretrained) -- callers' win.
+    for key, value in (model_index.get("_onestep") or {}).items():
+        kwargs.setdefault(key, value)
+    family = kwargs.get("family") or detect_family(model_index, configs)
+    kwargs["family"] = family
 
     if "scheduler" not in kwargs:
         entry = model_index.get("scheduler") or [None, None]
@@ -170,10 +182,11 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle payloads are refused here, by design
+            reason = str(error).splitlines()[0].split(". ")[0].rstrip(".")
             raise ValueError(
-                f"{path} could not be loaded safely (torch.load(weights_only=True) refused it: "
-                f"{str(error).splitlines()[0]}); convert it to .safetensors."
-            ) from None
+                f"{path} could not be loaded safely (torch.load(weights_only=True) refused it: {reason}); "
+                "convert it to .safetensors."
+            ) from error
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         return state

@@ -31,6 +31,9 @@ NATIVE_INTEROP_FAMILIES = {
     "pixart_sigma": "PixArtSigmaPipeline",
     "sana": "SanaPipeline",
 }
+#: model_index.json key holding OneStepPipeline's own settings in folders saved under a native class name
+ONESTEP_INDEX_KEY = "_onestep"
+ONESTEP_CONFIG_KEYS = ("family", "embedded_guidance_scale", "max_sequence_length")
 _COMPONENT_NAMES = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
@@ -118,6 +121,7 @@ class OneStepPipeline(DiffusionPipeline):
             tokenizer=tokenizer,
             tokenizer_2=tokenizer_2,
         )
+        family_given = family
         if family is None:
             denoiser = unet if unet is not None else transformer
             name = "unet" if unet is not None else "transformer"
@@ -131,7 +135,22 @@ class OneStepPipeline(DiffusionPipeline):
         self._adapter: Optional[FamilyAdapter] = None
         self._adapter_key = None
         self._image_processor: Optional[VaeImageProcessor] = None
+        #: the family was guessed from the denoiser alone (PixArt-Σ and -α transformers look the same)
+        self._settings_guessed = (family_given, embedded_guidance_scale, max_sequence_length) == (None, None, None)
         self._interrupt = False
+
+    def register_to_config(self, **kwargs):
+        super().register_to_config(**kwargs)
+        # `DiffusionPipeline.from_pretrained(folder, custom_pipeline=...)` builds this class from the model_index.json
+        # keys matching __init__; a folder saved under a native class name keeps our settings under "_onestep",
+        # which reaches us only as the folder registered (as `_name_or_path`) right after __init__.
+        source = kwargs.get("_name_or_path")
+        if source and getattr(self, "_settings_guessed", False):
+            settings = loading.read_onestep_settings(source)
+            if settings:
+                super().register_to_config(**settings)
+                self._adapter = None
+            self._settings_guessed = False
 
     # ------------------------------------------------------------------------------------------------------------
     # adapter
@@ -506,6 +525,9 @@ class OneStepPipeline(DiffusionPipeline):
         accepted = set(inspect.signature(getattr(diffusers, native).__init__).parameters)
         index = {k: v for k, v in index.items() if k.startswith("_") or (k in accepted and v != [None, None])}
         index["_class_name"] = native
+        # Our own settings under a "_" key: the native class ignores it silently (a plain key would be warned about
+        # on every load), and OneStepPipeline.from_pretrained reads it back (PixArt-Σ vs -α, max_sequence_length).
+        index[ONESTEP_INDEX_KEY] = {k: self.config[k] for k in ONESTEP_CONFIG_KEYS if self.config.get(k) is not None}
         with open(path, "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
