@@ -101,8 +101,8 @@ def check_resume_config(checkpoint: str, config: TrainConfig) -> None:
                    if not d.split(":")[0].startswith(RESUMABLE_CHANGES)]
     if differences:
         raise ConfigError(
-            f"The run conflicts with the configuration of {checkpoint}: " + "; ".join(differences)
-            + ". Resume with the same settings, or start a new --output_dir."
+            f"The run conflicts with the configuration of {checkpoint} ({'; '.join(differences)}); resume with "
+            "the same settings, or start a new --output_dir."
         )
 
 

@@ -1,0 +1,342 @@
+"""The bad-input matrix: every refused input of the pipeline, loading, the scheduler and the training CLI.
+
+Each case returns the message it was refused with. `tests/test_error_matrix.py` checks that every message is one
+actionable sentence, that the CLI exits with status 2 before any model is loaded and writes nothing, and that
+`docs/errors.md` lists each message verbatim. Regenerate the doc with:
+
+    python tests/error_cases.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+from typing import Callable, List
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+
+@dataclass
+class Case:
+    area: str
+    name: str
+    run: Callable  # (context) -> message
+    cli: bool = False
+
+
+def expect(error_type, fn):
+    try:
+        fn()
+    except error_type as error:
+        return str(error)
+    raise AssertionError("no error was raised")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pipeline
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _call(ctx, **kwargs):
+    pipe = ctx["pipe"]
+    kwargs.setdefault("prompt", "a cat")
+    kwargs.setdefault("output_type", "latent")
+    return lambda: pipe(**kwargs)
+
+
+def pipeline_cases() -> List[Case]:
+    def embeds(ctx, batch=1):
+        return torch.zeros(batch, 77, 64)
+
+    cases = [
+        ("height not a multiple of the VAE × patch factor", lambda c: _call(c, height=33)),
+        ("width not positive", lambda c: _call(c, width=-64)),
+        ("zero inference steps", lambda c: _call(c, num_inference_steps=0)),
+        ("more steps than the student was trained at", lambda c: _call(c, num_inference_steps=2)),
+        ("both prompt and prompt_embeds", lambda c: _call(c, prompt_embeds=embeds(c), pooled_prompt_embeds=torch.zeros(1, 32))),
+        ("neither prompt nor prompt_embeds", lambda c: _call(c, prompt=None)),
+        ("prompt of the wrong type", lambda c: _call(c, prompt=3)),
+        ("prompt_embeds without pooled_prompt_embeds (SDXL)", lambda c: _call(c, prompt=None, prompt_embeds=embeds(c))),
+        ("pooled embeddings of another batch size",
+         lambda c: _call(c, prompt=None, prompt_embeds=embeds(c, 2), pooled_prompt_embeds=torch.zeros(1, 32))),
+        ("one generator per image expected", lambda c: _call(c, generator=[torch.Generator()] * 3)),
+        ("latents of the wrong shape", lambda c: _call(c, latents=torch.zeros(1, 4, 8, 8))),
+        ("unknown output_type", lambda c: _call(c, output_type="jpeg")),
+        ("negative prompt on a guidance-distilled student", lambda c: _call(c, negative_prompt="blurry")),
+        ("guidance_scale > 1 on a guidance-distilled student", lambda c: _call(c, guidance_scale=5.0)),
+        ("unknown callback tensor input", lambda c: _call(c, callback_on_step_end_tensor_inputs=["noise_pred"])),
+        ("custom timesteps out of range", lambda c: _call(c, timesteps=[1200])),
+    ]
+    return [Case("OneStepPipeline.__call__", name, (lambda make: lambda c: expect(ValueError, make(c)))(make))
+            for name, make in cases]
+
+
+def loading_cases() -> List[Case]:
+    from diffusers_onestep import OneStepPipeline, OneStepScheduler
+    from diffusers_onestep.pipelines.loading import load_state_dict_file
+
+    def not_a_pipeline(c):
+        return expect(ValueError, lambda: OneStepPipeline.from_pretrained(c["empty_dir"]))
+
+    def bad_repo_id(c):
+        return expect(ValueError, lambda: OneStepPipeline.from_pretrained("not a repo id!!"))
+
+    def unsupported(c):
+        return expect(ValueError, lambda: OneStepPipeline.from_pretrained(c["sd15_dir"]))
+
+    def pickle_payload(c):
+        return expect(ValueError, lambda: load_state_dict_file(c["evil_bin"]))
+
+    def wrong_scheduler(c):
+        from diffusers import EulerDiscreteScheduler
+
+        components = dict(c["components"])
+        return expect(ValueError, lambda: OneStepPipeline(
+            vae=components["vae"], unet=components["unet"], scheduler=EulerDiscreteScheduler(),
+            text_encoder=components["text_encoder"], tokenizer=components["tokenizer"]))
+
+    def unknown_preset_variant(c):
+        return expect(ValueError, lambda: OneStepPipeline.from_pretrained("tianweiy/DMD2", weight_name="nope.bin"))
+
+    def pickle_format(c):
+        return expect(ValueError, lambda: load_state_dict_file(c["weights_pkl"]))
+
+    _ = OneStepScheduler
+    return [
+        Case("loading", "folder that is not a pipeline or LoRA student", not_a_pipeline),
+        Case("loading", "string that is neither a folder nor a Hub id", bad_repo_id),
+        Case("loading", "pipeline of an unsupported family", unsupported),
+        Case("loading", "legacy .bin holding a pickle payload", pickle_payload),
+        Case("loading", "weights in an unknown (pickle) format", pickle_format),
+        Case("loading", "a scheduler that is not a OneStepScheduler", wrong_scheduler),
+        Case("loading", "unknown variant of a preset", unknown_preset_variant),
+    ]
+
+
+def scheduler_cases() -> List[Case]:
+    from diffusers_onestep import OneStepScheduler
+
+    def ctor(**kw):
+        return lambda c: expect(ValueError, lambda: OneStepScheduler(**kw))
+
+    def step_first(c):
+        return expect(ValueError, lambda: OneStepScheduler().step(torch.zeros(1), 999, torch.zeros(1)))
+
+    def too_many(c):
+        scheduler = OneStepScheduler(conditioning_timesteps=[999, 499])
+        return expect(ValueError, lambda: scheduler.set_timesteps(3))
+
+    return [
+        Case("OneStepScheduler", "conditioning timesteps not decreasing", ctor(conditioning_timesteps=[249, 999])),
+        Case("OneStepScheduler", "more than four conditioning timesteps", ctor(conditioning_timesteps=[999, 800, 600, 400, 200])),
+        Case("OneStepScheduler", "fractional timestep on a VP path", ctor(conditioning_timesteps=[399.5])),
+        Case("OneStepScheduler", "timestep outside the path", ctor(conditioning_timesteps=[1000])),
+        Case("OneStepScheduler", "flow timestep above 1", ctor(noise_path="flow", conditioning_timesteps=[2.0])),
+        Case("OneStepScheduler", "unknown prediction_type", ctor(prediction_type="noise")),
+        Case("OneStepScheduler", "unknown noise_path", ctor(noise_path="edm")),
+        Case("OneStepScheduler", "step() before set_timesteps()", step_first),
+        Case("OneStepScheduler", "more steps than stored timesteps", too_many),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cli_case(name, args_fn):
+    def run(c):
+        from diffusers_onestep.distill import cli
+
+        argv = [str(a) for a in args_fn(c)]
+        import contextlib
+        import io
+
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            try:
+                cli.main(argv)
+            except SystemExit as exit_:
+                c["last_exit_code"] = exit_.code
+            else:
+                raise AssertionError("the CLI did not exit")
+        lines = [line for line in stderr.getvalue().strip().splitlines() if line]
+        return lines[-1].split("error: ", 1)[1]
+
+    return Case("training CLI", name, run, cli=True)
+
+
+def cli_cases() -> List[Case]:
+    def base(c, **over):
+        args = {"--teacher": c["pixart_dir"], "--prompts": c["prompts"], "--output_dir": c["out"],
+                "--resolution": "8"}
+        args.update(over)
+        out = []
+        for key, value in args.items():
+            if value is None:
+                continue
+            out += [key] + (value if isinstance(value, list) else [value])
+        return out
+
+    return [
+        cli_case("no --teacher", lambda c: base(c, **{"--teacher": None})),
+        cli_case("teacher folder without model_index.json", lambda c: base(c, **{"--teacher": c["empty_dir"]})),
+        cli_case("teacher of an unsupported family", lambda c: base(c, **{"--teacher": c["sd15_dir"]})),
+        cli_case("--family that does not match the teacher", lambda c: base(c, **{"--family": "sdxl"})),
+        cli_case("unknown --family", lambda c: base(c, **{"--family": "flux"})),
+        cli_case("unknown --divergence", lambda c: base(c, **{"--divergence": "wasserstein"})),
+        cli_case("--lora_rank 0 with a LoRA student", lambda c: base(c, **{"--lora_rank": "0"})),
+        cli_case("--student that is not lora or full", lambda c: base(c, **{"--student": "half"})),
+        cli_case("--resolution not a multiple of the latent factor",
+                 lambda c: base(c, **{"--teacher": c["sdxl_dir"], "--resolution": "33"})),
+        cli_case("prompt file that does not exist", lambda c: base(c, **{"--prompts": "missing.txt"})),
+        cli_case("prompt file without prompts", lambda c: base(c, **{"--prompts": c["empty_prompts"]})),
+        cli_case("prompt column missing", lambda c: base(c, **{"--prompts": c["jsonl"], "--prompt_column": "caption"})),
+        cli_case("f-divergence without --real_images", lambda c: base(c, **{"--divergence": "js"})),
+        cli_case("--real_images that does not exist",
+                 lambda c: base(c, **{"--divergence": "js", "--real_images": "./no/such/images"})),
+        cli_case("non-empty --output_dir without --overwrite_output_dir",
+                 lambda c: base(c, **{"--output_dir": c["busy_dir"]})),
+        cli_case("--resume_from_checkpoint that is not a checkpoint",
+                 lambda c: base(c, **{"--resume_from_checkpoint": c["empty_dir"]})),
+        cli_case("resume with a configuration that conflicts with the checkpoint's",
+                 lambda c: base(c, **{"--output_dir": c["run_dir"], "--resume_from_checkpoint": "latest",
+                                      "--lora_rank": "3", "--max_train_steps": "3", "--report_to": "none",
+                                      "--max_sequence_length": "8", "--critic_updates_per_student": "1",
+                                      "--train_batch_size": "2", "--learning_rate": "1e-3",
+                                      "--guidance_scale": "3.0"})),
+        cli_case("--hub_model_id that is not a repo id", lambda c: base(c, **{"--hub_model_id": "my model!"})),
+        cli_case("--mixed_precision fp16 without a GPU", lambda c: base(c, **{"--mixed_precision": "fp16"})),
+        cli_case("--config file that does not exist", lambda c: base(c, **{"--config": "nope.yaml"})),
+        cli_case("--config with an unknown setting", lambda c: base(c, **{"--config": c["bad_config"]})),
+        cli_case("--guidance_range with low > high", lambda c: base(c, **{"--guidance_range": ["5", "2"]})),
+        cli_case("--max_train_steps 0", lambda c: base(c, **{"--max_train_steps": "0"})),
+    ]
+
+
+def all_cases() -> List[Case]:
+    return pipeline_cases() + loading_cases() + scheduler_cases() + cli_cases()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# context
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this would create a file: the proof that a pickle ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def build_context(root: str) -> dict:
+    from diffusers_onestep import OneStepPipeline, OneStepScheduler
+    from diffusers_onestep.testing import save_tiny_native_pipeline, tiny_components
+    from training_utils import write_prompts
+
+    os.makedirs(root, exist_ok=True)
+    components = tiny_components("sdxl")
+    pipe = OneStepPipeline(
+        vae=components["vae"], unet=components["unet"], scheduler=OneStepScheduler(conditioning_timesteps=[399]),
+        text_encoder=components["text_encoder"], text_encoder_2=components["text_encoder_2"],
+        tokenizer=components["tokenizer"], tokenizer_2=components["tokenizer_2"],
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ctx = {"pipe": pipe, "components": components, "root": root}
+    ctx["empty_dir"] = os.path.join(root, "empty")
+    os.makedirs(ctx["empty_dir"], exist_ok=True)
+    ctx["sd15_dir"] = os.path.join(root, "sd15")
+    os.makedirs(os.path.join(ctx["sd15_dir"], "unet"), exist_ok=True)
+    with open(os.path.join(ctx["sd15_dir"], "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}, f)
+    with open(os.path.join(ctx["sd15_dir"], "unet", "config.json"), "w") as f:
+        json.dump({"_class_name": "UNet2DConditionModel", "cross_attention_dim": 768}, f)
+    ctx["marker"] = os.path.join(root, "payload-ran")
+    ctx["evil_bin"] = os.path.join(root, "evil_unet.bin")
+    with open(ctx["evil_bin"], "wb") as f:
+        pickle.dump({"weight": Payload(ctx["marker"])}, f)
+    ctx["weights_pkl"] = os.path.join(root, "weights.pkl")
+    with open(ctx["weights_pkl"], "wb") as f:
+        pickle.dump({}, f)
+    ctx["pixart_dir"] = save_tiny_native_pipeline("pixart_alpha", os.path.join(root, "pixart"))
+    ctx["sdxl_dir"] = save_tiny_native_pipeline("sdxl", os.path.join(root, "sdxl"))
+    ctx["prompts"] = write_prompts(root)
+    ctx["empty_prompts"] = os.path.join(root, "empty.txt")
+    with open(ctx["empty_prompts"], "w") as f:
+        f.write("\n \n")
+    ctx["jsonl"] = os.path.join(root, "prompts.jsonl")
+    with open(ctx["jsonl"], "w") as f:
+        f.write(json.dumps({"text": "a cat"}) + "\n")
+    ctx["busy_dir"] = os.path.join(root, "busy")
+    os.makedirs(ctx["busy_dir"], exist_ok=True)
+    with open(os.path.join(ctx["busy_dir"], "notes.txt"), "w") as f:
+        f.write("mine")
+    ctx["bad_config"] = os.path.join(root, "bad.yaml")
+    with open(ctx["bad_config"], "w") as f:
+        f.write("learning_rat: 1e-4\n")
+    ctx["out"] = os.path.join(root, "out")
+    ctx["run_dir"] = os.path.join(root, "previous-run")
+    return ctx
+
+
+def make_previous_run(ctx) -> None:
+    """A finished 1-step run (rank 2) for the conflicting-resume case."""
+    from diffusers_onestep.distill import cli
+    from diffusers_onestep.distill.trainer import Trainer
+    from training_utils import TINY_FLAGS
+
+    argv = ["--teacher", ctx["pixart_dir"], "--prompts", ctx["prompts"], "--output_dir", ctx["run_dir"],
+            "--resolution", "8", *TINY_FLAGS, "--max_train_steps", "1", "--critic_updates_per_student", "1"]
+    config = cli.config_from_values(cli.parse_args(argv), family="pixart_alpha")
+    Trainer(config).run()
+
+
+def normalise(message: str, ctx) -> str:
+    """Temporary paths are shown as <tmp> so that the doc does not change from run to run."""
+    return message.replace(ctx["root"], "<tmp>")
+
+
+def write_docs(path: str) -> None:
+    import tempfile
+
+    ctx = build_context(tempfile.mkdtemp())
+    make_previous_run(ctx)
+    lines = [
+        "# Refused inputs and their messages",
+        "",
+        "Every input the project refuses, with the exact message (generated by `python tests/error_cases.py`;",
+        "`tests/test_error_matrix.py` checks that this list is complete and current). The training CLI refuses",
+        "before any model is loaded or anything is written, and exits with status 2.",
+        "",
+    ]
+    area = None
+    for case in all_cases():
+        if case.area != area:
+            area = case.area
+            lines += [f"## {area}", "", "| input | message |", "|---|---|"]
+        message = normalise(case.run(ctx), ctx).replace("|", "\\|")
+        lines.append(f"| {case.name} | {message} |")
+    out = []
+    for line in lines:
+        if line.startswith("## ") and out and out[-1] != "":
+            out.append("")
+        out.append(line)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    write_docs(os.path.join(REPO, "docs", "errors.md"))
+    print("wrote docs/errors.md")
