@@ -211,3 +211,19 @@ def test_help_is_a_manual(capsys):
     for flag in ("--teacher", "--divergence", "--student_timesteps", "--resume_from_checkpoint", "--push_to_hub",
                  "examples:"):
         assert flag in text
+
+
+def test_multi_step_student_exports_its_timesteps(workspace):
+    from diffusers_onestep import OneStepPipeline
+
+    out = workspace["root"] / "two-step"
+    Trainer(make_config(workspace, out, "--max_train_steps", "2", "--critic_updates_per_student", "1",
+                        "--student_timesteps", "999", "499")).run()
+    pipe = OneStepPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.conditioning_timesteps == [999, 499]
+    steps = []
+    pipe("a cat", output_type="latent", callback_on_step_end=lambda p, i, t, k: steps.append(int(t)) or {})
+    assert steps == [999, 499]
+    with pytest.raises(ValueError, match="supports 1 to 2"):
+        pipe("a cat", num_inference_steps=3)
