@@ -26,7 +26,6 @@ from .config import MethodConfig
 from .divergences import get_divergence
 
 Logs = Dict[str, float]
-ROLES = ("teacher", "critic", "student")
 
 
 class DistillationModels:

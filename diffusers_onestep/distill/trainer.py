@@ -11,6 +11,7 @@ exactly, validates with the real :class:`OneStepPipeline` code path, and exports
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -487,8 +488,6 @@ class Trainer:
     def load_checkpoint(self, path: str):
         acc = self.accelerator
         with open(os.path.join(path, TRAINER_STATE_NAME), encoding="utf-8") as f:
-            import json
-
             state = json.load(f)
         self.roles.load_trainable_state_dict(io.load_tensors(os.path.join(path, "trainable.safetensors")))
         if self.ema is not None:
@@ -498,8 +497,6 @@ class Trainer:
         method_path = os.path.join(path, "method.safetensors")
         if os.path.isfile(method_path):
             self.method.load_state_dict(_unflatten(io.load_tensors(method_path)))
-        import json
-
         for role, optimizer in self.optimizers.items():
             with open(os.path.join(path, f"optimizer_{role}.json"), encoding="utf-8") as f:
                 plain = json.load(f)
