@@ -41,11 +41,15 @@ def _has_hooks(modules: Sequence[torch.nn.Module]) -> bool:
     """Whether any submodule carries a diffusers hook (group offloading, layerwise casting, ...) or an accelerate
     offload hook. One walk over ``_modules`` dicts: ``modules()`` builds dotted names and costs ~10x more."""
     stack = list(modules)
+    pop, extend = stack.pop, stack.extend
     while stack:
-        attributes = stack.pop().__dict__
+        module = pop()
+        if module is None:  # an unset submodule slot
+            continue
+        attributes = module.__dict__
         if "_diffusers_hook" in attributes or "_hf_hook" in attributes:
             return True
-        stack.extend(child for child in attributes["_modules"].values() if child is not None)
+        extend(attributes["_modules"].values())
     return False
 
 

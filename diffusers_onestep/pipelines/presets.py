@@ -81,8 +81,8 @@ PRESETS: List[Preset] = [
     Preset("ByteDance/Hyper-SD", "sdxl", "lora", (999,), "epsilon", 1024,
            "load_lora_weights + fuse_lora(), TCDScheduler, 1 step, eta=1.0",
            weight_name="Hyper-SDXL-1step-lora.safetensors", base_model=SDXL_BASE,
-           notes="returns x0; one TCD step returns x0 re-noised to t=0 with its own noise estimate, "
-                 "sqrt(alphā_0) x0 + sqrt(1 - alphā_0) eps (3% of eps)"),
+           notes="OneStepPipeline returns x0, where one TCD step returns x0 re-noised to t=0 with its own noise "
+                 "estimate, sqrt(alphā_0) x0 + sqrt(1 - alphā_0) eps (3% of eps)"),
     Preset("PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512", "pixart_alpha", "denoiser", (400,), "epsilon", 512,
            "transformer/ on PixArt-XL-2-1024-MS text encoder and VAE, DDPMScheduler, timesteps=[400]",
            subfolder="transformer", base_model=PIXART_1024, default=True),
@@ -143,3 +143,42 @@ def load_preset(cls, preset: Preset, conditioning_timesteps=None, **kwargs):
         return load_from_base(cls, preset.base_model, lora=preset.repo_id, lora_weight_name=preset.weight_name,
                               lora_scale=preset.lora_scale, **common, **kwargs)
     raise ValueError(f"Unknown preset kind {preset.kind!r}.")  # pragma: no cover - PRESETS is static
+
+
+def _timesteps_text(timesteps) -> str:
+    return "[" + ", ".join(f"{t:g}" for t in timesteps) + "]"
+
+
+def _how_loaded(preset: Preset) -> str:
+    if preset.kind == "pipeline":
+        return "full pipeline"
+    from ..families import get_adapter_class
+
+    denoiser = get_adapter_class(preset.family).denoiser_name
+    if preset.kind == "denoiser":
+        what = f"`{preset.subfolder}/` folder" if preset.weight_name is None else f"{denoiser} weights"
+        return f"{what} on `{preset.base_model}`"
+    return f"LoRA fused (scale {preset.lora_scale:g}) into `{preset.base_model}`"
+
+
+def markdown_table() -> str:
+    """The supported-students table of ``docs/inference.md``, generated from :data:`PRESETS` (a test keeps the doc
+    equal to it; regenerate with ``python -m diffusers_onestep.pipelines.presets``)."""
+    rows = [
+        "| Hub id | `weight_name=` | family | how it is loaded | timesteps | prediction | size | model card recipe "
+        "| notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in PRESETS:
+        variant = p.weight_name or p.subfolder or "–"
+        if p.default and (p.weight_name or p.subfolder):
+            variant += " (default)"
+        rows.append(
+            f"| `{p.repo_id}` | {variant} | {p.family} | {_how_loaded(p)} | {_timesteps_text(p.conditioning_timesteps)} "
+            f"| {p.prediction_type} | {p.resolution} | {p.card} | {p.notes or '–'} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(markdown_table())

@@ -1,0 +1,252 @@
+"""Inference overhead of OneStepPipeline on tiny CPU components, one run, every family.
+
+Two ratios per family, each the median over ``--calls`` calls measured in this one process:
+
+* **P1** = OneStepPipeline call time / the sum of the forward times of its components inside that same call (the
+  text encoder(s), the denoiser and the VAE decode, timed with forward hooks and a wrapper around ``vae.decode``).
+  What is left over is the pipeline's own work: tokenizing, building the condition, noise, the scheduler step,
+  post-processing the image. Target: <= 1.03.
+* **P2** = OneStepPipeline call time / the family's native diffusers pipeline call time at one step with the
+  equivalent settings (:func:`diffusers_onestep.testing.native_one_step_pipeline`, the same recipe the parity tests
+  check to 1e-5). Calls alternate between the two pipelines and the ratio is taken per adjacent pair (the order
+  alternates too), so drift of the shared machine hits both. Target: <= 1.00.
+
+The table also splits P1's overhead: *tokenize* (the tokenizers' Python), *encode glue* (the rest of the family's
+own ``encode_prompt``, which the adapter calls for bit-exact conditions) and *own glue* (everything else: input
+checks, noise, the scheduler step, post-processing, hooks bookkeeping).
+
+Timings are per call (``time.perf_counter``), ``output_type="np"``, batch 1, one prompt, after ``--warmup`` warm-up
+calls, with ``torch.set_num_threads(1)`` (it made repeated runs agree better on the 2-core machine) and diffusers'
+log level set to errors (the native LCMScheduler otherwise logs a custom-timestep warning on every call).
+
+Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference_overhead.py``. The last line printed is one JSON
+object ``{"p1": {family: ratio}, "p2": {family: ratio}, "p1_max": x, "p2_max": y}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+
+from diffusers_onestep import OneStepPipeline  # noqa: E402
+from diffusers_onestep.testing import (  # noqa: E402
+    PARITY_TIMESTEPS,
+    TINY_FAMILIES,
+    TINY_PROMPTS,
+    native_one_step_pipeline,
+    save_tiny_native_pipeline,
+)
+
+P1_TARGET = 1.03
+P2_TARGET = 1.00
+
+
+class ComponentTimer:
+    """Accumulates the wall time spent inside the forwards of a pipeline's text encoders, denoiser and VAE decode."""
+
+    def __init__(self, pipe):
+        self.total = 0.0
+        self.text_forwards = 0.0
+        self._handles = []
+        self._starts: Dict[int, float] = {}
+        self._text_encoders = {
+            id(m): m for m in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")) if m is not None
+        }
+        for name in ("text_encoder", "text_encoder_2", "unet", "transformer"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                self._handles.append(module.register_forward_pre_hook(self._pre))
+                self._handles.append(module.register_forward_hook(self._post))
+        vae = pipe.vae
+        self._vae, self._decode = vae, vae.decode
+
+        def timed_decode(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return self._decode(*args, **kwargs)
+            finally:
+                self.total += time.perf_counter() - start
+
+        vae.decode = timed_decode
+
+        # Time inside the family's own encode_prompt (diffusers code the adapter calls for bit-exact conditions);
+        # minus the text-encoder forwards and tokenizers nested in it, that is glue the pipeline inherits.
+        self.encode = 0.0
+        adapter = pipe.adapter
+        self._adapter, self._encode_prompt = adapter, adapter.encode_prompt
+
+        def timed_encode(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return self._encode_prompt(*args, **kwargs)
+            finally:
+                self.encode += time.perf_counter() - start
+
+        adapter.encode_prompt = timed_encode
+
+        # Tokenizers are not components with a forward, and their time counts as pipeline overhead in P1; it is
+        # reported on its own so the table shows how much of the overhead is the tokenizers' Python.
+        self.tokenize = 0.0
+        self._tokenizer_classes = {}
+        for name in ("tokenizer", "tokenizer_2"):
+            tokenizer = getattr(pipe, name, None)
+            cls = type(tokenizer)
+            if tokenizer is None or cls in self._tokenizer_classes:
+                continue
+            original = cls.__call__
+            self._tokenizer_classes[cls] = original
+
+            def timed_call(tok, *args, _original=original, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _original(tok, *args, **kwargs)
+                finally:
+                    self.tokenize += time.perf_counter() - start
+
+            cls.__call__ = timed_call
+
+    def _pre(self, module, _inputs):
+        self._starts[id(module)] = time.perf_counter()
+
+    def _post(self, module, _inputs, _output):
+        elapsed = time.perf_counter() - self._starts.pop(id(module))
+        self.total += elapsed
+        if module is self._text_encoders.get(id(module)):
+            self.text_forwards += elapsed
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+        del self._vae.decode  # back to the class's method
+        del self._adapter.encode_prompt
+        for cls, original in self._tokenizer_classes.items():
+            cls.__call__ = original
+
+
+def time_call(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_family(family: str, folder: str, calls: int, warmup: int) -> Dict[str, float]:
+    save_tiny_native_pipeline(family, folder)
+    timesteps = PARITY_TIMESTEPS[family]
+    student = OneStepPipeline.from_pretrained(
+        folder, **({"conditioning_timesteps": timesteps} if timesteps is not None else {})
+    )
+    student.set_progress_bar_config(disable=True)
+    native, native_kwargs = native_one_step_pipeline(family, folder)
+    prompt = TINY_PROMPTS[0]
+
+    def run_student():
+        return student(prompt, generator=torch.Generator().manual_seed(0), output_type="np")
+
+    def run_native():
+        return native(prompt, generator=torch.Generator().manual_seed(0), output_type="np", **native_kwargs)
+
+    for _ in range(warmup):
+        run_student()
+        run_native()
+
+    # P1: call time over component forward time, per call, with hooks installed.
+    timer = ComponentTimer(student)
+    p1_ratios: List[float] = []
+    call_times: List[float] = []
+    component_times: List[float] = []
+    tokenize_times: List[float] = []
+    encode_glue_times: List[float] = []
+    try:
+        for _ in range(calls):
+            timer.total = timer.tokenize = timer.encode = timer.text_forwards = 0.0
+            elapsed = time_call(run_student)
+            p1_ratios.append(elapsed / timer.total)
+            call_times.append(elapsed)
+            component_times.append(timer.total)
+            tokenize_times.append(timer.tokenize)
+            encode_glue_times.append(timer.encode - timer.text_forwards - timer.tokenize)
+    finally:
+        timer.remove()
+
+    # P2: alternate the two pipelines, no hooks.
+    ours: List[float] = []
+    theirs: List[float] = []
+    for i in range(calls):
+        if i % 2 == 0:
+            ours.append(time_call(run_student))
+            theirs.append(time_call(run_native))
+        else:
+            theirs.append(time_call(run_native))
+            ours.append(time_call(run_student))
+    return {
+        "p1": statistics.median(p1_ratios),
+        # per adjacent pair, so drift of the shared machine cancels; then the median over pairs
+        "p2": statistics.median([o / t for o, t in zip(ours, theirs)]),
+        "call_ms": 1e3 * statistics.median(call_times),
+        "components_ms": 1e3 * statistics.median(component_times),
+        "tokenize_ms": 1e3 * statistics.median(tokenize_times),
+        "encode_glue_ms": 1e3 * statistics.median(encode_glue_times),
+        "ours_glue_ms": 1e3 * statistics.median(
+            [c - f - t - e for c, f, t, e in zip(call_times, component_times, tokenize_times, encode_glue_times)]
+        ),
+        "ours_ms": 1e3 * statistics.median(ours),
+        "native_ms": 1e3 * statistics.median(theirs),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=list(TINY_FAMILIES), choices=TINY_FAMILIES)
+    parser.add_argument("--calls", type=int, default=30, help="timed calls per measurement (at least 20)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave torch's default)")
+    args = parser.parse_args(argv)
+    if args.calls < 20:
+        parser.error("--calls must be at least 20")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    diffusers_logging.set_verbosity_error()
+
+    results = {}
+    with tempfile.TemporaryDirectory() as root:
+        for family in args.families:
+            results[family] = measure_family(family, os.path.join(root, family), args.calls, args.warmup)
+
+    header = (
+        f"{'family':<14}{'call ms':>9}{'forwards ms':>13}{'tokenize ms':>13}{'encode glue':>13}{'own glue':>10}"
+        f"{'P1':>7}{'native ms':>11}{'ours ms':>9}{'P2':>7}"
+    )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {args.calls} calls")
+    print(header)
+    print("-" * len(header))
+    for family, r in results.items():
+        print(
+            f"{family:<14}{r['call_ms']:>9.2f}{r['components_ms']:>13.2f}{r['tokenize_ms']:>13.2f}"
+            f"{r['encode_glue_ms']:>13.2f}{r['ours_glue_ms']:>10.2f}{r['p1']:>7.3f}"
+            f"{r['native_ms']:>11.2f}{r['ours_ms']:>9.2f}{r['p2']:>7.3f}"
+        )
+    p1 = {f: round(r["p1"], 4) for f, r in results.items()}
+    p2 = {f: round(r["p2"], 4) for f, r in results.items()}
+    summary = {"p1": p1, "p2": p2, "p1_max": max(p1.values()), "p2_max": max(p2.values())}
+    print(
+        f"targets: P1 <= {P1_TARGET} ({'met' if summary['p1_max'] <= P1_TARGET else 'missed'}), "
+        f"P2 <= {P2_TARGET} ({'met' if summary['p2_max'] <= P2_TARGET else 'missed'})"
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
