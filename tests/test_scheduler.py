@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import (
     DDPMScheduler,
+    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     LCMScheduler,
@@ -190,10 +191,26 @@ def test_diffusers_conventions():
 def test_from_config_of_native_schedulers_keeps_their_schedules():
     euler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     vp = OneStepScheduler.from_config(euler.config, conditioning_timesteps=[399])
+    assert vp.config.noise_path == "vp" and vp.config.prediction_type == "epsilon"
     assert torch.equal(vp.path.alphas_cumprod, euler.alphas_cumprod.double())
-    flow = OneStepScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=7.0).config, noise_path="flow",
-                                        conditioning_timesteps=[1.0], prediction_type="flow_prediction")
+    # the noise path (and the matching parameterization) is read off flow and TrigFlow configs
+    flow = OneStepScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=7.0).config, conditioning_timesteps=[1.0])
+    assert flow.config.noise_path == "flow" and flow.config.prediction_type == "flow_prediction"
     assert flow.path.shift == 7.0
+    dpm = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    assert OneStepScheduler.from_config(dpm.config, conditioning_timesteps=[1.0]).path.shift == 3.0
+    trig = OneStepScheduler.from_config(SCMScheduler(sigma_data=0.5).config, conditioning_timesteps=[1.5708])
+    assert trig.config.noise_path == "trigflow" and trig.config.prediction_type == "trigflow"
+    with pytest.raises(ValueError, match=r"`conditioning_timesteps` of a flow student must lie in \(0, 1\], got "
+                                         r"\[999.0\]"):
+        OneStepScheduler.from_config(FlowMatchEulerDiscreteScheduler().config)
+    # a source left at its class defaults keeps them (DDPM's linear betas, not OneStepScheduler's SDXL defaults)
+    ddpm = OneStepScheduler.from_config(DDPMScheduler().config, conditioning_timesteps=[400])
+    assert torch.equal(ddpm.path.alphas_cumprod, DDPMScheduler().alphas_cumprod.double())
+    # explicit arguments and our own saved configs are taken as they are
+    assert OneStepScheduler.from_config(flow.config).config.noise_path == "flow"
+    explicit = OneStepScheduler.from_config(FlowMatchEulerDiscreteScheduler().config, noise_path="vp")
+    assert explicit.config.noise_path == "vp"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ generator; the last step returns ``x0``.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -25,6 +26,18 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import parameterization as param
 
 MAX_STEPS = 4
+
+
+def _native_noise_path(config) -> str:
+    """The noise path of a diffusers scheduler config (see :meth:`OneStepScheduler.from_config`)."""
+    name = config.get("_class_name", "") or ""
+    if name == "SCMScheduler" or config.get("prediction_type") == "trigflow":
+        return "trigflow"
+    # a live scheduler's config has no _class_name; FlowMatch* configs are the ones with dynamic shifting
+    flow_match = name.startswith("FlowMatch") or "use_dynamic_shifting" in config
+    if flow_match or config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
+        return "flow"
+    return "vp"
 
 
 @dataclass
@@ -107,6 +120,29 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------------------------------------------------
     # construction helpers
     # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """``ConfigMixin.from_config``, also for a native scheduler's config: when neither the config nor ``kwargs``
+        name a ``noise_path``, it is read off the config -- ``FlowMatchEulerDiscreteScheduler`` and DPM-Solver's
+        ``use_flow_sigmas`` give ``"flow"`` (with their ``shift``/``flow_shift`` and ``"flow_prediction"``),
+        ``SCMScheduler`` gives ``"trigflow"``, anything else ``"vp"`` with its betas."""
+        if isinstance(config, dict) and "noise_path" not in config:
+            native = dict(config)
+            # Keep every value of the source schedule: diffusers would drop the ones the source class left at its
+            # defaults (`_use_default_values`), and ours differ (DDPM's linear betas would become SDXL's). Keys
+            # OneStepScheduler does not have are left out instead of being warned about.
+            accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+            config = {k: v for k, v in native.items() if k in accepted}
+            path = kwargs.get("noise_path") or _native_noise_path(native)
+            kwargs["noise_path"] = path
+            if path == "flow":
+                kwargs.setdefault("shift", native.get("shift") or native.get("flow_shift") or 1.0)
+                if native.get("prediction_type") in (None, "epsilon"):
+                    kwargs.setdefault("prediction_type", "flow_prediction")
+            elif path == "trigflow":
+                kwargs.setdefault("prediction_type", native.get("prediction_type") or "trigflow")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @classmethod
     def from_noise_path(
