@@ -108,8 +108,16 @@ def loading_cases() -> List[Case]:
     def pickle_format(c):
         return expect(ValueError, lambda: load_state_dict_file(c["weights_pkl"]))
 
+    def foreign_lora(c):
+        from diffusers_onestep.testing import random_lora_state_dict, tiny_components
+
+        pixart = tiny_components("pixart_alpha")["transformer"]
+        state = {f"unet.{k}": v for k, v in random_lora_state_dict(pixart, ["to_q"], rank=2).items()}
+        return expect(ValueError, lambda: c["pipe"].load_student_lora(state))
+
     _ = OneStepScheduler
     return [
+        Case("loading", "a LoRA made for another model", foreign_lora),
         Case("loading", "folder that is not a pipeline or LoRA student", not_a_pipeline),
         Case("loading", "string that is neither a folder nor a Hub id", bad_repo_id),
         Case("loading", "pipeline of an unsupported family", unsupported),
@@ -140,6 +148,8 @@ def scheduler_cases() -> List[Case]:
         Case("OneStepScheduler", "timestep outside the path", ctor(conditioning_timesteps=[1000])),
         Case("OneStepScheduler", "flow timestep above 1", ctor(noise_path="flow", conditioning_timesteps=[2.0])),
         Case("OneStepScheduler", "unknown prediction_type", ctor(prediction_type="noise")),
+        Case("OneStepScheduler", "epsilon student starting where the path has no signal",
+             ctor(noise_path="flow", conditioning_timesteps=[1.0], prediction_type="epsilon")),
         Case("OneStepScheduler", "unknown noise_path", ctor(noise_path="edm")),
         Case("OneStepScheduler", "step() before set_timesteps()", step_first),
         Case("OneStepScheduler", "more steps than stored timesteps", too_many),
