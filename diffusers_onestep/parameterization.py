@@ -294,48 +294,77 @@ def check_prediction_type(prediction_type: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _coefficients(path: NoisePath, t: TimeLike, like: torch.Tensor):
-    t = t.to(like.device) if isinstance(t, torch.Tensor) else _as_time(t, like.device, torch.float64)
-    alpha, sigma = path.alpha_sigma(t, device=like.device)
+#: ``(alpha_t, sigma_t)`` as :meth:`NoisePath.alpha_sigma` returns them for a time ``t`` on a device
+Coefficients = Tuple[torch.Tensor, torch.Tensor]
+
+
+def _coefficients(path: NoisePath, t: TimeLike, like: torch.Tensor, coefficients: Optional[Coefficients] = None):
+    if coefficients is None:
+        t = t.to(like.device) if isinstance(t, torch.Tensor) else _as_time(t, like.device, torch.float64)
+        coefficients = path.alpha_sigma(t, device=like.device)
+    alpha, sigma = coefficients
     return _broadcast(alpha, like), _broadcast(sigma, like)
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: TimeLike, path: NoisePath) -> torch.Tensor:
-    """``x_t = alpha_t x0 + sigma_t eps``."""
-    alpha, sigma = _coefficients(path, t, x0)
+def add_noise(
+    x0: torch.Tensor, noise: torch.Tensor, t: TimeLike, path: NoisePath, coefficients: Optional[Coefficients] = None
+) -> torch.Tensor:
+    """``x_t = alpha_t x0 + sigma_t eps``.
+
+    ``coefficients``, here and in the conversions below, is ``path.alpha_sigma(t, device=x0.device)`` computed ahead
+    (a sampler evaluates the same few times on every call); it then replaces the lookup and ``t`` is not read.
+    """
+    alpha, sigma = _coefficients(path, t, x0, coefficients)
     dtype = alpha.dtype
     return (alpha * x0.to(dtype) + sigma * noise.to(dtype)).to(x0.dtype)
 
 
+def _x0_of(y: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str):
+    """``x0`` from a prediction ``y`` at ``x_t`` (both already in the coefficients' dtype)."""
+    if prediction_type == "epsilon":
+        return (x_t - sigma * y) / alpha
+    if prediction_type == "sample":
+        return y
+    if prediction_type in ("v_prediction", "trigflow"):
+        # v = alpha eps - sigma x0 and x_t = alpha x0 + sigma eps; alpha^2 + sigma^2 = 1 on vp and trigflow paths,
+        # the general solution divides by it.
+        return (alpha * x_t - sigma * y) / (alpha**2 + sigma**2)
+    # flow_prediction: v = eps - x0, so x_t = (alpha + sigma) x0 + sigma v
+    return (x_t - sigma * y) / (alpha + sigma)
+
+
 def to_x0_and_epsilon(
-    model_output: torch.Tensor, sample: torch.Tensor, t: TimeLike, path: NoisePath, prediction_type: str
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    t: TimeLike,
+    path: NoisePath,
+    prediction_type: str,
+    coefficients: Optional[Coefficients] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Convert a prediction at ``(x_t = sample, t)`` into ``(x0, eps)``."""
     check_prediction_type(prediction_type)
-    alpha, sigma = _coefficients(path, t, sample)
+    alpha, sigma = _coefficients(path, t, sample, coefficients)
     dtype = alpha.dtype
     y, x_t = model_output.to(dtype), sample.to(dtype)
+    x0 = _x0_of(y, x_t, alpha, sigma, prediction_type)
     if prediction_type == "epsilon":
         eps = y
-        x0 = (x_t - sigma * y) / alpha
     elif prediction_type == "sample":
-        x0 = y
         eps = (x_t - alpha * y) / sigma
     elif prediction_type in ("v_prediction", "trigflow"):
-        # v = alpha eps - sigma x0 and x_t = alpha x0 + sigma eps; alpha^2 + sigma^2 = 1 on vp and trigflow paths,
-        # the general solution divides by it.
-        norm = alpha**2 + sigma**2
-        x0 = (alpha * x_t - sigma * y) / norm
-        eps = (sigma * x_t + alpha * y) / norm
-    else:  # flow_prediction: v = eps - x0, so x_t = (alpha + sigma) x0 + sigma v
-        x0 = (x_t - sigma * y) / (alpha + sigma)
+        eps = (sigma * x_t + alpha * y) / (alpha**2 + sigma**2)
+    else:  # flow_prediction
         eps = y + x0
     return x0.to(model_output.dtype), eps.to(model_output.dtype)
 
 
-def to_x0(model_output, sample, t, path, prediction_type) -> torch.Tensor:
-    """The clean-sample estimate ``x̂0`` of a prediction."""
-    return to_x0_and_epsilon(model_output, sample, t, path, prediction_type)[0]
+def to_x0(model_output, sample, t, path, prediction_type, coefficients: Optional[Coefficients] = None) -> torch.Tensor:
+    """The clean-sample estimate ``x̂0`` of a prediction (the same values as ``to_x0_and_epsilon(...)[0]``, without
+    computing ``eps``)."""
+    check_prediction_type(prediction_type)
+    alpha, sigma = _coefficients(path, t, sample, coefficients)
+    dtype = alpha.dtype
+    return _x0_of(model_output.to(dtype), sample.to(dtype), alpha, sigma, prediction_type).to(model_output.dtype)
 
 
 def to_epsilon(model_output, sample, t, path, prediction_type) -> torch.Tensor:

@@ -277,3 +277,22 @@ def test_float64_exactness_is_independent_of_batch_layout():
     for i, ti in enumerate(TIMES["vp"]):
         single = param.add_noise(x0[i : i + 1], eps[i : i + 1], ti, path)
         np.testing.assert_array_equal(batched[i : i + 1].numpy(), single.numpy())
+
+
+@pytest.mark.parametrize("path_name", sorted(PATHS))
+@pytest.mark.parametrize("prediction_type", param.PREDICTION_TYPES)
+def test_precomputed_coefficients_give_bit_identical_conversions(path_name, prediction_type):
+    # Samplers pass path.alpha_sigma(t) computed once (OneStepScheduler.step); the results must not move by one bit,
+    # and to_x0 (which skips eps) must equal to_x0_and_epsilon's x0.
+    path = PATHS[path_name]()
+    y, x_t = (v.float() for v in _batch(8))
+    t = torch.tensor(TIMES[path_name], dtype=torch.float64)
+    coefficients = path.alpha_sigma(t)
+    x0 = param.to_x0(y, x_t, t, path, prediction_type)
+    assert x0.dtype == torch.float32
+    assert torch.equal(param.to_x0(y, x_t, t, path, prediction_type, coefficients), x0)
+    x0_both, eps = param.to_x0_and_epsilon(y, x_t, t, path, prediction_type)
+    assert torch.equal(x0_both, x0)
+    x0_c, eps_c = param.to_x0_and_epsilon(y, x_t, t, path, prediction_type, coefficients)
+    assert torch.equal(x0_c, x0) and torch.equal(eps_c, eps)
+    assert torch.equal(param.add_noise(x0, eps, t, path, coefficients), param.add_noise(x0, eps, t, path))

@@ -362,3 +362,61 @@ def test_trigflow_default_timestep_is_diffusers_pi_over_two():
     scheduler = make("trigflow", "trigflow", timesteps=[round(math.pi / 2, 5)])
     scheduler.set_timesteps()
     assert abs(scheduler.timesteps.item() - 1.5708) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# per-call constants: the schedule and its float64 coefficients are computed once and reused bit-exactly
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "noise_path, prediction_type", list(itertools.product(sorted(STORED), param.PREDICTION_TYPES))
+)
+def test_steps_with_cached_coefficients_equal_the_conversions_evaluated_at_each_step(noise_path, prediction_type):
+    timesteps = STORED[noise_path]
+    if prediction_type == "epsilon" and noise_path != "vp":
+        timesteps = [0.95 * timesteps[0]] + timesteps[1:]
+    scheduler = make(noise_path, prediction_type, timesteps=timesteps)
+    path = scheduler.path
+    for _ in range(2):  # the second run reuses the first run's schedule and coefficients
+        generator, reference_generator = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        scheduler.set_timesteps()
+        sample = reference = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        for i, t in enumerate(scheduler.timesteps):
+            model_output = torch.randn(SHAPE, generator=torch.Generator().manual_seed(i + 1))
+            sample, denoised = scheduler.step(model_output, t, sample, generator=generator, return_dict=False)
+            # the conversions evaluated from the time itself, as every step did before the cache
+            x0 = param.to_x0_and_epsilon(model_output, reference, scheduler.path_timesteps[i], path, prediction_type)[0]
+            assert torch.equal(denoised, x0)
+            if i + 1 < len(scheduler.timesteps):
+                noise = torch.randn(SHAPE, generator=reference_generator)
+                reference = param.add_noise(x0, noise, scheduler.path_timesteps[i + 1], path)
+            else:
+                reference = x0
+            assert torch.equal(sample, reference)
+
+
+def test_set_timesteps_reuses_the_last_schedule_and_rebuilds_on_change():
+    scheduler = make("vp")
+    scheduler.set_timesteps()
+    timesteps, path_timesteps = scheduler.timesteps, scheduler.path_timesteps
+    scheduler.set_timesteps()
+    assert scheduler.timesteps is timesteps and scheduler.path_timesteps is path_timesteps
+    scheduler.set_timesteps(2)
+    assert scheduler.timesteps.tolist() == [999, 499]
+    scheduler.set_timesteps(timesteps=[800, 300])
+    assert scheduler.timesteps.tolist() == [800, 300]
+    scheduler.set_timesteps()
+    assert scheduler.timesteps.tolist() == [999, 749, 499, 249] and scheduler.timesteps is not timesteps
+
+
+def test_path_timesteps_set_by_hand_are_honoured():
+    scheduler = make("vp", timesteps=[999])
+    scheduler.set_timesteps()
+    scheduler.step(torch.zeros(SHAPE), scheduler.timesteps[0], torch.zeros(SHAPE))  # fills the coefficient cache
+    scheduler.set_timesteps()
+    scheduler.path_timesteps = torch.tensor([500.0], dtype=torch.float64)
+    sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    output = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    denoised = scheduler.step(output, scheduler.timesteps[0], sample).denoised
+    assert torch.equal(denoised, param.to_x0(output, sample, 500.0, scheduler.path, "epsilon"))

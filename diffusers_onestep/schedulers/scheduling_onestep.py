@@ -116,6 +116,9 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
         self.path_timesteps: Optional[torch.Tensor] = None
         self._step_index: Optional[int] = None
         self._begin_index: Optional[int] = None
+        # The last schedule set_timesteps built, reused while callers ask for the same one (a pipeline asks once per
+        # call): ((natural timesteps, device), path_timesteps, timesteps, {device: [(alpha, sigma) per step]}).
+        self._schedule = None
 
     # ------------------------------------------------------------------------------------------------------------
     # construction helpers
@@ -234,15 +237,32 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             natural = self.check_timesteps(timesteps, what="timesteps")
         else:
             natural = self.select_timesteps(num_inference_steps)
-        self.path_timesteps = torch.tensor(natural, dtype=torch.float64)
-        scheduler_timesteps = self.path.to_scheduler_timestep(self.path_timesteps)
-        if self.path.kind == "vp":
-            self.timesteps = scheduler_timesteps.round().long().to(device)
-        else:
-            self.timesteps = scheduler_timesteps.to(device=device, dtype=torch.float32)
+        key = (tuple(natural), device)
+        if self._schedule is None or self._schedule[0] != key:
+            path_timesteps = torch.tensor(natural, dtype=torch.float64)
+            scheduler_timesteps = self.path.to_scheduler_timestep(path_timesteps)
+            if self.path.kind == "vp":
+                scheduler_timesteps = scheduler_timesteps.round().long().to(device)
+            else:
+                scheduler_timesteps = scheduler_timesteps.to(device=device, dtype=torch.float32)
+            self._schedule = (key, path_timesteps, scheduler_timesteps, {})
+        _, self.path_timesteps, self.timesteps, _ = self._schedule
         self.num_inference_steps = len(natural)
         self._step_index = None
         self._begin_index = None
+
+    def _step_coefficients(self, index: int, device: torch.device) -> param.Coefficients:
+        """``path.alpha_sigma`` at ``path_timesteps[index]`` on ``device``, computed (in float64, as every conversion
+        is) once per schedule and device instead of at every step of every call; each entry is evaluated exactly as
+        :func:`~diffusers_onestep.parameterization.to_x0` would evaluate it, so results are bit-identical."""
+        if self._schedule is None or self._schedule[1] is not self.path_timesteps:  # set by hand: no cache
+            return self.path.alpha_sigma(self.path_timesteps[index].to(device), device=device)
+        per_device = self._schedule[3]
+        coefficients = per_device.get(device)
+        if coefficients is None:
+            coefficients = [self.path.alpha_sigma(t.to(device), device=device) for t in self.path_timesteps]
+            per_device[device] = coefficients
+        return coefficients[index]
 
     def to_path_time(self, timestep) -> torch.Tensor:
         """A ``timesteps`` entry (scheduler units) as natural path time, e.g. for an adapter's ``denoise``."""
@@ -311,16 +331,19 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"All {len(self.timesteps)} steps have been taken; call `set_timesteps` again.")
 
         # 1. x0 from the student's output at its conditioning timestep
-        t = self.path_timesteps[self.step_index]
-        denoised = param.to_x0(model_output, sample, t, self.path, self.config.prediction_type)
+        index = self.step_index
+        t = self.path_timesteps[index]
+        coefficients = self._step_coefficients(index, sample.device)
+        denoised = param.to_x0(model_output, sample, t, self.path, self.config.prediction_type, coefficients)
 
         # 2. re-noise to the next conditioning timestep (not on the last step)
-        if self.step_index == len(self.timesteps) - 1:
+        if index == len(self.timesteps) - 1:
             prev_sample = denoised
         else:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                  dtype=denoised.dtype)
-            prev_sample = param.add_noise(denoised, noise, self.path_timesteps[self.step_index + 1], self.path)
+            prev_sample = param.add_noise(denoised, noise, self.path_timesteps[index + 1], self.path,
+                                          self._step_coefficients(index + 1, denoised.device))
 
         self._step_index += 1
         if not return_dict:
