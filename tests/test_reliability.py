@@ -182,6 +182,11 @@ def test_the_hub_token_is_never_written(workspace, monkeypatch, capfd):
     in_process(run_args(workspace, out, "--push_to_hub", "--hub_model_id", "me/secret-student", "--private",
                         "--report_to", "tensorboard", "--validation_steps", "3"))
     assert [c[0] for c in calls] == ["create", "upload"]
+    assert calls[0][1] == "me/secret-student" and calls[0][2]["private"] is True
+    # validation grids went to the folder and to tensorboard
+    assert (out / "validation" / "step-000003.png").is_file()
+    events = [f for _, _, fs in os.walk(out / "logs") for f in fs if f.startswith("events.out.tfevents")]
+    assert events
     written = 0
     for root, _, files in os.walk(out):
         for name in files:
