@@ -46,7 +46,11 @@ class Condition:
             # Masks stay integer/bool; only floating tensors take the dtype.
             return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
 
-        return self._map(move)
+        tensors = self._tensors()
+        moved = {k: (move(v) if v is not None else None) for k, v in tensors.items()}
+        if all(moved[k] is v for k, v in tensors.items()):
+            return self  # nothing to move (the usual case in a pipeline call), as Tensor.to returns itself
+        return replace(self, **moved)
 
     def detach(self) -> "Condition":
         return self._map(lambda t: t.detach())
@@ -347,7 +351,10 @@ class FamilyAdapter:
         if upcast:
             vae.to(torch.float32)
         mean, scale = self._latent_normalization(latents)
-        latents = (latents * scale + mean).to(torch.float32 if upcast else vae_dtype)
+        latents = latents * scale
+        if not (isinstance(mean, float) and mean == 0.0):  # most VAEs have no shift: skip adding zero
+            latents = latents + mean
+        latents = latents.to(torch.float32 if upcast else vae_dtype)
         try:
             return vae.decode(latents, return_dict=False)[0]
         finally:

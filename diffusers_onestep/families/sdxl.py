@@ -52,10 +52,18 @@ class SDXLAdapter(FamilyAdapter):
         return Condition(embeds=embeds, pooled=pooled)
 
     def add_time_ids(self, x_t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """SDXL micro-conditioning ``(original_size, crop_top_left, target_size)`` with the pipeline's defaults."""
+        """SDXL micro-conditioning ``(original_size, crop_top_left, target_size)`` with the pipeline's defaults.
+
+        The tensor depends only on the shape, dtype and device, so the last one is reused (building it from a Python
+        list costs more than the rest of a step's glue); the UNet reads it without writing to it.
+        """
         height, width = self.image_size_of(x_t)
-        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=x_t.device)
-        return ids.repeat(x_t.shape[0], 1)
+        key = (height, width, x_t.shape[0], dtype, x_t.device)
+        cached = getattr(self, "_time_ids", None)
+        if cached is None or cached[0] != key:
+            ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=x_t.device)
+            cached = self._time_ids = (key, ids.repeat(x_t.shape[0], 1))
+        return cached[1]
 
     def _forward(self, denoiser, x_t, t, condition, guidance):
         added = {"text_embeds": condition.pooled, "time_ids": self.add_time_ids(x_t, condition.embeds.dtype)}
