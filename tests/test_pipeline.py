@@ -310,5 +310,93 @@ def test_execution_device_and_dtypes_equal_diffusers(native_folder, load_student
     device, dtype, _ = pipe._device_and_dtypes()
     assert device == DiffusionPipeline._execution_device.fget(pipe)
     assert dtype == pipe.transformer.dtype == torch.float32
+    assert pipe._inspect_components()[3] is False  # prompts then go through the native encode_prompt
     images = run(pipe)
     assert images.shape == reference.shape and np.abs(images - reference).max() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the lean text encoding the pipeline uses gives the native encode_prompt's tensors, and defers to it where needed
+# ---------------------------------------------------------------------------------------------------------------------
+
+LONG_PROMPT = " ".join(["a photo of a cat on a red car with an astronaut riding a horse"] * 40)
+
+
+def _assert_same_condition(lean, native):
+    for name in ("embeds", "mask", "pooled"):
+        a, b = getattr(lean, name), getattr(native, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and a.device == b.device and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_lean_prompt_encoding_equals_the_native_encode_prompt(family, student):
+    adapter = student(family).adapter
+    cpu = torch.device("cpu")
+    for prompts in (["A Photo of a Cat  "], ["a photo of a cat", "an astronaut riding a horse", "a"]):
+        with torch.no_grad():
+            lean = adapter._encode_lean(list(prompts), cpu)
+        assert lean is not None, "the lean path should apply to short prompts"
+        _assert_same_condition(lean, adapter.encode_prompt(prompts, device=cpu))
+        _assert_same_condition(adapter.encode_prompt(prompts, device=cpu, hook_free=True), lean)
+
+
+@pytest.mark.parametrize("family, module", [
+    ("sdxl", "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl"),
+    ("pixart_alpha", "diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha"),
+    ("pixart_sigma", "diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma"),
+])
+def test_possibly_truncated_prompts_take_the_native_path_and_its_warning(family, module, student, monkeypatch):
+    import importlib
+
+    warnings = []
+    monkeypatch.setattr(importlib.import_module(module).logger, "warning", warnings.append)
+    adapter = student(family).adapter
+    cpu = torch.device("cpu")
+    prompts = ["a photo of a cat", LONG_PROMPT]
+    with torch.no_grad():
+        assert adapter._encode_lean(prompts, cpu) is None
+    assert not warnings
+    _assert_same_condition(adapter.encode_prompt(prompts, device=cpu, hook_free=True),
+                           adapter.encode_prompt(prompts, device=cpu))
+    assert warnings and "truncated" in warnings[0]
+
+
+def test_sana_lean_encoding_defers_while_the_tokenizer_pads_left(native_folder, load_student):
+    adapter = load_student(native_folder("sana"), "sana").adapter
+    tokenizer = adapter.components["tokenizer"]
+    tokenizer.padding_side = "left"
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        assert adapter._encode_lean([PROMPT], cpu) is None
+        native = adapter.encode_prompt([PROMPT], device=cpu, hook_free=True)  # the native path sets it to right
+        assert tokenizer.padding_side == "right"
+        _assert_same_condition(adapter._encode_lean([PROMPT], cpu), native)
+
+
+def test_sdxl_lean_encoding_defers_to_textual_inversion_rewriting(native_folder, load_student):
+    from diffusers_onestep.families.sdxl import _has_multi_vector_tokens
+
+    adapter = load_student(native_folder("sdxl"), "sdxl").adapter
+    tokenizer = adapter.components["tokenizer_2"]
+    tokenizer.add_tokens(["<cat>"])  # a single-vector token: maybe_convert_prompt leaves prompts alone
+    assert not _has_multi_vector_tokens(tokenizer)
+    assert adapter._encode_lean([PROMPT], torch.device("cpu")) is not None
+    tokenizer.add_tokens(["<cat>_1"])  # now "<cat>" expands to "<cat> <cat>_1"
+    assert _has_multi_vector_tokens(tokenizer)
+    assert adapter._encode_lean([PROMPT], torch.device("cpu")) is None
+
+
+def test_disabled_progress_bar_builds_no_tqdm(native_folder, load_student, run):
+    from tqdm.auto import tqdm
+
+    pipe = load_student(native_folder("pixart_alpha"), "pixart_alpha")
+    assert not isinstance(pipe.progress_bar(total=1), tqdm)
+    reference = run(pipe)
+    pipe.set_progress_bar_config(disable=False)
+    bar = pipe.progress_bar(total=1)
+    assert isinstance(bar, tqdm)
+    bar.close()
+    pipe.set_progress_bar_config(leave=False)  # "disable" unset: diffusers decides, as before
+    assert np.array_equal(run(pipe), reference)

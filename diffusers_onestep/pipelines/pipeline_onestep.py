@@ -228,14 +228,19 @@ class OneStepPipeline(DiffusionPipeline):
         """``(execution device, denoiser dtype, VAE dtype)`` -- what ``_execution_device``, ``denoiser.dtype`` and
         ``vae.dtype`` return, found with one walk over the modules instead of one or more walks per lookup (about
         3 ms per call on tiny SDXL): with no offload or casting hook anywhere, they are the first parameter's."""
+        return self._inspect_components()[:3]
+
+    def _inspect_components(self):
+        """:meth:`_device_and_dtypes` plus whether no component carries a hook (then the adapter may encode prompts
+        on its lean path). The walk is redone on every call: hooks can be attached to any submodule at any time."""
         if _has_hooks(self._models()):
-            return DiffusionPipeline._execution_device.fget(self), self.denoiser.dtype, self.vae.dtype
+            return DiffusionPipeline._execution_device.fget(self), self.denoiser.dtype, self.vae.dtype, False
         # No hooks: diffusers' `self.device` is the first accelerator device among the components (sorted by name),
         # else the device of the first one.
         devices = [_first_tensor_device(getattr(self, n)) for n in sorted(_COMPONENT_NAMES)
                    if isinstance(getattr(self, n, None), torch.nn.Module)]
         device = next((d for d in devices if d.type not in ("cpu", "meta")), devices[0] if devices else None)
-        return device or torch.device("cpu"), _first_float_dtype(self.denoiser), _first_float_dtype(self.vae)
+        return device or torch.device("cpu"), _first_float_dtype(self.denoiser), _first_float_dtype(self.vae), True
 
     def maybe_free_model_hooks(self):
         """``DiffusionPipeline.maybe_free_model_hooks`` without building ``self.components`` (an
@@ -252,16 +257,16 @@ class OneStepPipeline(DiffusionPipeline):
         """The device the call computes on; the same answer as ``DiffusionPipeline._execution_device``, cheaper."""
         return self._device_and_dtypes()[0]
 
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
-
     def progress_bar(self, iterable=None, total=None):
         """``DiffusionPipeline.progress_bar``, with a no-op stand-in when ``set_progress_bar_config(disable=True)``."""
         config = getattr(self, "_progress_bar_config", None)
         if iterable is None and total is not None and isinstance(config, dict) and config.get("disable") is True:
             return _DisabledProgressBar()
         return super().progress_bar(iterable=iterable, total=total)
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
 
     @property
     def num_timesteps(self) -> int:
@@ -428,11 +433,12 @@ class OneStepPipeline(DiffusionPipeline):
             generator, latents, output_type, callback_on_step_end_tensor_inputs,
         )
         self._interrupt = False
-        device, dtype, vae_dtype = self._device_and_dtypes()
+        device, dtype, vae_dtype, hook_free = self._inspect_components()
 
         # 2. Encode the prompt
         if prompt_embeds is None:
-            condition = adapter.encode_prompt([prompt] if isinstance(prompt, str) else prompt, device=device)
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            condition = adapter.encode_prompt(prompts, device=device, hook_free=hook_free)
         else:
             condition = Condition(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds).to(device)
         if num_images_per_prompt > 1:
