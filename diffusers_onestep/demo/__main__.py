@@ -1,0 +1,235 @@
+"""``make demo``: distill the bundled digits teacher into a one-step student, end to end, offline.
+
+    python -m diffusers_onestep.demo            # about 10 minutes on 2 CPU cores
+    python -m diffusers_onestep.demo --quick    # about a minute (a smoke run; the student is barely trained)
+
+1. Writes the training data into ``demo-output/data``: the prompt phrasings of every digit, and the real train
+   split of scikit-learn's digits as an image folder (for the Jensen-Shannon discriminator).
+2. Runs ``accelerate launch training/train_onestep.py`` on ``assets/digits/teacher`` (a PixArt-α-family model
+   trained on the digits) with the project's defaults for this teacher: Jensen-Shannon f-distill, LoRA student and
+   LoRA critic on the one frozen teacher backbone.
+3. Evaluates, on the same prompts and seeds, the teacher at 50 steps, the teacher run as a one-step model at the
+   student's timestep (the baseline a student must beat), and the student at one step, with the bundled digit
+   classifier: Fréchet distance of its features to real held-out digits, prompt accuracy, coverage, images/s.
+4. Writes ``demo-output/grid.png`` (rows: teacher 50 steps, teacher 1 step, student 1 step) and
+   ``demo-output/metrics.json``, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(REPO_ROOT, "training", "train_onestep.py")
+
+
+@dataclass
+class DemoSettings:
+    """What the demo trains and measures. ``full`` fits 10 minutes on 2 cores; ``quick`` about one."""
+
+    max_train_steps: int = 400
+    train_batch_size: int = 32
+    divergence: str = "js"
+    student: str = "lora"
+    critic: str = "lora"
+    lora_rank: int = 32
+    learning_rate: float = 1e-3
+    critic_learning_rate: float = 1e-3
+    guidance_scale: float = 2.0
+    #: classifier-free guidance of the 50-step teacher row (the teacher's best FD; assets/digits/README.md)
+    teacher_guidance_scale: float = 2.0
+    student_timesteps: List[int] = field(default_factory=lambda: [400])
+    critic_updates_per_student: int = 2
+    gan_weight: float = 1e-2
+    eval_per_digit: int = 50
+    teacher_steps: int = 50
+    seed: int = 0
+
+
+QUICK = dict(max_train_steps=12, train_batch_size=16, eval_per_digit=10, teacher_steps=20)
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def write_data(folder: str, seed: int) -> Dict[str, str]:
+    """Prompts file and real-image folder (with captions) for the training script."""
+    import numpy as np
+    from PIL import Image
+
+    from . import digits
+
+    os.makedirs(folder, exist_ok=True)
+    prompts = os.path.join(folder, "prompts.txt")
+    with open(prompts, "w", encoding="utf-8") as f:
+        f.write("\n".join(p for p, _ in digits.all_prompts()) + "\n")
+    real = os.path.join(folder, "real")
+    os.makedirs(real, exist_ok=True)
+    images, labels = digits.load_split("train", resolution=digits.TEACHER_RESOLUTION, channels=3)
+    rng = np.random.default_rng(seed)
+    records = []
+    for i, (image, label) in enumerate(zip(images, labels.tolist())):
+        array = ((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        name = f"{i:04d}.png"
+        Image.fromarray(array).save(os.path.join(real, name))
+        phrasings = digits.prompts_for_digit(label)
+        records.append({"file_name": name, "text": phrasings[int(rng.integers(len(phrasings)))]})
+    with open(os.path.join(real, "metadata.jsonl"), "w", encoding="utf-8") as f:
+        f.write("\n".join(json.dumps(r) for r in records) + "\n")
+    return {"prompts": prompts, "real": real}
+
+
+def train(settings: DemoSettings, data: Dict[str, str], output_dir: str, teacher: str) -> None:
+    """The product's own entry point, as a user runs it."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        SCRIPT,
+        "--teacher", teacher, "--prompts", data["prompts"],
+        "--real_images", data["real"], "--caption_column", "text",
+        "--divergence", settings.divergence, "--student", settings.student, "--critic", settings.critic,
+        "--lora_rank", str(settings.lora_rank),
+        "--learning_rate", str(settings.learning_rate), "--critic_learning_rate", str(settings.critic_learning_rate),
+        "--guidance_scale", str(settings.guidance_scale),
+        "--student_timesteps", *[str(t) for t in settings.student_timesteps],
+        "--critic_updates_per_student", str(settings.critic_updates_per_student),
+        "--gan_weight", str(settings.gan_weight),
+        "--train_batch_size", str(settings.train_batch_size),
+        "--max_train_steps", str(settings.max_train_steps),
+        "--checkpointing_steps", str(settings.max_train_steps),
+        "--validation_steps", str(10 * settings.max_train_steps),
+        "--lr_scheduler", "constant",
+        "--report_to", "none", "--seed", str(settings.seed),
+        "--output_dir", output_dir, "--overwrite_output_dir",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command, env=env, cwd=REPO_ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"The training script failed with status {result.returncode}.")
+
+
+def evaluate_all(settings: DemoSettings, teacher: str, student: str) -> Dict[str, Dict]:
+    import torch
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline
+
+    from diffusers_onestep import OneStepPipeline
+
+    from . import digits
+
+    prompts, requested = digits.evaluation_prompts(settings.eval_per_digit)
+    teacher_guidance = settings.teacher_guidance_scale
+
+    multi = PixArtAlphaPipeline.from_pretrained(teacher)
+    multi.scheduler = DDIMScheduler.from_config(multi.scheduler.config)
+    multi.set_progress_bar_config(disable=True)
+    one = OneStepPipeline.from_pretrained(teacher, conditioning_timesteps=settings.student_timesteps[:1])
+    one.set_progress_bar_config(disable=True)
+    distilled = OneStepPipeline.from_pretrained(student)
+    distilled.set_progress_bar_config(disable=True)
+
+    def one_step(pipe):
+        def run(batch, seed):
+            generator = torch.Generator().manual_seed(seed)
+            images = pipe(batch, generator=generator, output_type="pt").images
+            return images.float() * 2 - 1
+        return run
+
+    def multi_step(batch, seed):
+        return digits.generate_with_pipeline(multi, batch, num_inference_steps=settings.teacher_steps,
+                                             guidance_scale=teacher_guidance, seed=seed, batch_size=len(batch))
+
+    runs = {
+        f"teacher, {settings.teacher_steps} steps": multi_step,
+        "teacher, 1 step": one_step(one),
+        "student, 1 step": one_step(distilled),
+    }
+    results = {}
+    for name, fn in runs.items():
+        started = time.perf_counter()
+        images = []
+        for i in range(0, len(prompts), 250):
+            images.append(fn(prompts[i:i + 250], settings.seed + i))
+        seconds = time.perf_counter() - started
+        images = torch.cat(images)
+        metrics = digits.evaluate(images, requested, value_range="-1,1")
+        metrics["images_per_s"] = len(prompts) / seconds
+        metrics["grid"] = fn([digits.prompts_for_digit(d)[0] for d in range(10)] * 2, 12345)
+        results[name] = metrics
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffusers_onestep.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a one-minute smoke run (used by the tests)")
+    parser.add_argument("--output_dir", default="demo-output")
+    parser.add_argument("--teacher", default=None, help="the digits teacher folder (default: the bundled one)")
+    args = parser.parse_args(argv)
+
+    from . import digits
+
+    started = time.perf_counter()
+    settings = DemoSettings(**(QUICK if args.quick else {}))
+    teacher = args.teacher or digits.TEACHER_DIR
+    output_dir = os.path.abspath(args.output_dir)
+    log(f"diffusers-onestep demo{' (--quick)' if args.quick else ''}: distilling {os.path.relpath(teacher)} "
+        f"(PixArt-α family, {digits.TEACHER_RESOLUTION}×{digits.TEACHER_RESOLUTION} digits) into a one-step "
+        f"{settings.student} student with {settings.divergence} f-distill, {settings.max_train_steps} steps.")
+    os.makedirs(output_dir, exist_ok=True)
+    data = write_data(os.path.join(output_dir, "data"), settings.seed)
+    student = os.path.join(output_dir, "student")
+    train(settings, data, student, teacher)
+
+    log(f"Evaluating on {10 * settings.eval_per_digit} prompts (teacher {settings.teacher_steps} steps, teacher 1 "
+        "step, student 1 step)...")
+    results = evaluate_all(settings, teacher, student)
+
+    import torch
+
+    names = list(results)
+    grid = torch.cat([results[n].pop("grid")[:10] for n in names])
+    digits.save_grid(grid, os.path.join(output_dir, "grid.png"), nrow=10, scale=6, value_range="-1,1")
+    teacher50, teacher1, student1 = (results[n] for n in names)
+    metrics = {
+        "teacher50_fd": teacher50["fd"],
+        "teacher1_fd": teacher1["fd"],
+        "best_student": f"{settings.divergence}-{settings.student}",
+        "best_student_fd": student1["fd"],
+        "fd_ratio": student1["fd"] / teacher50["fd"],
+        "acc_ratio": student1["prompt_accuracy"] / max(teacher50["prompt_accuracy"], 1e-9),
+        "wall_s": time.perf_counter() - started,
+        "runs": {n: {k: v for k, v in r.items() if k != "per_class"} | {"per_class": r["per_class"]}
+                 for n, r in results.items()},
+        "settings": asdict(settings),
+        "eval_images": 10 * settings.eval_per_digit,
+    }
+
+    log("")
+    log(f"{'':<22}{'FD ↓':>9}{'prompt acc ↑':>14}{'coverage':>10}{'images/s':>10}")
+    for name in names:
+        r = results[name]
+        log(f"{name:<22}{r['fd']:>9.2f}{r['prompt_accuracy']:>14.3f}{r['coverage']:>10.2f}{r['images_per_s']:>10.1f}")
+    reference = digits.reference_fd(per_digit=settings.eval_per_digit)["fd"]
+    metrics["real_fd"] = reference
+    log(f"{'real train digits':<22}{reference:>9.2f}{1.0:>14.3f}  (the floor: real images at the same sample size)")
+    metrics["wall_s"] = time.perf_counter() - started
+    from ..io import write_json
+
+    write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    log(f"student FD / teacher-50 FD = {metrics['fd_ratio']:.2f}; accuracy ratio = {metrics['acc_ratio']:.3f}; "
+        f"wall time {metrics['wall_s']:.0f} s")
+    log(f"wrote {os.path.relpath(output_dir)}/grid.png, metrics.json and the student folder "
+        f"{os.path.relpath(student)} (OneStepPipeline.from_pretrained loads it)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
