@@ -1,0 +1,404 @@
+"""Do the f-divergences behave as theory says? One-step students of exact 2-D Gaussian-mixture teachers.
+
+Every run trains with the library's own method: ``build_method(MethodConfig(divergence=...), ToyModels(...), [t_max])``
+and its ``student_step`` / ``critic_step`` (``diffusers_onestep.distill.toy.train_toy``), on the teachers of
+algorithms.md §13.4 with exact scores:
+
+* ``ring8``  -- 8 equal modes on a circle of radius 2;
+* ``grid25`` -- 25 equal modes at {-4, -2, 0, 2, 4}^2;
+* ``pair``   -- two modes at x = -2 (weight 0.9) and x = +2 (weight 0.1), where reverse KL is expected to drop the
+  minor mode.
+
+The standard toys use mode stds 0.02 / 0.05 / 0.1; here every mode has std ``--std`` (0.2 by default) so that the
+within-mode structure is resolved by a fair share of the noise levels the method samples (see docs/methods.md).
+
+Networks (``ToyModels``): student MLP z (2-d) -> x0; critic MLP (EDM-preconditioned x0 head, native output = the
+path's prediction) trained by the method's denoising loss; discriminator MLP on (x_t, t) -- "teacher features" are
+x_t -- trained with the critic on exact teacher samples (``Batch.real``). One Adam(beta1=0, beta2=0.999) per role.
+
+Metrics on 4000 student samples (``toy.mixture_metrics``):
+
+* modes: components whose 3-sigma ball holds >= 0.5 * pi_k of all samples (half their fair share); "lenient" counts
+  >= 0.2 * pi_k, which a uniform fill of the box already passes when the modes are this wide;
+* HQ: fraction of samples within 3 sigma of some mean;
+* minor: the fraction of samples nearer to the minor mean (x > 0) on ``pair`` (Voronoi mass; the teacher has 0.1);
+  minor3s: the fraction inside the minor mode's 3-sigma ball among the HQ samples;
+* TV: total variation between the Voronoi masses and pi;
+* energy: squared energy distance to 4000 fresh teacher samples.
+
+Two reference rows calibrate them: ``teacher`` (fresh exact samples: the best a student can score) and ``uniform``
+(uniform over the box spanned by the means +- 3 sigma: what a space-filling student that learned no modes scores).
+
+Run (the tables in docs/methods.md came from the commands printed at the top of the output)::
+
+    .venv/bin/python benchmarks/gmm.py                       # 3 teachers x 5 divergences, 1 seed
+    .venv/bin/python benchmarks/gmm.py --teachers pair --variants all --seeds 0,1,2
+
+The last printed line is one JSON object
+``{"ring8_modes": {div: n}, "grid25_modes": {div: n}, "minor_mass": {div: m}, "high_quality": {div: f},
+"energy": {div: e}}`` (means over seeds; ``high_quality`` and ``energy`` are averaged over the teachers run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from diffusers_onestep import parameterization as param  # noqa: E402
+from diffusers_onestep.distill.analytic import GaussianMixture  # noqa: E402
+from diffusers_onestep.distill.config import MethodConfig  # noqa: E402
+from diffusers_onestep.distill.toy import mixture_metrics, train_toy  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIVERGENCES = ["reverse_kl", "js", "forward_kl", "hellinger", "jeffreys"]
+TEACHERS = ["ring8", "grid25", "pair"]
+
+#: Diagnostic variants (``--variants``). ``learned`` is the default method; the others change one thing.
+VARIANTS = {
+    "learned": "learned discriminator (the method as shipped)",
+    "oracle": "oracle ratio: exact log p_t minus the exact log-density of the noised student bank (f-divergences only)",
+    "collapsed": "student first regressed onto the major mode only (a mode-dropped start)",
+    "low_t": "time_range (0.02, 0.5): no large-t terms (algorithms.md §13.3)",
+}
+
+
+def make_teacher(name: str, std: float) -> GaussianMixture:
+    if name == "ring8":
+        return GaussianMixture.ring8(std=std)
+    if name == "grid25":
+        return GaussianMixture.grid25(std=std)
+    if name == "pair":
+        return GaussianMixture.imbalanced_pair(std=std)
+    raise ValueError(f"Unknown teacher {name!r}; expected one of {', '.join(TEACHERS)}.")
+
+
+def make_path(name: str) -> param.NoisePath:
+    return param.VPPath.from_betas() if name == "vp" else param.FlowPath()
+
+
+def uniform_box(teacher: GaussianMixture, n: int, seed: int) -> torch.Tensor:
+    lo = (teacher.means - 3 * teacher.stds[:, None]).min(0).values
+    hi = (teacher.means + 3 * teacher.stds[:, None]).max(0).values
+    u = torch.rand(n, teacher.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return lo + u * (hi - lo)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plots (PIL only)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def scatter_png(samples: torch.Tensor, teacher: GaussianMixture, path: str, title: str, size: int = 320) -> None:
+    lim = float(teacher.means.abs().max()) + 1.2
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+
+    def to_px(x: float, y: float):
+        return (x + lim) / (2 * lim) * (size - 1), (lim - y) / (2 * lim) * (size - 1)
+
+    for (mx, my), s in zip(teacher.means.tolist(), teacher.stds.tolist()):
+        cx, cy = to_px(mx, my)
+        r = 3 * s / (2 * lim) * size
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(220, 50, 50))
+    for x, y in samples.tolist():
+        px, py = to_px(x, y)
+        if 0 <= px < size and 0 <= py < size:
+            draw.point((px, py), fill=(20, 60, 200))
+    draw.text((4, 3), title, fill=(0, 0, 0))
+    img.save(path)
+
+
+def contact_sheet(files: List[List[Optional[str]]], path: str) -> None:
+    """Paste a grid of PNGs (rows of file paths, None = blank) into one image."""
+    tiles = [[Image.open(f) if f else None for f in row] for row in files]
+    w, h = next(t.size for row in tiles for t in row if t is not None)
+    sheet = Image.new("RGB", (w * max(len(r) for r in tiles), h * len(tiles)), "white")
+    for i, row in enumerate(tiles):
+        for j, tile in enumerate(row):
+            if tile is not None:
+                sheet.paste(tile, (j * w, i * h))
+    sheet.save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def collapse_student(models, teacher: GaussianMixture, steps: int = 300, seed: int = 0) -> None:
+    """Regress the student onto the major mode ``N(μ_0, s_0² I)`` (a student that has dropped every other mode)."""
+    generator = torch.Generator().manual_seed(seed + 123)
+    params = models.role_parameters("student")
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    t = torch.full((512,), float(models.student_time), dtype=torch.float64)
+    for _ in range(steps):
+        z = torch.randn(512, teacher.dim, generator=generator)
+        target = teacher.means[0].float() + float(teacher.stds[0]) * z
+        loss = ((models.student(z, t, None) - target) ** 2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
+    torch.set_num_threads(1)
+    teacher = make_teacher(spec["teacher"], spec["std"])
+    path = make_path(spec["path"])
+    variant = spec["variant"]
+    config = MethodConfig(
+        divergence=spec["divergence"],
+        guidance_scale=1.0,
+        critic_updates_per_student=spec["ratio"],
+        time_range=(0.02, 0.5) if variant == "low_t" else (0.02, 0.98),
+    )
+    def collapse(models):
+        collapse_student(models, teacher, seed=spec["seed"])
+    result = train_toy(
+        teacher, path, config,
+        student_steps=spec["steps"], batch_size=spec["batch"], lr=spec["lr"], hidden=spec["hidden"],
+        ratio="oracle" if variant == "oracle" else "learned", seed=spec["seed"],
+        init_student=collapse if variant == "collapsed" else None,
+    )
+    m = result.metrics
+    row = {**spec, "seconds": result.seconds, **{k: m[k] for k in ("modes", "modes_lenient", "num_modes", "high_quality", "mass_tv",
+                                                                     "energy", "mode_mass", "mode_mass_hq")}}
+    if spec["teacher"] == "pair":
+        row["minor"] = m["mode_mass"][1]
+        row["minor3s"] = m["mode_mass_hq"][1]
+    if spec.get("ratio_check") and variant == "learned" and spec["divergence"] != "reverse_kl":
+        row["ratio_check"] = ratio_check(result.models, path, seed=spec["seed"])
+    row["logit_real"] = result.last_logs.get("critic/logit_real")
+    row["logit_fake"] = result.last_logs.get("critic/logit_fake")
+    png = os.path.join(spec["out"], "plots", f"{spec['name']}.png")
+    title = f"{spec['teacher']} {spec['divergence']} {variant} s{spec['seed']}: {m['modes']}/{m['num_modes']}"
+    scatter_png(result.samples[:4000], teacher, png, title)
+    row["png"] = os.path.relpath(png, REPO)
+    return row
+
+
+@torch.no_grad()
+def ratio_check(models, path: param.NoisePath, times=(0.05, 0.2, 0.5, 0.8), n: int = 2048, seed: int = 0):
+    """How good is the learned density ratio? On noised student samples at fixed ``t``: the correlation between the
+    discriminator's logit and the oracle ``log p_t − log q̂_t`` (exact teacher, noised bank of 2048 student samples),
+    both standard deviations, and the share of oracle ratios outside the clip range [0.1, 20]."""
+    generator = torch.Generator().manual_seed(seed)
+    x = models.student_bank(n)
+    out = []
+    for tv in times:
+        t = torch.full((n,), float(path.training_time(torch.tensor(tv))), dtype=torch.float64)
+        if path.kind == "vp":
+            t = t.round()
+        x_t = param.add_noise(x, torch.randn(x.shape, generator=generator), t, path)
+        learned = models.discriminator(x_t, t).double()
+        oracle = models.oracle_log_ratio(x_t, t).double()
+        corr = float(torch.corrcoef(torch.stack([learned, oracle]))[0, 1])
+        clipped = float(((oracle < math.log(0.1)) | (oracle > math.log(20.0))).double().mean())
+        out.append({"t": tv, "corr": corr, "std_learned": float(learned.std()), "std_oracle": float(oracle.std()),
+                    "oracle_clipped": clipped})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: List[float]) -> str:
+    if len(values) == 1:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _fmt(values: List[float], digits: int) -> str:
+    mean = sum(values) / len(values)
+    sd = _mean_std(values)
+    return f"{mean:.{digits}f}" if sd is None else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def tables(rows: List[Dict[str, Any]], references: Dict[str, Dict[str, Any]]) -> str:
+    out = []
+    for teacher in [t for t in TEACHERS if any(r["teacher"] == t for r in rows)]:
+        sub = [r for r in rows if r["teacher"] == teacher]
+        pair = teacher == "pair"
+        head = "| divergence | variant | seeds | modes | lenient | HQ | " + ("minor | minor3s | " if pair else "") + \
+               "TV | energy | s/run |"
+        out += [f"**{teacher}** (std {sub[0]['std']}, {sub[0]['num_modes']} modes)", "", head,
+                "|" + "---|" * (head.count("|") - 1)]
+        for name, ref in references[teacher].items():
+            cells = [f"*{name}*", "—", "—", f"{ref['modes']}/{ref['num_modes']}",
+                     f"{ref['modes_lenient']}/{ref['num_modes']}", f"{ref['high_quality']:.3f}"]
+            if pair:
+                cells += [f"{ref['mode_mass'][1]:.3f}", f"{ref['mode_mass_hq'][1]:.3f}"]
+            cells += [f"{ref['mass_tv']:.3f}", f"{ref['energy']:.4f}", "—"]
+            out.append("| " + " | ".join(cells) + " |")
+        keys = []
+        for r in sub:
+            if (r["divergence"], r["variant"]) not in keys:
+                keys.append((r["divergence"], r["variant"]))
+        for div, variant in keys:
+            runs = [r for r in sub if r["divergence"] == div and r["variant"] == variant]
+            modes = [r["modes"] for r in runs]
+            cells = [div, variant, ",".join(str(r["seed"]) for r in runs),
+                     "/".join(str(m) for m in modes) + f" of {runs[0]['num_modes']}",
+                     "/".join(str(r["modes_lenient"]) for r in runs),
+                     _fmt([r["high_quality"] for r in runs], 3)]
+            if pair:
+                cells += [_fmt([r["minor"] for r in runs], 3), _fmt([r["minor3s"] for r in runs], 3)]
+            cells += [_fmt([r["mass_tv"] for r in runs], 3), _fmt([r["energy"] for r in runs], 4),
+                      f"{sum(r['seconds'] for r in runs) / len(runs):.0f}"]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def summary_json(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
+    main = [r for r in rows if r["variant"] == "learned"]
+
+    def avg(values):
+        return round(sum(values) / len(values), 4) if values else None
+
+    divs = [d for d in DIVERGENCES if any(r["divergence"] == d for r in main)]
+    out: Dict[str, Dict[str, float]] = {"ring8_modes": {}, "grid25_modes": {}, "minor_mass": {}, "high_quality": {},
+                                        "energy": {}}
+    for d in divs:
+        sub = [r for r in main if r["divergence"] == d]
+        for teacher, key in (("ring8", "ring8_modes"), ("grid25", "grid25_modes")):
+            values = [r["modes"] for r in sub if r["teacher"] == teacher]
+            if values:
+                out[key][d] = avg(values)
+        minor = [r["minor"] for r in sub if r["teacher"] == "pair"]
+        if minor:
+            out["minor_mass"][d] = avg(minor)
+        out["high_quality"][d] = avg([r["high_quality"] for r in sub])
+        out["energy"][d] = avg([r["energy"] for r in sub])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teachers", default=",".join(TEACHERS))
+    parser.add_argument("--divergences", default=",".join(DIVERGENCES))
+    parser.add_argument("--variants", default="learned",
+                        help=f"comma-separated of {', '.join(VARIANTS)}, or 'all'")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--path", default="flow", choices=["flow", "vp"])
+    parser.add_argument("--std", type=float, default=0.2, help="std of every mode")
+    parser.add_argument("--student_steps", type=int, default=2000)
+    parser.add_argument("--critic_updates_per_student", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--ratio_check", action="store_true",
+                        help="after each learned f-divergence run, compare its discriminator with the oracle ratio")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
+    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "gmm"))
+    parser.add_argument("--tag", default="main", help="name of this run's results files")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/gmm.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"command: {command}", flush=True)
+
+    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"unknown variant {v!r}; expected one of {', '.join(VARIANTS)}")
+    os.makedirs(os.path.join(args.out, "plots"), exist_ok=True)
+    specs = []
+    for teacher in args.teachers.split(","):
+        for variant in variants:
+            for div in args.divergences.split(","):
+                if variant == "oracle" and div == "reverse_kl":
+                    continue  # h = 1: the ratio is unused
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    name = f"{args.path}_{teacher}_{div}_{variant}_s{seed}"
+                    specs.append(dict(name=name, teacher=teacher, divergence=div, variant=variant, seed=seed,
+                                      path=args.path, std=args.std, steps=args.student_steps,
+                                      ratio=args.critic_updates_per_student, batch=args.batch_size, lr=args.lr,
+                                      hidden=args.hidden, out=args.out,
+                                      ratio_check=args.ratio_check))
+    started = time.perf_counter()
+    rows: List[Dict[str, Any]] = []
+
+    def report(row):
+        rows.append(row)
+        extra = f" minor {row['minor']:.3f}" if "minor" in row else ""
+        print(f"[{len(rows)}/{len(specs)}] {row['name']}: modes {row['modes']}/{row['num_modes']} "
+              f"HQ {row['high_quality']:.3f}{extra} energy {row['energy']:.4f} ({row['seconds']:.0f} s)", flush=True)
+
+    if args.jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            for row in pool.imap_unordered(run_one, specs):
+                report(row)
+    else:
+        for spec in specs:
+            report(run_one(spec))
+    order = {s["name"]: i for i, s in enumerate(specs)}
+    rows.sort(key=lambda r: order[r["name"]])
+    wall = time.perf_counter() - started
+
+    references = {}
+    for teacher in dict.fromkeys(r["teacher"] for r in rows):
+        gm = make_teacher(teacher, args.std)
+        ref = gm.sample(4000, generator=torch.Generator().manual_seed(10_000))
+        references[teacher] = {
+            "teacher": mixture_metrics(gm, gm.sample(4000, generator=torch.Generator().manual_seed(1)), ref),
+            "uniform": mixture_metrics(gm, uniform_box(gm, 4000, 2), ref),
+        }
+    table = tables(rows, references)
+    checks = [r for r in rows if r.get("ratio_check")]
+    if checks:
+        lines = ["**Ratio check**: learned discriminator logit vs oracle log-ratio on noised student samples "
+                 "(corr; std learned / std oracle; share of oracle ratios outside [0.1, 20])", "",
+                 "| run | " + " | ".join(f"t = {c['t']}" for c in checks[0]["ratio_check"]) + " |",
+                 "|---|" + "---|" * len(checks[0]["ratio_check"])]
+        for r in checks:
+            lines.append(f"| {r['teacher']} {r['divergence']} s{r['seed']} | " + " | ".join(
+                f"{c['corr']:.2f}; {c['std_learned']:.2f} / {c['std_oracle']:.2f}; {c['oracle_clipped']:.2f}"
+                for c in r["ratio_check"]) + " |")
+        table += "\n".join(lines) + "\n"
+    summary = summary_json(rows)
+    header = (f"Command: `{command}`\n\nPath `{args.path}`, mode std {args.std}, {args.student_steps} student steps, "
+              f"critic:student {args.critic_updates_per_student}:1, batch {args.batch_size}, Adam(0, 0.999) lr "
+              f"{args.lr}, MLPs {args.hidden} wide. Wall time {wall / 60:.1f} min with --jobs {args.jobs} on the "
+              f"shared 2-core CPU machine.\n")
+    print("\n" + header + "\n" + table, flush=True)
+
+    # per-teacher contact sheets: rows = divergences x variants, columns = seeds
+    for teacher in references:
+        grid = []
+        for div in args.divergences.split(","):
+            for variant in variants:
+                files = [os.path.join(REPO, r["png"]) for r in rows
+                         if r["teacher"] == teacher and r["divergence"] == div and r["variant"] == variant]
+                if files:
+                    grid.append(files)
+        contact_sheet(grid, os.path.join(args.out, f"{args.tag}_{args.path}_{teacher}.png"))
+    with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
+        json.dump({"command": command, "wall_s": wall, "rows": rows, "references": references, "summary": summary},
+                  f, indent=1)
+    with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:
+        f.write(header + "\n" + table + "\n")
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
