@@ -13,7 +13,7 @@ are area-averaged to 8×8 and their 3 channels averaged first (:func:`to_classif
 not depend on the generator's resolution. The real reference goes through the same path at the same resolution.
 
 * ``fd``: Fréchet distance between the classifier's penultimate features (64-d) of the generated images and of the
-  real held-out split (360 images) prepared at the generated images' resolution. FD is biased by sample size:
+  real held-out split (359 images) prepared at the generated images' resolution. FD is biased by sample size:
   compare only at the standard :data:`EVAL_PER_DIGIT` = 100 per digit (1,000 images). The floor a perfect
   generator reaches is :func:`reference_fd` (100 real *train* images per digit against the same held-out set).
 * ``prompt_accuracy``: fraction of images the classifier labels with the digit their prompt asked for.
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 #: seed of the one train/held-out split everything uses
 SPLIT_SEED = 0
-#: fraction of the 1,797 images held out (stratified by digit): 360 held-out, 1,437 train
+#: fraction of the 1,797 images held out (stratified by digit): 359 held-out, 1,438 train (round(0.2 n) per digit)
 HELDOUT_FRACTION = 0.2
 #: native resolution of the data and of the classifier's input
 NATIVE_RESOLUTION = 8
