@@ -43,6 +43,15 @@ def test_teacher_loads_and_generates(teacher):
     assert images.min() >= -1 and images.max() <= 1
 
 
+def test_teacher_encoder_gives_unit_std_training_latents(teacher):
+    x, _ = digits.load_split("train", resolution=digits.TEACHER_RESOLUTION)
+    with torch.no_grad():
+        posterior = teacher.vae.encode(x).latent_dist
+    assert float(posterior.std.max()) < 1e-5  # deterministic: sampled = the means the DiT trained on
+    z = posterior.sample(torch.Generator().manual_seed(0)) * teacher.vae.config.scaling_factor
+    assert abs(float(z.std()) - 1.0) < 0.02 and abs(float(z.mean())) < 0.1
+
+
 def test_prompts_are_in_the_teacher_vocabulary(teacher):
     unk = teacher.tokenizer.unk_token_id
     for prompt, digit in digits.all_prompts():
