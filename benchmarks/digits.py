@@ -1,0 +1,126 @@
+"""Digits benchmark: the bundled teacher at 50, 4 and 1 steps against one-step students of every divergence.
+
+Each student -- reverse_kl (DMD2: VSD + GAN), js and forward_kl (f-distill) × {lora, full} -- is trained by
+``accelerate launch training/train_onestep.py`` with the same budget and settings as ``make demo`` (only the
+divergence and the student's kind change), then all runs are evaluated on the same 1,000 prompts (100 per digit)
+and seeds with the bundled classifier (``diffusers_onestep/demo/digits.py``): FD to real held-out digits, prompt
+accuracy, coverage, and wall time.
+
+    python benchmarks/digits.py                       # ~40-60 minutes on 2 CPU cores; writes docs/benchmarks.md
+    python benchmarks/digits.py --divergences js --kinds lora --no_docs   # one student
+
+The last printed line is one JSON object: ``{"teacher50_fd", "teacher1_fd", "best_student", "best_student_fd",
+"fd_ratio", "acc_ratio"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from diffusers_onestep.demo import digits  # noqa: E402
+from diffusers_onestep.demo.__main__ import DemoSettings, evaluate_runs, log, print_table, train, write_data  # noqa: E402
+
+DOC = os.path.join(REPO, "docs", "benchmarks.md")
+SECTION = "## Digits: one-step students against the teacher"
+
+
+def update_docs(table: str, command: str, extra: str) -> None:
+    with open(DOC, encoding="utf-8") as f:
+        text = f.read()
+    body = f"{SECTION}\n\n{extra}\n\n```bash\n{command}\n```\n\n{table}\n"
+    if SECTION in text:
+        start = text.index(SECTION)
+        rest = text[start + len(SECTION):]
+        following = rest.find("\n## ")
+        text = text[:start] + body + (rest[following + 1:] if following >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + body
+    with open(DOC, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--divergences", default="reverse_kl,js,forward_kl")
+    parser.add_argument("--kinds", default="lora,full")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="budget per student (default: the demo's)")
+    parser.add_argument("--eval_per_digit", type=int, default=digits.EVAL_PER_DIGIT)
+    parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks", "results", "digits"))
+    parser.add_argument("--no_docs", action="store_true", help="do not rewrite the section of docs/benchmarks.md")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    base = DemoSettings(eval_per_digit=args.eval_per_digit)
+    if args.max_train_steps:
+        base = replace(base, max_train_steps=args.max_train_steps)
+    os.makedirs(args.output_dir, exist_ok=True)
+    data = write_data(os.path.join(args.output_dir, "data"), base.seed)
+    students, train_seconds = {}, {}
+    for divergence in args.divergences.split(","):
+        for kind in args.kinds.split(","):
+            name = f"{divergence}-{kind}"
+            settings = replace(base, divergence=divergence, student=kind)
+            log(f"== {name}: {settings.max_train_steps} steps")
+            t0 = time.perf_counter()
+            train(settings, data, os.path.join(args.output_dir, name), digits.TEACHER_DIR)
+            train_seconds[name] = time.perf_counter() - t0
+            students[name] = os.path.join(args.output_dir, name)
+
+    results = evaluate_runs(base, digits.TEACHER_DIR, students, [50, 4])
+    import torch
+
+    grid = torch.cat([r.pop("grid") for r in results.values()])
+    grid_path = os.path.join(REPO, "docs", "images", "digits_grid.png")
+    os.makedirs(os.path.dirname(grid_path), exist_ok=True)
+    digits.save_grid(grid, grid_path, nrow=10, scale=4, value_range="-1,1")
+    reference = digits.reference_fd(per_digit=args.eval_per_digit)["fd"]
+    print_table(results, reference)
+
+    teacher50, teacher1 = results["teacher, 50 steps"], results["teacher, 1 step"]
+    best = min(students, key=lambda n: results[n]["fd"])
+    summary = {
+        "teacher50_fd": round(teacher50["fd"], 4),
+        "teacher1_fd": round(teacher1["fd"], 4),
+        "best_student": best,
+        "best_student_fd": round(results[best]["fd"], 4),
+        "fd_ratio": round(results[best]["fd"] / teacher50["fd"], 4),
+        "acc_ratio": round(results[best]["prompt_accuracy"] / teacher50["prompt_accuracy"], 4),
+    }
+    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"summary": summary, "runs": results, "train_seconds": train_seconds,
+                   "settings": asdict(base), "real_fd": reference}, f, indent=2)
+
+    if not args.no_docs:
+        rows = ["| run | FD ↓ | prompt accuracy ↑ | coverage | images/s | train wall s |", "|---|---|---|---|---|---|"]
+        for name, r in results.items():
+            rows.append(f"| {name} | {r['fd']:.2f} | {r['prompt_accuracy']:.3f} | {r['coverage']:.2f} | "
+                        f"{r['images_per_s']:.1f} | {train_seconds.get(name, 0):.0f} |")
+        rows.append(f"| real train digits (floor) | {reference:.2f} | 1.000 | 1.00 | | |")
+        extra = (
+            f"The bundled PixArt-α-family digits teacher (`assets/digits/`) against one-step students distilled by "
+            f"`training/train_onestep.py`, each with the demo's budget ({base.max_train_steps} iterations, batch "
+            f"{base.train_batch_size}, student timestep {base.student_timesteps}, teacher CFG "
+            f"{base.guidance_scale}, critic:student {base.critic_updates_per_student}, GAN weight {base.gan_weight}). "
+            f"{10 * args.eval_per_digit} images per run, the same prompts and seeds for every row; the teacher's "
+            f"multi-step rows use DDIM with guidance {base.teacher_guidance_scale}. Total wall time "
+            f"{(time.perf_counter() - started) / 60:.0f} min on the 2-core CPU machine.\n\n"
+            "![digits grid](images/digits_grid.png)\n\nGrid rows, top to bottom: " +
+            ", ".join(results) + ".\n\n```json\n" + json.dumps(summary) + "\n```"
+        )
+        update_docs("\n".join(rows), "python benchmarks/digits.py", extra)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
