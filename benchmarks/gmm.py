@@ -29,6 +29,12 @@ Metrics on 4000 student samples (``toy.mixture_metrics``):
 Two reference rows calibrate them: ``teacher`` (fresh exact samples: the best a student can score) and ``uniform``
 (uniform over the box spanned by the means +- 3 sigma: what a space-filling student that learned no modes scores).
 
+Variants (``--variants``): ``learned`` (default), ``oracle`` (exact ratio), ``oracle_fake`` (exact fake score),
+``collapsed`` (mode-dropped start), ``low_t`` (t <= 0.5) and ``ode_fit`` (no distillation: the student MLP regressed
+onto the teacher's exact probability-flow ODE map, a capacity check). ``--beta1`` and ``--lr_decay`` change the
+optimiser of every role. On grid25 the 2000-step students cover only 2-13 of the 25 modes: the same MLP regressed
+onto the exact ODE map needs ~30000 steps to cover them all (docs/methods.md, "grid25: what limits coverage").
+
 Run (the tables in docs/methods.md came from the commands printed at the top of the output)::
 
     .venv/bin/python benchmarks/gmm.py                       # 3 teachers x 5 divergences, 1 seed
@@ -69,6 +75,9 @@ VARIANTS = {
     "oracle": "oracle ratio: exact log p_t minus the exact log-density of the noised student bank (f-divergences only)",
     "collapsed": "student first regressed onto the major mode only (a mode-dropped start)",
     "low_t": "time_range (0.02, 0.5): no large-t terms (algorithms.md §13.3)",
+    "oracle_fake": "exact fake score: the posterior mean of the noised student bank instead of the critic MLP",
+    "ode_fit": "no distillation: the same student MLP regressed (MSE) onto the teacher's exact probability-flow ODE "
+               "map noise -> x0, same steps / batch / optimizer (a capacity check; one run per seed)",
 }
 
 
@@ -150,11 +159,70 @@ def collapse_student(models, teacher: GaussianMixture, steps: int = 300, seed: i
         optimizer.step()
 
 
+@torch.no_grad()
+def ode_map(teacher: GaussianMixture, path: param.NoisePath, z: torch.Tensor, steps: int = 200) -> torch.Tensor:
+    """The teacher's exact probability-flow ODE from ``x_1 = z`` to ``x_0`` (flow path, Heun, exact velocity)."""
+    if path.kind != "flow":
+        raise ValueError("ode_map integrates the flow path only.")
+    x = z.to(torch.float64).clone()
+    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+
+    def velocity(x, t):
+        x0 = teacher.x0(x, torch.full((x.shape[0],), float(t), dtype=torch.float64), path)
+        return (x - x0) / float(t)  # = eps_hat - x0_hat
+
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        d0 = velocity(x, t0)
+        x_euler = x + (t1 - t0) * d0
+        x = x + (t1 - t0) * 0.5 * (d0 + velocity(x_euler, t1)) if float(t1) > 0 else x_euler
+    return x
+
+
+class _FitResult:
+    def __init__(self, samples, metrics, seconds, target_metrics):
+        self.samples, self.metrics, self.seconds, self.target_metrics = samples, metrics, seconds, target_metrics
+        self.last_logs: Dict[str, float] = {}
+
+
+def ode_fit(teacher: GaussianMixture, path: param.NoisePath, spec: Dict[str, Any], pairs: int = 32768) -> _FitResult:
+    """Regress the benchmark's student MLP onto the exact ODE map (``pairs`` fixed (z, x0) pairs), with the run's
+    steps, batch, lr, betas and decay: how well can this student represent a map that covers every mode?"""
+    from diffusers_onestep.distill.toy import ToyModels
+
+    generator = torch.Generator().manual_seed(spec["seed"] + 5)
+    z = torch.randn(pairs, teacher.dim, generator=generator, dtype=torch.float64)
+    target = ode_map(teacher, path, z).float()
+    z_eval = torch.randn(4000, teacher.dim, generator=generator, dtype=torch.float64)
+    reference = teacher.sample(4000, generator=torch.Generator().manual_seed(10_000 + spec["seed"]))
+    target_metrics = mixture_metrics(teacher, ode_map(teacher, path, z_eval), reference)
+    models = ToyModels(teacher, path, hidden=spec["hidden"], depth=3, discriminator_trunk=None, seed=spec["seed"])
+    optimizer = torch.optim.Adam(models.role_parameters("student"), lr=spec["lr"], betas=(spec["beta1"], 0.999))
+    t = torch.full((spec["batch"],), float(path.t_max), dtype=torch.float64)
+    started = time.perf_counter()
+    for step in range(spec["steps"]):
+        if spec["lr_decay"]:
+            optimizer.param_groups[0]["lr"] = spec["lr"] * (1.0 - step / spec["steps"])
+        idx = torch.randint(0, pairs, (spec["batch"],), generator=generator)
+        loss = ((models.student(z[idx].float(), t, None) - target[idx]) ** 2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    seconds = time.perf_counter() - started
+    with torch.no_grad():
+        t_eval = torch.full((4000,), float(path.t_max), dtype=torch.float64)
+        samples = models.student(z_eval.float(), t_eval, None).double()
+    return _FitResult(samples, mixture_metrics(teacher, samples, reference), seconds, target_metrics)
+
+
 def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     torch.set_num_threads(1)
     teacher = make_teacher(spec["teacher"], spec["std"])
     path = make_path(spec["path"])
     variant = spec["variant"]
+    if variant == "ode_fit":
+        result = ode_fit(teacher, path, spec)
+        return _finish(spec, teacher, result, {"target_modes": result.target_metrics["modes"],
+                                               "target_high_quality": result.target_metrics["high_quality"]})
     config = MethodConfig(
         divergence=spec["divergence"],
         guidance_scale=1.0,
@@ -166,17 +234,26 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     result = train_toy(
         teacher, path, config,
         student_steps=spec["steps"], batch_size=spec["batch"], lr=spec["lr"], hidden=spec["hidden"],
-        ratio="oracle" if variant == "oracle" else "learned", seed=spec["seed"],
+        betas=(spec["beta1"], 0.999), lr_decay=spec["lr_decay"],
+        ratio="oracle" if variant == "oracle" else "learned",
+        fake_score="oracle" if variant == "oracle_fake" else "learned", seed=spec["seed"],
         init_student=collapse if variant == "collapsed" else None,
     )
+    extra = {}
+    if spec.get("ratio_check") and variant == "learned" and spec["divergence"] != "reverse_kl":
+        extra["ratio_check"] = ratio_check(result.models, path, seed=spec["seed"])
+    return _finish(spec, teacher, result, extra)
+
+
+def _finish(spec: Dict[str, Any], teacher: GaussianMixture, result, extra: Dict[str, Any]) -> Dict[str, Any]:
+    variant = spec["variant"]
     m = result.metrics
     row = {**spec, "seconds": result.seconds, **{k: m[k] for k in ("modes", "modes_lenient", "num_modes", "high_quality", "mass_tv",
                                                                      "energy", "mode_mass", "mode_mass_hq")}}
     if spec["teacher"] == "pair":
         row["minor"] = m["mode_mass"][1]
         row["minor3s"] = m["mode_mass_hq"][1]
-    if spec.get("ratio_check") and variant == "learned" and spec["divergence"] != "reverse_kl":
-        row["ratio_check"] = ratio_check(result.models, path, seed=spec["seed"])
+    row.update(extra)
     row["logit_real"] = result.last_logs.get("critic/logit_real")
     row["logit_fake"] = result.last_logs.get("critic/logit_fake")
     png = os.path.join(spec["out"], "plots", f"{spec['name']}.png")
@@ -303,12 +380,15 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--critic_updates_per_student", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--beta1", type=float, default=0.0, help="Adam beta1 of every role")
+    parser.add_argument("--lr_decay", action="store_true", help="decay every learning rate linearly to 0")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--ratio_check", action="store_true",
                         help="after each learned f-divergence run, compare its discriminator with the oracle ratio")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "gmm"))
     parser.add_argument("--tag", default="main", help="name of this run's results files")
+    parser.add_argument("--plot_suffix", default="", help="appended to every scatter plot's file name")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/gmm.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -325,12 +405,16 @@ def main(argv=None) -> Dict[str, Any]:
             for div in args.divergences.split(","):
                 if variant == "oracle" and div == "reverse_kl":
                     continue  # h = 1: the ratio is unused
+                if variant == "ode_fit":
+                    if div != args.divergences.split(",")[0]:
+                        continue  # no divergence involved: one run per seed
+                    div = "none"
                 for seed in (int(s) for s in args.seeds.split(",")):
-                    name = f"{args.path}_{teacher}_{div}_{variant}_s{seed}"
+                    name = f"{args.path}_{teacher}_{div}_{variant}_s{seed}{args.plot_suffix}"
                     specs.append(dict(name=name, teacher=teacher, divergence=div, variant=variant, seed=seed,
                                       path=args.path, std=args.std, steps=args.student_steps,
                                       ratio=args.critic_updates_per_student, batch=args.batch_size, lr=args.lr,
-                                      hidden=args.hidden, out=args.out,
+                                      hidden=args.hidden, beta1=args.beta1, lr_decay=args.lr_decay, out=args.out,
                                       ratio_check=args.ratio_check))
     started = time.perf_counter()
     rows: List[Dict[str, Any]] = []
@@ -376,15 +460,15 @@ def main(argv=None) -> Dict[str, Any]:
         table += "\n".join(lines) + "\n"
     summary = summary_json(rows)
     header = (f"Command: `{command}`\n\nPath `{args.path}`, mode std {args.std}, {args.student_steps} student steps, "
-              f"critic:student {args.critic_updates_per_student}:1, batch {args.batch_size}, Adam(0, 0.999) lr "
-              f"{args.lr}, MLPs {args.hidden} wide. Wall time {wall / 60:.1f} min with --jobs {args.jobs} on the "
+              f"critic:student {args.critic_updates_per_student}:1, batch {args.batch_size}, Adam({args.beta1:g}, 0.999) lr "
+              f"{args.lr}{' decayed linearly to 0' if args.lr_decay else ''}, MLPs {args.hidden} wide. Wall time {wall / 60:.1f} min with --jobs {args.jobs} on the "
               f"shared 2-core CPU machine.\n")
     print("\n" + header + "\n" + table, flush=True)
 
     # per-teacher contact sheets: rows = divergences x variants, columns = seeds
     for teacher in references:
         grid = []
-        for div in args.divergences.split(","):
+        for div in args.divergences.split(",") + ["none"]:
             for variant in variants:
                 files = [os.path.join(REPO, r["png"]) for r in rows
                          if r["teacher"] == teacher and r["divergence"] == div and r["variant"] == variant]

@@ -1,0 +1,107 @@
+"""A short version of ``benchmarks/gmm.py``: the library's VSD / f-distill methods on exact 2-D mixture teachers.
+
+Every run goes through ``build_method`` and its ``student_step`` / ``critic_step`` (``distill.toy.train_toy``), on the
+flow path with mode std 0.2 (as the benchmark). The thresholds are loose versions of what the benchmark measured
+(docs/methods.md, "Benchmark: 2-D Gaussian mixtures"):
+
+* on the 0.9/0.1 pair every divergence -- reverse KL included -- keeps the minor mode with about its weight. The
+  textbook expectation that reverse KL drops it did *not* hold for these flexible students (see the docs), so the
+  test pins what was measured instead: a minor-mode mass near 0.1 for reverse KL, JS and forward KL alike;
+* JS covers the 8 modes of ring-8;
+* the exact probability-flow ODE map that ``benchmarks/gmm.py --variants ode_fit`` regresses the student onto covers
+  every grid-25 mode (the capacity check behind the grid-25 numbers);
+* the grad-flag discipline of ``ToyModels`` matches ``roles.BackboneRoles``: each update reaches only its role.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from diffusers_onestep import parameterization as P
+from diffusers_onestep.distill.analytic import GaussianMixture
+from diffusers_onestep.distill.config import MethodConfig
+from diffusers_onestep.distill.methods import Batch, RandomSource, build_method
+from diffusers_onestep.distill.toy import ToyModels, mixture_metrics, train_toy
+
+FLOW = P.FlowPath()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def short_run(teacher, divergence, steps, seed=0):
+    config = MethodConfig(divergence=divergence, guidance_scale=1.0, critic_updates_per_student=1)
+    return train_toy(teacher, FLOW, config, student_steps=steps, batch_size=256, hidden=64, critic_warmup=100,
+                     seed=seed, eval_samples=2000)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "js", "forward_kl"])
+def test_imbalanced_pair_keeps_the_minor_mode_with_about_its_weight(divergence):
+    teacher = GaussianMixture.imbalanced_pair(std=0.2)
+    result = short_run(teacher, divergence, steps=500)
+    metrics = result.metrics
+    minor = metrics["mode_mass"][1]
+    assert 0.03 <= minor <= 0.25, (divergence, metrics)
+    assert metrics["high_quality"] >= 0.6, (divergence, metrics)
+    if divergence != "reverse_kl":
+        # the discriminator tells exact teacher samples from student samples (logit_real > logit_fake)
+        assert result.last_logs["critic/logit_real"] > result.last_logs["critic/logit_fake"]
+
+
+def test_ring8_covered_by_js():
+    teacher = GaussianMixture.ring8(std=0.2)
+    metrics = short_run(teacher, "js", steps=500).metrics
+    assert metrics["modes"] >= 7, metrics
+    assert metrics["high_quality"] >= 0.5, metrics
+
+
+def test_metrics_calibration():
+    """Exact teacher samples score every mode; a uniform fill of the box scores none (strict count)."""
+    teacher = GaussianMixture.grid25(std=0.2)
+    generator = torch.Generator().manual_seed(0)
+    exact = mixture_metrics(teacher, teacher.sample(4000, generator=generator))
+    assert exact["modes"] == 25 and exact["high_quality"] > 0.98 and exact["mass_tv"] < 0.05
+    uniform = (torch.rand(4000, 2, generator=generator, dtype=torch.float64) * 9.2) - 4.6
+    fill = mixture_metrics(teacher, uniform)
+    assert fill["modes"] == 0 and fill["modes_lenient"] == 25
+
+
+def test_benchmark_ode_map_covers_grid25():
+    spec = importlib.util.spec_from_file_location("gmm_benchmark", os.path.join(REPO, "benchmarks", "gmm.py"))
+    gmm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gmm)
+    teacher = GaussianMixture.grid25(std=0.2)
+    z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    metrics = mixture_metrics(teacher, gmm.ode_map(teacher, FLOW, z, steps=100))
+    assert metrics["modes"] == 25 and metrics["high_quality"] > 0.95, metrics
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "js"])
+def test_each_update_reaches_only_its_role(divergence):
+    teacher = GaussianMixture.imbalanced_pair(std=0.2)
+    config = MethodConfig(divergence=divergence, guidance_scale=1.0).validate()
+    trunk = config.resolved_discriminator_trunk() if config.uses_discriminator else None
+    models = ToyModels(teacher, FLOW, hidden=16, depth=2, discriminator_trunk=trunk)
+    method = build_method(config, models, [FLOW.t_max])
+    generator = torch.Generator().manual_seed(0)
+    batch = Batch(condition=None, noise=torch.randn(8, 2, generator=generator),
+                  real=teacher.sample(8, generator=generator, dtype=torch.float32))
+    for role, other in (("student", "critic"), ("critic", "student")):
+        step = method.student_step if role == "student" else method.critic_step
+        loss, _ = step(batch, RandomSource.from_seed(1))
+        loss.backward()
+        assert all(p.grad is not None for p in models.role_parameters(role)), role
+        assert all(p.grad is None and not p.requires_grad for p in models.role_parameters(other)), role
+        for p in models.role_parameters(role):
+            p.grad = None
+        models.end_phase()
+    assert all(p.requires_grad for r in ("student", "critic") for p in models.role_parameters(r))
+    assert models.unconditional(None) is None and models.concat([None, None]) is None
