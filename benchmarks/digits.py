@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     parser.add_argument("--divergences", default="reverse_kl,js,forward_kl")
     parser.add_argument("--kinds", default="lora,full")
     parser.add_argument("--max_train_steps", type=int, default=None, help="budget per student (default: the demo's)")
+    parser.add_argument("--ema_decay", type=float, default=None, help="student EMA decay (default: the demo's)")
     parser.add_argument("--eval_per_digit", type=int, default=digits.EVAL_PER_DIGIT)
     parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks", "results", "digits"))
     parser.add_argument("--no_docs", action="store_true", help="do not rewrite the section of docs/benchmarks.md")
@@ -63,6 +64,8 @@ def main(argv=None) -> int:
     base = DemoSettings(eval_per_digit=args.eval_per_digit)
     if args.max_train_steps:
         base = replace(base, max_train_steps=args.max_train_steps)
+    if args.ema_decay:
+        base = replace(base, ema_decay=args.ema_decay)
     os.makedirs(args.output_dir, exist_ok=True)
     data = write_data(os.path.join(args.output_dir, "data"), base.seed)
     students, train_seconds = {}, {}
@@ -107,17 +110,20 @@ def main(argv=None) -> int:
                         f"{r['images_per_s']:.1f} | {train_seconds.get(name, 0):.0f} |")
         rows.append(f"| real train digits (floor) | {reference:.2f} | 1.000 | 1.00 | | |")
         extra = (
-            f"The bundled PixArt-α-family digits teacher (`assets/digits/`) against one-step students distilled by "
+            f"Students' budget and settings: the demo's (`DemoSettings` in `diffusers_onestep/demo/__main__.py`) "
+            f"unless the command overrides them. The bundled PixArt-α-family digits teacher (`assets/digits/`) against one-step students distilled by "
             f"`training/train_onestep.py`, each with the demo's budget ({base.max_train_steps} iterations, batch "
             f"{base.train_batch_size}, student timestep {base.student_timesteps}, teacher CFG "
-            f"{base.guidance_scale}, critic:student {base.critic_updates_per_student}, GAN weight {base.gan_weight}). "
+            f"{base.guidance_scale}, critic:student {base.critic_updates_per_student}, GAN weight {base.gan_weight}, "
+            f"student EMA {base.ema_decay}). "
             f"{10 * args.eval_per_digit} images per run, the same prompts and seeds for every row; the teacher's "
             f"multi-step rows use DDIM with guidance {base.teacher_guidance_scale}. Total wall time "
             f"{(time.perf_counter() - started) / 60:.0f} min on the 2-core CPU machine.\n\n"
             "![digits grid](images/digits_grid.png)\n\nGrid rows, top to bottom: " +
             ", ".join(results) + ".\n\n```json\n" + json.dumps(summary) + "\n```"
         )
-        update_docs("\n".join(rows), "python benchmarks/digits.py", extra)
+        command = " ".join([".venv/bin/python benchmarks/digits.py", *(sys.argv[1:] if argv is None else argv)])
+        update_docs("\n".join(rows), command, extra)
     print(json.dumps(summary))
     return 0
 

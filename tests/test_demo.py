@@ -1,7 +1,6 @@
 """`make demo --quick`: the main job end to end on the bundled digits teacher, in about a minute."""
 
 import json
-import os
 import subprocess
 import sys
 
