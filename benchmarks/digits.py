@@ -56,6 +56,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max_train_steps", type=int, default=None, help="budget per student (default: the demo's)")
     parser.add_argument("--ema_decay", type=float, default=None, help="student EMA decay (default: the demo's)")
     parser.add_argument("--eval_per_digit", type=int, default=digits.EVAL_PER_DIGIT)
+    parser.add_argument("--jobs", type=int, default=1, help="students trained at once (one thread each when > 1)")
+    parser.add_argument("--reuse_students", default="",
+                        help="comma-separated students whose finished folders (and train times in results.json) "
+                             "from an earlier run of this benchmark are kept instead of retrained")
     parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks", "results", "digits"))
     parser.add_argument("--no_docs", action="store_true", help="do not rewrite the section of docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -68,16 +72,41 @@ def main(argv=None) -> int:
         base = replace(base, ema_decay=args.ema_decay)
     os.makedirs(args.output_dir, exist_ok=True)
     data = write_data(os.path.join(args.output_dir, "data"), base.seed)
-    students, train_seconds = {}, {}
+    students, train_seconds, to_train = {}, {}, []
+    reuse = [n for n in args.reuse_students.split(",") if n]
+    previous_path = os.path.join(args.output_dir, "results.json")
+    previous = {}
+    if reuse and os.path.isfile(previous_path):
+        with open(previous_path, encoding="utf-8") as f:
+            previous = json.load(f).get("train_seconds", {})
     for divergence in args.divergences.split(","):
         for kind in args.kinds.split(","):
             name = f"{divergence}-{kind}"
-            settings = replace(base, divergence=divergence, student=kind)
-            log(f"== {name}: {settings.max_train_steps} steps")
-            t0 = time.perf_counter()
-            train(settings, data, os.path.join(args.output_dir, name), digits.TEACHER_DIR)
-            train_seconds[name] = time.perf_counter() - t0
             students[name] = os.path.join(args.output_dir, name)
+            if name in reuse:
+                if not os.path.isfile(os.path.join(students[name], "training_config.json")) or name not in previous:
+                    raise SystemExit(f"--reuse_students {name}: no finished student and train time in {args.output_dir}.")
+                train_seconds[name] = previous[name]
+                log(f"== {name}: reused from the earlier run")
+            else:
+                to_train.append((name, replace(base, divergence=divergence, student=kind)))
+
+    def train_one(item):
+        name, settings = item
+        log(f"== {name}: {settings.max_train_steps} steps")
+        t0 = time.perf_counter()
+        train(settings, data, students[name], digits.TEACHER_DIR)
+        return name, time.perf_counter() - t0
+
+    if args.jobs > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the training subprocesses
+        with ThreadPoolExecutor(args.jobs) as pool:
+            train_seconds.update(pool.map(train_one, to_train))
+    else:
+        train_seconds.update(map(train_one, to_train))
+    train_seconds = {name: train_seconds[name] for name in students}
 
     results = evaluate_runs(base, digits.TEACHER_DIR, students, [50, 4])
     import torch
@@ -115,6 +144,7 @@ def main(argv=None) -> int:
             f"`training/train_onestep.py`, each with the demo's budget ({base.max_train_steps} iterations, batch "
             f"{base.train_batch_size}, student timestep {base.student_timesteps}, teacher CFG "
             f"{base.guidance_scale}, critic:student {base.critic_updates_per_student}, GAN weight {base.gan_weight}, "
+            f"learning rate {base.learning_rate} (LoRA) / {base.full_learning_rate} (full student), "
             f"student EMA {base.ema_decay}). "
             f"{10 * args.eval_per_digit} images per run, the same prompts and seeds for every row; the teacher's "
             f"multi-step rows use DDIM with guidance {base.teacher_guidance_scale}. Total wall time "

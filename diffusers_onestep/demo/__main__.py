@@ -43,6 +43,8 @@ class DemoSettings:
     #: attention and feed-forward layers and the output projection (PixArt's default is attention only)
     lora_target_modules: str = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_out"
     learning_rate: float = 1e-3
+    #: a full student's learning rate: at 1e-3 full students diverged (FD 33-43); 3e-4 gave 1.72 (docs/benchmarks.md)
+    full_learning_rate: float = 3e-4
     critic_learning_rate: float = 1e-3
     guidance_scale: float = 1.5
     #: classifier-free guidance of the 50-step teacher row (the teacher's best FD; assets/digits/README.md)
@@ -101,7 +103,8 @@ def train(settings: DemoSettings, data: Dict[str, str], output_dir: str, teacher
         "--real_images", data["real"], "--caption_column", "text",
         "--divergence", settings.divergence, "--student", settings.student, "--critic", settings.critic,
         "--lora_rank", str(settings.lora_rank), "--lora_target_modules", settings.lora_target_modules,
-        "--learning_rate", str(settings.learning_rate), "--critic_learning_rate", str(settings.critic_learning_rate),
+        "--learning_rate", str(settings.full_learning_rate if settings.student == "full" else settings.learning_rate),
+        "--critic_learning_rate", str(settings.critic_learning_rate),
         "--guidance_scale", str(settings.guidance_scale),
         "--student_timesteps", *[str(t) for t in settings.student_timesteps],
         "--critic_updates_per_student", str(settings.critic_updates_per_student),
