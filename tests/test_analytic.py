@@ -17,15 +17,6 @@ PATHS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny; on a shared 2-core machine, intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def wide_mixture():
     """Three unequal, overlapping components: every responsibility matters somewhere."""
     return GaussianMixture(

@@ -29,14 +29,6 @@ FLOW = P.FlowPath()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def short_run(teacher, divergence, steps, seed=0):
     config = MethodConfig(divergence=divergence, guidance_scale=1.0, critic_updates_per_student=1)
     return train_toy(teacher, FLOW, config, student_steps=steps, batch_size=256, hidden=64, critic_warmup=100,

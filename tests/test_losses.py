@@ -32,15 +32,6 @@ FLOW = P.FlowPath()
 TRIG = P.TrigFlowPath()
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny; on a shared 2-core machine, intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 
