@@ -343,11 +343,18 @@ def native_one_step_pipeline(family: str, folder: str, timesteps: Optional[Seque
     ``None``). Height and width are the denoiser's native size.
     """
     import diffusers
+
+    cls = getattr(diffusers, NATIVE_PIPELINES[family])
+    pipe = cls.from_pretrained(folder, **({"add_watermarker": False} if family == "sdxl" else {}))
+    return native_one_step_setup(family, pipe, timesteps)
+
+
+def native_one_step_setup(family: str, pipe, timesteps: Optional[Sequence[float]] = None):
+    """:func:`native_one_step_pipeline` for a native pipeline already built (e.g. from components in memory): swaps
+    its scheduler where the recipe needs it and returns ``(pipe, call_kwargs)``."""
     from diffusers import DDPMScheduler, LCMScheduler
 
     timesteps = PARITY_TIMESTEPS[family] if timesteps is None else list(timesteps)
-    cls = getattr(diffusers, NATIVE_PIPELINES[family])
-    pipe = cls.from_pretrained(folder, **({"add_watermarker": False} if family == "sdxl" else {}))
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(NATIVE_CALL_KWARGS[family])
     if family == "sdxl":

@@ -1,0 +1,415 @@
+"""Inference overhead of OneStepPipeline on real-size architectures (random weights) on an accelerator.
+
+The same three ratios as ``benchmarks/inference_overhead.py`` (which defines them on tiny CPU components, where the
+networks take a few milliseconds), measured here on the published architectures of each family at their native
+1024-pixel resolution, with random weights (nothing can be downloaded; the time of a forward does not depend on the
+weights' values):
+
+* **P1** = call time / time inside the components (tokenizers, text encoders, denoiser, VAE decode), per call.
+  On a GPU each component's forward is bracketed by ``torch.cuda.synchronize()`` (``ComponentTimer(sync=...)``), so it
+  counts its kernels and the pipeline's own work between them cannot hide under them: an upper bound on the
+  overhead a user sees.
+* **P1 floor** = the same ratio for the components called back to back with the inputs recorded from a pipeline call
+  (``inference_overhead.bare_loop``).
+* **P2** = OneStepPipeline call time / the family's native diffusers pipeline at one step with the equivalent
+  settings (``testing.native_one_step_setup``), calls alternating, median of per-pair ratios. Peak GPU memory of one
+  call of each is reported too.
+
+Architectures (parameter counts printed by the run): SDXL base (UNet 2.57 B, CLIP ViT-L + OpenCLIP bigG text
+encoders, SDXL VAE); PixArt-α XL-2-1024-MS and PixArt-Σ XL-2-1024 (transformer 0.61 B, T5-v1.1-XXL encoder 4.76 B,
+SD / SDXL VAE); SANA 1600M 1024px and SANA-Sprint 1.6B (transformer 1.6 B, Gemma-2-2B decoder, DC-AE f32c32). The
+tokenizers are the tiny offline ones of ``diffusers_onestep.testing`` (their ids fit every vocabulary; prompts are
+padded to the families' usual lengths: CLIP 77, T5 120 / 300, Gemma 300 tokens), so sequence lengths match real use.
+
+Run (on a machine with a CUDA GPU; ``--device cpu --tiny`` runs the same code on the tiny components, for checking):
+
+    HF_HUB_OFFLINE=1 python benchmarks/real_size_overhead.py
+
+The last line printed is one JSON object ``{"device": ..., "p1": {family: ratio}, "p1_floor": {...}, "p2": {...},
+"memory_ratio": {...}, "p1_max": x, "p2_max": y}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+
+from diffusers_onestep import OneStepPipeline  # noqa: E402
+from diffusers_onestep.pipelines.loading import scheduler_for  # noqa: E402
+from diffusers_onestep.testing import (  # noqa: E402
+    NATIVE_PIPELINES,
+    PARITY_TIMESTEPS,
+    TINY_FAMILIES,
+    TINY_PROMPTS,
+    native_one_step_setup,
+    tiny_clip_tokenizer,
+    tiny_components,
+    tiny_gemma_tokenizer,
+    tiny_t5_tokenizer,
+)
+from inference_overhead import ComponentTimer, bare_loop  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# published architectures (configs of the Hub checkpoints, written out: nothing can be downloaded here)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sd_vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=1024,
+        scaling_factor=scaling_factor,
+    )
+
+
+def real_sdxl():
+    """Modules of stabilityai/stable-diffusion-xl-base-1.0 (the scheduler as a factory, built outside the device
+    context): unet, vae (sdxl-vae), text_encoder (CLIP ViT-L/14),
+    text_encoder_2 (OpenCLIP ViT-bigG/14 with projection)."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    clip_l = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                            projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    clip_g = CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                            num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                            projection_dim=1280, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    scheduler = lambda: EulerDiscreteScheduler(  # noqa: E731
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+    return {
+        "unet": unet,
+        "vae": _sd_vae(0.13025),
+        "text_encoder": CLIPTextModel(clip_l),
+        "text_encoder_2": CLIPTextModelWithProjection(clip_g),
+        "tokenizer": tiny_clip_tokenizer(),
+        "tokenizer_2": tiny_clip_tokenizer(pad_token="!"),
+        "scheduler": scheduler,
+    }
+
+
+def _t5_xxl():
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                      relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6)
+    return T5EncoderModel(config)
+
+
+def real_pixart(sigma: bool):
+    """PixArt-alpha/PixArt-XL-2-1024-MS (SD VAE) or PixArt-alpha/PixArt-Sigma-XL-2-1024-MS (SDXL VAE); T5-v1.1-XXL."""
+    from diffusers import DDIMScheduler, PixArtTransformer2DModel
+
+    transformer = PixArtTransformer2DModel(
+        sample_size=128,
+        num_layers=28,
+        patch_size=2,
+        num_attention_heads=16,
+        attention_head_dim=72,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=1152,
+        caption_channels=4096,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        use_additional_conditions=not sigma,
+        interpolation_scale=2 if sigma else None,
+    )
+    return {
+        "transformer": transformer,
+        "vae": _sd_vae(0.13025 if sigma else 0.18215),
+        "text_encoder": _t5_xxl(),
+        "tokenizer": tiny_t5_tokenizer(),
+        "scheduler": lambda: DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear"),
+    }
+
+
+def real_sana(sprint: bool):
+    """Efficient-Large-Model/Sana_1600M_1024px_diffusers or Sana_Sprint_1.6B_1024px_diffusers: transformer 1.6 B,
+    DC-AE f32c32 (sana-1.0 config), Gemma-2-2B decoder."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel, SCMScheduler
+    from transformers import Gemma2Config, Gemma2Model
+
+    extra = {"qk_norm": "rms_norm_across_heads", "guidance_embeds": True} if sprint else {}
+    transformer = SanaTransformer2DModel(
+        in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+        num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
+        mlp_ratio=2.5, attention_bias=False, sample_size=32, patch_size=1, norm_elementwise_affine=False,
+        norm_eps=1e-6, **extra,
+    )
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=32,
+        encoder_block_types=("ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock",
+                             "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock",
+                             "EfficientViTBlock"),
+        encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+        decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+        encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+        decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+        encoder_layers_per_block=(2, 2, 2, 3, 3, 3),
+        decoder_layers_per_block=[3, 3, 3, 3, 3, 3],
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    gemma = Gemma2Config(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+                         hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096,
+                         final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    scheduler = (lambda: SCMScheduler(prediction_type="trigflow", sigma_data=0.5)) if sprint else (
+        lambda: FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": Gemma2Model(gemma),
+        "tokenizer": tiny_gemma_tokenizer(),
+        "scheduler": scheduler,
+    }
+
+
+REAL_SIZE = {
+    "sdxl": real_sdxl,
+    "pixart_alpha": lambda: real_pixart(sigma=False),
+    "pixart_sigma": lambda: real_pixart(sigma=True),
+    "sana": lambda: real_sana(sprint=False),
+    "sana_sprint": lambda: real_sana(sprint=True),
+}
+
+
+def build_components(family: str, tiny: bool, device: torch.device, dtype: torch.dtype) -> Dict[str, object]:
+    if tiny:
+        components = tiny_components(family)
+    else:
+        with torch.device(device):  # parameters created (and randomly initialised) where they will run
+            components = REAL_SIZE[family]()
+        components["scheduler"] = components["scheduler"]()  # schedulers keep their tables on the CPU
+    for name, value in components.items():
+        if isinstance(value, torch.nn.Module):
+            components[name] = value.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return components
+
+
+def parameter_count(components: Dict[str, object]) -> Dict[str, float]:
+    return {n: sum(p.numel() for p in m.parameters()) / 1e9 for n, m in components.items()
+            if isinstance(m, torch.nn.Module)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# measurement
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def measure_family(family: str, args, device: torch.device, dtype: torch.dtype) -> Dict[str, object]:
+    import diffusers
+
+    sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    components = build_components(family, args.tiny, device, dtype)
+    build_s = time.perf_counter() - start
+    native_components = {k: v for k, v in components.items() if k not in ("image_encoder", "feature_extractor")}
+    if family == "sdxl":
+        native_components["add_watermarker"] = False
+    native, native_kwargs = native_one_step_setup(family, getattr(diffusers, NATIVE_PIPELINES[family])(
+        **native_components))
+    ours_components = {k: v for k, v in components.items()
+                       if k in ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "tokenizer",
+                                "tokenizer_2")}
+    student = OneStepPipeline(
+        scheduler=scheduler_for(family, dict(components["scheduler"].config), PARITY_TIMESTEPS[family], None),
+        family=family,
+        **ours_components,
+    )
+    student.set_progress_bar_config(disable=True)
+    prompt = TINY_PROMPTS[0]
+
+    def run_student():
+        return student(prompt, generator=torch.Generator().manual_seed(0), output_type="np")
+
+    def run_native():
+        return native(prompt, generator=torch.Generator().manual_seed(0), output_type="np", **native_kwargs)
+
+    def timed(fn) -> float:
+        sync()
+        begin = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - begin
+
+    for _ in range(args.warmup):
+        run_student()
+        run_native()
+    adapter = student.adapter
+    size = adapter.default_resolution
+    run_bare = bare_loop(student, prompt, adapter.latent_shape(1, size, size))
+    for _ in range(args.warmup):
+        run_bare()
+
+    timer = ComponentTimer(student, sync=sync)
+    p1: List[float] = []
+    floor: List[float] = []
+    call_ms: List[float] = []
+    component_ms: List[float] = []
+    try:
+        for i in range(args.calls):
+            for kind in (("bare", "pipe") if i % 2 == 0 else ("pipe", "bare")):
+                timer.total = timer.tokenize = timer.encode = timer.text_forwards = 0.0
+                elapsed = timed(run_bare if kind == "bare" else run_student)
+                inside = timer.total + timer.tokenize
+                if kind == "bare":
+                    floor.append(elapsed / inside)
+                else:
+                    p1.append(elapsed / inside)
+                    call_ms.append(1e3 * elapsed)
+                    component_ms.append(1e3 * inside)
+    finally:
+        timer.remove()
+
+    ours: List[float] = []
+    theirs: List[float] = []
+    for i in range(args.calls):
+        order = ((ours, run_student), (theirs, run_native))
+        for times, fn in (order if i % 2 == 0 else order[::-1]):
+            times.append(timed(fn))
+
+    memory = {}
+    if device.type == "cuda":
+        for name, fn in (("ours", run_student), ("native", run_native)):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            sync()
+            memory[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    result = {
+        "params_b": {k: round(v, 3) for k, v in parameter_count(components).items()},
+        "build_s": round(build_s, 1),
+        "call_ms": statistics.median(call_ms),
+        "components_ms": statistics.median(component_ms),
+        "p1": statistics.median(p1),
+        "p1_floor": statistics.median(floor),
+        "ours_ms": 1e3 * statistics.median(ours),
+        "native_ms": 1e3 * statistics.median(theirs),
+        "p2": statistics.median([o / t for o, t in zip(ours, theirs)]),
+        "peak_mib_ours": memory.get("ours"),
+        "peak_mib_native": memory.get("native"),
+    }
+    del student, native, components, native_components, ours_components, run_bare
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=list(TINY_FAMILIES), choices=TINY_FAMILIES)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--calls", type=int, default=20, help="timed calls per measurement (at least 10)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="the tiny components instead (checks the script on a CPU)")
+    parser.add_argument("--json_out", default=None, help="also write the per-family results here")
+    args = parser.parse_args(argv)
+    if args.calls < 10:
+        parser.error("--calls must be at least 10")
+    diffusers_logging.set_verbosity_error()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = "cpu"
+    print(f"torch {torch.__version__}, device {device_name}, {args.dtype}, median of {args.calls} calls, "
+          f"{'tiny' if args.tiny else 'real-size'} components", flush=True)
+
+    results: Dict[str, Dict[str, object]] = {}
+    for family in args.families:
+        try:
+            results[family] = measure_family(family, args, device, dtype)
+        except Exception as error:  # one family's failure must not lose the others' numbers
+            results[family] = {"error": f"{type(error).__name__}: {error}"}
+        print(family, json.dumps(results[family]), flush=True)
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump({"device": device_name, "dtype": args.dtype, "results": results}, f, indent=2)
+
+    header = (f"{'family':<14}{'params B':>10}{'call ms':>10}{'inside ms':>11}{'P1':>8}{'P1 floor':>10}"
+              f"{'native ms':>11}{'ours ms':>9}{'P2':>7}{'peak MiB ours/native':>23}")
+    print(header)
+    print("-" * len(header))
+    ok = {f: r for f, r in results.items() if "error" not in r}
+    for family, r in ok.items():
+        memory = (f"{r['peak_mib_ours']:.0f} / {r['peak_mib_native']:.0f}" if r["peak_mib_ours"] is not None
+                  else "-")
+        print(f"{family:<14}{sum(r['params_b'].values()):>10.2f}{r['call_ms']:>10.2f}{r['components_ms']:>11.2f}"
+              f"{r['p1']:>8.4f}{r['p1_floor']:>10.4f}{r['native_ms']:>11.2f}{r['ours_ms']:>9.2f}{r['p2']:>7.3f}"
+              f"{memory:>23}")
+    for family, r in results.items():
+        if "error" in r:
+            print(f"{family}: {r['error']}")
+    summary = {
+        "device": device_name,
+        "p1": {f: round(r["p1"], 4) for f, r in ok.items()},
+        "p1_floor": {f: round(r["p1_floor"], 4) for f, r in ok.items()},
+        "p2": {f: round(r["p2"], 4) for f, r in ok.items()},
+        "memory_ratio": {f: round(r["peak_mib_ours"] / r["peak_mib_native"], 4) for f, r in ok.items()
+                         if r["peak_mib_ours"]},
+    }
+    summary["p1_max"] = max(summary["p1"].values(), default=None)
+    summary["p2_max"] = max(summary["p2"].values(), default=None)
+    print(json.dumps(summary))
+    return 0 if len(ok) == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
