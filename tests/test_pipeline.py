@@ -400,24 +400,3 @@ def test_disabled_progress_bar_builds_no_tqdm(native_folder, load_student, run):
     bar.close()
     pipe.set_progress_bar_config(leave=False)  # "disable" unset: diffusers decides, as before
     assert np.array_equal(run(pipe), reference)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# post-processing widens half-precision images where they are, with diffusers' values exactly
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_postprocess_equals_diffusers_postprocess(student, dtype):
-    pipe = student("pixart_alpha")
-    image = (torch.randn(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 1.3).to(dtype)
-    for output_type in ("np", "pt"):
-        ours = pipe._postprocess(image, output_type)
-        reference = pipe.image_processor.postprocess(image, output_type=output_type)
-        assert type(ours) is type(reference)
-        if output_type == "np":
-            assert ours.dtype == reference.dtype and np.array_equal(ours, reference)
-        else:
-            assert ours.dtype == reference.dtype and torch.equal(ours, reference)
-    ours, reference = pipe._postprocess(image, "pil"), pipe.image_processor.postprocess(image, output_type="pil")
-    assert [np.asarray(a).tobytes() for a in ours] == [np.asarray(b).tobytes() for b in reference]

@@ -264,20 +264,6 @@ class OneStepPipeline(DiffusionPipeline):
             return _DisabledProgressBar()
         return super().progress_bar(iterable=iterable, total=total)
 
-    def _postprocess(self, image: torch.Tensor, output_type: str):
-        """``VaeImageProcessor.postprocess``, bit for bit, with the widening to float32 done where the image is.
-
-        diffusers copies a half-precision image to the host and widens it there: on a GPU at 1024 px that CPU
-        conversion of 3 M values cost ~0.5 ms of a ~1.1 ms post-processing step (``benchmarks/real_size_overhead.py``).
-        Here the denormalisation runs exactly as diffusers runs it (same dtype, same ops), then the exact bf16/fp16 ->
-        float32 widening happens on the device, and ``postprocess`` only copies and reorders.
-        """
-        processor = self.image_processor
-        if output_type == "pt" or not processor.config.do_normalize:
-            return processor.postprocess(image, output_type=output_type)
-        image = processor.denormalize(image).float()
-        return processor.postprocess(image, output_type=output_type, do_denormalize=[False] * image.shape[0])
-
     @property
     def interrupt(self) -> bool:
         return self._interrupt
@@ -509,7 +495,7 @@ class OneStepPipeline(DiffusionPipeline):
             image = denoised
         else:
             image = adapter.decode(denoised, vae_dtype=vae_dtype)
-            image = self._postprocess(image, output_type)
+            image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
