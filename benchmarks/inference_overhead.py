@@ -62,6 +62,20 @@ P1_TARGET = 1.03
 P2_TARGET = 1.00
 
 
+def patch_tokenizer_calls(pipe, wrap: Callable[[Callable], Callable]) -> Dict[type, Callable]:
+    """Replace ``__call__`` on the class of each of the pipeline's tokenizers with ``wrap(original)`` (tokenizers have
+    no forward to hook); returns ``{class: original}`` for restoring."""
+    originals: Dict[type, Callable] = {}
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipe, name, None)
+        cls = type(tokenizer)
+        if tokenizer is None or cls in originals:
+            continue
+        originals[cls] = cls.__call__
+        cls.__call__ = wrap(originals[cls])
+    return originals
+
+
 class ComponentTimer:
     """Accumulates the wall time spent inside the forwards of a pipeline's text encoders, denoiser and VAE decode.
 
@@ -115,23 +129,18 @@ class ComponentTimer:
         # Tokenizers have no forward: their __call__ is timed by patching it on the class (restored in remove()).
         # Component work under P1, overhead under P1 forwards-only.
         self.tokenize = 0.0
-        self._tokenizer_classes = {}
-        for name in ("tokenizer", "tokenizer_2"):
-            tokenizer = getattr(pipe, name, None)
-            cls = type(tokenizer)
-            if tokenizer is None or cls in self._tokenizer_classes:
-                continue
-            original = cls.__call__
-            self._tokenizer_classes[cls] = original
 
-            def timed_call(tok, *args, _original=original, **kwargs):
+        def timed(original):
+            def timed_call(tok, *args, **kwargs):
                 start = time.perf_counter()
                 try:
-                    return _original(tok, *args, **kwargs)
+                    return original(tok, *args, **kwargs)
                 finally:
                     self.tokenize += time.perf_counter() - start
 
-            cls.__call__ = timed_call
+            return timed_call
+
+        self._tokenizer_classes = patch_tokenizer_calls(pipe, timed)
 
     def _pre(self, module, _inputs):
         self._sync()
@@ -178,20 +187,15 @@ class CallRecorder:
             return self._decode(*args, **kwargs)
 
         vae.decode = recorded_decode
-        self._tokenizer_classes = {}
-        for name in ("tokenizer", "tokenizer_2"):
-            tokenizer = getattr(pipe, name, None)
-            cls = type(tokenizer)
-            if tokenizer is None or cls in self._tokenizer_classes:
-                continue
-            original = cls.__call__
-            self._tokenizer_classes[cls] = original
 
-            def recorded_call(tok, *args, _original=original, **kwargs):
+        def recorded(original):
+            def recorded_call(tok, *args, **kwargs):
                 self.calls.append(("tokenizer", tok, args, kwargs))
-                return _original(tok, *args, **kwargs)
+                return original(tok, *args, **kwargs)
 
-            cls.__call__ = recorded_call
+            return recorded_call
+
+        self._tokenizer_classes = patch_tokenizer_calls(pipe, recorded)
 
     def _record(self, module, args, kwargs):
         self.calls.append(("module", module, args, kwargs))

@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 from diffusers_onestep import OneStepPipeline  # noqa: E402
+from diffusers_onestep.families.pixart import PIXART_BLOCK_CONFIG  # noqa: E402
 from diffusers_onestep.pipelines.loading import scheduler_for  # noqa: E402
 from diffusers_onestep.testing import (  # noqa: E402
     NATIVE_PIPELINES,
@@ -144,21 +145,13 @@ def real_pixart(sigma: bool):
     transformer = PixArtTransformer2DModel(
         sample_size=128,
         num_layers=28,
-        patch_size=2,
         num_attention_heads=16,
         attention_head_dim=72,
-        in_channels=4,
-        out_channels=8,
         cross_attention_dim=1152,
         caption_channels=4096,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
         use_additional_conditions=not sigma,
         interpolation_scale=2 if sigma else None,
+        **PIXART_BLOCK_CONFIG,
     )
     return {
         "transformer": transformer,

@@ -189,23 +189,17 @@ def _tiny_t5(seed: int, words=None):
 def tiny_pixart_components(seed: int = 0) -> Dict[str, object]:
     from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel
 
+    from .families.pixart import PIXART_BLOCK_CONFIG
+
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(
         sample_size=8,
         num_layers=2,
-        patch_size=2,
         attention_head_dim=8,
         num_attention_heads=3,
         caption_channels=32,
-        in_channels=4,
         cross_attention_dim=24,
-        out_channels=8,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
+        **PIXART_BLOCK_CONFIG,
     )
     torch.manual_seed(seed)
     vae = AutoencoderKL()

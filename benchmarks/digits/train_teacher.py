@@ -87,23 +87,17 @@ def build_vae(resolution: int):
 def build_transformer(latent_size: int, width: int, heads: int, layers: int, caption_channels: int):
     from diffusers import PixArtTransformer2DModel
 
+    from diffusers_onestep.families.pixart import PIXART_BLOCK_CONFIG
+
     return PixArtTransformer2DModel(
         sample_size=latent_size,
         num_layers=layers,
-        patch_size=2,
         attention_head_dim=width // heads,
         num_attention_heads=heads,
         caption_channels=caption_channels,
-        in_channels=4,
-        out_channels=8,
         cross_attention_dim=width,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
         use_additional_conditions=False,
+        **PIXART_BLOCK_CONFIG,
     )
 
 

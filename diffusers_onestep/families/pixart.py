@@ -9,6 +9,21 @@ import torch
 from .base import Condition, FamilyAdapter, _unwrap
 
 
+#: ``PixArtTransformer2DModel`` settings shared by every published PixArt-α/Σ transformer (PixArt-XL-2-*): only the
+#: sizes (sample size, depth, heads, widths, caption channels) differ between checkpoints and the tiny test models
+PIXART_BLOCK_CONFIG = {
+    "patch_size": 2,
+    "in_channels": 4,
+    "out_channels": 8,  # learned sigma: prediction and variance
+    "attention_bias": True,
+    "activation_fn": "gelu-approximate",
+    "num_embeds_ada_norm": 1000,
+    "norm_type": "ada_norm_single",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+}
+
+
 class PixArtAlphaAdapter(FamilyAdapter):
     name = "pixart_alpha"
     display_name = "PixArt-α"
