@@ -162,10 +162,26 @@ class ComponentTimer:
             cls.__call__ = original
 
 
-def time_call(fn: Callable[[], object]) -> float:
+def time_call(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> float:
+    """Wall time of ``fn()``; ``sync`` (e.g. ``torch.cuda.synchronize``) before and after, so queued GPU work counts."""
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
+
+
+def alternating_times(run_a: Callable[[], object], run_b: Callable[[], object], calls: int,
+                      sync: Callable[[], None] = lambda: None):
+    """``calls`` timings of each of two callables, alternating them and the order within each pair, so that drift of
+    a shared machine hits both alike; returns ``(times_a, times_b)``, paired by index."""
+    times_a: List[float] = []
+    times_b: List[float] = []
+    order = ((times_a, run_a), (times_b, run_b))
+    for i in range(calls):
+        for times, fn in (order if i % 2 == 0 else order[::-1]):
+            times.append(time_call(fn, sync))
+    return times_a, times_b
 
 
 class CallRecorder:
@@ -300,15 +316,7 @@ def measure_family(family: str, folder: str, calls: int, warmup: int) -> Dict[st
         timer.remove()
 
     # P2: alternate the two pipelines, no hooks.
-    ours: List[float] = []
-    theirs: List[float] = []
-    for i in range(calls):
-        if i % 2 == 0:
-            ours.append(time_call(run_student))
-            theirs.append(time_call(run_native))
-        else:
-            theirs.append(time_call(run_native))
-            ours.append(time_call(run_student))
+    ours, theirs = alternating_times(run_student, run_native, calls)
     return {
         "p1": statistics.median(p1_ratios),
         "p1_forwards_only": statistics.median(p1_forwards_only),

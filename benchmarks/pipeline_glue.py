@@ -105,10 +105,6 @@ def measure(family: str, args, device: torch.device, dtype: torch.dtype) -> dict
         scans.append(time.perf_counter() - start)
     result["has_hooks_hot"] = 1e3 * statistics.median(scans)
     result["modules"] = sum(1 for m in pipe._models() for _ in m.modules())
-    del pipe, components, adapter
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {k: round(v, 3) for k, v in result.items()}
 
 
@@ -127,6 +123,9 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     for family in args.families:
         print(family, json.dumps(measure(family, args, device, dtype)), flush=True)
+        gc.collect()  # the family's models went with measure's frame: free their memory before the next
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return 0
 
 

@@ -61,7 +61,7 @@ from diffusers_onestep.testing import (  # noqa: E402
     tiny_gemma_tokenizer,
     tiny_t5_tokenizer,
 )
-from inference_overhead import ComponentTimer, bare_loop  # noqa: E402
+from inference_overhead import ComponentTimer, alternating_times, bare_loop, time_call  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -270,13 +270,6 @@ def measure_family(family: str, args, device: torch.device, dtype: torch.dtype) 
     def run_native():
         return native(prompt, generator=torch.Generator().manual_seed(0), output_type="np", **native_kwargs)
 
-    def timed(fn) -> float:
-        sync()
-        begin = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - begin
-
     for _ in range(args.warmup):
         run_student()
         run_native()
@@ -295,7 +288,7 @@ def measure_family(family: str, args, device: torch.device, dtype: torch.dtype) 
         for i in range(args.calls):
             for kind in (("bare", "pipe") if i % 2 == 0 else ("pipe", "bare")):
                 timer.total = timer.tokenize = timer.encode = timer.text_forwards = 0.0
-                elapsed = timed(run_bare if kind == "bare" else run_student)
+                elapsed = time_call(run_bare if kind == "bare" else run_student, sync)
                 inside = timer.total + timer.tokenize
                 if kind == "bare":
                     floor.append(elapsed / inside)
@@ -306,12 +299,7 @@ def measure_family(family: str, args, device: torch.device, dtype: torch.dtype) 
     finally:
         timer.remove()
 
-    ours: List[float] = []
-    theirs: List[float] = []
-    for i in range(args.calls):
-        order = ((ours, run_student), (theirs, run_native))
-        for times, fn in (order if i % 2 == 0 else order[::-1]):
-            times.append(timed(fn))
+    ours, theirs = alternating_times(run_student, run_native, args.calls, sync)
 
     memory = {}
     if device.type == "cuda":
@@ -336,10 +324,6 @@ def measure_family(family: str, args, device: torch.device, dtype: torch.dtype) 
         "peak_mib_ours": memory.get("ours"),
         "peak_mib_native": memory.get("native"),
     }
-    del student, native, components, native_components, ours_components, run_bare
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -371,6 +355,9 @@ def main(argv=None) -> int:
             results[family] = measure_family(family, args, device, dtype)
         except Exception as error:  # one family's failure must not lose the others' numbers
             results[family] = {"error": f"{type(error).__name__}: {error}"}
+        gc.collect()  # the family's models went with measure_family's frame: free their memory before the next
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         print(family, json.dumps(results[family]), flush=True)
         if args.json_out:
             with open(args.json_out, "w") as f:
