@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from diffusers_onestep import OneStepPipeline, io
+from diffusers_onestep import OneStepPipeline, storage
 from diffusers_onestep.testing import save_tiny_native_pipeline
 
 
@@ -72,7 +72,7 @@ def test_replace_directory_restores_the_old_folder_when_the_move_fails(tmp_path,
 
     monkeypatch.setattr(os, "replace", flaky)
     with pytest.raises(OSError):
-        io.replace_directory(str(staging), str(target))
+        storage.replace_directory(str(staging), str(target))
     monkeypatch.undo()
     assert os.listdir(target) == ["old.txt"]
 
@@ -97,18 +97,18 @@ def test_publish_moves_the_commit_file_last(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", record)
     with pytest.raises(OSError):
-        io.publish_entries(str(staging), str(target), commit_file="model_index.json")
+        storage.publish_entries(str(staging), str(target), commit_file="model_index.json")
     monkeypatch.undo()
     assert "model_index.json" not in os.listdir(target), "a half export must not be loadable"
     assert "model_index.json" not in moved  # the commit file comes after everything else
     assert (target / "checkpoint-2").is_dir()
-    io.publish_entries(str(staging), str(target), commit_file="model_index.json")
+    storage.publish_entries(str(staging), str(target), commit_file="model_index.json")
     assert (target / "model_index.json").read_text() == "model_index.json"
 
 
 def test_save_tensors_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "w.safetensors")
-    io.save_tensors(path, {"a": torch.ones(2)})
+    storage.save_tensors(path, {"a": torch.ones(2)})
     import safetensors.torch
 
     def crash(*args, **kwargs):
@@ -116,6 +116,6 @@ def test_save_tensors_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError):
-        io.save_tensors(path, {"a": torch.zeros(2)})
+        storage.save_tensors(path, {"a": torch.zeros(2)})
     monkeypatch.undo()
-    assert torch.equal(io.load_tensors(path)["a"], torch.ones(2))
+    assert torch.equal(storage.load_tensors(path)["a"], torch.ones(2))

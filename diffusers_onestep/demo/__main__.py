@@ -271,7 +271,7 @@ def main(argv=None) -> int:
             log(f"({name}: the teacher's deterministic metrics measured when it was built, {r['source']}; "
                 "--recompute_teacher samples them again, 4-5 minutes)")
     metrics["wall_s"] = time.perf_counter() - started
-    from ..io import write_json
+    from ..storage import write_json
 
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
     log(f"student FD / teacher-50 FD = {metrics['fd_ratio']:.2f}; accuracy ratio = {metrics['acc_ratio']:.3f}; "

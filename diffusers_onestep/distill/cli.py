@@ -251,20 +251,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 def config_from_values(values: Dict[str, Any], family: Optional[str] = None) -> TrainConfig:
-    """Build the config; family defaults (``defaults.FAMILY_DEFAULTS``) fill what the user left unset."""
-    from .defaults import CRITIC_UPDATES_PER_STUDENT, FAMILY_DEFAULTS
+    """Build the config; the family adapter's ``training_defaults`` fill what the user left unset."""
+    from ..families import get_adapter_class
 
     values = dict(values)
     if family is not None:
-        defaults = FAMILY_DEFAULTS[family]
-        student_kind = values.get("student", "lora")
-        values.setdefault("guidance_scale", defaults["guidance_scale"])
-        values.setdefault("learning_rate", defaults["lr_lora" if student_kind == "lora" else "lr_full"])
-        values.setdefault("lora_rank", defaults["lora_rank"])
-        values.setdefault("lora_alpha", defaults["lora_alpha"])
+        defaults = get_adapter_class(family).training_defaults
+        values.setdefault("guidance_scale", defaults.guidance_scale)
+        values.setdefault("learning_rate", defaults.learning_rate(values.get("student", "lora")))
+        values.setdefault("lora_rank", defaults.lora_rank)
+        values.setdefault("lora_alpha", defaults.lora_alpha)
         if values.get("divergence", "reverse_kl") != "reverse_kl" or values.get("real_images"):
-            values.setdefault("gan_weight", defaults["gan_weight"])
-    values.setdefault("critic_updates_per_student", CRITIC_UPDATES_PER_STUDENT)
+            values.setdefault("gan_weight", defaults.gan_weight)
+        values.setdefault("critic_updates_per_student", defaults.critic_updates_per_student)
     sections: Dict[str, Dict[str, Any]] = {"method": {}, "roles": {}, "optim": {}, "data": {}, "output": {}}
     top: Dict[str, Any] = {}
     for flag, value in values.items():

@@ -40,7 +40,7 @@ from torch import nn
 from ..families import Condition, FamilyAdapter
 from ..families.base import _unwrap
 from .config import RolesConfig
-from .methods import DistillationModels
+from .models import DistillationModels
 
 TRAINABLE_ROLES = ("student", "critic")
 

@@ -26,13 +26,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .. import io
+from .. import storage
 from ..families import Condition, get_adapter_class
 from ..lora import LORA_WEIGHT_NAME, lora_metadata
 from ..schedulers import OneStepScheduler
 from .config import ConfigError, TrainConfig, config_differences
 from .data import DataError, PromptSource, batch_indices, load_prompts, load_real_images
-from .methods import Batch, RandomSource, build_method
+from .methods import build_method
+from .models import Batch, RandomSource
 from .roles import BackboneRoles
 
 logger = logging.getLogger(__name__)
@@ -440,29 +441,29 @@ class Trainer:
         acc.wait_for_everyone()
         # Every process writes its own RNG state; the main process writes the shared state.
         rank = acc.process_index
-        io.save_tensors(os.path.join(staging, f"rng_{rank}.safetensors"), {
+        storage.save_tensors(os.path.join(staging, f"rng_{rank}.safetensors"), {
             "torch": torch.get_rng_state(),
             **{f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())},
             **{f"source_{k}": v for k, v in self.rng.state_dict().items()},
         })
-        io.write_json(os.path.join(staging, f"rng_{rank}.json"), {
+        storage.write_json(os.path.join(staging, f"rng_{rank}.json"), {
             "python": _python_rng_state(), "numpy": _numpy_rng_state(),
         })
         if acc.is_main_process:
-            io.save_tensors(os.path.join(staging, "trainable.safetensors"), self.roles.trainable_state_dict())
+            storage.save_tensors(os.path.join(staging, "trainable.safetensors"), self.roles.trainable_state_dict())
             if self.ema is not None:
-                io.save_tensors(os.path.join(staging, "ema.safetensors"), self.ema)
+                storage.save_tensors(os.path.join(staging, "ema.safetensors"), self.ema)
             method_state = _flatten(self.method.state_dict())
             if method_state:
-                io.save_tensors(os.path.join(staging, "method.safetensors"), method_state)
+                storage.save_tensors(os.path.join(staging, "method.safetensors"), method_state)
             for role, optimizer in self.optimizers.items():
                 tensors, plain = _optimizer_to_tensors(optimizer.state_dict())
-                io.save_tensors(os.path.join(staging, f"optimizer_{role}.safetensors"), tensors)
-                io.write_json(os.path.join(staging, f"optimizer_{role}.json"), plain)
-                io.write_json(os.path.join(staging, f"scheduler_{role}.json"), _scheduler_state(self.lr_schedulers[role]))
+                storage.save_tensors(os.path.join(staging, f"optimizer_{role}.safetensors"), tensors)
+                storage.write_json(os.path.join(staging, f"optimizer_{role}.json"), plain)
+                storage.write_json(os.path.join(staging, f"scheduler_{role}.json"), _scheduler_state(self.lr_schedulers[role]))
             self.config.save(os.path.join(staging, CONFIG_NAME))
             self._hook("before_checkpoint_commit", path=staging, step=self.global_step)
-            io.write_json(os.path.join(staging, TRAINER_STATE_NAME), {
+            storage.write_json(os.path.join(staging, TRAINER_STATE_NAME), {
                 "global_step": self.global_step,
                 "nonfinite_skips": self.nonfinite_skips,
                 "num_processes": acc.num_processes,
@@ -470,7 +471,7 @@ class Trainer:
             })
         acc.wait_for_everyone()
         if acc.is_main_process:
-            io.replace_directory(staging, target)
+            storage.replace_directory(staging, target)
             self._prune_checkpoints()
             self._hook("checkpoint_written", path=target, step=self.global_step)
         acc.wait_for_everyone()
@@ -489,25 +490,25 @@ class Trainer:
         acc = self.accelerator
         with open(os.path.join(path, TRAINER_STATE_NAME), encoding="utf-8") as f:
             state = json.load(f)
-        self.roles.load_trainable_state_dict(io.load_tensors(os.path.join(path, "trainable.safetensors")))
+        self.roles.load_trainable_state_dict(storage.load_tensors(os.path.join(path, "trainable.safetensors")))
         if self.ema is not None:
             ema_path = os.path.join(path, "ema.safetensors")
             if os.path.isfile(ema_path):
-                self.ema = {k: v.to(self.device) for k, v in io.load_tensors(ema_path).items()}
+                self.ema = {k: v.to(self.device) for k, v in storage.load_tensors(ema_path).items()}
         method_path = os.path.join(path, "method.safetensors")
         if os.path.isfile(method_path):
-            self.method.load_state_dict(_unflatten(io.load_tensors(method_path)))
+            self.method.load_state_dict(_unflatten(storage.load_tensors(method_path)))
         for role, optimizer in self.optimizers.items():
             with open(os.path.join(path, f"optimizer_{role}.json"), encoding="utf-8") as f:
                 plain = json.load(f)
-            tensors = io.load_tensors(os.path.join(path, f"optimizer_{role}.safetensors"))
+            tensors = storage.load_tensors(os.path.join(path, f"optimizer_{role}.safetensors"))
             optimizer.load_state_dict(_optimizer_from_tensors(tensors, plain))
             with open(os.path.join(path, f"scheduler_{role}.json"), encoding="utf-8") as f:
                 self.lr_schedulers[role].load_state_dict({**self.lr_schedulers[role].state_dict(), **json.load(f)})
         rank = acc.process_index
         rng_file = os.path.join(path, f"rng_{rank}.safetensors")
         if os.path.isfile(rng_file):
-            rng = io.load_tensors(rng_file)
+            rng = storage.load_tensors(rng_file)
             torch.set_rng_state(rng["torch"])
             cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda_"))]
             if cuda and torch.cuda.is_available():
@@ -590,7 +591,7 @@ class Trainer:
             with torch.no_grad():
                 for name, parameter in self.roles.named_role_parameters("student"):
                     parameter.copy_(self.ema[name])
-        staging = io.staging_path(os.path.join(output_dir, "export"))
+        staging = storage.staging_path(os.path.join(output_dir, "export"))
         os.makedirs(staging)
         if cfg.roles.student == "full":
             denoiser = self.roles.student_denoiser()
@@ -612,7 +613,7 @@ class Trainer:
                 safe_serialization=True,
             )
             self.student_scheduler().save_pretrained(os.path.join(staging, "scheduler"))
-            io.write_json(os.path.join(staging, "onestep_lora.json"), {
+            storage.write_json(os.path.join(staging, "onestep_lora.json"), {
                 "base_model": teacher_reference(cfg.teacher),
                 "family": self.family,
                 "weight_name": LORA_WEIGHT_NAME,
@@ -629,7 +630,7 @@ class Trainer:
         hub.write_model_card(staging, cfg, family=self.family, student_timesteps=self.student_timesteps,
                              sample_grid="samples.png", prompts=self.validation_prompts,
                              lora=cfg.roles.student == "lora")
-        io.publish_entries(staging, output_dir, commit_file=commit)
+        storage.publish_entries(staging, output_dir, commit_file=commit)
         if self.ema is not None:
             with torch.no_grad():
                 for name, parameter in self.roles.named_role_parameters("student"):
@@ -745,9 +746,7 @@ def resolve_family(config: TrainConfig) -> str:
 def student_timesteps_for(family: str, config: TrainConfig, noise_path) -> List[float]:
     if config.method.student_timesteps:
         return [float(t) for t in config.method.student_timesteps]
-    from .defaults import FAMILY_DEFAULTS
-
-    return list(FAMILY_DEFAULTS[family]["student_timesteps"])
+    return [float(t) for t in get_adapter_class(family).training_defaults.student_timesteps]
 
 
 def teacher_reference(teacher: str) -> str:

@@ -17,6 +17,33 @@ import torch
 from .. import parameterization as param
 
 
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """What a distillation run of this family uses where the user sets nothing (resolved once by
+    :func:`diffusers_onestep.distill.config.resolve`). Each adapter cites where its values come from.
+
+    Attributes:
+        student_timesteps: the student's conditioning time(s) in the natural units of the teacher's noise path.
+        guidance_scale: teacher classifier-free (or embedded) guidance ``w`` of the distribution-matching target.
+        learning_rate_full, learning_rate_lora: student learning rate of a full copy / a LoRA student.
+        gan_weight: generator GAN weight when the method trains a discriminator.
+        lora_rank, lora_alpha: LoRA shape of the student and critic adapters.
+        critic_updates_per_student: two time-scale update rule (DMD2 §4.3).
+    """
+
+    student_timesteps: Tuple[float, ...]
+    guidance_scale: float
+    learning_rate_full: float
+    learning_rate_lora: float
+    gan_weight: float = 5e-3
+    lora_rank: int = 64
+    lora_alpha: float = 64
+    critic_updates_per_student: int = 5
+
+    def learning_rate(self, student_kind: str) -> float:
+        return self.learning_rate_lora if student_kind == "lora" else self.learning_rate_full
+
+
 @dataclass
 class Condition:
     """Encoded text condition of a batch. Every tensor has the batch on dim 0.
@@ -107,6 +134,10 @@ class FamilyAdapter:
     default_max_sequence_length: Optional[int] = None
     #: condition fields a caller must provide when passing embeddings instead of prompts
     required_condition_fields: Tuple[str, ...] = ("embeds",)
+    #: defaults of a distillation run with this family as the teacher
+    training_defaults: TrainingDefaults = TrainingDefaults(
+        student_timesteps=(999.0,), guidance_scale=4.5, learning_rate_full=1e-6, learning_rate_lora=5e-5
+    )
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-from .base import Condition, FamilyAdapter, _unwrap
+from .base import Condition, FamilyAdapter, TrainingDefaults, _unwrap
 
 
 #: ``PixArtTransformer2DModel`` settings shared by every published PixArt-α/Σ transformer (PixArt-XL-2-*): only the
@@ -33,6 +33,11 @@ class PixArtAlphaAdapter(FamilyAdapter):
     #: T5 tokens kept, as in the family's pipeline
     default_max_sequence_length = 120
     required_condition_fields = ("embeds", "mask")
+    # The public PixArt-α DMD student runs at t=400 (diffusers-facts §3); TDM distils PixArt with CFG 4.5
+    # (algorithms.md §11.1). No published learning rate: ours, labelled so in docs/training.md.
+    training_defaults = TrainingDefaults(
+        student_timesteps=(400.0,), guidance_scale=4.5, learning_rate_full=1e-6, learning_rate_lora=5e-5,
+    )
 
     def _encode(self, prompts: List[str], device) -> Condition:
         embeds, mask, _, _ = self.text_pipeline().encode_prompt(

@@ -7,7 +7,7 @@ from typing import List, Optional
 import torch
 
 from .. import parameterization as param
-from .base import Condition, FamilyAdapter, _unwrap
+from .base import Condition, FamilyAdapter, TrainingDefaults, _unwrap
 
 
 class SanaAdapter(FamilyAdapter):
@@ -19,6 +19,11 @@ class SanaAdapter(FamilyAdapter):
     default_lora_target_modules = ("to_k", "to_q", "to_v")
     default_max_sequence_length = 300
     required_condition_fields = ("embeds", "mask")
+    # No DMD2/f-distill recipe exists for SANA: the student starts from pure noise (flow sigma 1) and the target uses
+    # the SANA pipeline's default guidance 4.5; learning rates are ours.
+    training_defaults = TrainingDefaults(
+        student_timesteps=(1.0,), guidance_scale=4.5, learning_rate_full=1e-6, learning_rate_lora=5e-5,
+    )
 
     @classmethod
     def _family_noise_path(cls, scheduler_config):
@@ -82,6 +87,10 @@ class SanaSprintAdapter(SanaAdapter):
     native_pipeline_class_name = "SanaSprintPipeline"
     has_embedded_guidance = True
     default_embedded_guidance_scale = 4.5
+    # SANA-Sprint students start at TrigFlow t = pi/2 with embedded guidance 4.5 (algorithms.md §11.5).
+    training_defaults = TrainingDefaults(
+        student_timesteps=(1.5708,), guidance_scale=4.5, learning_rate_full=2e-6, learning_rate_lora=5e-5,
+    )
 
     @classmethod
     def _family_noise_path(cls, scheduler_config):

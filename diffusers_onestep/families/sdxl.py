@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-from .base import Condition, FamilyAdapter, _every_row_padded, _unwrap
+from .base import Condition, FamilyAdapter, TrainingDefaults, _every_row_padded, _unwrap
 
 
 class SDXLAdapter(FamilyAdapter):
@@ -23,6 +23,12 @@ class SDXLAdapter(FamilyAdapter):
     )
     lora_pipeline_class_name = "StableDiffusionXLPipeline"
     required_condition_fields = ("embeds", "pooled")
+    # DMD2's SDXL recipe (algorithms.md §4.6): student conditioned on t=399, real-score CFG 8, LoRA r=64 alpha=8,
+    # lr 5e-7 full / 5e-5 LoRA, generator GAN weight 5e-3, TTUR 5. f-distill's SDXL recipe (§6.5) agrees.
+    training_defaults = TrainingDefaults(
+        student_timesteps=(399.0,), guidance_scale=8.0, learning_rate_full=5e-7, learning_rate_lora=5e-5,
+        gan_weight=5e-3, lora_rank=64, lora_alpha=8,
+    )
 
     def _build_text_pipeline(self, cls):
         kwargs = {n: self.components.get(n) for n in self.text_component_names}

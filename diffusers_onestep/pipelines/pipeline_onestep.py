@@ -18,7 +18,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..families import Condition, FamilyAdapter, detect_family, get_adapter_class
-from ..io import replace_directory, staging_path
+from ..storage import replace_directory, staging_path
 from ..schedulers import OneStepScheduler
 from . import loading
 

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -95,8 +95,3 @@ def load_tensors(path: str) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(path)
-
-
-def remove_tree(paths: Iterable[str]) -> None:
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)

@@ -189,7 +189,7 @@ def _tiny_t5(seed: int, words=None):
 def tiny_pixart_components(seed: int = 0) -> Dict[str, object]:
     from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel
 
-    from .families.pixart import PIXART_BLOCK_CONFIG
+    from ..families.pixart import PIXART_BLOCK_CONFIG
 
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(
@@ -291,7 +291,7 @@ def tiny_components(family: str, seed: int = 0) -> Dict[str, object]:
         return tiny_pixart_components(seed)
     if family in ("sana", "sana_sprint"):
         return tiny_sana_components(seed, sprint=family == "sana_sprint")
-    from .families import get_adapter_class
+    from ..families import get_adapter_class
 
     get_adapter_class(family)  # raises the one-sentence error for unknown names
     raise ValueError(f"No tiny components for {family!r}.")
