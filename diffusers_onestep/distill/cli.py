@@ -342,7 +342,9 @@ def preflight(config: TrainConfig) -> str:
     return family
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, hooks: Optional[Sequence[Any]] = None) -> int:
+    """Parse, resolve, check and train; returns the exit status. ``hooks`` go to :class:`~.trainer.Trainer` (the
+    crash-safety tests inject faults through them from a launcher script of their own)."""
     from .data import DataError
 
     parser = build_parser()
@@ -360,7 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .trainer import NonFiniteError, Trainer, TrainingInterrupted
 
     try:
-        Trainer(config).run()
+        Trainer(config, hooks=hooks).run()
     except TrainingInterrupted:
         return 130
     except NonFiniteError as error:
