@@ -26,9 +26,19 @@ def _is_hub_id(reference: str) -> bool:
         return False
 
 
+def _method_of(config):
+    """The registered method class of a run and its method settings (resolved if the config is not)."""
+    from .distill.config import resolve_method_config
+    from .distill.methods import get_method_class
+
+    settings = config.method if config.method.method else resolve_method_config(config.method)
+    return get_method_class(settings.method), settings
+
+
 def method_name(config) -> str:
-    return "DMD (VSD, reverse KL)" if config.method.divergence == "reverse_kl" else \
-        f"f-distill ({config.method.divergence})"
+    """The method's own name and description, as its class states them."""
+    method, settings = _method_of(config)
+    return f"{method.name} ({settings.divergence}): {method.description}"
 
 
 def card_text(config, family: str, student_timesteps: Sequence[float], sample_grid: Optional[str],
@@ -72,7 +82,7 @@ def card_text(config, family: str, student_timesteps: Sequence[float], sample_gr
         "## Training",
         "",
         f"- Teacher: `{teacher}` ({family})",
-        f"- Method: {method_name(config)}; divergence `{config.method.divergence}`",
+        "- Method: `{0.name}`, divergence `{1.divergence}` ({0.reference})".format(*_method_of(config)),
         f"- Student: {config.roles.student}; critic: {config.roles.critic}",
         f"- Steps: {config.optim.max_train_steps}, batch {config.optim.train_batch_size}, "
         f"student lr {config.optim.learning_rate}",
@@ -95,7 +105,7 @@ def write_model_card(folder: str, config, family: str, student_timesteps: Sequen
     from huggingface_hub import ModelCard, ModelCardData
 
     tags: List[str] = ["one-step", "distillation", "diffusers-onestep", "text-to-image", "diffusers", family,
-                       "dmd" if config.method.divergence == "reverse_kl" else "f-distill", config.method.divergence]
+                       *_method_of(config)[0].tags, _method_of(config)[1].divergence]
     if lora:
         tags.append("lora")
     data = ModelCardData(

@@ -308,7 +308,7 @@ def make_previous_run(ctx) -> None:
 
     argv = ["--teacher", ctx["pixart_dir"], "--prompts", ctx["prompts"], "--output_dir", ctx["run_dir"],
             "--resolution", "8", *TINY_FLAGS, "--max_train_steps", "1", "--critic_updates_per_student", "1"]
-    config = cli.config_from_values(cli.parse_args(argv), family="pixart_alpha")
+    config, _ = cli.resolve_args(argv)
     Trainer(config).run()
 
 

@@ -22,7 +22,8 @@ import torch
 from diffusers_onestep import parameterization as P
 from diffusers_onestep.distill.analytic import GaussianMixture
 from diffusers_onestep.distill.config import MethodConfig
-from diffusers_onestep.distill.methods import Batch, RandomSource, build_method
+from diffusers_onestep.distill.methods import build_method
+from diffusers_onestep.distill.models import Batch, RandomSource
 from diffusers_onestep.distill.toy import ToyModels, mixture_metrics, train_toy
 
 FLOW = P.FlowPath()

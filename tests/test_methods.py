@@ -6,7 +6,8 @@ import torch
 from diffusers_onestep import parameterization as param
 from diffusers_onestep.distill import losses
 from diffusers_onestep.distill.config import MethodConfig, RolesConfig
-from diffusers_onestep.distill.methods import VSD, Batch, FDistill, RandomSource, build_method
+from diffusers_onestep.distill.methods import DMD2, FDistill, build_method
+from diffusers_onestep.distill.models import Batch, RandomSource
 from diffusers_onestep.distill.roles import BackboneRoles
 from diffusers_onestep.families import PixArtAlphaAdapter
 from diffusers_onestep.testing import TINY_PROMPTS, tiny_components
@@ -27,7 +28,7 @@ def setup():
 
 def test_method_classes(setup):
     _, roles, _ = setup
-    assert type(build_method(MethodConfig().validate(), roles, [400])) is VSD
+    assert type(build_method(MethodConfig().validate(), roles, [400])) is DMD2
     method = build_method(MethodConfig(divergence="js").validate(), roles, [400])
     assert type(method) is FDistill and method.gan_weight > 0 and method.discriminator_trunk == "teacher"
     assert set(method.state_dict()) == {"ratio_normalizer"}

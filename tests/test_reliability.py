@@ -40,8 +40,7 @@ def run_args(workspace, output_dir, *extra):
 
 
 def in_process(argv, hooks=None):
-    config = cli.config_from_values(cli.parse_args(argv), family="pixart_alpha")
-    cli.preflight(config)
+    config, _ = cli.resolve_args(argv)
     return Trainer(config, hooks=hooks).run()
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from diffusers_onestep.distill.config import MethodConfig, RolesConfig
-from diffusers_onestep.distill.methods import Batch, RandomSource, build_method
+from diffusers_onestep.distill.methods import build_method
+from diffusers_onestep.distill.models import Batch, RandomSource
 from diffusers_onestep.distill.roles import BackboneRoles
 from diffusers_onestep.families import get_adapter_class
 from diffusers_onestep.testing import TINY_PROMPTS, tiny_components

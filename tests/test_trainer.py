@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusers_onestep.distill import cli
-from diffusers_onestep.distill.config import ConfigError
+from diffusers_onestep.distill.config import ConfigError, resolve
 from diffusers_onestep.distill.trainer import Trainer, list_checkpoints
 from diffusers_onestep.testing import save_tiny_native_pipeline
 from training_utils import TINY_FLAGS, write_images, write_prompts
@@ -31,9 +31,7 @@ def workspace(tmp_path_factory):
 def make_config(workspace, output_dir, *extra):
     argv = ["--teacher", workspace["teacher"], "--prompts", workspace["prompts"], "--output_dir", str(output_dir),
             "--resolution", "8", *TINY_FLAGS, *[str(a) for a in extra]]
-    values = cli.parse_args(argv)
-    config = cli.config_from_values(values, family="pixart_alpha")
-    cli.preflight(config)
+    config, _ = cli.resolve_args(argv)
     return config
 
 
@@ -184,8 +182,7 @@ def test_config_file_values_are_overridden_by_flags(workspace, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(f"teacher: {workspace['teacher']}\nprompts: {workspace['prompts']}\nlora_rank: 7\n"
                     "roles:\n  critic: full\nmethod:\n  guidance_scale: 2.5\n")
-    values = cli.parse_args(["--config", str(path), "--lora_rank", "3"])
-    config = cli.config_from_values(values, family="pixart_alpha")
+    config = resolve(cli.parse_args(["--config", str(path), "--lora_rank", "3"])[0])
     assert config.roles.lora_rank == 3 and config.roles.critic == "full" and config.method.guidance_scale == 2.5
     with pytest.raises(ConfigError, match="Unknown setting"):
         bad = tmp_path / "bad.json"
@@ -194,14 +191,14 @@ def test_config_file_values_are_overridden_by_flags(workspace, tmp_path):
 
 
 def test_family_defaults_follow_the_papers(workspace):
-    values = cli.parse_args(["--teacher", workspace["sdxl"], "--prompts", workspace["prompts"]])
-    config = cli.config_from_values(values, family="sdxl")
+    config = resolve(cli.parse_args(["--teacher", workspace["sdxl"], "--prompts", workspace["prompts"]])[0])
+    assert config.family == "sdxl" and config.method.method == "dmd2" and config.method.student_timesteps == [399.0]
     assert config.method.guidance_scale == 8.0  # DMD2 SDXL real-score CFG
     assert config.optim.learning_rate == 5e-5  # DMD2 SDXL 4-step LoRA
     assert config.roles.lora_rank == 64 and config.roles.lora_alpha == 8
     assert config.method.critic_updates_per_student == 5
-    values = cli.parse_args(["--teacher", workspace["sdxl"], "--prompts", workspace["prompts"], "--student", "full"])
-    assert cli.config_from_values(values, family="sdxl").optim.learning_rate == 5e-7
+    argv = ["--teacher", workspace["sdxl"], "--prompts", workspace["prompts"], "--student", "full"]
+    assert resolve(cli.parse_args(argv)[0]).optim.learning_rate == 5e-7
 
 
 def test_help_is_a_manual(capsys):

@@ -38,14 +38,14 @@ def env():
     return out
 
 
-def launch(args, num_processes=1, timeout=300, check=True):
-    """Run the training script through `accelerate launch`, as users do."""
+def launch(args, num_processes=1, timeout=300, check=True, script=SCRIPT):
+    """Run the training script (or another launcher ``script``) through `accelerate launch`, as users do."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--num_cpu_threads_per_process", "1"]
     if num_processes > 1:
         command.append("--multi_gpu")
-    command += [SCRIPT] + [str(a) for a in args]
+    command += [script] + [str(a) for a in args]
     result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

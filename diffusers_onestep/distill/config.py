@@ -1,13 +1,17 @@
-"""Typed configuration of a distillation run: the method, the roles, optimisation, data and output.
+"""Typed configuration of a distillation run, and the one resolver that fills its defaults.
 
-Every value is validated by ``validate()`` before any model is loaded, with one actionable sentence per error
-(``ConfigError``, a ``ValueError``). The training script only fills these dataclasses from flags and a
-YAML/JSON file; nothing else reads raw arguments. ``TrainConfig.to_dict()`` is what gets written beside every
-checkpoint and into the output folder.
+The dataclasses below are the single description of every setting: their field metadata (``help``, ``choices``,
+``default_text``) generate the command line (:mod:`.cli`), ``TrainConfig.to_dict()`` is what gets written beside
+every checkpoint, and such a file is accepted back as ``--config``. A field left ``None`` means "the default of the
+teacher's family or of the method": :func:`resolve` detects the family once, then takes every such value from the
+family adapter's ``training_defaults`` and the method class, so the CLI, the Python API and a resumed run train the
+same thing. Every value is validated before any model is loaded, with one actionable sentence per error
+(``ConfigError``, a ``ValueError``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -41,14 +45,41 @@ def _pair(value, name: str) -> Optional[Tuple[float, float]]:
     return values
 
 
+def setting(default: Any = None, help: str = "", *, default_factory=None, **cli: Any):
+    """A config field with its command-line description.
+
+    ``help`` is the flag's help text; ``cli`` holds argparse details the type does not give: ``choices`` (a tuple, or
+    a callable returning one at parse time), ``metavar``, ``comma_list=True`` (one comma-separated argument), and
+    ``default_text`` (how ``--help`` states a ``None`` default, e.g. "family default").
+    """
+    metadata = {"help": help, **cli}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _method_names() -> Tuple[str, ...]:
+    from .methods import method_names
+
+    return method_names()
+
+
+def _family_names() -> Tuple[str, ...]:
+    from ..families import FAMILIES
+
+    return ("auto",) + tuple(FAMILIES)
+
+
 @dataclass
 class MethodConfig:
-    """The distillation objective (algorithms.md §2-§6).
+    """The distillation objective (algorithms.md §2-§6). ``None`` fields take the method's or the family's default.
 
     Attributes:
+        method: registered method name (``dmd2``, ``fdistill``, ...); ``None``: ``fdistill`` when ``divergence`` is
+            an f-divergence other than reverse KL, else ``dmd2``.
         divergence: f-divergence name (``reverse_kl`` = DMD/VSD; ``js``, ``forward_kl``, ... = f-distill).
         student_timesteps: the student's conditioning timestep(s) in the teacher path's natural units; several
-            values train a multi-step student by backward simulation (DMD2 §4.4). ``None``: family default.
+            values train a multi-step student by backward simulation (DMD2 §4.4).
         guidance_scale: teacher classifier-free guidance ``w`` in the form ``u + w (c - u)`` (Ho & Salimans).
         guidance_range: draw ``w`` uniformly per sample from this range instead (SNOOPI); overrides the scale.
         time_range: fraction of the path used for the score terms (DMD: 0.02-0.98).
@@ -57,67 +88,78 @@ class MethodConfig:
         gan_weight: generator GAN weight (DMD2 SDXL 5e-3; f-distill needs it > 0; 0 disables the GAN).
         discriminator_weight: weight of the discriminator loss in the critic step (DMD2 1e-2; f-distill 1).
         discriminator_trunk: network whose features feed the discriminator head: ``critic`` (DMD2) or
-            ``teacher`` (f-distill / FastGen). ``None`` picks per method.
+            ``teacher`` (f-distill / FastGen).
         diffusion_gan_time_range: noise levels at which the discriminator sees samples (DMD2: all of them).
         ratio_clip, logit_clamp, ratio_bins, ratio_ema: density-ratio estimation of f-distill §6.3-6.4.
         critic_updates_per_student: critic updates per student update (two time-scale rule, DMD2 §4.3).
         backward_simulation: train multi-step students on their own rollouts (DMD2 §4.4).
     """
 
-    divergence: str = "reverse_kl"
-    student_timesteps: Optional[List[float]] = None
-    guidance_scale: float = 4.5
-    guidance_range: Optional[Tuple[float, float]] = None
-    time_range: Tuple[float, float] = (0.02, 0.98)
-    critic_time_range: Tuple[float, float] = (0.0, 1.0)
-    dm_weight: float = 1.0
-    gan_weight: Optional[float] = None
-    discriminator_weight: Optional[float] = None
-    discriminator_trunk: Optional[str] = None
-    diffusion_gan_time_range: Tuple[float, float] = (0.0, 1.0)
-    ratio_clip: Tuple[float, float] = (0.1, 20.0)
-    logit_clamp: float = 10.0
-    ratio_bins: int = 10
-    ratio_ema: float = 0.0
-    critic_updates_per_student: int = 5
-    backward_simulation: bool = True
-
-    @property
-    def is_f_divergence(self) -> bool:
-        return self.divergence != "reverse_kl"
-
-    def resolved_gan_weight(self) -> float:
-        """Generator GAN weight: as given, else 1e-3 for f-divergences (which need a discriminator), else 0."""
-        if self.gan_weight is not None:
-            return self.gan_weight
-        return 1e-3 if self.is_f_divergence else 0.0
-
-    def resolved_discriminator_weight(self) -> float:
-        if self.discriminator_weight is not None:
-            return self.discriminator_weight
-        return 1.0 if self.is_f_divergence else 1e-2
-
-    def resolved_discriminator_trunk(self) -> str:
-        return self.discriminator_trunk or ("teacher" if self.is_f_divergence else "critic")
+    method: Optional[str] = setting(
+        None, "Distillation method (registered: see choices); default fdistill when --divergence is an "
+              "f-divergence other than reverse_kl, else dmd2.", choices=_method_names, default_text="from --divergence")
+    divergence: Optional[str] = setting(
+        None, "reverse_kl (DMD/VSD), js, forward_kl, hellinger, jeffreys, softened_reverse_kl, neyman, pearson or "
+              "alpha:<a>. Anything but reverse_kl is f-distill and needs --real_images for its discriminator.",
+        default_text="the method's: reverse_kl for dmd2, js for fdistill")
+    student_timesteps: Optional[List[float]] = setting(
+        None, "The student's conditioning timestep(s); several values train a multi-step student, e.g. 999 749 499 "
+              "249.", default_text="family default: SDXL 399, PixArt 400, SANA 1.0, SANA-Sprint 1.5708")
+    guidance_scale: Optional[float] = setting(
+        None, "Teacher CFG scale w in u + w(c - u).", default_text="family default: SDXL 8, PixArt/SANA 4.5")
+    guidance_range: Optional[Tuple[float, float]] = setting(
+        None, "Draw the CFG scale uniformly from this range per sample (SNOOPI).", metavar=("LOW", "HIGH"))
+    time_range: Tuple[float, float] = setting(
+        (0.02, 0.98), "Fraction of the noise path for the score terms.", metavar=("LOW", "HIGH"))
+    critic_time_range: Tuple[float, float] = setting(
+        (0.0, 1.0), "Fraction of the noise path for the critic's denoising loss.", metavar=("LOW", "HIGH"))
+    dm_weight: float = setting(1.0, "Weight of the distribution-matching term of the student loss.")
+    gan_weight: Optional[float] = setting(
+        None, "Generator GAN weight; 0 disables the GAN (f-distill needs it > 0).",
+        default_text="family default (5e-3) when a discriminator trains, else 0")
+    discriminator_weight: Optional[float] = setting(
+        None, "Discriminator loss weight in the critic step.", default_text="the method's: dmd2 1e-2, fdistill 1")
+    discriminator_trunk: Optional[str] = setting(
+        None, "Network whose features the discriminator head reads.", choices=DISCRIMINATOR_TRUNKS,
+        default_text="the method's: critic for dmd2, teacher for fdistill")
+    diffusion_gan_time_range: Tuple[float, float] = setting(
+        (0.0, 1.0), "Noise levels (path fractions) at which the discriminator sees samples.", metavar=("LOW", "HIGH"))
+    ratio_clip: Tuple[float, float] = setting(
+        (0.1, 20.0), "Clip of the estimated density ratio r (f-distill §6.3).", metavar=("LOW", "HIGH"))
+    logit_clamp: float = setting(10.0, "Clamp of the discriminator logit before r = exp(logit).")
+    ratio_bins: int = setting(10, "Time bins of the ratio normaliser (f-distill §6.4).")
+    ratio_ema: float = setting(0.0, "EMA of the per-time-bin ratio normaliser.")
+    critic_updates_per_student: Optional[int] = setting(
+        None, "Critic updates per student update (two time-scale rule).", default_text="family default 5")
+    backward_simulation: bool = setting(
+        True, "Train multi-step students on their own rollouts (DMD2 §4.4).")
 
     @property
     def uses_discriminator(self) -> bool:
-        return self.is_f_divergence or self.resolved_gan_weight() > 0
+        """Whether a discriminator head trains (meaningful once the config is resolved)."""
+        return bool(self.gan_weight)
 
     def validate(self) -> "MethodConfig":
+        """Check the values that are set; ``None`` is left for :func:`resolve`."""
         from .divergences import get_divergence
 
-        try:
-            get_divergence(self.divergence)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        if self.method is not None:
+            _require(self.method in _method_names(),
+                     f"`--method` must be one of {', '.join(_method_names())}, got {self.method!r}.")
+        if self.divergence is not None:
+            try:
+                get_divergence(self.divergence)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         if self.student_timesteps is not None:
             _require(1 <= len(self.student_timesteps) <= 4,
                      f"`student_timesteps` takes 1 to 4 values, got {list(self.student_timesteps)}.")
             values = [float(t) for t in self.student_timesteps]
             _require(all(a > b for a, b in zip(values, values[1:])),
                      f"`student_timesteps` must be strictly decreasing, got {values}.")
-        _require(self.guidance_scale >= 0, f"`guidance_scale` must be >= 0, got {self.guidance_scale}.")
+            self.student_timesteps = values
+        _require(self.guidance_scale is None or self.guidance_scale >= 0,
+                 f"`guidance_scale` must be >= 0, got {self.guidance_scale}.")
         self.guidance_range = _pair(self.guidance_range, "guidance_range")
         for name in ("time_range", "critic_time_range", "diffusion_gan_time_range"):
             value = _pair(getattr(self, name), name)
@@ -126,11 +168,8 @@ class MethodConfig:
             setattr(self, name, value)
         self.ratio_clip = _pair(self.ratio_clip, "ratio_clip")
         _require(self.ratio_clip[0] > 0, f"`ratio_clip` must be positive, got {list(self.ratio_clip)}.")
-        if self.is_f_divergence:
-            _require(self.resolved_gan_weight() > 0,
-                     f"The {self.divergence} divergence estimates the density ratio with a discriminator, so "
-                     "`gan_weight` must be > 0 (f-distill §6.3).")
-        _require(self.critic_updates_per_student >= 1,
+        _require(self.gan_weight is None or self.gan_weight >= 0, f"`gan_weight` must be >= 0, got {self.gan_weight}.")
+        _require(self.critic_updates_per_student is None or self.critic_updates_per_student >= 1,
                  f"`critic_updates_per_student` must be >= 1, got {self.critic_updates_per_student}.")
         _require(self.discriminator_trunk in (None,) + DISCRIMINATOR_TRUNKS,
                  f"`discriminator_trunk` must be one of {', '.join(DISCRIMINATOR_TRUNKS)}, got "
@@ -148,27 +187,27 @@ class RolesConfig:
     trainable copies initialised from the teacher.
     """
 
-    student: str = "lora"
-    critic: str = "lora"
-    lora_rank: int = 64
-    lora_alpha: Optional[float] = None
-    lora_target_modules: Optional[List[str]] = None
-    critic_lora_rank: Optional[int] = None
-    gradient_checkpointing: bool = False
+    student: str = setting("lora", "lora or full student.", choices=ROLE_KINDS)
+    critic: str = setting("lora", "lora or full critic (fake score).", choices=ROLE_KINDS)
+    lora_rank: Optional[int] = setting(None, "LoRA rank of the student (and critic).", default_text="family default 64")
+    lora_alpha: Optional[float] = setting(None, "LoRA alpha.", default_text="family default: SDXL 8 as DMD2, else 64")
+    lora_target_modules: Optional[List[str]] = setting(
+        None, "Comma-separated module names that get LoRA layers.", comma_list=True,
+        default_text="the family's list, e.g. DMD2's SDXL list; to_q,to_k,to_v,to_out.0")
+    critic_lora_rank: Optional[int] = setting(None, "LoRA rank of the critic.", default_text="--lora_rank")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
 
     def validate(self) -> "RolesConfig":
         _require(self.student in ROLE_KINDS, f"`--student` must be one of {', '.join(ROLE_KINDS)}, got {self.student!r}.")
         _require(self.critic in ROLE_KINDS, f"`--critic` must be one of {', '.join(ROLE_KINDS)}, got {self.critic!r}.")
-        if "lora" in (self.student, self.critic):
-            _require(isinstance(self.lora_rank, int) and self.lora_rank >= 1,
-                     f"`--lora_rank` must be a positive integer for LoRA roles, got {self.lora_rank!r}.")
-            _require(self.lora_alpha is None or self.lora_alpha > 0,
-                     f"`--lora_alpha` must be positive, got {self.lora_alpha}.")
-            _require(self.critic_lora_rank is None or self.critic_lora_rank >= 1,
-                     f"`critic_lora_rank` must be a positive integer, got {self.critic_lora_rank}.")
-            if self.lora_target_modules is not None:
-                _require(len(self.lora_target_modules) > 0 and all(m for m in self.lora_target_modules),
-                         "`--lora_target_modules` must name at least one module, e.g. to_q,to_k,to_v,to_out.0.")
+        _require(self.lora_rank is None or (isinstance(self.lora_rank, int) and self.lora_rank >= 1),
+                 f"`--lora_rank` must be a positive integer for LoRA roles, got {self.lora_rank!r}.")
+        _require(self.lora_alpha is None or self.lora_alpha > 0, f"`--lora_alpha` must be positive, got {self.lora_alpha}.")
+        _require(self.critic_lora_rank is None or self.critic_lora_rank >= 1,
+                 f"`critic_lora_rank` must be a positive integer, got {self.critic_lora_rank}.")
+        if self.lora_target_modules is not None:
+            _require(len(self.lora_target_modules) > 0 and all(m for m in self.lora_target_modules),
+                     "`--lora_target_modules` must name at least one module, e.g. to_q,to_k,to_v,to_out.0.")
         return self
 
 
@@ -176,31 +215,34 @@ class RolesConfig:
 class OptimizationConfig:
     """Optimisers and schedule (AdamW for each trainable role, DMD2 §4.3)."""
 
-    learning_rate: float = 1e-5
-    critic_learning_rate: Optional[float] = None
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 0.01
-    adam_epsilon: float = 1e-8
-    lr_scheduler: str = "constant_with_warmup"
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 10.0
-    train_batch_size: int = 2
-    gradient_accumulation_steps: int = 1
-    max_train_steps: int = 1000
-    mixed_precision: str = "no"
-    seed: int = 0
-    ema_decay: Optional[float] = None
-    on_nonfinite: str = "stop"
-    max_nonfinite_skips: int = 10
+    learning_rate: Optional[float] = setting(
+        None, "Student learning rate.", default_text="family default: SDXL 5e-5 LoRA / 5e-7 full")
+    critic_learning_rate: Optional[float] = setting(None, "Critic learning rate.", default_text="--learning_rate")
+    adam_beta1: float = setting(0.9, "AdamW beta1.")
+    adam_beta2: float = setting(0.999, "AdamW beta2.")
+    adam_weight_decay: float = setting(0.01, "AdamW weight decay.")
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon.")
+    lr_scheduler: str = setting("constant_with_warmup", "Learning-rate schedule.", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = setting(0, "Warm-up steps of the schedule.")
+    max_grad_norm: float = setting(10.0, "Gradient-norm clipping (DMD2: 10).")
+    train_batch_size: int = setting(2, "Batch size per process.")
+    gradient_accumulation_steps: int = setting(1, "Micro-batches accumulated per update.")
+    max_train_steps: int = setting(1000, "Training iterations.")
+    mixed_precision: str = setting(
+        "no", "no, fp16 (CUDA only) or bf16: the frozen teacher runs in it; trainable weights stay fp32.",
+        choices=MIXED_PRECISIONS)
+    seed: int = setting(0, "Seed of every random draw of the run.")
+    ema_decay: Optional[float] = setting(None, "Keep an EMA of the student (e.g. 0.999) and export it.",
+                                         default_text="no EMA")
+    on_nonfinite: str = setting("stop", "stop, or skip updates whose loss or gradient is NaN/inf.",
+                                choices=ON_NONFINITE)
+    max_nonfinite_skips: int = setting(10, "With --on_nonfinite skip: stop after this many skipped updates.")
 
     def validate(self) -> "OptimizationConfig":
-        for name in ("learning_rate",):
+        for name in ("learning_rate", "critic_learning_rate"):
             value = getattr(self, name)
-            _require(value > 0 and math.isfinite(value), f"`--{name}` must be a positive number, got {value}.")
-        if self.critic_learning_rate is not None:
-            _require(self.critic_learning_rate > 0,
-                     f"`--critic_learning_rate` must be positive, got {self.critic_learning_rate}.")
+            _require(value is None or (value > 0 and math.isfinite(value)),
+                     f"`--{name}` must be a positive number, got {value}.")
         _require(self.lr_scheduler in LR_SCHEDULERS,
                  f"`--lr_scheduler` must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}.")
         _require(self.train_batch_size >= 1, f"`--train_batch_size` must be >= 1, got {self.train_batch_size}.")
@@ -221,20 +263,28 @@ class OptimizationConfig:
 class DataConfig:
     """Prompts (and optional real images for the GAN / discriminator)."""
 
-    prompts: Optional[str] = None
-    prompt_column: str = "text"
-    real_images: Optional[str] = None
-    image_column: str = "image"
-    caption_column: Optional[str] = None
-    resolution: Optional[int] = None
-    cache_text_embeddings: bool = True
-    dataloader_num_workers: int = 0
+    prompts: Optional[str] = setting(
+        None, "Prompts: a .txt file (one per line), .jsonl, a datasets file/folder or a Hub dataset name (required).")
+    prompt_column: str = setting("text", "Column/field holding the prompts.")
+    real_images: Optional[str] = setting(
+        None, "Image dataset (imagefolder or Hub name) for the GAN / f-divergence discriminator.", default_text="none")
+    image_column: str = setting("image", "Image column of --real_images.")
+    caption_column: Optional[str] = setting(
+        None, "Caption column of --real_images: real images are judged under their captions (DMD2); without it, "
+              "real and generated images are both judged under the null prompt.", default_text="none")
+    resolution: Optional[int] = setting(None, "Training resolution.", default_text="the teacher's native size")
+    cache_text_embeddings: bool = setting(
+        True, "Encode every prompt once and free the text encoders (--no_cache_text_embeddings encodes on the fly, "
+              "for very large prompt sets).")
+    dataloader_num_workers: int = setting(0, "Worker processes that decode --real_images.")
 
     def validate(self) -> "DataConfig":
         _require(bool(self.prompts), "`--prompts` is required: a .txt file (one prompt a line), a .jsonl file, "
                                      "a datasets folder/file, or a Hub dataset name.")
         _require(self.resolution is None or (isinstance(self.resolution, int) and self.resolution > 0),
                  f"`--resolution` must be a positive integer, got {self.resolution!r}.")
+        _require(isinstance(self.dataloader_num_workers, int) and self.dataloader_num_workers >= 0,
+                 f"`--dataloader_num_workers` must be an integer >= 0, got {self.dataloader_num_workers!r}.")
         return self
 
 
@@ -242,20 +292,22 @@ class DataConfig:
 class OutputConfig:
     """Where and how often things are written, logged and pushed."""
 
-    output_dir: str = "onestep-student"
-    overwrite_output_dir: bool = False
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: Optional[int] = None
-    resume_from_checkpoint: Optional[str] = None
-    save_on_interrupt: bool = True
-    validation_prompts: Optional[List[str]] = None
-    validation_steps: int = 500
-    report_to: str = "tensorboard"
-    logging_dir: str = "logs"
-    tracker_project_name: str = "diffusers-onestep"
-    push_to_hub: bool = False
-    hub_model_id: Optional[str] = None
-    private: bool = False
+    output_dir: str = setting("onestep-student", "Where the student, checkpoints and logs go.")
+    overwrite_output_dir: bool = setting(False, "Allow a non-empty --output_dir (otherwise refused).")
+    checkpointing_steps: int = setting(500, "Checkpoint every N steps.")
+    checkpoints_total_limit: Optional[int] = setting(None, "Keep at most N checkpoints.", default_text="all")
+    resume_from_checkpoint: Optional[str] = setting(None, "'latest' or a checkpoint-N folder.", default_text="none")
+    save_on_interrupt: bool = setting(True, "Checkpoint when interrupted (Ctrl-C / SIGTERM).")
+    validation_prompts: Optional[List[str]] = setting(
+        None, "Prompts for validation grids.", default_text="the first four prompts")
+    validation_steps: int = setting(500, "Validate every N steps.")
+    report_to: str = setting("tensorboard", "Where to log.", choices=REPORT_TO)
+    logging_dir: str = setting("logs", "Log folder inside --output_dir.")
+    tracker_project_name: str = setting("diffusers-onestep", "Tracker project name.")
+    push_to_hub: bool = setting(False, "Upload the student (not the checkpoints) at the end; uses HF_TOKEN or your "
+                                       "login.")
+    hub_model_id: Optional[str] = setting(None, "namespace/name of the Hub repo.", default_text="the output dir name")
+    private: bool = setting(False, "Create the Hub repo as private.")
 
     def validate(self) -> "OutputConfig":
         _require(bool(self.output_dir), "`--output_dir` must not be empty.")
@@ -278,14 +330,22 @@ class OutputConfig:
         return self
 
 
+#: the sections of a TrainConfig, by field name
+SECTIONS = {"method": MethodConfig, "roles": RolesConfig, "optim": OptimizationConfig, "data": DataConfig,
+            "output": OutputConfig}
+
+
 @dataclass
 class TrainConfig:
-    """A whole distillation run."""
+    """A whole distillation run. ``resolve(config)`` fills the family's and the method's defaults."""
 
-    teacher: Optional[str] = None
-    family: str = "auto"
-    revision: Optional[str] = None
-    max_sequence_length: Optional[int] = None
+    teacher: Optional[str] = setting(
+        None, "Hub model id or local diffusers pipeline folder of the teacher (required).")
+    family: str = setting("auto", "Backbone family of the teacher (auto: detected from its model_index.json).",
+                          choices=_family_names)
+    revision: Optional[str] = setting(None, "Hub revision of the teacher.", default_text="main")
+    max_sequence_length: Optional[int] = setting(
+        None, "Text tokens kept.", default_text="family default: PixArt-α 120, PixArt-Σ/SANA 300")
     method: MethodConfig = field(default_factory=MethodConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
     optim: OptimizationConfig = field(default_factory=OptimizationConfig)
@@ -293,11 +353,11 @@ class TrainConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> "TrainConfig":
-        from ..families import FAMILIES, SUPPORTED_FAMILIES_TEXT
+        from ..families import FAMILIES, supported_families_text
 
         _require(bool(self.teacher), "`--teacher` is required: a Hub model id or a local diffusers pipeline folder.")
         _require(self.family == "auto" or self.family in FAMILIES,
-                 f"`--family` must be auto or one of {SUPPORTED_FAMILIES_TEXT}, got {self.family!r}.")
+                 f"`--family` must be auto or one of {supported_families_text()}, got {self.family!r}.")
         for part in (self.method, self.roles, self.optim, self.data, self.output):
             part.validate()
         return self
@@ -308,14 +368,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
         """Build from a nested dict (as written by :meth:`to_dict`); unknown keys are refused."""
-        sections = {"method": MethodConfig, "roles": RolesConfig, "optim": OptimizationConfig,
-                    "data": DataConfig, "output": OutputConfig}
         kwargs: Dict[str, Any] = {}
         known = {f.name for f in dataclasses.fields(cls)}
         for key, value in data.items():
             _require(key in known, f"Unknown config key {key!r}; known keys are {', '.join(sorted(known))}.")
-            if key in sections:
-                section_cls = sections[key]
+            if key in SECTIONS:
+                section_cls = SECTIONS[key]
                 names = {f.name for f in dataclasses.fields(section_cls)}
                 for sub in value:
                     _require(sub in names, f"Unknown config key {key}.{sub}; known keys are {', '.join(sorted(names))}.")
@@ -335,6 +393,143 @@ class TrainConfig:
     def load(cls, path: str) -> "TrainConfig":
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the resolver
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A run's configuration with every default filled in, and what was learned resolving it.
+
+    Attributes:
+        config: the complete :class:`TrainConfig` (no ``None`` left where a default exists); this is what
+            ``training_config.json`` holds, and what a resumed run must match.
+        family: the teacher's family, detected once.
+        teacher_configs: the teacher's ``model_index.json`` and its denoiser and VAE configs (read without weights).
+    """
+
+    config: TrainConfig
+    family: str
+    teacher_configs: Dict[str, Dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __getattr__(self, name: str):
+        # A resolved config reads like the TrainConfig it holds (``resolved.optim.learning_rate``).
+        if name == "config":
+            raise AttributeError(name)
+        return getattr(self.config, name)
+
+    @property
+    def adapter_class(self):
+        from ..families import get_adapter_class
+
+        return get_adapter_class(self.family)
+
+    @property
+    def method_class(self):
+        from .methods import get_method_class
+
+        return get_method_class(self.config.method.method)
+
+    @property
+    def student_timesteps(self) -> List[float]:
+        return [float(t) for t in self.config.method.student_timesteps]
+
+
+def read_teacher_configs(teacher: str, revision: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+    """``model_index.json`` of a teacher (Hub id or folder) and the configs of its denoiser and VAE, or a
+    one-sentence :class:`ConfigError`. Reads JSON only, never weights."""
+    from ..pipelines.loading import read_json  # moves to hub.py with the Hub-read restructure
+
+    kwargs = {"revision": revision} if revision else {}
+    index = read_json(teacher, "model_index.json", kwargs)
+    if index is None:
+        raise ConfigError(f"--teacher {teacher} is not a diffusers pipeline (it has no model_index.json).")
+    configs: Dict[str, Dict[str, Any]] = {"model_index": index}
+    for name, spec in index.items():
+        if isinstance(spec, list) and len(spec) == 2 and spec[0] is not None and not name.startswith("_"):
+            if name in ("vae", "unet", "transformer"):
+                configs[name] = read_json(teacher, f"{name}/config.json", kwargs) or {}
+    return configs
+
+
+def detect_teacher_family(teacher_configs: Dict[str, Dict[str, Any]], requested: str = "auto") -> str:
+    from ..families import detect_family
+
+    index = teacher_configs["model_index"]
+    components = {k: v for k, v in teacher_configs.items() if k != "model_index"}
+    try:
+        detected = detect_family(index, components)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if requested not in ("auto", detected):
+        raise ConfigError(f"--family {requested} does not match the teacher, which is a {detected} model.")
+    return detected
+
+
+def resolve(config: TrainConfig, teacher_configs: Optional[Dict[str, Dict[str, Any]]] = None) -> ResolvedConfig:
+    """Validate ``config``, detect the teacher's family once (honouring ``revision``) and fill every default from the
+    family adapter's ``training_defaults`` and the method class. Loads no weights.
+
+    A config that is already complete (a run's ``training_config.json``) resolves to itself.
+    """
+    from ..families import get_adapter_class
+
+    config = copy.deepcopy(config).validate()
+    if teacher_configs is None:
+        teacher_configs = read_teacher_configs(config.teacher, config.revision)
+    family = detect_teacher_family(teacher_configs, config.family)
+    adapter_cls = get_adapter_class(family)
+    defaults = adapter_cls.training_defaults
+    config.family = family
+    config.method = resolve_method_config(config.method, defaults, has_real_images=bool(config.data.real_images))
+
+    roles = config.roles
+    if roles.lora_rank is None:
+        roles.lora_rank = defaults.lora_rank
+    if roles.lora_alpha is None:
+        roles.lora_alpha = float(defaults.lora_alpha)
+    if roles.critic_lora_rank is None:
+        roles.critic_lora_rank = roles.lora_rank
+    if roles.lora_target_modules is None:
+        roles.lora_target_modules = list(adapter_cls.default_lora_target_modules)
+    optim = config.optim
+    if optim.learning_rate is None:
+        optim.learning_rate = defaults.learning_rate(roles.student)
+    if optim.critic_learning_rate is None:
+        optim.critic_learning_rate = optim.learning_rate
+    if config.max_sequence_length is None:
+        config.max_sequence_length = adapter_cls.default_max_sequence_length
+    if config.data.resolution is None:
+        config.data.resolution = _native_resolution(adapter_cls, teacher_configs)
+    return ResolvedConfig(config=config.validate(), family=family, teacher_configs=teacher_configs)
+
+
+def resolve_method_config(config: MethodConfig, defaults=None, has_real_images: bool = False) -> MethodConfig:
+    """A copy of ``config`` with the method chosen and every ``None`` filled: the method class's own defaults, then the
+    family's ``training_defaults`` (``None``: the generic ones of :class:`~diffusers_onestep.FamilyAdapter`).
+    The method class then checks the combination (e.g. f-distill needs a discriminator)."""
+    from ..families import FamilyAdapter
+    from .methods import method_for
+
+    config = copy.deepcopy(config).validate()
+    defaults = defaults or FamilyAdapter.training_defaults
+    method_cls = method_for(config.method, config.divergence)
+    config.method = method_cls.name
+    return method_cls.resolve_config(config, defaults, has_real_images)
+
+
+def _native_resolution(adapter_cls, teacher_configs: Dict[str, Dict[str, Any]]) -> Optional[int]:
+    denoiser = teacher_configs.get(adapter_cls.denoiser_name) or {}
+    vae = teacher_configs.get("vae") or {}
+    sample_size = denoiser.get("sample_size")
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = sample_size[0]
+    if not sample_size or not vae:
+        return None
+    return int(sample_size) * adapter_cls.vae_scale_factor_of(vae)
 
 
 def config_differences(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[str]:

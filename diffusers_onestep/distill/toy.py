@@ -41,7 +41,8 @@ from torch import nn
 from .. import parameterization as param
 from .analytic import GaussianMixture
 from .config import MethodConfig
-from .methods import Batch, DistillationModels, RandomSource, build_method
+from .methods import build_method
+from .models import Batch, DistillationModels, RandomSource
 
 __all__ = ["ToyModels", "ToyResult", "energy_distance", "mixture_metrics", "train_toy"]
 

@@ -30,7 +30,7 @@ from .. import storage
 from ..families import Condition, get_adapter_class
 from ..lora import LORA_WEIGHT_NAME, lora_metadata
 from ..schedulers import OneStepScheduler
-from .config import ConfigError, TrainConfig, config_differences
+from .config import ConfigError, ResolvedConfig, TrainConfig, config_differences, resolve
 from .data import DataError, PromptSource, batch_indices, load_prompts, load_real_images
 from .methods import build_method
 from .models import Batch, RandomSource
@@ -152,8 +152,11 @@ class Trainer:
             faults. ``"loss"`` hooks may return a replacement loss.
     """
 
-    def __init__(self, config: TrainConfig, hooks: Optional[List[Callable]] = None):
-        self.config = config
+    def __init__(self, config, hooks: Optional[List[Callable]] = None):
+        #: the run's settings with every family and method default filled in (a TrainConfig is resolved here, as
+        #: the CLI resolves it, so the Python API and the CLI train the same thing)
+        self.resolved: ResolvedConfig = config if isinstance(config, ResolvedConfig) else resolve(config)
+        self.config: TrainConfig = self.resolved.config
         self.hooks = list(hooks or [])
         self.global_step = 0
         self.nonfinite_skips = 0
@@ -246,7 +249,7 @@ class Trainer:
         from diffusers import DiffusionPipeline
 
         cfg = self.config
-        family = resolve_family(cfg)
+        family = self.resolved.family
         kwargs = {"revision": cfg.revision} if cfg.revision else {}
         self.teacher_pipeline = DiffusionPipeline.from_pretrained(cfg.teacher, **kwargs)
         self.family = family
@@ -270,7 +273,7 @@ class Trainer:
         self.resolution = cfg.data.resolution or adapter.default_resolution
         self.real_latents = None
         self.real_conditions = None
-        if self.method_config.uses_discriminator:
+        if cfg.method.uses_discriminator:
             images, captions = load_real_images(cfg.data.real_images, self.resolution, cfg.data.image_column,
                                                 cfg.data.caption_column)
             with torch.no_grad():
@@ -283,14 +286,14 @@ class Trainer:
 
     def _setup_models(self):
         cfg = self.config
-        self.student_timesteps = student_timesteps_for(self.family, cfg, self.adapter.noise_path)
+        self.student_timesteps = self.resolved.student_timesteps
         self.roles = BackboneRoles(
             self.adapter,
             cfg.roles,
-            discriminator=self.method_config.uses_discriminator,
+            discriminator=cfg.method.uses_discriminator,
             dtype=self.weight_dtype,
         )
-        self.method = build_method(self.method_config, self.roles, self.student_timesteps)
+        self.method = build_method(cfg.method, self.roles, self.student_timesteps)
         if cfg.data.cache_text_embeddings:
             # Every condition is cached: move the text encoders off the accelerator (kept for the export).
             for name in self.adapter.text_component_names:
@@ -352,10 +355,8 @@ class Trainer:
             real_indices = batch_indices(seed + 1, position, global_batch, len(self.real_latents))
             real_mine = real_indices[acc.process_index * local:(acc.process_index + 1) * local]
             real = self.real_latents[real_mine].to(self.device)
-            if self.real_conditions is not None:
+            if self.real_conditions is not None:  # captions: each real image is judged under its own
                 real_condition = self.real_conditions.conditions(real_mine)
-            else:
-                real_condition = self.roles.unconditional(condition)
         return Batch(condition=condition, noise=noise, real=real, real_condition=real_condition)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -646,7 +647,6 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        self.method_config = cfg.method
         resume = resolve_resume_path(cfg.output.resume_from_checkpoint, cfg.output.output_dir)
         self._setup_accelerator()
         acc = self.accelerator
@@ -722,33 +722,6 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resolve_family(config: TrainConfig) -> str:
-    """The teacher's family (``--family auto`` detects it), or a one-sentence error."""
-    from ..families import detect_family
-    from ..pipelines.loading import read_json
-
-    index = read_json(config.teacher, "model_index.json", {"revision": config.revision} if config.revision else {})
-    if index is None:
-        raise ConfigError(f"--teacher {config.teacher} is not a diffusers pipeline (it has no model_index.json).")
-    configs = {}
-    for name in ("unet", "transformer"):
-        if isinstance(index.get(name), list) and index[name][0] is not None:
-            configs[name] = read_json(config.teacher, f"{name}/config.json") or {}
-    try:
-        detected = detect_family(index, configs)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if config.family not in ("auto", detected):
-        raise ConfigError(f"--family {config.family} does not match the teacher, which is a {detected} model.")
-    return detected
-
-
-def student_timesteps_for(family: str, config: TrainConfig, noise_path) -> List[float]:
-    if config.method.student_timesteps:
-        return [float(t) for t in config.method.student_timesteps]
-    return [float(t) for t in get_adapter_class(family).training_defaults.student_timesteps]
-
-
 def teacher_reference(teacher: str) -> str:
     """A Hub id as given, a local folder as an absolute path (so the LoRA config resolves from anywhere)."""
     return os.path.abspath(teacher) if os.path.isdir(teacher) else teacher
@@ -814,4 +787,4 @@ def _set_numpy_rng_state(state):
 
 
 __all__ = ["Trainer", "TrainingResult", "NonFiniteError", "TrainingInterrupted", "ConfigError", "DataError",
-           "list_checkpoints", "resolve_resume_path", "check_resume_config", "resolve_family"]
+           "list_checkpoints", "resolve_resume_path", "check_resume_config"]

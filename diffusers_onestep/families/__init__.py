@@ -102,3 +102,7 @@ __all__ = [
     "get_adapter_class",
     "read_model_index",
 ]
+
+
+def supported_families_text() -> str:
+    return SUPPORTED_FAMILIES_TEXT

@@ -1,0 +1,31 @@
+"""Distillation methods as plug-ins: ``--method NAME`` picks a registered class (see :mod:`.base`).
+
+Registered here: :class:`DMD2` (``dmd2``) and :class:`FDistill` (``fdistill``). A new method is one file in this folder
+(or in user code) with a :class:`DistillationMethod` subclass decorated with :func:`register_method`.
+"""
+
+from .base import (
+    METHODS,
+    DistillationMethod,
+    GeneratorTerms,
+    build_method,
+    get_method_class,
+    method_for,
+    method_names,
+    register_method,
+)
+from .dmd2 import DMD2
+from .fdistill import FDistill
+
+__all__ = [
+    "DMD2",
+    "METHODS",
+    "DistillationMethod",
+    "FDistill",
+    "GeneratorTerms",
+    "build_method",
+    "get_method_class",
+    "method_for",
+    "method_names",
+    "register_method",
+]
