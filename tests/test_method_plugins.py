@@ -5,7 +5,6 @@ discriminator judges real and generated samples under."""
 
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -200,3 +199,16 @@ def test_a_method_from_outside_the_library_trains_through_accelerate_launch(tmp_
     card = (out / "README.md").read_text()
     assert TeacherRegression.description in card and "teacher-regression" in card
     assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
+
+
+def test_the_methods_doc_example_defines_a_method_that_resolves():
+    import re
+
+    with open(os.path.join(os.path.dirname(TESTS), "docs", "methods.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"^<!-- test -->\n```python\n(.*?)^```", f.read(), flags=re.S | re.M)
+    assert blocks
+    namespace = {"__name__": "docs_methods"}
+    for code in blocks:
+        exec(compile(code, "docs/methods.md", "exec"), namespace)
+    assert "teacher_regression_doc" in method_names()
+    assert resolve_method_config(MethodConfig(method="teacher_regression_doc")).method == "teacher_regression_doc"
