@@ -72,7 +72,7 @@ def _family_names() -> Tuple[str, ...]:
 
 @dataclass
 class MethodConfig:
-    """The distillation objective (algorithms.md §2-§6). ``None`` fields take the method's or the family's default.
+    """The distillation objective (DMD, DMD2, f-distill). ``None`` fields take the method's or the family's default.
 
     Attributes:
         method: registered method name (``dmd2``, ``fdistill``, ...); ``None``: ``fdistill`` when ``divergence`` is

@@ -1,13 +1,13 @@
 """f-divergences and their VSD weighting functions ``h(r) = r^2 f''(r)`` (f-distill, Xu, Nie & Vahdat 2025).
 
 For ``D_f(p || q) = E_q[f(r)]`` with ``r = p / q`` the density ratio *teacher over student* at the same noisy sample
-``x_t`` and time ``t``, the generator gradient is (f-distill, arXiv 2502.15681, its main gradient theorem; algorithms.md §6.1)::
+``x_t`` and time ``t``, the generator gradient is (f-distill, arXiv 2502.15681, its main gradient theorem)::
 
     ∇θ D_f(p_t || q_t) = E_{z, ε}[ h(r_t(x_t)) · (s_q(x_t) − s_p(x_t)) · ∂x_t/∂θ ],      h(r) = r^2 f''(r)
 
 so every f-divergence is the reverse-KL / DMD gradient (``h ≡ 1``) re-weighted per sample by ``h(r)``. ``h`` only
 matters up to a positive constant, because :func:`~diffusers_onestep.distill.losses.f_divergence_weight` normalizes
-it to unit batch mean (algorithms.md §6.4). ``f`` is given up to affine terms ``c (r − 1)``, which change neither
+it to unit batch mean (f-distill's two-stage normalization). ``f`` is given up to affine terms ``c (r − 1)``, which change neither
 ``f''`` nor ``E_q[f(r)]``; every ``f`` here satisfies ``f(1) = 0`` and is convex on ``r > 0``.
 
 =======================  =====================================  ===============  ==========  ===================
@@ -54,7 +54,7 @@ class Divergence:
         name (`str`): the name accepted by :func:`get_divergence` (the CLI name).
         f (`Callable[[Tensor], Tensor]`): the convex generator ``f`` with ``f(1) = 0``, elementwise on ``r > 0``.
         h (`Callable[[Tensor], Tensor]`): ``r^2 f''(r)``, the per-sample weight of the score difference
-            (f-distill; algorithms.md §6.1). Returns a tensor of the shape of ``r``.
+            (f-distill). Returns a tensor of the shape of ``r``.
         bounded (`bool`): whether ``h`` stays bounded on ``(0, ∞)`` (bounded weights give low-variance gradients).
         description (`str`): one line on the behaviour of the divergence.
     """
@@ -67,7 +67,7 @@ class Divergence:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The table of algorithms.md §6.2. Each f was differentiated by hand; tests/test_divergences.py checks
+# The weighting table of f-distill (arXiv 2502.15681). Each f was differentiated by hand; tests/test_divergences.py checks
 # h = r^2 f'' by double autograd, f(1) = 0 and f'' >= 0.
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -169,7 +169,7 @@ DIVERGENCES: Dict[str, Divergence] = {
 
 
 def alpha_divergence(alpha: float) -> Divergence:
-    """The α-divergence (Amari) ``f(r) = (r^α − α r − (1 − α)) / (α (α − 1))``, ``h(r) = r^α`` (algorithms.md §6.2).
+    """The α-divergence (Amari) ``f(r) = (r^α − α r − (1 − α)) / (α (α − 1))``, ``h(r) = r^α``.
 
     ``α = 0`` and ``α = 1`` are the limits ``f = r − 1 − log r`` (reverse KL) and ``f = r log r − r + 1`` (forward
     KL); they differ from ``reverse_kl`` / ``forward_kl`` only by the affine term ``±(r − 1)``, so ``h`` and

@@ -1,4 +1,4 @@
-"""The distillation losses as small pure functions (algorithms.md §2, §4, §5.3, §6).
+"""The distillation losses as small pure functions (DMD, Yin et al. 2024; DMD2, Yin et al. 2024b; SNOOPI, arXiv 2412.02687; f-distill, Xu et al. 2025).
 
 Nothing here knows which backbone produced its inputs: the losses take clean-sample (``x0``) estimates, logits and
 per-sample weights. Prediction-type conversions go through :mod:`diffusers_onestep.parameterization` only. Weights
@@ -90,7 +90,7 @@ def vsd_gradient(
 
     ``g = weight · (x̂_fake − x̂_real) / (mean_{C,H,W} |x − x̂_real| + eps)`` per sample, in float32 (float64 for
     float64 inputs), with non-finite entries replaced by 0. Since ``s_fake − s_real = (α_t/σ_t²)(x̂_fake − x̂_real)``, this is DMD's weight
-    ``w_t = (σ_t²/α_t) / mean|x − x̂_real|`` applied to the score difference (algorithms.md §2, §13.3).
+    ``w_t = (σ_t²/α_t) / mean|x − x̂_real|`` applied to the score difference (DMD eq. 8).
 
     Args:
         x0_student (`torch.Tensor` of shape `[B, ...]`): the generator output ``x = G(z)`` (only its value is used).
@@ -139,7 +139,7 @@ def vsd_generator_loss(
     eps: float = 1e-6,
 ) -> Tuple[Tensor, Dict[str, float]]:
     """The VSD / DMD generator surrogate ``0.5 · mse(x, sg(x − g))`` (DMD2 ``compute_distribution_matching_loss``;
-    f-distill; algorithms.md §2, §6.1).
+    f-distill eq. 9).
 
     ``g`` is :func:`vsd_gradient`. The loss uses ``mean`` reduction over all elements, so ``dL/dx = g / x.numel()``;
     loss weights calibrated against DMD2 (GAN weights such as 5e-3) assume this reduction. Descent moves ``x``
@@ -207,7 +207,7 @@ def denoising_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Classifier-free guidance (Ho & Salimans 2022; algorithms.md §1.3, §5.3)
+# Classifier-free guidance (Ho & Salimans 2022; random scales as SNOOPI, arXiv 2412.02687)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -220,7 +220,7 @@ def classifier_free_guidance(
     ``ŷ_c + w (ŷ_u − ŷ_c)``, which guides away from the prompt. ``w = 1`` returns ``pred_cond``, ``w = 0``
     returns ``pred_uncond``.
 
-    Conventions and how to convert (algorithms.md §1.3):
+    Conventions and how to convert:
 
     * diffusers pipelines (``guidance_scale``) and DMD2 (``ε_u + w (ε_c − ε_u)``, uncond batch first,
       ``sd_guidance.py``) use this ``w``: pass it unchanged (DMD2 SD1.5 1.75, SDXL 8).
@@ -233,7 +233,7 @@ def classifier_free_guidance(
     CFG is affine in the prediction at a shared ``x_t``, and every conversion of
     :mod:`~diffusers_onestep.parameterization` is affine in the prediction with coefficients that depend only on
     ``(x_t, t)``, so guiding ``ε``, ``x0``, ``v`` or the score at the same ``x_t`` gives the same ``x0``. Apply it
-    in the teacher's native parameterization, before conversion (algorithms.md §14.2).
+    in the teacher's native parameterization, before conversion.
 
     Args:
         pred_uncond (`torch.Tensor` of shape `[B, ...]`): the unconditional (negative-prompt) prediction.
@@ -303,7 +303,7 @@ def gan_generator_loss(logits_fake: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# f-distill density ratio and its two-stage normalization (f-distill §3.2; algorithms.md §6.3-6.4)
+# f-distill density ratio and its two-stage normalization (f-distill, arXiv 2502.15681, §3.2)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -330,7 +330,7 @@ def density_ratio(logits: Tensor, logit_clamp: float = 10.0, lower: float = 0.1,
 
 
 class RatioNormalizer(torch.nn.Module):
-    """Per-time-bin normalization of the density ratio (f-distill's first normalization stage; algorithms.md §6.4).
+    """Per-time-bin normalization of the density ratio (f-distill's first normalization stage).
 
     ``[t_min, t_max]`` is split into ``num_bins`` equal bins. Each call updates, for every bin that holds samples,
     ``bins[b] ← ema · bins[b] + (1 − ema) · mean_{i ∈ b} r_i`` (sums and counts all-reduced across ranks when
@@ -406,7 +406,7 @@ class RatioNormalizer(torch.nn.Module):
 def f_divergence_weight(
     ratio: Tensor, divergence: Union[str, Divergence], normalize: bool = True
 ) -> Tensor:
-    """The f-distill weight ``h(r)``, normalized to unit (global-batch) mean (f-distill; algorithms.md §6.4 step 2).
+    """The f-distill weight ``h(r)``, normalized to unit (global-batch) mean (f-distill's second normalization stage).
 
     Args:
         ratio (`torch.Tensor` of shape `[B]`): teacher-over-student density ratios, e.g. after

@@ -1,7 +1,7 @@
 """DMD2: variational score distillation (reverse KL) with a diffusion GAN on real data.
 
 Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation" (DMD, eq. 7) and Yin et al. 2024b,
-"Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2, §4.2-4.4); algorithms.md §2-§4.
+"Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2, §4.2-4.4).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .base import DistillationMethod, GeneratorTerms, Logs, register_method
 class DMD2(DistillationMethod):
     """Reverse-KL distribution matching (DMD eq. 7) with DMD2's GAN term and two time-scale updates.
 
-    Generator loss (the surrogate of algorithms.md §2): ``dm_weight · 0.5 ||x - sg(x - g)||^2`` with
+    Generator loss (DMD2's ``compute_distribution_matching_loss``): ``dm_weight · 0.5 ||x - sg(x - g)||^2`` with
     ``g = (x̂0_fake - x̂0_real) / mean|x - x̂0_real|`` (per sample), plus ``gan_weight`` times the non-saturating
     GAN loss of the discriminator's logits when a discriminator trains (DMD2 eq. 5; on by default with
     ``--real_images``).

@@ -1,7 +1,6 @@
 """f-distill: f-divergence distribution matching.
 
-Xu, Nie & Vahdat 2025, "One-step Diffusion Models with f-Divergence Distribution Matching" (eq. 9, §6.3-6.4);
-algorithms.md §6.
+Xu, Nie & Vahdat 2025, "One-step Diffusion Models with f-Divergence Distribution Matching" (eq. 9, §6.3-6.4).
 """
 
 from __future__ import annotations
