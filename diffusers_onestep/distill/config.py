@@ -79,7 +79,7 @@ class MethodConfig:
             an f-divergence other than reverse KL, else ``dmd2``.
         divergence: f-divergence name (``reverse_kl`` = DMD/VSD; ``js``, ``forward_kl``, ... = f-distill).
         student_timesteps: the student's conditioning timestep(s) in the teacher path's natural units; several
-            values train a multi-step student by backward simulation (DMD2 §4.4).
+            values train a multi-step student by backward simulation (DMD2).
         guidance_scale: teacher classifier-free guidance ``w`` in the form ``u + w (c - u)`` (Ho & Salimans).
         guidance_range: draw ``w`` uniformly per sample from this range instead (SNOOPI); overrides the scale.
         time_range: fraction of the path used for the score terms (DMD: 0.02-0.98).
@@ -90,9 +90,9 @@ class MethodConfig:
         discriminator_trunk: network whose features feed the discriminator head: ``critic`` (DMD2) or
             ``teacher`` (f-distill / FastGen).
         diffusion_gan_time_range: noise levels at which the discriminator sees samples (DMD2: all of them).
-        ratio_clip, logit_clamp, ratio_bins, ratio_ema: density-ratio estimation of f-distill §6.3-6.4.
-        critic_updates_per_student: critic updates per student update (two time-scale rule, DMD2 §4.3).
-        backward_simulation: train multi-step students on their own rollouts (DMD2 §4.4).
+        ratio_clip, logit_clamp, ratio_bins, ratio_ema: density-ratio estimation and normalisation of f-distill.
+        critic_updates_per_student: critic updates per student update (DMD2's two time-scale update rule).
+        backward_simulation: train multi-step students on their own rollouts (DMD2's backward simulation).
     """
 
     method: Optional[str] = setting(
@@ -125,14 +125,14 @@ class MethodConfig:
     diffusion_gan_time_range: Tuple[float, float] = setting(
         (0.0, 1.0), "Noise levels (path fractions) at which the discriminator sees samples.", metavar=("LOW", "HIGH"))
     ratio_clip: Tuple[float, float] = setting(
-        (0.1, 20.0), "Clip of the estimated density ratio r (f-distill §6.3).", metavar=("LOW", "HIGH"))
+        (0.1, 20.0), "Clip of the estimated density ratio r (f-distill).", metavar=("LOW", "HIGH"))
     logit_clamp: float = setting(10.0, "Clamp of the discriminator logit before r = exp(logit).")
-    ratio_bins: int = setting(10, "Time bins of the ratio normaliser (f-distill §6.4).")
+    ratio_bins: int = setting(10, "Time bins of the ratio normaliser (f-distill's first normalisation stage).")
     ratio_ema: float = setting(0.0, "EMA of the per-time-bin ratio normaliser.")
     critic_updates_per_student: Optional[int] = setting(
         None, "Critic updates per student update (two time-scale rule).", default_text="family default 5")
     backward_simulation: bool = setting(
-        True, "Train multi-step students on their own rollouts (DMD2 §4.4).")
+        True, "Train multi-step students on their own rollouts (DMD2's backward simulation).")
 
     @property
     def uses_discriminator(self) -> bool:
@@ -213,7 +213,7 @@ class RolesConfig:
 
 @dataclass
 class OptimizationConfig:
-    """Optimisers and schedule (AdamW for each trainable role, DMD2 §4.3)."""
+    """Optimisers and schedule (AdamW for each trainable role, as DMD2)."""
 
     learning_rate: Optional[float] = setting(
         None, "Student learning rate.", default_text="family default: SDXL 5e-5 LoRA / 5e-7 full")

@@ -154,7 +154,7 @@ class DistillationMethod:
         if cls.requires_discriminator and not config.gan_weight > 0:
             raise ConfigError(
                 f"The {cls.name} method ({config.divergence}) estimates the density ratio with a discriminator, so "
-                "`gan_weight` must be > 0 (f-distill §6.3)."
+                "`gan_weight` must be > 0."
             )
         return config.validate()
 
@@ -355,7 +355,7 @@ class DistillationMethod:
                     "(--real_images)."
                 )
             fake_condition, real_condition, _ = self.discriminator_conditions(batch)
-            # Diffusion-GAN: the discriminator sees fake and real samples at random noise levels (DMD2 §4.2).
+            # Diffusion-GAN: the discriminator sees fake and real samples at random noise levels (DMD2).
             t_fake = rng.times(self.path, n, self.config.diffusion_gan_time_range).to(x.device)
             t_real = rng.times(self.path, real.shape[0], self.config.diffusion_gan_time_range).to(x.device)
             fake_noisy = param.add_noise(x, rng.randn(x.shape).to(x), t_fake, self.path)

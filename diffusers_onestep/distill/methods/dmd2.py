@@ -1,7 +1,7 @@
 """DMD2: variational score distillation (reverse KL) with a diffusion GAN on real data.
 
 Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation" (DMD, eq. 7) and Yin et al. 2024b,
-"Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2, §4.2-4.4).
+"Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2: the diffusion GAN, two time-scale updates, backward simulation).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class DMD2(DistillationMethod):
     name = "dmd2"
     description = ("DMD/DMD2: reverse-KL distribution matching (variational score distillation) with an optional "
                    "diffusion-GAN term on real images")
-    reference = "Yin et al. 2024, DMD eq. 7; Yin et al. 2024b, DMD2 §4"
+    reference = "Yin et al. 2024 (DMD, arXiv 2311.18828); Yin et al. 2024b (DMD2, arXiv 2405.14867)"
     tags = ("dmd", "dmd2")
     default_divergence = "reverse_kl"
     divergences = ("reverse_kl",)

@@ -1,6 +1,6 @@
 """f-distill: f-divergence distribution matching.
 
-Xu, Nie & Vahdat 2025, "One-step Diffusion Models with f-Divergence Distribution Matching" (eq. 9, §6.3-6.4).
+Xu, Nie & Vahdat 2025, "One-step Diffusion Models with f-Divergence Distribution Matching" (arXiv 2502.15681).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from .dmd2 import DMD2
 class FDistill(DMD2):
     """f-divergence distribution matching: the VSD gradient of each sample weighted by ``h(r)``.
 
-    ``h(r) = r^2 f''(r)`` (eq. 9) of the density ratio ``r_t = p_t / q_t``, estimated as ``exp(logit)`` of the
-    discriminator at the same ``(x_t, t)``, clipped to ``ratio_clip`` and normalised per time bin (§6.3-6.4). The
+    ``h(r) = r^2 f''(r)`` (f-distill's gradient theorem) of the density ratio ``r_t = p_t / q_t``, estimated as ``exp(logit)`` of the
+    discriminator at the same ``(x_t, t)``, clipped to ``ratio_clip`` and normalised per time bin and over the batch. The
     discriminator reads the teacher's features by default, trains in the critic step, and also gives the generator
     its non-saturating GAN term.
     """
@@ -27,7 +27,7 @@ class FDistill(DMD2):
     name = "fdistill"
     description = ("f-distill: f-divergence distribution matching (Jensen-Shannon by default; forward KL, Hellinger, "
                    "...), the VSD gradient weighted by h(r) of a discriminator's density-ratio estimate")
-    reference = "Xu, Nie & Vahdat 2025, f-distill eq. 9, §6.3-6.4"
+    reference = "Xu, Nie & Vahdat 2025 (f-distill, arXiv 2502.15681)"
     tags = ("f-distill",)
     default_divergence = "js"
     divergences = None
