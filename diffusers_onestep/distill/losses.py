@@ -90,7 +90,7 @@ def vsd_gradient(
 
     ``g = weight · (x̂_fake − x̂_real) / (mean_{C,H,W} |x − x̂_real| + eps)`` per sample, in float32 (float64 for
     float64 inputs), with non-finite entries replaced by 0. Since ``s_fake − s_real = (α_t/σ_t²)(x̂_fake − x̂_real)``, this is DMD's weight
-    ``w_t = (σ_t²/α_t) / mean|x − x̂_real|`` applied to the score difference (DMD eq. 8).
+    ``w_t = (σ_t²/α_t) / mean|x − x̂_real|`` applied to the score difference (DMD, Yin et al. 2024).
 
     Args:
         x0_student (`torch.Tensor` of shape `[B, ...]`): the generator output ``x = G(z)`` (only its value is used).
@@ -139,7 +139,7 @@ def vsd_generator_loss(
     eps: float = 1e-6,
 ) -> Tuple[Tensor, Dict[str, float]]:
     """The VSD / DMD generator surrogate ``0.5 · mse(x, sg(x − g))`` (DMD2 ``compute_distribution_matching_loss``;
-    f-distill eq. 9).
+    f-distill).
 
     ``g`` is :func:`vsd_gradient`. The loss uses ``mean`` reduction over all elements, so ``dL/dx = g / x.numel()``;
     loss weights calibrated against DMD2 (GAN weights such as 5e-3) assume this reduction. Descent moves ``x``

@@ -20,7 +20,7 @@ class DMD2(DistillationMethod):
 
     Generator loss (DMD2's ``compute_distribution_matching_loss``): ``dm_weight · 0.5 ||x - sg(x - g)||^2`` with
     ``g = (x̂0_fake - x̂0_real) / mean|x - x̂0_real|`` (per sample), plus ``gan_weight`` times the non-saturating
-    GAN loss of the discriminator's logits when a discriminator trains (DMD2 eq. 5; on by default with
+    GAN loss of the discriminator's logits when a discriminator trains (DMD2; on by default with
     ``--real_images``).
     """
 
