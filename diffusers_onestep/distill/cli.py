@@ -2,7 +2,7 @@
 :class:`TrainConfig` -> :func:`resolve` -> :func:`preflight` -> trainer.
 
 Every field of :mod:`.config` is a flag named after the field (booleans that default to true are switched off with
-``--no_<name>``); help texts and choices come from the fields' metadata. Everything that can be checked without
+``--no_<name>``); help texts, choices and registered names come from the fields' metadata. Everything that can be checked without
 loading a model is checked before anything is loaded or written: bad input exits with status 2 and one sentence.
 """
 
@@ -107,15 +107,14 @@ def _add_argument(group, section: Optional[str], f: dataclasses.Field, hint) -> 
         else:
             kwargs["type"] = hint
         choices = meta.get("choices")
-        if callable(choices):
-            choices = choices()
         if choices:
             kwargs["choices"] = tuple(choices)
         if "metavar" in meta:
             kwargs["metavar"] = meta["metavar"]
         elif not choices:
             kwargs["metavar"] = f.name.upper()
-        help_text = f"{meta.get('help', '')} (default: {_default_text(f)})"
+        known = f"; one of: {', '.join(meta['known']())}" if "known" in meta else ""
+        help_text = f"{meta.get('help', '')} (default: {_default_text(f)}{known})"
     kwargs["help"] = help_text.replace("%", "%%")
     group.add_argument(f"--{flag_of(f)}", **kwargs)
 

@@ -48,9 +48,11 @@ def _pair(value, name: str) -> Optional[Tuple[float, float]]:
 def setting(default: Any = None, help: str = "", *, default_factory=None, **cli: Any):
     """A config field with its command-line description.
 
-    ``help`` is the flag's help text; ``cli`` holds argparse details the type does not give: ``choices`` (a tuple, or
-    a callable returning one at parse time), ``metavar``, ``comma_list=True`` (one comma-separated argument), and
-    ``default_text`` (how ``--help`` states a ``None`` default, e.g. "family default").
+    ``help`` is the flag's help text; ``cli`` holds argparse details the type does not give: ``choices`` (a tuple
+    argparse enforces), ``known`` (a callable returning the registered names, listed by ``--help`` at parse time and
+    checked by ``validate()`` with a sentence of ours, so names registered after import count), ``metavar``,
+    ``comma_list=True`` (one comma-separated argument), and ``default_text`` (how ``--help`` states a ``None``
+    default, e.g. "family default").
     """
     metadata = {"help": help, **cli}
     if default_factory is not None:
@@ -96,8 +98,8 @@ class MethodConfig:
     """
 
     method: Optional[str] = setting(
-        None, "Distillation method (registered: see choices); default fdistill when --divergence is an "
-              "f-divergence other than reverse_kl, else dmd2.", choices=_method_names, default_text="from --divergence")
+        None, "Distillation method; fdistill when --divergence is an "
+              "f-divergence other than reverse_kl, else dmd2.", known=_method_names, default_text="from --divergence")
     divergence: Optional[str] = setting(
         None, "reverse_kl (DMD/VSD), js, forward_kl, hellinger, jeffreys, softened_reverse_kl, neyman, pearson or "
               "alpha:<a>. Anything but reverse_kl is f-distill and needs --real_images for its discriminator.",
@@ -342,7 +344,7 @@ class TrainConfig:
     teacher: Optional[str] = setting(
         None, "Hub model id or local diffusers pipeline folder of the teacher (required).")
     family: str = setting("auto", "Backbone family of the teacher (auto: detected from its model_index.json).",
-                          choices=_family_names)
+                          known=_family_names)
     revision: Optional[str] = setting(None, "Hub revision of the teacher.", default_text="main")
     max_sequence_length: Optional[int] = setting(
         None, "Text tokens kept.", default_text="family default: PixArt-α 120, PixArt-Σ/SANA 300")
