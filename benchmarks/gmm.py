@@ -1,7 +1,7 @@
 """Do the f-divergences behave as theory says? One-step students of exact 2-D Gaussian-mixture teachers.
 
 Every run trains with the library's own method: ``build_method(MethodConfig(divergence=...), ToyModels(...), [t_max])``
-and its ``student_step`` / ``critic_step`` (``diffusers_onestep.distill.toy.train_toy``), on the teachers of
+and its ``student_step`` / ``critic_step`` (``diffusers_onestep.testing.toy.train_toy``), on the teachers of
 algorithms.md §13.4 with exact scores:
 
 * ``ring8``  -- 8 equal modes on a circle of radius 2;
@@ -61,9 +61,9 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from diffusers_onestep import parameterization as param  # noqa: E402
-from diffusers_onestep.distill.analytic import GaussianMixture  # noqa: E402
+from diffusers_onestep.testing.analytic import GaussianMixture  # noqa: E402
 from diffusers_onestep.distill.config import MethodConfig  # noqa: E402
-from diffusers_onestep.distill.toy import mixture_metrics, train_toy  # noqa: E402
+from diffusers_onestep.testing.toy import mixture_metrics, train_toy  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIVERGENCES = ["reverse_kl", "js", "forward_kl", "hellinger", "jeffreys"]
@@ -187,7 +187,7 @@ class _FitResult:
 def ode_fit(teacher: GaussianMixture, path: param.NoisePath, spec: Dict[str, Any], pairs: int = 32768) -> _FitResult:
     """Regress the benchmark's student MLP onto the exact ODE map (``pairs`` fixed (z, x0) pairs), with the run's
     steps, batch, lr, betas and decay: how well can this student represent a map that covers every mode?"""
-    from diffusers_onestep.distill.toy import ToyModels
+    from diffusers_onestep.testing.toy import ToyModels
 
     generator = torch.Generator().manual_seed(spec["seed"] + 5)
     z = torch.randn(pairs, teacher.dim, generator=generator, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The closed-form testbeds of ``distill.analytic`` against finite differences, Tweedie and torch.distributions."""
+"""The closed-form testbeds of ``testing.analytic`` against finite differences, Tweedie and torch.distributions."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from torch import distributions as D
 
 from diffusers_onestep import parameterization as P
-from diffusers_onestep.distill.analytic import GaussianMixture, GaussianStudent, mc_f_divergence
+from diffusers_onestep.testing.analytic import GaussianMixture, GaussianStudent, mc_f_divergence
 
 VP = P.VPPath.from_betas()  # DDPM linear betas 1e-4..0.02
 FLOW = P.FlowPath()

@@ -1,6 +1,6 @@
 """A short version of ``benchmarks/gmm.py``: the library's VSD / f-distill methods on exact 2-D mixture teachers.
 
-Every run goes through ``build_method`` and its ``student_step`` / ``critic_step`` (``distill.toy.train_toy``), on the
+Every run goes through ``build_method`` and its ``student_step`` / ``critic_step`` (``testing.toy.train_toy``), on the
 flow path with mode std 0.2 (as the benchmark). The thresholds are loose versions of what the benchmark measured
 (docs/methods.md, "Benchmark: 2-D Gaussian mixtures"):
 
@@ -10,7 +10,9 @@ flow path with mode std 0.2 (as the benchmark). The thresholds are loose version
 * JS covers the 8 modes of ring-8;
 * the exact probability-flow ODE map that ``benchmarks/gmm.py --variants ode_fit`` regresses the student onto covers
   every grid-25 mode (the capacity check behind the grid-25 numbers);
-* the grad-flag discipline of ``ToyModels`` matches ``roles.BackboneRoles``: each update reaches only its role.
+* the grad-flag discipline of ``ToyModels`` is the one of ``roles.BackboneRoles`` (both are ``RolePhases``): each
+  update reaches only its role; ``train_toy`` updates the roles in the trainer's order and stops on a non-finite
+  loss with the phase ended.
 """
 
 import importlib.util
@@ -20,11 +22,11 @@ import pytest
 import torch
 
 from diffusers_onestep import parameterization as P
-from diffusers_onestep.distill.analytic import GaussianMixture
-from diffusers_onestep.distill.config import MethodConfig
+from diffusers_onestep.testing.analytic import GaussianMixture
+from diffusers_onestep.distill.config import MethodConfig, resolve_method_config
 from diffusers_onestep.distill.methods import build_method
-from diffusers_onestep.distill.models import Batch, RandomSource
-from diffusers_onestep.distill.toy import ToyModels, mixture_metrics, train_toy
+from diffusers_onestep.distill.models import Batch, RandomSource, RolePhases
+from diffusers_onestep.testing.toy import TOY_TRAINING_DEFAULTS, ToyModels, mixture_metrics, train_toy
 
 FLOW = P.FlowPath()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,9 +82,10 @@ def test_benchmark_ode_map_covers_grid25():
 @pytest.mark.parametrize("divergence", ["reverse_kl", "js"])
 def test_each_update_reaches_only_its_role(divergence):
     teacher = GaussianMixture.imbalanced_pair(std=0.2)
-    config = MethodConfig(divergence=divergence, guidance_scale=1.0).validate()
-    trunk = config.resolved_discriminator_trunk() if config.uses_discriminator else None
+    config = resolve_method_config(MethodConfig(divergence=divergence, guidance_scale=1.0), TOY_TRAINING_DEFAULTS)
+    trunk = config.discriminator_trunk if config.uses_discriminator else None
     models = ToyModels(teacher, FLOW, hidden=16, depth=2, discriminator_trunk=trunk)
+    assert isinstance(models, RolePhases)
     method = build_method(config, models, [FLOW.t_max])
     generator = torch.Generator().manual_seed(0)
     batch = Batch(condition=None, noise=torch.randn(8, 2, generator=generator),
@@ -98,3 +101,47 @@ def test_each_update_reaches_only_its_role(divergence):
         models.end_phase()
     assert all(p.requires_grad for r in ("student", "critic") for p in models.role_parameters(r))
     assert models.unconditional(None) is None and models.concat([None, None]) is None
+
+
+def all_trainable_and_clean(models):
+    """Outside a phase: every trainable parameter requires grad and holds no gradient."""
+    return all(p.requires_grad and p.grad is None for r in ("student", "critic") for p in models.role_parameters(r))
+
+
+def record_phases(log):
+    """An ``init_student`` that records the role of every update ``train_toy`` makes."""
+
+    def init(models):
+        enter = models.train_phase
+        models.train_phase = lambda role: (log.append(role), enter(role))[1]
+
+    return init
+
+
+def test_train_toy_follows_the_trainer_schedule():
+    """Warm-up critic updates, then ``roles_to_update``; the run stops after the iteration of the last student
+    update."""
+    teacher = GaussianMixture.imbalanced_pair(std=0.2)
+    config = MethodConfig(divergence="reverse_kl", guidance_scale=1.0, critic_updates_per_student=3)
+    log = []
+    result = train_toy(teacher, FLOW, config, student_steps=3, batch_size=16, hidden=8, depth=2, critic_warmup=2,
+                       eval_samples=100, init_student=record_phases(log))
+    assert log == ["critic"] * 2 + ["student", "critic", "critic", "critic"] * 2 + ["student", "critic"]
+    assert result.models.phase is None and all_trainable_and_clean(result.models)
+
+
+def test_train_toy_stops_on_a_non_finite_loss_with_the_phase_ended():
+    teacher = GaussianMixture.imbalanced_pair(std=0.2)
+    config = MethodConfig(divergence="reverse_kl", guidance_scale=1.0)
+    seen = []
+
+    def poison(models):
+        seen.append(models)
+        with torch.no_grad():
+            for parameter in models.role_parameters("student"):
+                parameter.fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError, match="Non-finite critic loss"):
+        train_toy(teacher, FLOW, config, student_steps=2, batch_size=16, hidden=8, depth=2, critic_warmup=1,
+                  eval_samples=100, init_student=poison)
+    assert seen[0].phase is None and all_trainable_and_clean(seen[0])

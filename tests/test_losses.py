@@ -1,6 +1,6 @@
 """The distillation losses against closed forms (algorithms.md §2, §6, §13.3).
 
-The generator tests use the exact testbeds of ``distill.analytic``: a Gaussian-mixture teacher (exact real ``x̂0``),
+The generator tests use the exact testbeds of ``testing.analytic``: a Gaussian-mixture teacher (exact real ``x̂0``),
 a linear-Gaussian student (exact fake ``x̂0``) and the exact density ratio, so any failure is the loss's, not a
 critic's.
 """
@@ -12,7 +12,7 @@ import torch
 
 from diffusers_onestep import parameterization as P
 from diffusers_onestep.distill import losses
-from diffusers_onestep.distill.analytic import GaussianMixture, GaussianStudent, mc_f_divergence
+from diffusers_onestep.testing.analytic import GaussianMixture, GaussianStudent, mc_f_divergence
 from diffusers_onestep.distill.divergences import get_divergence
 from diffusers_onestep.distill.losses import (
     RatioNormalizer,

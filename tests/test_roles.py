@@ -1,5 +1,7 @@
 """Roles: one frozen backbone with student/critic LoRA adapters (or separate copies) -- gradients land only on the
-intended parameters, with and without gradient checkpointing, and the teacher is exactly the base model."""
+intended parameters, with and without gradient checkpointing, and the teacher is exactly the base model. Also the
+shared rules of ``distill.models``: the gradient phases (``RolePhases``) and the update schedule (``roles_to_update``).
+"""
 
 import copy
 
@@ -8,7 +10,7 @@ import torch
 
 from diffusers_onestep.distill.config import MethodConfig, RolesConfig
 from diffusers_onestep.distill.methods import build_method
-from diffusers_onestep.distill.models import Batch, RandomSource
+from diffusers_onestep.distill.models import Batch, RandomSource, RolePhases, roles_to_update
 from diffusers_onestep.distill.roles import BackboneRoles
 from diffusers_onestep.families import get_adapter_class
 from diffusers_onestep.testing import TINY_PROMPTS, tiny_components
@@ -184,3 +186,73 @@ def test_f_divergence_on_teacher_trunk_freezes_the_teacher():
     assert all(p.grad is None for p in base)
     assert all(p.grad is None for p in roles.role_parameters("critic"))
     assert all(p.grad is not None for p in roles.role_parameters("student"))
+
+
+class TwoLinearRoles(RolePhases):
+    """The smallest ``RolePhases``: one linear layer per trainable role, recording when the forward phase is left."""
+
+    def __init__(self):
+        self.student_net, self.critic_net = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+        self.left = []
+        self._apply_requires_grad()
+
+    def named_role_parameters(self, role):
+        module = self.student_net if role == "student" else self.critic_net
+        return module.named_parameters()
+
+    def _leave_phase_forward(self, role):
+        self.left.append(role)
+
+
+def requires_grad_of(models, role):
+    return {p.requires_grad for p in models.role_parameters(role)}
+
+
+def test_role_phases_freeze_the_other_role_until_the_phase_ends():
+    models = TwoLinearRoles()
+    assert models.phase is None and requires_grad_of(models, "student") == requires_grad_of(models, "critic") == {True}
+    for role, other in (("student", "critic"), ("critic", "student")):
+        with models.train_phase(role):
+            assert models.phase == role
+            assert requires_grad_of(models, role) == {True} and requires_grad_of(models, other) == {False}
+        # the phase outlives the forward block: backward and the optimizer step see the same flags
+        assert models.left[-1] == role and models.phase == role and requires_grad_of(models, other) == {False}
+        models.end_phase()
+        assert models.phase is None and requires_grad_of(models, other) == {True}
+    with pytest.raises(RuntimeError, match="boom"), models.train_phase("critic"):
+        raise RuntimeError("boom")
+    assert models.left == ["student", "critic", "critic"]
+    with pytest.raises(ValueError, match="Unknown trainable role 'teacher'"), models.train_phase("teacher"):
+        pass
+
+
+def test_backbone_roles_leave_a_phase_with_the_trained_adapter_active():
+    """After the forward block the shared backbone computes the trained role again, whatever ran last inside it,
+    so that gradient checkpointing recomputes the forward under the right adapter."""
+    adapter = make_adapter("pixart_alpha")
+    roles = BackboneRoles(adapter, RolesConfig(lora_rank=4))
+    assert isinstance(roles, RolePhases)
+    perturb_lora(roles)
+    batch = make_batch(adapter)
+    t = torch.full((2,), 500.0, dtype=torch.float64)
+    with torch.no_grad():
+        with roles.train_phase("student"):
+            roles.teacher(batch.noise, t, batch.condition)
+        after = adapter.denoise(batch.noise, t, batch.condition, denoiser=roles.backbone).float()
+        assert roles.phase == "student"
+        assert requires_grad_of(roles, "student") == {True} and requires_grad_of(roles, "critic") == {False}
+        teacher = roles.teacher(batch.noise, t, batch.condition)
+        student = roles.student(batch.noise, t, batch.condition)
+    torch.testing.assert_close(after, student, rtol=0, atol=0)
+    assert (after - teacher).abs().max() > 1e-4
+    roles.end_phase()
+    assert requires_grad_of(roles, "student") == requires_grad_of(roles, "critic") == {True}
+
+
+def test_roles_to_update_is_the_two_time_scale_rule():
+    """DMD2 §4.3: the critic every iteration, the student first on every k-th, starting with the first."""
+    schedule = [roles_to_update(i, 3) for i in range(7)]
+    assert schedule == [("student", "critic"), ("critic",), ("critic",)] * 2 + [("student", "critic")]
+    assert all(roles_to_update(i, 1) == ("student", "critic") for i in range(4))
+    with pytest.raises(ValueError, match="at least 1"):
+        roles_to_update(0, 0)

@@ -1,20 +1,100 @@
-"""What a distillation method sees of the networks, the randomness of a step, and a batch.
+"""What a distillation method sees of the networks, the randomness of a step, and a batch -- and the rules that
+every training loop over them shares.
 
 :class:`DistillationModels` is the protocol every method is written against: the teacher, critic, student and
 discriminator as *native-prediction* functions over one noise path. :class:`.roles.BackboneRoles` implements it for
-real backbones, :class:`diffusers_onestep.testing.toy.ToyModels` for exact 2-D teachers.
+real backbones, :class:`diffusers_onestep.testing.toy.ToyModels` for exact 2-D teachers. Both take their gradient
+phases from :class:`RolePhases`, and both loops (the trainer and ``testing.toy.train_toy``) take the order of the
+updates from :func:`roles_to_update`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import parameterization as param
 from . import losses
+
+#: The roles that own trainable parameters (the critic's include the discriminator's).
+TRAINABLE_ROLES = ("student", "critic")
+
+
+def check_trainable_role(role: str) -> None:
+    if role not in TRAINABLE_ROLES:
+        raise ValueError(f"Unknown trainable role {role!r}; expected student or critic.")
+
+
+def roles_to_update(iteration: int, critic_updates_per_student: int) -> Tuple[str, ...]:
+    """The roles updated at the 0-based ``iteration``, in order: DMD2's two time-scale update rule (Yin et al. 2024,
+    "Improved Distribution Matching Distillation", §4.3).
+
+    The critic (fake score, with the discriminator) is updated every iteration; on every
+    ``critic_updates_per_student``-th iteration, starting with the first, the student is updated first. So ``N``
+    iterations make ``N`` critic updates and ``ceil(N / critic_updates_per_student)`` student updates.
+    """
+    if critic_updates_per_student < 1:
+        raise ValueError(f"critic_updates_per_student must be at least 1, got {critic_updates_per_student}.")
+    if iteration % critic_updates_per_student == 0:
+        return ("student", "critic")
+    return ("critic",)
+
+
+class RolePhases:
+    """The gradient-phase rule of the trainable roles, over an abstract :meth:`named_role_parameters`.
+
+    Inside an update of ``role`` exactly that role's parameters require grad; outside any phase every trainable
+    parameter does (what DDP wrapping and the optimizers are set up with). A phase starts with :meth:`train_phase`
+    and lasts until :meth:`end_phase`, *after* the optimizer step: backward then sees the flags the forward was
+    computed with, and a frozen role's parameters collect no gradient even when the loss flows through it (the
+    teacher-trunk discriminator term, the student's sample fed to the critic). Subclasses call
+    :meth:`_apply_requires_grad` at the end of their construction, and again whenever something else may have flipped
+    the flags (peft's ``set_adapter`` does).
+    """
+
+    _phase: Optional[str] = None
+
+    def named_role_parameters(self, role: str) -> Iterator[Tuple[str, torch.nn.Parameter]]:
+        """``(name, parameter)`` of a trainable role, by stable name."""
+        raise NotImplementedError
+
+    def role_parameters(self, role: str) -> List[torch.nn.Parameter]:
+        return [p for _, p in self.named_role_parameters(role)]
+
+    @property
+    def phase(self) -> Optional[str]:
+        """The role being updated, or ``None`` outside an update."""
+        return self._phase
+
+    def _apply_requires_grad(self) -> None:
+        """Exactly the parameters of the phase's role require grad (all trainable ones outside a phase)."""
+        for role in TRAINABLE_ROLES:
+            flag = self._phase is None or self._phase == role
+            for parameter in self.role_parameters(role):
+                parameter.requires_grad_(flag)
+
+    def _leave_phase_forward(self, role: str) -> None:
+        """Runs when the ``train_phase(role)`` block exits, before backward (nothing to do by default)."""
+
+    @contextlib.contextmanager
+    def train_phase(self, role: str):
+        """Context for the forward of one update of ``role``: only its parameters require grad, until
+        :meth:`end_phase`."""
+        check_trainable_role(role)
+        self._phase = role
+        self._apply_requires_grad()
+        try:
+            yield
+        finally:
+            self._leave_phase_forward(role)
+
+    def end_phase(self) -> None:
+        """Leave the current phase (every trainable parameter requires grad again); call after the optimizer step."""
+        self._phase = None
+        self._apply_requires_grad()
 
 class DistillationModels:
     """What a method needs from the networks. :class:`.roles.BackboneRoles` implements it for real backbones.
@@ -50,8 +130,6 @@ class DistillationModels:
         """Concatenate conditions along the batch (to run several passes as one)."""
         raise NotImplementedError
 
-    def batch_size_of(self, condition) -> int:
-        raise NotImplementedError
 
     def train_phase(self, role: str):
         """Context for one update of ``role``: only its parameters require grad; on exit its forward role is

@@ -40,9 +40,7 @@ from torch import nn
 from ..families import Condition, FamilyAdapter
 from ..families.base import _unwrap
 from .config import RolesConfig
-from .models import DistillationModels
-
-TRAINABLE_ROLES = ("student", "critic")
+from .models import TRAINABLE_ROLES, DistillationModels, RolePhases, check_trainable_role
 
 
 class DiscriminatorHead(nn.Module):
@@ -87,7 +85,7 @@ def _present_targets(model: nn.Module, targets: Sequence[str]) -> List[str]:
     return present
 
 
-class BackboneRoles(DistillationModels):
+class BackboneRoles(RolePhases, DistillationModels):
     """The networks of a distillation run over a family adapter (see the module docstring for the layouts).
 
     Args:
@@ -201,8 +199,7 @@ class BackboneRoles(DistillationModels):
 
     def named_role_parameters(self, role: str) -> Iterator:
         """``(name, parameter)`` of a trainable role; the critic's include the discriminator head."""
-        if role not in TRAINABLE_ROLES:
-            raise ValueError(f"Unknown trainable role {role!r}; expected student or critic.")
+        check_trainable_role(role)
         if getattr(self.config, role) == "lora":
             marker = f".{role}."
             for name, parameter in self.backbone.named_parameters():
@@ -215,9 +212,6 @@ class BackboneRoles(DistillationModels):
         if role == "critic" and self.discriminator_head is not None:
             for name, parameter in self.discriminator_head.named_parameters():
                 yield f"discriminator_head.{name}", parameter
-
-    def role_parameters(self, role: str) -> List[nn.Parameter]:
-        return [p for _, p in self.named_role_parameters(role)]
 
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
         """Every trainable tensor (both roles and the head), detached, by stable name."""
@@ -246,13 +240,6 @@ class BackboneRoles(DistillationModels):
     # role switching
     # ------------------------------------------------------------------------------------------------------------
 
-    def _apply_requires_grad(self) -> None:
-        """Exactly the parameters of the phase's role require grad (all trainable ones outside a phase)."""
-        for role in TRAINABLE_ROLES:
-            flag = self._phase is None or self._phase == role
-            for parameter in self.role_parameters(role):
-                parameter.requires_grad_(flag)
-
     def activate(self, role: str) -> None:
         """Make the shared backbone compute ``role`` (teacher = adapters off); restore the phase's grad flags."""
         if role not in ("teacher",) + TRAINABLE_ROLES:
@@ -269,22 +256,9 @@ class BackboneRoles(DistillationModels):
         self._active = role
         self._apply_requires_grad()
 
-    @contextlib.contextmanager
-    def train_phase(self, role: str):
-        if role not in TRAINABLE_ROLES:
-            raise ValueError(f"Unknown trainable role {role!r}; expected student or critic.")
-        self._phase = role
-        self._apply_requires_grad()
-        try:
-            yield
-        finally:
-            # Backward (and checkpoint recomputation) must run under the adapter the loss was computed with.
-            self.activate(role)
-
-    def end_phase(self) -> None:
-        """Leave the current phase (all trainable parameters require grad again)."""
-        self._phase = None
-        self._apply_requires_grad()
+    def _leave_phase_forward(self, role: str) -> None:
+        # Backward (and checkpoint recomputation) must run under the adapter the loss was computed with.
+        self.activate(role)
 
     @contextlib.contextmanager
     def input_grad_pass(self, role: str):
@@ -356,8 +330,6 @@ class BackboneRoles(DistillationModels):
     def concat(self, conditions):
         return Condition.cat(list(conditions))
 
-    def batch_size_of(self, condition: Condition) -> int:
-        return condition.batch_size
 
     # ------------------------------------------------------------------------------------------------------------
     # export

@@ -4,9 +4,9 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, "/work/main/benchmarks"); sys.path.insert(0, "/work/main")
 from diffusers_onestep import parameterization as P
-from diffusers_onestep.distill.analytic import GaussianMixture
+from diffusers_onestep.testing.analytic import GaussianMixture
 from diffusers_onestep.distill.config import MethodConfig
-from diffusers_onestep.distill.toy import ToyModels, mixture_metrics, train_toy
+from diffusers_onestep.testing.toy import ToyModels, mixture_metrics, train_toy
 from gmm import scatter_png
 FLOW = P.FlowPath()
 T = GaussianMixture.grid25(std=0.2)

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from .. import parameterization
+from ..distill.divergences import Divergence, get_divergence
 from ..parameterization import NoisePath
-from .divergences import Divergence, get_divergence
 
 __all__ = ["GaussianMixture", "GaussianStudent", "mc_f_divergence"]
 

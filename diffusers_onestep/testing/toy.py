@@ -1,9 +1,10 @@
 """2-D toy distillation: exact Gaussian-mixture teachers, small MLP students, critics and discriminators.
 
-:class:`ToyModels` implements :class:`~.methods.DistillationModels` for a
-:class:`~.analytic.GaussianMixture` teacher, so the *library's* methods (``build_method`` → :class:`~.methods.VSD` /
-:class:`~.methods.FDistill`, with their losses, ratio clipping and two-stage normalization) run unchanged on a
-teacher whose score is exact (algorithms.md §13.2, §13.4). Only the networks differ from the real backbones:
+:class:`ToyModels` implements :class:`~diffusers_onestep.distill.models.DistillationModels` for a
+:class:`~.analytic.GaussianMixture` teacher, so the *library's* methods (``build_method`` →
+:class:`~diffusers_onestep.distill.methods.VSD` / :class:`~diffusers_onestep.distill.methods.FDistill`, with their
+losses, ratio clipping and two-stage normalization) run unchanged on a teacher whose score is exact (algorithms.md
+§13.2, §13.4). Only the networks differ from the real backbones:
 
 * **teacher** -- the mixture's exact native prediction ``teacher.prediction(x_t, t, path, prediction_type)``; its
   "trunk features" are the noisy input ``x_t`` itself (an analytic teacher has no hidden layers).
@@ -13,23 +14,26 @@ teacher whose score is exact (algorithms.md §13.2, §13.4). Only the networks d
   by the method's denoising loss; its features are the last hidden layer.
 * **discriminator** -- an MLP on ``(features, emb(t))`` giving one logit per sample, trained with the critic.
 
-The grad-flag discipline is the one of :class:`~.roles.BackboneRoles`: inside ``train_phase(role)`` only that
-role's parameters require grad (the critic role owns the discriminator), and the phase lasts until
-:meth:`ToyModels.end_phase` (after the optimizer step), so backward sees the same flags as the forward.
+The grad-flag discipline is the one of :class:`~diffusers_onestep.distill.roles.BackboneRoles`, from the same
+:class:`~diffusers_onestep.distill.models.RolePhases`: inside ``train_phase(role)`` only that role's parameters
+require grad (the critic role owns the discriminator), and the phase lasts until :meth:`ToyModels.end_phase` (after
+the optimizer step), so backward sees the same flags as the forward.
 
 Diagnostics that separate estimator error from method error (``ratio="oracle"``, ``fake_score="oracle"``): the
 density ratio ``log p_t(x) − log q̂_t(x)`` and the fake ``x̂0`` are computed from the exact teacher density and the
 exact noised density of a fresh bank of student samples, ``q̂_t = mean_j N(α_t x_j, σ_t² I)`` (the noised
 *empirical* student distribution: exact up to the bank's Monte-Carlo error, which is largest at small ``σ_t``).
 
-:func:`train_toy` runs the trainer's schedule (critic every iteration, the student first on every
-``critic_updates_per_student``-th) with one Adam per role; :func:`mixture_metrics` scores the student's samples
-against the teacher (modes covered, high-quality fraction, per-mode mass, energy distance; algorithms.md §13.1).
+:func:`train_toy` runs the trainer's schedule (:func:`~diffusers_onestep.distill.models.roles_to_update`: critic
+every iteration, the student first on every ``critic_updates_per_student``-th) with one Adam per role;
+:func:`mixture_metrics` scores the student's samples against the teacher (modes covered, high-quality fraction,
+per-mode mass, energy distance; algorithms.md §13.1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,14 +43,19 @@ import torch
 from torch import nn
 
 from .. import parameterization as param
+from ..distill.config import MethodConfig, resolve_method_config
+from ..distill.methods import build_method
+from ..distill.models import (
+    TRAINABLE_ROLES, Batch, DistillationModels, RandomSource, RolePhases, check_trainable_role, roles_to_update,
+)
+from ..families import FamilyAdapter
 from .analytic import GaussianMixture
-from .config import MethodConfig
-from .methods import build_method
-from .models import Batch, DistillationModels, RandomSource
 
-__all__ = ["ToyModels", "ToyResult", "energy_distance", "mixture_metrics", "train_toy"]
+#: the "family defaults" of the 2-D test beds, filling what a MethodConfig leaves unset: the generic ones, with the
+#: generator GAN weight 1e-3 that the committed GMM results (benchmarks/results/gmm/) were measured with
+TOY_TRAINING_DEFAULTS = dataclasses.replace(FamilyAdapter.training_defaults, gan_weight=1e-3)
 
-TRAINABLE_ROLES = ("student", "critic")
+__all__ = ["TOY_TRAINING_DEFAULTS", "ToyModels", "ToyResult", "energy_distance", "mixture_metrics", "train_toy"]
 
 
 def _mlp(inputs: int, hidden: int, depth: int, outputs: int) -> nn.Sequential:
@@ -74,7 +83,7 @@ class TimeEmbedding(nn.Module):
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
-class ToyModels(DistillationModels):
+class ToyModels(RolePhases, DistillationModels):
     """Teacher, student, critic and discriminator of the 2-D testbed (see the module docstring).
 
     Args:
@@ -87,7 +96,7 @@ class ToyModels(DistillationModels):
         critic_hidden (`int`, *optional*), critic_depth (`int`, *optional*): the critic's, if different.
         discriminator_trunk (`str` or `None`): ``"teacher"`` (features = ``x_t``, f-distill), ``"critic"`` (features =
             the critic's last hidden layer, DMD2) or ``None`` (no discriminator). Pass
-            ``MethodConfig.resolved_discriminator_trunk()`` when the method uses one.
+            the resolved method config's ``discriminator_trunk`` when the method uses one.
         ratio (`str`, defaults to ``"learned"``): ``"learned"`` or ``"oracle"`` (the discriminator returns the exact
             ``log p_t − log q̂_t``; teacher trunk only).
         fake_score (`str`, defaults to ``"learned"``): ``"learned"`` or ``"oracle"`` (the critic returns the
@@ -155,10 +164,9 @@ class ToyModels(DistillationModels):
             self.discriminator_net = nn.ModuleDict({"emb": TimeEmbedding(path, emb),
                                                     "mlp": _mlp(features + emb, hidden, depth, 1)})
         self._bank_generator = torch.Generator().manual_seed(seed + 7919)
-        self._phase: Optional[str] = None
         self._apply_requires_grad()
 
-    # -- parameters and phases (the discipline of roles.BackboneRoles) --------------------------------------------
+    # -- parameters (phases: distill.models.RolePhases, as roles.BackboneRoles) ------------------------------------
 
     def trainable_modules(self) -> Dict[str, nn.Module]:
         modules: Dict[str, nn.Module] = {"student_net": self.student_net, "critic_net": self.critic_net}
@@ -168,8 +176,7 @@ class ToyModels(DistillationModels):
 
     def named_role_parameters(self, role: str) -> Iterator[Tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of a trainable role; the critic's include the discriminator."""
-        if role not in TRAINABLE_ROLES:
-            raise ValueError(f"Unknown trainable role {role!r}; expected student or critic.")
+        check_trainable_role(role)
         names = ["student_net"] if role == "student" else ["critic_net", "discriminator_net"]
         for module_name in names:
             module = getattr(self, module_name)
@@ -177,28 +184,6 @@ class ToyModels(DistillationModels):
                 continue
             for name, parameter in module.named_parameters():
                 yield f"{module_name}.{name}", parameter
-
-    def role_parameters(self, role: str) -> List[nn.Parameter]:
-        return [p for _, p in self.named_role_parameters(role)]
-
-    def _apply_requires_grad(self) -> None:
-        for role in TRAINABLE_ROLES:
-            flag = self._phase is None or self._phase == role
-            for parameter in self.role_parameters(role):
-                parameter.requires_grad_(flag)
-
-    @contextlib.contextmanager
-    def train_phase(self, role: str):
-        if role not in TRAINABLE_ROLES:
-            raise ValueError(f"Unknown trainable role {role!r}; expected student or critic.")
-        self._phase = role
-        self._apply_requires_grad()
-        yield
-
-    def end_phase(self) -> None:
-        """Leave the current phase (every trainable parameter requires grad again); call after the optimizer step."""
-        self._phase = None
-        self._apply_requires_grad()
 
     @contextlib.contextmanager
     def input_grad_pass(self, role: str):
@@ -318,10 +303,6 @@ class ToyModels(DistillationModels):
             self._check_condition(condition)
         return None
 
-    def batch_size_of(self, condition) -> Optional[int]:
-        """``None``: an unconditional toy batch has no condition to take a size from (the noise has it)."""
-        self._check_condition(condition)
-        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,18 +405,30 @@ def train_toy(
 ) -> ToyResult:
     """Distil ``teacher`` into an MLP student with ``build_method(method_config, ToyModels(...), [t_max])``.
 
-    The schedule is the trainer's (DMD2 §4.3): every iteration updates the critic (+ discriminator); iterations with
-    ``step % critic_updates_per_student == 0`` first update the student, so ``student_steps`` student updates take
-    ``student_steps · critic_updates_per_student`` iterations. ``critic_warmup`` critic-only iterations come first
-    (the MLP critic starts from scratch, unlike a LoRA critic that starts at the teacher). Each role has its own Adam;
-    after every update both optimizers' grads are zeroed and the phase ends, as in ``Trainer._update``. Real samples
-    for the discriminator are exact teacher samples (``Batch.real``). ``init_student(models)``, if given, runs before
-    the warm-up (e.g. to start from a mode-dropped student). ``lr_decay`` decays both learning rates linearly to 0
-    over the student steps (after the warm-up).
+    The schedule is the trainer's, :func:`~diffusers_onestep.distill.models.roles_to_update` (DMD2 §4.3): every
+    iteration updates the critic (+ discriminator); iterations ``i`` with ``i % critic_updates_per_student == 0``
+    first update the student. Real samples for the discriminator are exact teacher samples (``Batch.real``).
+    ``init_student(models)``, if given, runs before the warm-up (e.g. to start from a mode-dropped student).
+
+    One update follows the trainer's rule: a fresh batch, the method's step inside the role's phase, a non-finite
+    loss or gradient norm stops the run (``FloatingPointError``; the trainer's ``--on_nonfinite stop``), backward,
+    the role's gradients clipped to ``max_grad_norm``, its optimizer's step, then both optimizers' gradients are
+    zeroed and the phase ends. Where it differs from the trainer, on purpose:
+
+    * a role with nothing to train -- no optimizer, or a loss that does not require grad (``fake_score="oracle"``
+      without a discriminator) -- skips backward and the step; the trainer's roles always have parameters;
+    * ``student_steps`` counts student updates and the run stops after the iteration that made the last one (so
+      ``(student_steps − 1) · critic_updates_per_student + 1`` iterations), where the trainer counts iterations;
+    * ``critic_warmup`` critic-only updates come first (the MLP critic starts from scratch, unlike a LoRA critic that
+      starts at the teacher);
+    * one Adam per role without weight decay, and ``lr_decay`` decays both learning rates linearly to 0 over the
+      student steps (after the warm-up) instead of a per-role LR scheduler.
+
+    These keep the committed ``benchmarks/results/gmm`` numbers reproducible.
     """
-    config = method_config.validate()
+    config = resolve_method_config(method_config, TOY_TRAINING_DEFAULTS)
     student_time = float(path.t_max)
-    trunk = config.resolved_discriminator_trunk() if config.uses_discriminator else None
+    trunk = config.discriminator_trunk if config.uses_discriminator else None
     models = ToyModels(teacher, path, prediction_type=prediction_type, hidden=hidden, depth=depth,
                        critic_hidden=critic_hidden, critic_depth=critic_depth,
                        discriminator_trunk=trunk, ratio=ratio, fake_score=fake_score, student_time=student_time,
@@ -461,18 +454,22 @@ def train_toy(
 
     def update(role: str) -> Dict[str, float]:
         step_fn = method.student_step if role == "student" else method.critic_step
-        loss, logs = step_fn(batch(), rng)
-        optimizer = optimizers[role]
-        if optimizer is not None and loss.requires_grad:
-            if not torch.isfinite(loss):
+        try:
+            loss, logs = step_fn(batch(), rng)
+            if not bool(torch.isfinite(loss.detach()).all()):
                 raise FloatingPointError(f"Non-finite {role} loss: {logs}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(models.role_parameters(role), max_grad_norm)
-            optimizer.step()
-        for opt in optimizers.values():
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-        models.end_phase()
+            optimizer = optimizers[role]
+            if optimizer is not None and loss.requires_grad:
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(models.role_parameters(role), max_grad_norm))
+                if not math.isfinite(grad_norm):
+                    raise FloatingPointError(f"Non-finite {role} gradient norm: {logs}")
+                optimizer.step()
+        finally:
+            for opt in optimizers.values():
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+            models.end_phase()
         return logs
 
     reference = teacher.sample(eval_samples, generator=torch.Generator().manual_seed(10_000 + seed))
@@ -490,18 +487,17 @@ def train_toy(
     started = time.perf_counter()
     for _ in range(critic_warmup):
         update("critic")
-    k = config.critic_updates_per_student
     logs: Dict[str, float] = {}
     done = 0
-    step = 0
+    iteration = 0
     while done < student_steps:
-        if step % k == 0:
-            logs.update(update("student"))
-            done += 1
-            if eval_every and done % eval_every == 0 and done < student_steps:
-                evaluate(done)
-        logs.update(update("critic"))
-        step += 1
+        for role in roles_to_update(iteration, config.critic_updates_per_student):
+            logs.update(update(role))
+            if role == "student":
+                done += 1
+                if eval_every and done % eval_every == 0 and done < student_steps:
+                    evaluate(done)
+        iteration += 1
         if lr_decay:
             for opt in optimizers.values():
                 for group in (opt.param_groups if opt is not None else []):
