@@ -29,9 +29,9 @@ from diffusers_onestep.families import SDXLAdapter
 from diffusers_onestep.pipelines import PRESETS, find_preset
 from diffusers_onestep.pipelines.loading import load_state_dict_file
 from diffusers_onestep.testing import (
-    NATIVE_CALL_KWARGS,
     random_lora_state_dict,
     save_to_hub_cache,
+    tiny_fixture,
     tiny_native_pipeline,
     tiny_pixart_components,
 )
@@ -258,10 +258,10 @@ def test_pixart_dmd_preset(hub, run):
     native = PixArtAlphaPipeline.from_pretrained(PIXART_BASE, transformer=transformer)
     native.scheduler = DDPMScheduler.from_config(native.scheduler.config, clip_sample=False)
     native.set_progress_bar_config(disable=True)
-    expected = run(native, timesteps=[400], guidance_scale=1.0, **NATIVE_CALL_KWARGS["pixart_alpha"])
+    expected = run(native, timesteps=[400], guidance_scale=1.0, **tiny_fixture("pixart_alpha").native_call_kwargs)
     assert np.abs(images - expected).max() <= 1e-5
     base = run(PixArtAlphaPipeline.from_pretrained(PIXART_BASE, scheduler=native.scheduler), timesteps=[400],
-               guidance_scale=1.0, **NATIVE_CALL_KWARGS["pixart_alpha"])
+               guidance_scale=1.0, **tiny_fixture("pixart_alpha").native_call_kwargs)
     assert np.abs(images - base).max() > 1e-3
 
 
@@ -274,7 +274,7 @@ def test_sana_sprint_presets(repo, hub, run):
     native = SanaSprintPipeline.from_pretrained(repo)
     native.set_progress_bar_config(disable=True)
     expected = run(native, num_inference_steps=1, intermediate_timesteps=None, height=64, width=64,
-                   guidance_scale=4.5, **NATIVE_CALL_KWARGS["sana_sprint"])
+                   guidance_scale=4.5, **tiny_fixture("sana_sprint").native_call_kwargs)
     assert np.abs(images - expected).max() <= 1e-5
 
 
