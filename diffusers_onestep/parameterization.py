@@ -373,7 +373,7 @@ def noise_path_from_scheduler_config(config, kind: Optional[str] = None) -> Nois
     a flow config's shift is ``shift`` (FlowMatchEuler) or ``flow_shift`` (DPM-Solver's flow variant).
     """
     config = dict(config or {})
-    kind = config.get("noise_path") or kind or noise_path_kind_of_scheduler_config(config)
+    kind = config.pop("noise_path", None) or kind or noise_path_kind_of_scheduler_config(config)
     if kind == "flow":
         config["shift"] = config.get("shift") or config.get("flow_shift") or 1.0
     return make_noise_path(kind, **config)

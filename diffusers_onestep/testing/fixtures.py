@@ -7,6 +7,8 @@ its record (:func:`register_tiny_fixture`); everything below then works for it u
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -28,12 +30,16 @@ class TinyFixture:
             ``timesteps`` is never ``None`` unless ``parity_timesteps`` is.
         native_call_kwargs: keyword arguments that make the native pipeline run on the tiny components without
             warnings (resolution binning and caption cleaning off, ...).
+        model_index_entries: entries :func:`save_tiny_native_pipeline` adds to ``model_index.json``, for a family
+            whose native pipeline class another family also names (e.g. ``{"_onestep": {"family": ...}}``, the mark
+            our own folders carry).
     """
 
     components: Callable[[int], Dict[str, Any]]
     parity_timesteps: Optional[List[float]]
     one_step_setup: Callable[[Any, Optional[List[float]]], Dict[str, Any]]
     native_call_kwargs: Dict[str, Any] = field(default_factory=dict)
+    model_index_entries: Dict[str, Any] = field(default_factory=dict)
 
 
 #: tiny-fixture records by family name, in registration order
@@ -166,4 +172,12 @@ def tiny_native_pipeline(family: str, seed: int = 0):
 def save_tiny_native_pipeline(family: str, folder: str, seed: int = 0) -> str:
     """Write a tiny native pipeline folder (safetensors, tokenizers included) and return its path."""
     tiny_native_pipeline(family, seed).save_pretrained(folder, safe_serialization=True)
+    entries = tiny_fixture(family).model_index_entries
+    if entries:
+        path = os.path.join(folder, "model_index.json")
+        with open(path, encoding="utf-8") as f:
+            model_index = json.load(f)
+        model_index.update(entries)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(model_index, f, indent=2, sort_keys=True)
     return folder
