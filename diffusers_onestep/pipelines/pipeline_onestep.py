@@ -113,8 +113,9 @@ class OneStepPipeline(DiffusionPipeline):
         text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_2, tokenizer_3 (*optional*): the
             family's text components (its adapter's `text_component_names`); they may be left out when prompts are
             always given as embeddings.
-        family (`str`, *optional*): `"sdxl"`, `"pixart_alpha"`, `"pixart_sigma"`, `"sana"` or `"sana_sprint"`;
-            detected from the components when not given.
+        family (`str`, *optional*): a registered family (`diffusers_onestep.families.FAMILIES`: `"sdxl"`,
+            `"pixart_alpha"`, `"pixart_sigma"`, `"sana"`, `"sana_sprint"`, ...); detected from the components when
+            not given.
         embedded_guidance_scale (`float`, *optional*): default guidance of students with embedded guidance
             (SANA-Sprint: 4.5).
         max_sequence_length (`int`, *optional*): text tokens kept (PixArt-α 120, PixArt-Σ and SANA 300).
