@@ -380,7 +380,6 @@ def _package_modules():
 def test_package_has_no_import_cycle():
     graph = _package_modules()
     assert "diffusers_onestep.pipelines.loading" not in graph["diffusers_onestep.pipelines.presets"]
-    assert not graph["diffusers_onestep.hub"], "hub.py reads and writes the Hub and imports nothing of ours"
     visiting, done = [], set()
 
     def visit(module):
