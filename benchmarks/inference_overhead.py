@@ -51,11 +51,11 @@ from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 from diffusers_onestep import OneStepPipeline  # noqa: E402
 from diffusers_onestep.testing import (  # noqa: E402
-    PARITY_TIMESTEPS,
     TINY_FAMILIES,
     TINY_PROMPTS,
     native_one_step_pipeline,
     save_tiny_native_pipeline,
+    tiny_fixture,
 )
 
 P1_TARGET = 1.03
@@ -260,7 +260,7 @@ def bare_loop(pipe, prompt: str, latent_shape) -> Callable[[], object]:
 
 def measure_family(family: str, folder: str, calls: int, warmup: int) -> Dict[str, float]:
     save_tiny_native_pipeline(family, folder)
-    timesteps = PARITY_TIMESTEPS[family]
+    timesteps = tiny_fixture(family).parity_timesteps
     student = OneStepPipeline.from_pretrained(
         folder, **({"conditioning_timesteps": timesteps} if timesteps is not None else {})
     )

@@ -34,7 +34,7 @@ from diffusers.utils import logging as diffusers_logging  # noqa: E402
 import diffusers_onestep.pipelines.pipeline_onestep as pipeline_module  # noqa: E402
 from diffusers_onestep import OneStepPipeline  # noqa: E402
 from diffusers_onestep.pipelines.loading import scheduler_for  # noqa: E402
-from diffusers_onestep.testing import PARITY_TIMESTEPS, TINY_FAMILIES, TINY_PROMPTS  # noqa: E402
+from diffusers_onestep.testing import TINY_FAMILIES, TINY_PROMPTS, tiny_fixture  # noqa: E402
 from real_size_overhead import DTYPES, build_components  # noqa: E402
 
 PIPELINE_COMPONENTS = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -44,7 +44,7 @@ def measure(family: str, args, device: torch.device, dtype: torch.dtype) -> dict
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     components = build_components(family, args.tiny, device, dtype)
     pipe = OneStepPipeline(
-        scheduler=scheduler_for(family, dict(components["scheduler"].config), PARITY_TIMESTEPS[family], None),
+        scheduler=scheduler_for(family, dict(components["scheduler"].config), tiny_fixture(family).parity_timesteps, None),
         family=family,
         **{k: v for k, v in components.items() if k in PIPELINE_COMPONENTS},
     )

@@ -48,16 +48,17 @@ import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 from diffusers_onestep import OneStepPipeline  # noqa: E402
+from diffusers_onestep.families import get_adapter_class  # noqa: E402
 from diffusers_onestep.families.pixart import PIXART_BLOCK_CONFIG  # noqa: E402
 from diffusers_onestep.pipelines.loading import scheduler_for  # noqa: E402
 from diffusers_onestep.testing import (  # noqa: E402
-    NATIVE_PIPELINES,
-    PARITY_TIMESTEPS,
     TINY_FAMILIES,
     TINY_PROMPTS,
     native_one_step_setup,
+    native_pipeline_class,
     tiny_clip_tokenizer,
     tiny_components,
+    tiny_fixture,
     tiny_gemma_tokenizer,
     tiny_t5_tokenizer,
 )
@@ -242,22 +243,17 @@ def parameter_count(components: Dict[str, object]) -> Dict[str, float]:
 
 
 def measure_family(family: str, args, device: torch.device, dtype: torch.dtype) -> Dict[str, object]:
-    import diffusers
-
     sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
     components = build_components(family, args.tiny, device, dtype)
     build_s = time.perf_counter() - start
     native_components = {k: v for k, v in components.items() if k not in ("image_encoder", "feature_extractor")}
-    if family == "sdxl":
-        native_components["add_watermarker"] = False
-    native, native_kwargs = native_one_step_setup(family, getattr(diffusers, NATIVE_PIPELINES[family])(
-        **native_components))
-    ours_components = {k: v for k, v in components.items()
-                       if k in ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "tokenizer",
-                                "tokenizer_2")}
+    adapter_cls = get_adapter_class(family)
+    native, native_kwargs = native_one_step_setup(family, native_pipeline_class(family)(
+        **native_components, **adapter_cls.native_pipeline_kwargs))
+    ours_components = {k: v for k, v in components.items() if k in adapter_cls.component_names()}
     student = OneStepPipeline(
-        scheduler=scheduler_for(family, dict(components["scheduler"].config), PARITY_TIMESTEPS[family], None),
+        scheduler=scheduler_for(family, dict(components["scheduler"].config), tiny_fixture(family).parity_timesteps, None),
         family=family,
         **ours_components,
     )

@@ -1,4 +1,6 @@
-"""Model cards and Hub upload of distilled students (through ``huggingface_hub``'s own API).
+"""Hub access: reading configs and files of a Hub repo or a local folder, model cards, and upload of distilled
+students -- all through ``huggingface_hub``'s own API, so the same code runs against the Hub, a local folder, or the
+local Hub cache with ``HF_HUB_OFFLINE=1``.
 
 The Hub token is never an argument that gets stored: ``push_to_hub`` lets ``huggingface_hub`` read it from
 ``HF_TOKEN`` or the login cache, and nothing here writes it to a file, a log, a config or a card.
@@ -8,10 +10,75 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
+#: ``from_pretrained`` keyword arguments that say where and how to read a Hub repo
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
 #: files and folders of an output directory that are not part of the published student
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", ".*/**", "logs/**", "validation/**"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reads
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def hub_kwargs_of(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The :data:`HUB_KWARGS` among ``kwargs``."""
+    return {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+
+
+def check_repo_id(source: str) -> None:
+    """Refuse strings that are neither an existing folder nor a syntactically valid Hub repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise ValueError(
+            f"{source!r} is neither an existing folder nor a valid Hub repo id (expected 'org/name')."
+        ) from None
+
+
+def read_json(source: str, filename: str, hub_kwargs: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+    """``filename`` of a local folder or Hub repo as a dict, or ``None`` when the repo has no such file."""
+    if os.path.isdir(source):
+        path = os.path.join(source, filename)
+        if not os.path.isfile(path):
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        check_repo_id(source)
+        try:
+            path = hf_hub_download(source, filename, **(hub_kwargs or {}))
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def resolve_file(source: str, weight_name: Optional[str] = None, subfolder: Optional[str] = None, **hub_kwargs) -> str:
+    """A local file for ``source`` (a file path, a folder + ``weight_name``, or a Hub repo + ``weight_name``)."""
+    if os.path.isfile(source):
+        return source
+    if weight_name is None:
+        raise ValueError(f"{source} is not a file; pass `weight_name` to pick the file inside it.")
+    if os.path.isdir(source):
+        path = os.path.join(source, subfolder or "", weight_name)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} does not exist.")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    check_repo_id(source)
+    return hf_hub_download(source, weight_name, subfolder=subfolder, **hub_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model card and upload
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _is_hub_id(reference: str) -> bool:

@@ -25,9 +25,7 @@ def read_lora_state_dict(
     import diffusers
 
     loader = getattr(diffusers, adapter.lora_pipeline_class_name)
-    kwargs = dict(hub_kwargs)
-    if adapter.name == "sdxl":
-        kwargs["unet_config"] = adapter.denoiser.config
+    kwargs = {**hub_kwargs, **adapter.lora_state_dict_kwargs()}
     out = loader.lora_state_dict(
         path_or_state_dict, weight_name=weight_name, use_safetensors=True, return_lora_metadata=True, **kwargs
     )

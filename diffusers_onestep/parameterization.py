@@ -30,6 +30,7 @@ All conversions run in float64 (DMD2 ``get_x0_from_noise`` does the same) and re
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, fields
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -204,21 +205,70 @@ class VPPath(NoisePath):
         return {"noise_path": self.kind, "num_train_timesteps": self.num_train_timesteps, **self.beta_config}
 
 
+@dataclass(frozen=True)
+class DynamicShift:
+    """Resolution-dependent flow shift (Esser et al. 2024, §5.3.2; FLUX.1; SD3.5): ``mu`` is linear in the image
+    sequence length ``n``, through ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)``, and
+    the shift is ``exp(mu)`` (``time_shift_type="exponential"``) or ``mu`` (``"linear"``).
+
+    The fields and formulas are those of diffusers' ``FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)``
+    (its ``time_shift``) and of ``calculate_shift`` in the FLUX pipeline, which computes ``mu``.
+    """
+
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"
+
+    def __post_init__(self):
+        if self.time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}.")
+        if self.max_image_seq_len == self.base_image_seq_len:
+            raise ValueError("max_image_seq_len and base_image_seq_len must differ (mu is a line through both).")
+
+    def mu(self, image_seq_len: int) -> float:
+        """``mu = m n + b`` with ``m = (max_shift - base_shift) / (max_seq - base_seq)``, ``b = base_shift - m base_seq``."""
+        m = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        b = self.base_shift - m * self.base_image_seq_len
+        return image_seq_len * m + b
+
+    def shift(self, image_seq_len: int) -> float:
+        """The fixed shift ``s`` at this resolution: ``exp(mu)`` / ``mu`` turn diffusers' ``time_shift(mu, 1, t)``
+        into ``s t / (1 + (s - 1) t)``."""
+        mu = self.mu(image_seq_len)
+        return math.exp(mu) if self.time_shift_type == "exponential" else mu
+
+    def describe(self) -> dict:
+        return {"use_dynamic_shifting": True, **asdict(self)}
+
+
 class FlowPath(NoisePath):
     """Rectified-flow path ``x_t = (1 - t) x0 + t eps`` (Liu et al. 2022; SANA, SD3), ``t = sigma`` in [0, 1].
 
     ``shift`` is the resolution shift ``t' = s t / (1 + (s - 1) t)`` used when sampling training times
-    (Esser et al. 2024, eq. 23; diffusers ``FlowMatchEulerDiscreteScheduler(shift=...)``).
+    (Esser et al. 2024, eq. 23; diffusers ``FlowMatchEulerDiscreteScheduler(shift=...)``). With ``dynamic_shift``
+    the shift depends on the image sequence length (FLUX.1, SD3.5): :meth:`at_image_seq_len` gives the fixed-shift
+    path of one resolution. The shift only moves where training times are drawn; ``alpha_t, sigma_t`` are the same.
     """
 
     kind = "flow"
 
-    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000):
+    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000,
+                 dynamic_shift: Optional[DynamicShift] = None):
         if shift <= 0:
             raise ValueError(f"The flow shift must be positive, got {shift}.")
         self.shift = float(shift)
         self.num_train_timesteps = int(num_train_timesteps)
+        #: resolution-dependent shift; ``shift`` is then the config's value, unused as diffusers leaves it unused
+        self.dynamic_shift = dynamic_shift
         self.t_min, self.t_max = 0.0, 1.0
+
+    def at_image_seq_len(self, image_seq_len: int) -> "FlowPath":
+        """The fixed-shift path at an image sequence length (latent tokens after patchifying)."""
+        if self.dynamic_shift is None:
+            return self
+        return FlowPath(shift=self.dynamic_shift.shift(image_seq_len), num_train_timesteps=self.num_train_timesteps)
 
     def alpha_sigma(self, t, device=None):
         t_tensor = t if isinstance(t, torch.Tensor) else torch.as_tensor(t)
@@ -229,6 +279,11 @@ class FlowPath(NoisePath):
         return 1 - t64, t64
 
     def shift_time(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_shift is not None:
+            raise ValueError(
+                "This flow path's shift depends on the resolution (dynamic shifting); take the path of one "
+                "resolution with `path.at_image_seq_len(n)` first."
+            )
         return self.shift * t / (1 + (self.shift - 1) * t)
 
     def training_time(self, u):
@@ -241,7 +296,10 @@ class FlowPath(NoisePath):
         return torch.as_tensor(timestep).to(torch.float64) / self.num_train_timesteps
 
     def describe(self):
-        return {"noise_path": self.kind, "shift": self.shift, "num_train_timesteps": self.num_train_timesteps}
+        described = {"noise_path": self.kind, "shift": self.shift, "num_train_timesteps": self.num_train_timesteps}
+        if self.dynamic_shift is not None:  # only then: fixed-shift paths describe themselves as before
+            described.update(self.dynamic_shift.describe())
+        return described
 
 
 class TrigFlowPath(NoisePath):
@@ -275,10 +333,64 @@ def make_noise_path(noise_path: str, **config) -> NoisePath:
     if noise_path == "vp":
         return VPPath.from_scheduler_config(config)
     if noise_path == "flow":
-        return FlowPath(shift=config.get("shift", 1.0), num_train_timesteps=config.get("num_train_timesteps", 1000))
+        dynamic = None
+        if config.get("use_dynamic_shifting"):
+            dynamic = DynamicShift(**{f.name: config[f.name] for f in fields(DynamicShift) if f.name in config})
+        return FlowPath(shift=config.get("shift", 1.0), num_train_timesteps=config.get("num_train_timesteps", 1000),
+                        dynamic_shift=dynamic)
     if noise_path == "trigflow":
         return TrigFlowPath(sigma_data=config.get("sigma_data", 0.5))
     raise ValueError(f"Unknown noise path {noise_path!r}; expected one of {', '.join(NOISE_PATHS)}.")
+
+
+def noise_path_kind_of_scheduler_config(config) -> str:
+    """The kind of path a scheduler config describes: its ``noise_path`` (OneStepScheduler configs); ``"trigflow"``
+    for ``SCMScheduler``; ``"flow"`` for ``FlowMatch*`` schedulers (a live scheduler's config has no ``_class_name``:
+    they are the ones with ``use_dynamic_shifting``), DPM-Solver's ``use_flow_sigmas`` and flow predictions;
+    ``"vp"`` for everything else (the DDPM family)."""
+    if config.get("noise_path"):
+        return config["noise_path"]
+    name = config.get("_class_name", "") or ""
+    if name == "SCMScheduler" or config.get("prediction_type") == "trigflow":
+        return "trigflow"
+    flow_match = name.startswith("FlowMatch") or "use_dynamic_shifting" in config
+    if flow_match or config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
+        return "flow"
+    return "vp"
+
+
+def noise_path_from_scheduler_config(config, kind: Optional[str] = None) -> NoisePath:
+    """The noise path of a scheduler config -- a OneStepScheduler's or any diffusers scheduler's -- the one place
+    where a scheduler config becomes a path (OneStepScheduler.from_config, every family adapter, the loader).
+
+    Args:
+        config: the scheduler config (``scheduler.config`` or ``scheduler_config.json`` as a dict).
+        kind: the kind of path to read where the config does not name one with a ``noise_path`` key (a family
+            adapter's ``noise_path_kind``; ``OneStepScheduler.from_config(..., noise_path=...)``); ``None`` reads it
+            off the config (:func:`noise_path_kind_of_scheduler_config`).
+
+    Values the config leaves out take diffusers' DDPM defaults (VP), shift 1 (flow) and ``sigma_data`` 0.5 (TrigFlow);
+    a flow config's shift is ``shift`` (FlowMatchEuler) or ``flow_shift`` (DPM-Solver's flow variant).
+    """
+    config = dict(config or {})
+    kind = config.pop("noise_path", None) or kind or noise_path_kind_of_scheduler_config(config)
+    if kind == "flow":
+        config["shift"] = config.get("shift") or config.get("flow_shift") or 1.0
+    return make_noise_path(kind, **config)
+
+
+def prediction_type_from_scheduler_config(config, kind: str) -> str:
+    """What a model on a path of ``kind`` predicts, read off the scheduler config it came with: a OneStepScheduler
+    config names the student's parameterization; a native one the teacher's, where flow schedulers name none (or
+    DPM-Solver's default ``"epsilon"``, which its flow variant does not use) and mean ``"flow_prediction"``."""
+    stated = config.get("prediction_type")
+    if config.get("noise_path"):
+        return stated or "epsilon"
+    if kind == "flow":
+        return stated if stated not in (None, "epsilon") else "flow_prediction"
+    if kind == "trigflow":
+        return stated or "trigflow"
+    return stated or "epsilon"
 
 
 def check_prediction_type(prediction_type: str) -> str:

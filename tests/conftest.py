@@ -62,9 +62,9 @@ def student_folder(tmp_path_factory, native_folder):
 def _load_student(folder: str, family: str, **kwargs):
     """``OneStepPipeline.from_pretrained(folder)`` at the family's parity timesteps, progress bar off."""
     from diffusers_onestep import OneStepPipeline
-    from diffusers_onestep.testing import PARITY_TIMESTEPS
+    from diffusers_onestep.testing import tiny_fixture
 
-    timesteps = PARITY_TIMESTEPS[family]
+    timesteps = tiny_fixture(family).parity_timesteps
     if timesteps is not None:
         kwargs.setdefault("conditioning_timesteps", timesteps)
     pipe = OneStepPipeline.from_pretrained(folder, **kwargs)
@@ -93,7 +93,7 @@ def _run(pipe, prompt="a photo of a cat", seed=0, **kwargs):
 @pytest.fixture(scope="session")
 def load_student():
     """``load_student(folder, family, **kw)``: ``OneStepPipeline.from_pretrained`` at the family's parity
-    timesteps (``testing.PARITY_TIMESTEPS``) with the progress bar off -- a fresh pipeline the test may mutate."""
+    timesteps (``testing.tiny_fixture(family).parity_timesteps``) with the progress bar off -- a fresh pipeline the test may mutate."""
     return _load_student
 
 

@@ -5,6 +5,7 @@
 import json
 import logging
 import os
+import re
 
 import diffusers
 import numpy as np
@@ -12,19 +13,14 @@ import pytest
 from diffusers import DiffusionPipeline
 
 from diffusers_onestep import OneStepPipeline, OneStepScheduler
-from diffusers_onestep.pipelines.pipeline_onestep import NATIVE_INTEROP_FAMILIES
-from diffusers_onestep.testing import NATIVE_CALL_KWARGS, TINY_FAMILIES, list_files
+from diffusers_onestep.families import FAMILIES, get_adapter_class
+from diffusers_onestep.testing import TINY_FAMILIES, list_files, tiny_fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_FILE = os.path.join(REPO, "pipelines", "onestep.py")
-
-#: how the family's own pipeline reproduces the student's call (diffusers-facts §1: guidance off, one step)
-NATIVE_DRIVE = {
-    "sdxl": {"guidance_scale": 0.0, "num_inference_steps": 1},
-    "pixart_alpha": {"guidance_scale": 1.0, "num_inference_steps": 1},
-    "pixart_sigma": {"guidance_scale": 1.0, "num_inference_steps": 1},
-    "sana": {"guidance_scale": 1.0, "num_inference_steps": 1, "height": 64, "width": 64},
-}
+INFERENCE_DOC = os.path.join(REPO, "docs", "inference.md")
+#: the families whose own pipeline can drive OneStepScheduler (the adapters' native_interop_pipeline_class_name)
+INTEROP_FAMILIES = [f for f in TINY_FAMILIES if get_adapter_class(f).native_interop_pipeline_class_name]
 
 
 def _reference(folder, run):
@@ -70,27 +66,31 @@ def test_saved_folder_layout(family, student_folder):
     folder = student_folder(family)
     with open(os.path.join(folder, "model_index.json")) as f:
         index = json.load(f)
-    assert index["_class_name"] == NATIVE_INTEROP_FAMILIES.get(family, "OneStepPipeline")
+    adapter_cls = get_adapter_class(family)
+    assert index["_class_name"] == (adapter_cls.native_interop_pipeline_class_name or "OneStepPipeline")
     assert index["scheduler"][1] == "OneStepScheduler"
     files = list_files(folder)
     assert not any(f.endswith((".bin", ".pt", ".ckpt", ".pth")) for f in files), "safetensors only"
     assert any(f.endswith(".safetensors") for f in files)
-    if family in NATIVE_INTEROP_FAMILIES:
+    if adapter_cls.native_interop_pipeline_class_name:
         assert index["_onestep"]["family"] == family
         assert "family" not in index  # a plain key would make the native class warn on every load
 
 
-@pytest.mark.parametrize("family", sorted(NATIVE_INTEROP_FAMILIES))
+@pytest.mark.parametrize("family", INTEROP_FAMILIES)
 def test_plain_diffusers_loads_the_student_and_gives_the_same_image(family, student_folder, run, caplog):
     folder = student_folder(family)
-    _, expected = _reference(folder, run)
+    reference, expected = _reference(folder, run)
+    adapter_cls = get_adapter_class(family)
     with caplog.at_level(logging.WARNING):
-        native = DiffusionPipeline.from_pretrained(folder, **({"add_watermarker": False} if family == "sdxl" else {}))
-    assert type(native) is getattr(diffusers, NATIVE_INTEROP_FAMILIES[family])
+        native = DiffusionPipeline.from_pretrained(folder, **adapter_cls.native_pipeline_kwargs)
+    assert type(native) is getattr(diffusers, adapter_cls.native_interop_pipeline_class_name)
     assert isinstance(native.scheduler, OneStepScheduler)
     assert not [r for r in caplog.records if "not expected" in r.getMessage()]
     native.set_progress_bar_config(disable=True)
-    kwargs = {**NATIVE_CALL_KWARGS[family], **NATIVE_DRIVE[family]}
+    size = reference.adapter.default_resolution
+    kwargs = {**tiny_fixture(family).native_call_kwargs, **adapter_cls.native_interop_call_kwargs,
+              "height": size, "width": size}
     assert np.abs(run(native, **kwargs) - expected).max() <= 1e-5
 
 
@@ -103,7 +103,7 @@ def test_sana_sprint_folders_need_onestep_pipeline(student_folder):
         DiffusionPipeline.from_pretrained(folder)
     with pytest.raises(TypeError, match=r"intermediate_timesteps|max_timesteps"):
         diffusers.SanaSprintPipeline.from_pretrained(folder)(
-            "a photo of a cat", num_inference_steps=1, intermediate_timesteps=None, **NATIVE_CALL_KWARGS["sana_sprint"]
+            "a photo of a cat", num_inference_steps=1, intermediate_timesteps=None, **tiny_fixture("sana_sprint").native_call_kwargs
         )
 
 
@@ -115,3 +115,28 @@ def test_native_class_folder_keeps_onestep_settings(tmp_path, native_folder, loa
     reloaded = OneStepPipeline.from_pretrained(tmp_path / "sigma")
     assert reloaded.config.family == "pixart_sigma" and reloaded.config.max_sequence_length == 200
     assert reloaded.adapter.max_sequence_length == 200
+
+
+def interop_markdown_table() -> str:
+    """The plain-diffusers table of docs/inference.md, generated from the registered family adapters."""
+    rows = ["| family | class written in `model_index.json` | call it with |", "|---|---|---|"]
+    for adapter_cls in FAMILIES.values():
+        native = adapter_cls.native_interop_pipeline_class_name
+        if native is None:
+            call = "-- (use `OneStepPipeline` or the community pipeline)"
+        else:
+            call = ", ".join(f"{k}={v!r}" for k, v in adapter_cls.native_interop_call_kwargs.items())
+            call = f"`{call}`"
+            if adapter_cls.native_pipeline_kwargs:
+                built = ", ".join(f"{k}={v!r}" for k, v in adapter_cls.native_pipeline_kwargs.items())
+                call += f" (`{built}` for identical pixels)"
+        rows.append(f"| {adapter_cls.display_name} | `{native or 'OneStepPipeline'}` | {call} |")
+    return "\n".join(rows)
+
+
+def test_docs_interop_table_is_generated_from_the_adapters():
+    with open(INFERENCE_DOC, encoding="utf-8") as f:
+        text = f.read()
+    match = re.search(r"<!-- interop-table:start -->\n(.*?)\n<!-- interop-table:end -->", text, flags=re.S)
+    assert match, "docs/inference.md lost its interop-table markers"
+    assert match.group(1) == interop_markdown_table(), "docs/inference.md's plain-diffusers table is stale"

@@ -15,14 +15,14 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from diffusers_onestep import OneStepPipeline
 from diffusers_onestep.families import get_adapter_class
 from diffusers_onestep.lora import LORA_WEIGHT_NAME, lora_keys
-from diffusers_onestep.testing import PARITY_TIMESTEPS, native_one_step_pipeline, random_lora_state_dict
+from diffusers_onestep.testing import native_one_step_pipeline, random_lora_state_dict, tiny_fixture
 
 RANK = 4
 FAMILIES = ["sdxl", "sana", "pixart_alpha"]
 
 
 def _conditioning(family):
-    return PARITY_TIMESTEPS[family]
+    return tiny_fixture(family).parity_timesteps
 
 
 def _lora(family, denoiser, seed=0):

@@ -107,6 +107,90 @@ def test_make_noise_path_reads_scheduler_configs():
     assert param.make_noise_path("trigflow", sigma_data=0.3).sigma_data == 0.3
 
 
+@pytest.mark.parametrize("time_shift_type", ["exponential", "linear"])
+def test_dynamic_shift_matches_flow_match_euler_at_a_given_mu(time_shift_type):
+    # FLUX.1 / SD3.5: mu is linear in the image sequence length (FluxPipeline's calculate_shift) and the scheduler
+    # applies time_shift(mu, 1, t) = e^mu / (e^mu + 1/t - 1), the fixed-shift formula with s = exp(mu) ("linear": mu).
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    settings = dict(base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0, time_shift_type=time_shift_type,
+                                                **settings)
+    path = param.noise_path_from_scheduler_config(scheduler.config)
+    assert path.kind == "flow" and path.dynamic_shift is not None
+    image_seq_len = 1024  # 512 px FLUX: (512 / 16) ** 2 packed latent tokens
+    mu = path.dynamic_shift.mu(image_seq_len)
+    m = (1.15 - 0.5) / (4096 - 256)
+    assert mu == pytest.approx(0.5 + m * (image_seq_len - 256), abs=1e-12)  # closed form of the line
+    assert mu == pytest.approx(calculate_shift(image_seq_len, **{
+        "base_seq_len": 256, "max_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}), abs=1e-12)
+    expected_shift = math.exp(mu) if time_shift_type == "exponential" else mu
+    fixed = path.at_image_seq_len(image_seq_len)
+    assert fixed.dynamic_shift is None and fixed.shift == pytest.approx(expected_shift, abs=1e-12)
+    n = 8
+    scheduler.set_timesteps(num_inference_steps=n, mu=mu)
+    unshifted = torch.linspace(1.0, 1.0 / 1000, n, dtype=torch.float64)  # the scheduler's sigmas before shifting
+    torch.testing.assert_close(fixed.shift_time(unshifted), scheduler.sigmas[:-1].to(torch.float64), rtol=0, atol=1e-6)
+    # the path of no resolution refuses to draw training times instead of ignoring the resolution
+    with pytest.raises(ValueError, match=r"at_image_seq_len"):
+        path.training_time(torch.tensor([0.5], dtype=torch.float64))
+    # a OneStepScheduler keeps the dynamic settings through its config
+    from diffusers_onestep import OneStepScheduler
+
+    student = OneStepScheduler.from_noise_path(path, [1.0], "flow_prediction")
+    assert student.path.describe() == path.describe()
+    assert OneStepScheduler.from_config(student.config).path.dynamic_shift == path.dynamic_shift
+
+
+#: native scheduler configs and the noise path and prediction type each was read as before the one resolver
+#: (OneStepScheduler.from_config, the family adapters and the loader agreed on every one of them)
+NATIVE_SCHEDULER_CASES = {
+    "euler_sdxl": (lambda: __import__("diffusers").EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"), "vp", "epsilon"),
+    "ddpm_defaults": (lambda: DDPMScheduler(), "vp", "epsilon"),
+    "ddim_v": (lambda: __import__("diffusers").DDIMScheduler(prediction_type="v_prediction"), "vp", "v_prediction"),
+    "flow_match_shift7": (lambda: FlowMatchEulerDiscreteScheduler(shift=7.0), "flow", "flow_prediction"),
+    "dpm_flow_shift3": (lambda: __import__("diffusers").DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"), "flow", "flow_prediction"),
+    "dpm_flow_epsilon_default": (lambda: __import__("diffusers").DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, flow_shift=3.0), "flow", "flow_prediction"),
+    "scm": (lambda: __import__("diffusers").SCMScheduler(sigma_data=0.5), "trigflow", "trigflow"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NATIVE_SCHEDULER_CASES))
+def test_noise_path_from_scheduler_config_reads_native_schedulers(case):
+    make, kind, prediction_type = NATIVE_SCHEDULER_CASES[case]
+    scheduler = make()
+    for config in (scheduler.config, {**dict(scheduler.config), "_class_name": type(scheduler).__name__}):
+        path = param.noise_path_from_scheduler_config(config)
+        assert path.kind == kind
+        assert param.prediction_type_from_scheduler_config(config, path.kind) == prediction_type
+    if kind == "vp":
+        assert torch.equal(path.alphas_cumprod, scheduler.alphas_cumprod.to(torch.float64))
+    elif kind == "flow":
+        assert path.shift == float(scheduler.config.get("shift") or scheduler.config.get("flow_shift"))
+        assert path.dynamic_shift is None and path.describe() == {
+            "noise_path": "flow", "shift": path.shift, "num_train_timesteps": 1000}
+    else:
+        assert path.sigma_data == 0.5
+
+
+def test_noise_path_from_scheduler_config_kinds_and_defaults():
+    # a config naming its path (OneStepScheduler's) is read as it says, whatever kind the caller expects
+    assert param.noise_path_from_scheduler_config({"noise_path": "flow", "shift": 2.0}, kind="vp").shift == 2.0
+    assert param.prediction_type_from_scheduler_config({"noise_path": "flow", "prediction_type": "sample"},
+                                                       "flow") == "sample"
+    # otherwise the caller's kind wins over what the config suggests (a family adapter knows its path)
+    assert param.noise_path_from_scheduler_config(FlowMatchEulerDiscreteScheduler().config, kind="vp").kind == "vp"
+    # values left out: DDPM's betas, shift 1, sigma_data 0.5
+    assert torch.equal(param.noise_path_from_scheduler_config({}).alphas_cumprod,
+                       DDPMScheduler().alphas_cumprod.to(torch.float64))
+    assert param.noise_path_from_scheduler_config({}, kind="flow").describe() == {
+        "noise_path": "flow", "shift": 1.0, "num_train_timesteps": 1000}
+    assert param.noise_path_from_scheduler_config({}, kind="trigflow").sigma_data == 0.5
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # conversions
 # ---------------------------------------------------------------------------------------------------------------------

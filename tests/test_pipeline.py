@@ -400,3 +400,88 @@ def test_disabled_progress_bar_builds_no_tqdm(native_folder, load_student, run):
     bar.close()
     pipe.set_progress_bar_config(leave=False)  # "disable" unset: diffusers decides, as before
     assert np.array_equal(run(pipe), reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# family data: the pipeline's slots, detection and the noise path all come from the adapter classes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_component_slots_and_offload_chain_cover_every_family():
+    import inspect
+
+    from diffusers_onestep.families import FAMILIES
+
+    slots = set(inspect.signature(OneStepPipeline.__init__).parameters) - {"self", "scheduler"}
+    offload_chain = OneStepPipeline.model_cpu_offload_seq.split("->")
+    for adapter_cls in FAMILIES.values():
+        names = set(adapter_cls.component_names())
+        assert names <= slots, f"{adapter_cls.name} needs slots {sorted(names - slots)} OneStepPipeline lacks"
+        assert names - {"vae"} <= set(OneStepPipeline._optional_components)
+        # every model a family brings is moved by enable_model_cpu_offload in the chain's order
+        assert {n for n in names if not n.startswith("tokenizer")} <= set(offload_chain)
+    assert {"text_encoder_3", "tokenizer_3"} <= slots  # room for SD3's third text encoder
+
+
+def test_enable_model_cpu_offload_skips_the_slots_a_family_leaves_empty(native_folder, load_student, run):
+    pipe = load_student(native_folder("pixart_alpha"), "pixart_alpha")
+    expected = run(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert np.abs(run(pipe) - expected).max() <= 1e-6
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_a_native_scheduler_config_becomes_one_noise_path(family):
+    # the adapter, OneStepScheduler.from_config and the loader read a teacher's scheduler config the same way
+    from diffusers_onestep.families import get_adapter_class
+    from diffusers_onestep.pipelines.loading import scheduler_for
+
+    components = tiny_components(family)
+    config = dict(components["scheduler"].config)
+    adapter = get_adapter_class(family)(components)
+    timesteps = scheduler_for(family, config, None, None).config.conditioning_timesteps
+    from_config = OneStepScheduler.from_config(config, conditioning_timesteps=timesteps)
+    loaded = scheduler_for(family, config, None, None)
+    assert adapter.noise_path.describe() == from_config.path.describe() == loaded.path.describe()
+    assert adapter.prediction_type == from_config.config.prediction_type == loaded.config.prediction_type
+
+
+@pytest.mark.parametrize("model_index, configs, family", [
+    ({"_class_name": "StableDiffusionXLControlNetPipeline"}, {"unet": {"addition_embed_type": "text_time"}}, "sdxl"),
+    ({}, {"transformer": {"_class_name": "PixArtTransformer2DModel"}}, "pixart_alpha"),
+    ({"_class_name": "PixArtSigmaPAGPipeline"}, {"transformer": {"_class_name": "PixArtTransformer2DModel"}},
+     "pixart_sigma"),
+    ({}, {"transformer": {"_class_name": "SanaTransformer2DModel"}}, "sana"),
+    ({}, {"transformer": {"_class_name": "SanaTransformer2DModel", "guidance_embeds": True}}, "sana_sprint"),
+    # a pipeline class a family names wins over what the denoiser looks like
+    ({"_class_name": "SanaPipeline"}, {"transformer": {"_class_name": "SanaTransformer2DModel",
+                                                       "guidance_embeds": True}}, "sana"),
+    # our own folders name their family, also under "_onestep" in folders saved with a native class name
+    ({"_class_name": "PixArtAlphaPipeline", "_onestep": {"family": "pixart_sigma"}}, {}, "pixart_sigma"),
+    ({"_class_name": "OneStepPipeline", "family": "sana_sprint"}, {}, "sana_sprint"),
+])
+def test_detect_family(model_index, configs, family):
+    from diffusers_onestep.families import detect_family
+
+    assert detect_family(model_index, configs) == family
+
+
+def test_detect_family_refuses_unknown_backbones_naming_the_supported_ones():
+    from diffusers_onestep.families import detect_family
+
+    with pytest.raises(ValueError, match=re.escape(
+            "UNet2DModel is not a supported backbone; diffusers-onestep supports SDXL (sdxl), PixArt-α (pixart_alpha), "
+            "PixArt-Σ (pixart_sigma), SANA (sana) and SANA-Sprint (sana_sprint).")):
+        detect_family({}, {"unet": {"_class_name": "UNet2DModel"}})
+
+
+def test_every_family_names_its_own_lora_saver():
+    import diffusers
+
+    from diffusers_onestep.families import FAMILIES, FamilyAdapter
+
+    assert FamilyAdapter.lora_pipeline_class_name == ""  # no silent default borrowed from another family
+    for adapter_cls in FAMILIES.values():
+        assert "lora_pipeline_class_name" in vars(adapter_cls), adapter_cls.name
+        saver = getattr(diffusers, adapter_cls.lora_pipeline_class_name)
+        assert hasattr(saver, "save_lora_weights") and hasattr(saver, "lora_state_dict")

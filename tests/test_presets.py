@@ -29,9 +29,9 @@ from diffusers_onestep.families import SDXLAdapter
 from diffusers_onestep.pipelines import PRESETS, find_preset
 from diffusers_onestep.pipelines.loading import load_state_dict_file
 from diffusers_onestep.testing import (
-    NATIVE_CALL_KWARGS,
     random_lora_state_dict,
     save_to_hub_cache,
+    tiny_fixture,
     tiny_native_pipeline,
     tiny_pixart_components,
 )
@@ -258,10 +258,10 @@ def test_pixart_dmd_preset(hub, run):
     native = PixArtAlphaPipeline.from_pretrained(PIXART_BASE, transformer=transformer)
     native.scheduler = DDPMScheduler.from_config(native.scheduler.config, clip_sample=False)
     native.set_progress_bar_config(disable=True)
-    expected = run(native, timesteps=[400], guidance_scale=1.0, **NATIVE_CALL_KWARGS["pixart_alpha"])
+    expected = run(native, timesteps=[400], guidance_scale=1.0, **tiny_fixture("pixart_alpha").native_call_kwargs)
     assert np.abs(images - expected).max() <= 1e-5
     base = run(PixArtAlphaPipeline.from_pretrained(PIXART_BASE, scheduler=native.scheduler), timesteps=[400],
-               guidance_scale=1.0, **NATIVE_CALL_KWARGS["pixart_alpha"])
+               guidance_scale=1.0, **tiny_fixture("pixart_alpha").native_call_kwargs)
     assert np.abs(images - base).max() > 1e-3
 
 
@@ -274,7 +274,7 @@ def test_sana_sprint_presets(repo, hub, run):
     native = SanaSprintPipeline.from_pretrained(repo)
     native.set_progress_bar_config(disable=True)
     expected = run(native, num_inference_steps=1, intermediate_timesteps=None, height=64, width=64,
-                   guidance_scale=4.5, **NATIVE_CALL_KWARGS["sana_sprint"])
+                   guidance_scale=4.5, **tiny_fixture("sana_sprint").native_call_kwargs)
     assert np.abs(images - expected).max() <= 1e-5
 
 
@@ -339,3 +339,77 @@ def test_pickle_payloads_in_legacy_bin_files_are_refused(hub_cache, tmp_path, na
     # the same file does run code under a plain torch.load: the refusal is what protects the user
     torch.load(repo / "dmd2_sdxl_1step_unet_fp16.bin", weights_only=False)
     assert marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# layering: presets are data, Hub reads live in hub.py, and no module imports one that imports it back
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _package_modules():
+    import ast
+
+    import diffusers_onestep
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(diffusers_onestep.__file__)))
+    paths = {}
+    for folder, _, files in os.walk(os.path.join(root, "diffusers_onestep")):
+        for name in files:
+            if name.endswith(".py") and name != "__main__.py":
+                path = os.path.join(folder, name)
+                module = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
+                paths[module.removesuffix(".__init__")] = path
+    graph = {}
+    for module, path in paths.items():
+        package = module.split(".") if path.endswith("__init__.py") else module.split(".")[:-1]
+        targets = set()
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):  # top-level and function-level imports alike
+            if isinstance(node, ast.ImportFrom):
+                base = (package[: len(package) - node.level + 1] if node.level else [])
+                target = ".".join(base + ([node.module] if node.module else []))
+                for alias in node.names:
+                    targets.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in paths else target)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+        graph[module] = {t for t in targets if t in paths and t != module}
+    return graph
+
+
+def test_package_has_no_import_cycle():
+    graph = _package_modules()
+    assert "diffusers_onestep.pipelines.loading" not in graph["diffusers_onestep.pipelines.presets"]
+    visiting, done = [], set()
+
+    def visit(module):
+        if module in done:
+            return
+        assert module not in visiting, "import cycle: " + " -> ".join(visiting[visiting.index(module):] + [module])
+        visiting.append(module)
+        for target in sorted(graph[module]):
+            visit(target)
+        visiting.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+def test_every_module_imports_first():
+    # each module imported on its own, as the first of the package (a fresh interpreter for our code; the heavy
+    # third-party modules stay loaded so that this takes seconds)
+    import subprocess
+    import sys
+
+    modules = sorted(_package_modules())
+    script = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    for loaded in [m for m in sys.modules if m == 'diffusers_onestep' or m.startswith('diffusers_onestep.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    importlib.import_module(name)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr[-2000:]

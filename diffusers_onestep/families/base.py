@@ -109,23 +109,38 @@ class Condition:
 class FamilyAdapter:
     """Canonical interface over one backbone family.
 
-    Subclasses set the class attributes and implement :meth:`_encode`, :meth:`_unconditional` and :meth:`_forward`.
+    Subclasses set the class attributes -- everything the rest of the project knows about a family is one of them --
+    implement :meth:`_encode`, :meth:`_unconditional` and :meth:`_forward`, and are registered with
+    :func:`diffusers_onestep.families.register_family`.
     """
 
     #: registry key, e.g. ``"sdxl"``
     name: str = ""
     #: human name used in messages
     display_name: str = ""
-    #: diffusers pipeline classes whose folders this adapter reads (``model_index.json`` ``_class_name``)
+    #: diffusers pipeline classes whose folders are this family's (``model_index.json`` ``_class_name``); checked for
+    #: every family before any :meth:`matches`
     pipeline_class_names: Tuple[str, ...] = ()
     #: the native diffusers pipeline class used for parity and text encoding
     native_pipeline_class_name: str = ""
+    #: keyword arguments the native pipeline class is built with (from components or ``from_pretrained``)
+    native_pipeline_kwargs: Dict[str, Any] = {}
+    #: the native pipeline class that can drive :class:`OneStepScheduler`, named in saved students' ``model_index.json``
+    #: so plain ``DiffusionPipeline.from_pretrained`` loads them; ``None``: the folder names ``OneStepPipeline``
+    native_interop_pipeline_class_name: Optional[str] = None
+    #: how that native pipeline is called to compute the student's image (guidance off, one step)
+    native_interop_call_kwargs: Dict[str, Any] = {}
     #: the denoiser component: ``"unet"`` or ``"transformer"``
     denoiser_name: str = "transformer"
-    #: text components, in ``model_index.json`` order
+    #: text components (tokenizers and text encoders), in ``model_index.json`` order
     text_component_names: Tuple[str, ...] = ("tokenizer", "text_encoder")
+    #: the kind of noise path :meth:`_forward` takes times on; the scheduler config gives its parameters
+    noise_path_kind: str = "vp"
     #: LoRA target modules used when the user gives none (diffusers training examples, diffusers-facts §5.2)
     default_lora_target_modules: Tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+    #: diffusers pipeline class whose ``lora_state_dict`` reads and ``save_lora_weights`` writes this family's LoRA
+    #: files (diffusers key prefixes); every family names its own
+    lora_pipeline_class_name: str = ""
     #: the denoiser takes an embedded guidance scale (SANA-Sprint)
     has_embedded_guidance: bool = False
     #: default embedded guidance scale of the family's pipeline
@@ -138,6 +153,20 @@ class FamilyAdapter:
     training_defaults: TrainingDefaults = TrainingDefaults(
         student_timesteps=(999.0,), guidance_scale=4.5, learning_rate_full=1e-6, learning_rate_lora=5e-5
     )
+
+    @classmethod
+    def matches(cls, model_index: Dict[str, Any], component_configs: Dict[str, Dict[str, Any]]) -> bool:
+        """Whether a pipeline whose class no family names in :attr:`pipeline_class_names` is of this family, from its
+        ``model_index.json`` and its components' configs (``{"unet": {...}}``, each with its ``_class_name``).
+
+        Detection asks the families in registry order; the first that matches wins.
+        """
+        return False
+
+    @classmethod
+    def component_names(cls) -> Tuple[str, ...]:
+        """The pipeline components an adapter of this family reads."""
+        return ("vae", cls.denoiser_name, *cls.text_component_names)
 
     def __init__(
         self,
@@ -168,17 +197,13 @@ class FamilyAdapter:
     @classmethod
     def default_noise_path(cls, scheduler_config: Dict[str, Any]) -> param.NoisePath:
         """The teacher's noise path read from its scheduler config (``OneStepScheduler`` configs name theirs)."""
-        if "noise_path" in scheduler_config:
-            return param.make_noise_path(scheduler_config["noise_path"], **scheduler_config)
-        return cls._family_noise_path(scheduler_config)
-
-    @classmethod
-    def _family_noise_path(cls, scheduler_config: Dict[str, Any]) -> param.NoisePath:
-        return param.VPPath.from_scheduler_config(scheduler_config)
+        return param.noise_path_from_scheduler_config(scheduler_config, kind=cls.noise_path_kind)
 
     @classmethod
     def default_prediction_type(cls, scheduler_config: Dict[str, Any]) -> str:
-        return scheduler_config.get("prediction_type", "epsilon")
+        """What the denoiser of a pipeline with this scheduler config predicts."""
+        kind = param.noise_path_from_scheduler_config(scheduler_config, kind=cls.noise_path_kind).kind
+        return param.prediction_type_from_scheduler_config(scheduler_config, kind)
 
     # ------------------------------------------------------------------------------------------------------------
     # components
@@ -257,7 +282,7 @@ class FamilyAdapter:
 
     def _build_text_pipeline(self, cls):
         kwargs = {n: self.components.get(n) for n in self.text_component_names}
-        return cls(**kwargs, vae=None, transformer=None, scheduler=None)
+        return cls(**kwargs, vae=None, scheduler=None, **{self.denoiser_name: None}, **self.native_pipeline_kwargs)
 
     def _require_text_encoders(self) -> None:
         if not self.has_text_encoders:
@@ -447,16 +472,17 @@ class FamilyAdapter:
     # LoRA
     # ------------------------------------------------------------------------------------------------------------
 
-    #: pipeline class whose ``save_lora_weights`` writes this family's LoRA file (diffusers key prefixes)
-    lora_pipeline_class_name: str = "SanaPipeline"
+    def lora_state_dict_kwargs(self) -> Dict[str, Any]:
+        """Extra keyword arguments of ``lora_state_dict`` of :attr:`lora_pipeline_class_name` for this denoiser."""
+        return {}
 
     def lora_save_kwargs(self, lora_state_dict: Dict[str, torch.Tensor], metadata: Optional[dict] = None
                          ) -> Dict[str, Any]:
-        """Keyword arguments of ``save_lora_weights`` of :attr:`lora_pipeline_class_name` for this denoiser."""
-        prefix = "unet" if self.denoiser_name == "unet" else "transformer"
-        kwargs = {f"{prefix}_lora_layers": lora_state_dict}
+        """Keyword arguments of ``save_lora_weights`` of :attr:`lora_pipeline_class_name` for this denoiser (diffusers
+        names them after the component: ``unet_lora_layers``, ``transformer_lora_layers``)."""
+        kwargs = {f"{self.denoiser_name}_lora_layers": lora_state_dict}
         if metadata is not None:
-            kwargs[f"{prefix}_lora_adapter_metadata"] = metadata
+            kwargs[f"{self.denoiser_name}_lora_adapter_metadata"] = metadata
         return kwargs
 
     def describe(self) -> Dict[str, Any]:

@@ -29,7 +29,14 @@ class PixArtAlphaAdapter(FamilyAdapter):
     display_name = "PixArt-α"
     pipeline_class_names = ("PixArtAlphaPipeline",)
     native_pipeline_class_name = "PixArtAlphaPipeline"
+    native_interop_pipeline_class_name = "PixArtAlphaPipeline"
+    native_interop_call_kwargs = {"guidance_scale": 1.0, "num_inference_steps": 1}
     denoiser_name = "transformer"
+    # diffusers 0.42 has no PixArt LoRA loader. SanaPipeline's SanaLoraLoaderMixin is a transformer-only one
+    # (`_lora_loadable_modules = ["transformer"]`): its save_lora_weights writes `transformer.`-prefixed keys and its
+    # lora_state_dict reads diffusers and peft layouts without UNet-specific remapping -- what a PixArt transformer
+    # LoRA needs, and the file loads with `load_lora_weights` wherever a transformer LoRA loader is available.
+    lora_pipeline_class_name = "SanaPipeline"
     #: T5 tokens kept, as in the family's pipeline
     default_max_sequence_length = 120
     required_condition_fields = ("embeds", "mask")
@@ -38,6 +45,13 @@ class PixArtAlphaAdapter(FamilyAdapter):
     training_defaults = TrainingDefaults(
         student_timesteps=(400.0,), guidance_scale=4.5, learning_rate_full=1e-6, learning_rate_lora=5e-5,
     )
+
+    @classmethod
+    def matches(cls, model_index, component_configs):
+        # PixArt-α and -Σ transformers share one class and look alike by config; only a Σ pipeline name tells Σ.
+        transformer = component_configs.get("transformer") or {}
+        return (transformer.get("_class_name") == "PixArtTransformer2DModel"
+                and "Sigma" not in (model_index.get("_class_name") or ""))
 
     def _encode(self, prompts: List[str], device) -> Condition:
         embeds, mask, _, _ = self.text_pipeline().encode_prompt(
@@ -85,4 +99,13 @@ class PixArtSigmaAdapter(PixArtAlphaAdapter):
     display_name = "PixArt-Σ"
     pipeline_class_names = ("PixArtSigmaPipeline",)
     native_pipeline_class_name = "PixArtSigmaPipeline"
+    native_interop_pipeline_class_name = "PixArtSigmaPipeline"
+    # As PixArt-α: no PixArt LoRA loader exists, SanaPipeline's transformer-only one writes the same `transformer.` keys.
+    lora_pipeline_class_name = "SanaPipeline"
     default_max_sequence_length = 300
+
+    @classmethod
+    def matches(cls, model_index, component_configs):
+        transformer = component_configs.get("transformer") or {}
+        return (transformer.get("_class_name") == "PixArtTransformer2DModel"
+                and "Sigma" in (model_index.get("_class_name") or ""))

@@ -15,7 +15,12 @@ class SanaAdapter(FamilyAdapter):
     display_name = "SANA"
     pipeline_class_names = ("SanaPipeline", "SanaPAGPipeline")
     native_pipeline_class_name = "SanaPipeline"
+    native_interop_pipeline_class_name = "SanaPipeline"
+    native_interop_call_kwargs = {"guidance_scale": 1.0, "num_inference_steps": 1}
     denoiser_name = "transformer"
+    noise_path_kind = "flow"
+    # SANA's own LoRA loader (SanaLoraLoaderMixin): `transformer.`-prefixed keys.
+    lora_pipeline_class_name = "SanaPipeline"
     default_lora_target_modules = ("to_k", "to_q", "to_v")
     default_max_sequence_length = 300
     required_condition_fields = ("embeds", "mask")
@@ -26,14 +31,9 @@ class SanaAdapter(FamilyAdapter):
     )
 
     @classmethod
-    def _family_noise_path(cls, scheduler_config):
-        # FlowMatchEulerDiscreteScheduler stores `shift`; the DPM-Solver flow variant stores `flow_shift`.
-        shift = scheduler_config.get("shift") or scheduler_config.get("flow_shift") or 1.0
-        return param.FlowPath(shift=shift, num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000))
-
-    @classmethod
-    def default_prediction_type(cls, scheduler_config):
-        return "flow_prediction"
+    def matches(cls, model_index, component_configs):
+        transformer = component_configs.get("transformer") or {}
+        return transformer.get("_class_name") == "SanaTransformer2DModel" and not transformer.get("guidance_embeds")
 
     def _encode(self, prompts: List[str], device) -> Condition:
         # No complex_human_instruction: it prepends ~1000 tokens of instructions meant for the 4.5 guidance
@@ -85,6 +85,13 @@ class SanaSprintAdapter(SanaAdapter):
     display_name = "SANA-Sprint"
     pipeline_class_names = ("SanaSprintPipeline",)
     native_pipeline_class_name = "SanaSprintPipeline"
+    # SanaSprintPipeline calls SCMScheduler.set_timesteps(max_timesteps=..., intermediate_timesteps=...) and scales the
+    # sample by sigma_data inside its loop, so it cannot drive OneStepScheduler: Sprint folders name OneStepPipeline.
+    native_interop_pipeline_class_name = None
+    native_interop_call_kwargs = {}
+    noise_path_kind = "trigflow"
+    # SanaSprintPipeline's own LoRA loader (SanaLoraLoaderMixin, as SANA's): `transformer.`-prefixed keys.
+    lora_pipeline_class_name = "SanaSprintPipeline"
     has_embedded_guidance = True
     default_embedded_guidance_scale = 4.5
     # SANA-Sprint students start at TrigFlow t = pi/2 with embedded guidance 4.5 (algorithms.md §11.5).
@@ -93,12 +100,9 @@ class SanaSprintAdapter(SanaAdapter):
     )
 
     @classmethod
-    def _family_noise_path(cls, scheduler_config):
-        return param.TrigFlowPath(sigma_data=scheduler_config.get("sigma_data", 0.5))
-
-    @classmethod
-    def default_prediction_type(cls, scheduler_config):
-        return "trigflow"
+    def matches(cls, model_index, component_configs):
+        transformer = component_configs.get("transformer") or {}
+        return transformer.get("_class_name") == "SanaTransformer2DModel" and bool(transformer.get("guidance_embeds"))
 
     def _encode(self, prompts: List[str], device) -> Condition:
         embeds, mask = self.text_pipeline().encode_prompt(

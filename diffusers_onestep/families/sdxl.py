@@ -14,6 +14,10 @@ class SDXLAdapter(FamilyAdapter):
     display_name = "SDXL"
     pipeline_class_names = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
     native_pipeline_class_name = "StableDiffusionXLPipeline"
+    # The invisible watermark changes pixels; off, the native pipeline computes the same images as ours.
+    native_pipeline_kwargs = {"add_watermarker": False}
+    native_interop_pipeline_class_name = "StableDiffusionXLPipeline"
+    native_interop_call_kwargs = {"guidance_scale": 0.0, "num_inference_steps": 1}
     denoiser_name = "unet"
     text_component_names = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
     # DMD2's --generator_lora targets, also diffusers' LCM-LoRA SDXL list (diffusers-facts §5.2).
@@ -21,6 +25,7 @@ class SDXLAdapter(FamilyAdapter):
         "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
         "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
     )
+    # SDXL's own LoRA loader: it reads diffusers, peft and Kohya/SGM UNet layouts (the latter given the UNet config).
     lora_pipeline_class_name = "StableDiffusionXLPipeline"
     required_condition_fields = ("embeds", "pooled")
     # DMD2's SDXL recipe (algorithms.md §4.6): student conditioned on t=399, real-score CFG 8, LoRA r=64 alpha=8,
@@ -30,9 +35,14 @@ class SDXLAdapter(FamilyAdapter):
         gan_weight=5e-3, lora_rank=64, lora_alpha=8,
     )
 
-    def _build_text_pipeline(self, cls):
-        kwargs = {n: self.components.get(n) for n in self.text_component_names}
-        return cls(**kwargs, vae=None, unet=None, scheduler=None, add_watermarker=False)
+    @classmethod
+    def matches(cls, model_index, component_configs):
+        # Any pipeline around an SDXL UNet (ControlNet, inpainting, ...): SDXL's micro-conditioning embedding.
+        return (component_configs.get("unet") or {}).get("addition_embed_type") == "text_time"
+
+    def lora_state_dict_kwargs(self):
+        # Kohya/SGM files name UNet blocks by position; diffusers maps them with the UNet's config.
+        return {"unet_config": self.denoiser.config}
 
     def _encode(self, prompts: List[str], device) -> Condition:
         embeds, _, pooled, _ = self.text_pipeline().encode_prompt(

@@ -1,59 +1,26 @@
 """How :class:`OneStepPipeline` finds and assembles a student from a folder, a Hub id, a preset or a base + weights.
 
-All Hub access goes through ``huggingface_hub`` (``hf_hub_download``) and diffusers' own ``from_pretrained``, so the
-same code runs against the Hub, a local folder, or the local Hub cache with ``HF_HUB_OFFLINE=1``.
+All Hub access goes through :mod:`diffusers_onestep.hub` (``huggingface_hub``'s ``hf_hub_download``) and diffusers'
+own ``from_pretrained``, so the same code runs against the Hub, a local folder, or the local Hub cache with
+``HF_HUB_OFFLINE=1``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from ..families import detect_family, get_adapter_class
+from ..families import ONESTEP_INDEX_KEY, detect_family, get_adapter_class, read_pipeline_configs
+from ..hub import hub_kwargs_of, read_json, resolve_file
 from ..schedulers import OneStepScheduler
+from . import presets
+from .presets import Preset
 
 #: config file of a LoRA student folder (beside ``pytorch_lora_weights.safetensors`` and ``scheduler/``)
 LORA_STUDENT_CONFIG = "onestep_lora.json"
-HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
-
-
-def hub_kwargs_of(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-
-
-def check_repo_id(source: str) -> None:
-    """Refuse strings that are neither an existing folder nor a syntactically valid Hub repo id."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        raise ValueError(
-            f"{source!r} is neither an existing folder nor a valid Hub repo id (expected 'org/name')."
-        ) from None
-
-
-def read_json(source: str, filename: str, hub_kwargs: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
-    """``filename`` of a local folder or Hub repo as a dict, or ``None`` when the repo has no such file."""
-    if os.path.isdir(source):
-        path = os.path.join(source, filename)
-        if not os.path.isfile(path):
-            return None
-    else:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-        check_repo_id(source)
-        try:
-            path = hf_hub_download(source, filename, **(hub_kwargs or {}))
-        except (EntryNotFoundError, LocalEntryNotFoundError):
-            return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def read_onestep_settings(source: str) -> Dict[str, Any]:
@@ -62,7 +29,7 @@ def read_onestep_settings(source: str) -> Dict[str, Any]:
         index = read_json(source, "model_index.json", {"local_files_only": True})
     except ValueError:  # not a folder and not a repo id
         return {}
-    return dict((index or {}).get("_onestep") or {})
+    return dict((index or {}).get(ONESTEP_INDEX_KEY) or {})
 
 
 def pure_noise_time(noise_path) -> float:
@@ -79,10 +46,7 @@ def scheduler_for(family: str, scheduler_config: Dict[str, Any], conditioning_ti
     path = adapter_cls.default_noise_path(scheduler_config)
     if prediction_type is None:
         # A OneStepScheduler config names the student's parameterization; a native one the teacher's.
-        if "noise_path" in scheduler_config:
-            prediction_type = scheduler_config.get("prediction_type", "epsilon")
-        else:
-            prediction_type = adapter_cls.default_prediction_type(scheduler_config)
+        prediction_type = adapter_cls.default_prediction_type(scheduler_config)
     timesteps = conditioning_timesteps
     if timesteps is None:
         timesteps = scheduler_config.get("conditioning_timesteps") or [pure_noise_time(path)]
@@ -91,8 +55,6 @@ def scheduler_for(family: str, scheduler_config: Dict[str, Any], conditioning_ti
 
 def load_pipeline(cls, source, **kwargs):
     """Implementation of :meth:`OneStepPipeline.from_pretrained` (see its docstring)."""
-    from . import presets
-
     source = os.fspath(source)
     conditioning_timesteps = kwargs.pop("conditioning_timesteps", None)
     prediction_type = kwargs.pop("prediction_type", None)
@@ -102,7 +64,7 @@ def load_pipeline(cls, source, **kwargs):
     if not os.path.isdir(source):
         preset = presets.find_preset(source, weight_name)
         if preset is not None:
-            return presets.load_preset(cls, preset, conditioning_timesteps=conditioning_timesteps, **kwargs)
+            return load_preset(cls, preset, conditioning_timesteps=conditioning_timesteps, **kwargs)
         if weight_name is not None:
             raise ValueError(f"`weight_name` selects a variant of a known preset, and {source!r} is not one; "
                              f"known presets: {', '.join(presets.preset_ids())}.")
@@ -116,14 +78,10 @@ def load_pipeline(cls, source, **kwargs):
             f"{source} is neither a diffusers pipeline (no model_index.json) nor a diffusers-onestep LoRA student "
             f"(no {LORA_STUDENT_CONFIG})."
         )
-    configs = {}
-    for name in ("unet", "transformer"):
-        if isinstance(model_index.get(name), list) and model_index[name][0] is not None:
-            configs[name] = read_json(source, f"{name}/config.json", hub_kwargs) or {}
     # Settings a native-class folder keeps under "_onestep" (OneStepPipeline.save_pretrained) -- callers' win.
-    for key, value in (model_index.get("_onestep") or {}).items():
+    for key, value in (model_index.get(ONESTEP_INDEX_KEY) or {}).items():
         kwargs.setdefault(key, value)
-    family = kwargs.get("family") or detect_family(model_index, configs)
+    family = kwargs.get("family") or detect_family(model_index, read_pipeline_configs(source, model_index, hub_kwargs))
     kwargs["family"] = family
 
     if "scheduler" not in kwargs:
@@ -155,21 +113,24 @@ def load_lora_student(cls, source: str, lora_config: Dict[str, Any], **kwargs):
     return pipe
 
 
-def resolve_file(source: str, weight_name: Optional[str] = None, subfolder: Optional[str] = None, **hub_kwargs) -> str:
-    """A local file for ``source`` (a file path, a folder + ``weight_name``, or a Hub repo + ``weight_name``)."""
-    if os.path.isfile(source):
-        return source
-    if weight_name is None:
-        raise ValueError(f"{source} is not a file; pass `weight_name` to pick the file inside it.")
-    if os.path.isdir(source):
-        path = os.path.join(source, subfolder or "", weight_name)
-        if not os.path.isfile(path):
-            raise ValueError(f"{path} does not exist.")
-        return path
-    from huggingface_hub import hf_hub_download
-
-    check_repo_id(source)
-    return hf_hub_download(source, weight_name, subfolder=subfolder, **hub_kwargs)
+def load_preset(cls, preset: Preset, conditioning_timesteps=None, **kwargs):
+    """Assemble the student of ``preset`` (:data:`~.presets.PRESETS`) with :class:`OneStepPipeline` ``cls``."""
+    timesteps = list(conditioning_timesteps or preset.conditioning_timesteps)
+    if preset.embedded_guidance_scale is not None:
+        kwargs.setdefault("embedded_guidance_scale", preset.embedded_guidance_scale)
+    if preset.kind == "pipeline":
+        config = read_json(preset.repo_id, "scheduler/scheduler_config.json", hub_kwargs_of(kwargs)) or {}
+        kwargs.setdefault("scheduler", scheduler_for(preset.family, config, timesteps, preset.prediction_type))
+        kwargs.setdefault("family", preset.family)
+        return cls._from_pretrained_folder(preset.repo_id, **kwargs)
+    common = dict(conditioning_timesteps=timesteps, prediction_type=preset.prediction_type, family=preset.family)
+    if preset.kind == "denoiser":
+        return load_from_base(cls, preset.base_model, student_weights=preset.repo_id, weight_name=preset.weight_name,
+                              subfolder=preset.subfolder, **common, **kwargs)
+    if preset.kind == "lora":
+        return load_from_base(cls, preset.base_model, lora=preset.repo_id, lora_weight_name=preset.weight_name,
+                              lora_scale=preset.lora_scale, **common, **kwargs)
+    raise ValueError(f"Unknown preset kind {preset.kind!r}.")  # pragma: no cover - PRESETS is static
 
 
 def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
@@ -254,11 +215,7 @@ def load_from_base(
     index = read_json(base_model, "model_index.json", hub_kwargs)
     if index is None:
         raise ValueError(f"{base_model} is not a diffusers pipeline (no model_index.json).")
-    configs = {}
-    for name in ("unet", "transformer"):
-        if isinstance(index.get(name), list) and index[name][0] is not None:
-            configs[name] = read_json(base_model, f"{name}/config.json", hub_kwargs) or {}
-    family = kwargs.pop("family", None) or detect_family(index, configs)
+    family = kwargs.pop("family", None) or detect_family(index, read_pipeline_configs(base_model, index, hub_kwargs))
     scheduler_config = read_json(base_model, "scheduler/scheduler_config.json", hub_kwargs) or {}
     scheduler = scheduler_for(family, scheduler_config, conditioning_timesteps, prediction_type)
     if student_weights is not None:

@@ -17,23 +17,19 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..families import Condition, FamilyAdapter, detect_family, get_adapter_class
+from ..families import ONESTEP_INDEX_KEY, Condition, FamilyAdapter, detect_family, get_adapter_class
 from ..storage import replace_directory, staging_path
 from ..schedulers import OneStepScheduler
 from . import loading
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-#: families whose own diffusers pipeline can drive OneStepScheduler (saved folders name that class)
-NATIVE_INTEROP_FAMILIES = {
-    "sdxl": "StableDiffusionXLPipeline",
-    "pixart_alpha": "PixArtAlphaPipeline",
-    "pixart_sigma": "PixArtSigmaPipeline",
-    "sana": "SanaPipeline",
-}
-#: model_index.json key holding OneStepPipeline's own settings in folders saved under a native class name
-ONESTEP_INDEX_KEY = "_onestep"
+#: OneStepPipeline's settings kept under ``model_index.json``'s ``ONESTEP_INDEX_KEY`` in folders saved under a native
+#: class name
 ONESTEP_CONFIG_KEYS = ("family", "embedded_guidance_scale", "max_sequence_length")
-_COMPONENT_NAMES = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+#: every component slot a family adapter may fill (``FamilyAdapter.component_names``): one denoiser and up to three
+#: text encoders with their tokenizers (SD3 has three); a test keeps this covering every registered family
+_COMPONENT_NAMES = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                    "tokenizer_2", "tokenizer_3")
 
 
 def _has_hooks(modules: Sequence[torch.nn.Module]) -> bool:
@@ -114,17 +110,21 @@ class OneStepPipeline(DiffusionPipeline):
         scheduler ([`OneStepScheduler`]): carries the student's conditioning timesteps and parameterization.
         unet ([`UNet2DConditionModel`], *optional*): the student denoiser of UNet families (SDXL).
         transformer (*optional*): the student denoiser of DiT families (PixArt, SANA).
-        text_encoder, text_encoder_2, tokenizer, tokenizer_2 (*optional*): the family's text components; they may
-            be left out when prompts are always given as embeddings.
-        family (`str`, *optional*): `"sdxl"`, `"pixart_alpha"`, `"pixart_sigma"`, `"sana"` or `"sana_sprint"`;
-            detected from the components when not given.
+        text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_2, tokenizer_3 (*optional*): the
+            family's text components (its adapter's `text_component_names`); they may be left out when prompts are
+            always given as embeddings.
+        family (`str`, *optional*): a registered family (`diffusers_onestep.families.FAMILIES`: `"sdxl"`,
+            `"pixart_alpha"`, `"pixart_sigma"`, `"sana"`, `"sana_sprint"`, ...); detected from the components when
+            not given.
         embedded_guidance_scale (`float`, *optional*): default guidance of students with embedded guidance
             (SANA-Sprint: 4.5).
         max_sequence_length (`int`, *optional*): text tokens kept (PixArt-α 120, PixArt-Σ and SANA 300).
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->transformer->vae"
-    _optional_components = ["unet", "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+    # diffusers' enable_model_cpu_offload walks this chain and skips the names a pipeline leaves empty, so one chain
+    # over every slot serves every family: text encoders, then the denoiser, then the VAE.
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
+    _optional_components = [n for n in _COMPONENT_NAMES if n != "vae"]
     _callback_tensor_inputs = ["latents", "denoised", "prompt_embeds"]
 
     def __init__(
@@ -135,8 +135,10 @@ class OneStepPipeline(DiffusionPipeline):
         transformer=None,
         text_encoder=None,
         text_encoder_2=None,
+        text_encoder_3=None,
         tokenizer=None,
         tokenizer_2=None,
+        tokenizer_3=None,
         family: Optional[str] = None,
         embedded_guidance_scale: Optional[float] = None,
         max_sequence_length: Optional[int] = None,
@@ -156,8 +158,10 @@ class OneStepPipeline(DiffusionPipeline):
             transformer=transformer,
             text_encoder=text_encoder,
             text_encoder_2=text_encoder_2,
+            text_encoder_3=text_encoder_3,
             tokenizer=tokenizer,
             tokenizer_2=tokenizer_2,
+            tokenizer_3=tokenizer_3,
         )
         family_given = family
         if family is None:
@@ -457,8 +461,6 @@ class OneStepPipeline(DiffusionPipeline):
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents.to(device=device, dtype=torch.float32)
-        if self.scheduler.init_noise_sigma != 1.0:  # always 1.0 for OneStepScheduler: skip a multiply by one
-            latents = latents * self.scheduler.init_noise_sigma
 
         # 5. Embedded guidance (SANA-Sprint); None for guidance-distilled students
         guidance = None
@@ -547,8 +549,8 @@ class OneStepPipeline(DiffusionPipeline):
                         **kwargs) -> None:
         """Save the student; the folder is written to a temporary sibling and moved into place when complete.
 
-        For families whose own diffusers pipeline can drive :class:`OneStepScheduler` (SDXL, PixArt-α/Σ, SANA),
-        ``model_index.json`` names that pipeline class, so plain ``DiffusionPipeline.from_pretrained(folder)`` loads
+        For families whose own diffusers pipeline can drive :class:`OneStepScheduler` (the adapter's
+        ``native_interop_pipeline_class_name``: SDXL, PixArt-α/Σ, SANA), ``model_index.json`` names that pipeline class, so plain ``DiffusionPipeline.from_pretrained(folder)`` loads
         the student too (with ``diffusers_onestep`` installed); SANA-Sprint folders name ``OneStepPipeline``.
         """
         if not safe_serialization:
@@ -567,7 +569,7 @@ class OneStepPipeline(DiffusionPipeline):
                 shutil.rmtree(staging, ignore_errors=True)
 
     def _write_native_model_index(self, folder: str) -> None:
-        native = NATIVE_INTEROP_FAMILIES.get(self.config.family)
+        native = get_adapter_class(self.config.family).native_interop_pipeline_class_name
         if native is None:
             return
         import diffusers

@@ -1,6 +1,7 @@
 """The public one-step checkpoints and how their model cards say to run them (diffusers-facts.md §3).
 
-``OneStepPipeline.from_pretrained("<repo id>")`` resolves these ids through :data:`PRESETS`: the right base
+Data and lookup only: ``OneStepPipeline.from_pretrained("<repo id>")`` resolves these ids through :data:`PRESETS`
+(:func:`diffusers_onestep.pipelines.loading.load_preset` assembles one): the right base
 pipeline, the student weights, and a :class:`OneStepScheduler` carrying the timesteps the card hard-codes
 (``timesteps=[399]``, ``shifted_timestep=250``, ...). Repos with several students take ``weight_name=``.
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
+
+from ..families import get_adapter_class
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 PIXART_1024 = "PixArt-alpha/PixArt-XL-2-1024-MS"
@@ -123,28 +126,6 @@ def find_preset(repo_id: str, weight_name: Optional[str] = None) -> Optional[Pre
     raise ValueError(f"{repo_id} has no preset for weight_name={weight_name!r}; known variants: {names}.")
 
 
-def load_preset(cls, preset: Preset, conditioning_timesteps=None, **kwargs):
-    """Assemble the student of ``preset`` with :class:`OneStepPipeline` ``cls``."""
-    from .loading import hub_kwargs_of, load_from_base, read_json, scheduler_for
-
-    timesteps = list(conditioning_timesteps or preset.conditioning_timesteps)
-    if preset.embedded_guidance_scale is not None:
-        kwargs.setdefault("embedded_guidance_scale", preset.embedded_guidance_scale)
-    if preset.kind == "pipeline":
-        config = read_json(preset.repo_id, "scheduler/scheduler_config.json", hub_kwargs_of(kwargs)) or {}
-        kwargs.setdefault("scheduler", scheduler_for(preset.family, config, timesteps, preset.prediction_type))
-        kwargs.setdefault("family", preset.family)
-        return cls._from_pretrained_folder(preset.repo_id, **kwargs)
-    common = dict(conditioning_timesteps=timesteps, prediction_type=preset.prediction_type, family=preset.family)
-    if preset.kind == "denoiser":
-        return load_from_base(cls, preset.base_model, student_weights=preset.repo_id, weight_name=preset.weight_name,
-                              subfolder=preset.subfolder, **common, **kwargs)
-    if preset.kind == "lora":
-        return load_from_base(cls, preset.base_model, lora=preset.repo_id, lora_weight_name=preset.weight_name,
-                              lora_scale=preset.lora_scale, **common, **kwargs)
-    raise ValueError(f"Unknown preset kind {preset.kind!r}.")  # pragma: no cover - PRESETS is static
-
-
 def _timesteps_text(timesteps) -> str:
     return "[" + ", ".join(f"{t:g}" for t in timesteps) + "]"
 
@@ -152,8 +133,6 @@ def _timesteps_text(timesteps) -> str:
 def _how_loaded(preset: Preset) -> str:
     if preset.kind == "pipeline":
         return "full pipeline"
-    from ..families import get_adapter_class
-
     denoiser = get_adapter_class(preset.family).denoiser_name
     if preset.kind == "denoiser":
         what = f"`{preset.subfolder}/` folder" if preset.weight_name is None else f"{denoiser} weights"

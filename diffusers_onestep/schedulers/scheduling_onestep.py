@@ -28,18 +28,6 @@ from .. import parameterization as param
 MAX_STEPS = 4
 
 
-def _native_noise_path(config) -> str:
-    """The noise path of a diffusers scheduler config (see :meth:`OneStepScheduler.from_config`)."""
-    name = config.get("_class_name", "") or ""
-    if name == "SCMScheduler" or config.get("prediction_type") == "trigflow":
-        return "trigflow"
-    # a live scheduler's config has no _class_name; FlowMatch* configs are the ones with dynamic shifting
-    flow_match = name.startswith("FlowMatch") or "use_dynamic_shifting" in config
-    if flow_match or config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
-        return "flow"
-    return "vp"
-
-
 @dataclass
 class OneStepSchedulerOutput(BaseOutput):
     """Output of :meth:`OneStepScheduler.step`.
@@ -75,6 +63,9 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             The VP beta schedule, with the meaning of diffusers' DDPM-family schedulers.
         shift (`float`, defaults to 1.0):
             Flow-matching resolution shift (kept for training-time sampling; sampling uses the stored timesteps).
+        use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len, time_shift_type:
+            A resolution-dependent flow shift (FLUX.1, SD3.5), with the meaning of diffusers'
+            `FlowMatchEulerDiscreteScheduler`; like `shift`, kept for training-time sampling.
         sigma_data (`float`, defaults to 0.5):
             TrigFlow data standard deviation.
     """
@@ -96,6 +87,12 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
         rescale_betas_zero_snr: bool = False,
         shift: float = 1.0,
         sigma_data: float = 0.5,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
     ):
         param.check_prediction_type(prediction_type)
         self.path = param.make_noise_path(
@@ -108,6 +105,12 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             rescale_betas_zero_snr=rescale_betas_zero_snr,
             shift=shift,
             sigma_data=sigma_data,
+            use_dynamic_shifting=use_dynamic_shifting,
+            base_shift=base_shift,
+            max_shift=max_shift,
+            base_image_seq_len=base_image_seq_len,
+            max_image_seq_len=max_image_seq_len,
+            time_shift_type=time_shift_type,
         )
         self.check_timesteps(conditioning_timesteps, what="conditioning_timesteps")
         self.init_noise_sigma = 1.0
@@ -127,24 +130,20 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """``ConfigMixin.from_config``, also for a native scheduler's config: when neither the config nor ``kwargs``
-        name a ``noise_path``, it is read off the config -- ``FlowMatchEulerDiscreteScheduler`` and DPM-Solver's
-        ``use_flow_sigmas`` give ``"flow"`` (with their ``shift``/``flow_shift`` and ``"flow_prediction"``),
-        ``SCMScheduler`` gives ``"trigflow"``, anything else ``"vp"`` with its betas."""
+        name a ``noise_path``, the path and the matching parameterization are read off the config by
+        :func:`~diffusers_onestep.parameterization.noise_path_from_scheduler_config` -- ``FlowMatchEulerDiscreteScheduler``
+        and DPM-Solver's ``use_flow_sigmas`` give ``"flow"`` (with their ``shift``/``flow_shift`` and
+        ``"flow_prediction"``), ``SCMScheduler`` gives ``"trigflow"``, anything else ``"vp"`` with its betas."""
         if isinstance(config, dict) and "noise_path" not in config:
             native = dict(config)
-            # Keep every value of the source schedule: diffusers would drop the ones the source class left at its
-            # defaults (`_use_default_values`), and ours differ (DDPM's linear betas would become SDXL's). Keys
-            # OneStepScheduler does not have are left out instead of being warned about.
+            path = param.noise_path_from_scheduler_config(native, kind=kwargs.get("noise_path"))
+            # Every value of the source schedule is passed on explicitly: diffusers would drop the ones the source
+            # class left at its defaults (`_use_default_values`), and ours differ (DDPM's linear betas would become
+            # SDXL's). Keys OneStepScheduler does not have are left out instead of being warned about.
             accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
             config = {k: v for k, v in native.items() if k in accepted}
-            path = kwargs.get("noise_path") or _native_noise_path(native)
-            kwargs["noise_path"] = path
-            if path == "flow":
-                kwargs.setdefault("shift", native.get("shift") or native.get("flow_shift") or 1.0)
-                if native.get("prediction_type") in (None, "epsilon"):
-                    kwargs.setdefault("prediction_type", "flow_prediction")
-            elif path == "trigflow":
-                kwargs.setdefault("prediction_type", native.get("prediction_type") or "trigflow")
+            config.update(path.describe())
+            config["prediction_type"] = param.prediction_type_from_scheduler_config(native, path.kind)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @classmethod

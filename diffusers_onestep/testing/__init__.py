@@ -1,12 +1,11 @@
-"""Tiny, offline, random-weight components of every supported family (tests, benchmarks, docs examples).
+"""Test beds of the project (tests, benchmarks, docs examples): tiny, offline, random-weight models of every family.
 
-Sizes follow diffusers' own fast tests (diffusers-facts.md §4). Tokenizers are built in memory from small synthetic
-vocabularies, because nothing can be downloaded here: a char-level CLIP BPE, a word-level T5 Unigram and a
-byte-fallback Gemma BPE. Everything is deterministic given ``seed``.
-
-Also here: :func:`save_to_hub_cache`, which lays a folder out exactly as ``huggingface_hub`` caches a Hub repository,
-so that the real ``from_pretrained("<org>/<name>")`` / ``hf_hub_download`` code paths run offline
-(``HF_HUB_OFFLINE=1``) against tiny stand-ins of real checkpoints.
+* :mod:`.components`: the tiny components and in-memory tokenizers of the built-in families;
+* :mod:`.fixtures`: one :class:`TinyFixture` record per family (:func:`register_tiny_fixture`) and the helpers built
+  on them (:func:`tiny_components`, :func:`native_one_step_pipeline`, :func:`save_tiny_native_pipeline`, ...);
+* here: :func:`save_to_hub_cache`, which lays a folder out exactly as ``huggingface_hub`` caches a Hub repository,
+  so that the real ``from_pretrained("<org>/<name>")`` / ``hf_hub_download`` code paths run offline
+  (``HF_HUB_OFFLINE=1``) against tiny stand-ins of real checkpoints.
 """
 
 from __future__ import annotations
@@ -14,380 +13,38 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import string
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .components import (
+    tiny_clip_tokenizer,
+    tiny_gemma_tokenizer,
+    tiny_pixart_components,
+    tiny_sana_components,
+    tiny_sdxl_components,
+    tiny_t5_tokenizer,
+)
+from .fixtures import (
+    TINY_FAMILIES,
+    TINY_FIXTURES,
+    TinyFixture,
+    ddpm_timesteps_setup,
+    flow_pure_noise_setup,
+    lcm_timesteps_setup,
+    native_one_step_pipeline,
+    native_one_step_setup,
+    native_pipeline_class,
+    register_tiny_fixture,
+    sana_sprint_setup,
+    save_tiny_native_pipeline,
+    tiny_components,
+    tiny_families,
+    tiny_fixture,
+    tiny_native_pipeline,
+)
+
 TINY_PROMPTS = ["a photo of a cat", "a red car on the road", "an astronaut riding a horse", "a bowl of fruit"]
-TINY_FAMILIES = ("sdxl", "pixart_alpha", "pixart_sigma", "sana", "sana_sprint")
-
-_BASE_WORDS = (
-    "a an the of on in with and photo cat dog red blue green car road astronaut riding horse bowl fruit house tree "
-    "painting portrait digit handwritten number zero one two three four five six seven eight nine"
-).split()
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# tokenizers
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def _bytes_to_unicode() -> Dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable-unicode table (Radford et al. 2019)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
-
-
-def tiny_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
-    """A char-level CLIP BPE tokenizer: 256 byte symbols, their ``</w>`` forms and two specials (514 ids)."""
-    from transformers import CLIPTokenizer
-
-    symbols = list(_bytes_to_unicode().values())
-    vocab_list = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(vocab_list)}
-    return CLIPTokenizer(
-        vocab=vocab,
-        merges=[],
-        unk_token="<|endoftext|>",
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token=pad_token,
-        model_max_length=model_max_length,
-    )
-
-
-def tiny_t5_tokenizer(words: Optional[Iterable[str]] = None, model_max_length: int = 512):
-    """A T5 Unigram tokenizer over ``words`` plus single characters (pad=0, eos=1, unk=2)."""
-    from transformers import T5Tokenizer
-
-    words = list(dict.fromkeys(list(words or _BASE_WORDS)))
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + w, -1.0) for w in words]
-    pieces += [(c, -5.0) for c in string.ascii_lowercase + string.digits + ".,'-"]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
-
-
-def tiny_gemma_tokenizer():
-    """A byte-fallback Gemma BPE with BOS (SANA keeps token 0, the BOS): specials, 256 bytes and letters."""
-    from transformers import GemmaTokenizer
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
-    for b in range(256):
-        vocab[f"<0x{b:02X}>"] = len(vocab)
-    for c in string.ascii_lowercase + "▁":
-        vocab.setdefault(c, len(vocab))
-    return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# components
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def _tiny_clip_encoders(seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=5,
-        vocab_size=1000,
-        hidden_act="gelu",
-        projection_dim=32,
-    )
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(config).eval()
-    torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(config).eval()
-    return text_encoder, text_encoder_2
-
-
-def tiny_sdxl_components(seed: int = 0, time_cond_proj_dim: Optional[int] = None) -> Dict[str, object]:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(2, 4),
-        layers_per_block=2,
-        time_cond_proj_dim=time_cond_proj_dim,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64,
-        norm_num_groups=1,
-    )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        steps_offset=1,
-        beta_schedule="scaled_linear",
-        timestep_spacing="leading",
-    )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=128,
-    )
-    text_encoder, text_encoder_2 = _tiny_clip_encoders(seed)
-    return {
-        "unet": unet.eval(),
-        "scheduler": scheduler,
-        "vae": vae.eval(),
-        "text_encoder": text_encoder,
-        "tokenizer": tiny_clip_tokenizer(),
-        "text_encoder_2": text_encoder_2,
-        "tokenizer_2": tiny_clip_tokenizer(pad_token="!"),
-        "image_encoder": None,
-        "feature_extractor": None,
-    }
-
-
-def _tiny_t5(seed: int, words=None):
-    from transformers import T5Config, T5EncoderModel
-
-    tokenizer = tiny_t5_tokenizer(words)
-    config = T5Config(
-        vocab_size=max(128, len(tokenizer)),
-        d_model=32,
-        d_ff=37,
-        d_kv=8,
-        num_heads=4,
-        num_layers=2,
-        relative_attention_num_buckets=8,
-    )
-    torch.manual_seed(seed)
-    return T5EncoderModel(config).eval(), tokenizer
-
-
-def tiny_pixart_components(seed: int = 0) -> Dict[str, object]:
-    from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel
-
-    from ..families.pixart import PIXART_BLOCK_CONFIG
-
-    torch.manual_seed(seed)
-    transformer = PixArtTransformer2DModel(
-        sample_size=8,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=3,
-        caption_channels=32,
-        cross_attention_dim=24,
-        **PIXART_BLOCK_CONFIG,
-    )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL()
-    text_encoder, tokenizer = _tiny_t5(seed)
-    return {
-        "transformer": transformer.eval(),
-        "vae": vae.eval(),
-        "scheduler": DDIMScheduler(),
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-    }
-
-
-def _tiny_gemma(seed: int):
-    from transformers import Gemma2Config, Gemma2Model
-
-    tokenizer = tiny_gemma_tokenizer()
-    config = Gemma2Config(
-        head_dim=16,
-        hidden_size=8,
-        initializer_range=0.02,
-        intermediate_size=64,
-        max_position_embeddings=8192,
-        model_type="gemma2",
-        num_attention_heads=2,
-        num_hidden_layers=1,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    return Gemma2Model(config).eval(), tokenizer
-
-
-def tiny_sana_components(seed: int = 0, sprint: bool = False) -> Dict[str, object]:
-    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel, SCMScheduler
-
-    extra = {"qk_norm": "rms_norm_across_heads", "guidance_embeds": True} if sprint else {}
-    torch.manual_seed(seed)
-    transformer = SanaTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        out_channels=4,
-        num_layers=1,
-        num_attention_heads=2,
-        attention_head_dim=4,
-        num_cross_attention_heads=2,
-        cross_attention_head_dim=4,
-        cross_attention_dim=8,
-        caption_channels=8,
-        sample_size=32,
-        **extra,
-    )
-    torch.manual_seed(seed)
-    vae = AutoencoderDC(
-        in_channels=3,
-        latent_channels=4,
-        attention_head_dim=2,
-        encoder_block_types=("ResBlock", "EfficientViTBlock"),
-        decoder_block_types=("ResBlock", "EfficientViTBlock"),
-        encoder_block_out_channels=(8, 8),
-        decoder_block_out_channels=(8, 8),
-        encoder_qkv_multiscales=((), (5,)),
-        decoder_qkv_multiscales=((), (5,)),
-        encoder_layers_per_block=(1, 1),
-        decoder_layers_per_block=[1, 1],
-        downsample_block_type="conv",
-        upsample_block_type="interpolate",
-        decoder_norm_types="rms_norm",
-        decoder_act_fns="silu",
-        scaling_factor=0.41407,
-    )
-    text_encoder, tokenizer = _tiny_gemma(seed)
-    scheduler = SCMScheduler() if sprint else FlowMatchEulerDiscreteScheduler(shift=7.0)
-    return {
-        "transformer": transformer.eval(),
-        "vae": vae.eval(),
-        "scheduler": scheduler,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-    }
-
-
-def tiny_components(family: str, seed: int = 0) -> Dict[str, object]:
-    """Native components (with the family's own scheduler) of a tiny random model of ``family``."""
-    if family == "sdxl":
-        return tiny_sdxl_components(seed)
-    if family in ("pixart_alpha", "pixart_sigma"):
-        return tiny_pixart_components(seed)
-    if family in ("sana", "sana_sprint"):
-        return tiny_sana_components(seed, sprint=family == "sana_sprint")
-    from ..families import get_adapter_class
-
-    get_adapter_class(family)  # raises the one-sentence error for unknown names
-    raise ValueError(f"No tiny components for {family!r}.")
-
-
-NATIVE_PIPELINES = {
-    "sdxl": "StableDiffusionXLPipeline",
-    "pixart_alpha": "PixArtAlphaPipeline",
-    "pixart_sigma": "PixArtSigmaPipeline",
-    "sana": "SanaPipeline",
-    "sana_sprint": "SanaSprintPipeline",
-}
-
-#: keyword arguments that make each native pipeline run on tiny components without warnings
-NATIVE_CALL_KWARGS = {
-    "sdxl": {},
-    "pixart_alpha": {"use_resolution_binning": False, "clean_caption": False},
-    "pixart_sigma": {"use_resolution_binning": False, "clean_caption": False},
-    "sana": {"use_resolution_binning": False, "clean_caption": False, "complex_human_instruction": None},
-    "sana_sprint": {"use_resolution_binning": False, "clean_caption": False, "complex_human_instruction": None},
-}
-
-
-#: the conditioning timesteps the parity oracles, the benchmark and the docs run each tiny family at (natural units
-#: of the family's noise path; ``None``: the loader's default, the pure-noise end -- pi/2 for SANA-Sprint)
-PARITY_TIMESTEPS = {
-    "sdxl": [399],
-    "pixart_alpha": [400],
-    "pixart_sigma": [400],
-    "sana": [1.0],
-    "sana_sprint": None,
-}
-
-
-def native_one_step_pipeline(family: str, folder: str, timesteps: Optional[Sequence[float]] = None):
-    """The family's own diffusers pipeline from ``folder``, set up to run the student the way its card would.
-
-    Returns ``(pipe, call_kwargs)``: ``pipe(prompt, **call_kwargs)`` computes what
-    ``OneStepPipeline.from_pretrained(folder, conditioning_timesteps=timesteps)`` computes (diffusers-facts §2, §3):
-    SDXL with ``LCMScheduler`` and ``timesteps=[...]`` at guidance 0; PixArt with ``DDPMScheduler(clip_sample=False)``
-    at guidance 1; SANA with one ``FlowMatchEulerDiscreteScheduler`` step at guidance 1 (``timesteps`` must be
-    ``[1.0]``); SANA-Sprint with ``num_inference_steps=1, intermediate_timesteps=None`` (``timesteps`` must be
-    ``None``). Height and width are the denoiser's native size.
-    """
-    import diffusers
-
-    cls = getattr(diffusers, NATIVE_PIPELINES[family])
-    pipe = cls.from_pretrained(folder, **({"add_watermarker": False} if family == "sdxl" else {}))
-    return native_one_step_setup(family, pipe, timesteps)
-
-
-def native_one_step_setup(family: str, pipe, timesteps: Optional[Sequence[float]] = None):
-    """:func:`native_one_step_pipeline` for a native pipeline already built (e.g. from components in memory): swaps
-    its scheduler where the recipe needs it and returns ``(pipe, call_kwargs)``."""
-    from diffusers import DDPMScheduler, LCMScheduler
-
-    timesteps = PARITY_TIMESTEPS[family] if timesteps is None else list(timesteps)
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(NATIVE_CALL_KWARGS[family])
-    if family == "sdxl":
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-        kwargs.update(timesteps=[int(t) for t in timesteps], guidance_scale=0.0)
-    elif family in ("pixart_alpha", "pixart_sigma"):
-        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-        kwargs.update(timesteps=[int(t) for t in timesteps], guidance_scale=1.0)
-    elif family == "sana":
-        if list(timesteps) != [1.0]:
-            raise ValueError("SanaPipeline runs a one-step student only from pure noise: timesteps must be [1.0].")
-        kwargs.update(num_inference_steps=1, guidance_scale=1.0)
-    else:
-        if timesteps is not None:
-            raise ValueError("SanaSprintPipeline cannot take custom timesteps in diffusers 0.42.1; pass None.")
-        kwargs.update(num_inference_steps=1, intermediate_timesteps=None)
-    denoiser = pipe.unet if family == "sdxl" else pipe.transformer
-    size = int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
-    kwargs.update(height=size, width=size)
-    return pipe, kwargs
-
-
-def tiny_native_pipeline(family: str, seed: int = 0):
-    """The family's own diffusers pipeline over :func:`tiny_components`."""
-    import diffusers
-
-    components = tiny_components(family, seed)
-    cls = getattr(diffusers, NATIVE_PIPELINES[family])
-    if family == "sdxl":
-        components["add_watermarker"] = False
-    pipe = cls(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def save_tiny_native_pipeline(family: str, folder: str, seed: int = 0) -> str:
-    """Write a tiny native pipeline folder (safetensors, tokenizers included) and return its path."""
-    tiny_native_pipeline(family, seed).save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -449,3 +106,33 @@ def list_files(folder: str) -> List[str]:
     for root, _, files in os.walk(folder):
         out += [os.path.relpath(os.path.join(root, f), folder) for f in files]
     return sorted(out)
+
+
+__all__ = [
+    "TINY_FAMILIES",
+    "TINY_FIXTURES",
+    "TINY_PROMPTS",
+    "TinyFixture",
+    "ddpm_timesteps_setup",
+    "flow_pure_noise_setup",
+    "lcm_timesteps_setup",
+    "list_files",
+    "native_one_step_pipeline",
+    "native_one_step_setup",
+    "native_pipeline_class",
+    "random_lora_state_dict",
+    "register_tiny_fixture",
+    "sana_sprint_setup",
+    "save_tiny_native_pipeline",
+    "save_to_hub_cache",
+    "tiny_clip_tokenizer",
+    "tiny_components",
+    "tiny_families",
+    "tiny_fixture",
+    "tiny_gemma_tokenizer",
+    "tiny_native_pipeline",
+    "tiny_pixart_components",
+    "tiny_sana_components",
+    "tiny_sdxl_components",
+    "tiny_t5_tokenizer",
+]

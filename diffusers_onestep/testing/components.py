@@ -1,0 +1,273 @@
+"""Tiny, offline, random-weight components of every built-in family (sizes of diffusers' own fast tests,
+diffusers-facts.md §4).
+
+Tokenizers are built in memory from small synthetic vocabularies, because nothing can be downloaded here: a char-level
+CLIP BPE, a word-level T5 Unigram and a byte-fallback Gemma BPE. Everything is deterministic given ``seed``.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Dict, Iterable, Optional
+
+import torch
+
+_BASE_WORDS = (
+    "a an the of on in with and photo cat dog red blue green car road astronaut riding horse bowl fruit house tree "
+    "painting portrait digit handwritten number zero one two three four five six seven eight nine"
+).split()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# tokenizers
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-unicode table (Radford et al. 2019)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def tiny_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """A char-level CLIP BPE tokenizer: 256 byte symbols, their ``</w>`` forms and two specials (514 ids)."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token="<|endoftext|>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token=pad_token,
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_t5_tokenizer(words: Optional[Iterable[str]] = None, model_max_length: int = 512):
+    """A T5 Unigram tokenizer over ``words`` plus single characters (pad=0, eos=1, unk=2)."""
+    from transformers import T5Tokenizer
+
+    words = list(dict.fromkeys(list(words or _BASE_WORDS)))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -1.0) for w in words]
+    pieces += [(c, -5.0) for c in string.ascii_lowercase + string.digits + ".,'-"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_gemma_tokenizer():
+    """A byte-fallback Gemma BPE with BOS (SANA keeps token 0, the BOS): specials, 256 bytes and letters."""
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for c in string.ascii_lowercase + "▁":
+        vocab.setdefault(c, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# components
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_clip_encoders(seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=1000,
+        hidden_act="gelu",
+        projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(config).eval()
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(config).eval()
+    return text_encoder, text_encoder_2
+
+
+def tiny_sdxl_components(seed: int = 0, time_cond_proj_dim: Optional[int] = None) -> Dict[str, object]:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(2, 4),
+        layers_per_block=2,
+        time_cond_proj_dim=time_cond_proj_dim,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=1,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=128,
+    )
+    text_encoder, text_encoder_2 = _tiny_clip_encoders(seed)
+    return {
+        "unet": unet.eval(),
+        "scheduler": scheduler,
+        "vae": vae.eval(),
+        "text_encoder": text_encoder,
+        "tokenizer": tiny_clip_tokenizer(),
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tiny_clip_tokenizer(pad_token="!"),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def _tiny_t5(seed: int, words=None):
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_t5_tokenizer(words)
+    config = T5Config(
+        vocab_size=max(128, len(tokenizer)),
+        d_model=32,
+        d_ff=37,
+        d_kv=8,
+        num_heads=4,
+        num_layers=2,
+        relative_attention_num_buckets=8,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval(), tokenizer
+
+
+def tiny_pixart_components(seed: int = 0) -> Dict[str, object]:
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel
+
+    from ..families.pixart import PIXART_BLOCK_CONFIG
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        caption_channels=32,
+        cross_attention_dim=24,
+        **PIXART_BLOCK_CONFIG,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL()
+    text_encoder, tokenizer = _tiny_t5(seed)
+    return {
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
+        "scheduler": DDIMScheduler(),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+    }
+
+
+def _tiny_gemma(seed: int):
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = tiny_gemma_tokenizer()
+    config = Gemma2Config(
+        head_dim=16,
+        hidden_size=8,
+        initializer_range=0.02,
+        intermediate_size=64,
+        max_position_embeddings=8192,
+        model_type="gemma2",
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return Gemma2Model(config).eval(), tokenizer
+
+
+def tiny_sana_components(seed: int = 0, sprint: bool = False) -> Dict[str, object]:
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel, SCMScheduler
+
+    extra = {"qk_norm": "rms_norm_across_heads", "guidance_embeds": True} if sprint else {}
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=8,
+        sample_size=32,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=[1, 1],
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    text_encoder, tokenizer = _tiny_gemma(seed)
+    scheduler = SCMScheduler() if sprint else FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return {
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
+        "scheduler": scheduler,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+    }
