@@ -93,23 +93,15 @@ def _is_hub_id(reference: str) -> bool:
         return False
 
 
-def _method_of(config):
-    """The registered method class of a run and its method settings (resolved if the config is not)."""
-    from .distill.config import resolve_method_config
-    from .distill.methods import get_method_class
-
-    settings = config.method if config.method.method else resolve_method_config(config.method)
-    return get_method_class(settings.method), settings
-
-
-def method_name(config) -> str:
-    """The method's own name and description, as its class states them."""
-    method, settings = _method_of(config)
-    return f"{method.name} ({settings.divergence}): {method.description}"
+def method_name(method, config) -> str:
+    """A method class's own name and description, with the run's divergence."""
+    return f"{method.name} ({config.method.divergence}): {method.description}"
 
 
 def card_text(config, family: str, student_timesteps: Sequence[float], sample_grid: Optional[str],
-              prompts: Sequence[str], lora: bool, repo_id: Optional[str] = None) -> str:
+              prompts: Sequence[str], lora: bool, repo_id: Optional[str] = None, *, method) -> str:
+    """The card's markdown for a resolved run ``config`` trained by ``method`` (the registered method class, which
+    names itself: ``name``, ``description``, ``reference``, ``tags``)."""
     teacher = config.teacher
     load_from = repo_id or "path/to/this/folder"
     guidance = ("- Guidance: distilled into the student (classifier-free guidance scale "
@@ -119,7 +111,7 @@ def card_text(config, family: str, student_timesteps: Sequence[float], sample_gr
         f"# One-step {family} student of `{teacher}`",
         "",
         f"A {kind} one-step student distilled from **{teacher}** with diffusers-onestep using "
-        f"**{method_name(config)}**.",
+        f"**{method_name(method, config)}**.",
         "",
         "## How to run",
         "",
@@ -149,7 +141,7 @@ def card_text(config, family: str, student_timesteps: Sequence[float], sample_gr
         "## Training",
         "",
         f"- Teacher: `{teacher}` ({family})",
-        "- Method: `{0.name}`, divergence `{1.divergence}` ({0.reference})".format(*_method_of(config)),
+        f"- Method: `{method.name}`, divergence `{config.method.divergence}` ({method.reference})",
         f"- Student: {config.roles.student}; critic: {config.roles.critic}",
         f"- Steps: {config.optim.max_train_steps}, batch {config.optim.train_batch_size}, "
         f"student lr {config.optim.learning_rate}",
@@ -167,12 +159,13 @@ def card_text(config, family: str, student_timesteps: Sequence[float], sample_gr
 
 def write_model_card(folder: str, config, family: str, student_timesteps: Sequence[float],
                      sample_grid: Optional[str] = None, prompts: Sequence[str] = (), lora: bool = False,
-                     repo_id: Optional[str] = None):
-    """Write ``README.md`` (a ``huggingface_hub.ModelCard``) into ``folder`` and return the card."""
+                     repo_id: Optional[str] = None, *, method):
+    """Write ``README.md`` (a ``huggingface_hub.ModelCard``) into ``folder`` and return the card (see
+    :func:`card_text` for ``method``)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     tags: List[str] = ["one-step", "distillation", "diffusers-onestep", "text-to-image", "diffusers", family,
-                       *_method_of(config)[0].tags, _method_of(config)[1].divergence]
+                       *method.tags, config.method.divergence]
     if lora:
         tags.append("lora")
     data = ModelCardData(
@@ -181,7 +174,7 @@ def write_model_card(folder: str, config, family: str, student_timesteps: Sequen
         base_model=config.teacher if _is_hub_id(config.teacher) else None,
         tags=tags,
     )
-    text = card_text(config, family, student_timesteps, sample_grid, prompts, lora, repo_id)
+    text = card_text(config, family, student_timesteps, sample_grid, prompts, lora, repo_id, method=method)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
     card.save(os.path.join(folder, "README.md"))
     return card

@@ -10,7 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from diffusers_onestep.distill import cli
-from diffusers_onestep.distill.config import SECTIONS, ConfigError, DataConfig, MethodConfig, TrainConfig, resolve
+from diffusers_onestep.distill.config import SECTIONS, ConfigError, DataConfig, MethodConfig, TrainConfig
+from diffusers_onestep.distill.resolve import resolve
 from diffusers_onestep.testing import save_tiny_native_pipeline
 from training_utils import TINY_FLAGS, write_prompts
 

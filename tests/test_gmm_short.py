@@ -23,8 +23,8 @@ import torch
 
 from diffusers_onestep import parameterization as P
 from diffusers_onestep.testing.analytic import GaussianMixture
-from diffusers_onestep.distill.config import MethodConfig, resolve_method_config
-from diffusers_onestep.distill.methods import build_method
+from diffusers_onestep.distill.config import MethodConfig
+from diffusers_onestep.distill.methods import build_method, resolve_method_config
 from diffusers_onestep.distill.models import Batch, RandomSource, RolePhases
 from diffusers_onestep.testing.toy import TOY_TRAINING_DEFAULTS, ToyModels, mixture_metrics, train_toy
 

@@ -8,6 +8,7 @@ from huggingface_hub.utils import filter_repo_objects
 
 from diffusers_onestep import hub
 from diffusers_onestep.distill.config import TrainConfig
+from diffusers_onestep.distill.methods import DMD2, FDistill
 
 
 def make_config(teacher="stabilityai/stable-diffusion-xl-base-1.0", divergence="js"):
@@ -19,7 +20,8 @@ def make_config(teacher="stabilityai/stable-diffusion-xl-base-1.0", divergence="
 
 def test_model_card_names_teacher_method_and_how_to_run(tmp_path):
     card = hub.write_model_card(str(tmp_path), make_config(), family="sdxl", student_timesteps=[399],
-                                sample_grid="samples.png", prompts=["a cat"], lora=True, repo_id="me/student")
+                                sample_grid="samples.png", prompts=["a cat"], lora=True, repo_id="me/student",
+                                method=FDistill)
     loaded = ModelCard.load(str(tmp_path / "README.md"))
     assert loaded.data.base_model == "stabilityai/stable-diffusion-xl-base-1.0"
     assert loaded.data.library_name == "diffusers"
@@ -35,7 +37,7 @@ def test_model_card_of_a_local_teacher_has_no_base_model_but_names_it(tmp_path):
     teacher = str(tmp_path / "my-teacher")
     os.makedirs(teacher)
     hub.write_model_card(str(tmp_path), make_config(teacher=teacher, divergence="reverse_kl"), family="pixart_alpha",
-                         student_timesteps=[400], lora=False)
+                         student_timesteps=[400], lora=False, method=DMD2)
     loaded = ModelCard.load(str(tmp_path / "README.md"))
     assert loaded.data.base_model is None  # a local path is not a Hub id
     assert teacher in loaded.text and "dmd" in loaded.data.tags

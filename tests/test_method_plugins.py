@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffusers_onestep.distill import cli
-from diffusers_onestep.distill.config import MethodConfig, RolesConfig, resolve_method_config
+from diffusers_onestep.distill.config import MethodConfig, RolesConfig
 from diffusers_onestep.distill.methods import (
     DMD2,
     DistillationMethod,
@@ -18,6 +18,7 @@ from diffusers_onestep.distill.methods import (
     build_method,
     method_names,
     register_method,
+    resolve_method_config,
 )
 from diffusers_onestep.distill.models import Batch, RandomSource
 from diffusers_onestep.distill.roles import BackboneRoles

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from diffusers_onestep.distill import cli
-from diffusers_onestep.distill.config import ConfigError, resolve
+from diffusers_onestep.distill.config import ConfigError
+from diffusers_onestep.distill.resolve import resolve
 from diffusers_onestep.distill.trainer import Trainer, list_checkpoints
 from diffusers_onestep.testing import save_tiny_native_pipeline
 from training_utils import TINY_FLAGS, write_images, write_prompts

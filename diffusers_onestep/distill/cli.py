@@ -15,7 +15,8 @@ import os
 import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .config import SECTIONS, ConfigError, ResolvedConfig, TrainConfig, resolve
+from .config import SECTIONS, ConfigError, TrainConfig
+from .resolve import ResolvedConfig, resolve
 from .preflight import preflight
 
 EPILOG = """\
@@ -46,6 +47,22 @@ papers (docs/training.md); --dry_run prints every resolved value.
 #: argument groups of --help, by config section (None: the top level of TrainConfig)
 GROUP_TITLES = {None: "teacher", "method": "method", "roles": "roles", "optim": "optimisation", "data": "data",
                 "output": "output"}
+
+
+def _family_names() -> Tuple[str, ...]:
+    from ..families import FAMILIES
+
+    return ("auto",) + tuple(FAMILIES)
+
+
+def _method_names() -> Tuple[str, ...]:
+    from .methods import method_names
+
+    return method_names()
+
+
+#: the registries a field's ``known`` metadata names, read when the parser is built
+KNOWN_NAMES = {"families": _family_names, "methods": _method_names}
 
 
 def _comma_list(value: str) -> List[str]:
@@ -113,7 +130,7 @@ def _add_argument(group, section: Optional[str], f: dataclasses.Field, hint) -> 
             kwargs["metavar"] = meta["metavar"]
         elif not choices:
             kwargs["metavar"] = f.name.upper()
-        known = f"; one of: {', '.join(meta['known']())}" if "known" in meta else ""
+        known = f"; one of: {', '.join(KNOWN_NAMES[meta['known']]())}" if "known" in meta else ""
         help_text = f"{meta.get('help', '')} (default: {_default_text(f)}{known})"
     kwargs["help"] = help_text.replace("%", "%%")
     group.add_argument(f"--{flag_of(f)}", **kwargs)

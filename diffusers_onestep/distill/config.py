@@ -1,17 +1,16 @@
-"""Typed configuration of a distillation run, and the one resolver that fills its defaults.
+"""Typed configuration of a distillation run.
 
 The dataclasses below are the single description of every setting: their field metadata (``help``, ``choices``,
 ``default_text``) generate the command line (:mod:`.cli`), ``TrainConfig.to_dict()`` is what gets written beside
 every checkpoint, and such a file is accepted back as ``--config``. A field left ``None`` means "the default of the
-teacher's family or of the method": :func:`resolve` detects the family once, then takes every such value from the
-family adapter's ``training_defaults`` and the method class, so the CLI, the Python API and a resumed run train the
-same thing. Every value is validated before any model is loaded, with one actionable sentence per error
-(``ConfigError``, a ``ValueError``).
+teacher's family or of the method": :func:`.resolve.resolve` detects the family once, then takes every such value
+from the family adapter's ``training_defaults`` and the method class, so the CLI, the Python API and a resumed run
+train the same thing. Every value is validated before any model is loaded, with one actionable sentence per error
+(``ConfigError``, a ``ValueError``). This module imports no method and no model code.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -49,8 +48,8 @@ def setting(default: Any = None, help: str = "", *, default_factory=None, **cli:
     """A config field with its command-line description.
 
     ``help`` is the flag's help text; ``cli`` holds argparse details the type does not give: ``choices`` (a tuple
-    argparse enforces), ``known`` (a callable returning the registered names, listed by ``--help`` at parse time and
-    checked by ``validate()`` with a sentence of ours, so names registered after import count), ``metavar``,
+    argparse enforces), ``known`` (``"methods"`` or ``"families"``: a registry whose names ``--help`` lists at parse
+    time and the resolver checks with a sentence of ours, so names registered after import count), ``metavar``,
     ``comma_list=True`` (one comma-separated argument), and ``default_text`` (how ``--help`` states a ``None``
     default, e.g. "family default").
     """
@@ -58,18 +57,6 @@ def setting(default: Any = None, help: str = "", *, default_factory=None, **cli:
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
-
-
-def _method_names() -> Tuple[str, ...]:
-    from .methods import method_names
-
-    return method_names()
-
-
-def _family_names() -> Tuple[str, ...]:
-    from ..families import FAMILIES
-
-    return ("auto",) + tuple(FAMILIES)
 
 
 @dataclass
@@ -99,7 +86,7 @@ class MethodConfig:
 
     method: Optional[str] = setting(
         None, "Distillation method; fdistill when --divergence is an "
-              "f-divergence other than reverse_kl, else dmd2.", known=_method_names, default_text="from --divergence")
+              "f-divergence other than reverse_kl, else dmd2.", known="methods", default_text="from --divergence")
     divergence: Optional[str] = setting(
         None, "reverse_kl (DMD/VSD), js, forward_kl, hellinger, jeffreys, softened_reverse_kl, neyman, pearson or "
               "alpha:<a>. Anything but reverse_kl is f-distill and needs --real_images for its discriminator.",
@@ -145,9 +132,6 @@ class MethodConfig:
         """Check the values that are set; ``None`` is left for :func:`resolve`."""
         from .divergences import get_divergence
 
-        if self.method is not None:
-            _require(self.method in _method_names(),
-                     f"`--method` must be one of {', '.join(_method_names())}, got {self.method!r}.")
         if self.divergence is not None:
             try:
                 get_divergence(self.divergence)
@@ -339,12 +323,12 @@ SECTIONS = {"method": MethodConfig, "roles": RolesConfig, "optim": OptimizationC
 
 @dataclass
 class TrainConfig:
-    """A whole distillation run. ``resolve(config)`` fills the family's and the method's defaults."""
+    """A whole distillation run. :func:`.resolve.resolve` fills the family's and the method's defaults."""
 
     teacher: Optional[str] = setting(
         None, "Hub model id or local diffusers pipeline folder of the teacher (required).")
     family: str = setting("auto", "Backbone family of the teacher (auto: detected from its model_index.json).",
-                          known=_family_names)
+                          known="families")
     revision: Optional[str] = setting(None, "Hub revision of the teacher.", default_text="main")
     max_sequence_length: Optional[int] = setting(
         None, "Text tokens kept.", default_text="family default: PixArt-α 120, PixArt-Σ/SANA 300")
@@ -395,143 +379,6 @@ class TrainConfig:
     def load(cls, path: str) -> "TrainConfig":
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the resolver
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ResolvedConfig:
-    """A run's configuration with every default filled in, and what was learned resolving it.
-
-    Attributes:
-        config: the complete :class:`TrainConfig` (no ``None`` left where a default exists); this is what
-            ``training_config.json`` holds, and what a resumed run must match.
-        family: the teacher's family, detected once.
-        teacher_configs: the teacher's ``model_index.json`` and its denoiser and VAE configs (read without weights).
-    """
-
-    config: TrainConfig
-    family: str
-    teacher_configs: Dict[str, Dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
-
-    def __getattr__(self, name: str):
-        # A resolved config reads like the TrainConfig it holds (``resolved.optim.learning_rate``).
-        if name == "config":
-            raise AttributeError(name)
-        return getattr(self.config, name)
-
-    @property
-    def adapter_class(self):
-        from ..families import get_adapter_class
-
-        return get_adapter_class(self.family)
-
-    @property
-    def method_class(self):
-        from .methods import get_method_class
-
-        return get_method_class(self.config.method.method)
-
-    @property
-    def student_timesteps(self) -> List[float]:
-        return [float(t) for t in self.config.method.student_timesteps]
-
-
-def read_teacher_configs(teacher: str, revision: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
-    """``model_index.json`` of a teacher (Hub id or folder) and the configs of its denoiser and VAE, or a
-    one-sentence :class:`ConfigError`. Reads JSON only, never weights."""
-    from ..pipelines.loading import read_json  # moves to hub.py with the Hub-read restructure
-
-    kwargs = {"revision": revision} if revision else {}
-    index = read_json(teacher, "model_index.json", kwargs)
-    if index is None:
-        raise ConfigError(f"--teacher {teacher} is not a diffusers pipeline (it has no model_index.json).")
-    configs: Dict[str, Dict[str, Any]] = {"model_index": index}
-    for name, spec in index.items():
-        if isinstance(spec, list) and len(spec) == 2 and spec[0] is not None and not name.startswith("_"):
-            if name in ("vae", "unet", "transformer"):
-                configs[name] = read_json(teacher, f"{name}/config.json", kwargs) or {}
-    return configs
-
-
-def detect_teacher_family(teacher_configs: Dict[str, Dict[str, Any]], requested: str = "auto") -> str:
-    from ..families import detect_family
-
-    index = teacher_configs["model_index"]
-    components = {k: v for k, v in teacher_configs.items() if k != "model_index"}
-    try:
-        detected = detect_family(index, components)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if requested not in ("auto", detected):
-        raise ConfigError(f"--family {requested} does not match the teacher, which is a {detected} model.")
-    return detected
-
-
-def resolve(config: TrainConfig, teacher_configs: Optional[Dict[str, Dict[str, Any]]] = None) -> ResolvedConfig:
-    """Validate ``config``, detect the teacher's family once (honouring ``revision``) and fill every default from the
-    family adapter's ``training_defaults`` and the method class. Loads no weights.
-
-    A config that is already complete (a run's ``training_config.json``) resolves to itself.
-    """
-    from ..families import get_adapter_class
-
-    config = copy.deepcopy(config).validate()
-    if teacher_configs is None:
-        teacher_configs = read_teacher_configs(config.teacher, config.revision)
-    family = detect_teacher_family(teacher_configs, config.family)
-    adapter_cls = get_adapter_class(family)
-    defaults = adapter_cls.training_defaults
-    config.family = family
-    config.method = resolve_method_config(config.method, defaults, has_real_images=bool(config.data.real_images))
-
-    roles = config.roles
-    if roles.lora_rank is None:
-        roles.lora_rank = defaults.lora_rank
-    if roles.lora_alpha is None:
-        roles.lora_alpha = float(defaults.lora_alpha)
-    if roles.critic_lora_rank is None:
-        roles.critic_lora_rank = roles.lora_rank
-    if roles.lora_target_modules is None:
-        roles.lora_target_modules = list(adapter_cls.default_lora_target_modules)
-    optim = config.optim
-    if optim.learning_rate is None:
-        optim.learning_rate = defaults.learning_rate(roles.student)
-    if optim.critic_learning_rate is None:
-        optim.critic_learning_rate = optim.learning_rate
-    if config.max_sequence_length is None:
-        config.max_sequence_length = adapter_cls.default_max_sequence_length
-    if config.data.resolution is None:
-        config.data.resolution = _native_resolution(adapter_cls, teacher_configs)
-    return ResolvedConfig(config=config.validate(), family=family, teacher_configs=teacher_configs)
-
-
-def resolve_method_config(config: MethodConfig, defaults=None, has_real_images: bool = False) -> MethodConfig:
-    """A copy of ``config`` with the method chosen and every ``None`` filled: the method class's own defaults, then the
-    family's ``training_defaults`` (``None``: the generic ones of :class:`~diffusers_onestep.FamilyAdapter`).
-    The method class then checks the combination (e.g. f-distill needs a discriminator)."""
-    from ..families import FamilyAdapter
-    from .methods import method_for
-
-    config = copy.deepcopy(config).validate()
-    defaults = defaults or FamilyAdapter.training_defaults
-    method_cls = method_for(config.method, config.divergence)
-    config.method = method_cls.name
-    return method_cls.resolve_config(config, defaults, has_real_images)
-
-
-def _native_resolution(adapter_cls, teacher_configs: Dict[str, Dict[str, Any]]) -> Optional[int]:
-    denoiser = teacher_configs.get(adapter_cls.denoiser_name) or {}
-    vae = teacher_configs.get("vae") or {}
-    sample_size = denoiser.get("sample_size")
-    if isinstance(sample_size, (list, tuple)):
-        sample_size = sample_size[0]
-    if not sample_size or not vae:
-        return None
-    return int(sample_size) * adapter_cls.vae_scale_factor_of(vae)
 
 
 def config_differences(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[str]:

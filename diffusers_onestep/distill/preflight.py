@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-from .config import ConfigError, ResolvedConfig
+from .config import ConfigError
+from .resolve import ResolvedConfig
 
 
 def preflight(resolved: ResolvedConfig) -> None:

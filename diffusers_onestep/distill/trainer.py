@@ -30,7 +30,8 @@ from .. import storage
 from ..families import Condition, get_adapter_class
 from ..lora import LORA_WEIGHT_NAME, lora_metadata
 from ..schedulers import OneStepScheduler
-from .config import ConfigError, ResolvedConfig, TrainConfig, config_differences, resolve
+from .config import ConfigError, TrainConfig, config_differences
+from .resolve import ResolvedConfig, resolve
 from .data import DataError, PromptSource, batch_indices, load_prompts, load_real_images
 from .methods import build_method
 from .models import Batch, RandomSource
@@ -629,6 +630,7 @@ class Trainer:
         image_grid(images).save(os.path.join(staging, "samples.png"))
         cfg.save(os.path.join(staging, CONFIG_NAME))
         hub.write_model_card(staging, cfg, family=self.family, student_timesteps=self.student_timesteps,
+                             method=self.resolved.method_class,
                              sample_grid="samples.png", prompts=self.validation_prompts,
                              lora=cfg.roles.student == "lora")
         storage.publish_entries(staging, output_dir, commit_file=commit)

@@ -147,7 +147,3 @@ __all__ = [
     "register_family",
     "supported_families_text",
 ]
-
-
-def supported_families_text() -> str:
-    return SUPPORTED_FAMILIES_TEXT

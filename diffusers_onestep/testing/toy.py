@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from .. import parameterization as param
-from ..distill.config import MethodConfig, resolve_method_config
-from ..distill.methods import build_method
+from ..distill.config import MethodConfig
+from ..distill.methods import build_method, resolve_method_config
 from ..distill.models import (
     TRAINABLE_ROLES, Batch, DistillationModels, RandomSource, RolePhases, check_trainable_role, roles_to_update,
 )

@@ -13,6 +13,7 @@ from .base import (
     method_for,
     method_names,
     register_method,
+    resolve_method_config,
 )
 from .dmd2 import DMD2
 from .fdistill import FDistill
@@ -28,4 +29,5 @@ __all__ = [
     "method_for",
     "method_names",
     "register_method",
+    "resolve_method_config",
 ]

@@ -71,6 +71,19 @@ def method_for(name: Optional[str], divergence: Optional[str]) -> Type["Distilla
     raise ConfigError(f"No registered method accepts the {divergence} divergence; pass --method.")
 
 
+def resolve_method_config(config: MethodConfig, defaults=None, has_real_images: bool = False) -> MethodConfig:
+    """A copy of ``config`` with the method chosen and every ``None`` filled: the method class's own defaults, then the
+    family's ``training_defaults`` (``None``: the generic ones of :class:`~diffusers_onestep.FamilyAdapter`).
+    The method class then checks the combination (e.g. f-distill needs a discriminator)."""
+    from ...families import FamilyAdapter
+
+    config = copy.deepcopy(config).validate()
+    defaults = defaults or FamilyAdapter.training_defaults
+    method_cls = method_for(config.method, config.divergence)
+    config.method = method_cls.name
+    return method_cls.resolve_config(config, defaults, has_real_images)
+
+
 @dataclass
 class GeneratorTerms:
     """What a student step computed before its loss (all on the teacher path's natural times).
@@ -168,8 +181,6 @@ class DistillationMethod:
         if config.method != self.name:
             raise ValueError(f"A {config.method} config cannot build the {self.name} method.")
         if config.gan_weight is None or config.discriminator_trunk is None or config.guidance_scale is None:
-            from ..config import resolve_method_config
-
             config = resolve_method_config(config)
         self.config = config
         self.models = models
@@ -403,8 +414,6 @@ class DistillationMethod:
 def build_method(config: MethodConfig, models: DistillationModels,
                  student_timesteps: Sequence[float]) -> DistillationMethod:
     """An instance of the registered method ``config`` names (resolving the method's defaults where unset)."""
-    from ..config import resolve_method_config
-
     if config.method is None or config.gan_weight is None or config.discriminator_trunk is None:
         config = resolve_method_config(config)
     return get_method_class(config.method)(config, models, student_timesteps)

@@ -1,0 +1,131 @@
+"""The one resolver: ``resolve(TrainConfig) -> ResolvedConfig``.
+
+It reads the teacher's configs (never its weights), detects the family once (honouring ``revision``), and fills every
+setting left ``None`` from the family adapter's ``training_defaults`` and the method class
+(:func:`.methods.resolve_method_config`). The CLI, the Python API (``Trainer(TrainConfig(...))``) and a resumed run
+all go through it, and a resolved config resolves to itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .config import ConfigError, TrainConfig
+from .methods import get_method_class, resolve_method_config
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A run's configuration with every default filled in, and what was learned resolving it.
+
+    Attributes:
+        config: the complete :class:`TrainConfig` (no ``None`` left where a default exists); this is what
+            ``training_config.json`` holds, and what a resumed run must match.
+        family: the teacher's family, detected once.
+        teacher_configs: the teacher's ``model_index.json`` and its denoiser and VAE configs (read without weights).
+    """
+
+    config: TrainConfig
+    family: str
+    teacher_configs: Dict[str, Dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __getattr__(self, name: str):
+        # A resolved config reads like the TrainConfig it holds (``resolved.optim.learning_rate``).
+        if name == "config":
+            raise AttributeError(name)
+        return getattr(self.config, name)
+
+    @property
+    def adapter_class(self):
+        from ..families import get_adapter_class
+
+        return get_adapter_class(self.family)
+
+    @property
+    def method_class(self):
+        return get_method_class(self.config.method.method)
+
+    @property
+    def student_timesteps(self) -> List[float]:
+        return [float(t) for t in self.config.method.student_timesteps]
+
+
+def read_teacher_configs(teacher: str, revision: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+    """``model_index.json`` of a teacher (Hub id or folder) and the configs of its denoiser and VAE, or a
+    one-sentence :class:`ConfigError`. Reads JSON only, never weights."""
+    from ..families import read_pipeline_configs
+    from ..hub import read_json
+
+    kwargs = {"revision": revision} if revision else {}
+    index = read_json(teacher, "model_index.json", kwargs)
+    if index is None:
+        raise ConfigError(f"--teacher {teacher} is not a diffusers pipeline (it has no model_index.json).")
+    configs: Dict[str, Dict[str, Any]] = {"model_index": index, **read_pipeline_configs(teacher, index, kwargs)}
+    if isinstance(index.get("vae"), list) and index["vae"][0] is not None:
+        configs["vae"] = read_json(teacher, "vae/config.json", kwargs) or {}
+    return configs
+
+
+def detect_teacher_family(teacher_configs: Dict[str, Dict[str, Any]], requested: str = "auto") -> str:
+    from ..families import detect_family
+
+    index = teacher_configs["model_index"]
+    components = {k: v for k, v in teacher_configs.items() if k != "model_index"}
+    try:
+        detected = detect_family(index, components)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if requested not in ("auto", detected):
+        raise ConfigError(f"--family {requested} does not match the teacher, which is a {detected} model.")
+    return detected
+
+
+def resolve(config: TrainConfig, teacher_configs: Optional[Dict[str, Dict[str, Any]]] = None) -> ResolvedConfig:
+    """Validate ``config``, detect the teacher's family once (honouring ``revision``) and fill every default from the
+    family adapter's ``training_defaults`` and the method class. Loads no weights.
+
+    A config that is already complete (a run's ``training_config.json``) resolves to itself.
+    """
+    from ..families import get_adapter_class
+
+    config = copy.deepcopy(config).validate()
+    if teacher_configs is None:
+        teacher_configs = read_teacher_configs(config.teacher, config.revision)
+    family = detect_teacher_family(teacher_configs, config.family)
+    adapter_cls = get_adapter_class(family)
+    defaults = adapter_cls.training_defaults
+    config.family = family
+    config.method = resolve_method_config(config.method, defaults, has_real_images=bool(config.data.real_images))
+
+    roles = config.roles
+    if roles.lora_rank is None:
+        roles.lora_rank = defaults.lora_rank
+    if roles.lora_alpha is None:
+        roles.lora_alpha = float(defaults.lora_alpha)
+    if roles.critic_lora_rank is None:
+        roles.critic_lora_rank = roles.lora_rank
+    if roles.lora_target_modules is None:
+        roles.lora_target_modules = list(adapter_cls.default_lora_target_modules)
+    optim = config.optim
+    if optim.learning_rate is None:
+        optim.learning_rate = defaults.learning_rate(roles.student)
+    if optim.critic_learning_rate is None:
+        optim.critic_learning_rate = optim.learning_rate
+    if config.max_sequence_length is None:
+        config.max_sequence_length = adapter_cls.default_max_sequence_length
+    if config.data.resolution is None:
+        config.data.resolution = _native_resolution(adapter_cls, teacher_configs)
+    return ResolvedConfig(config=config.validate(), family=family, teacher_configs=teacher_configs)
+
+
+def _native_resolution(adapter_cls, teacher_configs: Dict[str, Dict[str, Any]]) -> Optional[int]:
+    denoiser = teacher_configs.get(adapter_cls.denoiser_name) or {}
+    vae = teacher_configs.get("vae") or {}
+    sample_size = denoiser.get("sample_size")
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = sample_size[0]
+    if not sample_size or not vae:
+        return None
+    return int(sample_size) * adapter_cls.vae_scale_factor_of(vae)
