@@ -157,3 +157,40 @@ def test_registration_is_checked():
     with pytest.raises(ValueError, match=r"Unknown family 'no_such_family'"):
         register_tiny_fixture("no_such_family", RENAMED_FIXTURE)
     assert FAMILY not in FAMILIES and FAMILY not in TINY_FIXTURES
+
+
+LAUNCHER = """\
+import sys
+sys.path.insert(0, {tests!r})
+import test_new_family
+test_new_family.register()  # the family exists only in the test file
+from diffusers_onestep.distill.cli import main
+sys.exit(main())
+"""
+
+
+def test_listed_by_the_training_cli(renamed_family):
+    from diffusers_onestep.distill import cli
+
+    text = cli.build_parser().format_help()
+    family_help = text.split("\n  --family FAMILY", 1)[1].split("\n  --revision", 1)[0]
+    assert FAMILY in " ".join(family_help.split())
+
+
+def test_trained_for_two_steps_through_accelerate_launch(teacher_folder, tmp_path):
+    from training_utils import TINY_FLAGS, launch, write_prompts
+
+    script = tmp_path / "train_renamed.py"
+    script.write_text(LAUNCHER.format(tests=os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "out"
+    launch(["--teacher", teacher_folder, "--prompts", write_prompts(str(tmp_path)), "--output_dir", out,
+            "--resolution", "8", "--max_train_steps", "2", "--critic_updates_per_student", "1", *TINY_FLAGS],
+           script=str(script))
+    with open(out / "training_config.json") as f:
+        assert json.load(f)["family"] == FAMILY  # detected from the folder, not passed
+    with open(out / "onestep_lora.json") as f:
+        assert json.load(f)["family"] == FAMILY
+    pipe = OneStepPipeline.from_pretrained(str(out))
+    assert pipe.config.family == FAMILY
+    images = _run(pipe)
+    assert images.shape == (1, 8, 8, 3) and np.isfinite(images).all()  # the tiny teacher's native size
