@@ -2,7 +2,8 @@
 
 ``SchedulerMixin``, ``ModelMixin`` and ``ConfigMixin`` are re-exported at top level on purpose: a saved folder whose
 ``model_index.json`` names ``["diffusers_onestep", "OneStepScheduler"]`` is loaded by diffusers, which looks up those
-base classes in this module to find the loading method (diffusers-facts §6).
+base classes in this module to find the loading method (diffusers' ``get_class_obj_and_candidates`` in
+``pipelines/pipeline_loading_utils.py`` does a ``getattr`` of each importable base-class name on the library).
 """
 
 from diffusers import ConfigMixin, ModelMixin, SchedulerMixin

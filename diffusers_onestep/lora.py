@@ -1,9 +1,9 @@
 """LoRA I/O that works the same for every family, including PixArt whose transformer has no ``PeftAdapterMixin``.
 
 Files are read with diffusers' own ``lora_state_dict`` of the family's LoRA-loader pipeline (so diffusers, peft
-and Kohya key layouts are all understood, diffusers-facts §5.1) and injected with peft's functional API
-(``inject_adapter_in_model`` + ``set_peft_model_state_dict``, diffusers-facts §5.3). Only ``.safetensors`` files are
-read. Fusing merges with peft's ``safe_merge`` (which checks for non-finite weights) and removes the LoRA layers.
+and Kohya key layouts are all understood) and injected with peft's functional API (``inject_adapter_in_model`` +
+``set_peft_model_state_dict``, which needs no diffusers loader mixin). Only ``.safetensors`` files are read. Fusing
+merges with peft's ``safe_merge`` (which checks for non-finite weights) and removes the LoRA layers.
 """
 
 from __future__ import annotations

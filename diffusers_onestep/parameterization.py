@@ -1,8 +1,9 @@
 """Noise paths and prediction-type conversions -- the only place in the project that converts between them.
 
 Every supported backbone noises a clean latent ``x0`` along a Gaussian path ``x_t = alpha_t * x0 + sigma_t * eps``
-(algorithms.md §1.1) and predicts one of several quantities at ``(x_t, t)``. Everything downstream (the one-step
-scheduler, the pipeline, every distillation loss) asks this module for ``x0`` / ``eps`` and never converts inline.
+(Ho et al. 2020, arXiv 2006.11239; Kingma et al. 2021, arXiv 2107.00630) and predicts one of several quantities at
+``(x_t, t)``. Everything downstream (the one-step scheduler, the pipeline, every distillation loss) asks this module
+for ``x0`` / ``eps`` and never converts inline.
 
 Paths and their *natural* time variable ``t``:
 
@@ -16,7 +17,7 @@ path           alpha_t, sigma_t                            t                    
 ``trigflow``   cos t, sin t  (sCM, in units of sigma_data) t in [0, pi/2] (SANA-Sprint)     t
 =============  ==========================================  ==============================  =======================
 
-Prediction types use diffusers' names (algorithms.md §1.2):
+Prediction types use diffusers' names (the ``prediction_type`` of its schedulers):
 
 * ``epsilon``: ``eps``;  ``sample``: ``x0``;
 * ``v_prediction``: ``v = alpha * eps - sigma * x0`` (Salimans & Ho 2022, eq. 3 of "Progressive Distillation");
@@ -38,7 +39,8 @@ import torch
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction", "trigflow")
 NOISE_PATHS = ("vp", "flow", "trigflow")
 
-# DMD/DMD2 sample the noise level of the score terms in [0.02 T, 0.98 T] (algorithms.md §3, §4.1).
+# DMD/DMD2 sample the noise level of the score terms in [0.02 T, 0.98 T] (DMD, arXiv 2311.18828; DMD2's
+# min/max_step_percent defaults, arXiv 2405.14867).
 DEFAULT_TRAINING_TIME_RANGE = (0.02, 0.98)
 
 TimeLike = Union[float, int, torch.Tensor, Sequence[float]]
@@ -193,7 +195,7 @@ class VPPath(NoisePath):
         return torch.as_tensor(timestep).to(torch.float64)
 
     def sample_training_times(self, batch_size, generator=None, time_range=DEFAULT_TRAINING_TIME_RANGE, device=None):
-        # DMD2 draws integer steps: randint(0.02 N, 0.98 N + 1) (algorithms.md §4.1).
+        # DMD2 draws integer steps: randint(0.02 N, 0.98 N + 1) (its official code's distribution-matching loss).
         lo = int(round(time_range[0] * self.num_train_timesteps))
         hi = min(int(round(time_range[1] * self.num_train_timesteps)), self.num_train_timesteps - 1)
         return torch.randint(lo, hi + 1, (batch_size,), generator=generator).to(device or "cpu")
@@ -207,9 +209,10 @@ class VPPath(NoisePath):
 
 @dataclass(frozen=True)
 class DynamicShift:
-    """Resolution-dependent flow shift (Esser et al. 2024, §5.3.2; FLUX.1; SD3.5): ``mu`` is linear in the image
-    sequence length ``n``, through ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)``, and
-    the shift is ``exp(mu)`` (``time_shift_type="exponential"``) or ``mu`` (``"linear"``).
+    """Resolution-dependent flow shift (Esser et al. 2024, arXiv 2403.03206, its resolution-dependent shifting of
+    timestep schedules; FLUX.1; SD3.5): ``mu`` is linear in the image sequence length ``n``, through
+    ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)``, and the shift is ``exp(mu)``
+    (``time_shift_type="exponential"``) or ``mu`` (``"linear"``).
 
     The fields and formulas are those of diffusers' ``FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)``
     (its ``time_shift``) and of ``calculate_shift`` in the FLUX pipeline, which computes ``mu``.
@@ -402,7 +405,7 @@ def check_prediction_type(prediction_type: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Conversions (algorithms.md §1.2). Each takes tensors ``[B, ...]`` and a time that is a scalar or ``[B]``.
+# Conversions (standard Gaussian-path algebra). Each takes tensors ``[B, ...]`` and a time that is a scalar or ``[B]``.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -521,8 +524,9 @@ def x0_to_score(x0: torch.Tensor, sample: torch.Tensor, t: TimeLike, path: Noise
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# TrigFlow <-> flow model wrapping (SANA-Sprint, algorithms.md §1.2): a flow-matching transformer is run as a
-# TrigFlow model by feeding it the equivalent flow sample and time and converting its velocity.
+# TrigFlow <-> flow model wrapping (SANA-Sprint's training-free transformation, Chen et al. 2025, arXiv 2503.09641):
+# a flow-matching transformer is run as a TrigFlow model by feeding it the equivalent flow sample and time and
+# converting its velocity.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -538,7 +542,7 @@ def trigflow_to_flow_sample(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def flow_velocity_to_trigflow(velocity: torch.Tensor, flow_sample: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``F = [(1 - 2s) x_s + (s^2 + (1 - s)^2) v] / sqrt(s^2 + (1 - s)^2)`` (algorithms.md §1.2)."""
+    """``F = [(1 - 2s) x_s + (s^2 + (1 - s)^2) v] / sqrt(s^2 + (1 - s)^2)`` (TrigFlow's ``F`` in flow terms)."""
     s64 = _broadcast(torch.as_tensor(s, device=velocity.device, dtype=_compute_dtype(velocity.device)), velocity)
     norm_sq = s64**2 + (1 - s64) ** 2
     out = ((1 - 2 * s64) * flow_sample.to(s64.dtype) + norm_sq * velocity.to(s64.dtype)) / norm_sq.sqrt()

@@ -86,7 +86,7 @@ def vsd_gradient(
     weight: Optional[Union[float, Tensor]] = None,
     eps: float = 1e-6,
 ) -> Tuple[Tensor, Dict[str, float]]:
-    """The per-element VSD gradient ``g`` with DMD's normalization (Yin et al. 2024, arXiv 2311.18828; §2).
+    """The per-element VSD gradient ``g`` with DMD's normalization (Yin et al. 2024, arXiv 2311.18828).
 
     ``g = weight · (x̂_fake − x̂_real) / (mean_{C,H,W} |x − x̂_real| + eps)`` per sample, in float32 (float64 for
     float64 inputs), with non-finite entries replaced by 0. Since ``s_fake − s_real = (α_t/σ_t²)(x̂_fake − x̂_real)``, this is DMD's weight
@@ -262,7 +262,7 @@ def sample_guidance_scale(
     generator: Optional[torch.Generator] = None,
     device: Optional[Union[str, torch.device]] = None,
 ) -> Tensor:
-    """Per-sample CFG scales: constant, or uniform in ``guidance_range`` (SNOOPI PG-SB, arXiv 2412.02687 §3).
+    """Per-sample CFG scales: constant, or uniform in ``guidance_range`` (SNOOPI's PG-SB, arXiv 2412.02687).
 
     Args:
         batch_size (`int`): ``B``.
@@ -284,7 +284,8 @@ def sample_guidance_scale(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GAN terms (DMD2 §4.2; f-distill §6.3): non-saturating logistic losses
+# GAN terms (DMD2's GAN classifier, arXiv 2405.14867; f-distill's density-ratio discriminator, arXiv 2502.15681):
+# non-saturating logistic losses
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -303,7 +304,7 @@ def gan_generator_loss(logits_fake: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# f-distill density ratio and its two-stage normalization (f-distill, arXiv 2502.15681, §3.2)
+# f-distill density ratio and its two-stage normalization (f-distill, Xu, Nie & Vahdat 2025, arXiv 2502.15681)
 # ----------------------------------------------------------------------------------------------------------------
 
 

@@ -29,8 +29,8 @@ def check_trainable_role(role: str) -> None:
 
 
 def roles_to_update(iteration: int, critic_updates_per_student: int) -> Tuple[str, ...]:
-    """The roles updated at the 0-based ``iteration``, in order: DMD2's two time-scale update rule (Yin et al. 2024,
-    "Improved Distribution Matching Distillation", §4.3).
+    """The roles updated at the 0-based ``iteration``, in order: DMD2's two time-scale update rule (Yin et al. 2024b,
+    "Improved Distribution Matching Distillation", arXiv 2405.14867).
 
     The critic (fake score, with the discriminator) is updated every iteration; on every
     ``critic_updates_per_student``-th iteration, starting with the first, the student is updated first. So ``N``

@@ -28,7 +28,7 @@ class TrainingDefaults:
         learning_rate_full, learning_rate_lora: student learning rate of a full copy / a LoRA student.
         gan_weight: generator GAN weight when the method trains a discriminator.
         lora_rank, lora_alpha: LoRA shape of the student and critic adapters.
-        critic_updates_per_student: two time-scale update rule (DMD2 §4.3).
+        critic_updates_per_student: DMD2's two time-scale update rule (Yin et al. 2024b, arXiv 2405.14867).
     """
 
     student_timesteps: Tuple[float, ...]
@@ -136,7 +136,8 @@ class FamilyAdapter:
     text_component_names: Tuple[str, ...] = ("tokenizer", "text_encoder")
     #: the kind of noise path :meth:`_forward` takes times on; the scheduler config gives its parameters
     noise_path_kind: str = "vp"
-    #: LoRA target modules used when the user gives none (diffusers training examples, diffusers-facts §5.2)
+    #: LoRA target modules used when the user gives none (the UNet attention list of diffusers'
+    #: train_text_to_image_lora_sdxl.py example, also the list of diffusers' PixArt LoRA tests)
     default_lora_target_modules: Tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
     #: diffusers pipeline class whose ``lora_state_dict`` reads and ``save_lora_weights`` writes this family's LoRA
     #: files (diffusers key prefixes); every family names its own
@@ -371,7 +372,8 @@ class FamilyAdapter:
             t: natural path time, a scalar or ``[B]``.
             guidance: embedded guidance scale per sample (families with ``has_embedded_guidance``).
             return_features: also return the feature map of :meth:`feature_module` (``[B, C', h, w]``), the trunk
-                that discriminator heads read (DMD2 §4.2, f-distill §6.3).
+                that discriminator heads read (DMD2's GAN classifier, arXiv 2405.14867; f-distill's
+                density-ratio discriminator, arXiv 2502.15681).
 
         Returns:
             The native prediction (``self.prediction_type``), ``[B, C, H, W]``, or ``(prediction, features)``.

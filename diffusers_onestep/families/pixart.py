@@ -40,8 +40,9 @@ class PixArtAlphaAdapter(FamilyAdapter):
     #: T5 tokens kept, as in the family's pipeline
     default_max_sequence_length = 120
     required_condition_fields = ("embeds", "mask")
-    # The public PixArt-α DMD student runs at t=400 (diffusers-facts §3); TDM distils PixArt with CFG 4.5
-    # (algorithms.md §11.1). No published learning rate: ours, labelled so in docs/training.md.
+    # The public PixArt-α DMD student runs at t=400 (the PixArt-α DMD model card and the PixArt-sigma repo's DMD
+    # demo: timesteps=[400]); TDM (Luo et al. 2025, arXiv 2503.06674) distils PixArt with CFG 4.5 in its PixArt
+    # training demo. No published learning rate: ours, labelled so in docs/training.md.
     training_defaults = TrainingDefaults(
         student_timesteps=(400.0,), guidance_scale=4.5, learning_rate_full=1e-6, learning_rate_lora=5e-5,
     )

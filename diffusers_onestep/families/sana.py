@@ -94,7 +94,8 @@ class SanaSprintAdapter(SanaAdapter):
     lora_pipeline_class_name = "SanaSprintPipeline"
     has_embedded_guidance = True
     default_embedded_guidance_scale = 4.5
-    # SANA-Sprint students start at TrigFlow t = pi/2 with embedded guidance 4.5 (algorithms.md §11.5).
+    # SANA-Sprint students start at TrigFlow t = pi/2 with embedded guidance 4.5 (SANA-Sprint, Chen et al. 2025,
+    # arXiv 2503.09641; diffusers' SanaSprintPipeline defaults: max_timesteps=1.57080, guidance_scale=4.5).
     training_defaults = TrainingDefaults(
         student_timesteps=(1.5708,), guidance_scale=4.5, learning_rate_full=2e-6, learning_rate_lora=5e-5,
     )

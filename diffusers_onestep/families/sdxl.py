@@ -20,7 +20,8 @@ class SDXLAdapter(FamilyAdapter):
     native_interop_call_kwargs = {"guidance_scale": 0.0, "num_inference_steps": 1}
     denoiser_name = "unet"
     text_component_names = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
-    # DMD2's --generator_lora targets, also diffusers' LCM-LoRA SDXL list (diffusers-facts §5.2).
+    # DMD2's --generator_lora targets, also the target list of diffusers' LCM-LoRA SDXL training example
+    # (train_lcm_distill_lora_sdxl.py).
     default_lora_target_modules = (
         "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
         "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
@@ -28,8 +29,9 @@ class SDXLAdapter(FamilyAdapter):
     # SDXL's own LoRA loader: it reads diffusers, peft and Kohya/SGM UNet layouts (the latter given the UNet config).
     lora_pipeline_class_name = "StableDiffusionXLPipeline"
     required_condition_fields = ("embeds", "pooled")
-    # DMD2's SDXL recipe (algorithms.md §4.6): student conditioned on t=399, real-score CFG 8, LoRA r=64 alpha=8,
-    # lr 5e-7 full / 5e-5 LoRA, generator GAN weight 5e-3, TTUR 5. f-distill's SDXL recipe (§6.5) agrees.
+    # DMD2's SDXL recipe (Yin et al. 2024b, arXiv 2405.14867; the SDXL experiment scripts of its official repo):
+    # student conditioned on t=399, real-score CFG 8, LoRA r=64 alpha=8, lr 5e-7 full / 5e-5 LoRA, generator GAN
+    # weight 5e-3, TTUR 5. f-distill's SDXL config (arXiv 2502.15681; NVIDIA's FastGen) agrees.
     training_defaults = TrainingDefaults(
         student_timesteps=(399.0,), guidance_scale=8.0, learning_rate_full=5e-7, learning_rate_lora=5e-5,
         gan_weight=5e-3, lora_rank=64, lora_alpha=8,
@@ -117,7 +119,8 @@ class SDXLAdapter(FamilyAdapter):
         )[0]
 
     def feature_module(self, denoiser):
-        # DMD2 puts its GAN head on the UNet bottleneck (algorithms.md §4.2).
+        # DMD2 puts its GAN head on the UNet bottleneck (Yin et al. 2024b, arXiv 2405.14867: the GAN classifier on the
+        # fake-score UNet's mid-block features).
         return denoiser.mid_block
 
     def feature_channels(self) -> int:

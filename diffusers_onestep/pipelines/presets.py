@@ -1,4 +1,4 @@
-"""The public one-step checkpoints and how their model cards say to run them (diffusers-facts.md §3).
+"""The public one-step checkpoints and how their model cards say to run them (recorded in each preset's ``card``).
 
 Data and lookup only: ``OneStepPipeline.from_pretrained("<repo id>")`` resolves these ids through :data:`PRESETS`
 (:func:`diffusers_onestep.pipelines.loading.load_preset` assembles one): the right base

@@ -5,9 +5,9 @@ Public one-step students are run today with borrowed schedulers and magic number
 scheduler stores what the student was trained with -- its conditioning timestep(s), its output parameterization and
 the noise path -- in ``scheduler_config.json``, so ``pipe(prompt)`` needs no further arguments.
 
-Sampling is the multistep consistency/DMD2 scheme (Song et al. 2023, Algorithm 1; DMD2 §4.4): at each conditioning
-timestep predict ``x0``, then re-noise it to the next conditioning timestep with fresh noise from the caller's
-generator; the last step returns ``x0``.
+Sampling is the multistep consistency/DMD2 scheme (Song et al. 2023, arXiv 2303.01469, Algorithm 1; DMD2's
+multi-step sampling, Yin et al. 2024b, arXiv 2405.14867): at each conditioning timestep predict ``x0``, then re-noise
+it to the next conditioning timestep with fresh noise from the caller's generator; the last step returns ``x0``.
 """
 
 from __future__ import annotations

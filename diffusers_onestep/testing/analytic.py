@@ -1,4 +1,4 @@
-"""Closed-form testbeds: Gaussian-mixture teachers and Gaussian students with exact noisy scores (algorithms.md §13).
+"""Closed-form testbeds: Gaussian-mixture teachers and Gaussian students with exact noisy scores.
 
 Along any Gaussian path ``x_t = α_t x0 + σ_t ε`` a mixture of isotropic Gaussians stays a mixture with
 
@@ -52,7 +52,7 @@ def _path_coefficients(path: NoisePath, t: TimeLike, x: Tensor) -> Tuple[Tensor,
 
 
 class GaussianMixture:
-    """A mixture of isotropic Gaussians ``Σ_k π_k N(μ_k, s_k² I)`` with exact noisy densities (algorithms.md §13.2).
+    """A mixture of isotropic Gaussians ``Σ_k π_k N(μ_k, s_k² I)`` with exact noisy densities.
 
     Args:
         means (`torch.Tensor` of shape `[K, d]`): component means ``μ_k``.
@@ -78,7 +78,7 @@ class GaussianMixture:
         self.weights = weights / weights.sum()
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(num)
 
-    # -- constructors (algorithms.md §13.1, §13.4) ----------------------------------------------------------------
+    # -- constructors: GAN mode-collapse toys (VEEGAN, arXiv 1705.07761; PacGAN, arXiv 1712.04086) ----------------
 
     @classmethod
     def ring8(cls, radius: float = 2.0, std: float = 0.02, num_modes: int = 8) -> "GaussianMixture":
@@ -99,7 +99,7 @@ class GaussianMixture:
         cls, weights: Sequence[float] = (0.9, 0.1), offset: float = 2.0, std: float = 0.1, dim: int = 2
     ) -> "GaussianMixture":
         """Two modes at ``∓offset · e_1`` with ``π = weights`` (major mode at ``−offset``); where reverse KL drops
-        the minor mode (algorithms.md §13.4 (c)). Labels 0 and 1."""
+        the minor mode. Labels 0 and 1."""
         means = torch.zeros(2, dim, dtype=torch.float64)
         means[0, 0], means[1, 0] = -offset, offset
         return cls(means, std, weights=weights, labels=torch.arange(2))
@@ -119,7 +119,7 @@ class GaussianMixture:
         return 0 if self.labels is None else int(self.labels.max()) + 1
 
     def mean(self) -> Tensor:
-        """``E[x0] = Σ π_k μ_k`` (forward-KL-optimal Gaussian mean, algorithms.md §13.3)."""
+        """``E[x0] = Σ π_k μ_k`` (forward-KL-optimal Gaussian mean: moment matching)."""
         return self.weights @ self.means
 
     def covariance(self) -> Tensor:
@@ -234,7 +234,7 @@ class GaussianMixture:
 
 
 class GaussianStudent(torch.nn.Module):
-    """A linear-Gaussian one-step generator ``G(z) = A z + b``, ``z ~ N(0, I)`` (algorithms.md §13.3).
+    """A linear-Gaussian one-step generator ``G(z) = A z + b``, ``z ~ N(0, I)``.
 
     Its noised marginal is ``q_t = N(α_t b, α_t² A Aᵀ + σ_t² I)``, so its score, its ideal denoiser (an exact
     "fake score") and the ratio ``p_t / q_t`` to a :class:`GaussianMixture` teacher are closed form. ``A`` and

@@ -1,5 +1,5 @@
 """Tiny, offline, random-weight components of every built-in family (sizes of diffusers' own fast tests,
-diffusers-facts.md §4).
+e.g. ``tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py``).
 
 Tokenizers are built in memory from small synthetic vocabularies, because nothing can be downloaded here: a char-level
 CLIP BPE, a word-level T5 Unigram and a byte-fallback Gemma BPE. Everything is deterministic given ``seed``.

@@ -71,7 +71,7 @@ def tiny_families() -> Tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# how each family's own pipeline runs a one-step student (diffusers-facts §2, §3)
+# how each family's own pipeline runs a one-step student (the schedulers and timesteps of the public model cards)
 # ------------------------------------------------------------------------------------------------------------------
 
 

@@ -3,8 +3,8 @@
 :class:`ToyModels` implements :class:`~diffusers_onestep.distill.models.DistillationModels` for a
 :class:`~.analytic.GaussianMixture` teacher, so the *library's* methods (``build_method`` →
 :class:`~diffusers_onestep.distill.methods.VSD` / :class:`~diffusers_onestep.distill.methods.FDistill`, with their
-losses, ratio clipping and two-stage normalization) run unchanged on a teacher whose score is exact (algorithms.md
-§13.2, §13.4). Only the networks differ from the real backbones:
+losses, ratio clipping and two-stage normalization) run unchanged on a teacher whose score is exact
+(:mod:`.analytic`). Only the networks differ from the real backbones:
 
 * **teacher** -- the mixture's exact native prediction ``teacher.prediction(x_t, t, path, prediction_type)``; its
   "trunk features" are the noisy input ``x_t`` itself (an analytic teacher has no hidden layers).
@@ -27,7 +27,7 @@ exact noised density of a fresh bank of student samples, ``q̂_t = mean_j N(α_t
 :func:`train_toy` runs the trainer's schedule (:func:`~diffusers_onestep.distill.models.roles_to_update`: critic
 every iteration, the student first on every ``critic_updates_per_student``-th) with one Adam per role;
 :func:`mixture_metrics` scores the student's samples against the teacher (modes covered, high-quality fraction,
-per-mode mass, energy distance; algorithms.md §13.1).
+per-mode mass, energy distance; the first two as in VEEGAN, arXiv 1705.07761, and PacGAN, arXiv 1712.04086).
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ class ToyModels(RolePhases, DistillationModels):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# metrics (algorithms.md §13.1, §13.4)
+# metrics (modes covered and high-quality fraction as in VEEGAN / PacGAN; per-mode mass; energy distance)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -405,10 +405,11 @@ def train_toy(
 ) -> ToyResult:
     """Distil ``teacher`` into an MLP student with ``build_method(method_config, ToyModels(...), [t_max])``.
 
-    The schedule is the trainer's, :func:`~diffusers_onestep.distill.models.roles_to_update` (DMD2 §4.3): every
-    iteration updates the critic (+ discriminator); iterations ``i`` with ``i % critic_updates_per_student == 0``
-    first update the student. Real samples for the discriminator are exact teacher samples (``Batch.real``).
-    ``init_student(models)``, if given, runs before the warm-up (e.g. to start from a mode-dropped student).
+    The schedule is the trainer's, :func:`~diffusers_onestep.distill.models.roles_to_update` (DMD2's two time-scale
+    update rule, arXiv 2405.14867): every iteration updates the critic (+ discriminator); iterations ``i`` with
+    ``i % critic_updates_per_student == 0`` first update the student. Real samples for the discriminator are exact
+    teacher samples (``Batch.real``). ``init_student(models)``, if given, runs before the warm-up (e.g. to start
+    from a mode-dropped student).
 
     One update follows the trainer's rule: a fresh batch, the method's step inside the role's phase, a non-finite
     loss or gradient norm stops the run (``FloatingPointError``; the trainer's ``--on_nonfinite stop``), backward,
