@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -166,9 +166,6 @@ class ConditionCache:
     def get(self, indices: Sequence[int]) -> Condition:
         rows = torch.tensor([self._row[self.prompts[i]] for i in indices])
         return self.table[rows]
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return self.table.state_dict()
 
 
 class PromptSource:
