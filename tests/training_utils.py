@@ -9,6 +9,8 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "training", "train_onestep.py")
+#: the training command with faults injected through the trainer's hooks (``--fault event@step[:action]``)
+FAULT_LAUNCHER = os.path.join(REPO, "tests", "fault_launcher.py")
 PROMPTS = ["a photo of a cat", "a red car on the road", "an astronaut riding a horse", "a bowl of fruit"]
 #: flags that make every family's tiny run small and fast
 TINY_FLAGS = ["--lora_rank", "2", "--max_sequence_length", "8", "--report_to", "none", "--train_batch_size", "2",
