@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from diffusers_onestep.distill import cli
-from diffusers_onestep.distill.trainer import FAULT_ENV, NonFiniteError, Trainer, list_checkpoints
+from diffusers_onestep.distill.checkpoint import list_checkpoints
+from diffusers_onestep.distill.trainer import NonFiniteError, Trainer
 from diffusers_onestep.testing import save_tiny_native_pipeline
-from training_utils import SCRIPT, TINY_FLAGS, env, write_images, write_prompts
+from fault_launcher import marker_path
+from training_utils import FAULT_LAUNCHER, SCRIPT, TINY_FLAGS, env, write_images, write_prompts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -44,11 +46,9 @@ def in_process(argv, hooks=None):
     return Trainer(config, hooks=hooks).run()
 
 
-def start(argv, fault=None):
-    environment = env()
-    if fault:
-        environment[FAULT_ENV] = fault
-    return subprocess.Popen([sys.executable, SCRIPT, *[str(a) for a in argv]], env=environment,
+def start(argv, fault):
+    """The training command in a subprocess, paused at ``fault`` (see tests/fault_launcher.py)."""
+    return subprocess.Popen([sys.executable, FAULT_LAUNCHER, "--fault", fault, *[str(a) for a in argv]], env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -66,7 +66,7 @@ def wait_for(path, process, timeout=120):
 def kill_at(argv, output_dir, fault):
     process = start(argv, fault)
     event, step = fault.split("@")
-    wait_for(os.path.join(output_dir, f".fault-{event}-{step}"), process)
+    wait_for(marker_path(str(output_dir), event, int(step)), process)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
@@ -146,8 +146,8 @@ def test_nonfinite_gradient_can_be_skipped_with_a_limit(workspace):
 
 def test_nonfinite_guard_from_the_command_line(workspace):
     out = workspace["root"] / "nan-cli"
-    result = subprocess.run([sys.executable, SCRIPT, *run_args(workspace, out)],
-                            env={**env(), FAULT_ENV: "loss@2:nan"}, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, FAULT_LAUNCHER, "--fault", "loss@2:nan", *run_args(workspace, out)],
+                            env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 3
     assert "Non-finite loss" in result.stdout + result.stderr and "step 3" in result.stdout + result.stderr
 
@@ -156,7 +156,7 @@ def test_sigint_saves_the_current_step_and_exits_cleanly(workspace):
     out = workspace["root"] / "interrupted"
     argv = run_args(workspace, out, "--checkpointing_steps", "100")
     process = start(argv, fault="after_step@3")
-    wait_for(out / ".fault-after_step-3", process)
+    wait_for(marker_path(str(out), "after_step", 3), process)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output[-3000:]

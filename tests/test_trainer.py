@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from diffusers_onestep.distill import cli
 from diffusers_onestep.distill.config import ConfigError
 from diffusers_onestep.distill.resolve import resolve
-from diffusers_onestep.distill.trainer import Trainer, list_checkpoints
+from diffusers_onestep.distill.checkpoint import list_checkpoints
+from diffusers_onestep.distill.trainer import Trainer
 from diffusers_onestep.testing import save_tiny_native_pipeline
 from training_utils import TINY_FLAGS, write_images, write_prompts
 
@@ -225,3 +226,26 @@ def test_multi_step_student_exports_its_timesteps(workspace):
     assert steps == [999, 499]
     with pytest.raises(ValueError, match="supports 1 to 2"):
         pipe("a cat", num_inference_steps=3)
+
+
+def test_a_failing_export_leaves_the_trained_weights_in_the_student(workspace, monkeypatch):
+    """The export swaps the EMA into the live student; an exception inside must not leave it there."""
+    from diffusers_onestep.distill import export
+
+    def broken_sample(self, *args, **kwargs):
+        raise RuntimeError("the sampler broke")
+
+    monkeypatch.setattr(export.StudentRenderer, "sample", broken_sample)
+    out = workspace["root"] / "broken-export"
+    trainer = Trainer(make_config(workspace, out, "--max_train_steps", "2", "--critic_updates_per_student", "1",
+                                  "--ema_decay", "0.5", "--lr_scheduler", "constant"))
+    with pytest.raises(RuntimeError, match="the sampler broke"):
+        trainer.run()
+    saved = trainable(out / "checkpoint-2")  # written after the last step, before the export
+    ema = load_file(str(out / "checkpoint-2" / "ema.safetensors"))
+    live = trainer.state.roles.trainable_state_dict()
+    assert saved.keys() == live.keys()
+    for key in saved:
+        assert torch.equal(saved[key], live[key]), key
+    assert any(not torch.equal(ema[k], saved[k]) for k in ema)  # the EMA differs, so the swap was undone
+    assert not (out / "model_index.json").exists() and not (out / "onestep_lora.json").exists()

@@ -9,11 +9,13 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "training", "train_onestep.py")
+#: the training command with faults injected through the trainer's hooks (``--fault event@step[:action]``)
+FAULT_LAUNCHER = os.path.join(REPO, "tests", "fault_launcher.py")
 PROMPTS = ["a photo of a cat", "a red car on the road", "an astronaut riding a horse", "a bowl of fruit"]
 #: flags that make every family's tiny run small and fast
 TINY_FLAGS = ["--lora_rank", "2", "--max_sequence_length", "8", "--report_to", "none", "--train_batch_size", "2",
               "--learning_rate", "1e-3", "--guidance_scale", "3.0"]
-RESOLUTION = {"sdxl": 32, "pixart_alpha": 8, "pixart_sigma": 8, "sana": 32}
+RESOLUTION = {"sdxl": 32, "pixart_alpha": 8, "pixart_sigma": 8, "sana": 32, "sana_sprint": 32}
 
 
 def write_prompts(folder):

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..families import Condition, FamilyAdapter
+from .models import Batch, RandomSource
 
 
 class DataError(ValueError):
@@ -167,9 +168,6 @@ class ConditionCache:
         rows = torch.tensor([self._row[self.prompts[i]] for i in indices])
         return self.table[rows]
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return self.table.state_dict()
-
 
 class PromptSource:
     """Conditions for prompt indices: from the cache, or encoded on the fly when caching is off."""
@@ -187,3 +185,62 @@ class PromptSource:
         if self.cache is not None:
             return self.cache.get(indices).to(self.device)
         return self.adapter.encode_prompt([self.prompts[i] for i in indices], device=self.device)
+
+
+def encode_real_images(adapter: FamilyAdapter, images: torch.Tensor, seed: int, device=None,
+                       chunk_size: int = 32) -> torch.Tensor:
+    """VAE latents (float32, on the CPU) of real images in [-1, 1], encoded in chunks with seeded sampling."""
+    with torch.no_grad():
+        latents = [adapter.encode_images(images[i:i + chunk_size].to(device),
+                                         generator=torch.Generator().manual_seed(seed + i))
+                   for i in range(0, len(images), chunk_size)]
+    return torch.cat(latents).float().cpu()
+
+
+class TrainingBatches:
+    """The batch of each (step, micro-batch) as a pure function of the seed and the position (so resuming needs no
+    sampler state): prompt conditions, the student's noise, and -- for a discriminator -- real latents with their
+    conditions. Every process takes its rank's share of the global batch.
+
+    Args:
+        prompts: conditions of the training prompts.
+        noise_shape: ``noise_shape(batch_size)`` is the shape of the student's input noise.
+        random_source: draws the noise (for the global batch, sliced by rank).
+        seed: the run's seed (prompt order; real images use ``seed + 1``).
+        batch_size: the per-process batch size.
+        rank, world_size: this process and the number of processes.
+        accumulation_steps: micro-batches per optimization step.
+        real_latents: latents of the real images, or ``None`` without a discriminator.
+        real_conditions: conditions of the real images' captions; ``None``: the images have no captions, the batch's
+            ``real_condition`` is ``None`` and the method judges real and generated samples under the null prompt.
+    """
+
+    def __init__(self, prompts: PromptSource, noise_shape: Callable[[int], Tuple[int, ...]],
+                 random_source: RandomSource, seed: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 accumulation_steps: int = 1, real_latents: Optional[torch.Tensor] = None,
+                 real_conditions: Optional[PromptSource] = None, device=None):
+        self.prompts = prompts
+        self.noise_shape = noise_shape
+        self.random_source = random_source
+        self.seed = seed
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.accumulation_steps = accumulation_steps
+        self.real_latents = real_latents
+        self.real_conditions = real_conditions
+        self.device = device
+        self._mine = slice(rank * batch_size, (rank + 1) * batch_size)
+
+    def __call__(self, step: int, micro: int = 0) -> Batch:
+        global_batch = self.batch_size * self.world_size
+        position = step * self.accumulation_steps + micro
+        prompt_indices = batch_indices(self.seed, position, global_batch, len(self.prompts))[self._mine]
+        condition = self.prompts.conditions(prompt_indices)
+        noise = self.random_source.randn(self.noise_shape(self.batch_size))
+        real = real_condition = None
+        if self.real_latents is not None:
+            real_indices = batch_indices(self.seed + 1, position, global_batch, len(self.real_latents))[self._mine]
+            real = self.real_latents[real_indices].to(self.device)
+            if self.real_conditions is not None:
+                real_condition = self.real_conditions.conditions(real_indices)
+        return Batch(condition=condition, noise=noise, real=real, real_condition=real_condition)

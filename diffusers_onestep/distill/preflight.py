@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from .checkpoint import check_resume_config, resolve_resume_path
 from .config import ConfigError
 from .resolve import ResolvedConfig
 
@@ -17,7 +18,6 @@ def preflight(resolved: ResolvedConfig) -> None:
     import torch
 
     from .data import check_prompt_source, load_prompts
-    from .trainer import check_resume_config, resolve_resume_path
 
     config = resolved.config
     adapter_cls = resolved.adapter_class

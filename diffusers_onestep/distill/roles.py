@@ -46,9 +46,14 @@ from .models import TRAINABLE_ROLES, DistillationModels, RolePhases, check_train
 class DiscriminatorHead(nn.Module):
     """A small conv head on trunk feature maps giving one logit per sample (after DMD2's ``cls_pred_branch``).
 
-    Stride-2 3×3 conv blocks with GroupNorm and SiLU, global average pooling, then a linear layer. It works on any
-    spatial size (a 1×1 bottleneck included). Runs in float32 whatever the trunk's precision.
+    Stride-2 3×3 conv blocks with GroupNorm and SiLU, global average pooling, then a linear layer. Runs in float32
+    whatever the trunk's precision. It works on any spatial size and batch size: where a map is so small that a
+    GroupNorm group would hold fewer than :data:`MIN_VALUES_PER_GROUP` values (a 1×1 map with one or two channels per
+    group), neighbouring groups are merged for that call (the per-channel affine weights stay the same).
     """
+
+    #: normalizing one value gives 0 and two values give ±1 whatever they are: a group needs at least three
+    MIN_VALUES_PER_GROUP = 3
 
     def __init__(self, in_channels: int, hidden_channels: Optional[int] = None, num_blocks: int = 2):
         super().__init__()
@@ -63,13 +68,23 @@ class DiscriminatorHead(nn.Module):
         self.out = nn.Linear(hidden, 1)
 
     def forward(self, features: torch.Tensor, t: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.body(features.to(self.out.weight.dtype))
+        x = features.to(self.out.weight.dtype)
+        for layer in self.body:
+            if isinstance(layer, nn.GroupNorm):
+                groups = _groups(layer.num_channels, values_per_channel=x.shape[2:].numel(),
+                                 min_values=self.MIN_VALUES_PER_GROUP, most=layer.num_groups)
+                x = nn.functional.group_norm(x, groups, layer.weight, layer.bias, layer.eps)
+            else:
+                x = layer(x)
         return self.out(x.mean(dim=(2, 3))).squeeze(-1)
 
 
-def _groups(channels: int) -> int:
+def _groups(channels: int, values_per_channel: Optional[int] = None, min_values: int = 1, most: int = 32) -> int:
+    """The most GroupNorm groups (32, 16, ..., 1, at most ``most``) that divide ``channels`` and leave every group at
+    least ``min_values`` values when each channel holds ``values_per_channel`` (``None``: any number)."""
     for groups in (32, 16, 8, 4, 2):
-        if channels % groups == 0:
+        fits = values_per_channel is None or (channels // groups) * values_per_channel >= min_values
+        if groups <= most and channels % groups == 0 and fits:
             return groups
     return 1
 

@@ -1,0 +1,191 @@
+"""The student out of a run: samples through the real :class:`OneStepPipeline`, validation grids, and the exported
+folder (a full pipeline, or a LoRA with its scheduler and base reference) with a sample grid and a model card.
+
+The folder loads with ``OneStepPipeline.from_pretrained``. With ``--ema_decay`` the exported weights are the EMA:
+:func:`ema_weights` swaps it into the live student and restores the trained weights however the export ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import storage
+from ..families import Condition
+from ..lora import LORA_WEIGHT_NAME, lora_metadata
+from ..schedulers import OneStepScheduler
+from .checkpoint import CONFIG_NAME
+from .config import TrainConfig
+
+#: written last into a LoRA student's folder (it names the base model)
+LORA_CONFIG_NAME = "onestep_lora.json"
+SAMPLE_GRID_NAME = "samples.png"
+
+
+class StudentRenderer:
+    """The student as a :class:`OneStepPipeline` over the teacher's VAE and text encoders.
+
+    Args:
+        roles: the run's :class:`~.roles.BackboneRoles` (the student's weights and prediction type).
+        adapter: the teacher's family adapter.
+        components: the teacher pipeline's components (VAE and text encoders are shared with the student).
+        family: the family name the exported pipeline records.
+        student_timesteps: the student's conditioning timesteps (carried by its scheduler).
+        resolution: the image size of samples.
+        max_sequence_length: the prompt length of the text encoders.
+    """
+
+    def __init__(self, roles, adapter, components: Dict, family: str, student_timesteps: Sequence[float],
+                 resolution: int, max_sequence_length: Optional[int] = None):
+        self.roles = roles
+        self.adapter = adapter
+        self.components = components
+        self.family = family
+        self.student_timesteps = list(student_timesteps)
+        self.resolution = resolution
+        self.max_sequence_length = max_sequence_length
+
+    def scheduler(self) -> OneStepScheduler:
+        return OneStepScheduler.from_noise_path(self.adapter.noise_path, self.student_timesteps,
+                                                self.roles.student_prediction_type)
+
+    def pipeline(self, denoiser):
+        from ..pipelines import OneStepPipeline
+
+        kwargs = {n: self.components.get(n) for n in self.adapter.text_component_names}
+        kwargs[self.adapter.denoiser_name] = denoiser
+        pipe = OneStepPipeline(vae=self.components["vae"], scheduler=self.scheduler(), family=self.family,
+                               max_sequence_length=self.max_sequence_length, **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def sample(self, conditions: Condition, seed: int = 0, denoiser=None) -> np.ndarray:
+        """Student images ``[N, H, W, 3]`` in [0, 1]; ``denoiser=None`` runs the live student."""
+        if denoiser is None:
+            self.roles.activate("student")
+            denoiser = self.roles._module_of("student")
+        return self.pipeline(denoiser)(
+            prompt_embeds=conditions.embeds, prompt_attention_mask=conditions.mask,
+            pooled_prompt_embeds=conditions.pooled, height=self.resolution, width=self.resolution,
+            generator=torch.Generator().manual_seed(seed), output_type="np",
+        ).images
+
+
+@contextlib.contextmanager
+def ema_weights(roles, ema: Optional[Dict[str, torch.Tensor]]):
+    """Inside the block the student holds its EMA weights; the trained weights come back even on an exception."""
+    if ema is None:
+        yield
+        return
+    parameters = dict(roles.named_role_parameters("student"))
+    backup = {name: parameter.detach().clone() for name, parameter in parameters.items()}
+    try:
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(ema[name])
+        yield
+    finally:
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(backup[name])
+
+
+def export_student(renderer: StudentRenderer, config: TrainConfig, conditions: Condition, prompts: Sequence[str],
+                   ema: Optional[Dict[str, torch.Tensor]] = None) -> str:
+    """Write the student into ``config.output.output_dir`` (call on the main process); returns the folder.
+
+    Everything is written into a staging folder first and moved in with the commit file (``model_index.json`` or
+    ``onestep_lora.json``) last, so a crash never leaves a folder that looks loadable but is not.
+    """
+    from .. import hub
+    from .methods import get_method_class
+
+    output_dir = config.output.output_dir
+    roles = renderer.roles
+    lora = config.roles.student == "lora"
+    staging = storage.staging_path(os.path.join(output_dir, "export"))
+    os.makedirs(staging)
+    with ema_weights(roles, ema):
+        if lora:
+            _save_lora_student(staging, renderer, config)
+            commit, denoiser = LORA_CONFIG_NAME, None
+        else:
+            denoiser = roles.student_denoiser()
+            _save_full_student(staging, renderer.pipeline(denoiser))
+            commit = "model_index.json"
+        images = renderer.sample(conditions, seed=config.optim.seed, denoiser=denoiser)
+    image_grid(images).save(os.path.join(staging, SAMPLE_GRID_NAME))
+    config.save(os.path.join(staging, CONFIG_NAME))
+    hub.write_model_card(staging, config, family=renderer.family, student_timesteps=renderer.student_timesteps,
+                         sample_grid=SAMPLE_GRID_NAME, prompts=list(prompts), lora=lora,
+                         method=get_method_class(config.method.method))
+    storage.publish_entries(staging, output_dir, commit_file=commit)
+    return output_dir
+
+
+def _save_full_student(staging: str, pipe) -> None:
+    # save_pretrained wants an empty folder of its own; its entries are then moved up beside the card.
+    folder = os.path.join(staging, "pipeline")
+    pipe.save_pretrained(folder)
+    for name in os.listdir(folder):
+        os.replace(os.path.join(folder, name), os.path.join(staging, name))
+    os.rmdir(folder)
+
+
+def _save_lora_student(staging: str, renderer: StudentRenderer, config: TrainConfig) -> None:
+    import diffusers
+
+    roles, adapter = renderer.roles, renderer.adapter
+    saver = getattr(diffusers, adapter.lora_pipeline_class_name)
+    saver.save_lora_weights(
+        staging,
+        **adapter.lora_save_kwargs(roles.student_lora_state_dict(), lora_metadata(roles.lora_config("student"))),
+        weight_name=LORA_WEIGHT_NAME,
+        safe_serialization=True,
+    )
+    renderer.scheduler().save_pretrained(os.path.join(staging, "scheduler"))
+    storage.write_json(os.path.join(staging, LORA_CONFIG_NAME), {
+        "base_model": teacher_reference(config.teacher),
+        "family": renderer.family,
+        "weight_name": LORA_WEIGHT_NAME,
+        "lora_scale": 1.0,
+        "base_revision": config.revision,
+    })
+
+
+def write_validation(images: np.ndarray, prompts: Sequence[str], folder: str, step: int, trackers=()) -> None:
+    """Save the grid as ``<folder>/step-<step>.png`` and log the images to tensorboard / wandb trackers."""
+    os.makedirs(folder, exist_ok=True)
+    image_grid(images).save(os.path.join(folder, f"step-{step:06d}.png"))
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", images, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(img, caption=p) for img, p in zip(images, prompts)]}, step=step)
+
+
+def teacher_reference(teacher: str) -> str:
+    """A Hub id as given, a local folder as an absolute path (so the LoRA config resolves from anywhere)."""
+    return os.path.abspath(teacher) if os.path.isdir(teacher) else teacher
+
+
+def image_grid(images: np.ndarray, columns: Optional[int] = None):
+    """A PIL grid of ``[N, H, W, 3]`` images in [0, 1], ``columns`` wide (at most 8 by default)."""
+    from PIL import Image
+
+    images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    n, h, w = images.shape[:3]
+    columns = columns or min(n, 8)
+    rows = math.ceil(n / columns)
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(Image.fromarray(image), ((i % columns) * w, (i // columns) * h))
+    return grid
