@@ -120,3 +120,13 @@ def test_a_finished_runs_training_config_starts_an_identical_run(workspace, tmp_
     weights_b = load_file(os.path.join(second, "checkpoint-2", "trainable.safetensors"))
     assert weights_a.keys() == weights_b.keys()
     assert all(bool((weights_a[k] == weights_b[k]).all()) for k in weights_a)
+
+
+def test_help_states_every_registered_familys_defaults():
+    from diffusers_onestep.families import FAMILIES
+
+    text = " ".join(cli.build_parser().format_help().split())
+    assert "SDXL 399" in text and "SANA-Sprint 1.5708" in text  # student timesteps, from the adapters
+    assert "SDXL 5e-05 LoRA / 5e-07 full" in text
+    for cls in FAMILIES.values():
+        assert cls.display_name in cli.family_defaults_text("student_timesteps")

@@ -90,7 +90,38 @@ def _unwrap_optional(hint):
     return hint
 
 
+def family_defaults_text(attribute: str) -> str:
+    """Every registered family's default for a setting, e.g. ``"SDXL 399; PixArt-α, PixArt-Σ 400; ..."``: read from the
+    adapters' ``training_defaults`` (or an adapter attribute) when ``--help`` is built, so a new family is listed."""
+    from ..families import FAMILIES
+
+    def shown(value) -> str:
+        if isinstance(value, (list, tuple)):
+            return " ".join(shown(v) for v in value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    by_value: Dict[str, List[str]] = {}
+    for cls in FAMILIES.values():
+        defaults = cls.training_defaults
+        if attribute == "learning_rate":
+            value = f"{shown(defaults.learning_rate_lora)} LoRA / {shown(defaults.learning_rate_full)} full"
+        elif hasattr(defaults, attribute):
+            value = shown(getattr(defaults, attribute))
+        else:
+            value = getattr(cls, attribute)
+            if value is None:  # the family leaves it to the model (the field's default_text says how)
+                continue
+            value = shown(value)
+        by_value.setdefault(value, []).append(cls.display_name)
+    if len(by_value) == 1:
+        return f"family default {next(iter(by_value))}"
+    return "family default: " + "; ".join(f"{', '.join(names)} {value}" for value, names in by_value.items())
+
+
 def _default_text(f: dataclasses.Field) -> str:
+    if "family_default" in f.metadata:
+        text = family_defaults_text(f.metadata["family_default"])
+        return f"{text}; {f.metadata['default_text']}" if "default_text" in f.metadata else text
     if "default_text" in f.metadata:
         return f.metadata["default_text"]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -50,8 +50,9 @@ def setting(default: Any = None, help: str = "", *, default_factory=None, **cli:
     ``help`` is the flag's help text; ``cli`` holds argparse details the type does not give: ``choices`` (a tuple
     argparse enforces), ``known`` (``"methods"`` or ``"families"``: a registry whose names ``--help`` lists at parse
     time and the resolver checks with a sentence of ours, so names registered after import count), ``metavar``,
-    ``comma_list=True`` (one comma-separated argument), and ``default_text`` (how ``--help`` states a ``None``
-    default, e.g. "family default").
+    ``comma_list=True`` (one comma-separated argument), ``family_default`` (the ``TrainingDefaults`` field, or adapter
+    attribute, that fills a ``None``: ``--help`` lists every registered family's value), and ``default_text`` (how
+    ``--help`` states any other ``None`` default).
     """
     metadata = {"help": help, **cli}
     if default_factory is not None:
@@ -93,9 +94,9 @@ class MethodConfig:
         default_text="the method's: reverse_kl for dmd2, js for fdistill")
     student_timesteps: Optional[List[float]] = setting(
         None, "The student's conditioning timestep(s); several values train a multi-step student, e.g. 999 749 499 "
-              "249.", default_text="family default: SDXL 399, PixArt 400, SANA 1.0, SANA-Sprint 1.5708")
+              "249.", family_default="student_timesteps")
     guidance_scale: Optional[float] = setting(
-        None, "Teacher CFG scale w in u + w(c - u).", default_text="family default: SDXL 8, PixArt/SANA 4.5")
+        None, "Teacher CFG scale w in u + w(c - u).", family_default="guidance_scale")
     guidance_range: Optional[Tuple[float, float]] = setting(
         None, "Draw the CFG scale uniformly from this range per sample (SNOOPI).", metavar=("LOW", "HIGH"))
     time_range: Tuple[float, float] = setting(
@@ -105,7 +106,7 @@ class MethodConfig:
     dm_weight: float = setting(1.0, "Weight of the distribution-matching term of the student loss.")
     gan_weight: Optional[float] = setting(
         None, "Generator GAN weight; 0 disables the GAN (f-distill needs it > 0).",
-        default_text="family default (5e-3) when a discriminator trains, else 0")
+        family_default="gan_weight", default_text="0 unless a discriminator trains")
     discriminator_weight: Optional[float] = setting(
         None, "Discriminator loss weight in the critic step.", default_text="the method's: dmd2 1e-2, fdistill 1")
     discriminator_trunk: Optional[str] = setting(
@@ -119,7 +120,7 @@ class MethodConfig:
     ratio_bins: int = setting(10, "Time bins of the ratio normaliser (f-distill's first normalisation stage).")
     ratio_ema: float = setting(0.0, "EMA of the per-time-bin ratio normaliser.")
     critic_updates_per_student: Optional[int] = setting(
-        None, "Critic updates per student update (two time-scale rule).", default_text="family default 5")
+        None, "Critic updates per student update (two time-scale rule).", family_default="critic_updates_per_student")
     backward_simulation: bool = setting(
         True, "Train multi-step students on their own rollouts (DMD2's backward simulation).")
 
@@ -175,8 +176,8 @@ class RolesConfig:
 
     student: str = setting("lora", "lora or full student.", choices=ROLE_KINDS)
     critic: str = setting("lora", "lora or full critic (fake score).", choices=ROLE_KINDS)
-    lora_rank: Optional[int] = setting(None, "LoRA rank of the student (and critic).", default_text="family default 64")
-    lora_alpha: Optional[float] = setting(None, "LoRA alpha.", default_text="family default: SDXL 8 as DMD2, else 64")
+    lora_rank: Optional[int] = setting(None, "LoRA rank of the student (and critic).", family_default="lora_rank")
+    lora_alpha: Optional[float] = setting(None, "LoRA alpha.", family_default="lora_alpha")
     lora_target_modules: Optional[List[str]] = setting(
         None, "Comma-separated module names that get LoRA layers.", comma_list=True,
         default_text="the family's list, e.g. DMD2's SDXL list; to_q,to_k,to_v,to_out.0")
@@ -202,7 +203,7 @@ class OptimizationConfig:
     """Optimisers and schedule (AdamW for each trainable role, as DMD2)."""
 
     learning_rate: Optional[float] = setting(
-        None, "Student learning rate.", default_text="family default: SDXL 5e-5 LoRA / 5e-7 full")
+        None, "Student learning rate.", family_default="learning_rate")
     critic_learning_rate: Optional[float] = setting(None, "Critic learning rate.", default_text="--learning_rate")
     adam_beta1: float = setting(0.9, "AdamW beta1.")
     adam_beta2: float = setting(0.999, "AdamW beta2.")
@@ -331,7 +332,8 @@ class TrainConfig:
                           known="families")
     revision: Optional[str] = setting(None, "Hub revision of the teacher.", default_text="main")
     max_sequence_length: Optional[int] = setting(
-        None, "Text tokens kept.", default_text="family default: PixArt-α 120, PixArt-Σ/SANA 300")
+        None, "Text tokens kept.", family_default="default_max_sequence_length",
+        default_text="the tokenizer's own length for the others")
     method: MethodConfig = field(default_factory=MethodConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
     optim: OptimizationConfig = field(default_factory=OptimizationConfig)
