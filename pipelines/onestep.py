@@ -7,8 +7,9 @@
     )
     image = pipe("a photo of a cat").images[0]
 
-diffusers picks the one ``DiffusionPipeline`` subclass this file exposes (diffusers-facts §6); the implementation
-lives in the installed ``diffusers_onestep`` package, so this file never goes stale.
+diffusers picks the one ``DiffusionPipeline`` subclass this file exposes (diffusers' ``find_pipeline_class`` in
+``utils/dynamic_modules_utils.py``); the implementation lives in the installed ``diffusers_onestep`` package, so this
+file never goes stale.
 """
 
 from diffusers_onestep import OneStepPipeline

@@ -11,7 +11,7 @@ student         critic          networks in memory
 ``full``        ``full``        frozen teacher + trainable student and critic copies (DMD2)
 ==============  ==============  ===================================================================================
 
-Two silent traps are handled here (feasibility.md §3, diffusers-facts §5.3):
+Two silent traps are handled here (both reproduced by ``tests/test_roles.py``):
 
 1. peft's ``set_adapter`` sets ``requires_grad=False`` on every other adapter and autograd skips such leaves at
    backward time, so switching to the teacher or critic after the student's forward silently drops the student's

@@ -1,8 +1,8 @@
 """The accelerate training loop of a one-step distillation run.
 
 ``Trainer(config).run()`` loads the teacher through its family adapter, builds the roles (shared LoRA backbone or
-separate copies), the method (VSD or f-distill) and one AdamW per trainable role, then runs the two-time-scale
-schedule of DMD2 §4.3: every iteration updates the critic (and discriminator head); every
+separate copies), the registered method (``--method``) and one AdamW per trainable role, then runs DMD2's two
+time-scale update rule (Yin et al. 2024b, arXiv 2405.14867; :func:`.models.roles_to_update`): every iteration updates the critic (and discriminator head); every
 ``critic_updates_per_student``-th iteration first updates the student. The checkpoint format and resumption live in
 :mod:`.checkpoint`; validation samples and the exported student folder in :mod:`.export`.
 """
