@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         rows.append(f"| real train digits (floor) | {reference:.2f} | 1.000 | 1.00 | | |")
         extra = (
             f"Students' budget and settings: the demo's (`DemoSettings` in `diffusers_onestep/demo/__main__.py`) "
-            f"unless the command overrides them. The bundled PixArt-α-family digits teacher (`assets/digits/`) against one-step students distilled by "
+            f"unless the command overrides them. The bundled PixArt-α-family digits teacher (`diffusers_onestep/demo/assets/digits/`) against one-step students distilled by "
             f"`training/train_onestep.py`, each with the demo's budget ({base.max_train_steps} iterations, batch "
             f"{base.train_batch_size}, student timestep {base.student_timesteps}, teacher CFG "
             f"{base.guidance_scale}, critic:student {base.critic_updates_per_student}, GAN weight {base.gan_weight}, "

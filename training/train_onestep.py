@@ -4,7 +4,9 @@
     accelerate launch training/train_onestep.py --teacher stabilityai/stable-diffusion-xl-base-1.0 \\
         --prompts prompts.txt --output_dir dmd2-sdxl-lora
 
-This script only parses arguments into the typed config and hands it to the trainer; see docs/training.md.
+A thin shim for people who launch a file: the installed package runs the same command as
+``accelerate launch -m diffusers_onestep.distill ...`` or ``diffusers-onestep distill ...``. This script only parses
+arguments into the typed config and hands it to the trainer; see docs/training.md.
 """
 
 from __future__ import annotations

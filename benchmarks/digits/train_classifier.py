@@ -1,6 +1,6 @@
 """Train the digits benchmark classifier (the feature extractor of FD and the judge of prompt accuracy).
 
-    python benchmarks/digits/train_classifier.py            # writes assets/digits/classifier.{safetensors,json}
+    python benchmarks/digits/train_classifier.py            # writes diffusers_onestep/demo/assets/digits/classifier.{safetensors,json}
 
 A small CNN on the REAL train split at the native 8×8 resolution (diffusers_onestep.demo.digits.DigitClassifier).
 Augmentation: random 1-pixel shifts, and with probability 1/2 the round trip through the teacher's resolution

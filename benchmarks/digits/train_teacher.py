@@ -1,6 +1,6 @@
 """Train the bundled digits teacher: a tiny but genuine diffusers PixArt-α pipeline.
 
-    python benchmarks/digits/train_teacher.py                   # writes assets/digits/teacher/ (+ teacher_training.json)
+    python benchmarks/digits/train_teacher.py    # writes diffusers_onestep/demo/assets/digits/teacher/ (+ teacher_training.json)
 
 Components (all trained or built here, nothing downloaded):
 * tokenizer: a T5 Unigram tokenizer over the prompt vocabulary (``diffusers_onestep.testing.tiny_t5_tokenizer``);

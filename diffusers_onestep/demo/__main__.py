@@ -1,11 +1,14 @@
 """``make demo``: distill the bundled digits teacher into a one-step student, end to end, offline.
 
-    python -m diffusers_onestep.demo            # about 10 minutes on 2 CPU cores
-    python -m diffusers_onestep.demo --quick    # about a minute (a smoke run; the student is barely trained)
+    diffusers-onestep demo            # about 10 minutes on 2 CPU cores (or: python -m diffusers_onestep.demo)
+    diffusers-onestep demo --quick    # about a minute (a smoke run; the student is barely trained)
+
+Runs from any working directory: the teacher and classifier ship inside the package, and the outputs go to
+``--output_dir`` (default ``demo-output`` in the current directory).
 
 1. Writes the training data into ``demo-output/data``: the prompt phrasings of every digit, and the real train
    split of scikit-learn's digits as an image folder (for the Jensen-Shannon discriminator).
-2. Runs ``accelerate launch training/train_onestep.py`` on ``assets/digits/teacher`` (a PixArt-α-family model
+2. Runs ``accelerate launch -m diffusers_onestep.distill`` on the bundled teacher (a PixArt-α-family model
    trained on the digits) with the project's defaults for this teacher: Jensen-Shannon f-distill, LoRA student and
    LoRA critic on the one frozen teacher backbone.
 3. Evaluates, on the same prompts and seeds, the teacher at 50 steps, the teacher run as a one-step model at the
@@ -26,8 +29,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO_ROOT, "training", "train_onestep.py")
+#: the folder holding the ``diffusers_onestep`` package (the checkout, or site-packages of an installed wheel)
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: the training entry point as a module, so an installed wheel trains without the checkout's training/ script
+TRAINING_MODULE = "diffusers_onestep.distill"
 
 
 @dataclass
@@ -47,7 +52,7 @@ class DemoSettings:
     full_learning_rate: float = 3e-4
     critic_learning_rate: float = 1e-3
     guidance_scale: float = 1.5
-    #: classifier-free guidance of the 50-step teacher row (the teacher's best FD; assets/digits/README.md)
+    #: classifier-free guidance of the 50-step teacher row (the teacher's best FD; demo/assets/digits/README.md)
     teacher_guidance_scale: float = 1.5
     student_timesteps: List[int] = field(default_factory=lambda: [400])
     critic_updates_per_student: int = 2
@@ -64,6 +69,13 @@ QUICK = dict(max_train_steps=12, train_batch_size=16, eval_per_digit=10, teacher
 
 def log(message: str) -> None:
     print(message, flush=True)
+
+
+def shown(path: str) -> str:
+    """``path`` relative to the working directory when it lies inside it, else absolute (the bundled teacher of an
+    installed wheel lies in site-packages)."""
+    relative = os.path.relpath(os.path.abspath(path))
+    return os.path.abspath(path) if relative.startswith(os.pardir) else relative
 
 
 def write_data(folder: str, seed: int) -> Dict[str, str]:
@@ -98,7 +110,7 @@ def train(settings: DemoSettings, data: Dict[str, str], output_dir: str, teacher
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
-        SCRIPT,
+        "-m", TRAINING_MODULE,
         "--teacher", teacher, "--prompts", data["prompts"],
         "--real_images", data["real"], "--caption_column", "text",
         "--divergence", settings.divergence, "--student", settings.student, "--critic", settings.critic,
@@ -119,13 +131,13 @@ def train(settings: DemoSettings, data: Dict[str, str], output_dir: str, teacher
         "--output_dir", output_dir, "--overwrite_output_dir",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(command, env=env, cwd=REPO_ROOT)
+    result = subprocess.run(command, env=env)
     if result.returncode != 0:
         raise SystemExit(f"The training script failed with status {result.returncode}.")
 
 
 def shipped_teacher_metrics(steps: int, guidance: float, per_digit: int, seed: int):
-    """The teacher's metrics measured when it was built (``assets/digits/teacher_metrics.json``), if they match.
+    """The teacher's metrics measured when it was built (``demo/assets/digits/teacher_metrics.json``), if they match.
 
     The teacher is fixed and sampling is deterministic, so these are exactly what
     :func:`digits.generate_with_pipeline` + :func:`digits.evaluate` give on the same prompts and seed; the demo
@@ -141,7 +153,7 @@ def shipped_teacher_metrics(steps: int, guidance: float, per_digit: int, seed: i
     for row in rows:
         if row.get("run") == f"ddim:{steps}:{guidance:g}" and row.get("seed") == seed and row.get("n") == 10 * per_digit:
             return {k: row[k] for k in ("fd", "prompt_accuracy", "coverage", "recall", "per_class", "n")} | {
-                "images_per_s": row["n"] / row["sample_seconds"], "source": os.path.relpath(path, REPO_ROOT)}
+                "images_per_s": row["n"] / row["sample_seconds"], "source": os.path.relpath(path, PACKAGE_PARENT)}
     return None
 
 
@@ -215,8 +227,8 @@ def print_table(results: Dict[str, Dict], reference_fd: float) -> None:
     log(f"{'real train digits':<26}{reference_fd:>9.2f}{1.0:>14.3f}  (the floor: real images, same sample size)")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffusers_onestep.demo", description=__doc__,
+def main(argv=None, prog: str = "python -m diffusers_onestep.demo") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a one-minute smoke run (used by the tests)")
     parser.add_argument("--output_dir", default="demo-output")
@@ -231,7 +243,7 @@ def main(argv=None) -> int:
     settings = DemoSettings(**(QUICK if args.quick else {}))
     teacher = args.teacher or digits.TEACHER_DIR
     output_dir = os.path.abspath(args.output_dir)
-    log(f"diffusers-onestep demo{' (--quick)' if args.quick else ''}: distilling {os.path.relpath(teacher)} "
+    log(f"diffusers-onestep demo{' (--quick)' if args.quick else ''}: distilling {shown(teacher)} "
         f"(PixArt-α family, {digits.TEACHER_RESOLUTION}×{digits.TEACHER_RESOLUTION} digits) into a one-step "
         f"{settings.student} student with {settings.divergence} f-distill, {settings.max_train_steps} steps.")
     os.makedirs(output_dir, exist_ok=True)
@@ -276,8 +288,8 @@ def main(argv=None) -> int:
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
     log(f"student FD / teacher-50 FD = {metrics['fd_ratio']:.2f}; accuracy ratio = {metrics['acc_ratio']:.3f}; "
         f"wall time {metrics['wall_s']:.0f} s")
-    log(f"wrote {os.path.relpath(output_dir)}/grid.png, metrics.json and the student folder "
-        f"{os.path.relpath(student)} (OneStepPipeline.from_pretrained loads it)")
+    log(f"wrote {shown(output_dir)}/grid.png, metrics.json and the student folder "
+        f"{shown(student)} (OneStepPipeline.from_pretrained loads it)")
     return 0
 
 

@@ -8,9 +8,10 @@ everything: the teacher and the classifier train on ``"train"`` only, and ``"hel
 Prompts name the digit in a few phrasings (:data:`PROMPT_TEMPLATES`); ``""`` is the unconditional prompt.
 
 Metrics (:func:`evaluate`) read generated images through a small CNN classifier trained on the real train split at
-the native 8×8 resolution (``assets/digits/classifier.safetensors``). Images of any resolution (a multiple of 8)
-are area-averaged to 8×8 and their 3 channels averaged first (:func:`to_classifier_input`), so the classifier does
-not depend on the generator's resolution. The real reference goes through the same path at the same resolution.
+the native 8×8 resolution (``assets/digits/classifier.safetensors`` next to this module). Images of any resolution
+(a multiple of 8) are area-averaged to 8×8 and their 3 channels averaged first (:func:`to_classifier_input`), so the
+classifier does not depend on the generator's resolution. The real reference goes through the same path at the same
+resolution.
 
 * ``fd``: Fréchet distance between the classifier's penultimate features (64-d) of the generated images and of the
   real held-out split (359 images) prepared at the generated images' resolution. FD is biased by sample size:
@@ -70,9 +71,11 @@ PROMPT_WORDS = tuple(["a", "the", "handwritten", "digit", "number"] + list(DIGIT
 #: the unconditional prompt (classifier-free guidance, prompt dropout)
 EMPTY_PROMPT = ""
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-#: where the bundled teacher and classifier live (override with ``DIFFUSERS_ONESTEP_DIGITS_ASSETS``)
-ASSETS_DIR = os.environ.get("DIFFUSERS_ONESTEP_DIGITS_ASSETS", os.path.join(_REPO_ROOT, "assets", "digits"))
+#: where the bundled teacher and classifier live: package data, so the same path in a checkout and in an installed
+#: wheel (override with ``DIFFUSERS_ONESTEP_DIGITS_ASSETS``)
+ASSETS_DIR = os.environ.get(
+    "DIFFUSERS_ONESTEP_DIGITS_ASSETS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits")
+)
 TEACHER_DIR = os.path.join(ASSETS_DIR, "teacher")
 CLASSIFIER_WEIGHTS = os.path.join(ASSETS_DIR, "classifier.safetensors")
 CLASSIFIER_CONFIG = os.path.join(ASSETS_DIR, "classifier.json")
@@ -127,7 +130,7 @@ def evaluation_prompts(per_digit: int = EVAL_PER_DIGIT) -> Tuple[List[str], List
 def _load_native() -> Tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - scikit-learn is in the [test] and [docs] extras
+    except ImportError as e:  # pragma: no cover - scikit-learn is in the [test] and [demo] extras
         raise ImportError("The digits benchmark needs scikit-learn: pip install scikit-learn") from e
     data = load_digits()
     images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0 * 2.0 - 1.0  # [1797, 1, 8, 8]

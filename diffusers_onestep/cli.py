@@ -1,0 +1,251 @@
+"""``diffusers-onestep``: the console command of the package (``[project.scripts]`` in ``pyproject.toml``).
+
+    diffusers-onestep distill --teacher PixArt-alpha/PixArt-XL-2-512x512 --prompts prompts.txt --output_dir out
+    diffusers-onestep generate out "a photo of a cat" --num_images 4 --out images
+    diffusers-onestep demo --quick
+    diffusers-onestep presets
+    diffusers-onestep push out --repo_id me/pixart-onestep
+
+Each subcommand's ``--help`` is its manual. Bad input is refused with one sentence and a nonzero exit status: 2 for
+arguments that are wrong before anything is loaded (as argparse does), 1 for a failure while running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+PROG = "diffusers-onestep"
+
+DESCRIPTION = """\
+One-step text-to-image students for diffusers: distill a teacher, generate with a student, run the bundled digits
+demo, list the supported public students, push a student to the Hub."""
+
+EPILOG = """\
+examples:
+  diffusers-onestep distill --teacher PixArt-alpha/PixArt-XL-2-512x512 --prompts prompts.txt --output_dir out
+  accelerate launch -m diffusers_onestep.distill ...   # the same training command on several processes / GPUs
+  diffusers-onestep generate out "a photo of a cat" --num_images 4 --seed 0 --out images
+  diffusers-onestep generate tianweiy/DMD2 "an astronaut riding a horse"
+  diffusers-onestep demo --quick
+  diffusers-onestep presets
+  diffusers-onestep push out --repo_id me/pixart-onestep --private
+
+`diffusers-onestep SUBCOMMAND --help` prints the manual of a subcommand."""
+
+DISTILL_HELP = "distill a teacher into a one-step student (the training script; --help lists every flag)"
+DEMO_HELP = "distill the bundled digits teacher end to end, offline, from any directory (--quick: about a minute)"
+
+GENERATE_EPILOG = """\
+MODEL is anything OneStepPipeline.from_pretrained accepts: a student folder written by the training script or by
+save_pretrained (full or LoRA), a supported public student's Hub id (see `diffusers-onestep presets`), or a
+SDXL / PixArt / SANA / SANA-Sprint pipeline run as a one-step model.
+
+The student fixes its own timesteps: it was trained at a few conditioning timesteps (one for a one-step student)
+and runs all of them by default. --steps N runs N of them, evenly spaced from the top (a 4-step student
+[999, 749, 499, 249] at --steps 2 runs [999, 499]); N above the number it was trained at is refused.
+
+examples:
+  diffusers-onestep generate out "a photo of a cat" --num_images 4 --out images
+  diffusers-onestep generate tianweiy/DMD2 "an astronaut riding a horse" --seed 3 --height 1024 --width 1024"""
+
+PUSH_EPILOG = """\
+FOLDER is a saved student: the training script's --output_dir (it holds the model card README.md) or a folder
+written by OneStepPipeline.save_pretrained. Checkpoints, logs and validation images in it stay local. Log in first
+with `hf auth login` (or pass --token).
+
+example:
+  diffusers-onestep push out --repo_id me/pixart-onestep --private"""
+
+
+class CommandError(Exception):
+    """A failure to report as one sentence with ``status`` (1: while running, 2: bad arguments)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message: library errors append request ids and tracebacks on later lines."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# subcommands
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def run_distill(argv: Sequence[str]) -> int:
+    from .distill.cli import main as distill_main
+
+    return distill_main(list(argv))
+
+
+def run_demo(argv: Sequence[str]) -> int:
+    from .demo.__main__ import main as demo_main
+
+    return demo_main(list(argv), prog=f"{PROG} demo")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import OneStepPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        pipe = OneStepPipeline.from_pretrained(args.model)
+    except (OSError, ValueError, KeyError) as error:
+        raise CommandError(f"cannot load {args.model!r} as a one-step student: {first_line(error)}") from None
+    try:
+        pipe.to(device)
+    except (RuntimeError, AssertionError) as error:
+        raise CommandError(f"cannot move the student to {device!r}: {first_line(error)}", status=2) from None
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        timesteps = pipe.scheduler.select_timesteps(args.steps)
+    except ValueError as error:
+        raise CommandError(first_line(error), status=2) from None
+    os.makedirs(args.out, exist_ok=True)
+    print(f"{PROG} generate: {args.num_images} image(s) of {args.prompt!r} with {args.model} at "
+          f"{len(timesteps)} step(s) (timesteps {[round(t, 2) for t in timesteps]}), seed {args.seed}, on {device}",
+          flush=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    try:
+        images = pipe(args.prompt, num_inference_steps=args.steps, num_images_per_prompt=args.num_images,
+                      height=args.height, width=args.width, generator=generator).images
+    except ValueError as error:  # the pipeline's own input checks: one actionable sentence each
+        raise CommandError(first_line(error), status=2) from None
+    for index, image in enumerate(images):
+        path = os.path.join(args.out, f"seed{args.seed}_{index:03d}.png")
+        image.save(path)
+        print(f"wrote {path} ({image.width}x{image.height})", flush=True)
+    return 0
+
+
+def run_presets(args: argparse.Namespace) -> int:
+    from .pipelines.presets import markdown_table
+
+    print(markdown_table())
+    return 0
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from . import hub
+
+    folder = args.folder
+    if not os.path.isdir(folder):
+        raise CommandError(f"{folder!r} is not a folder.", status=2)
+    markers = ("model_index.json", "onestep_lora.json")
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in markers):
+        raise CommandError(f"{folder!r} is not a saved student: it has neither model_index.json nor "
+                           "onestep_lora.json (save one with the training script or OneStepPipeline.save_pretrained).",
+                           status=2)
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError:
+        raise CommandError(f"--repo_id {args.repo_id!r} is not a valid Hub repo id (expected 'name' or 'org/name').",
+                           status=2) from None
+    if not os.path.isfile(os.path.join(folder, "README.md")):
+        print(f"{PROG} push: {folder} has no model card (README.md); the training script writes one. Pushing the "
+              "weights without it.", flush=True)
+    try:
+        repo_id = hub.push_to_hub(folder, args.repo_id, private=args.private, token=args.token)
+    except (OSError, ValueError) as error:  # huggingface_hub's HTTP errors are OSErrors
+        raise CommandError(f"the upload to {args.repo_id!r} failed: {first_line(error)}") from None
+    print(f"pushed {folder} to https://huggingface.co/{repo_id}", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# parser
+# ------------------------------------------------------------------------------------------------------------------
+
+#: subcommands that hand their whole command line to a parser of their own (the training script, the demo)
+FORWARDED: Dict[str, Callable[[Sequence[str]], int]] = {"distill": run_distill, "demo": run_demo}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+
+    # listed here for --help; main() hands their arguments to their own parsers
+    commands.add_parser("distill", help=DISTILL_HELP, add_help=False)
+    commands.add_parser("demo", help=DEMO_HELP, add_help=False)
+
+    generate = commands.add_parser(
+        "generate", help="generate images with a one-step student and write them as PNGs",
+        description="Generate images with a one-step student (OneStepPipeline) and write them as PNG files.",
+        epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate.add_argument("model", metavar="MODEL", help="student folder or Hub id (see below)")
+    generate.add_argument("prompt", metavar="PROMPT", help="the text prompt (quote it)")
+    generate.add_argument("--steps", type=positive_int, default=None,
+                          help="how many of the student's conditioning timesteps to run (default: all of them; "
+                               "a one-step student has one)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
+    generate.add_argument("--num_images", type=positive_int, default=1, help="images to generate (default: 1)")
+    generate.add_argument("--height", type=positive_int, default=None,
+                          help="image height in pixels (default: the student's native resolution)")
+    generate.add_argument("--width", type=positive_int, default=None,
+                          help="image width in pixels (default: the student's native resolution)")
+    generate.add_argument("--out", default="onestep-images", metavar="DIR",
+                          help="folder for the PNG files, created if missing (default: onestep-images)")
+    generate.add_argument("--device", default=None,
+                          help="torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
+    generate.set_defaults(run=run_generate)
+
+    presets = commands.add_parser(
+        "presets", help="print the table of supported public one-step students",
+        description="Print the supported public one-step students (Hub ids OneStepPipeline.from_pretrained resolves "
+                    "through a preset) as a Markdown table: weight variants, family, timesteps, prediction type, "
+                    "resolution and the model card's recipe.")
+    presets.set_defaults(run=run_presets)
+
+    push = commands.add_parser(
+        "push", help="push a saved student (with its model card) to the Hugging Face Hub",
+        description="Create (or reuse) a Hub model repo and upload a saved student with its model card.",
+        epilog=PUSH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    push.add_argument("folder", metavar="FOLDER", help="the saved student folder")
+    push.add_argument("--repo_id", required=True, help="the Hub repo to create or update, 'name' or 'org/name'")
+    push.add_argument("--private", action="store_true", help="create the repo as private (an existing repo keeps "
+                                                             "its visibility)")
+    push.add_argument("--token", default=None, help="Hub token (default: the one saved by `hf auth login`)")
+    push.set_defaults(run=run_push)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        return FORWARDED[argv[0]](argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except CommandError as error:
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr, flush=True)
+        return error.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
