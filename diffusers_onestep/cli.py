@@ -82,7 +82,7 @@ def first_line(error: BaseException) -> str:
 def run_distill(argv: Sequence[str]) -> int:
     from .distill.cli import main as distill_main
 
-    return distill_main(list(argv))
+    return distill_main(list(argv), prog="diffusers-onestep distill")
 
 
 def run_demo(argv: Sequence[str]) -> int:

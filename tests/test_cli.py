@@ -61,13 +61,15 @@ def test_python_m_distill_is_the_training_script(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module("diffusers_onestep.distill", run_name="__main__")
     assert exit_.value.code == 0
-    assert "--teacher" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--teacher" in out and out.startswith("usage: python -m diffusers_onestep.distill")
 
 
 def test_distill_refuses_a_missing_teacher_in_one_sentence(capsys):
     status, _, err = run(capsys, "distill", "--prompts", "prompts.txt")
     assert status == 2
     assert error_lines(err) == [err.strip()] and "`--teacher` is required" in err
+    assert err.startswith("diffusers-onestep distill: error:")  # named as the user typed it
 
 
 def test_demo_refuses_unknown_flags(capsys):

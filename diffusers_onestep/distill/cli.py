@@ -167,9 +167,13 @@ def _add_argument(group, section: Optional[str], f: dataclasses.Field, hint) -> 
     group.add_argument(f"--{flag_of(f)}", **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: the name --help and errors give the command when the caller names none (the script users launch)
+DEFAULT_PROG = "train_onestep.py"
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="train_onestep.py",
+        prog=prog or DEFAULT_PROG,
         description="Distill a diffusers text-to-image teacher into a one-step student (DMD2, f-distill, ... with LoRA "
                     "or full roles), then save it for OneStepPipeline and optionally push it to the Hub.",
         epilog=EPILOG,
@@ -246,10 +250,11 @@ def config_from_values(values: Dict[str, Any]) -> TrainConfig:
     return TrainConfig.from_dict(nested)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, argparse.Namespace]:
+def parse_args(argv: Optional[Sequence[str]] = None,
+               prog: Optional[str] = None) -> Tuple[TrainConfig, argparse.Namespace]:
     """The unresolved config given by ``argv`` (flags over the --config file's values), and the parsed namespace
     (for ``--dry_run``)."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     values: Dict[str, Any] = {}
     if args.config:
@@ -262,22 +267,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, argpa
     return config_from_values(values), args
 
 
-def resolve_args(argv: Optional[Sequence[str]] = None) -> Tuple[ResolvedConfig, argparse.Namespace]:
+def resolve_args(argv: Optional[Sequence[str]] = None,
+                 prog: Optional[str] = None) -> Tuple[ResolvedConfig, argparse.Namespace]:
     """Parse, resolve and preflight ``argv``: the run the script would start, checked without loading weights."""
-    config, args = parse_args(argv)
+    config, args = parse_args(argv, prog)
     resolved = resolve(config)
     preflight(resolved)
     return resolved, args
 
 
-def main(argv: Optional[Sequence[str]] = None, hooks: Optional[Sequence[Any]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, hooks: Optional[Sequence[Any]] = None,
+         prog: Optional[str] = None) -> int:
     """Parse, resolve, check and train; returns the exit status. ``hooks`` go to :class:`~.trainer.Trainer` (the
-    crash-safety tests inject faults through them from a launcher script of their own)."""
+    crash-safety tests inject faults through them from a launcher script of their own); ``prog`` is the command's
+    name in ``--help`` and errors (default: ``train_onestep.py``)."""
     from .data import DataError
 
-    parser = build_parser()
+    parser = build_parser(prog)
     try:
-        config, args = resolve_args(argv)
+        config, args = resolve_args(argv, prog)
     except (ConfigError, DataError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if args.dry_run:
