@@ -56,8 +56,8 @@ def inject_lora(
 ) -> None:
     """Add adapter ``adapter_name`` to ``model`` with the weights of ``state_dict`` (diffusers or peft key names)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
-    from diffusers.utils.peft_utils import _create_lora_config
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from diffusers.utils.peft_utils import get_peft_kwargs
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
     # Convert when ANY key is not in peft form. diffusers' own loaders look at the first key only, and
     # `convert_state_dict_to_diffusers` (what the LCM-LoRA SDXL example saves) writes a mixed file: attention layers as
@@ -66,9 +66,12 @@ def inject_lora(
     if any(".lora_A." not in k and ".lora_B." not in k for k in state_dict if "lora" in k):
         state_dict = convert_unet_state_dict_to_peft(state_dict)
     rank = {f"^{k}": v.shape[1] for k, v in state_dict.items() if "lora_B" in k and v.ndim > 1}
-    config = _create_lora_config(
-        state_dict, network_alphas, metadata, rank, model_state_dict=model.state_dict(), adapter_name=adapter_name
-    )
+    # The file's own adapter metadata when it has some (diffusers' LoRA format), else the shapes and alphas; the same
+    # rule as diffusers' loaders, through its public get_peft_kwargs.
+    if metadata is None:
+        metadata = get_peft_kwargs(rank, network_alpha_dict=network_alphas, peft_state_dict=state_dict,
+                                   model_state_dict=model.state_dict(), adapter_name=adapter_name)
+    config = LoraConfig(**metadata)
     had_peft_layers = _has_peft_layers(model)
     try:
         inject_adapter_in_model(config, model, adapter_name=adapter_name)
