@@ -115,3 +115,23 @@ def hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     return str(cache)
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """``huggingface_hub.create_repo`` and ``upload_folder`` replaced by recorders (uploads are tested at the
+    huggingface_hub API boundary): the dict holds ``"create": (repo_id, kwargs)`` and ``"upload": kwargs``."""
+    import huggingface_hub
+
+    calls = {}
+
+    def create_repo(repo_id, **kwargs):
+        calls["create"] = (repo_id, kwargs)
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(**kwargs):
+        calls["upload"] = kwargs
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    return calls

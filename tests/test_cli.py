@@ -150,22 +150,6 @@ def test_generate_refuses_a_model_it_cannot_load(capsys, tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def hub_calls(monkeypatch):
-    import huggingface_hub
-
-    calls = {}
-
-    def create_repo(repo_id, **kwargs):
-        calls["create"] = (repo_id, kwargs)
-        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(**kwargs):
-        calls["upload"] = kwargs
-
-    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
-    return calls
 
 
 def saved_student(folder, card=True):

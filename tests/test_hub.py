@@ -43,20 +43,8 @@ def test_model_card_of_a_local_teacher_has_no_base_model_but_names_it(tmp_path):
     assert teacher in loaded.text and "dmd" in loaded.data.tags
 
 
-def test_push_creates_the_repo_and_uploads_only_the_student(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    calls = {}
-
-    def create_repo(repo_id, **kwargs):
-        calls["create"] = (repo_id, kwargs)
-        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(**kwargs):
-        calls["upload"] = kwargs
-
-    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+def test_push_creates_the_repo_and_uploads_only_the_student(tmp_path, hub_calls):
+    calls = hub_calls
     for name in ("README.md", "pytorch_lora_weights.safetensors", "onestep_lora.json", "samples.png",
                  "training_config.json", "scheduler/scheduler_config.json", "checkpoint-10/trainable.safetensors",
                  "logs/events.out", "validation/step-000010.png", ".checkpoint-20.tmp/trainable.safetensors"):
