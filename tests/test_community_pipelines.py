@@ -86,7 +86,9 @@ def test_plain_diffusers_loads_the_student_and_gives_the_same_image(family, stud
         native = DiffusionPipeline.from_pretrained(folder, **adapter_cls.native_pipeline_kwargs)
     assert type(native) is getattr(diffusers, adapter_cls.native_interop_pipeline_class_name)
     assert isinstance(native.scheduler, OneStepScheduler)
-    assert not [r for r in caplog.records if "not expected" in r.getMessage()]
+    # the only key the native class does not take is the serving engines' block of flow students, which it ignores
+    unexpected = [r.getMessage() for r in caplog.records if "not expected" in r.getMessage()]
+    assert not [m for m in unexpected if not m.split(":", 1)[0].endswith("{'dmd2_config'")]
     native.set_progress_bar_config(disable=True)
     size = reference.adapter.default_resolution
     kwargs = {**tiny_fixture(family).native_call_kwargs, **adapter_cls.native_interop_call_kwargs,

@@ -16,7 +16,7 @@ import torch
 from ..families import ONESTEP_INDEX_KEY, detect_family, get_adapter_class, read_pipeline_configs
 from ..hub import hub_kwargs_of, read_json, resolve_file
 from ..schedulers import OneStepScheduler
-from . import presets
+from . import presets, serving
 from .presets import Preset
 
 #: config file of a LoRA student folder (beside ``pytorch_lora_weights.safetensors`` and ``scheduler/``)
@@ -40,7 +40,7 @@ def pure_noise_time(noise_path) -> float:
 
 
 def scheduler_for(family: str, scheduler_config: Dict[str, Any], conditioning_timesteps: Optional[Sequence[float]],
-                  prediction_type: Optional[str]) -> OneStepScheduler:
+                  prediction_type: Optional[str], solver: Optional[str] = None) -> OneStepScheduler:
     """A OneStepScheduler on the noise path of ``scheduler_config`` (a native or OneStep scheduler config)."""
     adapter_cls = get_adapter_class(family)
     path = adapter_cls.default_noise_path(scheduler_config)
@@ -50,7 +50,34 @@ def scheduler_for(family: str, scheduler_config: Dict[str, Any], conditioning_ti
     timesteps = conditioning_timesteps
     if timesteps is None:
         timesteps = scheduler_config.get("conditioning_timesteps") or [pure_noise_time(path)]
-    return OneStepScheduler.from_noise_path(path, timesteps, prediction_type)
+    if solver is None and scheduler_config.get("_class_name") == OneStepScheduler.__name__:
+        solver = scheduler_config.get("solver")
+    return OneStepScheduler.from_noise_path(path, timesteps, prediction_type, solver=solver or "sde")
+
+
+def apply_dmd2_config(source: str, model_index: Dict[str, Any], family: str, scheduler_config: Dict[str, Any],
+                      kwargs: Dict[str, Any], conditioning_timesteps: Optional[Sequence[float]]):
+    """The student settings of a serving folder's ``dmd2_config`` block (:mod:`.serving`): ``(conditioning
+    timesteps, solver)`` for :func:`scheduler_for`, the guidance put into ``kwargs``; callers' arguments win."""
+    block = serving.read_dmd2_config(model_index[serving.DMD2_CONFIG_KEY], source)
+    adapter_cls = get_adapter_class(family)
+    path = adapter_cls.default_noise_path(scheduler_config)
+    if path.kind != "flow":
+        raise ValueError(
+            f"{source}: `{serving.DMD2_CONFIG_KEY}` describes flow-matching students, but this {family} folder's "
+            f"scheduler is on the {path.kind} noise path."
+        )
+    guidance = block["guidance_scale"]
+    if adapter_cls.has_embedded_guidance:
+        kwargs.setdefault("embedded_guidance_scale", guidance)
+    elif guidance != 1.0:
+        raise ValueError(
+            f"{source}: `{serving.DMD2_CONFIG_KEY}` runs the student at guidance_scale={guidance:g}, but {family} "
+            "students have no embedded guidance and OneStepPipeline runs no classifier-free guidance."
+        )
+    if conditioning_timesteps is None:
+        conditioning_timesteps = serving.conditioning_sigmas(block, path.num_train_timesteps)
+    return conditioning_timesteps, block["solver"]
 
 
 def load_pipeline(cls, source, **kwargs):
@@ -89,7 +116,13 @@ def load_pipeline(cls, source, **kwargs):
         is_onestep = entry[1] == "OneStepScheduler"
         if not is_onestep or conditioning_timesteps is not None or prediction_type is not None:
             scheduler_config = read_json(source, "scheduler/scheduler_config.json", hub_kwargs) or {}
-            kwargs["scheduler"] = scheduler_for(family, scheduler_config, conditioning_timesteps, prediction_type)
+            solver = None
+            # Our own folders also carry the block, written from their OneStepScheduler: that stays authoritative.
+            if not is_onestep and serving.DMD2_CONFIG_KEY in model_index:
+                conditioning_timesteps, solver = apply_dmd2_config(source, model_index, family, scheduler_config,
+                                                                   kwargs, conditioning_timesteps)
+            kwargs["scheduler"] = scheduler_for(family, scheduler_config, conditioning_timesteps, prediction_type,
+                                                solver)
     return cls._from_pretrained_folder(source, **kwargs)
 
 

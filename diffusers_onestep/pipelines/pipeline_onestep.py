@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..families import ONESTEP_INDEX_KEY, Condition, FamilyAdapter, detect_family, get_adapter_class
 from ..storage import replace_directory, staging_path
 from ..schedulers import OneStepScheduler
-from . import loading
+from . import loading, serving
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 #: OneStepPipeline's settings kept under ``model_index.json``'s ``ONESTEP_INDEX_KEY`` in folders saved under a native
@@ -119,6 +119,9 @@ class OneStepPipeline(DiffusionPipeline):
         embedded_guidance_scale (`float`, *optional*): default guidance of students with embedded guidance
             (SANA-Sprint: 4.5).
         max_sequence_length (`int`, *optional*): text tokens kept (PixArt-α 120, PixArt-Σ and SANA 300).
+        dmd2_config (`dict`, *optional*): accepted and ignored: the serving engines' block of a saved folder's
+            `model_index.json` (:mod:`diffusers_onestep.pipelines.serving`), which `from_pretrained` reads into the
+            scheduler and `save_pretrained` rewrites from it.
     """
 
     # diffusers' enable_model_cpu_offload walks this chain and skips the names a pipeline leaves empty, so one chain
@@ -142,6 +145,7 @@ class OneStepPipeline(DiffusionPipeline):
         family: Optional[str] = None,
         embedded_guidance_scale: Optional[float] = None,
         max_sequence_length: Optional[int] = None,
+        dmd2_config: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
         if not isinstance(scheduler, OneStepScheduler):
@@ -552,6 +556,9 @@ class OneStepPipeline(DiffusionPipeline):
         For families whose own diffusers pipeline can drive :class:`OneStepScheduler` (the adapter's
         ``native_interop_pipeline_class_name``: SDXL, PixArt-α/Σ, SANA), ``model_index.json`` names that pipeline class, so plain ``DiffusionPipeline.from_pretrained(folder)`` loads
         the student too (with ``diffusers_onestep`` installed); SANA-Sprint folders name ``OneStepPipeline``.
+
+        Flow-matching students also get the serving engines' ``dmd2_config`` block in ``model_index.json``
+        (:mod:`diffusers_onestep.pipelines.serving`); a native class loading the folder logs that it ignores it.
         """
         if not safe_serialization:
             raise ValueError("diffusers-onestep saves safetensors only; drop `safe_serialization=False`.")
@@ -563,10 +570,28 @@ class OneStepPipeline(DiffusionPipeline):
         try:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
             self._write_native_model_index(staging)
+            self._write_dmd2_config(staging)
             replace_directory(staging, save_directory)
         finally:
             if os.path.isdir(staging):
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def _write_dmd2_config(self, folder: str) -> None:
+        """The serving engines' ``dmd2_config`` block (flow-matching students only; :mod:`.serving`)."""
+        adapter = self.adapter
+        guidance = 1.0
+        if adapter.has_embedded_guidance:
+            guidance = self.config.embedded_guidance_scale or adapter.default_embedded_guidance_scale or 1.0
+        block = serving.dmd2_config_for(self.scheduler, guidance)
+        if block is None:
+            return
+        path = os.path.join(folder, "model_index.json")
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+        index[serving.DMD2_CONFIG_KEY] = block
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+            f.write("\n")
 
     def _write_native_model_index(self, folder: str) -> None:
         native = get_adapter_class(self.config.family).native_interop_pipeline_class_name

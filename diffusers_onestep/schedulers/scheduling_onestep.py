@@ -7,7 +7,10 @@ the noise path -- in ``scheduler_config.json``, so ``pipe(prompt)`` needs no fur
 
 Sampling is the multistep consistency/DMD2 scheme (Song et al. 2023, arXiv 2303.01469, Algorithm 1; DMD2's
 multi-step sampling, Yin et al. 2024b, arXiv 2405.14867): at each conditioning timestep predict ``x0``, then re-noise
-it to the next conditioning timestep with fresh noise from the caller's generator; the last step returns ``x0``.
+it to the next conditioning timestep with fresh noise from the caller's generator (``solver="sde"``); the last step
+returns ``x0``. ``solver="ode"`` re-noises with the predicted noise instead (DDIM, Song et al. 2021, arXiv 2010.02502,
+eq. 12 with eta = 0), which on the flow path is exactly an Euler step of the probability-flow ODE -- the ``"ode"``
+solver of the serving engines' ``dmd2_config``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import parameterization as param
 
 MAX_STEPS = 4
+#: multi-step samplers: re-noise with fresh noise (DMD2) or with the predicted noise (deterministic)
+SOLVERS = ("sde", "ode")
 
 
 @dataclass
@@ -68,6 +73,10 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             `FlowMatchEulerDiscreteScheduler`; like `shift`, kept for training-time sampling.
         sigma_data (`float`, defaults to 0.5):
             TrigFlow data standard deviation.
+        solver (`str`, defaults to `"sde"`):
+            How multi-step sampling moves from one conditioning timestep to the next: `"sde"` re-noises `x0` with
+            fresh noise (DMD2, consistency models), `"ode"` with the noise the student predicted (deterministic:
+            DDIM with eta 0, an Euler step on the flow path). One-step sampling is the same for both.
     """
 
     _compatibles: List[str] = []
@@ -93,8 +102,11 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
         base_image_seq_len: int = 256,
         max_image_seq_len: int = 4096,
         time_shift_type: str = "exponential",
+        solver: str = "sde",
     ):
         param.check_prediction_type(prediction_type)
+        if solver not in SOLVERS:
+            raise ValueError(f"`solver` must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}.")
         self.path = param.make_noise_path(
             noise_path,
             num_train_timesteps=num_train_timesteps,
@@ -148,7 +160,8 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_noise_path(
-        cls, noise_path: param.NoisePath, conditioning_timesteps: Sequence[float], prediction_type: str
+        cls, noise_path: param.NoisePath, conditioning_timesteps: Sequence[float], prediction_type: str,
+        solver: str = "sde",
     ) -> "OneStepScheduler":
         """A scheduler for a student trained on ``noise_path`` (e.g. its teacher adapter's path)."""
         config = {k: v for k, v in noise_path.describe().items() if k != "noise_path"}
@@ -156,6 +169,7 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             conditioning_timesteps=list(conditioning_timesteps),
             prediction_type=prediction_type,
             noise_path=noise_path.kind,
+            solver=solver,
             **config,
         )
 
@@ -333,14 +347,23 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
         index = self.step_index
         t = self.path_timesteps[index]
         coefficients = self._step_coefficients(index, sample.device)
-        denoised = param.to_x0(model_output, sample, t, self.path, self.config.prediction_type, coefficients)
+        last = index == len(self.timesteps) - 1
+        if last or self.config.solver == "sde":
+            denoised = param.to_x0(model_output, sample, t, self.path, self.config.prediction_type, coefficients)
+        else:
+            denoised, predicted_noise = param.to_x0_and_epsilon(
+                model_output, sample, t, self.path, self.config.prediction_type, coefficients
+            )
 
         # 2. re-noise to the next conditioning timestep (not on the last step)
-        if index == len(self.timesteps) - 1:
+        if last:
             prev_sample = denoised
         else:
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                 dtype=denoised.dtype)
+            if self.config.solver == "ode":
+                noise = predicted_noise
+            else:
+                noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                     dtype=denoised.dtype)
             prev_sample = param.add_noise(denoised, noise, self.path_timesteps[index + 1], self.path,
                                           self._step_coefficients(index + 1, denoised.device))
 
