@@ -60,7 +60,7 @@ def run_layout(layout: str, steps: int, batch_size: int, resolution: int, lora_r
 
     from diffusers_onestep.distill.config import MethodConfig, RolesConfig
     from diffusers_onestep.distill.methods import build_method
-from diffusers_onestep.distill.models import Batch, RandomSource
+    from diffusers_onestep.distill.models import Batch, RandomSource
     from diffusers_onestep.distill.roles import BackboneRoles
     from diffusers_onestep.families import SDXLAdapter
 
