@@ -298,3 +298,52 @@ def test_a_bad_hub_token_fails_before_anything_loads(workspace, tmp_path, capsys
                        "Error: Unauthorized for url: https://huggingface.co/api/repos/create); check HF_TOKEN or "
                        "`hf auth login` and --hub_model_id.")
     assert loads == [] and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the manual: docs/training.md and --help
+# ------------------------------------------------------------------------------------------------------------------
+
+TRAINING_DOC = os.path.join(REPO, "docs", "training.md")
+#: how a training command line starts, up to its first flag
+LAUNCHERS = ("diffusers-onestep distill", "accelerate launch", "python -m diffusers_onestep.distill")
+
+
+def training_commands(text):
+    """The training command lines of a text (backslash continuations joined), as the flags after the launcher."""
+    import shlex
+
+    joined = text.replace("\\\n", " ")
+    commands = []
+    for line in joined.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line.startswith(LAUNCHERS) or "accelerate config" in line:
+            continue
+        tokens = [t for t in shlex.split(line) if t != "..."]
+        for end in ("distill", "diffusers_onestep.distill", "training/train_onestep.py"):
+            if end in tokens:
+                commands.append(tokens[tokens.index(end) + 1:])
+                break
+    return commands
+
+
+def test_every_training_command_of_the_docs_and_of_help_parses():
+    with open(TRAINING_DOC, encoding="utf-8") as f:
+        doc = f.read()
+    for text, least in ((doc, 6), (cli.EPILOG, 6)):
+        commands = training_commands(text)
+        assert len(commands) >= least
+        parser = cli.build_parser()
+        for flags in commands:
+            parser.parse_args(flags)  # argparse exits on a flag that does not exist
+
+
+def test_the_docs_and_help_name_the_installed_commands_and_hf_auth_login():
+    with open(TRAINING_DOC, encoding="utf-8") as f:
+        doc = f.read()
+    for spelling in ("diffusers-onestep distill", "accelerate launch -m diffusers_onestep.distill",
+                     "training/train_onestep.py"):
+        assert spelling in doc
+    assert "hf auth login" in doc and "huggingface-cli" not in doc
+    help_text = cli.build_parser().format_help()
+    assert "diffusers-onestep distill --" in help_text and "accelerate launch -m diffusers_onestep.distill" in help_text

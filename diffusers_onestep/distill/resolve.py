@@ -57,8 +57,9 @@ class ResolvedConfig:
 
     @property
     def mixed_precision_explained(self) -> str:
-        """``optim.mixed_precision`` and where it came from, in words (the line ``--dry_run`` and the trainer print)."""
-        return f"mixed_precision {self.config.optim.mixed_precision} ({MIXED_PRECISION_SOURCES[self.mixed_precision_source]})"
+        """``optim.mixed_precision`` and where it came from, in words (``--dry_run`` and the trainer print it)."""
+        source = MIXED_PRECISION_SOURCES[self.mixed_precision_source]
+        return f"mixed_precision {self.config.optim.mixed_precision} ({source})"
 
 
 #: the variable ``accelerate launch`` sets from its ``--mixed_precision`` flag or its config file (``--config_file``,
@@ -73,7 +74,8 @@ MIXED_PRECISION_SOURCES = {
 
 def resolve_mixed_precision(value: Optional[str]) -> Tuple[str, str]:
     """``(mixed_precision, source)``: an explicit value wins; unset, the accelerate config's value (what the
-    ``Accelerator`` itself takes when given none), else ``"no"``. ``source`` is a key of :data:`MIXED_PRECISION_SOURCES`."""
+    ``Accelerator`` itself takes when given none), else ``"no"``. ``source`` is a key of
+    :data:`MIXED_PRECISION_SOURCES`."""
     if value is not None:
         return value, "flag"
     launched = os.environ.get(ACCELERATE_MIXED_PRECISION)
@@ -86,13 +88,6 @@ def resolve_mixed_precision(value: Optional[str]) -> Tuple[str, str]:
             f"--mixed_precision {', '.join(MIXED_PRECISIONS[:-1])} or {MIXED_PRECISIONS[-1]}."
         )
     return launched, "accelerate"
-
-
-def teacher_hub_kwargs(config: TrainConfig) -> Dict[str, Any]:
-    """Where the teacher's files come from: ``revision`` and ``cache_dir`` as ``from_pretrained`` and
-    ``hf_hub_download`` take them (only the ones that are set)."""
-    kwargs = {"revision": config.revision, "cache_dir": config.cache_dir}
-    return {key: value for key, value in kwargs.items() if value}
 
 
 def read_teacher_configs(teacher: str, revision: Optional[str] = None,
