@@ -288,7 +288,9 @@ class OutputConfig:
     overwrite_output_dir: bool = setting(False, "Allow a non-empty --output_dir (otherwise refused).")
     checkpointing_steps: int = setting(500, "Checkpoint every N steps.")
     checkpoints_total_limit: Optional[int] = setting(None, "Keep at most N checkpoints.", default_text="all")
-    resume_from_checkpoint: Optional[str] = setting(None, "'latest' or a checkpoint-N folder.", default_text="none")
+    resume_from_checkpoint: Optional[str] = setting(
+        None, "'latest' (the newest checkpoint of --output_dir; while there is none the run starts fresh) or a "
+              "checkpoint-N folder (a path, or its name inside --output_dir).", default_text="none")
     save_on_interrupt: bool = setting(True, "Checkpoint when interrupted (Ctrl-C / SIGTERM).")
     validation_prompts: Optional[List[str]] = setting(
         None, "Prompts for validation grids.", default_text="the first four prompts")
