@@ -93,15 +93,52 @@ def _is_hub_id(reference: str) -> bool:
         return False
 
 
+def teacher_license(teacher: str, hub_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    """The license fields (``license``, and ``license_name`` / ``license_link`` for ``license: other``) of the
+    teacher's model card front matter: ``README.md`` of a local folder or Hub repo; ``{}`` when it states none or
+    cannot be read (offline, no card)."""
+    import yaml
+    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        if os.path.isdir(teacher):
+            path = os.path.join(teacher, "README.md")
+            if not os.path.isfile(path):
+                return {}
+        else:
+            from huggingface_hub import hf_hub_download
+
+            check_repo_id(teacher)
+            path = hf_hub_download(teacher, "README.md", **(hub_kwargs or {}))
+        metadata = metadata_load(path) or {}
+    except (EntryNotFoundError, OSError, ValueError, yaml.YAMLError):
+        return {}
+    return {key: str(metadata[key]) for key in ("license", "license_name", "license_link") if metadata.get(key)}
+
+
+def license_text(teacher: str, license_fields: Dict[str, str]) -> str:
+    """The card's license line: the student is a derivative of the teacher and carries its license."""
+    if not license_fields.get("license"):
+        return f"The student is derived from `{teacher}`: see the teacher's license, which applies to the student too."
+    name = license_fields["license"]
+    if name == "other" and license_fields.get("license_name"):
+        name = license_fields["license_name"]
+    link = f" ({license_fields['license_link']})" if license_fields.get("license_link") else ""
+    return f"The student is derived from `{teacher}` and carries the teacher's license: `{name}`{link}."
+
+
 def method_name(method, config) -> str:
     """A method class's own name and description, with the run's divergence."""
     return f"{method.name} ({config.method.divergence}): {method.description}"
 
 
 def card_text(config, family: str, student_timesteps: Sequence[float], sample_grid: Optional[str],
-              prompts: Sequence[str], lora: bool, repo_id: Optional[str] = None, *, method) -> str:
+              prompts: Sequence[str], lora: bool, repo_id: Optional[str] = None, *, method,
+              license_fields: Optional[Dict[str, str]] = None) -> str:
     """The card's markdown for a resolved run ``config`` trained by ``method`` (the registered method class, which
-    names itself: ``name``, ``description``, ``reference``, ``tags``)."""
+    names itself: ``name``, ``description``, ``reference``, ``tags``); ``repo_id`` is the Hub repo the loading
+    snippet names (the pushed repo), ``license_fields`` the teacher's (:func:`teacher_license`)."""
     teacher = config.teacher
     load_from = repo_id or "path/to/this/folder"
     guidance = ("- Guidance: distilled into the student (classifier-free guidance scale "
@@ -138,6 +175,10 @@ def card_text(config, family: str, student_timesteps: Sequence[float], sample_gr
                   "Prompts: " + "; ".join(f"`{p}`" for p in prompts)]
     lines += [
         "",
+        "## License",
+        "",
+        license_text(teacher, license_fields or {}),
+        "",
         "## Training",
         "",
         f"- Teacher: `{teacher}` ({family})",
@@ -161,9 +202,12 @@ def write_model_card(folder: str, config, family: str, student_timesteps: Sequen
                      sample_grid: Optional[str] = None, prompts: Sequence[str] = (), lora: bool = False,
                      repo_id: Optional[str] = None, *, method):
     """Write ``README.md`` (a ``huggingface_hub.ModelCard``) into ``folder`` and return the card (see
-    :func:`card_text` for ``method``)."""
+    :func:`card_text` for ``method`` and ``repo_id``). The card carries the teacher's license, read from the
+    teacher's own card (at ``config.revision``, through ``config.cache_dir``)."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    hub_kwargs = {key: getattr(config, key, None) for key in ("revision", "cache_dir")}
+    license_fields = teacher_license(config.teacher, {k: v for k, v in hub_kwargs.items() if v})
     tags: List[str] = ["one-step", "distillation", "diffusers-onestep", "text-to-image", "diffusers", family,
                        *method.tags, config.method.divergence]
     if lora:
@@ -173,24 +217,40 @@ def write_model_card(folder: str, config, family: str, student_timesteps: Sequen
         pipeline_tag="text-to-image",
         base_model=config.teacher if _is_hub_id(config.teacher) else None,
         tags=tags,
+        **license_fields,
     )
-    text = card_text(config, family, student_timesteps, sample_grid, prompts, lora, repo_id, method=method)
+    text = card_text(config, family, student_timesteps, sample_grid, prompts, lora, repo_id, method=method,
+                     license_fields=license_fields)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
     card.save(os.path.join(folder, "README.md"))
     return card
 
 
-def push_to_hub(folder: str, repo_id: str, private: bool = False, commit_message: str = "Upload one-step student",
-                token: Optional[str] = None) -> str:
-    """Create (or reuse) ``repo_id`` and upload the student in ``folder``; checkpoints and logs stay local."""
-    from huggingface_hub import create_repo, upload_folder
+def create_repo(repo_id: str, private: bool = False, token: Optional[str] = None) -> str:
+    """Create ``repo_id`` on the Hub, or reuse it, and return its full id (``namespace/name``). The training script
+    calls this first, so a bad token or a taken name fails before anything loads."""
+    import huggingface_hub
 
-    repo = create_repo(repo_id, private=private, exist_ok=True, token=token)
-    upload_folder(
-        repo_id=repo.repo_id,
+    return huggingface_hub.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
+
+
+def upload_student(folder: str, repo_id: str, commit_message: str = "Upload one-step student",
+                   token: Optional[str] = None) -> str:
+    """Upload the student in ``folder`` to the existing ``repo_id``; checkpoints and logs stay local."""
+    import huggingface_hub
+
+    huggingface_hub.upload_folder(
+        repo_id=repo_id,
         folder_path=folder,
         commit_message=commit_message,
         ignore_patterns=UPLOAD_IGNORE_PATTERNS,
         token=token,
     )
-    return repo.repo_id
+    return repo_id
+
+
+def push_to_hub(folder: str, repo_id: str, private: bool = False, commit_message: str = "Upload one-step student",
+                token: Optional[str] = None) -> str:
+    """Create (or reuse) ``repo_id`` and upload the student in ``folder``; checkpoints and logs stay local."""
+    repo_id = create_repo(repo_id, private=private, token=token)
+    return upload_student(folder, repo_id, commit_message=commit_message, token=token)

@@ -216,6 +216,8 @@ def cli_cases() -> List[Case]:
                  lambda c: base(c, **{"--output_dir": c["busy_dir"]})),
         cli_case("--resume_from_checkpoint that is not a checkpoint",
                  lambda c: base(c, **{"--resume_from_checkpoint": c["empty_dir"]})),
+        cli_case("--resume_from_checkpoint that does not exist",
+                 lambda c: base(c, **{"--resume_from_checkpoint": os.path.join(c["root"], "no-run", "checkpoint-7")})),
         cli_case("resume with a configuration that conflicts with the checkpoint's",
                  lambda c: base(c, **{"--output_dir": c["run_dir"], "--resume_from_checkpoint": "latest",
                                       "--lora_rank": "3", "--max_train_steps": "3", "--report_to": "none",

@@ -41,6 +41,29 @@ def test_model_card_of_a_local_teacher_has_no_base_model_but_names_it(tmp_path):
     loaded = ModelCard.load(str(tmp_path / "README.md"))
     assert loaded.data.base_model is None  # a local path is not a Hub id
     assert teacher in loaded.text and "dmd" in loaded.data.tags
+    # the teacher folder has no card, so no license is invented
+    assert loaded.data.license is None and "see the teacher's license" in loaded.text
+    assert 'OneStepPipeline.from_pretrained("path/to/this/folder")' in loaded.text  # no repo id: not pushed
+
+
+@pytest.mark.parametrize("front_matter, data, named", [
+    ("license: apache-2.0\n", {"license": "apache-2.0"}, "`apache-2.0`"),
+    ("license: other\nlicense_name: nvidia-license\nlicense_link: https://example.com/LICENSE\n",
+     {"license": "other", "license_name": "nvidia-license", "license_link": "https://example.com/LICENSE"},
+     "`nvidia-license` (https://example.com/LICENSE)"),
+])
+def test_model_card_carries_the_teachers_license(tmp_path, front_matter, data, named):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "README.md").write_text(f"---\n{front_matter}---\n# The teacher\n")
+    assert hub.teacher_license(str(teacher)) == data
+    student = tmp_path / "student"
+    student.mkdir()
+    hub.write_model_card(str(student), make_config(teacher=str(teacher), divergence="reverse_kl"),
+                         family="pixart_alpha", student_timesteps=[400], method=DMD2)
+    loaded = ModelCard.load(str(student / "README.md"))
+    assert {key: getattr(loaded.data, key) for key in data} == data
+    assert f"carries the teacher's license: {named}." in loaded.text
 
 
 def test_push_creates_the_repo_and_uploads_only_the_student(tmp_path, hub_calls):
@@ -62,6 +85,14 @@ def test_push_creates_the_repo_and_uploads_only_the_student(tmp_path, hub_calls)
     uploaded = set(filter_repo_objects(files, ignore_patterns=upload["ignore_patterns"]))
     assert uploaded == {"README.md", "pytorch_lora_weights.safetensors", "onestep_lora.json", "samples.png",
                         "training_config.json", "scheduler/scheduler_config.json"}
+
+
+def test_create_repo_first_then_upload_to_its_full_id(tmp_path, hub_calls):
+    assert hub.create_repo("me/student", private=True) == "me/student"
+    assert hub_calls["create"] == ("me/student", {"private": True, "exist_ok": True, "token": None})
+    assert "upload" not in hub_calls  # creating uploads nothing
+    hub.upload_student(str(tmp_path), "me/student")
+    assert hub_calls["upload"]["repo_id"] == "me/student" and hub_calls["upload"]["folder_path"] == str(tmp_path)
 
 
 @pytest.mark.parametrize("bad", ["no spaces allowed", "a/b/c", "-leading"])

@@ -45,7 +45,7 @@ CHECKPOINT_COMMIT_FILE = TRAINER_STATE_NAME
 CHECKPOINT_FORMAT = 1
 #: config keys that may change between a checkpoint and its resumption
 RESUMABLE_CHANGES = ("optim.max_train_steps", "output.", "data.dataloader_num_workers", "optim.on_nonfinite",
-                     "optim.max_nonfinite_skips")
+                     "optim.max_nonfinite_skips", "cache_dir")
 
 
 @dataclass
@@ -86,12 +86,24 @@ def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
 
 
 def resolve_resume_path(resume: Optional[str], output_dir: str) -> Optional[str]:
-    """The checkpoint folder to resume from (``latest`` -> newest complete one, or ``None`` for a fresh run)."""
+    """The checkpoint folder to resume from, or ``None`` for a fresh run.
+
+    ``latest`` is the newest complete checkpoint of ``output_dir``, and ``None`` while it has none (the run starts
+    fresh, as in the diffusers training examples); any other value is a checkpoint folder, as a path or as its name
+    inside ``output_dir`` (``checkpoint-500``), and a :class:`ConfigError` when it is no complete checkpoint.
+    """
     if not resume:
         return None
     if resume == "latest":
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1][1] if checkpoints else None
+    if not os.path.exists(resume) and os.path.isdir(os.path.join(output_dir, resume)):
+        resume = os.path.join(output_dir, resume)
+    if not os.path.exists(resume):
+        raise ConfigError(
+            f"--resume_from_checkpoint {resume} does not exist; pass 'latest' or a {CHECKPOINT_PREFIX}N folder "
+            "written by this script."
+        )
     if not os.path.isfile(os.path.join(resume, CHECKPOINT_COMMIT_FILE)):
         raise ConfigError(
             f"--resume_from_checkpoint {resume} is not a complete checkpoint folder (it has no {CHECKPOINT_COMMIT_FILE}); "

@@ -12,36 +12,43 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .config import SECTIONS, ConfigError, TrainConfig
 from .resolve import ResolvedConfig, resolve
-from .preflight import preflight
+from .preflight import fresh_start_note, preflight
 
 EPILOG = """\
 examples:
   # SDXL, LoRA student and critic on one shared backbone, Jensen-Shannon (f-distill), real images for the
-  # discriminator; 1 GPU
-  accelerate launch training/train_onestep.py \\
+  # discriminator; 1 GPU, mixed precision from `accelerate config` (e.g. bf16)
+  accelerate launch -m diffusers_onestep.distill \\
       --teacher stabilityai/stable-diffusion-xl-base-1.0 --method fdistill --divergence js \\
-      --prompts prompts.txt --real_images ./laion-subset --mixed_precision bf16 --gradient_checkpointing \\
+      --prompts prompts.txt --real_images ./laion-subset --gradient_checkpointing --allow_tf32 \\
       --output_dir sdxl-onestep-js
 
-  # PixArt-alpha, DMD (reverse KL), full student, 8 GPUs
-  accelerate launch --config_file training/accelerate_configs/multi_gpu.yaml training/train_onestep.py \\
-      --teacher PixArt-alpha/PixArt-XL-2-512x512 --student full --critic lora --prompts my/prompt-dataset
+  # PixArt-alpha, DMD (reverse KL), full student, 8 GPUs (an accelerate config of the checkout), pushed to the Hub
+  # (the repo is created before anything loads)
+  accelerate launch --config_file training/accelerate_configs/multi_gpu.yaml -m diffusers_onestep.distill \\
+      --teacher PixArt-alpha/PixArt-XL-2-512x512 --student full --critic lora --prompts my/prompt-dataset \\
+      --push_to_hub --hub_model_id my-org/pixart-onestep
 
-  # resume the newest checkpoint of a run
-  accelerate launch training/train_onestep.py --config sdxl.yaml --resume_from_checkpoint latest
+  # one process, no accelerate launch: the console command
+  diffusers-onestep distill --teacher PixArt-alpha/PixArt-XL-2-512x512 --prompts prompts.txt --mixed_precision bf16
+
+  # resume the newest checkpoint of a run (a run without one yet starts fresh)
+  accelerate launch -m diffusers_onestep.distill --config sdxl.yaml --resume_from_checkpoint latest
 
   # the settings a run resolved to, without loading any weights; a finished run's training_config.json runs again
-  accelerate launch training/train_onestep.py --config sdxl.yaml --dry_run
-  accelerate launch training/train_onestep.py --config sdxl-onestep/training_config.json --output_dir sdxl-again
+  diffusers-onestep distill --config sdxl.yaml --dry_run
+  accelerate launch -m diffusers_onestep.distill --config sdxl-onestep/training_config.json --output_dir sdxl-again
 
-Flags override the values of --config FILE (YAML or JSON, either flat flag names or the nested layout of
-training_config.json). Defaults marked "family default" come from the teacher's family adapter and follow the
-papers (docs/training.md); --dry_run prints every resolved value.
+The same command runs as `accelerate launch training/train_onestep.py ...` from a checkout. Flags override the
+values of --config FILE (YAML or JSON, either flat flag names or the nested layout of training_config.json);
+--mixed_precision, when not given, is the accelerate config's. Defaults marked "family default" come from the
+teacher's family adapter and follow the papers (docs/training.md); --dry_run prints every resolved value.
 """
 
 #: argument groups of --help, by config section (None: the top level of TrainConfig)
@@ -289,10 +296,14 @@ def main(argv: Optional[Sequence[str]] = None, hooks: Optional[Sequence[Any]] = 
     except (ConfigError, DataError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if args.dry_run:
+        # stdout is the resolved configuration (JSON, as training_config.json); where values came from goes to stderr
         print(json.dumps(config.config.to_dict(), indent=2, sort_keys=True, default=list))
+        for note in (config.mixed_precision_explained, fresh_start_note(config)):
+            if note:
+                print(f"{parser.prog}: {note}", file=sys.stderr)
         return 0
 
-    from .trainer import NonFiniteError, Trainer, TrainingInterrupted
+    from .trainer import HubError, NonFiniteError, Trainer, TrainingInterrupted
 
     try:
         Trainer(config, hooks=hooks).run()
@@ -301,4 +312,7 @@ def main(argv: Optional[Sequence[str]] = None, hooks: Optional[Sequence[Any]] = 
     except NonFiniteError as error:
         print(f"{parser.prog}: error: {error}", flush=True)
         return 3
+    except HubError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -215,9 +215,13 @@ class OptimizationConfig:
     train_batch_size: int = setting(2, "Batch size per process.")
     gradient_accumulation_steps: int = setting(1, "Micro-batches accumulated per update.")
     max_train_steps: int = setting(1000, "Training iterations.")
-    mixed_precision: str = setting(
-        "no", "no, fp16 (CUDA only) or bf16: the frozen teacher runs in it; trainable weights stay fp32.",
-        choices=MIXED_PRECISIONS)
+    mixed_precision: Optional[str] = setting(
+        None, "no, fp16 (CUDA only) or bf16: the frozen teacher runs in it; trainable weights stay fp32.",
+        choices=MIXED_PRECISIONS,
+        default_text="the accelerate config's (accelerate launch --config_file / accelerate config), else no")
+    allow_tf32: bool = setting(
+        False, "Allow TF32 matmuls and cuDNN convolutions on Ampere and newer GPUs (faster fp32 math, as the "
+               "diffusers training examples).")
     seed: int = setting(0, "Seed of every random draw of the run.")
     ema_decay: Optional[float] = setting(None, "Keep an EMA of the student (e.g. 0.999) and export it.",
                                          default_text="no EMA")
@@ -236,7 +240,7 @@ class OptimizationConfig:
         _require(self.gradient_accumulation_steps >= 1,
                  f"`--gradient_accumulation_steps` must be >= 1, got {self.gradient_accumulation_steps}.")
         _require(self.max_train_steps >= 1, f"`--max_train_steps` must be >= 1, got {self.max_train_steps}.")
-        _require(self.mixed_precision in MIXED_PRECISIONS,
+        _require(self.mixed_precision in (None,) + MIXED_PRECISIONS,
                  f"`--mixed_precision` must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}.")
         _require(self.max_grad_norm > 0, f"`--max_grad_norm` must be positive, got {self.max_grad_norm}.")
         _require(self.ema_decay is None or 0 < self.ema_decay < 1,
@@ -263,7 +267,8 @@ class DataConfig:
     cache_text_embeddings: bool = setting(
         True, "Encode every prompt once and free the text encoders (--no_cache_text_embeddings encodes on the fly, "
               "for very large prompt sets).")
-    dataloader_num_workers: int = setting(0, "Worker processes that decode --real_images.")
+    dataloader_num_workers: int = setting(
+        0, "Worker processes that decode and resize --real_images (0: in the main process).")
 
     def validate(self) -> "DataConfig":
         _require(bool(self.prompts), "`--prompts` is required: a .txt file (one prompt a line), a .jsonl file, "
@@ -283,7 +288,9 @@ class OutputConfig:
     overwrite_output_dir: bool = setting(False, "Allow a non-empty --output_dir (otherwise refused).")
     checkpointing_steps: int = setting(500, "Checkpoint every N steps.")
     checkpoints_total_limit: Optional[int] = setting(None, "Keep at most N checkpoints.", default_text="all")
-    resume_from_checkpoint: Optional[str] = setting(None, "'latest' or a checkpoint-N folder.", default_text="none")
+    resume_from_checkpoint: Optional[str] = setting(
+        None, "'latest' (the newest checkpoint of --output_dir; while there is none the run starts fresh) or a "
+              "checkpoint-N folder (a path, or its name inside --output_dir).", default_text="none")
     save_on_interrupt: bool = setting(True, "Checkpoint when interrupted (Ctrl-C / SIGTERM).")
     validation_prompts: Optional[List[str]] = setting(
         None, "Prompts for validation grids.", default_text="the first four prompts")
@@ -291,8 +298,9 @@ class OutputConfig:
     report_to: str = setting("tensorboard", "Where to log.", choices=REPORT_TO)
     logging_dir: str = setting("logs", "Log folder inside --output_dir.")
     tracker_project_name: str = setting("diffusers-onestep", "Tracker project name.")
-    push_to_hub: bool = setting(False, "Upload the student (not the checkpoints) at the end; uses HF_TOKEN or your "
-                                       "login.")
+    push_to_hub: bool = setting(False, "Create the Hub repo at the start (a bad token fails before anything loads) "
+                                       "and upload the student (not the checkpoints) at the end; uses HF_TOKEN or "
+                                       "your `hf auth login`.")
     hub_model_id: Optional[str] = setting(None, "namespace/name of the Hub repo.", default_text="the output dir name")
     private: bool = setting(False, "Create the Hub repo as private.")
 
@@ -331,6 +339,11 @@ class TrainConfig:
     family: str = setting("auto", "Backbone family of the teacher (auto: detected from its model_index.json).",
                           known="families")
     revision: Optional[str] = setting(None, "Hub revision of the teacher.", default_text="main")
+    variant: Optional[str] = setting(
+        None, "Weights variant of the teacher (and of the students initialised from it), e.g. fp16 for "
+              "diffusion_pytorch_model.fp16.safetensors.", default_text="the plain weights")
+    cache_dir: Optional[str] = setting(
+        None, "Folder for downloaded models and datasets.", default_text="the Hugging Face cache")
     max_sequence_length: Optional[int] = setting(
         None, "Text tokens kept.", family_default="default_max_sequence_length",
         default_text="the tokenizer's own length for the others")

@@ -26,20 +26,20 @@ class DataError(ValueError):
     """A data source is missing, empty or lacks a column; the message says which and how to fix it."""
 
 
-def _load_dataset(source: str, split: str = "train"):
+def _load_dataset(source: str, split: str = "train", cache_dir: Optional[str] = None):
     import datasets
 
     if os.path.isdir(source):
         files = os.listdir(source)
         if any(f.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")) for f in files) or "metadata.jsonl" in files:
-            return datasets.load_dataset("imagefolder", data_dir=source, split=split)
-        return datasets.load_dataset(source, split=split)
+            return datasets.load_dataset("imagefolder", data_dir=source, split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
     if os.path.isfile(source):
         extension = source.rsplit(".", 1)[-1].lower()
         builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}.get(extension)
         if builder is None:
             raise DataError(f"{source} is not a supported data file; use .txt, .jsonl, .json, .csv or .parquet.")
-        return datasets.load_dataset(builder, data_files=source, split=split)
+        return datasets.load_dataset(builder, data_files=source, split=split, cache_dir=cache_dir)
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -47,7 +47,7 @@ def _load_dataset(source: str, split: str = "train"):
     except HFValidationError:
         raise DataError(f"{source!r} is neither an existing file or folder nor a Hub dataset name.") from None
     try:
-        return datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
     except Exception as error:  # datasets raises many types for a missing/unreachable dataset
         raise DataError(f"Could not load the dataset {source!r}: {str(error).splitlines()[0]}") from None
 
@@ -65,8 +65,8 @@ def check_prompt_source(source: str) -> None:
         raise DataError(f"The prompt source {source} does not exist.")
 
 
-def load_prompts(source: str, column: str = "text") -> List[str]:
-    """All non-empty prompts of a source, in order."""
+def load_prompts(source: str, column: str = "text", cache_dir: Optional[str] = None) -> List[str]:
+    """All non-empty prompts of a source, in order (``cache_dir``: where ``datasets`` caches a dataset)."""
     check_prompt_source(source)
     if os.path.isfile(source) and source.lower().endswith(".txt"):
         with open(source, encoding="utf-8") as f:
@@ -88,7 +88,7 @@ def load_prompts(source: str, column: str = "text") -> List[str]:
                     )
                 prompts.append(str(record[column]).strip())
     else:
-        dataset = _load_dataset(source)
+        dataset = _load_dataset(source, cache_dir=cache_dir)
         if column not in dataset.column_names:
             raise DataError(
                 f"The dataset {source} has no column {column!r}; its columns are "
@@ -101,12 +101,44 @@ def load_prompts(source: str, column: str = "text") -> List[str]:
     return prompts
 
 
-def load_real_images(source: str, resolution: int, image_column: str = "image",
-                     caption_column: Optional[str] = None) -> Tuple[torch.Tensor, Optional[List[str]]]:
-    """Real images resized (shorter side) and center-cropped to ``resolution``, in [-1, 1], with captions."""
+def resize_and_crop(image, resolution: int) -> torch.Tensor:
+    """A PIL image resized (shorter side) and center-cropped to ``resolution``, as ``[3, H, W]`` in [-1, 1]."""
     from PIL import Image
 
-    dataset = _load_dataset(source)
+    image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
+                         Image.BICUBIC)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+class RealImages(torch.utils.data.Dataset):
+    """The images of a ``datasets`` dataset, each decoded, resized and cropped when read (by DataLoader workers)."""
+
+    def __init__(self, dataset, image_column: str, resolution: int):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return resize_and_crop(self.dataset[index][self.image_column], self.resolution)
+
+
+def load_real_images(source: str, resolution: int, image_column: str = "image",
+                     caption_column: Optional[str] = None, num_workers: int = 0,
+                     cache_dir: Optional[str] = None) -> Tuple[torch.Tensor, Optional[List[str]]]:
+    """Real images resized (shorter side) and center-cropped to ``resolution``, in [-1, 1], with captions.
+
+    The images are decoded in order by a ``DataLoader`` with ``num_workers`` worker processes
+    (``--dataloader_num_workers``; 0 decodes in this process), so the result does not depend on the worker count.
+    """
+    dataset = _load_dataset(source, cache_dir=cache_dir)
     if image_column not in dataset.column_names:
         raise DataError(
             f"The image dataset {source} has no column {image_column!r}; its columns are "
@@ -119,18 +151,11 @@ def load_real_images(source: str, resolution: int, image_column: str = "image",
         )
     if len(dataset) == 0:
         raise DataError(f"The image dataset {source} holds no images.")
-    images = []
-    for image in dataset[image_column]:
-        image = image.convert("RGB")
-        scale = resolution / min(image.size)
-        image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
-                             Image.BICUBIC)
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        images.append(torch.from_numpy(array).permute(2, 0, 1))
+    loader = torch.utils.data.DataLoader(RealImages(dataset, image_column, resolution), batch_size=32,
+                                         shuffle=False, num_workers=num_workers)
+    images = torch.cat(list(loader))
     captions = [str(c) for c in dataset[caption_column]] if caption_column else None
-    return torch.stack(images), captions
+    return images, captions
 
 
 def epoch_permutation(seed: int, epoch: int, size: int) -> torch.Tensor:

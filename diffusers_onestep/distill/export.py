@@ -97,8 +97,9 @@ def ema_weights(roles, ema: Optional[Dict[str, torch.Tensor]]):
 
 
 def export_student(renderer: StudentRenderer, config: TrainConfig, conditions: Condition, prompts: Sequence[str],
-                   ema: Optional[Dict[str, torch.Tensor]] = None) -> str:
-    """Write the student into ``config.output.output_dir`` (call on the main process); returns the folder.
+                   ema: Optional[Dict[str, torch.Tensor]] = None, repo_id: Optional[str] = None) -> str:
+    """Write the student into ``config.output.output_dir`` (call on the main process); returns the folder. The
+    card's loading snippet names ``repo_id`` (the Hub repo it is pushed to) when given.
 
     Everything is written into a staging folder first and moved in with the commit file (``model_index.json`` or
     ``onestep_lora.json``) last, so a crash never leaves a folder that looks loadable but is not.
@@ -123,7 +124,7 @@ def export_student(renderer: StudentRenderer, config: TrainConfig, conditions: C
     image_grid(images).save(os.path.join(staging, SAMPLE_GRID_NAME))
     config.save(os.path.join(staging, CONFIG_NAME))
     hub.write_model_card(staging, config, family=renderer.family, student_timesteps=renderer.student_timesteps,
-                         sample_grid=SAMPLE_GRID_NAME, prompts=list(prompts), lora=lora,
+                         sample_grid=SAMPLE_GRID_NAME, prompts=list(prompts), lora=lora, repo_id=repo_id,
                          method=get_method_class(config.method.method))
     storage.publish_entries(staging, output_dir, commit_file=commit)
     return output_dir

@@ -7,6 +7,7 @@ these after :func:`~.config.resolve`; so does ``--dry_run``.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from .checkpoint import check_resume_config, resolve_resume_path
 from .config import ConfigError
@@ -35,7 +36,7 @@ def preflight(resolved: ResolvedConfig) -> None:
     if config.optim.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("This GPU does not support bf16; use --mixed_precision fp16 or no.")
     check_prompt_source(config.data.prompts)
-    load_prompts(config.data.prompts, config.data.prompt_column)
+    load_prompts(config.data.prompts, config.data.prompt_column, cache_dir=config.cache_dir)
     method = config.method
     if method.uses_discriminator and not config.data.real_images:
         raise ConfigError(
@@ -51,12 +52,24 @@ def preflight(resolved: ResolvedConfig) -> None:
             raise ConfigError(f"--real_images {config.data.real_images} does not exist.") from None
     output_dir = config.output.output_dir
     resume = resolve_resume_path(config.output.resume_from_checkpoint, output_dir)
+    continuing = config.output.resume_from_checkpoint == "latest"  # this folder's run, checkpointed or not yet
     if resume is not None:
         check_resume_config(resume, config)
-    elif os.path.isdir(output_dir) and os.listdir(output_dir) and not config.output.overwrite_output_dir:
+    elif (os.path.isdir(output_dir) and os.listdir(output_dir) and not config.output.overwrite_output_dir
+          and not continuing):
         raise ConfigError(
             f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to write into it, or "
             "--resume_from_checkpoint latest to continue its run."
         )
     elif os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ConfigError(f"--output_dir {output_dir} exists and is not a folder.")
+
+
+def fresh_start_note(resolved: ResolvedConfig) -> Optional[str]:
+    """The line that says ``--resume_from_checkpoint latest`` found no checkpoint yet (the run starts fresh), or
+    ``None``."""
+    output = resolved.config.output
+    if output.resume_from_checkpoint == "latest" and resolve_resume_path("latest", output.output_dir) is None:
+        return (f"--resume_from_checkpoint latest: {output.output_dir} has no checkpoint yet, so the run starts "
+                "fresh.")
+    return None

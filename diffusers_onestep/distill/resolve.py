@@ -9,10 +9,11 @@ all go through it, and a resolved config resolves to itself.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from .config import ConfigError, TrainConfig
+from .config import MIXED_PRECISIONS, ConfigError, TrainConfig
 from .methods import get_method_class, resolve_method_config
 
 
@@ -25,11 +26,14 @@ class ResolvedConfig:
             ``training_config.json`` holds, and what a resumed run must match.
         family: the teacher's family, detected once.
         teacher_configs: the teacher's ``model_index.json`` and its denoiser and VAE configs (read without weights).
+        mixed_precision_source: where ``optim.mixed_precision`` came from: ``"flag"`` (the command line or a config
+            file), ``"accelerate"`` (the accelerate config, through ``accelerate launch``) or ``"default"``.
     """
 
     config: TrainConfig
     family: str
     teacher_configs: Dict[str, Dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
+    mixed_precision_source: str = field(default="flag", compare=False)
 
     def __getattr__(self, name: str):
         # A resolved config reads like the TrainConfig it holds (``resolved.optim.learning_rate``).
@@ -51,14 +55,49 @@ class ResolvedConfig:
     def student_timesteps(self) -> List[float]:
         return [float(t) for t in self.config.method.student_timesteps]
 
+    @property
+    def mixed_precision_explained(self) -> str:
+        """``optim.mixed_precision`` and where it came from, in words (``--dry_run`` and the trainer print it)."""
+        source = MIXED_PRECISION_SOURCES[self.mixed_precision_source]
+        return f"mixed_precision {self.config.optim.mixed_precision} ({source})"
 
-def read_teacher_configs(teacher: str, revision: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+
+#: the variable ``accelerate launch`` sets from its ``--mixed_precision`` flag or its config file (``--config_file``,
+#: else the one ``accelerate config`` wrote); the Accelerator reads it when it is given no value
+ACCELERATE_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
+MIXED_PRECISION_SOURCES = {
+    "flag": "from --mixed_precision",
+    "accelerate": "from the accelerate config, through accelerate launch",
+    "default": "the default: no --mixed_precision and not started by accelerate launch",
+}
+
+
+def resolve_mixed_precision(value: Optional[str]) -> Tuple[str, str]:
+    """``(mixed_precision, source)``: an explicit value wins; unset, the accelerate config's value (what the
+    ``Accelerator`` itself takes when given none), else ``"no"``. ``source`` is a key of
+    :data:`MIXED_PRECISION_SOURCES`."""
+    if value is not None:
+        return value, "flag"
+    launched = os.environ.get(ACCELERATE_MIXED_PRECISION)
+    if launched is None:
+        return "no", "default"
+    launched = launched.strip().lower()
+    if launched not in MIXED_PRECISIONS:
+        raise ConfigError(
+            f"The accelerate config sets mixed_precision {launched}, which this script does not support; pass "
+            f"--mixed_precision {', '.join(MIXED_PRECISIONS[:-1])} or {MIXED_PRECISIONS[-1]}."
+        )
+    return launched, "accelerate"
+
+
+def read_teacher_configs(teacher: str, revision: Optional[str] = None,
+                         cache_dir: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
     """``model_index.json`` of a teacher (Hub id or folder) and the configs of its denoiser and VAE, or a
     one-sentence :class:`ConfigError`. Reads JSON only, never weights."""
     from ..families import read_pipeline_configs
     from ..hub import read_json
 
-    kwargs = {"revision": revision} if revision else {}
+    kwargs = {key: value for key, value in {"revision": revision, "cache_dir": cache_dir}.items() if value}
     index = read_json(teacher, "model_index.json", kwargs)
     if index is None:
         raise ConfigError(f"--teacher {teacher} is not a diffusers pipeline (it has no model_index.json).")
@@ -92,7 +131,7 @@ def resolve(config: TrainConfig, teacher_configs: Optional[Dict[str, Dict[str, A
 
     config = copy.deepcopy(config).validate()
     if teacher_configs is None:
-        teacher_configs = read_teacher_configs(config.teacher, config.revision)
+        teacher_configs = read_teacher_configs(config.teacher, config.revision, config.cache_dir)
     family = detect_teacher_family(teacher_configs, config.family)
     adapter_cls = get_adapter_class(family)
     defaults = adapter_cls.training_defaults
@@ -109,6 +148,7 @@ def resolve(config: TrainConfig, teacher_configs: Optional[Dict[str, Dict[str, A
     if roles.lora_target_modules is None:
         roles.lora_target_modules = list(adapter_cls.default_lora_target_modules)
     optim = config.optim
+    optim.mixed_precision, mixed_precision_source = resolve_mixed_precision(optim.mixed_precision)
     if optim.learning_rate is None:
         optim.learning_rate = defaults.learning_rate(roles.student)
     if optim.critic_learning_rate is None:
@@ -117,7 +157,8 @@ def resolve(config: TrainConfig, teacher_configs: Optional[Dict[str, Dict[str, A
         config.max_sequence_length = adapter_cls.default_max_sequence_length
     if config.data.resolution is None:
         config.data.resolution = _native_resolution(adapter_cls, teacher_configs)
-    return ResolvedConfig(config=config.validate(), family=family, teacher_configs=teacher_configs)
+    return ResolvedConfig(config=config.validate(), family=family, teacher_configs=teacher_configs,
+                          mixed_precision_source=mixed_precision_source)
 
 
 def _native_resolution(adapter_cls, teacher_configs: Dict[str, Dict[str, Any]]) -> Optional[int]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -109,6 +109,8 @@ class BackboneRoles(RolePhases, DistillationModels):
         student_prediction_type: the student's output parameterization (default: the teacher's).
         discriminator: build a discriminator head on the trunk features.
         dtype: dtype of the frozen teacher weights (mixed precision); trainable weights stay float32.
+        trainable_copy: makes the denoiser a full role starts from (default: a copy of the adapter's); the trainer
+            loads it in float32 from the teacher's files when the frozen backbone was loaded in a lower precision.
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class BackboneRoles(RolePhases, DistillationModels):
         student_prediction_type: Optional[str] = None,
         discriminator: bool = False,
         dtype: Optional[torch.dtype] = None,
+        trainable_copy: Optional[Callable[[], nn.Module]] = None,
     ):
         self.adapter = adapter
         self.config = config
@@ -133,9 +136,10 @@ class BackboneRoles(RolePhases, DistillationModels):
 
         base.requires_grad_(False)
         # Full roles are float32 copies of the clean teacher, made before any adapter is injected.
-        self.student_model = copy.deepcopy(base).float().requires_grad_(True) if config.student == "full" else None
-        self.critic_model = copy.deepcopy(base).float().requires_grad_(True) if config.critic == "full" else None
-        if dtype is not None:
+        trainable_copy = trainable_copy or (lambda: copy.deepcopy(base))
+        self.student_model = trainable_copy().float().requires_grad_(True) if config.student == "full" else None
+        self.critic_model = trainable_copy().float().requires_grad_(True) if config.critic == "full" else None
+        if dtype is not None and next(base.parameters()).dtype != dtype:  # the trainer loads it in its dtype
             base.to(dtype)
 
         self.lora_roles = [r for r in TRAINABLE_ROLES if getattr(config, r) == "lora"]

@@ -34,6 +34,7 @@ from .data import DataError, PromptSource, TrainingBatches, encode_real_images, 
 from .export import StudentRenderer, export_student, write_validation
 from .methods import build_method
 from .models import RandomSource, roles_to_update
+from .preflight import fresh_start_note
 from .resolve import ResolvedConfig, resolve
 from .roles import BackboneRoles
 
@@ -46,6 +47,10 @@ class NonFiniteError(RuntimeError):
 
 class TrainingInterrupted(RuntimeError):
     """SIGINT/SIGTERM arrived; a checkpoint of the current step was saved (unless disabled)."""
+
+
+class HubError(RuntimeError):
+    """The Hub repo of ``--push_to_hub`` could not be created (bad token, no write access); nothing was loaded."""
 
 
 @dataclass
@@ -73,6 +78,8 @@ class Trainer:
         self.config: TrainConfig = self.resolved.config
         self.hooks = list(hooks or [])
         self.state: Optional[TrainingState] = None
+        #: the full id of the Hub repo the student is pushed to (created at the start of ``run``)
+        self.hub_repo_id: Optional[str] = None
         self._interrupt_signal: Optional[int] = None
 
     @property
@@ -117,10 +124,13 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 
         cfg = self.config
+        # Unset on the command line, the precision is left to accelerate, which takes its config's (what
+        # `accelerate launch` passes on); the resolver read the same value, so the two agree.
+        explicit = self.resolved.mixed_precision_source == "flag"
         self.accelerator = Accelerator(
             # Several processes without CUDA: accelerate only forms a gloo group when told to use the CPU.
             cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-            mixed_precision=cfg.optim.mixed_precision,
+            mixed_precision=cfg.optim.mixed_precision if explicit else None,
             log_with=None if cfg.output.report_to == "none" else cfg.output.report_to,
             project_config=ProjectConfiguration(
                 project_dir=cfg.output.output_dir,
@@ -136,17 +146,48 @@ class Trainer:
                 "run outside the wrapper and the two roles have separate optimizers; use DDP "
                 "(training/accelerate_configs/multi_gpu.yaml) with LoRA roles and --gradient_checkpointing."
             )
+        if self.accelerator.mixed_precision != cfg.optim.mixed_precision:
+            # accelerate keeps the first Accelerator's settings for the whole process (a second run in a notebook)
+            raise ConfigError(
+                f"This process's Accelerator already runs with mixed_precision {self.accelerator.mixed_precision}, "
+                f"but this run resolved {cfg.optim.mixed_precision}; start it in a new process or pass "
+                f"--mixed_precision {self.accelerator.mixed_precision}."
+            )
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
+        if cfg.optim.allow_tf32:
+            # As the diffusers training examples: TF32 matmuls and convolutions on Ampere and newer GPUs.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.weight_dtype is None:
+            precision = "every network runs in float32"
+        else:
+            frozen = str(self.weight_dtype).replace("torch.", "")
+            precision = f"the frozen teacher runs in {frozen}, trainable weights in float32"
+        self.accelerator.print(f"{self.resolved.mixed_precision_explained}: {precision}.")
+
+    def _create_hub_repo(self) -> Optional[str]:
+        """With ``--push_to_hub``, create (or reuse) the repo first, on the main process: a bad token or a name
+        without write access fails here, in seconds, before any weights load. Returns the repo's full id."""
+        cfg, acc = self.config, self.accelerator
+        if not (cfg.output.push_to_hub and acc.is_main_process):
+            return None
+        from .. import hub
+
+        repo_id = cfg.output.hub_model_id or os.path.basename(os.path.abspath(cfg.output.output_dir))
+        try:
+            return hub.create_repo(repo_id, private=cfg.output.private)
+        except (OSError, ValueError) as error:  # huggingface_hub's HTTP errors are OSErrors
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise HubError(f"--push_to_hub could not create the Hub repo {repo_id!r} ({reason}); check HF_TOKEN or "
+                           "`hf auth login` and --hub_model_id.") from None
 
     def _load_teacher(self):
-        from diffusers import DiffusionPipeline
-
         cfg = self.config
         self.family = self.resolved.family
-        kwargs = {"revision": cfg.revision} if cfg.revision else {}
-        self.teacher_pipeline = DiffusionPipeline.from_pretrained(cfg.teacher, **kwargs)
         adapter_cls = get_adapter_class(self.family)
+        model_index = self.resolved.teacher_configs.get("model_index")
+        self.teacher_pipeline = load_teacher_pipeline(cfg, adapter_cls.denoiser_name, self.weight_dtype, model_index)
         self.adapter = adapter_cls(self.teacher_pipeline.components, max_sequence_length=cfg.max_sequence_length)
         for name in (adapter_cls.denoiser_name, "vae") + adapter_cls.text_component_names:
             module = self.teacher_pipeline.components.get(name)
@@ -154,9 +195,18 @@ class Trainer:
                 module.to(self.device).eval()
                 module.requires_grad_(False)
 
+    def _trainable_copy(self) -> Optional[Callable[[], torch.nn.Module]]:
+        """What a full role starts from: a copy of the frozen backbone (``None``), or -- when that was loaded in a
+        lower precision -- the teacher's denoiser loaded again in float32, so full roles start from the exact
+        teacher."""
+        if self.weight_dtype is None:
+            return None
+        return trainable_denoiser_loader(self.config, type(self.adapter.denoiser), self.adapter.denoiser_name,
+                                         self.device)
+
     def _setup_data(self):
         cfg, adapter = self.config, self.adapter
-        self.prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_column)
+        self.prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_column, cache_dir=cfg.cache_dir)
         self.prompt_source = PromptSource(adapter, self.prompts, cache=cfg.data.cache_text_embeddings,
                                           device=self.device)
         self.validation_prompts = list(cfg.output.validation_prompts or self.prompts[:4])
@@ -165,7 +215,8 @@ class Trainer:
         self.real_latents = self.real_conditions = None
         if cfg.method.uses_discriminator:
             images, captions = load_real_images(cfg.data.real_images, self.resolution, cfg.data.image_column,
-                                                cfg.data.caption_column)
+                                                cfg.data.caption_column, num_workers=cfg.data.dataloader_num_workers,
+                                                cache_dir=cfg.cache_dir)
             self.real_latents = encode_real_images(adapter, images, cfg.optim.seed, device=self.device)
             if captions is not None:
                 self.real_conditions = PromptSource(adapter, captions, cache=True, device=self.device)
@@ -176,7 +227,7 @@ class Trainer:
         cfg, optim, acc = self.config, self.config.optim, self.accelerator
         student_timesteps = self.resolved.student_timesteps
         roles = BackboneRoles(self.adapter, cfg.roles, discriminator=cfg.method.uses_discriminator,
-                              dtype=self.weight_dtype)
+                              dtype=self.weight_dtype, trainable_copy=self._trainable_copy())
         method = build_method(cfg.method, roles, student_timesteps)
         if cfg.data.cache_text_embeddings:
             # Every condition is cached: move the text encoders off the accelerator (kept for the export).
@@ -295,10 +346,11 @@ class Trainer:
                              self.global_step, acc.trackers)
 
     def export(self) -> str:
-        """Write the student into the output folder (full pipeline or LoRA + config), with samples and card."""
+        """Write the student into the output folder (full pipeline or LoRA + config), with samples and card (whose
+        loading snippet names the Hub repo with ``--push_to_hub``)."""
         if self.accelerator.is_main_process:
             export_student(self.renderer, self.config, self.validation_conditions.to(self.device),
-                           self.validation_prompts, ema=self.state.ema)
+                           self.validation_prompts, ema=self.state.ema, repo_id=self.hub_repo_id)
         self.accelerator.wait_for_everyone()
         return self.config.output.output_dir
 
@@ -314,6 +366,10 @@ class Trainer:
         resume = resolve_resume_path(cfg.output.resume_from_checkpoint, cfg.output.output_dir)
         self._setup_accelerator()
         acc = self.accelerator
+        self.hub_repo_id = self._create_hub_repo()
+        fresh = fresh_start_note(self.resolved)
+        if fresh:
+            acc.print(fresh)
         if acc.is_main_process:
             os.makedirs(cfg.output.output_dir, exist_ok=True)
             cfg.save(os.path.join(cfg.output.output_dir, CONFIG_NAME))
@@ -347,11 +403,10 @@ class Trainer:
             finally:
                 progress.close()
         output_dir = self.export()
-        if cfg.output.push_to_hub and acc.is_main_process:
+        if self.hub_repo_id is not None:
             from .. import hub
 
-            hub.push_to_hub(output_dir, cfg.output.hub_model_id or os.path.basename(os.path.abspath(output_dir)),
-                            private=cfg.output.private)
+            hub.upload_student(output_dir, self.hub_repo_id)
         acc.end_training()
         return TrainingResult(output_dir=output_dir, global_step=self.global_step, logs=logs)
 
@@ -381,6 +436,54 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# loading the teacher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def teacher_loading_kwargs(config: TrainConfig) -> Dict[str, Any]:
+    """Where and which teacher weights to read: ``revision``, ``variant`` and ``cache_dir``, as every
+    ``from_pretrained`` of the run takes them (only the ones that are set)."""
+    kwargs = {"revision": config.revision, "variant": config.variant, "cache_dir": config.cache_dir}
+    return {key: value for key, value in kwargs.items() if value}
+
+
+def load_teacher_pipeline(config: TrainConfig, denoiser_name: str, weight_dtype: Optional[torch.dtype] = None,
+                          model_index: Optional[Dict[str, Any]] = None):
+    """The teacher pipeline, its frozen denoiser loaded straight into ``weight_dtype`` (``torch_dtype=``, never a
+    float32 copy first); the other components load as the pipeline's own ``from_pretrained`` loads them.
+
+    ``model_index`` (the teacher's ``model_index.json``, read by the resolver) names the denoiser's class.
+    """
+    import importlib
+
+    from diffusers import DiffusionPipeline
+
+    from ..hub import read_json
+
+    kwargs = teacher_loading_kwargs(config)
+    if model_index is None:
+        model_index = read_json(config.teacher, "model_index.json",
+                                {k: v for k, v in kwargs.items() if k != "variant"}) or {}
+    library, class_name = model_index[denoiser_name][:2]
+    denoiser_cls = getattr(importlib.import_module(library), class_name)
+    denoiser = denoiser_cls.from_pretrained(config.teacher, subfolder=denoiser_name, torch_dtype=weight_dtype,
+                                            **kwargs)
+    return DiffusionPipeline.from_pretrained(config.teacher, **{denoiser_name: denoiser}, **kwargs)
+
+
+def trainable_denoiser_loader(config: TrainConfig, denoiser_cls, denoiser_name: str,
+                              device=None) -> Callable[[], torch.nn.Module]:
+    """A function that loads the teacher's denoiser in float32 on ``device``: the start of a full (trainable) role
+    when the frozen backbone runs in a lower precision."""
+    def load() -> torch.nn.Module:
+        model = denoiser_cls.from_pretrained(config.teacher, subfolder=denoiser_name, torch_dtype=torch.float32,
+                                             **teacher_loading_kwargs(config))
+        return model.to(device) if device is not None else model
+
+    return load
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -396,4 +499,5 @@ def _flat_config(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-__all__ = ["Trainer", "TrainingResult", "NonFiniteError", "TrainingInterrupted", "ConfigError", "DataError"]
+__all__ = ["Trainer", "TrainingResult", "NonFiniteError", "TrainingInterrupted", "HubError", "ConfigError", "DataError",
+           "load_teacher_pipeline", "teacher_loading_kwargs", "trainable_denoiser_loader"]
