@@ -482,6 +482,11 @@ class FamilyAdapter:
                          ) -> Dict[str, Any]:
         """Keyword arguments of ``save_lora_weights`` of :attr:`lora_pipeline_class_name` for this denoiser (diffusers
         names them after the component: ``unet_lora_layers``, ``transformer_lora_layers``)."""
+        from ..lora import fold_lora_scale, lora_metadata_supported
+
+        if metadata is not None and not lora_metadata_supported(self):
+            # A diffusers without LoRA metadata reads every file at scale 1 (lora_alpha = r): store the update so.
+            lora_state_dict, metadata = fold_lora_scale(lora_state_dict, metadata), None
         kwargs = {f"{self.denoiser_name}_lora_layers": lora_state_dict}
         if metadata is not None:
             kwargs[f"{self.denoiser_name}_lora_adapter_metadata"] = metadata
