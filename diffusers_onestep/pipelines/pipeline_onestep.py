@@ -21,6 +21,7 @@ from ..families import ONESTEP_INDEX_KEY, Condition, FamilyAdapter, detect_famil
 from ..storage import replace_directory, staging_path
 from ..schedulers import OneStepScheduler
 from . import loading
+from .lora_loading import OneStepLoraLoaderMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 #: OneStepPipeline's settings kept under ``model_index.json``'s ``ONESTEP_INDEX_KEY`` in folders saved under a native
@@ -102,7 +103,7 @@ class _DisabledProgressBar:
         pass
 
 
-class OneStepPipeline(DiffusionPipeline):
+class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
     r"""Text-to-image generation with a distilled one- or few-step student of SDXL, PixArt-α/Σ, SANA or SANA-Sprint.
 
     Args:
