@@ -220,7 +220,8 @@ def test_lora_students_and_style_loras_together(style_loras, native_folder, load
     (lambda p, L, t: p.load_lora_weights({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 4),
                                           "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(4, 2)}),
      r"The LoRA file holds no weights for the SANA transformer \(it holds weights for: unet\)\."),
-    (lambda p, L, t: (p.load_lora_weights(L["a"][0], adapter_name="x"), p.load_lora_weights(L["b"][0], adapter_name="x")),
+    (lambda p, L, t: (p.load_lora_weights(L["a"][0], adapter_name="x"),
+                      p.load_lora_weights(L["b"][0], adapter_name="x")),
      r"The transformer already has an adapter named 'x'; pass another `adapter_name` or call delete_adapters\('x'\) "
      r"first\."),
     (lambda p, L, t: p.load_lora_weights(L["a"][0], low_cpu_mem_usage=True),

@@ -118,7 +118,8 @@ def test_binning_off_generates_at_the_requested_size(family, binning_folder, loa
     raw = run(pipe, height=height, width=width, use_resolution_binning=False)
     latents = run(pipe, height=height, width=width, use_resolution_binning=False, output_type="latent")
     assert raw.shape == (1, height, width, 3)
-    assert tuple(latents.shape[-2:]) == (height // pipe.adapter.vae_scale_factor, width // pipe.adapter.vae_scale_factor)
+    factor = pipe.adapter.vae_scale_factor
+    assert tuple(latents.shape[-2:]) == (height // factor, width // factor)
     native, kwargs = native_one_step_pipeline(family, folder, tiny_fixture(family).parity_timesteps)
     kwargs.update(height=height, width=width, use_resolution_binning=False)
     assert np.abs(raw - run(native, **kwargs)).max() <= 1e-5
