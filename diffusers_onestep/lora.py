@@ -4,33 +4,92 @@ Files are read with diffusers' own ``lora_state_dict`` of the family's LoRA-load
 and Kohya key layouts are all understood) and injected with peft's functional API (``inject_adapter_in_model`` +
 ``set_peft_model_state_dict``, which needs no diffusers loader mixin). Only ``.safetensors`` files are read. Fusing
 merges with peft's ``safe_merge`` (which checks for non-finite weights) and removes the LoRA layers.
+
+Two uses share these functions: LoRA *students* (fused into the denoiser on load, :func:`load_and_fuse_lora`), and
+style LoRAs that users stack, weight, fuse and unfuse on a loaded student
+(:class:`~diffusers_onestep.pipelines.lora_loading.OneStepLoraLoaderMixin`).
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
+import os
 import re
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 #: first key segments by which diffusers LoRA files name the pipeline component a weight belongs to
 _COMPONENT_PREFIXES = {"unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior"}
 
 
-def read_lora_state_dict(
-    adapter, path_or_state_dict: Union[str, Dict[str, torch.Tensor]], weight_name: Optional[str] = None, **hub_kwargs
-) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, float]], Optional[dict]]:
-    """``(state_dict, network_alphas, metadata)`` of a LoRA file/folder/Hub repo, keys without the family prefix."""
+def lora_metadata_supported(adapter) -> bool:
+    """Whether the installed diffusers stores and reads LoRA adapter metadata (rank, alpha, targets) in LoRA files: its
+    family loader's ``save_lora_weights`` takes ``<denoiser>_lora_adapter_metadata`` (diffusers 0.33 has no such
+    argument and its ``lora_state_dict`` no ``return_lora_metadata``)."""
     import diffusers
 
     loader = getattr(diffusers, adapter.lora_pipeline_class_name)
+    return f"{adapter.denoiser_name}_lora_adapter_metadata" in inspect.signature(loader.save_lora_weights).parameters
+
+
+def check_lora_source(source, weight_name: Optional[str] = None, subfolder: Optional[str] = None) -> None:
+    """Refuse, in one sentence, a local LoRA path that does not exist or a folder without the file asked for.
+
+    Hub repo ids pass through (diffusers downloads them); a path that cannot be a repo id and is not on disk is a
+    typo, which diffusers would report as a Hub or offline-mode error.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    path = os.fspath(source)
+    if os.path.isfile(path):
+        return
+    if os.path.isdir(path):
+        folder = os.path.join(path, subfolder) if subfolder else path
+        if weight_name is not None:
+            if not os.path.isfile(os.path.join(folder, weight_name)):
+                raise ValueError(f"The folder {folder} has no LoRA file {weight_name}.")
+        elif not os.path.isdir(folder) or not any(n.endswith(".safetensors") for n in os.listdir(folder)):
+            raise ValueError(
+                f"The folder {folder} has no .safetensors LoRA file (diffusers names it {LORA_WEIGHT_NAME})."
+            )
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise ValueError(f"No LoRA file or folder at {path}.") from None
+    if path.endswith(".safetensors"):
+        raise ValueError(f"No LoRA file at {path}.")
+
+
+def read_lora_state_dict(
+    adapter, path_or_state_dict: Union[str, Dict[str, torch.Tensor]], weight_name: Optional[str] = None, **hub_kwargs
+) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, float]], Optional[dict]]:
+    """``(state_dict, network_alphas, metadata)`` of a LoRA file/folder/Hub repo, keys without the family prefix.
+
+    Weights for other pipeline components (e.g. an SDXL LoRA's ``text_encoder.`` keys) are left out with a warning:
+    only the denoiser takes LoRAs here.
+    """
+    import diffusers
+
+    check_lora_source(path_or_state_dict, weight_name, hub_kwargs.get("subfolder"))
+    loader = getattr(diffusers, adapter.lora_pipeline_class_name)
+    with_metadata = lora_metadata_supported(adapter)
     kwargs = {**hub_kwargs, **adapter.lora_state_dict_kwargs()}
-    out = loader.lora_state_dict(
-        path_or_state_dict, weight_name=weight_name, use_safetensors=True, return_lora_metadata=True, **kwargs
-    )
-    # UNet loaders return (state_dict, network_alphas, metadata); transformer loaders (state_dict, metadata).
-    state_dict, network_alphas, metadata = out if len(out) == 3 else (out[0], None, out[1])
+    if with_metadata:
+        kwargs["return_lora_metadata"] = True
+    out = loader.lora_state_dict(path_or_state_dict, weight_name=weight_name, use_safetensors=True, **kwargs)
+    # UNet loaders return (state_dict, network_alphas), transformer loaders the state_dict alone; with
+    # return_lora_metadata the metadata comes last.
+    out = [out] if isinstance(out, dict) else list(out)
+    metadata = out.pop() if with_metadata else None
+    state_dict, network_alphas = out[0], (out[1] if len(out) > 1 else None)
     prefix = adapter.denoiser_name + "."
     components = sorted({k.split(".", 1)[0] for k in state_dict} & _COMPONENT_PREFIXES)
     if components:  # keys name their pipeline component: keep the denoiser's (none left: a LoRA for another model)
@@ -43,6 +102,12 @@ def read_lora_state_dict(
         found = f" (it holds weights for: {', '.join(components)})" if components else ""
         raise ValueError(
             f"The LoRA file holds no weights for the {adapter.display_name} {adapter.denoiser_name}{found}."
+        )
+    others = [c for c in components if c != adapter.denoiser_name]
+    if others:
+        logger.warning(
+            "The LoRA file also holds weights for %s, which are not loaded: only the %s takes LoRAs here.",
+            ", ".join(others), adapter.denoiser_name,
         )
     return state_dict, network_alphas or None, metadata or None
 
@@ -67,10 +132,10 @@ def inject_lora(
         state_dict = convert_unet_state_dict_to_peft(state_dict)
     rank = {f"^{k}": v.shape[1] for k, v in state_dict.items() if "lora_B" in k and v.ndim > 1}
     # The file's own adapter metadata when it has some (diffusers' LoRA format), else the shapes and alphas; the same
-    # rule as diffusers' loaders, through its public get_peft_kwargs.
+    # rule as diffusers' loaders, through its public get_peft_kwargs (called with the arguments every supported
+    # diffusers takes; later releases added keywords that its computation does not use).
     if metadata is None:
-        metadata = get_peft_kwargs(rank, network_alpha_dict=network_alphas, peft_state_dict=state_dict,
-                                   model_state_dict=model.state_dict(), adapter_name=adapter_name)
+        metadata = get_peft_kwargs(rank, network_alphas, state_dict)
     config = LoraConfig(**metadata)
     had_peft_layers = _has_peft_layers(model)
     try:
@@ -110,23 +175,56 @@ def _has_peft_layers(model: torch.nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
-def _remove_adapter(model: torch.nn.Module, adapter_name: str, had_peft_layers: bool) -> None:
-    """Undo a failed injection: leave the model as it was, with no half-loaded adapter behind."""
-    if had_peft_layers:  # other adapters live in the model (training roles): remove only this one
-        from peft.functional import delete_adapter
+def lora_layers(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
+    """``(name, layer)`` of every peft LoRA layer of ``model``."""
+    from peft.tuners.lora import LoraLayer
 
-        delete_adapter(model, adapter_name, prefix="lora_")
-        return
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def lora_adapter_names(model: torch.nn.Module) -> List[str]:
+    """The LoRA adapters present in ``model``'s layers, in the order they were added."""
+    names: Dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        names.update(dict.fromkeys(layer.lora_A))
+    return list(names)
+
+
+def remove_lora_layers(model: torch.nn.Module) -> None:
+    """Replace every peft layer of ``model`` by its base layer (weights merged into it stay merged) and drop the peft
+    config. A model with diffusers' ``PeftAdapterMixin`` does it through its own ``unload_lora``, so that diffusers'
+    record of loaded adapters stays true; PixArt's transformer has no such mixin."""
+    from diffusers.loaders import PeftAdapterMixin
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
 
+    if isinstance(model, PeftAdapterMixin):
+        model.unload_lora()
+        return
     recurse_remove_peft_layers(model)
-    for attribute in ("peft_config", "_hf_peft_config_loaded"):
-        model.__dict__.pop(attribute, None)  # instance attributes set by the injection; class defaults stay
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+
+
+def delete_lora_adapter(model: torch.nn.Module, adapter_name: str) -> None:
+    """Remove one adapter's LoRA weights and config from ``model``, leaving the other adapters as they are."""
+    from peft.functional import delete_adapter
+
+    delete_adapter(model, adapter_name, prefix="lora_")
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict):
+        peft_config.pop(adapter_name, None)
+
+
+def _remove_adapter(model: torch.nn.Module, adapter_name: str, had_peft_layers: bool) -> None:
+    """Undo a failed injection: leave the model as it was, with no half-loaded adapter behind."""
+    if had_peft_layers:  # other adapters live in the model (training roles, style LoRAs): remove only this one
+        delete_lora_adapter(model, adapter_name)
+    else:
+        remove_lora_layers(model)
 
 
 def fuse_lora(model: torch.nn.Module, adapter_names: Iterable[str], lora_scale: float = 1.0) -> None:
     """Merge the named adapters into the base weights (``safe_merge``) and remove every LoRA layer."""
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     names = list(adapter_names)
@@ -137,11 +235,7 @@ def fuse_lora(model: torch.nn.Module, adapter_names: Iterable[str], lora_scale: 
             present = [n for n in names if n in getattr(module, "lora_A", {})]
             if present:
                 module.merge(safe_merge=True, adapter_names=present)
-    recurse_remove_peft_layers(model)
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-    if hasattr(model, "_hf_peft_config_loaded"):
-        model._hf_peft_config_loaded = False
+    remove_lora_layers(model)
 
 
 def load_and_fuse_lora(
@@ -153,9 +247,35 @@ def load_and_fuse_lora(
     **hub_kwargs,
 ) -> None:
     """Load a LoRA student into the adapter's denoiser and fuse it (a one-step student runs at full speed)."""
+    loaded = lora_adapter_names(adapter.denoiser)
+    if loaded:
+        # Fusing a student removes every LoRA layer, and with them the style LoRAs' unfused weights.
+        raise ValueError(
+            f"Load the LoRA student before any other LoRA: the {adapter.denoiser_name} carries {', '.join(loaded)}; "
+            "call unload_lora_weights() first."
+        )
     state_dict, alphas, metadata = read_lora_state_dict(adapter, path_or_state_dict, weight_name, **hub_kwargs)
     inject_lora(adapter.denoiser, state_dict, adapter_name, alphas, metadata)
     fuse_lora(adapter.denoiser, [adapter_name], lora_scale)
+
+
+def fold_lora_scale(state_dict: Dict[str, torch.Tensor], config: Dict) -> Dict[str, torch.Tensor]:
+    """The LoRA ``state_dict`` with each layer's scale ``lora_alpha / r`` multiplied into its ``lora_B`` weights, so
+    that a reader without the file's adapter metadata (which then takes ``lora_alpha = r``, scale 1) computes the same
+    update ``scale * B A`` (Hu et al. 2021, arXiv 2106.09685, eq. 3 with the alpha/r scaling of its section 4.1).
+
+    ``config`` is the adapter's ``LoraConfig`` as a dict; per-layer rank or alpha patterns, rsLoRA and DoRA are
+    refused, the update then not being ``B A`` times one number.
+    """
+    if any(config.get(k) for k in ("rank_pattern", "alpha_pattern", "use_rslora", "use_dora")):
+        raise ValueError(
+            "This LoRA has per-layer ranks or alphas, rsLoRA or DoRA, which a LoRA file without adapter metadata "
+            "cannot describe; install a diffusers release whose save_lora_weights stores LoRA metadata."
+        )
+    scale = float(config["lora_alpha"]) / float(config["r"])
+    if scale == 1.0:
+        return dict(state_dict)
+    return {k: (v * scale if ".lora_B." in k else v) for k, v in state_dict.items()}
 
 
 def lora_metadata(config) -> Dict[str, str]:

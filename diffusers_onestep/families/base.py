@@ -150,6 +150,10 @@ class FamilyAdapter:
     default_max_sequence_length: Optional[int] = None
     #: condition fields a caller must provide when passing embeddings instead of prompts
     required_condition_fields: Tuple[str, ...] = ("embeds",)
+    #: resolution binning of the family's native pipeline: ``{denoiser sample_size: (module, name)}`` of the diffusers
+    #: aspect-ratio table (``ASPECT_RATIO_*_BIN``) it snaps requested sizes to for that sample size; empty where the
+    #: native pipeline has no ``use_resolution_binning`` (SDXL)
+    resolution_bin_tables: Dict[int, Tuple[str, str]] = {}
     #: defaults of a distillation run with this family as the teacher
     training_defaults: TrainingDefaults = TrainingDefaults(
         student_timesteps=(999.0,), guidance_scale=4.5, learning_rate_full=1e-6, learning_rate_lora=5e-5
@@ -260,6 +264,68 @@ class FamilyAdapter:
     @property
     def default_resolution(self) -> int:
         return int(self.denoiser.config.sample_size) * self.vae_scale_factor
+
+    # ------------------------------------------------------------------------------------------------------------
+    # resolution binning
+    # ------------------------------------------------------------------------------------------------------------
+
+    def resolution_bins(self) -> Optional[Dict[str, List[float]]]:
+        """The aspect-ratio table (``{"ratio": [height, width]}``) that the family's native pipeline bins this
+        denoiser's sizes to, chosen by its ``sample_size`` as that pipeline chooses it; ``None`` where it has none."""
+        sample_size = self.denoiser.config.sample_size
+        entry = self.resolution_bin_tables.get(sample_size) if isinstance(sample_size, int) else None
+        if entry is None:
+            return None
+        import importlib
+
+        module, name = entry
+        return getattr(importlib.import_module(module), name)
+
+    def binned_size(self, height: int, width: int, use_resolution_binning: Optional[bool] = None) -> Tuple[int, int]:
+        """The size the denoiser generates at for a requested ``height x width``.
+
+        With binning, the nearest aspect ratio of :meth:`resolution_bins` (``PixArtImageProcessor.
+        classify_height_width_bin``), as the family's native pipeline does; :meth:`resize_to_requested` brings the
+        decoded image back to the requested size. ``use_resolution_binning=None`` bins where the native pipeline's
+        table is the one of the denoiser's own resolution (every published PixArt and SANA checkpoint: e.g. sample
+        size 128 x VAE factor 8 = the 1024 px table). The native pipelines pick the table by ``sample_size`` alone,
+        which assumes the published VAEs: a tiny test model of SANA (sample size 32, a 2x VAE, 64 px) would be snapped
+        to the 1024 px table, and one of PixArt (sample size 8) is refused; ``None`` leaves such models unbinned, and
+        ``True`` does exactly what the native pipeline does.
+        """
+        if use_resolution_binning is False:
+            return height, width
+        if not self.resolution_bin_tables:
+            if use_resolution_binning:
+                raise ValueError(
+                    f"{self.display_name} students have no resolution binning ({self.native_pipeline_class_name} has "
+                    "none); drop `use_resolution_binning`."
+                )
+            return height, width
+        bins = self.resolution_bins()
+        if bins is None:
+            if use_resolution_binning:
+                sizes = ", ".join(str(s) for s in sorted(self.resolution_bin_tables))
+                raise ValueError(
+                    f"`use_resolution_binning=True` needs a transformer of sample_size {sizes}, as "
+                    f"{self.native_pipeline_class_name} does; this one has {self.denoiser.config.sample_size}."
+                )
+            return height, width
+        if use_resolution_binning is None and [float(self.default_resolution)] * 2 != list(bins["1.0"]):
+            return height, width
+        from diffusers.image_processor import PixArtImageProcessor
+
+        return PixArtImageProcessor.classify_height_width_bin(height, width, ratios=bins)
+
+    @staticmethod
+    def resize_to_requested(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Decoded images ``[B, 3, H, W]`` resized (bilinear) and center-cropped to ``height x width``, as the native
+        pipelines undo resolution binning (``PixArtImageProcessor.resize_and_crop_tensor``); unchanged at that size."""
+        if tuple(images.shape[-2:]) == (height, width):
+            return images
+        from diffusers.image_processor import PixArtImageProcessor
+
+        return PixArtImageProcessor.resize_and_crop_tensor(images, width, height)
 
     def latent_shape(self, batch_size: int, height: int, width: int) -> Tuple[int, int, int, int]:
         f = self.vae_scale_factor
@@ -482,6 +548,11 @@ class FamilyAdapter:
                          ) -> Dict[str, Any]:
         """Keyword arguments of ``save_lora_weights`` of :attr:`lora_pipeline_class_name` for this denoiser (diffusers
         names them after the component: ``unet_lora_layers``, ``transformer_lora_layers``)."""
+        from ..lora import fold_lora_scale, lora_metadata_supported
+
+        if metadata is not None and not lora_metadata_supported(self):
+            # A diffusers without LoRA metadata reads every file at scale 1 (lora_alpha = r): store the update so.
+            lora_state_dict, metadata = fold_lora_scale(lora_state_dict, metadata), None
         kwargs = {f"{self.denoiser_name}_lora_layers": lora_state_dict}
         if metadata is not None:
             kwargs[f"{self.denoiser_name}_lora_adapter_metadata"] = metadata

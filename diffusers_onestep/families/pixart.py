@@ -9,6 +9,9 @@ import torch
 from .base import Condition, FamilyAdapter, TrainingDefaults, _unwrap
 
 
+#: where diffusers defines the PixArt aspect-ratio tables (``ASPECT_RATIO_256_BIN`` ... ``ASPECT_RATIO_1024_BIN``)
+_PIXART_ALPHA_MODULE = "diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha"
+
 #: ``PixArtTransformer2DModel`` settings shared by every published PixArt-α/Σ transformer (PixArt-XL-2-*): only the
 #: sizes (sample size, depth, heads, widths, caption channels) differ between checkpoints and the tiny test models
 PIXART_BLOCK_CONFIG = {
@@ -40,6 +43,12 @@ class PixArtAlphaAdapter(FamilyAdapter):
     #: T5 tokens kept, as in the family's pipeline
     default_max_sequence_length = 120
     required_condition_fields = ("embeds", "mask")
+    # PixArtAlphaPipeline.__call__'s choice of aspect-ratio table by transformer sample size.
+    resolution_bin_tables = {
+        128: (_PIXART_ALPHA_MODULE, "ASPECT_RATIO_1024_BIN"),
+        64: (_PIXART_ALPHA_MODULE, "ASPECT_RATIO_512_BIN"),
+        32: (_PIXART_ALPHA_MODULE, "ASPECT_RATIO_256_BIN"),
+    }
     # The public PixArt-α DMD student runs at t=400 (the PixArt-α DMD model card and the PixArt-sigma repo's DMD
     # demo: timesteps=[400]); TDM (Luo et al. 2025, arXiv 2503.06674) distils PixArt with CFG 4.5 in its PixArt
     # training demo. No published learning rate: ours, labelled so in docs/training.md.
@@ -104,6 +113,11 @@ class PixArtSigmaAdapter(PixArtAlphaAdapter):
     # As PixArt-α: no PixArt LoRA loader exists, SanaPipeline's transformer-only one writes the same `transformer.` keys.
     lora_pipeline_class_name = "SanaPipeline"
     default_max_sequence_length = 300
+    # PixArtSigmaPipeline.__call__'s choice: the PixArt-α tables plus the 2K one.
+    resolution_bin_tables = {
+        256: ("diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma", "ASPECT_RATIO_2048_BIN"),
+        **PixArtAlphaAdapter.resolution_bin_tables,
+    }
 
     @classmethod
     def matches(cls, model_index, component_configs):

@@ -24,6 +24,13 @@ class SanaAdapter(FamilyAdapter):
     default_lora_target_modules = ("to_k", "to_q", "to_v")
     default_max_sequence_length = 300
     required_condition_fields = ("embeds", "mask")
+    # SanaPipeline.__call__'s choice of aspect-ratio table by transformer sample size (DC-AE, 32x downsampling).
+    resolution_bin_tables = {
+        128: ("diffusers.pipelines.sana.pipeline_sana", "ASPECT_RATIO_4096_BIN"),
+        64: ("diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma", "ASPECT_RATIO_2048_BIN"),
+        32: ("diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha", "ASPECT_RATIO_1024_BIN"),
+        16: ("diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha", "ASPECT_RATIO_512_BIN"),
+    }
     # No DMD2/f-distill recipe exists for SANA: the student starts from pure noise (flow sigma 1) and the target uses
     # the SANA pipeline's default guidance 4.5; learning rates are ours.
     training_defaults = TrainingDefaults(
@@ -94,6 +101,8 @@ class SanaSprintAdapter(SanaAdapter):
     lora_pipeline_class_name = "SanaSprintPipeline"
     has_embedded_guidance = True
     default_embedded_guidance_scale = 4.5
+    # SanaSprintPipeline.__call__ bins only the 1024 px sample size.
+    resolution_bin_tables = {32: ("diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha", "ASPECT_RATIO_1024_BIN")}
     # SANA-Sprint students start at TrigFlow t = pi/2 with embedded guidance 4.5 (SANA-Sprint, Chen et al. 2025,
     # arXiv 2503.09641; diffusers' SanaSprintPipeline defaults: max_timesteps=1.57080, guidance_scale=4.5).
     training_defaults = TrainingDefaults(

@@ -21,6 +21,7 @@ from ..families import ONESTEP_INDEX_KEY, Condition, FamilyAdapter, detect_famil
 from ..storage import replace_directory, staging_path
 from ..schedulers import OneStepScheduler
 from . import loading, serving
+from .lora_loading import OneStepLoraLoaderMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 #: OneStepPipeline's settings kept under ``model_index.json``'s ``ONESTEP_INDEX_KEY`` in folders saved under a native
@@ -102,7 +103,7 @@ class _DisabledProgressBar:
         pass
 
 
-class OneStepPipeline(DiffusionPipeline):
+class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
     r"""Text-to-image generation with a distilled one- or few-step student of SDXL, PixArt-α/Σ, SANA or SANA-Sprint.
 
     Args:
@@ -404,6 +405,7 @@ class OneStepPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable[["OneStepPipeline", int, Any, Dict], Dict]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        use_resolution_binning: Optional[bool] = None,
     ):
         r"""Generate images.
 
@@ -425,14 +427,20 @@ class OneStepPipeline(DiffusionPipeline):
             return_dict (`bool`): return an [`ImagePipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, i, t, tensors)` after each
                 step; may return replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
+            use_resolution_binning (`bool`, *optional*): generate at the nearest aspect-ratio bin of the family's
+                native pipeline and resize the image back, as that pipeline does; default: on where it bins this
+                denoiser's own resolution (see `FamilyAdapter.binned_size`).
 
         Returns:
             [`ImagePipelineOutput`] or `(images,)`.
         """
         adapter = self.adapter
-        # 0. Default size: the denoiser's native resolution
+        # 0. Default size: the denoiser's native resolution; generated at the native pipeline's aspect-ratio bin where
+        #    that pipeline bins, the decoded image resized back to the requested size in step 7
         height = adapter.default_resolution if height is None else height
         width = adapter.default_resolution if width is None else width
+        requested_size = (height, width)
+        height, width = adapter.binned_size(height, width, use_resolution_binning)
 
         # 1. Check inputs
         self.check_inputs(
@@ -501,6 +509,7 @@ class OneStepPipeline(DiffusionPipeline):
             image = denoised
         else:
             image = adapter.decode(denoised, vae_dtype=vae_dtype)
+            image = adapter.resize_to_requested(image, *requested_size)
             image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
