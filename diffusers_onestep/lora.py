@@ -8,6 +8,7 @@ merges with peft's ``safe_merge`` (which checks for non-finite weights) and remo
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
@@ -26,6 +27,12 @@ def read_lora_state_dict(
 
     loader = getattr(diffusers, adapter.lora_pipeline_class_name)
     kwargs = {**hub_kwargs, **adapter.lora_state_dict_kwargs()}
+    if weight_name is None and isinstance(path_or_state_dict, str):
+        # Name a local file as diffusers would find it: before 0.40 its loaders refuse to look for it when offline.
+        if os.path.isfile(path_or_state_dict):
+            path_or_state_dict, weight_name = os.path.split(os.path.abspath(path_or_state_dict))
+        elif os.path.isfile(os.path.join(path_or_state_dict, LORA_WEIGHT_NAME)):
+            weight_name = LORA_WEIGHT_NAME
     out = loader.lora_state_dict(
         path_or_state_dict, weight_name=weight_name, use_safetensors=True, return_lora_metadata=True, **kwargs
     )
@@ -69,8 +76,7 @@ def inject_lora(
     # The file's own adapter metadata when it has some (diffusers' LoRA format), else the shapes and alphas; the same
     # rule as diffusers' loaders, through its public get_peft_kwargs.
     if metadata is None:
-        metadata = get_peft_kwargs(rank, network_alpha_dict=network_alphas, peft_state_dict=state_dict,
-                                   model_state_dict=model.state_dict(), adapter_name=adapter_name)
+        metadata = get_peft_kwargs(rank, network_alpha_dict=network_alphas, peft_state_dict=state_dict)
     config = LoraConfig(**metadata)
     had_peft_layers = _has_peft_layers(model)
     try:
