@@ -82,6 +82,12 @@ def read_lora_state_dict(
     loader = getattr(diffusers, adapter.lora_pipeline_class_name)
     with_metadata = lora_metadata_supported(adapter)
     kwargs = {**hub_kwargs, **adapter.lora_state_dict_kwargs()}
+    if weight_name is None and isinstance(path_or_state_dict, str):
+        # Name a local file as diffusers would find it: before 0.40 its loaders refuse to look for it when offline.
+        if os.path.isfile(path_or_state_dict):
+            path_or_state_dict, weight_name = os.path.split(os.path.abspath(path_or_state_dict))
+        elif os.path.isfile(os.path.join(path_or_state_dict, LORA_WEIGHT_NAME)):
+            weight_name = LORA_WEIGHT_NAME
     if with_metadata:
         kwargs["return_lora_metadata"] = True
     out = loader.lora_state_dict(path_or_state_dict, weight_name=weight_name, use_safetensors=True, **kwargs)

@@ -35,6 +35,7 @@ def test_teacher_folder_is_small_pixart_alpha_with_safetensors_only():
         assert json.load(f)["_class_name"] == "PixArtAlphaPipeline"
 
 
+@pytest.mark.oldest
 def test_teacher_loads_and_generates(teacher):
     assert type(teacher).__name__ == "PixArtAlphaPipeline"
     assert teacher.transformer.config.use_additional_conditions is False

@@ -19,6 +19,7 @@ PROMPT = "a photo of a cat"
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_one_step_parity_with_native_pipeline(family, native_folder, student, run):
     native, kwargs = native_one_step_pipeline(family, native_folder(family))

@@ -33,6 +33,10 @@ CASES = [(family, divergence, kind) for family in ("sdxl", "pixart_alpha", "sana
     ("sana_sprint", "reverse_kl", "lora"),
     ("sana_sprint", "js", "full"),  # f-distill on an embedded-guidance teacher's trunk
 ]
+#: one run per family on the oldest supported dependencies, each method and each student kind at least twice
+OLDEST_CASES = {("sdxl", "reverse_kl", "lora"), ("pixart_alpha", "js", "full"), ("sana", "js", "lora"),
+                ("pixart_sigma", "reverse_kl", "full"), ("sana_sprint", "reverse_kl", "lora")}
+CASES = [pytest.param(*case, marks=pytest.mark.oldest) if case in OLDEST_CASES else case for case in CASES]
 
 
 @pytest.mark.parametrize("family,divergence,kind", CASES)

@@ -5,8 +5,8 @@ The pipeline is written once against the family adapter (:mod:`diffusers_onestep
 nothing in it depends on the backbone.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: diffusers before 0.37 reads the `__init__` annotations with
+# `inspect` and fails on string annotations when loading a folder.
 import json
 import os
 import shutil

@@ -37,21 +37,59 @@ def _bytes_to_unicode() -> Dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes)))
 
 
+def _takes_in_memory_vocab(tokenizer_class) -> bool:
+    """Whether ``tokenizer_class`` is built from an in-memory ``vocab`` (transformers 5, where every tokenizer is
+    backed by the ``tokenizers`` library). transformers 4's classes of the same name read vocabulary files instead;
+    there the same backend is assembled here and wrapped in the ``...TokenizerFast`` class."""
+    import inspect
+
+    return "vocab" in inspect.signature(tokenizer_class.__init__).parameters
+
+
+def _clip_vocab():
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab_list)}
+
+
 def tiny_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
     """A char-level CLIP BPE tokenizer: 256 byte symbols, their ``</w>`` forms and two specials (514 ids)."""
     from transformers import CLIPTokenizer
 
-    symbols = list(_bytes_to_unicode().values())
-    vocab_list = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(vocab_list)}
-    return CLIPTokenizer(
-        vocab=vocab,
-        merges=[],
-        unk_token="<|endoftext|>",
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token=pad_token,
-        model_max_length=model_max_length,
+    vocab = _clip_vocab()
+    specials = {"unk_token": "<|endoftext|>", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>"}
+    if _takes_in_memory_vocab(CLIPTokenizer):
+        return CLIPTokenizer(
+            vocab=vocab, merges=[], pad_token=pad_token, model_max_length=model_max_length, **specials
+        )
+
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import CLIPTokenizerFast
+
+    # the pipeline of transformers' CLIP tokenizer (lower-cased NFC text, CLIP's word regex, byte-level symbols)
+    backend = Tokenizer(
+        BPE(vocab=vocab, merges=[], continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False,
+            unk_token="<|endoftext|>")
+    )
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(
+            Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+            behavior="removed",
+            invert=True,
+        ),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.RobertaProcessing(
+        ("<|endoftext|>", vocab["<|endoftext|>"]), ("<|startoftext|>", vocab["<|startoftext|>"]),
+        trim_offsets=False, add_prefix_space=False,
+    )
+    return CLIPTokenizerFast(
+        tokenizer_object=backend, pad_token=pad_token, model_max_length=model_max_length, **specials
     )
 
 
@@ -63,7 +101,24 @@ def tiny_t5_tokenizer(words: Optional[Iterable[str]] = None, model_max_length: i
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [("▁" + w, -1.0) for w in words]
     pieces += [(c, -5.0) for c in string.ascii_lowercase + string.digits + ".,'-"]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+    if _takes_in_memory_vocab(T5Tokenizer):
+        return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    # the pipeline of transformers' T5 tokenizer without a sentencepiece normalizer: words, "▁"-prefixed, then "</s>"
+    backend = Tokenizer(Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+    ])
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    backend.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(tokenizer_object=backend, extra_ids=0, model_max_length=model_max_length)
 
 
 def tiny_gemma_tokenizer():
@@ -75,7 +130,22 @@ def tiny_gemma_tokenizer():
         vocab[f"<0x{b:02X}>"] = len(vocab)
     for c in string.ascii_lowercase + "▁":
         vocab.setdefault(c, len(vocab))
-    return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True)
+    if _takes_in_memory_vocab(GemmaTokenizer):
+        return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True)
+
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import GemmaTokenizerFast
+
+    # the pipeline of transformers' Gemma tokenizer: spaces become "▁", unknown characters fall back to bytes
+    backend = Tokenizer(
+        BPE(vocab=vocab, merges=[], fuse_unk=True, unk_token="<unk>", dropout=None, byte_fallback=True)
+    )
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    # GemmaTokenizerFast writes the BOS-adding post-processor itself (add_bos_token)
+    return GemmaTokenizerFast(tokenizer_object=backend, add_bos_token=True, mask_token="<mask>")
 
 
 # ------------------------------------------------------------------------------------------------------------------
