@@ -87,6 +87,7 @@ def binning_folder(tmp_path_factory):
     return get
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("family", list(CASES))
 def test_binning_equals_the_native_pipeline_at_an_off_bin_size(family, binning_folder, load_student, run):
     folder = binning_folder(family)
