@@ -317,6 +317,23 @@ def test_height_and_width_default_to_the_native_size_and_can_change(student, run
     assert run(pipe, height=32, width=48).shape == (1, 32, 48, 3)
 
 
+def test_disabled_progress_bar_builds_no_tqdm(native_folder, load_student, run):
+    from tqdm.auto import tqdm
+
+    pipe = load_student(native_folder("pixart_alpha"), "pixart_alpha")  # set_progress_bar_config(disable=True)
+    assert not isinstance(pipe.progress_bar(total=1), tqdm)
+    reference = run(pipe)
+    pipe.set_progress_bar_config(disable=False)
+    bar = pipe.progress_bar(total=1)
+    assert isinstance(bar, tqdm)
+    bar.close()
+    pipe.set_progress_bar_config(leave=False)  # "disable" unset: diffusers decides, as before
+    bar = pipe.progress_bar(total=1)
+    assert isinstance(bar, tqdm)
+    bar.close()
+    assert np.array_equal(run(pipe), reference)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # family data: the pipeline's slots, detection and the noise path all come from the adapter classes
 # ---------------------------------------------------------------------------------------------------------------------

@@ -42,6 +42,19 @@ _COMPONENT_NAMES = ("vae", "unet", "transformer", "text_encoder", "text_encoder_
 CALLBACK_TENSOR_INPUTS = ("latents", "denoised", "prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
 
 
+class _DisabledProgressBar:
+    """What :meth:`OneStepPipeline.progress_bar` returns while the bar is switched off."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
 def _check_prompt(prompt) -> None:
     if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and
                                         all(isinstance(p, str) for p in prompt))):
@@ -128,6 +141,7 @@ class OneStepPipeline(DiffusionPipeline):
         self._adapter_key = None
         self._image_processor: Optional[VaeImageProcessor] = None
         self._interrupt = False
+        self._progress_bar_disabled = False
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -177,6 +191,19 @@ class OneStepPipeline(DiffusionPipeline):
         on the CPU (or the meta device) between calls, ``self.device`` reports that, and only this property reads the
         offload hooks' execution device. The one place the library reads it."""
         return self._execution_device
+
+    def set_progress_bar_config(self, **kwargs):
+        """``DiffusionPipeline.set_progress_bar_config``, also noting whether the bar is switched off
+        (``disable=True``), in which case :meth:`progress_bar` builds no ``tqdm`` that would draw nothing."""
+        super().set_progress_bar_config(**kwargs)
+        self._progress_bar_disabled = kwargs.get("disable") is True
+
+    def progress_bar(self, iterable=None, total=None):
+        """``DiffusionPipeline.progress_bar``, with a no-op stand-in while the bar is switched off: a ``tqdm`` that draws
+        nothing costs about 0.1 ms a call, several percent of a call on small models."""
+        if iterable is None and total is not None and self._progress_bar_disabled:
+            return _DisabledProgressBar()
+        return super().progress_bar(iterable=iterable, total=total)
 
     @property
     def interrupt(self) -> bool:
