@@ -210,6 +210,25 @@ def test_enable_model_cpu_offload(family, native_folder, load_student, run):
     assert np.abs(run(pipe) - expected).max() <= 1e-6
 
 
+def test_the_execution_device_is_asked_of_diffusers_only_under_cpu_offload(native_folder, load_student, run,
+                                                                             monkeypatch):
+    # Without offloading the denoiser's public `device` answers (diffusers' answer too); under the pipeline's offload
+    # methods the models rest on the CPU between calls and only diffusers' execution device knows where they run.
+    pipe = load_student(native_folder("sana"), "sana")
+    execution_device = DiffusionPipeline._execution_device
+    assert pipe.denoiser.device == execution_device.fget(pipe) == pipe.device
+    asked = []
+    monkeypatch.setattr(DiffusionPipeline, "_execution_device",
+                        property(lambda self: asked.append(self) or execution_device.fget(self)))
+    expected = run(pipe)
+    assert asked == []
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert np.abs(run(pipe) - expected).max() <= 1e-6 and asked == [pipe]
+    pipe.remove_all_hooks()
+    run(pipe)
+    assert asked == [pipe]
+
+
 def test_group_offloading_of_the_denoiser(native_folder, load_student, run):
     pipe = load_student(native_folder("sana"), "sana")
     expected = run(pipe)

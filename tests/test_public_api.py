@@ -5,7 +5,7 @@ A grep over ``diffusers_onestep/**/*.py`` for private attribute names of those l
 read or overrode, or that the same kind of glue tends to reach for, plus a check that ``OneStepPipeline`` overrides
 no private member of ``DiffusionPipeline``. The one documented exception is ``self._execution_device``: the property
 every diffusers pipeline reads to find the device its models run on under ``enable_model_cpu_offload`` (no public
-API gives it), read once, in ``OneStepPipeline._compute_device``.
+API gives it), read in one place, ``OneStepPipeline._compute_device``, and only under CPU offloading.
 """
 
 import os

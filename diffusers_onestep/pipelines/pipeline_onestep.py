@@ -142,6 +142,8 @@ class OneStepPipeline(DiffusionPipeline):
         self._image_processor: Optional[VaeImageProcessor] = None
         self._interrupt = False
         self._progress_bar_disabled = False
+        #: CPU offloading was enabled through this pipeline's methods (see _compute_device)
+        self._offloaded = False
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -186,11 +188,38 @@ class OneStepPipeline(DiffusionPipeline):
         return self._image_processor
 
     def _compute_device(self) -> torch.device:
-        """The device a call computes on. ``self._execution_device`` is the property every diffusers pipeline asks
-        (diffusers has no public equivalent): under ``enable_model_cpu_offload`` or sequential offload the models rest
-        on the CPU (or the meta device) between calls, ``self.device`` reports that, and only this property reads the
-        offload hooks' execution device. The one place the library reads it."""
-        return self._execution_device
+        """The device a call computes on: where the denoiser runs.
+
+        Without offloading that is the denoiser's public ``device`` (its parameters' device, or the onload device of
+        diffusers' group offloading). After ``enable_model_cpu_offload`` or ``enable_sequential_cpu_offload`` -- or
+        with the denoiser's weights on the meta device, as accelerate's offloading leaves them -- the models rest off
+        the accelerator between calls, and only diffusers' ``_execution_device``, the property every diffusers
+        pipeline reads and which asks accelerate's hooks, knows where they run: diffusers has no public equivalent.
+        This is the one place the library reads it, and only then, because it walks every submodule of every
+        component several times (about a tenth of a call on small models). Model-offload hooks attached by hand with
+        accelerate's ``cpu_offload_with_hook`` instead of the pipeline's methods are not seen.
+        """
+        device = self.denoiser.device
+        if self._offloaded or device.type == "meta":
+            return self._execution_device
+        return device
+
+    def enable_model_cpu_offload(self, *args, **kwargs):
+        """``DiffusionPipeline.enable_model_cpu_offload``: each model moves to the accelerator when it runs and back
+        to the CPU afterwards; calls then compute on diffusers' execution device (see :meth:`_compute_device`)."""
+        super().enable_model_cpu_offload(*args, **kwargs)
+        self._offloaded = True
+
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        """``DiffusionPipeline.enable_sequential_cpu_offload`` (submodule by submodule; slower, less memory); calls
+        then compute on diffusers' execution device (see :meth:`_compute_device`)."""
+        super().enable_sequential_cpu_offload(*args, **kwargs)
+        self._offloaded = True
+
+    def remove_all_hooks(self):
+        """``DiffusionPipeline.remove_all_hooks``: undoes CPU offloading."""
+        super().remove_all_hooks()
+        self._offloaded = False
 
     def set_progress_bar_config(self, **kwargs):
         """``DiffusionPipeline.set_progress_bar_config``, also noting whether the bar is switched off
@@ -550,7 +579,9 @@ class OneStepPipeline(DiffusionPipeline):
         [`~OneStepPipeline.from_pretrained`] does for a native folder: at `conditioning_timesteps` (default: the
         pure-noise end of the path) predicting `prediction_type` (default: what the scheduler's config says). The
         family is read from the pipeline's class (PixArt-Σ and -α transformers look alike) unless `family=` is given.
-        Other keyword arguments are `DiffusionPipeline.from_pipe`'s (components to replace, `torch_dtype`, ...).
+        Other keyword arguments are `DiffusionPipeline.from_pipe`'s (components to replace, `torch_dtype`, ...). As
+        diffusers recommends for any pipeline made with `from_pipe`, call `enable_model_cpu_offload()` (or another
+        memory-saving method) on the new pipeline itself: offloading set up on the source pipeline does not carry over.
         """
         conditioning_timesteps = kwargs.pop("conditioning_timesteps", None)
         prediction_type = kwargs.pop("prediction_type", None)
