@@ -1,11 +1,11 @@
 """Where OneStepPipeline's own time goes inside a call, stage by stage (a diagnostic printed per family, no target).
 
 Each stage the pipeline runs is wrapped with a timer (``torch.cuda.synchronize()`` on entering and leaving it on a
-GPU): input checks, the hook scan with the device/dtype lookups (``_inspect_components``), prompt encoding, the
-scheduler's ``set_timesteps`` and ``step``, the initial noise, the denoiser call, decoding, post-processing and the
-hook reset; the text encoders', denoiser's and VAE's own forwards are timed too, so that ``*_glue`` = a stage minus
-the forwards inside it (``encode_glue`` includes the tokenizers). ``has_hooks_hot`` is the hook scan alone in a tight
-loop and ``modules`` the number of submodules it walks. Times in ms, median of ``--calls`` calls.
+GPU): input checks, the execution-device lookup (``_compute_device``, diffusers' ``_execution_device``), prompt
+encoding, the scheduler's ``set_timesteps`` and ``step``, the initial noise, the denoiser call, decoding,
+post-processing and the hook reset; the text encoders', denoiser's and VAE's own forwards are timed too, so that ``*_glue`` = a stage minus
+the forwards inside it (``encode_glue`` includes the tokenizers). ``modules`` is the number of submodules of the
+pipeline's models (diffusers' device and dtype lookups walk them). Times in ms, median of ``--calls`` calls.
 
     HF_HUB_OFFLINE=1 python benchmarks/pipeline_glue.py --device cuda          # real-size architectures
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/pipeline_glue.py --device cpu --tiny
@@ -65,7 +65,7 @@ def measure(family: str, args, device: torch.device, dtype: torch.dtype) -> dict
 
         setattr(owner, name, timed)
 
-    for name in ("check_inputs", "_inspect_components", "maybe_free_model_hooks"):
+    for name in ("check_inputs", "_compute_device", "maybe_free_model_hooks"):
         wrap(pipe, name)
     adapter = pipe.adapter
     for name in ("encode_prompt", "denoise", "decode"):
@@ -98,13 +98,8 @@ def measure(family: str, args, device: torch.device, dtype: torch.dtype) -> dict
     result["encode_glue"] = result["encode_prompt"] - result["text_encoder_forwards"]
     result["denoise_glue"] = result["denoise"] - result["denoiser_forward"]
     result["decode_glue"] = result["decode"] - result["vae.decode"]
-    scans = []
-    for _ in range(20):
-        start = time.perf_counter()
-        pipeline_module._has_hooks(pipe._models())
-        scans.append(time.perf_counter() - start)
-    result["has_hooks_hot"] = 1e3 * statistics.median(scans)
-    result["modules"] = sum(1 for m in pipe._models() for _ in m.modules())
+    models = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    result["modules"] = sum(1 for m in models for _ in m.modules())
     return {k: round(v, 3) for k, v in result.items()}
 
 

@@ -152,7 +152,8 @@ ERROR_CASES = [
     ("pixart_alpha", dict(prompt=PROMPT, guidance_scale=4.5), r"PixArt-α student was distilled with its guidance"),
     ("sana_sprint", dict(prompt=PROMPT, guidance_scale=-1.0), r"`guidance_scale` must be non-negative, got -1.0"),
     ("sdxl", dict(prompt=PROMPT, callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise"]),
-     r"`callback_on_step_end_tensor_inputs` may name latents, denoised, prompt_embeds, got 'noise'"),
+     r"`callback_on_step_end_tensor_inputs` may name latents, denoised, prompt_embeds, prompt_attention_mask, "
+     r"pooled_prompt_embeds, got 'noise'"),
 ]
 
 
@@ -205,17 +206,39 @@ def test_constructor_errors():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["sdxl", "pixart_sigma", "sana"])
-def test_prompt_embeds_path_equals_prompt_path(family, student, run):
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_encode_prompt_then_call_with_the_embeddings_equals_calling_with_the_prompt(family, student, run):
     pipe = student(family)
-    condition = pipe.adapter.encode_prompt([PROMPT])
-    kwargs = {"prompt_embeds": condition.embeds}
-    if condition.pooled is not None:
-        kwargs["pooled_prompt_embeds"] = condition.pooled
-    if condition.mask is not None:
-        kwargs["prompt_attention_mask"] = condition.mask
-    images = pipe(generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+    prompt_embeds, prompt_attention_mask, pooled_prompt_embeds = pipe.encode_prompt(PROMPT)
+    adapter_cls = type(pipe.adapter)
+    assert (prompt_attention_mask is not None) == ("mask" in adapter_cls.required_condition_fields)
+    assert (pooled_prompt_embeds is not None) == ("pooled" in adapter_cls.required_condition_fields)
+    images = pipe(prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_attention_mask,
+                  pooled_prompt_embeds=pooled_prompt_embeds, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
     assert np.array_equal(images, run(pipe))
+    # the family's own pipeline computes the same tensors
+    condition = pipe.adapter.encode_prompt([PROMPT])
+    assert torch.equal(prompt_embeds, condition.embeds)
+
+
+def test_encode_prompt_repeats_for_several_images_per_prompt(student):
+    pipe = student("pixart_sigma")
+    prompts = ["a photo of a cat", "a red car on the road"]
+    embeds, mask, pooled = pipe.encode_prompt(prompts, num_images_per_prompt=2)
+    single, single_mask, _ = pipe.encode_prompt(prompts)
+    assert pooled is None and embeds.shape[0] == mask.shape[0] == 4
+    assert torch.equal(embeds[[0, 1]], single[[0, 0]]) and torch.equal(embeds[[2, 3]], single[[1, 1]])
+    assert torch.equal(mask[[2, 3]], single_mask[[1, 1]])
+
+    def call(**kwargs):
+        generators = [torch.Generator().manual_seed(s) for s in range(4)]
+        return pipe(generator=generators, output_type="np", **kwargs).images
+
+    assert np.array_equal(call(prompt_embeds=embeds, prompt_attention_mask=mask),
+                          call(prompt=prompts, num_images_per_prompt=2))
+    with pytest.raises(ValueError, match=r"`prompt` must be a string or a non-empty list of strings, got int"):
+        pipe.encode_prompt(3)
 
 
 def test_num_images_per_prompt_and_generator_lists(student, run):
@@ -295,104 +318,10 @@ def test_height_and_width_default_to_the_native_size_and_can_change(student, run
     assert run(pipe, height=32, width=48).shape == (1, 32, 48, 3)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# the cheap device/dtype lookups give diffusers' answers
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def test_execution_device_and_dtypes_equal_diffusers(native_folder, load_student, run):
-    pipe = load_student(native_folder("pixart_sigma"), "pixart_sigma")
-    device, dtype, vae_dtype = pipe._device_and_dtypes()
-    assert device == DiffusionPipeline._execution_device.fget(pipe) == pipe.device
-    assert dtype == pipe.transformer.dtype and vae_dtype == pipe.vae.dtype
-    reference = run(pipe)
-    # with a diffusers hook attached the lookups defer to diffusers (layerwise casting reports its compute dtype)
-    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
-    device, dtype, _ = pipe._device_and_dtypes()
-    assert device == DiffusionPipeline._execution_device.fget(pipe)
-    assert dtype == pipe.transformer.dtype == torch.float32
-    assert pipe._inspect_components()[3] is False  # prompts then go through the native encode_prompt
-    images = run(pipe)
-    assert images.shape == reference.shape and np.abs(images - reference).max() < 0.05
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the lean text encoding the pipeline uses gives the native encode_prompt's tensors, and defers to it where needed
-# ---------------------------------------------------------------------------------------------------------------------
-
-LONG_PROMPT = " ".join(["a photo of a cat on a red car with an astronaut riding a horse"] * 40)
-
-
-def _assert_same_condition(lean, native):
-    for name in ("embeds", "mask", "pooled"):
-        a, b = getattr(lean, name), getattr(native, name)
-        assert (a is None) == (b is None), name
-        if a is not None:
-            assert a.dtype == b.dtype and a.device == b.device and torch.equal(a, b), name
-
-
-@pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_lean_prompt_encoding_equals_the_native_encode_prompt(family, student):
-    adapter = student(family).adapter
-    cpu = torch.device("cpu")
-    for prompts in (["A Photo of a Cat  "], ["a photo of a cat", "an astronaut riding a horse", "a"]):
-        with torch.no_grad():
-            lean = adapter._encode_lean(list(prompts), cpu)
-        assert lean is not None, "the lean path should apply to short prompts"
-        _assert_same_condition(lean, adapter.encode_prompt(prompts, device=cpu))
-        _assert_same_condition(adapter.encode_prompt(prompts, device=cpu, hook_free=True), lean)
-
-
-@pytest.mark.parametrize("family, module", [
-    ("sdxl", "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl"),
-    ("pixart_alpha", "diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha"),
-    ("pixart_sigma", "diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma"),
-])
-def test_possibly_truncated_prompts_take_the_native_path_and_its_warning(family, module, student, monkeypatch):
-    import importlib
-
-    warnings = []
-    monkeypatch.setattr(importlib.import_module(module).logger, "warning", warnings.append)
-    adapter = student(family).adapter
-    cpu = torch.device("cpu")
-    prompts = ["a photo of a cat", LONG_PROMPT]
-    with torch.no_grad():
-        assert adapter._encode_lean(prompts, cpu) is None
-    assert not warnings
-    _assert_same_condition(adapter.encode_prompt(prompts, device=cpu, hook_free=True),
-                           adapter.encode_prompt(prompts, device=cpu))
-    assert warnings and "truncated" in warnings[0]
-
-
-def test_sana_lean_encoding_defers_while_the_tokenizer_pads_left(native_folder, load_student):
-    adapter = load_student(native_folder("sana"), "sana").adapter
-    tokenizer = adapter.components["tokenizer"]
-    tokenizer.padding_side = "left"
-    cpu = torch.device("cpu")
-    with torch.no_grad():
-        assert adapter._encode_lean([PROMPT], cpu) is None
-        native = adapter.encode_prompt([PROMPT], device=cpu, hook_free=True)  # the native path sets it to right
-        assert tokenizer.padding_side == "right"
-        _assert_same_condition(adapter._encode_lean([PROMPT], cpu), native)
-
-
-def test_sdxl_lean_encoding_defers_to_textual_inversion_rewriting(native_folder, load_student):
-    from diffusers_onestep.families.sdxl import _has_multi_vector_tokens
-
-    adapter = load_student(native_folder("sdxl"), "sdxl").adapter
-    tokenizer = adapter.components["tokenizer_2"]
-    tokenizer.add_tokens(["<cat>"])  # a single-vector token: maybe_convert_prompt leaves prompts alone
-    assert not _has_multi_vector_tokens(tokenizer)
-    assert adapter._encode_lean([PROMPT], torch.device("cpu")) is not None
-    tokenizer.add_tokens(["<cat>_1"])  # now "<cat>" expands to "<cat> <cat>_1"
-    assert _has_multi_vector_tokens(tokenizer)
-    assert adapter._encode_lean([PROMPT], torch.device("cpu")) is None
-
-
 def test_disabled_progress_bar_builds_no_tqdm(native_folder, load_student, run):
     from tqdm.auto import tqdm
 
-    pipe = load_student(native_folder("pixart_alpha"), "pixart_alpha")
+    pipe = load_student(native_folder("pixart_alpha"), "pixart_alpha")  # set_progress_bar_config(disable=True)
     assert not isinstance(pipe.progress_bar(total=1), tqdm)
     reference = run(pipe)
     pipe.set_progress_bar_config(disable=False)
@@ -400,6 +329,9 @@ def test_disabled_progress_bar_builds_no_tqdm(native_folder, load_student, run):
     assert isinstance(bar, tqdm)
     bar.close()
     pipe.set_progress_bar_config(leave=False)  # "disable" unset: diffusers decides, as before
+    bar = pipe.progress_bar(total=1)
+    assert isinstance(bar, tqdm)
+    bar.close()
     assert np.array_equal(run(pipe), reference)
 
 
@@ -422,13 +354,6 @@ def test_component_slots_and_offload_chain_cover_every_family():
         # every model a family brings is moved by enable_model_cpu_offload in the chain's order
         assert {n for n in names if not n.startswith("tokenizer")} <= set(offload_chain)
     assert {"text_encoder_3", "tokenizer_3"} <= slots  # room for SD3's third text encoder
-
-
-def test_enable_model_cpu_offload_skips_the_slots_a_family_leaves_empty(native_folder, load_student, run):
-    pipe = load_student(native_folder("pixart_alpha"), "pixart_alpha")
-    expected = run(pipe)
-    pipe.enable_model_cpu_offload(device="cpu")
-    assert np.abs(run(pipe) - expected).max() <= 1e-6
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

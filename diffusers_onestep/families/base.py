@@ -360,20 +360,11 @@ class FamilyAdapter:
             )
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: Sequence[str], device=None, *, hook_free: bool = False) -> Condition:
-        """Encode a list of prompts exactly as the family's pipeline does.
-
-        ``hook_free=True`` (with a ``device``) says the caller has checked that no offload or casting hook is attached
-        to the text encoders, as :class:`~diffusers_onestep.OneStepPipeline` does on every call. The adapter may then
-        compute the same tensors without the native ``encode_prompt``'s bookkeeping (:meth:`_encode_lean`).
-        """
+    def encode_prompt(self, prompts: Sequence[str], device=None) -> Condition:
+        """Encode a list of prompts with the family's own pipeline (its public ``encode_prompt``, through
+        :meth:`text_pipeline`), so conditions are exactly the native pipeline's."""
         self._require_text_encoders()
-        prompts = list(prompts)
-        if hook_free and device is not None:
-            condition = self._encode_lean(prompts, device)
-            if condition is not None:
-                return condition
-        return self._encode(prompts, device)
+        return self._encode(list(prompts), device)
 
     @torch.no_grad()
     def unconditional(self, batch_size: int, device=None) -> Condition:
@@ -382,36 +373,6 @@ class FamilyAdapter:
 
     def _encode(self, prompts: List[str], device) -> Condition:
         raise NotImplementedError
-
-    def _encode_lean(self, prompts: List[str], device) -> Optional[Condition]:
-        """The tensors of :meth:`_encode`, bit for bit, with only the work they need; ``None`` where the native path
-        must run (it is the reference, and the only one that warns about truncated prompts).
-
-        The families' ``encode_prompt`` cost 0.2-2 ms of Python per call besides tokenizing and the text encoder:
-        walks over every text-encoder submodule looking for offload hooks, a second tokenization per tokenizer only to
-        warn about truncation, copies for ``num_images_per_prompt=1``. ``tests/test_pipeline.py`` checks that both
-        paths give equal tensors for every family.
-        """
-        return None
-
-    def _tokenize_and_encode(self, prompts: List[str], device, max_length: int, warns_on_truncation: bool):
-        """T5/Gemma encoding as PixArt's and SANA's ``encode_prompt`` do it after lower-casing: ``(embeds, mask)``,
-        or ``None`` where a prompt may have been truncated and the native path must run to warn about it."""
-        tokenizer, text_encoder = self.components["tokenizer"], self.components["text_encoder"]
-        inputs = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=max_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
-        )
-        mask = inputs.attention_mask
-        if warns_on_truncation and not _every_row_padded(mask):
-            return None
-        mask = mask.to(device)
-        embeds = text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0]
-        return embeds.to(dtype=text_encoder.dtype, device=device), mask
 
     def _unconditional(self, batch_size: int, device) -> Condition:
         self._require_text_encoders()
@@ -564,12 +525,6 @@ class FamilyAdapter:
             "prediction_type": self.prediction_type,
             **self.noise_path.describe(),
         }
-
-
-def _every_row_padded(attention_mask: torch.Tensor) -> bool:
-    """Whether every row of a ``padding="max_length"`` tokenization has padding, so that no prompt was truncated (a
-    truncated one fills all positions)."""
-    return bool(attention_mask.amin(dim=-1).max() == 0)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -72,15 +72,6 @@ class PixArtAlphaAdapter(FamilyAdapter):
             max_sequence_length=self.max_sequence_length,
         )
         return Condition(embeds=embeds, mask=mask)
-
-    def _encode_lean(self, prompts: List[str], device) -> Optional[Condition]:
-        # PixArtAlphaPipeline.encode_prompt without classifier-free guidance: lower-case and strip (its
-        # _text_preprocessing with clean_caption=False), tokenize to max_sequence_length, encode, cast to the text
-        # encoder's dtype. Dropped: its second, untruncated tokenization (needed only to warn when a prompt was
-        # truncated, and the native path runs whenever one may have been) and the copies of repeat(1, 1, 1).
-        prompts = [p.lower().strip() for p in prompts]
-        encoded = self._tokenize_and_encode(prompts, device, self.max_sequence_length, warns_on_truncation=True)
-        return None if encoded is None else Condition(embeds=encoded[0], mask=encoded[1])
 
     def _forward(self, denoiser, x_t, t, condition, guidance):
         added = {"resolution": None, "aspect_ratio": None}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -54,18 +54,6 @@ class SanaAdapter(FamilyAdapter):
             complex_human_instruction=None,
         )
         return Condition(embeds=embeds, mask=mask)
-
-    def _encode_lean(self, prompts: List[str], device) -> Optional[Condition]:
-        # SanaPipeline.encode_prompt (and SanaSprintPipeline's) without complex_human_instruction: lower-case and
-        # strip, tokenize to max_sequence_length with right padding, encode, cast to the text encoder's dtype. Its
-        # select_index [0, -L+1, ..., -1] then takes every one of the L tokens in order (an identity copy), and
-        # repeat(1, 1, 1) is another copy; both are dropped. It sets the tokenizer's padding side to "right" on every
-        # call; where that is not already so, the native path runs and sets it.
-        if self.components["tokenizer"].padding_side != "right":
-            return None
-        prompts = [p.lower().strip() for p in prompts]
-        encoded = self._tokenize_and_encode(prompts, device, self.max_sequence_length, warns_on_truncation=False)
-        return Condition(embeds=encoded[0], mask=encoded[1])
 
     def _model_timestep(self, denoiser, t):
         scale = getattr(_unwrap(denoiser).config, "timestep_scale", 1.0) or 1.0

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 
-from .base import Condition, FamilyAdapter, TrainingDefaults, _every_row_padded, _unwrap
+from .base import Condition, FamilyAdapter, TrainingDefaults, _unwrap
 
 
 class SDXLAdapter(FamilyAdapter):
@@ -50,35 +50,6 @@ class SDXLAdapter(FamilyAdapter):
         embeds, _, pooled, _ = self.text_pipeline().encode_prompt(
             prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
-        return Condition(embeds=embeds, pooled=pooled)
-
-    def _encode_lean(self, prompts: List[str], device) -> Optional[Condition]:
-        # StableDiffusionXLPipeline.encode_prompt without classifier-free guidance, LoRA scale or clip_skip: each
-        # tokenizer pads/truncates to its model_max_length, each encoder runs with output_hidden_states=True on its
-        # own device and gives its penultimate hidden states; the first 2-D output[0] (text_encoder_2's projected
-        # pooled embedding) is the pooled condition, left on its device and dtype as the native path leaves it.
-        # Dropped: get_module_execution_device's walk over every encoder submodule for offload hooks (the caller
-        # checked there are none), the untruncated tokenization that only serves the truncation warning (the native
-        # path runs whenever a prompt may have been truncated), textual-inversion prompt rewriting where no
-        # multi-vector token is loaded (it is then the identity), and the copies of repeat(1, ...).
-        tokenizers = (self.components["tokenizer"], self.components["tokenizer_2"])
-        text_encoders = (self.components["text_encoder"], self.components["text_encoder_2"])
-        if any(_has_multi_vector_tokens(tokenizer) for tokenizer in tokenizers):
-            return None
-        embeds_list, pooled = [], None
-        for tokenizer, text_encoder in zip(tokenizers, text_encoders):
-            inputs = tokenizer(
-                prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                return_tensors="pt",
-            )
-            if not _every_row_padded(inputs.attention_mask):
-                return None
-            encoder_device = next(text_encoder.parameters()).device
-            output = text_encoder(inputs.input_ids.to(encoder_device), output_hidden_states=True)
-            if pooled is None and output[0].ndim == 2:
-                pooled = output[0]
-            embeds_list.append(output.hidden_states[-2])
-        embeds = torch.concat(embeds_list, dim=-1).to(dtype=text_encoders[1].dtype, device=device)
         return Condition(embeds=embeds, pooled=pooled)
 
     @property
@@ -126,9 +97,3 @@ class SDXLAdapter(FamilyAdapter):
     def feature_channels(self) -> int:
         return int(_unwrap(self.denoiser).config.block_out_channels[-1])
 
-
-def _has_multi_vector_tokens(tokenizer) -> bool:
-    """Whether textual inversion loaded a multi-vector token into ``tokenizer`` (``<tok>`` with ``<tok>_1``): only
-    then does diffusers' ``maybe_convert_prompt`` change a prompt."""
-    added = tokenizer.added_tokens_encoder
-    return any(f"{token}_1" in added for token in added)

@@ -10,12 +10,22 @@ nothing in it depends on the backbone.
 import json
 import os
 import shutil
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import (
+    AutoencoderDC,
+    AutoencoderKL,
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    PixArtTransformer2DModel,
+    SanaTransformer2DModel,
+    UNet2DConditionModel,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..families import ONESTEP_INDEX_KEY, Condition, FamilyAdapter, detect_family, get_adapter_class
 from ..storage import replace_directory, staging_path
@@ -31,67 +41,12 @@ ONESTEP_CONFIG_KEYS = ("family", "embedded_guidance_scale", "max_sequence_length
 #: text encoders with their tokenizers (SD3 has three); a test keeps this covering every registered family
 _COMPONENT_NAMES = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
                     "tokenizer_2", "tokenizer_3")
-
-
-def _has_hooks(modules: Sequence[torch.nn.Module]) -> bool:
-    """Whether any submodule carries a diffusers hook (group offloading, layerwise casting, ...) or an accelerate
-    offload hook. One walk over ``_modules`` dicts: ``modules()`` builds dotted names and costs ~10x more."""
-    stack = list(modules)
-    pop, extend = stack.pop, stack.extend
-    while stack:
-        module = pop()
-        if module is None:  # an unset submodule slot
-            continue
-        attributes = module.__dict__
-        if "_diffusers_hook" in attributes or "_hf_hook" in attributes:
-            return True
-        extend(attributes["_modules"].values())
-    return False
-
-
-def _first_tensor(module: torch.nn.Module, kind: str = "_parameters", floating: bool = False):
-    """The first parameter (``kind="_buffers"``: buffer) of ``module`` in ``parameters()`` order -- the module's own,
-    then each child's depth first -- optionally the first floating one; ``None`` if there is none. Reads the
-    ``_parameters`` dicts directly: ``parameters()`` builds dotted names and generators first (several µs a call)."""
-    for tensor in module.__dict__[kind].values():
-        if tensor is not None and (not floating or tensor.is_floating_point()):
-            return tensor
-    for child in module.__dict__["_modules"].values():
-        if child is not None:
-            tensor = _first_tensor(child, kind, floating)
-            if tensor is not None:
-                return tensor
-    return None
-
-
-def _first_tensor_device(module: torch.nn.Module) -> torch.device:
-    """The device of a hook-free module: that of its first parameter (or buffer), as ``module.device`` reports it."""
-    tensor = _first_tensor(module)
-    if tensor is None:
-        tensor = _first_tensor(module, "_buffers")
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def _first_float_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype of a hook-free model, found as ``ModelMixin.dtype`` finds it (first floating parameter outside
-    ``_keep_in_fp32_modules``) but without its walk over every submodule looking for casting hooks."""
-    keep_fp32 = getattr(module, "_keep_in_fp32_modules", None) or ()
-    if not keep_fp32:
-        parameter = _first_tensor(module, floating=True)
-        if parameter is not None:
-            return parameter.dtype
-        return module.dtype
-    for name, parameter in module.named_parameters():
-        if any(m in name for m in keep_fp32):
-            continue
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return module.dtype
+#: the tensors a ``callback_on_step_end`` may read and replace, by ``__call__``'s argument names
+CALLBACK_TENSOR_INPUTS = ("latents", "denoised", "prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
 
 
 class _DisabledProgressBar:
-    """What ``progress_bar`` returns when the bar is disabled: building a ``tqdm`` that draws nothing costs about
-    0.1 ms a call, several percent of a call on small models."""
+    """What :meth:`OneStepPipeline.progress_bar` returns while the bar is switched off."""
 
     def __enter__(self):
         return self
@@ -103,6 +58,12 @@ class _DisabledProgressBar:
         pass
 
 
+def _check_prompt(prompt) -> None:
+    if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and
+                                        all(isinstance(p, str) for p in prompt))):
+        raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
+
+
 class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
     r"""Text-to-image generation with a distilled one- or few-step student of SDXL, PixArt-α/Σ, SANA or SANA-Sprint.
 
@@ -110,10 +71,12 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         vae ([`AutoencoderKL`] or [`AutoencoderDC`]): the family's VAE.
         scheduler ([`OneStepScheduler`]): carries the student's conditioning timesteps and parameterization.
         unet ([`UNet2DConditionModel`], *optional*): the student denoiser of UNet families (SDXL).
-        transformer (*optional*): the student denoiser of DiT families (PixArt, SANA).
-        text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_2, tokenizer_3 (*optional*): the
-            family's text components (its adapter's `text_component_names`); they may be left out when prompts are
-            always given as embeddings.
+        transformer ([`PixArtTransformer2DModel`] or [`SanaTransformer2DModel`], *optional*): the student denoiser of
+            DiT families (PixArt, SANA).
+        text_encoder, text_encoder_2, text_encoder_3 ([`~transformers.PreTrainedModel`], *optional*),
+        tokenizer, tokenizer_2, tokenizer_3 ([`~transformers.PreTrainedTokenizerBase`], *optional*): the family's
+            text components (its adapter's `text_component_names`); they may be left out when prompts are always
+            given as embeddings.
         family (`str`, *optional*): a registered family (`diffusers_onestep.families.FAMILIES`: `"sdxl"`,
             `"pixart_alpha"`, `"pixart_sigma"`, `"sana"`, `"sana_sprint"`, ...); detected from the components when
             not given.
@@ -123,26 +86,29 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         dmd2_config (`dict`, *optional*): accepted and ignored: the serving engines' block of a saved folder's
             `model_index.json` (:mod:`diffusers_onestep.pipelines.serving`), which `from_pretrained` reads into the
             scheduler and `save_pretrained` rewrites from it.
+
+    The type hints of the model components are what `DiffusionPipeline.from_pipe` matches components by (a family's
+    native pipeline converts with [`~OneStepPipeline.from_pipe`]); a test keeps them covering every family.
     """
 
     # diffusers' enable_model_cpu_offload walks this chain and skips the names a pipeline leaves empty, so one chain
     # over every slot serves every family: text encoders, then the denoiser, then the VAE.
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
     _optional_components = [n for n in _COMPONENT_NAMES if n != "vae"]
-    _callback_tensor_inputs = ["latents", "denoised", "prompt_embeds"]
+    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
     def __init__(
         self,
-        vae,
+        vae: Union[AutoencoderKL, AutoencoderDC],
         scheduler: OneStepScheduler,
-        unet=None,
-        transformer=None,
-        text_encoder=None,
-        text_encoder_2=None,
-        text_encoder_3=None,
-        tokenizer=None,
-        tokenizer_2=None,
-        tokenizer_3=None,
+        unet: Optional[UNet2DConditionModel] = None,
+        transformer: Optional[Union[PixArtTransformer2DModel, SanaTransformer2DModel]] = None,
+        text_encoder: Optional[PreTrainedModel] = None,
+        text_encoder_2: Optional[PreTrainedModel] = None,
+        text_encoder_3: Optional[PreTrainedModel] = None,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+        tokenizer_2: Optional[PreTrainedTokenizerBase] = None,
+        tokenizer_3: Optional[PreTrainedTokenizerBase] = None,
         family: Optional[str] = None,
         embedded_guidance_scale: Optional[float] = None,
         max_sequence_length: Optional[int] = None,
@@ -168,7 +134,6 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             tokenizer_2=tokenizer_2,
             tokenizer_3=tokenizer_3,
         )
-        family_given = family
         if family is None:
             denoiser = unet if unet is not None else transformer
             name = "unet" if unet is not None else "transformer"
@@ -182,22 +147,21 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         self._adapter: Optional[FamilyAdapter] = None
         self._adapter_key = None
         self._image_processor: Optional[VaeImageProcessor] = None
-        #: the family was guessed from the denoiser alone (PixArt-Σ and -α transformers look the same)
-        self._settings_guessed = (family_given, embedded_guidance_scale, max_sequence_length) == (None, None, None)
         self._interrupt = False
+        self._progress_bar_disabled = False
+        #: CPU offloading was enabled through this pipeline's methods (see _compute_device)
+        self._offloaded = False
 
-    def register_to_config(self, **kwargs):
-        super().register_to_config(**kwargs)
-        # `DiffusionPipeline.from_pretrained(folder, custom_pipeline=...)` builds this class from the model_index.json
-        # keys matching __init__; a folder saved under a native class name keeps our settings under "_onestep",
-        # which reaches us only as the folder registered (as `_name_or_path`) right after __init__.
-        source = kwargs.get("_name_or_path")
-        if source and getattr(self, "_settings_guessed", False):
-            settings = loading.read_onestep_settings(source)
-            if settings:
-                super().register_to_config(**settings)
-                self._adapter = None
-            self._settings_guessed = False
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """``ConfigMixin.extract_init_dict`` -- the step in which ``DiffusionPipeline.from_pretrained`` turns a folder's
+        ``model_index.json`` into this class's ``__init__`` arguments -- also reading the settings that a folder saved
+        under a native class name keeps under ``"_onestep"`` (a key the native class ignores). Overridden here because
+        ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=...)`` builds this class without calling any of its
+        other methods first; top-level keys and passed arguments win."""
+        settings = config_dict.get(ONESTEP_INDEX_KEY) or {}
+        lifted = {k: v for k, v in settings.items() if k in ONESTEP_CONFIG_KEYS and k not in config_dict}
+        return super().extract_init_dict({**config_dict, **lifted}, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # adapter
@@ -230,46 +194,50 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             self._image_processor = VaeImageProcessor(vae_scale_factor=factor)
         return self._image_processor
 
-    def _models(self) -> List[torch.nn.Module]:
-        return [m for m in (getattr(self, n, None) for n in _COMPONENT_NAMES) if isinstance(m, torch.nn.Module)]
+    def _compute_device(self) -> torch.device:
+        """The device a call computes on: where the denoiser runs.
 
-    def _device_and_dtypes(self):
-        """``(execution device, denoiser dtype, VAE dtype)`` -- what ``_execution_device``, ``denoiser.dtype`` and
-        ``vae.dtype`` return, found with one walk over the modules instead of one or more walks per lookup (about
-        3 ms per call on tiny SDXL): with no offload or casting hook anywhere, they are the first parameter's."""
-        return self._inspect_components()[:3]
+        Without offloading that is the denoiser's public ``device`` (its parameters' device, or the onload device of
+        diffusers' group offloading). After ``enable_model_cpu_offload`` or ``enable_sequential_cpu_offload`` -- or
+        with the denoiser's weights on the meta device, as accelerate's offloading leaves them -- the models rest off
+        the accelerator between calls, and only diffusers' ``_execution_device``, the property every diffusers
+        pipeline reads and which asks accelerate's hooks, knows where they run: diffusers has no public equivalent.
+        This is the one place the library reads it, and only then, because it walks every submodule of every
+        component several times (about a tenth of a call on small models). Model-offload hooks attached by hand with
+        accelerate's ``cpu_offload_with_hook`` instead of the pipeline's methods are not seen.
+        """
+        device = self.denoiser.device
+        if self._offloaded or device.type == "meta":
+            return self._execution_device
+        return device
 
-    def _inspect_components(self):
-        """:meth:`_device_and_dtypes` plus whether no component carries a hook (then the adapter may encode prompts
-        on its lean path). The walk is redone on every call: hooks can be attached to any submodule at any time."""
-        if _has_hooks(self._models()):
-            return DiffusionPipeline._execution_device.fget(self), self.denoiser.dtype, self.vae.dtype, False
-        # No hooks: diffusers' `self.device` is the first accelerator device among the components (sorted by name),
-        # else the device of the first one.
-        devices = [_first_tensor_device(getattr(self, n)) for n in sorted(_COMPONENT_NAMES)
-                   if isinstance(getattr(self, n, None), torch.nn.Module)]
-        device = next((d for d in devices if d.type not in ("cpu", "meta")), devices[0] if devices else None)
-        return device or torch.device("cpu"), _first_float_dtype(self.denoiser), _first_float_dtype(self.vae), True
+    def enable_model_cpu_offload(self, *args, **kwargs):
+        """``DiffusionPipeline.enable_model_cpu_offload``: each model moves to the accelerator when it runs and back
+        to the CPU afterwards; calls then compute on diffusers' execution device (see :meth:`_compute_device`)."""
+        super().enable_model_cpu_offload(*args, **kwargs)
+        self._offloaded = True
 
-    def maybe_free_model_hooks(self):
-        """``DiffusionPipeline.maybe_free_model_hooks`` without building ``self.components`` (an
-        ``inspect.signature`` call) when ``enable_model_cpu_offload`` was never called."""
-        if getattr(self, "_all_hooks", None):
-            return super().maybe_free_model_hooks()
-        for model in self._models():
-            # looked up on the class: a miss on an nn.Module instance goes through Module.__getattr__ and an exception
-            if hasattr(type(model), "_reset_stateful_cache"):
-                model._reset_stateful_cache()
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        """``DiffusionPipeline.enable_sequential_cpu_offload`` (submodule by submodule; slower, less memory); calls
+        then compute on diffusers' execution device (see :meth:`_compute_device`)."""
+        super().enable_sequential_cpu_offload(*args, **kwargs)
+        self._offloaded = True
 
-    @property
-    def _execution_device(self) -> torch.device:
-        """The device the call computes on; the same answer as ``DiffusionPipeline._execution_device``, cheaper."""
-        return self._device_and_dtypes()[0]
+    def remove_all_hooks(self):
+        """``DiffusionPipeline.remove_all_hooks``: undoes CPU offloading."""
+        super().remove_all_hooks()
+        self._offloaded = False
+
+    def set_progress_bar_config(self, **kwargs):
+        """``DiffusionPipeline.set_progress_bar_config``, also noting whether the bar is switched off
+        (``disable=True``), in which case :meth:`progress_bar` builds no ``tqdm`` that would draw nothing."""
+        super().set_progress_bar_config(**kwargs)
+        self._progress_bar_disabled = kwargs.get("disable") is True
 
     def progress_bar(self, iterable=None, total=None):
-        """``DiffusionPipeline.progress_bar``, with a no-op stand-in when ``set_progress_bar_config(disable=True)``."""
-        config = getattr(self, "_progress_bar_config", None)
-        if iterable is None and total is not None and isinstance(config, dict) and config.get("disable") is True:
+        """``DiffusionPipeline.progress_bar``, with a no-op stand-in while the bar is switched off: a ``tqdm`` that draws
+        nothing costs about 0.1 ms a call, several percent of a call on small models."""
+        if iterable is None and total is not None and self._progress_bar_disabled:
             return _DisabledProgressBar()
         return super().progress_bar(iterable=iterable, total=total)
 
@@ -283,6 +251,49 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
 
     def _uses_embedded_guidance(self) -> bool:
         return self.adapter.has_embedded_guidance and bool(getattr(self.denoiser.config, "guidance_embeds", False))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # text
+    # ------------------------------------------------------------------------------------------------------------
+
+    def encode_prompt(
+        self,
+        prompt: Union[str, List[str]],
+        device: Optional[torch.device] = None,
+        num_images_per_prompt: int = 1,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        r"""Encode prompts as the family's own pipeline does (its public `encode_prompt`), into the embeddings
+        `__call__` takes instead of `prompt`, so they can be computed once and reused.
+
+        Args:
+            prompt (`str` or `list[str]`): the prompt(s).
+            device (`torch.device`, *optional*): where the embeddings are computed and returned; defaults to the
+                device the pipeline's calls compute on.
+            num_images_per_prompt (`int`): repeat each prompt's embeddings this many times (in the batch order of
+                `__call__`: all images of the first prompt, then the second's, ...).
+
+        Returns:
+            `(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds)`, for `__call__`'s arguments of those names:
+            the token embeddings `[B, L, D]`, the attention mask `[B, L]` of PixArt and SANA (`None` for SDXL) and
+            SDXL's pooled embedding `[B, D']` (`None` for PixArt and SANA), in the text encoders' dtype.
+
+        Example:
+
+        ```py
+        prompt_embeds, prompt_attention_mask, pooled_prompt_embeds = pipe.encode_prompt("a photo of a cat")
+        image = pipe(prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_attention_mask,
+                     pooled_prompt_embeds=pooled_prompt_embeds).images[0]
+        ```
+        """
+        _check_prompt(prompt)
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        device = self._compute_device() if device is None else device
+        condition = self.adapter.encode_prompt(prompts, device=device)
+        if num_images_per_prompt > 1:
+            condition = condition.repeat_interleave(num_images_per_prompt)
+        return condition.embeds, condition.mask, condition.pooled
 
     # ------------------------------------------------------------------------------------------------------------
     # inputs
@@ -332,9 +343,7 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
                 + ("both." if prompt is not None else "neither.")
             )
         if prompt is not None:
-            if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and
-                                                all(isinstance(p, str) for p in prompt))):
-                raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
+            _check_prompt(prompt)
             batch_size = 1 if isinstance(prompt, str) else len(prompt)
         else:
             provided = {"embeds": prompt_embeds, "mask": prompt_attention_mask, "pooled": pooled_prompt_embeds}
@@ -403,7 +412,9 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         negative_prompt_embeds: Optional[torch.Tensor] = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Optional[Callable[["OneStepPipeline", int, Any, Dict], Dict]] = None,
+        callback_on_step_end: Union[
+            Callable[["OneStepPipeline", int, Any, Dict], Dict], PipelineCallback, MultiPipelineCallbacks, None
+        ] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         use_resolution_binning: Optional[bool] = None,
     ):
@@ -418,15 +429,21 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             num_images_per_prompt (`int`): images per prompt.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): makes sampling deterministic.
             latents (`torch.Tensor`, *optional*): the initial noise, unit variance, of the latent shape.
-            prompt_embeds, prompt_attention_mask, pooled_prompt_embeds (*optional*): pre-computed text conditions
-                (SDXL needs `pooled_prompt_embeds`; PixArt and SANA need `prompt_attention_mask`).
+            prompt_embeds, prompt_attention_mask, pooled_prompt_embeds (*optional*): pre-computed text conditions, as
+                [`~OneStepPipeline.encode_prompt`] returns them (SDXL needs `pooled_prompt_embeds`; PixArt and SANA
+                need `prompt_attention_mask`).
             guidance_scale (`float`, *optional*): only for students with embedded guidance (SANA-Sprint); other
                 students had classifier-free guidance distilled into them and refuse values above 1.
             negative_prompt, negative_prompt_embeds: refused with an explanation (guidance-distilled students).
             output_type (`str`): `"pil"`, `"np"`, `"pt"` or `"latent"` (the denoised latents).
             return_dict (`bool`): return an [`ImagePipelineOutput`] instead of a tuple.
-            callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, i, t, tensors)` after each
-                step; may return replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
+            callback_on_step_end (`Callable`, [`~diffusers.callbacks.PipelineCallback`] or
+                [`~diffusers.callbacks.MultiPipelineCallbacks`], *optional*): called as `callback(pipe, i, t, tensors)`
+                after each step with the tensors named in `callback_on_step_end_tensor_inputs` (for callback objects:
+                their `tensor_inputs`); every tensor of `_callback_tensor_inputs` it returns replaces the pipeline's
+                from the next step on (`latents`: the next step's input; `denoised`: the current `x0`, the output
+                after the last step; `prompt_embeds`, `prompt_attention_mask`, `pooled_prompt_embeds`: the condition).
+            callback_on_step_end_tensor_inputs (`list[str]`): which of `_callback_tensor_inputs` the callback reads.
             use_resolution_binning (`bool`, *optional*): generate at the nearest aspect-ratio bin of the family's
                 native pipeline and resize the image back, as that pipeline does; default: on where it bins this
                 denoiser's own resolution (see `FamilyAdapter.binned_size`).
@@ -434,6 +451,8 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         Returns:
             [`ImagePipelineOutput`] or `(images,)`.
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         adapter = self.adapter
         # 0. Default size: the denoiser's native resolution; generated at the native pipeline's aspect-ratio bin where
         #    that pipeline bins, the decoded image resized back to the requested size in step 7
@@ -449,14 +468,13 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             generator, latents, output_type, callback_on_step_end_tensor_inputs,
         )
         self._interrupt = False
-        device, dtype, vae_dtype, hook_free = self._inspect_components()
+        device = self._compute_device()
+        dtype = self.denoiser.dtype
 
         # 2. Encode the prompt
         if prompt_embeds is None:
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            condition = adapter.encode_prompt(prompts, device=device, hook_free=hook_free)
-        else:
-            condition = Condition(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds).to(device)
+            prompt_embeds, prompt_attention_mask, pooled_prompt_embeds = self.encode_prompt(prompt, device=device)
+        condition = Condition(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds).to(device)
         if num_images_per_prompt > 1:
             condition = condition.repeat_interleave(num_images_per_prompt)
         batch = condition.batch_size
@@ -496,25 +514,42 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
                     model_output.float(), t, latents, generator=generator, return_dict=False
                 )
                 if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "denoised": denoised, "prompt_embeds": condition.embeds}
-                    outputs = callback_on_step_end(
-                        self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    ) or {}
-                    latents = outputs.pop("latents", latents)
-                    denoised = outputs.pop("denoised", denoised)
+                    latents, denoised, condition = self._run_callback(
+                        callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, denoised, condition,
+                        device, dtype,
+                    )
                 progress_bar.update()
 
         # 7. Decode the final x0
         if output_type == "latent":
             image = denoised
         else:
-            image = adapter.decode(denoised, vae_dtype=vae_dtype)
+            image = adapter.decode(denoised)
             image = adapter.resize_to_requested(image, *requested_size)
             image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    def _run_callback(self, callback, tensor_inputs, i, t, latents, denoised, condition, device, dtype):
+        """Call ``callback_on_step_end`` with the named tensors; take back every tensor of ``_callback_tensor_inputs``
+        it returns, as diffusers' pipelines do (``callback_outputs.pop(name, current)``)."""
+        current = {
+            "latents": latents,
+            "denoised": denoised,
+            "prompt_embeds": condition.embeds,
+            "prompt_attention_mask": condition.mask,
+            "pooled_prompt_embeds": condition.pooled,
+        }
+        outputs = callback(self, i, t, {name: current[name] for name in tensor_inputs}) or {}
+        updated = {name: outputs.get(name, value) for name, value in current.items()}
+        if any(updated[name] is not current[name] for name in ("prompt_embeds", "prompt_attention_mask",
+                                                                 "pooled_prompt_embeds")):
+            condition = Condition(
+                updated["prompt_embeds"], updated["prompt_attention_mask"], updated["pooled_prompt_embeds"]
+            ).to(device=device, dtype=dtype)
+        return updated["latents"], updated["denoised"], condition
 
     # ------------------------------------------------------------------------------------------------------------
     # loading and saving
@@ -549,6 +584,36 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         See :func:`diffusers_onestep.pipelines.loading.load_from_base` for the arguments.
         """
         return loading.load_from_base(cls, base_model, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> "OneStepPipeline":
+        r"""A student over another pipeline's components, shared without copying (`DiffusionPipeline.from_pipe`):
+        e.g. `OneStepPipeline.from_pipe(StableDiffusionXLPipeline.from_pretrained(...), conditioning_timesteps=[399])`.
+
+        A pipeline without a [`OneStepScheduler`] gets one on its scheduler's noise path, as
+        [`~OneStepPipeline.from_pretrained`] does for a native folder: at `conditioning_timesteps` (default: the
+        pure-noise end of the path) predicting `prediction_type` (default: what the scheduler's config says). The
+        family is read from the pipeline's class (PixArt-Σ and -α transformers look alike) unless `family=` is given.
+        Other keyword arguments are `DiffusionPipeline.from_pipe`'s (components to replace, `torch_dtype`, ...). As
+        diffusers recommends for any pipeline made with `from_pipe`, call `enable_model_cpu_offload()` (or another
+        memory-saving method) on the new pipeline itself: offloading set up on the source pipeline does not carry over.
+        """
+        conditioning_timesteps = kwargs.pop("conditioning_timesteps", None)
+        prediction_type = kwargs.pop("prediction_type", None)
+        if not isinstance(pipeline, OneStepPipeline):
+            if kwargs.get("family") is None:
+                denoisers = {name: {"_class_name": type(module).__name__, **dict(module.config)}
+                             for name, module in pipeline.components.items()
+                             if name in ("unet", "transformer") and module is not None}
+                kwargs["family"] = detect_family({"_class_name": type(pipeline).__name__}, denoisers)
+        family = kwargs.get("family") or pipeline.config.family
+        needs_scheduler = not isinstance(pipeline.scheduler, OneStepScheduler) or conditioning_timesteps is not None \
+            or prediction_type is not None
+        if "scheduler" not in kwargs and needs_scheduler:
+            kwargs["scheduler"] = loading.scheduler_for(
+                family, dict(pipeline.scheduler.config), conditioning_timesteps, prediction_type
+            )
+        return super().from_pipe(pipeline, **kwargs)
 
     def load_student_lora(self, path_or_state_dict, weight_name: Optional[str] = None, lora_scale: float = 1.0,
                           **hub_kwargs) -> None:
