@@ -309,3 +309,18 @@ def test_fold_lora_scale_keeps_the_update_for_readers_without_metadata(student, 
                for k, v in state.items())
     with pytest.raises(ValueError, match="per-layer ranks or alphas, rsLoRA or DoRA"):
         fold_lora_scale(state, {**config, "rank_pattern": {"to_q": 2}})
+
+
+def test_saving_with_style_loras_loaded_is_refused_until_they_are_baked_in(style_loras, native_folder, load_student,
+                                                                            run, tmp_path):
+    pipe = load_student(native_folder("sdxl"), "sdxl")
+    pipe.load_lora_weights(style_loras("sdxl")["a"][0], adapter_name="a")
+    with pytest.raises(ValueError, match=r"Style LoRAs \['a'\] are loaded: call `pipe.fuse_lora\(\)`"):
+        pipe.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    styled = run(pipe)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(tmp_path / "baked")
+    reloaded = load_student(str(tmp_path / "baked"), "sdxl")
+    assert np.abs(run(reloaded) - styled).max() <= 1e-5

@@ -23,15 +23,6 @@ from .presets import Preset
 LORA_STUDENT_CONFIG = "onestep_lora.json"
 
 
-def read_onestep_settings(source: str) -> Dict[str, Any]:
-    """The ``"_onestep"`` settings of a saved folder's ``model_index.json`` (local, or already in the Hub cache)."""
-    try:
-        index = read_json(source, "model_index.json", {"local_files_only": True})
-    except ValueError:  # not a folder and not a repo id
-        return {}
-    return dict((index or {}).get(ONESTEP_INDEX_KEY) or {})
-
-
 def pure_noise_time(noise_path) -> float:
     """The conditioning timestep of a student that starts from pure noise (VP: 999, flow: 1, TrigFlow: pi/2)."""
     if noise_path.kind == "trigflow":

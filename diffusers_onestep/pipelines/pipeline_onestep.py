@@ -638,6 +638,13 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             raise ValueError("diffusers-onestep saves safetensors only; drop `safe_serialization=False`.")
         if kwargs.get("push_to_hub"):
             raise ValueError("Save first, then upload with `diffusers_onestep.hub.push_to_hub(folder, repo_id)`.")
+        loaded = self.get_list_adapters()
+        if loaded:
+            # the denoiser's weights would be saved under peft's wrapped names, which no loader reads back
+            raise ValueError(
+                f"Style LoRAs {sorted(sum(loaded.values(), []))} are loaded: call `pipe.fuse_lora()` then "
+                "`pipe.unload_lora_weights()` to save them baked in, or `pipe.unload_lora_weights()` to save without."
+            )
         save_directory = os.fspath(save_directory)
         os.makedirs(os.path.dirname(os.path.abspath(save_directory)), exist_ok=True)
         staging = staging_path(save_directory)
