@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,6 +30,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from diffusers_onestep.demo import digits  # noqa: E402
 from diffusers_onestep.demo.__main__ import DemoSettings, evaluate_runs, log, print_table, train, write_data  # noqa: E402
+
 
 DOC = os.path.join(REPO, "docs", "benchmarks.md")
 SECTION = "## Digits: one-step students against the teacher"
@@ -40,9 +42,9 @@ def update_docs(table: str, command: str, extra: str) -> None:
     body = f"{SECTION}\n\n{extra}\n\n```bash\n{command}\n```\n\n{table}\n"
     if SECTION in text:
         start = text.index(SECTION)
-        rest = text[start + len(SECTION):]
+        rest = text[start + len(SECTION) :]
         following = rest.find("\n## ")
-        text = text[:start] + body + (rest[following + 1:] if following >= 0 else "")
+        text = text[:start] + body + (rest[following + 1 :] if following >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + body
     with open(DOC, "w", encoding="utf-8") as f:
@@ -57,9 +59,12 @@ def main(argv=None) -> int:
     parser.add_argument("--ema_decay", type=float, default=None, help="student EMA decay (default: the demo's)")
     parser.add_argument("--eval_per_digit", type=int, default=digits.EVAL_PER_DIGIT)
     parser.add_argument("--jobs", type=int, default=1, help="students trained at once (one thread each when > 1)")
-    parser.add_argument("--reuse_students", default="",
-                        help="comma-separated students whose finished folders (and train times in results.json) "
-                             "from an earlier run of this benchmark are kept instead of retrained")
+    parser.add_argument(
+        "--reuse_students",
+        default="",
+        help="comma-separated students whose finished folders (and train times in results.json) "
+        "from an earlier run of this benchmark are kept instead of retrained",
+    )
     parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks", "results", "digits"))
     parser.add_argument("--no_docs", action="store_true", help="do not rewrite the section of docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -85,7 +90,9 @@ def main(argv=None) -> int:
             students[name] = os.path.join(args.output_dir, name)
             if name in reuse:
                 if not os.path.isfile(os.path.join(students[name], "training_config.json")) or name not in previous:
-                    raise SystemExit(f"--reuse_students {name}: no finished student and train time in {args.output_dir}.")
+                    raise SystemExit(
+                        f"--reuse_students {name}: no finished student and train time in {args.output_dir}."
+                    )
                 train_seconds[name] = previous[name]
                 log(f"== {name}: reused from the earlier run")
             else:
@@ -129,14 +136,25 @@ def main(argv=None) -> int:
         "acc_ratio": round(results[best]["prompt_accuracy"] / teacher50["prompt_accuracy"], 4),
     }
     with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"summary": summary, "runs": results, "train_seconds": train_seconds,
-                   "settings": asdict(base), "real_fd": reference}, f, indent=2)
+        json.dump(
+            {
+                "summary": summary,
+                "runs": results,
+                "train_seconds": train_seconds,
+                "settings": asdict(base),
+                "real_fd": reference,
+            },
+            f,
+            indent=2,
+        )
 
     if not args.no_docs:
         rows = ["| run | FD ↓ | prompt accuracy ↑ | coverage | images/s | train wall s |", "|---|---|---|---|---|---|"]
         for name, r in results.items():
-            rows.append(f"| {name} | {r['fd']:.2f} | {r['prompt_accuracy']:.3f} | {r['coverage']:.2f} | "
-                        f"{r['images_per_s']:.1f} | {train_seconds.get(name, 0):.0f} |")
+            rows.append(
+                f"| {name} | {r['fd']:.2f} | {r['prompt_accuracy']:.3f} | {r['coverage']:.2f} | "
+                f"{r['images_per_s']:.1f} | {train_seconds.get(name, 0):.0f} |"
+            )
         rows.append(f"| real train digits (floor) | {reference:.2f} | 1.000 | 1.00 | | |")
         extra = (
             f"Students' budget and settings: the demo's (`DemoSettings` in `diffusers_onestep/demo/__main__.py`) "
@@ -149,8 +167,11 @@ def main(argv=None) -> int:
             f"{10 * args.eval_per_digit} images per run, the same prompts and seeds for every row; the teacher's "
             f"multi-step rows use DDIM with guidance {base.teacher_guidance_scale}. Total wall time "
             f"{(time.perf_counter() - started) / 60:.0f} min on the 2-core CPU machine.\n\n"
-            "![digits grid](images/digits_grid.png)\n\nGrid rows, top to bottom: " +
-            ", ".join(results) + ".\n\n```json\n" + json.dumps(summary) + "\n```"
+            "![digits grid](images/digits_grid.png)\n\nGrid rows, top to bottom: "
+            + ", ".join(results)
+            + ".\n\n```json\n"
+            + json.dumps(summary)
+            + "\n```"
         )
         command = " ".join([".venv/bin/python benchmarks/digits.py", *(sys.argv[1:] if argv is None else argv)])
         update_docs("\n".join(rows), command, extra)

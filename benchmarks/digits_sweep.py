@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
     if "--results" in argv:
         i = argv.index("--results")
         results = argv[i + 1]
-        del argv[i:i + 2]
+        del argv[i : i + 2]
     if not argv or argv[0].startswith("-"):
         raise SystemExit("usage: digits_sweep.py NAME [training flags ...] (see the module docstring)")
     name, flags = argv[0], argv[1:]
@@ -49,10 +50,30 @@ def main(argv=None) -> int:
     data = write_data(os.path.join(root, "data"), seed=0)
     output_dir = os.path.join(root, name)
     command = [
-        sys.executable, os.path.join(REPO, "training", "train_onestep.py"), "--teacher", digits.TEACHER_DIR,
-        "--prompts", data["prompts"], "--real_images", data["real"], "--caption_column", "text",
-        "--report_to", "none", "--output_dir", output_dir, "--overwrite_output_dir", "--lr_scheduler", "constant",
-        "--validation_steps", "100000", "--seed", "0", "--resolution", str(digits.TEACHER_RESOLUTION), *flags,
+        sys.executable,
+        os.path.join(REPO, "training", "train_onestep.py"),
+        "--teacher",
+        digits.TEACHER_DIR,
+        "--prompts",
+        data["prompts"],
+        "--real_images",
+        data["real"],
+        "--caption_column",
+        "text",
+        "--report_to",
+        "none",
+        "--output_dir",
+        output_dir,
+        "--overwrite_output_dir",
+        "--lr_scheduler",
+        "constant",
+        "--validation_steps",
+        "100000",
+        "--seed",
+        "0",
+        "--resolution",
+        str(digits.TEACHER_RESOLUTION),
+        *flags,
     ]
     started = time.perf_counter()
     with open(os.path.join(root, f"{name}.log"), "w", encoding="utf-8") as log:
@@ -63,22 +84,36 @@ def main(argv=None) -> int:
     pipe = OneStepPipeline.from_pretrained(output_dir)
     pipe.set_progress_bar_config(disable=True)
     prompts, requested = digits.evaluation_prompts()
-    images = torch.cat([
-        pipe(prompts[i:i + 250], generator=torch.Generator().manual_seed(i), output_type="pt").images.float() * 2 - 1
-        for i in range(0, len(prompts), 250)
-    ])
+    images = torch.cat(
+        [
+            pipe(prompts[i : i + 250], generator=torch.Generator().manual_seed(i), output_type="pt").images.float() * 2
+            - 1
+            for i in range(0, len(prompts), 250)
+        ]
+    )
     metrics = digits.evaluate(images, requested, value_range="-1,1")
-    row = {"name": name, "flags": flags, "train_s": round(train_seconds), "fd": round(metrics["fd"], 3),
-           "prompt_accuracy": round(metrics["prompt_accuracy"], 3), "recall": round(metrics["recall"], 3),
-           "coverage": metrics["coverage"]}
+    row = {
+        "name": name,
+        "flags": flags,
+        "train_s": round(train_seconds),
+        "fd": round(metrics["fd"], 3),
+        "prompt_accuracy": round(metrics["prompt_accuracy"], 3),
+        "recall": round(metrics["recall"], 3),
+        "coverage": metrics["coverage"],
+    }
     os.makedirs(os.path.dirname(results), exist_ok=True)
     with open(results, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
-    grid = torch.cat([
-        pipe([digits.prompts_for_digit(d)[0]] * 8, generator=torch.Generator().manual_seed(d),
-             output_type="pt").images.float() * 2 - 1
-        for d in range(10)
-    ])
+    grid = torch.cat(
+        [
+            pipe(
+                [digits.prompts_for_digit(d)[0]] * 8, generator=torch.Generator().manual_seed(d), output_type="pt"
+            ).images.float()
+            * 2
+            - 1
+            for d in range(10)
+        ]
+    )
     digits.save_grid(grid, os.path.join(output_dir, "grid.png"), nrow=8, scale=4, value_range="-1,1")
     print(json.dumps(row))
     return 0

@@ -55,15 +55,17 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from diffusers_onestep import parameterization as param  # noqa: E402
-from diffusers_onestep.testing.analytic import GaussianMixture  # noqa: E402
 from diffusers_onestep.distill.config import MethodConfig  # noqa: E402
+from diffusers_onestep.testing.analytic import GaussianMixture  # noqa: E402
 from diffusers_onestep.testing.toy import mixture_metrics, train_toy  # noqa: E402
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIVERGENCES = ["reverse_kl", "js", "forward_kl", "hellinger", "jeffreys"]
@@ -77,7 +79,7 @@ VARIANTS = {
     "low_t": "time_range (0.02, 0.5): no large-t terms (algorithms.md §13.3)",
     "oracle_fake": "exact fake score: the posterior mean of the noised student bank instead of the critic MLP",
     "ode_fit": "no distillation: the same student MLP regressed (MSE) onto the teacher's exact probability-flow ODE "
-               "map noise -> x0, same steps / batch / optimizer (a capacity check; one run per seed)",
+    "map noise -> x0, same steps / batch / optimizer (a capacity check; one run per seed)",
 }
 
 
@@ -221,22 +223,38 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     variant = spec["variant"]
     if variant == "ode_fit":
         result = ode_fit(teacher, path, spec)
-        return _finish(spec, teacher, result, {"target_modes": result.target_metrics["modes"],
-                                               "target_high_quality": result.target_metrics["high_quality"]})
+        return _finish(
+            spec,
+            teacher,
+            result,
+            {
+                "target_modes": result.target_metrics["modes"],
+                "target_high_quality": result.target_metrics["high_quality"],
+            },
+        )
     config = MethodConfig(
         divergence=spec["divergence"],
         guidance_scale=1.0,
         critic_updates_per_student=spec["ratio"],
         time_range=(0.02, 0.5) if variant == "low_t" else (0.02, 0.98),
     )
+
     def collapse(models):
         collapse_student(models, teacher, seed=spec["seed"])
+
     result = train_toy(
-        teacher, path, config,
-        student_steps=spec["steps"], batch_size=spec["batch"], lr=spec["lr"], hidden=spec["hidden"],
-        betas=(spec["beta1"], 0.999), lr_decay=spec["lr_decay"],
+        teacher,
+        path,
+        config,
+        student_steps=spec["steps"],
+        batch_size=spec["batch"],
+        lr=spec["lr"],
+        hidden=spec["hidden"],
+        betas=(spec["beta1"], 0.999),
+        lr_decay=spec["lr_decay"],
         ratio="oracle" if variant == "oracle" else "learned",
-        fake_score="oracle" if variant == "oracle_fake" else "learned", seed=spec["seed"],
+        fake_score="oracle" if variant == "oracle_fake" else "learned",
+        seed=spec["seed"],
         init_student=collapse if variant == "collapsed" else None,
     )
     extra = {}
@@ -248,8 +266,23 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
 def _finish(spec: Dict[str, Any], teacher: GaussianMixture, result, extra: Dict[str, Any]) -> Dict[str, Any]:
     variant = spec["variant"]
     m = result.metrics
-    row = {**spec, "seconds": result.seconds, **{k: m[k] for k in ("modes", "modes_lenient", "num_modes", "high_quality", "mass_tv",
-                                                                     "energy", "mode_mass", "mode_mass_hq")}}
+    row = {
+        **spec,
+        "seconds": result.seconds,
+        **{
+            k: m[k]
+            for k in (
+                "modes",
+                "modes_lenient",
+                "num_modes",
+                "high_quality",
+                "mass_tv",
+                "energy",
+                "mode_mass",
+                "mode_mass_hq",
+            )
+        },
+    }
     if spec["teacher"] == "pair":
         row["minor"] = m["mode_mass"][1]
         row["minor3s"] = m["mode_mass_hq"][1]
@@ -280,8 +313,15 @@ def ratio_check(models, path: param.NoisePath, times=(0.05, 0.2, 0.5, 0.8), n: i
         oracle = models.oracle_log_ratio(x_t, t).double()
         corr = float(torch.corrcoef(torch.stack([learned, oracle]))[0, 1])
         clipped = float(((oracle < math.log(0.1)) | (oracle > math.log(20.0))).double().mean())
-        out.append({"t": tv, "corr": corr, "std_learned": float(learned.std()), "std_oracle": float(oracle.std()),
-                    "oracle_clipped": clipped})
+        out.append(
+            {
+                "t": tv,
+                "corr": corr,
+                "std_learned": float(learned.std()),
+                "std_oracle": float(oracle.std()),
+                "oracle_clipped": clipped,
+            }
+        )
     return out
 
 
@@ -308,13 +348,26 @@ def tables(rows: List[Dict[str, Any]], references: Dict[str, Dict[str, Any]]) ->
     for teacher in [t for t in TEACHERS if any(r["teacher"] == t for r in rows)]:
         sub = [r for r in rows if r["teacher"] == teacher]
         pair = teacher == "pair"
-        head = "| divergence | variant | seeds | modes | lenient | HQ | " + ("minor | minor3s | " if pair else "") + \
-               "TV | energy | s/run |"
-        out += [f"**{teacher}** (std {sub[0]['std']}, {sub[0]['num_modes']} modes)", "", head,
-                "|" + "---|" * (head.count("|") - 1)]
+        head = (
+            "| divergence | variant | seeds | modes | lenient | HQ | "
+            + ("minor | minor3s | " if pair else "")
+            + "TV | energy | s/run |"
+        )
+        out += [
+            f"**{teacher}** (std {sub[0]['std']}, {sub[0]['num_modes']} modes)",
+            "",
+            head,
+            "|" + "---|" * (head.count("|") - 1),
+        ]
         for name, ref in references[teacher].items():
-            cells = [f"*{name}*", "—", "—", f"{ref['modes']}/{ref['num_modes']}",
-                     f"{ref['modes_lenient']}/{ref['num_modes']}", f"{ref['high_quality']:.3f}"]
+            cells = [
+                f"*{name}*",
+                "—",
+                "—",
+                f"{ref['modes']}/{ref['num_modes']}",
+                f"{ref['modes_lenient']}/{ref['num_modes']}",
+                f"{ref['high_quality']:.3f}",
+            ]
             if pair:
                 cells += [f"{ref['mode_mass'][1]:.3f}", f"{ref['mode_mass_hq'][1]:.3f}"]
             cells += [f"{ref['mass_tv']:.3f}", f"{ref['energy']:.4f}", "—"]
@@ -326,14 +379,21 @@ def tables(rows: List[Dict[str, Any]], references: Dict[str, Dict[str, Any]]) ->
         for div, variant in keys:
             runs = [r for r in sub if r["divergence"] == div and r["variant"] == variant]
             modes = [r["modes"] for r in runs]
-            cells = [div, variant, ",".join(str(r["seed"]) for r in runs),
-                     "/".join(str(m) for m in modes) + f" of {runs[0]['num_modes']}",
-                     "/".join(str(r["modes_lenient"]) for r in runs),
-                     _fmt([r["high_quality"] for r in runs], 3)]
+            cells = [
+                div,
+                variant,
+                ",".join(str(r["seed"]) for r in runs),
+                "/".join(str(m) for m in modes) + f" of {runs[0]['num_modes']}",
+                "/".join(str(r["modes_lenient"]) for r in runs),
+                _fmt([r["high_quality"] for r in runs], 3),
+            ]
             if pair:
                 cells += [_fmt([r["minor"] for r in runs], 3), _fmt([r["minor3s"] for r in runs], 3)]
-            cells += [_fmt([r["mass_tv"] for r in runs], 3), _fmt([r["energy"] for r in runs], 4),
-                      f"{sum(r['seconds'] for r in runs) / len(runs):.0f}"]
+            cells += [
+                _fmt([r["mass_tv"] for r in runs], 3),
+                _fmt([r["energy"] for r in runs], 4),
+                f"{sum(r['seconds'] for r in runs) / len(runs):.0f}",
+            ]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -346,8 +406,13 @@ def summary_json(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
         return round(sum(values) / len(values), 4) if values else None
 
     divs = [d for d in DIVERGENCES if any(r["divergence"] == d for r in main)]
-    out: Dict[str, Dict[str, float]] = {"ring8_modes": {}, "grid25_modes": {}, "minor_mass": {}, "high_quality": {},
-                                        "energy": {}}
+    out: Dict[str, Dict[str, float]] = {
+        "ring8_modes": {},
+        "grid25_modes": {},
+        "minor_mass": {},
+        "high_quality": {},
+        "energy": {},
+    }
     for d in divs:
         sub = [r for r in main if r["divergence"] == d]
         for teacher, key in (("ring8", "ring8_modes"), ("grid25", "grid25_modes")):
@@ -371,8 +436,7 @@ def main(argv=None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teachers", default=",".join(TEACHERS))
     parser.add_argument("--divergences", default=",".join(DIVERGENCES))
-    parser.add_argument("--variants", default="learned",
-                        help=f"comma-separated of {', '.join(VARIANTS)}, or 'all'")
+    parser.add_argument("--variants", default="learned", help=f"comma-separated of {', '.join(VARIANTS)}, or 'all'")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--path", default="flow", choices=["flow", "vp"])
     parser.add_argument("--std", type=float, default=0.2, help="std of every mode")
@@ -383,15 +447,20 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--beta1", type=float, default=0.0, help="Adam beta1 of every role")
     parser.add_argument("--lr_decay", action="store_true", help="decay every learning rate linearly to 0")
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--ratio_check", action="store_true",
-                        help="after each learned f-divergence run, compare its discriminator with the oracle ratio")
+    parser.add_argument(
+        "--ratio_check",
+        action="store_true",
+        help="after each learned f-divergence run, compare its discriminator with the oracle ratio",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "gmm"))
     parser.add_argument("--tag", default="main", help="name of this run's results files")
     parser.add_argument("--plot_suffix", default="", help="appended to every scatter plot's file name")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/gmm.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/gmm.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     print(f"command: {command}", flush=True)
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
@@ -411,19 +480,37 @@ def main(argv=None) -> Dict[str, Any]:
                     div = "none"
                 for seed in (int(s) for s in args.seeds.split(",")):
                     name = f"{args.path}_{teacher}_{div}_{variant}_s{seed}{args.plot_suffix}"
-                    specs.append(dict(name=name, teacher=teacher, divergence=div, variant=variant, seed=seed,
-                                      path=args.path, std=args.std, steps=args.student_steps,
-                                      ratio=args.critic_updates_per_student, batch=args.batch_size, lr=args.lr,
-                                      hidden=args.hidden, beta1=args.beta1, lr_decay=args.lr_decay, out=args.out,
-                                      ratio_check=args.ratio_check))
+                    specs.append(
+                        {
+                            "name": name,
+                            "teacher": teacher,
+                            "divergence": div,
+                            "variant": variant,
+                            "seed": seed,
+                            "path": args.path,
+                            "std": args.std,
+                            "steps": args.student_steps,
+                            "ratio": args.critic_updates_per_student,
+                            "batch": args.batch_size,
+                            "lr": args.lr,
+                            "hidden": args.hidden,
+                            "beta1": args.beta1,
+                            "lr_decay": args.lr_decay,
+                            "out": args.out,
+                            "ratio_check": args.ratio_check,
+                        }
+                    )
     started = time.perf_counter()
     rows: List[Dict[str, Any]] = []
 
     def report(row):
         rows.append(row)
         extra = f" minor {row['minor']:.3f}" if "minor" in row else ""
-        print(f"[{len(rows)}/{len(specs)}] {row['name']}: modes {row['modes']}/{row['num_modes']} "
-              f"HQ {row['high_quality']:.3f}{extra} energy {row['energy']:.4f} ({row['seconds']:.0f} s)", flush=True)
+        print(
+            f"[{len(rows)}/{len(specs)}] {row['name']}: modes {row['modes']}/{row['num_modes']} "
+            f"HQ {row['high_quality']:.3f}{extra} energy {row['energy']:.4f} ({row['seconds']:.0f} s)",
+            flush=True,
+        )
 
     if args.jobs > 1:
         import multiprocessing as mp
@@ -449,20 +536,30 @@ def main(argv=None) -> Dict[str, Any]:
     table = tables(rows, references)
     checks = [r for r in rows if r.get("ratio_check")]
     if checks:
-        lines = ["**Ratio check**: learned discriminator logit vs oracle log-ratio on noised student samples "
-                 "(corr; std learned / std oracle; share of oracle ratios outside [0.1, 20])", "",
-                 "| run | " + " | ".join(f"t = {c['t']}" for c in checks[0]["ratio_check"]) + " |",
-                 "|---|" + "---|" * len(checks[0]["ratio_check"])]
+        lines = [
+            "**Ratio check**: learned discriminator logit vs oracle log-ratio on noised student samples "
+            "(corr; std learned / std oracle; share of oracle ratios outside [0.1, 20])",
+            "",
+            "| run | " + " | ".join(f"t = {c['t']}" for c in checks[0]["ratio_check"]) + " |",
+            "|---|" + "---|" * len(checks[0]["ratio_check"]),
+        ]
         for r in checks:
-            lines.append(f"| {r['teacher']} {r['divergence']} s{r['seed']} | " + " | ".join(
-                f"{c['corr']:.2f}; {c['std_learned']:.2f} / {c['std_oracle']:.2f}; {c['oracle_clipped']:.2f}"
-                for c in r["ratio_check"]) + " |")
+            lines.append(
+                f"| {r['teacher']} {r['divergence']} s{r['seed']} | "
+                + " | ".join(
+                    f"{c['corr']:.2f}; {c['std_learned']:.2f} / {c['std_oracle']:.2f}; {c['oracle_clipped']:.2f}"
+                    for c in r["ratio_check"]
+                )
+                + " |"
+            )
         table += "\n".join(lines) + "\n"
     summary = summary_json(rows)
-    header = (f"Command: `{command}`\n\nPath `{args.path}`, mode std {args.std}, {args.student_steps} student steps, "
-              f"critic:student {args.critic_updates_per_student}:1, batch {args.batch_size}, Adam({args.beta1:g}, 0.999) lr "
-              f"{args.lr}{' decayed linearly to 0' if args.lr_decay else ''}, MLPs {args.hidden} wide. Wall time {wall / 60:.1f} min with --jobs {args.jobs} on the "
-              f"shared 2-core CPU machine.\n")
+    header = (
+        f"Command: `{command}`\n\nPath `{args.path}`, mode std {args.std}, {args.student_steps} student steps, "
+        f"critic:student {args.critic_updates_per_student}:1, batch {args.batch_size}, Adam({args.beta1:g}, 0.999) lr "
+        f"{args.lr}{' decayed linearly to 0' if args.lr_decay else ''}, MLPs {args.hidden} wide. Wall time {wall / 60:.1f} min with --jobs {args.jobs} on the "
+        f"shared 2-core CPU machine.\n"
+    )
     print("\n" + header + "\n" + table, flush=True)
 
     # per-teacher contact sheets: rows = divergences x variants, columns = seeds
@@ -470,14 +567,20 @@ def main(argv=None) -> Dict[str, Any]:
         grid = []
         for div in args.divergences.split(",") + ["none"]:
             for variant in variants:
-                files = [os.path.join(REPO, r["png"]) for r in rows
-                         if r["teacher"] == teacher and r["divergence"] == div and r["variant"] == variant]
+                files = [
+                    os.path.join(REPO, r["png"])
+                    for r in rows
+                    if r["teacher"] == teacher and r["divergence"] == div and r["variant"] == variant
+                ]
                 if files:
                     grid.append(files)
         contact_sheet(grid, os.path.join(args.out, f"{args.tag}_{args.path}_{teacher}.png"))
     with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
-        json.dump({"command": command, "wall_s": wall, "rows": rows, "references": references, "summary": summary},
-                  f, indent=1)
+        json.dump(
+            {"command": command, "wall_s": wall, "rows": rows, "references": references, "summary": summary},
+            f,
+            indent=1,
+        )
     with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:
         f.write(header + "\n" + table + "\n")
     print(json.dumps(summary), flush=True)

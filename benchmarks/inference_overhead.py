@@ -43,6 +43,7 @@ import tempfile
 import time
 from typing import Callable, Dict, List
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -57,6 +58,7 @@ from diffusers_onestep.testing import (  # noqa: E402
     save_tiny_native_pipeline,
     tiny_fixture,
 )
+
 
 P1_TARGET = 1.03
 P2_TARGET = 1.00
@@ -171,15 +173,16 @@ def time_call(fn: Callable[[], object], sync: Callable[[], None] = lambda: None)
     return time.perf_counter() - start
 
 
-def alternating_times(run_a: Callable[[], object], run_b: Callable[[], object], calls: int,
-                      sync: Callable[[], None] = lambda: None):
+def alternating_times(
+    run_a: Callable[[], object], run_b: Callable[[], object], calls: int, sync: Callable[[], None] = lambda: None
+):
     """``calls`` timings of each of two callables, alternating them and the order within each pair, so that drift of
     a shared machine hits both alike; returns ``(times_a, times_b)``, paired by index."""
     times_a: List[float] = []
     times_b: List[float] = []
     order = ((times_a, run_a), (times_b, run_b))
     for i in range(calls):
-        for times, fn in (order if i % 2 == 0 else order[::-1]):
+        for times, fn in order if i % 2 == 0 else order[::-1]:
             times.append(time_call(fn, sync))
     return times_a, times_b
 
@@ -278,7 +281,9 @@ def measure_family(family: str, folder: str, calls: int, warmup: int) -> Dict[st
         run_student()
         run_native()
     adapter = student.adapter
-    run_bare = bare_loop(student, prompt, adapter.latent_shape(1, adapter.default_resolution, adapter.default_resolution))
+    run_bare = bare_loop(
+        student, prompt, adapter.latent_shape(1, adapter.default_resolution, adapter.default_resolution)
+    )
     for _ in range(warmup):
         run_bare()
 
@@ -327,7 +332,8 @@ def measure_family(family: str, folder: str, calls: int, warmup: int) -> Dict[st
         "components_ms": 1e3 * statistics.median(component_times),
         "tokenize_ms": 1e3 * statistics.median(tokenize_times),
         "encode_glue_ms": 1e3 * statistics.median(encode_glue_times),
-        "ours_glue_ms": 1e3 * statistics.median(
+        "ours_glue_ms": 1e3
+        * statistics.median(
             [c - f - t - e for c, f, t, e in zip(call_times, component_times, tokenize_times, encode_glue_times)]
         ),
         "ours_ms": 1e3 * statistics.median(ours),
@@ -374,9 +380,14 @@ def main(argv=None) -> int:
     p1_floor = {f: round(r["p1_floor"], 4) for f, r in results.items()}
     p2 = {f: round(r["p2"], 4) for f, r in results.items()}
     summary = {
-        "p1": p1, "p1_floor": p1_floor, "p1_forwards_only": p1_old, "p2": p2,
-        "p1_max": max(p1.values()), "p1_floor_max": max(p1_floor.values()),
-        "p1_forwards_only_max": max(p1_old.values()), "p2_max": max(p2.values()),
+        "p1": p1,
+        "p1_floor": p1_floor,
+        "p1_forwards_only": p1_old,
+        "p2": p2,
+        "p1_max": max(p1.values()),
+        "p1_floor_max": max(p1_floor.values()),
+        "p1_forwards_only_max": max(p1_old.values()),
+        "p2_max": max(p2.values()),
     }
     print(
         f"targets: P1 <= {P1_TARGET} ({'met' if summary['p1_max'] <= P1_TARGET else 'missed'}; forwards-only "

@@ -25,17 +25,19 @@ import statistics
 import sys
 import time
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from real_size_overhead import DTYPES, build_components  # noqa: E402
 
 import diffusers_onestep.pipelines.pipeline_onestep as pipeline_module  # noqa: E402
 from diffusers_onestep import OneStepPipeline  # noqa: E402
 from diffusers_onestep.pipelines.loading import scheduler_for  # noqa: E402
 from diffusers_onestep.testing import TINY_FAMILIES, TINY_PROMPTS, tiny_fixture  # noqa: E402
-from real_size_overhead import DTYPES, build_components  # noqa: E402
+
 
 PIPELINE_COMPONENTS = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
@@ -44,7 +46,9 @@ def measure(family: str, args, device: torch.device, dtype: torch.dtype) -> dict
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     components = build_components(family, args.tiny, device, dtype)
     pipe = OneStepPipeline(
-        scheduler=scheduler_for(family, dict(components["scheduler"].config), tiny_fixture(family).parity_timesteps, None),
+        scheduler=scheduler_for(
+            family, dict(components["scheduler"].config), tiny_fixture(family).parity_timesteps, None
+        ),
         family=family,
         **{k: v for k, v in components.items() if k in PIPELINE_COMPONENTS},
     )
@@ -105,8 +109,9 @@ def measure(family: str, args, device: torch.device, dtype: torch.dtype) -> dict
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", nargs="+", default=["sdxl", "pixart_alpha", "sana", "sana_sprint"],
-                        choices=TINY_FAMILIES)
+    parser.add_argument(
+        "--families", nargs="+", default=["sdxl", "pixart_alpha", "sana", "sana_sprint"], choices=TINY_FAMILIES
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
     parser.add_argument("--calls", type=int, default=15)

@@ -40,12 +40,14 @@ import sys
 import time
 from typing import Callable, Dict, List
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from inference_overhead import ComponentTimer, alternating_times, bare_loop, time_call  # noqa: E402
 
 from diffusers_onestep import OneStepPipeline  # noqa: E402
 from diffusers_onestep.families import get_adapter_class  # noqa: E402
@@ -62,7 +64,7 @@ from diffusers_onestep.testing import (  # noqa: E402
     tiny_gemma_tokenizer,
     tiny_t5_tokenizer,
 )
-from inference_overhead import ComponentTimer, alternating_times, bare_loop, time_call  # noqa: E402
+
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -112,14 +114,35 @@ def real_sdxl():
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
-    clip_l = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                            projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
-    clip_g = CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                            num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
-                            projection_dim=1280, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    clip_l = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+    clip_g = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=1280,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
     scheduler = lambda: EulerDiscreteScheduler(  # noqa: E731
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
     return {
         "unet": unet,
         "vae": _sd_vae(0.13025),
@@ -134,8 +157,17 @@ def real_sdxl():
 def _t5_xxl():
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                      relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6)
+    config = T5Config(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        relative_attention_num_buckets=32,
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6,
+    )
     return T5EncoderModel(config)
 
 
@@ -171,18 +203,42 @@ def real_sana(sprint: bool):
 
     extra = {"qk_norm": "rms_norm_across_heads", "guidance_embeds": True} if sprint else {}
     transformer = SanaTransformer2DModel(
-        in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
-        num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
-        mlp_ratio=2.5, attention_bias=False, sample_size=32, patch_size=1, norm_elementwise_affine=False,
-        norm_eps=1e-6, **extra,
+        in_channels=32,
+        out_channels=32,
+        num_attention_heads=70,
+        attention_head_dim=32,
+        num_layers=20,
+        num_cross_attention_heads=20,
+        cross_attention_head_dim=112,
+        cross_attention_dim=2240,
+        caption_channels=2304,
+        mlp_ratio=2.5,
+        attention_bias=False,
+        sample_size=32,
+        patch_size=1,
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        **extra,
     )
     vae = AutoencoderDC(
         in_channels=3,
         latent_channels=32,
-        encoder_block_types=("ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock",
-                             "EfficientViTBlock"),
-        decoder_block_types=("ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock",
-                             "EfficientViTBlock"),
+        encoder_block_types=(
+            "ResBlock",
+            "ResBlock",
+            "ResBlock",
+            "EfficientViTBlock",
+            "EfficientViTBlock",
+            "EfficientViTBlock",
+        ),
+        decoder_block_types=(
+            "ResBlock",
+            "ResBlock",
+            "ResBlock",
+            "EfficientViTBlock",
+            "EfficientViTBlock",
+            "EfficientViTBlock",
+        ),
         encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
         decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
         encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
@@ -195,12 +251,26 @@ def real_sana(sprint: bool):
         decoder_act_fns="silu",
         scaling_factor=0.41407,
     )
-    gemma = Gemma2Config(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                         num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
-                         hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096,
-                         final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
-    scheduler = (lambda: SCMScheduler(prediction_type="trigflow", sigma_data=0.5)) if sprint else (
-        lambda: FlowMatchEulerDiscreteScheduler(shift=3.0))
+    gemma = Gemma2Config(
+        vocab_size=256000,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        max_position_embeddings=8192,
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+    )
+    scheduler = (
+        (lambda: SCMScheduler(prediction_type="trigflow", sigma_data=0.5))
+        if sprint
+        else (lambda: FlowMatchEulerDiscreteScheduler(shift=3.0))
+    )
     return {
         "transformer": transformer,
         "vae": vae,
@@ -233,8 +303,11 @@ def build_components(family: str, tiny: bool, device: torch.device, dtype: torch
 
 
 def parameter_count(components: Dict[str, object]) -> Dict[str, float]:
-    return {n: sum(p.numel() for p in m.parameters()) / 1e9 for n, m in components.items()
-            if isinstance(m, torch.nn.Module)}
+    return {
+        n: sum(p.numel() for p in m.parameters()) / 1e9
+        for n, m in components.items()
+        if isinstance(m, torch.nn.Module)
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,11 +322,14 @@ def measure_family(family: str, args, device: torch.device, dtype: torch.dtype) 
     build_s = time.perf_counter() - start
     native_components = {k: v for k, v in components.items() if k not in ("image_encoder", "feature_extractor")}
     adapter_cls = get_adapter_class(family)
-    native, native_kwargs = native_one_step_setup(family, native_pipeline_class(family)(
-        **native_components, **adapter_cls.native_pipeline_kwargs))
+    native, native_kwargs = native_one_step_setup(
+        family, native_pipeline_class(family)(**native_components, **adapter_cls.native_pipeline_kwargs)
+    )
     ours_components = {k: v for k, v in components.items() if k in adapter_cls.component_names()}
     student = OneStepPipeline(
-        scheduler=scheduler_for(family, dict(components["scheduler"].config), tiny_fixture(family).parity_timesteps, None),
+        scheduler=scheduler_for(
+            family, dict(components["scheduler"].config), tiny_fixture(family).parity_timesteps, None
+        ),
         family=family,
         **ours_components,
     )
@@ -282,7 +358,7 @@ def measure_family(family: str, args, device: torch.device, dtype: torch.dtype) 
     component_ms: List[float] = []
     try:
         for i in range(args.calls):
-            for kind in (("bare", "pipe") if i % 2 == 0 else ("pipe", "bare")):
+            for kind in ("bare", "pipe") if i % 2 == 0 else ("pipe", "bare"):
                 timer.total = timer.tokenize = timer.encode = timer.text_forwards = 0.0
                 elapsed = time_call(run_bare if kind == "bare" else run_student, sync)
                 inside = timer.total + timer.tokenize
@@ -342,8 +418,11 @@ def main(argv=None) -> int:
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = "cpu"
-    print(f"torch {torch.__version__}, device {device_name}, {args.dtype}, median of {args.calls} calls, "
-          f"{'tiny' if args.tiny else 'real-size'} components", flush=True)
+    print(
+        f"torch {torch.__version__}, device {device_name}, {args.dtype}, median of {args.calls} calls, "
+        f"{'tiny' if args.tiny else 'real-size'} components",
+        flush=True,
+    )
 
     results: Dict[str, Dict[str, object]] = {}
     for family in args.families:
@@ -359,17 +438,20 @@ def main(argv=None) -> int:
             with open(args.json_out, "w") as f:
                 json.dump({"device": device_name, "dtype": args.dtype, "results": results}, f, indent=2)
 
-    header = (f"{'family':<14}{'params B':>10}{'call ms':>10}{'inside ms':>11}{'P1':>8}{'P1 floor':>10}"
-              f"{'native ms':>11}{'ours ms':>9}{'P2':>7}{'peak MiB ours/native':>23}")
+    header = (
+        f"{'family':<14}{'params B':>10}{'call ms':>10}{'inside ms':>11}{'P1':>8}{'P1 floor':>10}"
+        f"{'native ms':>11}{'ours ms':>9}{'P2':>7}{'peak MiB ours/native':>23}"
+    )
     print(header)
     print("-" * len(header))
     ok = {f: r for f, r in results.items() if "error" not in r}
     for family, r in ok.items():
-        memory = (f"{r['peak_mib_ours']:.0f} / {r['peak_mib_native']:.0f}" if r["peak_mib_ours"] is not None
-                  else "-")
-        print(f"{family:<14}{sum(r['params_b'].values()):>10.2f}{r['call_ms']:>10.2f}{r['components_ms']:>11.2f}"
-              f"{r['p1']:>8.4f}{r['p1_floor']:>10.4f}{r['native_ms']:>11.2f}{r['ours_ms']:>9.2f}{r['p2']:>7.3f}"
-              f"{memory:>23}")
+        memory = f"{r['peak_mib_ours']:.0f} / {r['peak_mib_native']:.0f}" if r["peak_mib_ours"] is not None else "-"
+        print(
+            f"{family:<14}{sum(r['params_b'].values()):>10.2f}{r['call_ms']:>10.2f}{r['components_ms']:>11.2f}"
+            f"{r['p1']:>8.4f}{r['p1_floor']:>10.4f}{r['native_ms']:>11.2f}{r['ours_ms']:>9.2f}{r['p2']:>7.3f}"
+            f"{memory:>23}"
+        )
     for family, r in results.items():
         if "error" in r:
             print(f"{family}: {r['error']}")
@@ -378,8 +460,9 @@ def main(argv=None) -> int:
         "p1": {f: round(r["p1"], 4) for f, r in ok.items()},
         "p1_floor": {f: round(r["p1_floor"], 4) for f, r in ok.items()},
         "p2": {f: round(r["p2"], 4) for f, r in ok.items()},
-        "memory_ratio": {f: round(r["peak_mib_ours"] / r["peak_mib_native"], 4) for f, r in ok.items()
-                         if r["peak_mib_ours"]},
+        "memory_ratio": {
+            f: round(r["peak_mib_ours"] / r["peak_mib_native"], 4) for f, r in ok.items() if r["peak_mib_ours"]
+        },
     }
     summary["p1_max"] = max(summary["p1"].values(), default=None)
     summary["p2_max"] = max(summary["p2"].values(), default=None)

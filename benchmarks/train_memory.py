@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+
 RESULT_PREFIX = "RESULT "
 
 
@@ -132,9 +133,13 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps per layout (after one warm-up step)")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--lora_rank", type=int, default=16,
-                        help="LoRA rank of student and critic. SDXL's default r=64 on 320-1280 channels is ~1/5 of the "
-                             "narrowest width; r=16 keeps that proportion on this UNet's 96-384 channels.")
+    parser.add_argument(
+        "--lora_rank",
+        type=int,
+        default=16,
+        help="LoRA rank of student and critic. SDXL's default r=64 on 320-1280 channels is ~1/5 of the "
+        "narrowest width; r=16 keeps that proportion on this UNet's 96-384 channels.",
+    )
     parser.add_argument("--layout", choices=("lora", "separate"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.layout:
@@ -144,27 +149,47 @@ def main():
 
     results = {}
     for layout in ("lora", "separate"):
-        command = [sys.executable, os.path.abspath(__file__), "--layout", layout, "--steps", str(args.steps),
-                   "--batch_size", str(args.batch_size), "--resolution", str(args.resolution),
-                   "--lora_rank", str(args.lora_rank)]
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--layout",
+            layout,
+            "--steps",
+            str(args.steps),
+            "--batch_size",
+            str(args.batch_size),
+            "--resolution",
+            str(args.resolution),
+            "--lora_rank",
+            str(args.lora_rank),
+        ]
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
         out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
-        results[layout] = json.loads(next(line for line in out.splitlines() if line.startswith(RESULT_PREFIX))
-                                     [len(RESULT_PREFIX):])
+        results[layout] = json.loads(
+            next(line for line in out.splitlines() if line.startswith(RESULT_PREFIX))[len(RESULT_PREFIX) :]
+        )
 
     lora, separate = results["lora"], results["separate"]
-    print(f"UNet: {lora['unet_parameters_m']:.1f}M parameters (SDXL-shaped), LoRA rank {args.lora_rank} "
-          f"({lora['trainable_parameters_m']:.1f}M trainable in both adapters), batch {args.batch_size}, "
-          f"{args.resolution}x{args.resolution} images, {args.steps} timed steps, 1 thread, CPU")
-    print(f"{'layout':<34}{'memory MiB':>11}{'step s':>9}{'teacher':>9}{'critic':>9}{'student':>9}{'other':>9}"
-          f"{'overhead':>10}")
+    print(
+        f"UNet: {lora['unet_parameters_m']:.1f}M parameters (SDXL-shaped), LoRA rank {args.lora_rank} "
+        f"({lora['trainable_parameters_m']:.1f}M trainable in both adapters), batch {args.batch_size}, "
+        f"{args.resolution}x{args.resolution} images, {args.steps} timed steps, 1 thread, CPU"
+    )
+    print(
+        f"{'layout':<34}{'memory MiB':>11}{'step s':>9}{'teacher':>9}{'critic':>9}{'student':>9}{'other':>9}"
+        f"{'overhead':>10}"
+    )
     names = {"lora": "shared backbone + 2 LoRA (ours)", "separate": "3 separate copies (DMD2)"}
     for layout, r in results.items():
-        print(f"{names[layout]:<34}{r['memory_mib']:>11.0f}{r['step_s']:>9.2f}{r['teacher_s']:>9.2f}"
-              f"{r['critic_s']:>9.2f}{r['student_s']:>9.2f}{r['other_s']:>9.2f}{r['overhead_ratio']:>10.3f}")
+        print(
+            f"{names[layout]:<34}{r['memory_mib']:>11.0f}{r['step_s']:>9.2f}{r['teacher_s']:>9.2f}"
+            f"{r['critic_s']:>9.2f}{r['student_s']:>9.2f}{r['other_s']:>9.2f}{r['overhead_ratio']:>10.3f}"
+        )
     memory_ratio = lora["memory_mib"] / separate["memory_mib"]
-    print(f"memory ratio (LoRA / separate) = {memory_ratio:.3f} (target <= 0.45); "
-          f"overhead ratio (LoRA layout) = {lora['overhead_ratio']:.3f} (target <= 1.15)")
+    print(
+        f"memory ratio (LoRA / separate) = {memory_ratio:.3f} (target <= 0.45); "
+        f"overhead ratio (LoRA layout) = {lora['overhead_ratio']:.3f} (target <= 1.15)"
+    )
     print(json.dumps({"memory_ratio": round(memory_ratio, 4), "overhead_ratio": round(lora["overhead_ratio"], 4)}))
 
 

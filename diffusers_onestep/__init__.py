@@ -12,6 +12,7 @@ from .families import Condition, FamilyAdapter, adapter_for_pipeline, detect_fam
 from .pipelines import OneStepPipeline
 from .schedulers import OneStepScheduler, OneStepSchedulerOutput
 
+
 __version__ = "0.1.0.dev0"
 
 __all__ = [

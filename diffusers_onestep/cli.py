@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
+
 PROG = "diffusers-onestep"
 
 DESCRIPTION = """\
@@ -121,13 +122,21 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CommandError(first_line(error), status=2) from None
     os.makedirs(args.out, exist_ok=True)
-    print(f"{PROG} generate: {args.num_images} image(s) of {args.prompt!r} with {args.model} at "
-          f"{len(timesteps)} step(s) (timesteps {[round(t, 2) for t in timesteps]}), seed {args.seed}, on {device}",
-          flush=True)
+    print(
+        f"{PROG} generate: {args.num_images} image(s) of {args.prompt!r} with {args.model} at "
+        f"{len(timesteps)} step(s) (timesteps {[round(t, 2) for t in timesteps]}), seed {args.seed}, on {device}",
+        flush=True,
+    )
     generator = torch.Generator().manual_seed(args.seed)
     try:
-        images = pipe(args.prompt, num_inference_steps=args.steps, num_images_per_prompt=args.num_images,
-                      height=args.height, width=args.width, generator=generator).images
+        images = pipe(
+            args.prompt,
+            num_inference_steps=args.steps,
+            num_images_per_prompt=args.num_images,
+            height=args.height,
+            width=args.width,
+            generator=generator,
+        ).images
     except ValueError as error:  # the pipeline's own input checks: one actionable sentence each
         raise CommandError(first_line(error), status=2) from None
     for index, image in enumerate(images):
@@ -154,17 +163,23 @@ def run_push(args: argparse.Namespace) -> int:
         raise CommandError(f"{folder!r} is not a folder.", status=2)
     markers = ("model_index.json", "onestep_lora.json")
     if not any(os.path.isfile(os.path.join(folder, name)) for name in markers):
-        raise CommandError(f"{folder!r} is not a saved student: it has neither model_index.json nor "
-                           "onestep_lora.json (save one with the training script or OneStepPipeline.save_pretrained).",
-                           status=2)
+        raise CommandError(
+            f"{folder!r} is not a saved student: it has neither model_index.json nor "
+            "onestep_lora.json (save one with the training script or OneStepPipeline.save_pretrained).",
+            status=2,
+        )
     try:
         validate_repo_id(args.repo_id)
     except HFValidationError:
-        raise CommandError(f"--repo_id {args.repo_id!r} is not a valid Hub repo id (expected 'name' or 'org/name').",
-                           status=2) from None
+        raise CommandError(
+            f"--repo_id {args.repo_id!r} is not a valid Hub repo id (expected 'name' or 'org/name').", status=2
+        ) from None
     if not os.path.isfile(os.path.join(folder, "README.md")):
-        print(f"{PROG} push: {folder} has no model card (README.md); the training script writes one. Pushing the "
-              "weights without it.", flush=True)
+        print(
+            f"{PROG} push: {folder} has no model card (README.md); the training script writes one. Pushing the "
+            "weights without it.",
+            flush=True,
+        )
     try:
         repo_id = hub.push_to_hub(folder, args.repo_id, private=args.private, token=args.token)
     except (OSError, ValueError) as error:  # huggingface_hub's HTTP errors are OSErrors
@@ -184,8 +199,9 @@ FORWARDED: Dict[str, Callable[[Sequence[str]], int]] = {"distill": run_distill, 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
 
@@ -194,41 +210,67 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("demo", help=DEMO_HELP, add_help=False)
 
     generate = commands.add_parser(
-        "generate", help="generate images with a one-step student and write them as PNGs",
+        "generate",
+        help="generate images with a one-step student and write them as PNGs",
         description="Generate images with a one-step student (OneStepPipeline) and write them as PNG files.",
-        epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=GENERATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     generate.add_argument("model", metavar="MODEL", help="student folder or Hub id (see below)")
     generate.add_argument("prompt", metavar="PROMPT", help="the text prompt (quote it)")
-    generate.add_argument("--steps", type=positive_int, default=None,
-                          help="how many of the student's conditioning timesteps to run (default: all of them; "
-                               "a one-step student has one)")
+    generate.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="how many of the student's conditioning timesteps to run (default: all of them; "
+        "a one-step student has one)",
+    )
     generate.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
     generate.add_argument("--num_images", type=positive_int, default=1, help="images to generate (default: 1)")
-    generate.add_argument("--height", type=positive_int, default=None,
-                          help="image height in pixels (default: the student's native resolution)")
-    generate.add_argument("--width", type=positive_int, default=None,
-                          help="image width in pixels (default: the student's native resolution)")
-    generate.add_argument("--out", default="onestep-images", metavar="DIR",
-                          help="folder for the PNG files, created if missing (default: onestep-images)")
-    generate.add_argument("--device", default=None,
-                          help="torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
+    generate.add_argument(
+        "--height",
+        type=positive_int,
+        default=None,
+        help="image height in pixels (default: the student's native resolution)",
+    )
+    generate.add_argument(
+        "--width",
+        type=positive_int,
+        default=None,
+        help="image width in pixels (default: the student's native resolution)",
+    )
+    generate.add_argument(
+        "--out",
+        default="onestep-images",
+        metavar="DIR",
+        help="folder for the PNG files, created if missing (default: onestep-images)",
+    )
+    generate.add_argument(
+        "--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu)"
+    )
     generate.set_defaults(run=run_generate)
 
     presets = commands.add_parser(
-        "presets", help="print the table of supported public one-step students",
+        "presets",
+        help="print the table of supported public one-step students",
         description="Print the supported public one-step students (Hub ids OneStepPipeline.from_pretrained resolves "
-                    "through a preset) as a Markdown table: weight variants, family, timesteps, prediction type, "
-                    "resolution and the model card's recipe.")
+        "through a preset) as a Markdown table: weight variants, family, timesteps, prediction type, "
+        "resolution and the model card's recipe.",
+    )
     presets.set_defaults(run=run_presets)
 
     push = commands.add_parser(
-        "push", help="push a saved student (with its model card) to the Hugging Face Hub",
+        "push",
+        help="push a saved student (with its model card) to the Hugging Face Hub",
         description="Create (or reuse) a Hub model repo and upload a saved student with its model card.",
-        epilog=PUSH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=PUSH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     push.add_argument("folder", metavar="FOLDER", help="the saved student folder")
     push.add_argument("--repo_id", required=True, help="the Hub repo to create or update, 'name' or 'org/name'")
-    push.add_argument("--private", action="store_true", help="create the repo as private (an existing repo keeps "
-                                                             "its visibility)")
+    push.add_argument(
+        "--private", action="store_true", help="create the repo as private (an existing repo keeps its visibility)"
+    )
     push.add_argument("--token", default=None, help="Hub token (default: the one saved by `hf auth login`)")
     push.set_defaults(run=run_push)
     return parser

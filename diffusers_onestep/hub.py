@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+
 #: ``from_pretrained`` keyword arguments that say where and how to read a Hub repo
 HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
 #: files and folders of an output directory that are not part of the published student
@@ -133,16 +134,27 @@ def method_name(method, config) -> str:
     return f"{method.name} ({config.method.divergence}): {method.description}"
 
 
-def card_text(config, family: str, student_timesteps: Sequence[float], sample_grid: Optional[str],
-              prompts: Sequence[str], lora: bool, repo_id: Optional[str] = None, *, method,
-              license_fields: Optional[Dict[str, str]] = None) -> str:
+def card_text(
+    config,
+    family: str,
+    student_timesteps: Sequence[float],
+    sample_grid: Optional[str],
+    prompts: Sequence[str],
+    lora: bool,
+    repo_id: Optional[str] = None,
+    *,
+    method,
+    license_fields: Optional[Dict[str, str]] = None,
+) -> str:
     """The card's markdown for a resolved run ``config`` trained by ``method`` (the registered method class, which
     names itself: ``name``, ``description``, ``reference``, ``tags``); ``repo_id`` is the Hub repo the loading
     snippet names (the pushed repo), ``license_fields`` the teacher's (:func:`teacher_license`)."""
     teacher = config.teacher
     load_from = repo_id or "path/to/this/folder"
-    guidance = ("- Guidance: distilled into the student (classifier-free guidance scale "
-                f"{config.method.guidance_scale} on the teacher); the student takes no `guidance_scale`.")
+    guidance = (
+        "- Guidance: distilled into the student (classifier-free guidance scale "
+        f"{config.method.guidance_scale} on the teacher); the student takes no `guidance_scale`."
+    )
     kind = "LoRA adapter" if lora else "full"
     lines = [
         f"# One-step {family} student of `{teacher}`",
@@ -171,8 +183,14 @@ def card_text(config, family: str, student_timesteps: Sequence[float], sample_gr
             "(`onestep_lora.json` names the base).",
         ]
     if sample_grid:
-        lines += ["", "## Samples", "", f"![samples]({sample_grid})", "",
-                  "Prompts: " + "; ".join(f"`{p}`" for p in prompts)]
+        lines += [
+            "",
+            "## Samples",
+            "",
+            f"![samples]({sample_grid})",
+            "",
+            "Prompts: " + "; ".join(f"`{p}`" for p in prompts),
+        ]
     lines += [
         "",
         "## License",
@@ -198,9 +216,18 @@ def card_text(config, family: str, student_timesteps: Sequence[float], sample_gr
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(folder: str, config, family: str, student_timesteps: Sequence[float],
-                     sample_grid: Optional[str] = None, prompts: Sequence[str] = (), lora: bool = False,
-                     repo_id: Optional[str] = None, *, method):
+def write_model_card(
+    folder: str,
+    config,
+    family: str,
+    student_timesteps: Sequence[float],
+    sample_grid: Optional[str] = None,
+    prompts: Sequence[str] = (),
+    lora: bool = False,
+    repo_id: Optional[str] = None,
+    *,
+    method,
+):
     """Write ``README.md`` (a ``huggingface_hub.ModelCard``) into ``folder`` and return the card (see
     :func:`card_text` for ``method`` and ``repo_id``). The card carries the teacher's license, read from the
     teacher's own card (at ``config.revision``, through ``config.cache_dir``)."""
@@ -208,8 +235,16 @@ def write_model_card(folder: str, config, family: str, student_timesteps: Sequen
 
     hub_kwargs = {key: getattr(config, key, None) for key in ("revision", "cache_dir")}
     license_fields = teacher_license(config.teacher, {k: v for k, v in hub_kwargs.items() if v})
-    tags: List[str] = ["one-step", "distillation", "diffusers-onestep", "text-to-image", "diffusers", family,
-                       *method.tags, config.method.divergence]
+    tags: List[str] = [
+        "one-step",
+        "distillation",
+        "diffusers-onestep",
+        "text-to-image",
+        "diffusers",
+        family,
+        *method.tags,
+        config.method.divergence,
+    ]
     if lora:
         tags.append("lora")
     data = ModelCardData(
@@ -219,8 +254,17 @@ def write_model_card(folder: str, config, family: str, student_timesteps: Sequen
         tags=tags,
         **license_fields,
     )
-    text = card_text(config, family, student_timesteps, sample_grid, prompts, lora, repo_id, method=method,
-                     license_fields=license_fields)
+    text = card_text(
+        config,
+        family,
+        student_timesteps,
+        sample_grid,
+        prompts,
+        lora,
+        repo_id,
+        method=method,
+        license_fields=license_fields,
+    )
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
     card.save(os.path.join(folder, "README.md"))
     return card
@@ -234,8 +278,9 @@ def create_repo(repo_id: str, private: bool = False, token: Optional[str] = None
     return huggingface_hub.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
 
 
-def upload_student(folder: str, repo_id: str, commit_message: str = "Upload one-step student",
-                   token: Optional[str] = None) -> str:
+def upload_student(
+    folder: str, repo_id: str, commit_message: str = "Upload one-step student", token: Optional[str] = None
+) -> str:
     """Upload the student in ``folder`` to the existing ``repo_id``; checkpoints and logs stay local."""
     import huggingface_hub
 
@@ -249,8 +294,13 @@ def upload_student(folder: str, repo_id: str, commit_message: str = "Upload one-
     return repo_id
 
 
-def push_to_hub(folder: str, repo_id: str, private: bool = False, commit_message: str = "Upload one-step student",
-                token: Optional[str] = None) -> str:
+def push_to_hub(
+    folder: str,
+    repo_id: str,
+    private: bool = False,
+    commit_message: str = "Upload one-step student",
+    token: Optional[str] = None,
+) -> str:
     """Create (or reuse) ``repo_id`` and upload the student in ``folder``; checkpoints and logs stay local."""
     repo_id = create_repo(repo_id, private=private, token=token)
     return upload_student(folder, repo_id, commit_message=commit_message, token=token)

@@ -20,6 +20,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
+
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -99,7 +100,7 @@ def read_lora_state_dict(
     prefix = adapter.denoiser_name + "."
     components = sorted({k.split(".", 1)[0] for k in state_dict} & _COMPONENT_PREFIXES)
     if components:  # keys name their pipeline component: keep the denoiser's (none left: a LoRA for another model)
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if network_alphas:
         network_alphas = {k.removeprefix(prefix): v for k, v in network_alphas.items() if k.startswith(prefix)}
     if metadata:
@@ -113,7 +114,8 @@ def read_lora_state_dict(
     if others:
         logger.warning(
             "The LoRA file also holds weights for %s, which are not loaded: only the %s takes LoRAs here.",
-            ", ".join(others), adapter.denoiser_name,
+            ", ".join(others),
+            adapter.denoiser_name,
         )
     return state_dict, network_alphas or None, metadata or None
 
@@ -295,4 +297,3 @@ def lora_keys(path: str) -> List[str]:
 
     with safe_open(path, framework="pt") as f:
         return list(f.keys())
-

@@ -36,6 +36,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction", "trigflow")
 NOISE_PATHS = ("vp", "flow", "trigflow")
 
@@ -257,8 +258,9 @@ class FlowPath(NoisePath):
 
     kind = "flow"
 
-    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000,
-                 dynamic_shift: Optional[DynamicShift] = None):
+    def __init__(
+        self, shift: float = 1.0, num_train_timesteps: int = 1000, dynamic_shift: Optional[DynamicShift] = None
+    ):
         if shift <= 0:
             raise ValueError(f"The flow shift must be positive, got {shift}.")
         self.shift = float(shift)
@@ -339,8 +341,11 @@ def make_noise_path(noise_path: str, **config) -> NoisePath:
         dynamic = None
         if config.get("use_dynamic_shifting"):
             dynamic = DynamicShift(**{f.name: config[f.name] for f in fields(DynamicShift) if f.name in config})
-        return FlowPath(shift=config.get("shift", 1.0), num_train_timesteps=config.get("num_train_timesteps", 1000),
-                        dynamic_shift=dynamic)
+        return FlowPath(
+            shift=config.get("shift", 1.0),
+            num_train_timesteps=config.get("num_train_timesteps", 1000),
+            dynamic_shift=dynamic,
+        )
     if noise_path == "trigflow":
         return TrigFlowPath(sigma_data=config.get("sigma_data", 0.5))
     raise ValueError(f"Unknown noise path {noise_path!r}; expected one of {', '.join(NOISE_PATHS)}.")

@@ -14,4 +14,5 @@ file never goes stale.
 
 from diffusers_onestep import OneStepPipeline
 
+
 __all__ = ["OneStepPipeline"]

@@ -3,4 +3,5 @@
 
 from diffusers_onestep import OneStepPipeline
 
+
 __all__ = ["OneStepPipeline"]

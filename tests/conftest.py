@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -21,6 +22,7 @@ if "HF_MODULES_CACHE" not in os.environ:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 
 # The tiny models gain nothing from intra-op threads, and on a loaded 2-core machine two threads per process made
 # each call ~10x slower (threads spinning against other processes); one thread keeps the suite fast and stable.

@@ -18,6 +18,7 @@ from typing import Callable, List
 
 import torch
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
@@ -60,12 +61,20 @@ def pipeline_cases() -> List[Case]:
         ("width not positive", lambda c: _call(c, width=-64)),
         ("zero inference steps", lambda c: _call(c, num_inference_steps=0)),
         ("more steps than the student was trained at", lambda c: _call(c, num_inference_steps=2)),
-        ("both prompt and prompt_embeds", lambda c: _call(c, prompt_embeds=embeds(c), pooled_prompt_embeds=torch.zeros(1, 32))),
+        (
+            "both prompt and prompt_embeds",
+            lambda c: _call(c, prompt_embeds=embeds(c), pooled_prompt_embeds=torch.zeros(1, 32)),
+        ),
         ("neither prompt nor prompt_embeds", lambda c: _call(c, prompt=None)),
         ("prompt of the wrong type", lambda c: _call(c, prompt=3)),
-        ("prompt_embeds without pooled_prompt_embeds (SDXL)", lambda c: _call(c, prompt=None, prompt_embeds=embeds(c))),
-        ("pooled embeddings of another batch size",
-         lambda c: _call(c, prompt=None, prompt_embeds=embeds(c, 2), pooled_prompt_embeds=torch.zeros(1, 32))),
+        (
+            "prompt_embeds without pooled_prompt_embeds (SDXL)",
+            lambda c: _call(c, prompt=None, prompt_embeds=embeds(c)),
+        ),
+        (
+            "pooled embeddings of another batch size",
+            lambda c: _call(c, prompt=None, prompt_embeds=embeds(c, 2), pooled_prompt_embeds=torch.zeros(1, 32)),
+        ),
         ("one generator per image expected", lambda c: _call(c, generator=[torch.Generator()] * 3)),
         ("latents of the wrong shape", lambda c: _call(c, latents=torch.zeros(1, 4, 8, 8))),
         ("unknown output_type", lambda c: _call(c, output_type="jpeg")),
@@ -74,8 +83,10 @@ def pipeline_cases() -> List[Case]:
         ("unknown callback tensor input", lambda c: _call(c, callback_on_step_end_tensor_inputs=["noise_pred"])),
         ("custom timesteps out of range", lambda c: _call(c, timesteps=[1200])),
     ]
-    return [Case("OneStepPipeline.__call__", name, (lambda make: lambda c: expect(ValueError, make(c)))(make))
-            for name, make in cases]
+    return [
+        Case("OneStepPipeline.__call__", name, (lambda make: lambda c: expect(ValueError, make(c)))(make))
+        for name, make in cases
+    ]
 
 
 def loading_cases() -> List[Case]:
@@ -98,9 +109,16 @@ def loading_cases() -> List[Case]:
         from diffusers import EulerDiscreteScheduler
 
         components = dict(c["components"])
-        return expect(ValueError, lambda: OneStepPipeline(
-            vae=components["vae"], unet=components["unet"], scheduler=EulerDiscreteScheduler(),
-            text_encoder=components["text_encoder"], tokenizer=components["tokenizer"]))
+        return expect(
+            ValueError,
+            lambda: OneStepPipeline(
+                vae=components["vae"],
+                unet=components["unet"],
+                scheduler=EulerDiscreteScheduler(),
+                text_encoder=components["text_encoder"],
+                tokenizer=components["tokenizer"],
+            ),
+        )
 
     def unknown_preset_variant(c):
         return expect(ValueError, lambda: OneStepPipeline.from_pretrained("tianweiy/DMD2", weight_name="nope.bin"))
@@ -143,13 +161,20 @@ def scheduler_cases() -> List[Case]:
 
     return [
         Case("OneStepScheduler", "conditioning timesteps not decreasing", ctor(conditioning_timesteps=[249, 999])),
-        Case("OneStepScheduler", "more than four conditioning timesteps", ctor(conditioning_timesteps=[999, 800, 600, 400, 200])),
+        Case(
+            "OneStepScheduler",
+            "more than four conditioning timesteps",
+            ctor(conditioning_timesteps=[999, 800, 600, 400, 200]),
+        ),
         Case("OneStepScheduler", "fractional timestep on a VP path", ctor(conditioning_timesteps=[399.5])),
         Case("OneStepScheduler", "timestep outside the path", ctor(conditioning_timesteps=[1000])),
         Case("OneStepScheduler", "flow timestep above 1", ctor(noise_path="flow", conditioning_timesteps=[2.0])),
         Case("OneStepScheduler", "unknown prediction_type", ctor(prediction_type="noise")),
-        Case("OneStepScheduler", "epsilon student starting where the path has no signal",
-             ctor(noise_path="flow", conditioning_timesteps=[1.0], prediction_type="epsilon")),
+        Case(
+            "OneStepScheduler",
+            "epsilon student starting where the path has no signal",
+            ctor(noise_path="flow", conditioning_timesteps=[1.0], prediction_type="epsilon"),
+        ),
         Case("OneStepScheduler", "unknown noise_path", ctor(noise_path="edm")),
         Case("OneStepScheduler", "step() before set_timesteps()", step_first),
         Case("OneStepScheduler", "more steps than stored timesteps", too_many),
@@ -185,8 +210,7 @@ def cli_case(name, args_fn):
 
 def cli_cases() -> List[Case]:
     def base(c, **over):
-        args = {"--teacher": c["pixart_dir"], "--prompts": c["prompts"], "--output_dir": c["out"],
-                "--resolution": "8"}
+        args = {"--teacher": c["pixart_dir"], "--prompts": c["prompts"], "--output_dir": c["out"], "--resolution": "8"}
         args.update(over)
         out = []
         for key, value in args.items():
@@ -204,26 +228,50 @@ def cli_cases() -> List[Case]:
         cli_case("unknown --divergence", lambda c: base(c, **{"--divergence": "wasserstein"})),
         cli_case("--lora_rank 0 with a LoRA student", lambda c: base(c, **{"--lora_rank": "0"})),
         cli_case("--student that is not lora or full", lambda c: base(c, **{"--student": "half"})),
-        cli_case("--resolution not a multiple of the latent factor",
-                 lambda c: base(c, **{"--teacher": c["sdxl_dir"], "--resolution": "33"})),
+        cli_case(
+            "--resolution not a multiple of the latent factor",
+            lambda c: base(c, **{"--teacher": c["sdxl_dir"], "--resolution": "33"}),
+        ),
         cli_case("prompt file that does not exist", lambda c: base(c, **{"--prompts": "missing.txt"})),
         cli_case("prompt file without prompts", lambda c: base(c, **{"--prompts": c["empty_prompts"]})),
-        cli_case("prompt column missing", lambda c: base(c, **{"--prompts": c["jsonl"], "--prompt_column": "caption"})),
+        cli_case(
+            "prompt column missing", lambda c: base(c, **{"--prompts": c["jsonl"], "--prompt_column": "caption"})
+        ),
         cli_case("f-divergence without --real_images", lambda c: base(c, **{"--divergence": "js"})),
-        cli_case("--real_images that does not exist",
-                 lambda c: base(c, **{"--divergence": "js", "--real_images": "./no/such/images"})),
-        cli_case("non-empty --output_dir without --overwrite_output_dir",
-                 lambda c: base(c, **{"--output_dir": c["busy_dir"]})),
-        cli_case("--resume_from_checkpoint that is not a checkpoint",
-                 lambda c: base(c, **{"--resume_from_checkpoint": c["empty_dir"]})),
-        cli_case("--resume_from_checkpoint that does not exist",
-                 lambda c: base(c, **{"--resume_from_checkpoint": os.path.join(c["root"], "no-run", "checkpoint-7")})),
-        cli_case("resume with a configuration that conflicts with the checkpoint's",
-                 lambda c: base(c, **{"--output_dir": c["run_dir"], "--resume_from_checkpoint": "latest",
-                                      "--lora_rank": "3", "--max_train_steps": "3", "--report_to": "none",
-                                      "--max_sequence_length": "8", "--critic_updates_per_student": "1",
-                                      "--train_batch_size": "2", "--learning_rate": "1e-3",
-                                      "--guidance_scale": "3.0"})),
+        cli_case(
+            "--real_images that does not exist",
+            lambda c: base(c, **{"--divergence": "js", "--real_images": "./no/such/images"}),
+        ),
+        cli_case(
+            "non-empty --output_dir without --overwrite_output_dir",
+            lambda c: base(c, **{"--output_dir": c["busy_dir"]}),
+        ),
+        cli_case(
+            "--resume_from_checkpoint that is not a checkpoint",
+            lambda c: base(c, **{"--resume_from_checkpoint": c["empty_dir"]}),
+        ),
+        cli_case(
+            "--resume_from_checkpoint that does not exist",
+            lambda c: base(c, **{"--resume_from_checkpoint": os.path.join(c["root"], "no-run", "checkpoint-7")}),
+        ),
+        cli_case(
+            "resume with a configuration that conflicts with the checkpoint's",
+            lambda c: base(
+                c,
+                **{
+                    "--output_dir": c["run_dir"],
+                    "--resume_from_checkpoint": "latest",
+                    "--lora_rank": "3",
+                    "--max_train_steps": "3",
+                    "--report_to": "none",
+                    "--max_sequence_length": "8",
+                    "--critic_updates_per_student": "1",
+                    "--train_batch_size": "2",
+                    "--learning_rate": "1e-3",
+                    "--guidance_scale": "3.0",
+                },
+            ),
+        ),
         cli_case("--hub_model_id that is not a repo id", lambda c: base(c, **{"--hub_model_id": "my model!"})),
         cli_case("--mixed_precision fp16 without a GPU", lambda c: base(c, **{"--mixed_precision": "fp16"})),
         cli_case("--config file that does not exist", lambda c: base(c, **{"--config": "nope.yaml"})),
@@ -253,16 +301,21 @@ class Payload:
 
 
 def build_context(root: str) -> dict:
+    from training_utils import write_prompts
+
     from diffusers_onestep import OneStepPipeline, OneStepScheduler
     from diffusers_onestep.testing import save_tiny_native_pipeline, tiny_components
-    from training_utils import write_prompts
 
     os.makedirs(root, exist_ok=True)
     components = tiny_components("sdxl")
     pipe = OneStepPipeline(
-        vae=components["vae"], unet=components["unet"], scheduler=OneStepScheduler(conditioning_timesteps=[399]),
-        text_encoder=components["text_encoder"], text_encoder_2=components["text_encoder_2"],
-        tokenizer=components["tokenizer"], tokenizer_2=components["tokenizer_2"],
+        vae=components["vae"],
+        unet=components["unet"],
+        scheduler=OneStepScheduler(conditioning_timesteps=[399]),
+        text_encoder=components["text_encoder"],
+        text_encoder_2=components["text_encoder_2"],
+        tokenizer=components["tokenizer"],
+        tokenizer_2=components["tokenizer_2"],
     )
     pipe.set_progress_bar_config(disable=True)
     ctx = {"pipe": pipe, "components": components, "root": root}
@@ -304,12 +357,26 @@ def build_context(root: str) -> dict:
 
 def make_previous_run(ctx) -> None:
     """A finished 1-step run (rank 2) for the conflicting-resume case."""
-    from diffusers_onestep.distill import cli
-    from diffusers_onestep.distill.trainer import Trainer
     from training_utils import TINY_FLAGS
 
-    argv = ["--teacher", ctx["pixart_dir"], "--prompts", ctx["prompts"], "--output_dir", ctx["run_dir"],
-            "--resolution", "8", *TINY_FLAGS, "--max_train_steps", "1", "--critic_updates_per_student", "1"]
+    from diffusers_onestep.distill import cli
+    from diffusers_onestep.distill.trainer import Trainer
+
+    argv = [
+        "--teacher",
+        ctx["pixart_dir"],
+        "--prompts",
+        ctx["prompts"],
+        "--output_dir",
+        ctx["run_dir"],
+        "--resolution",
+        "8",
+        *TINY_FLAGS,
+        "--max_train_steps",
+        "1",
+        "--critic_updates_per_student",
+        "1",
+    ]
     config, _ = cli.resolve_args(argv)
     Trainer(config).run()
 

@@ -19,6 +19,7 @@ from typing import List, Sequence, Tuple
 
 from diffusers_onestep.distill.cli import main
 
+
 ACTIONS = ("pause", "nan")
 
 

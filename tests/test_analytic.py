@@ -9,6 +9,7 @@ from torch import distributions as D
 from diffusers_onestep import parameterization as P
 from diffusers_onestep.testing.analytic import GaussianMixture, GaussianStudent, mc_f_divergence
 
+
 VP = P.VPPath.from_betas()  # DDPM linear betas 1e-4..0.02
 FLOW = P.FlowPath()
 PATHS = {

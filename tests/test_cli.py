@@ -10,6 +10,7 @@ from PIL import Image
 
 from diffusers_onestep import cli
 
+
 SUBCOMMANDS = ("distill", "demo", "generate", "presets", "push")
 
 
@@ -35,13 +36,16 @@ def test_help_lists_every_subcommand(capsys):
     assert "diffusers-onestep generate out" in out  # the examples
 
 
-@pytest.mark.parametrize("name, flags", [
-    ("distill", ["--teacher", "--prompts", "--output_dir", "--divergence"]),
-    ("demo", ["--quick", "--output_dir"]),
-    ("generate", ["--steps", "--seed", "--num_images", "--height", "--width", "--out", "MODEL", "PROMPT"]),
-    ("presets", ["Markdown", "timesteps"]),
-    ("push", ["--repo_id", "--private", "FOLDER", "hf auth login"]),
-])
+@pytest.mark.parametrize(
+    "name, flags",
+    [
+        ("distill", ["--teacher", "--prompts", "--output_dir", "--divergence"]),
+        ("demo", ["--quick", "--output_dir"]),
+        ("generate", ["--steps", "--seed", "--num_images", "--height", "--width", "--out", "MODEL", "PROMPT"]),
+        ("presets", ["Markdown", "timesteps"]),
+        ("push", ["--repo_id", "--private", "FOLDER", "hf auth login"]),
+    ],
+)
 def test_each_subcommand_help_is_its_manual(capsys, name, flags):
     status, out, _ = run(capsys, name, "--help")
     assert status == 0
@@ -92,13 +96,30 @@ def test_presets_prints_the_supported_students_table(capsys):
 def test_generate_writes_one_png_per_image_and_a_line_per_file(capsys, tmp_path, student_folder):
     folder = student_folder("pixart_alpha")
     out_dir = tmp_path / "images"
-    status, out, _ = run(capsys, "generate", folder, "a photo of a cat", "--num_images", "2", "--seed", "3",
-                         "--height", "16", "--width", "24", "--out", str(out_dir), "--device", "cpu")
+    status, out, _ = run(
+        capsys,
+        "generate",
+        folder,
+        "a photo of a cat",
+        "--num_images",
+        "2",
+        "--seed",
+        "3",
+        "--height",
+        "16",
+        "--width",
+        "24",
+        "--out",
+        str(out_dir),
+        "--device",
+        "cpu",
+    )
     assert status == 0
     files = sorted(os.listdir(out_dir))
     assert files == ["seed3_000.png", "seed3_001.png"]
     assert [line for line in out.splitlines() if line.startswith("wrote ")] == [
-        f"wrote {out_dir / name} (24x16)" for name in files]
+        f"wrote {out_dir / name} (24x16)" for name in files
+    ]
     assert "1 step(s)" in out  # the tiny student was saved at one conditioning timestep
     with Image.open(out_dir / files[0]) as image:
         assert image.size == (24, 16)
@@ -112,24 +133,31 @@ def test_generate_is_deterministic_in_its_seed(capsys, tmp_path, student_folder)
         assert a.tobytes() == b.tobytes()
 
 
-@pytest.mark.parametrize("extra, status, message", [
-    (["--steps", "2"], 2, "This student supports 1 to 1 inference steps"),
-    (["--height", "7"], 2, "`height` must be a positive multiple of 2"),
-])
+@pytest.mark.parametrize(
+    "extra, status, message",
+    [
+        (["--steps", "2"], 2, "This student supports 1 to 1 inference steps"),
+        (["--height", "7"], 2, "`height` must be a positive multiple of 2"),
+    ],
+)
 def test_generate_refuses_what_the_student_cannot_do(capsys, tmp_path, student_folder, extra, status, message):
-    code, _, err = run(capsys, "generate", student_folder("pixart_alpha"), "a cat", "--out", str(tmp_path),
-                       "--device", "cpu", *extra)
+    code, _, err = run(
+        capsys, "generate", student_folder("pixart_alpha"), "a cat", "--out", str(tmp_path), "--device", "cpu", *extra
+    )
     assert code == status, err
     (line,) = error_lines(err)  # loading progress bars aside, one error line
     assert line.startswith("diffusers-onestep generate: error: ") and message in line
     assert not any(name.endswith(".png") for name in os.listdir(tmp_path))
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--num_images", "0"], "argument --num_images: expected a positive integer, got '0'"),
-    (["--steps", "one"], "argument --steps: expected a positive integer, got 'one'"),
-    (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num_images", "0"], "argument --num_images: expected a positive integer, got '0'"),
+        (["--steps", "one"], "argument --steps: expected a positive integer, got 'one'"),
+        (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    ],
+)
 def test_generate_refuses_bad_numbers_before_loading(capsys, extra, message):
     status, out, err = run(capsys, "generate", "no/such-model", "a cat", *extra)
     assert status == 2 and out == ""  # refused before any loading or printing
@@ -148,8 +176,6 @@ def test_generate_refuses_a_model_it_cannot_load(capsys, tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 # push, at the huggingface_hub API boundary (as tests/test_hub.py)
 # ------------------------------------------------------------------------------------------------------------------
-
-
 
 
 def saved_student(folder, card=True):
@@ -177,14 +203,20 @@ def test_push_without_a_card_says_so_and_pushes(capsys, tmp_path, hub_calls):
     assert hub_calls["create"][1]["private"] is False
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "is not a folder."),
-    ("not_a_student", "is not a saved student: it has neither model_index.json nor onestep_lora.json"),
-    ("bad_repo_id", "--repo_id 'a/b/c' is not a valid Hub repo id"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "is not a folder."),
+        ("not_a_student", "is not a saved student: it has neither model_index.json nor onestep_lora.json"),
+        ("bad_repo_id", "--repo_id 'a/b/c' is not a valid Hub repo id"),
+    ],
+)
 def test_push_refuses_bad_input_before_any_hub_call(capsys, tmp_path, hub_calls, case, message):
-    folder = {"missing": str(tmp_path / "nothing"), "not_a_student": str(tmp_path),
-              "bad_repo_id": saved_student(tmp_path / "student")}[case]
+    folder = {
+        "missing": str(tmp_path / "nothing"),
+        "not_a_student": str(tmp_path),
+        "bad_repo_id": saved_student(tmp_path / "student"),
+    }[case]
     repo_id = "a/b/c" if case == "bad_repo_id" else "me/student"
     status, _, err = run(capsys, "push", folder, "--repo_id", repo_id)
     assert status == 2 and error_lines(err) == [err.strip()] and message in err
@@ -195,14 +227,18 @@ def test_push_reports_a_hub_failure_in_one_sentence(capsys, tmp_path, monkeypatc
     import huggingface_hub
 
     def create_repo(repo_id, **kwargs):
-        raise OSError("401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\n"
-                      "Invalid credentials in Authorization header")
+        raise OSError(
+            "401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\n"
+            "Invalid credentials in Authorization header"
+        )
 
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     status, _, err = run(capsys, "push", saved_student(tmp_path / "s"), "--repo_id", "me/student")
     assert status == 1
-    assert err.strip() == ("diffusers-onestep push: error: the upload to 'me/student' failed: 401 Client Error: "
-                           "Unauthorized for url: https://huggingface.co/api/repos/create")
+    assert err.strip() == (
+        "diffusers-onestep push: error: the upload to 'me/student' failed: 401 Client Error: "
+        "Unauthorized for url: https://huggingface.co/api/repos/create"
+    )
 
 
 def test_push_requires_a_repo_id(capsys, tmp_path):

@@ -16,6 +16,7 @@ from diffusers_onestep import OneStepPipeline, OneStepScheduler
 from diffusers_onestep.families import FAMILIES, get_adapter_class
 from diffusers_onestep.testing import TINY_FAMILIES, list_files, tiny_fixture
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_FILE = os.path.join(REPO, "pipelines", "onestep.py")
 INFERENCE_DOC = os.path.join(REPO, "docs", "inference.md")
@@ -44,8 +45,9 @@ def test_custom_pipeline_entry_file(family, student_folder, run):
 
 def test_custom_pipeline_folder_uses_pipeline_py(student_folder, run):
     folder = student_folder("sana_sprint")
-    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=os.path.join(REPO, "pipelines"),
-                                             trust_remote_code=True)
+    pipe = DiffusionPipeline.from_pretrained(
+        folder, custom_pipeline=os.path.join(REPO, "pipelines"), trust_remote_code=True
+    )
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe, OneStepPipeline)
     assert np.array_equal(run(pipe), _reference(folder, run)[1])
@@ -91,8 +93,12 @@ def test_plain_diffusers_loads_the_student_and_gives_the_same_image(family, stud
     assert not [m for m in unexpected if not m.split(":", 1)[0].endswith("{'dmd2_config'")]
     native.set_progress_bar_config(disable=True)
     size = reference.adapter.default_resolution
-    kwargs = {**tiny_fixture(family).native_call_kwargs, **adapter_cls.native_interop_call_kwargs,
-              "height": size, "width": size}
+    kwargs = {
+        **tiny_fixture(family).native_call_kwargs,
+        **adapter_cls.native_interop_call_kwargs,
+        "height": size,
+        "width": size,
+    }
     assert np.abs(run(native, **kwargs) - expected).max() <= 1e-5
 
 
@@ -105,7 +111,10 @@ def test_sana_sprint_folders_need_onestep_pipeline(student_folder):
         DiffusionPipeline.from_pretrained(folder)
     with pytest.raises(TypeError, match=r"intermediate_timesteps|max_timesteps"):
         diffusers.SanaSprintPipeline.from_pretrained(folder)(
-            "a photo of a cat", num_inference_steps=1, intermediate_timesteps=None, **tiny_fixture("sana_sprint").native_call_kwargs
+            "a photo of a cat",
+            num_inference_steps=1,
+            intermediate_timesteps=None,
+            **tiny_fixture("sana_sprint").native_call_kwargs,
         )
 
 

@@ -8,24 +8,37 @@ import os
 
 import pytest
 from safetensors.torch import load_file
+from training_utils import TINY_FLAGS, write_prompts
 
 from diffusers_onestep.distill import cli
 from diffusers_onestep.distill.config import SECTIONS, ConfigError, DataConfig, MethodConfig, TrainConfig
 from diffusers_onestep.distill.resolve import resolve
 from diffusers_onestep.testing import save_tiny_native_pipeline
-from training_utils import TINY_FLAGS, write_prompts
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("resolver")
-    return {"root": root, "teacher": save_tiny_native_pipeline("pixart_alpha", str(root / "teacher")),
-            "prompts": write_prompts(str(root))}
+    return {
+        "root": root,
+        "teacher": save_tiny_native_pipeline("pixart_alpha", str(root / "teacher")),
+        "prompts": write_prompts(str(root)),
+    }
 
 
 def base_argv(workspace, output_dir, *extra):
-    return ["--teacher", workspace["teacher"], "--prompts", workspace["prompts"], "--output_dir", str(output_dir),
-            "--resolution", "8", *TINY_FLAGS, *[str(a) for a in extra]]
+    return [
+        "--teacher",
+        workspace["teacher"],
+        "--prompts",
+        workspace["prompts"],
+        "--output_dir",
+        str(output_dir),
+        "--resolution",
+        "8",
+        *TINY_FLAGS,
+        *[str(a) for a in extra],
+    ]
 
 
 def test_every_field_is_a_flag_of_the_generated_parser():
@@ -33,16 +46,47 @@ def test_every_field_is_a_flag_of_the_generated_parser():
     for section, f, _ in cli.config_fields():
         assert f"--{cli.flag_of(f)}" in parser_flags, (section, f.name)
     # the settings the hand-written field map had lost
-    for flag in ("critic_time_range", "dm_weight", "diffusion_gan_time_range", "ratio_clip", "logit_clamp",
-                 "ratio_bins", "no_backward_simulation", "dataloader_num_workers", "method", "dry_run"):
+    for flag in (
+        "critic_time_range",
+        "dm_weight",
+        "diffusion_gan_time_range",
+        "ratio_clip",
+        "logit_clamp",
+        "ratio_bins",
+        "no_backward_simulation",
+        "dataloader_num_workers",
+        "method",
+        "dry_run",
+    ):
         assert f"--{flag}" in parser_flags, flag
 
 
 def test_flags_set_the_fields_they_name(workspace, tmp_path):
-    config, _ = cli.parse_args(base_argv(workspace, tmp_path, "--critic_time_range", "0.1", "0.9", "--dm_weight", "2",
-                                         "--ratio_clip", "0.2", "10", "--logit_clamp", "5", "--ratio_bins", "4",
-                                         "--no_backward_simulation", "--dataloader_num_workers", "2",
-                                         "--diffusion_gan_time_range", "0", "0.5", "--no_cache_text_embeddings"))
+    config, _ = cli.parse_args(
+        base_argv(
+            workspace,
+            tmp_path,
+            "--critic_time_range",
+            "0.1",
+            "0.9",
+            "--dm_weight",
+            "2",
+            "--ratio_clip",
+            "0.2",
+            "10",
+            "--logit_clamp",
+            "5",
+            "--ratio_bins",
+            "4",
+            "--no_backward_simulation",
+            "--dataloader_num_workers",
+            "2",
+            "--diffusion_gan_time_range",
+            "0",
+            "0.5",
+            "--no_cache_text_embeddings",
+        )
+    )
     method = config.method
     assert method.critic_time_range == (0.1, 0.9) and method.dm_weight == 2.0 and method.ratio_clip == (0.2, 10.0)
     assert method.logit_clamp == 5.0 and method.ratio_bins == 4 and method.backward_simulation is False
@@ -79,23 +123,44 @@ def test_dry_run_prints_the_resolved_config_without_loading_weights(workspace, t
     assert not out.exists()
     # every value the file holds is one the resolver filled: nothing is left for a later stage to default
     sections = [printed[name] for name in SECTIONS]
-    left = [k for section in sections for k, v in section.items()
-            if v is None and k in ("method", "divergence", "student_timesteps", "guidance_scale", "gan_weight",
-                                   "discriminator_weight", "discriminator_trunk", "critic_updates_per_student",
-                                   "lora_rank", "lora_alpha", "lora_target_modules", "critic_lora_rank",
-                                   "learning_rate", "critic_learning_rate", "resolution")]
+    left = [
+        k
+        for section in sections
+        for k, v in section.items()
+        if v is None
+        and k
+        in (
+            "method",
+            "divergence",
+            "student_timesteps",
+            "guidance_scale",
+            "gan_weight",
+            "discriminator_weight",
+            "discriminator_trunk",
+            "critic_updates_per_student",
+            "lora_rank",
+            "lora_alpha",
+            "lora_target_modules",
+            "critic_lora_rank",
+            "learning_rate",
+            "critic_learning_rate",
+            "resolution",
+        )
+    ]
     assert left == []
 
 
 def test_the_python_api_resolves_like_the_cli(workspace, tmp_path):
-    from_cli, _ = cli.resolve_args(base_argv(workspace, tmp_path / "a", "--divergence", "js", "--real_images",
-                                             str(tmp_path)))
+    from_cli, _ = cli.resolve_args(
+        base_argv(workspace, tmp_path / "a", "--divergence", "js", "--real_images", str(tmp_path))
+    )
     by_hand = TrainConfig(teacher=workspace["teacher"], max_sequence_length=8)
     by_hand.method = dataclasses.replace(by_hand.method, divergence="js", guidance_scale=3.0)
     by_hand.roles.lora_rank = 2
     by_hand.optim = dataclasses.replace(by_hand.optim, learning_rate=1e-3, train_batch_size=2)
-    by_hand.data = dataclasses.replace(by_hand.data, prompts=workspace["prompts"], resolution=8,
-                                       real_images=str(tmp_path))
+    by_hand.data = dataclasses.replace(
+        by_hand.data, prompts=workspace["prompts"], resolution=8, real_images=str(tmp_path)
+    )
     by_hand.output = dataclasses.replace(by_hand.output, output_dir=str(tmp_path / "a"), report_to="none")
     assert resolve(by_hand).config == from_cli.config
     assert from_cli.config.method.gan_weight == 5e-3  # one f-distill GAN default, the family's
@@ -104,8 +169,18 @@ def test_the_python_api_resolves_like_the_cli(workspace, tmp_path):
 
 def test_a_finished_runs_training_config_starts_an_identical_run(workspace, tmp_path):
     first = tmp_path / "first"
-    argv = base_argv(workspace, first, "--max_train_steps", "2", "--critic_updates_per_student", "1",
-                     "--checkpointing_steps", "2", "--validation_steps", "100")
+    argv = base_argv(
+        workspace,
+        first,
+        "--max_train_steps",
+        "2",
+        "--critic_updates_per_student",
+        "1",
+        "--checkpointing_steps",
+        "2",
+        "--validation_steps",
+        "100",
+    )
     assert cli.main(argv) == 0
     second = tmp_path / "second"
     assert cli.main(["--config", str(first / "training_config.json"), "--output_dir", str(second)]) == 0

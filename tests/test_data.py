@@ -19,6 +19,7 @@ from diffusers_onestep.distill.data import (
 from diffusers_onestep.families import PixArtAlphaAdapter
 from diffusers_onestep.testing import TINY_PROMPTS, tiny_components
 
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
@@ -66,9 +67,11 @@ def test_real_images_from_an_imagefolder(tmp_path):
     folder.mkdir()
     for i, size in enumerate([(40, 20), (16, 48), (32, 32)]):
         Image.fromarray((np.random.RandomState(i).rand(size[1], size[0], 3) * 255).astype("uint8")).save(
-            folder / f"{i}.png")
+            folder / f"{i}.png"
+        )
     (folder / "metadata.jsonl").write_text(
-        "\n".join(json.dumps({"file_name": f"{i}.png", "text": f"image {i}"}) for i in range(3)) + "\n")
+        "\n".join(json.dumps({"file_name": f"{i}.png", "text": f"image {i}"}) for i in range(3)) + "\n"
+    )
     images, captions = load_real_images(str(folder), 16, caption_column="text")
     assert images.shape == (3, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
     assert sorted(captions) == ["image 0", "image 1", "image 2"]

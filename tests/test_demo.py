@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from training_utils import REPO, env
+
 
 KEYS = {"teacher50_fd", "teacher1_fd", "best_student", "best_student_fd", "fd_ratio", "acc_ratio", "wall_s"}
 
@@ -14,8 +14,14 @@ KEYS = {"teacher50_fd", "teacher1_fd", "best_student", "best_student_fd", "fd_ra
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo-output"
-    result = subprocess.run([sys.executable, "-m", "diffusers_onestep.demo", "--quick", "--output_dir", str(out)],
-                            env=env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusers_onestep.demo", "--quick", "--output_dir", str(out)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout + result.stderr
 

@@ -8,6 +8,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+
 tomllib = pytest.importorskip("tomllib")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,16 +74,92 @@ def test_tiny_tokenizers_encode_the_same_on_every_supported_transformers():
 
     prompt = "A photo of a Cat, 3 dogs!"
     expected = {
-        "clip": [512, 320, 79, 71, 78, 83, 334, 78, 325, 320, 66, 64, 339, 267, 274, 67, 78, 70, 338, 256, 513, 513,
-                 513, 513],
-        "clip_pad_bang": [512, 320, 79, 71, 78, 83, 334, 78, 325, 320, 66, 64, 339, 267, 274, 67, 78, 70, 338, 0, 513,
-                          0, 0, 0],
+        "clip": [
+            512,
+            320,
+            79,
+            71,
+            78,
+            83,
+            334,
+            78,
+            325,
+            320,
+            66,
+            64,
+            339,
+            267,
+            274,
+            67,
+            78,
+            70,
+            338,
+            256,
+            513,
+            513,
+            513,
+            513,
+        ],
+        "clip_pad_bang": [
+            512,
+            320,
+            79,
+            71,
+            78,
+            83,
+            334,
+            78,
+            325,
+            320,
+            66,
+            64,
+            339,
+            267,
+            274,
+            67,
+            78,
+            70,
+            338,
+            0,
+            513,
+            0,
+            0,
+            0,
+        ],
         "t5": [3, 2, 12, 7, 4, 3, 2, 42, 61, 79, 3, 71, 14, 60, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0],
-        "gemma": [2, 70, 287, 276, 268, 275, 280, 275, 287, 275, 266, 287, 261, 287, 72, 261, 280, 49, 287, 56, 287,
-                  264, 275, 267],
+        "gemma": [
+            2,
+            70,
+            287,
+            276,
+            268,
+            275,
+            280,
+            275,
+            287,
+            275,
+            266,
+            287,
+            261,
+            287,
+            72,
+            261,
+            280,
+            49,
+            287,
+            56,
+            287,
+            264,
+            275,
+            267,
+        ],
     }
-    tokenizers = {"clip": tiny_clip_tokenizer(), "clip_pad_bang": tiny_clip_tokenizer(pad_token="!"),
-                  "t5": tiny_t5_tokenizer(), "gemma": tiny_gemma_tokenizer()}
+    tokenizers = {
+        "clip": tiny_clip_tokenizer(),
+        "clip_pad_bang": tiny_clip_tokenizer(pad_token="!"),
+        "t5": tiny_t5_tokenizer(),
+        "gemma": tiny_gemma_tokenizer(),
+    }
     for name, tokenizer in tokenizers.items():
         ids = tokenizer(prompt, padding="max_length", max_length=24, truncation=True).input_ids
         assert ids == expected[name], name

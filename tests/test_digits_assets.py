@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+
 pytest.importorskip("sklearn")
 
 from diffusers_onestep.demo import digits  # noqa: E402
+
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5")
 
@@ -68,8 +70,10 @@ def test_split_is_fixed_and_disjoint():
     assert len(heldout) == 359
     x, y = digits.load_split("heldout", resolution=16)
     assert x.shape == (359, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
-    assert torch.equal(digits.to_classifier_input(digits.load_split("train", resolution=8)[0]),
-                       digits.load_split("train", resolution=8, channels=1)[0])
+    assert torch.equal(
+        digits.to_classifier_input(digits.load_split("train", resolution=8)[0]),
+        digits.load_split("train", resolution=8, channels=1)[0],
+    )
 
 
 def test_classifier_heldout_accuracy():

@@ -54,8 +54,19 @@ def test_state_dict_keys_are_those_of_the_stock_head():
     """Checkpoints written before the change load: the head still holds torch GroupNorm modules."""
     head = DiscriminatorHead(32)
     assert sorted(head.state_dict()) == sorted(
-        ["body.0.weight", "body.0.bias", "body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias",
-         "body.4.weight", "body.4.bias", "out.weight", "out.bias"])
+        [
+            "body.0.weight",
+            "body.0.bias",
+            "body.1.weight",
+            "body.1.bias",
+            "body.3.weight",
+            "body.3.bias",
+            "body.4.weight",
+            "body.4.bias",
+            "out.weight",
+            "out.bias",
+        ]
+    )
     assert isinstance(head.body[1], torch.nn.GroupNorm) and head.body[1].num_groups == 32
 
 
@@ -66,11 +77,20 @@ def test_three_level_sdxl_unet_with_batch_one_trains_its_head():
     components = tiny_sdxl_components()
     torch.manual_seed(0)
     components["unet"] = UNet2DConditionModel(
-        block_out_channels=(8, 16, 32), layers_per_block=1, sample_size=4, in_channels=4, out_channels=4,
+        block_out_channels=(8, 16, 32),
+        layers_per_block=1,
+        sample_size=4,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4, 8),
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        transformer_layers_per_block=1, projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=1,
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
         norm_num_groups=1,
     ).eval()
     adapter = SDXLAdapter(components, max_sequence_length=8)

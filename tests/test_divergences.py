@@ -11,6 +11,7 @@ from diffusers_onestep.distill.divergences import (
     get_divergence,
 )
 
+
 ALPHA_NAMES = ["alpha:0", "alpha:1", "alpha:0.5", "alpha:-1", "alpha:2", "alpha:0.3"]
 ALL_NAMES = list(DIVERGENCES) + ALPHA_NAMES
 # 1e-2 .. 1e2, a grid dense in the region the clipped ratio [0.1, 20] lives in.

@@ -6,6 +6,7 @@ import shutil
 
 from diffusers_onestep.pipelines.presets import markdown_table
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFERENCE_DOC = os.path.join(REPO, "docs", "inference.md")
 

@@ -4,10 +4,10 @@ docs/errors.md lists the message verbatim."""
 import os
 import re
 
-import pytest
-
 import error_cases
+import pytest
 from error_cases import all_cases, build_context, make_previous_run
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CASES = all_cases()
@@ -53,7 +53,9 @@ def test_refusal(case, context, request):
         assert not os.path.exists(context["out"])
     with open(DOC, encoding="utf-8") as f:
         doc = f.read()
-    assert error_cases.normalise(message, context).replace("|", "\\|") in doc, f"docs/errors.md is stale for {case.name!r}: run python tests/error_cases.py"
+    assert error_cases.normalise(message, context).replace("|", "\\|") in doc, (
+        f"docs/errors.md is stale for {case.name!r}: run python tests/error_cases.py"
+    )
 
 
 def test_pickle_payload_did_not_run(context):

@@ -22,11 +22,12 @@ import pytest
 import torch
 
 from diffusers_onestep import parameterization as P
-from diffusers_onestep.testing.analytic import GaussianMixture
 from diffusers_onestep.distill.config import MethodConfig
 from diffusers_onestep.distill.methods import build_method, resolve_method_config
 from diffusers_onestep.distill.models import Batch, RandomSource, RolePhases
+from diffusers_onestep.testing.analytic import GaussianMixture
 from diffusers_onestep.testing.toy import TOY_TRAINING_DEFAULTS, ToyModels, mixture_metrics, train_toy
+
 
 FLOW = P.FlowPath()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,8 +35,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def short_run(teacher, divergence, steps, seed=0):
     config = MethodConfig(divergence=divergence, guidance_scale=1.0, critic_updates_per_student=1)
-    return train_toy(teacher, FLOW, config, student_steps=steps, batch_size=256, hidden=64, critic_warmup=100,
-                     seed=seed, eval_samples=2000)
+    return train_toy(
+        teacher,
+        FLOW,
+        config,
+        student_steps=steps,
+        batch_size=256,
+        hidden=64,
+        critic_warmup=100,
+        seed=seed,
+        eval_samples=2000,
+    )
 
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "js", "forward_kl"])
@@ -88,8 +98,11 @@ def test_each_update_reaches_only_its_role(divergence):
     assert isinstance(models, RolePhases)
     method = build_method(config, models, [FLOW.t_max])
     generator = torch.Generator().manual_seed(0)
-    batch = Batch(condition=None, noise=torch.randn(8, 2, generator=generator),
-                  real=teacher.sample(8, generator=generator, dtype=torch.float32))
+    batch = Batch(
+        condition=None,
+        noise=torch.randn(8, 2, generator=generator),
+        real=teacher.sample(8, generator=generator, dtype=torch.float32),
+    )
     for role, other in (("student", "critic"), ("critic", "student")):
         step = method.student_step if role == "student" else method.critic_step
         loss, _ = step(batch, RandomSource.from_seed(1))
@@ -124,8 +137,18 @@ def test_train_toy_follows_the_trainer_schedule():
     teacher = GaussianMixture.imbalanced_pair(std=0.2)
     config = MethodConfig(divergence="reverse_kl", guidance_scale=1.0, critic_updates_per_student=3)
     log = []
-    result = train_toy(teacher, FLOW, config, student_steps=3, batch_size=16, hidden=8, depth=2, critic_warmup=2,
-                       eval_samples=100, init_student=record_phases(log))
+    result = train_toy(
+        teacher,
+        FLOW,
+        config,
+        student_steps=3,
+        batch_size=16,
+        hidden=8,
+        depth=2,
+        critic_warmup=2,
+        eval_samples=100,
+        init_student=record_phases(log),
+    )
     assert log == ["critic"] * 2 + ["student", "critic", "critic", "critic"] * 2 + ["student", "critic"]
     assert result.models.phase is None and all_trainable_and_clean(result.models)
 
@@ -142,6 +165,16 @@ def test_train_toy_stops_on_a_non_finite_loss_with_the_phase_ended():
                 parameter.fill_(float("nan"))
 
     with pytest.raises(FloatingPointError, match="Non-finite critic loss"):
-        train_toy(teacher, FLOW, config, student_steps=2, batch_size=16, hidden=8, depth=2, critic_warmup=1,
-                  eval_samples=100, init_student=poison)
+        train_toy(
+            teacher,
+            FLOW,
+            config,
+            student_steps=2,
+            batch_size=16,
+            hidden=8,
+            depth=2,
+            critic_warmup=1,
+            eval_samples=100,
+            init_student=poison,
+        )
     assert seen[0].phase is None and all_trainable_and_clean(seen[0])

@@ -19,9 +19,17 @@ def make_config(teacher="stabilityai/stable-diffusion-xl-base-1.0", divergence="
 
 
 def test_model_card_names_teacher_method_and_how_to_run(tmp_path):
-    card = hub.write_model_card(str(tmp_path), make_config(), family="sdxl", student_timesteps=[399],
-                                sample_grid="samples.png", prompts=["a cat"], lora=True, repo_id="me/student",
-                                method=FDistill)
+    card = hub.write_model_card(
+        str(tmp_path),
+        make_config(),
+        family="sdxl",
+        student_timesteps=[399],
+        sample_grid="samples.png",
+        prompts=["a cat"],
+        lora=True,
+        repo_id="me/student",
+        method=FDistill,
+    )
     loaded = ModelCard.load(str(tmp_path / "README.md"))
     assert loaded.data.base_model == "stabilityai/stable-diffusion-xl-base-1.0"
     assert loaded.data.library_name == "diffusers"
@@ -36,8 +44,14 @@ def test_model_card_names_teacher_method_and_how_to_run(tmp_path):
 def test_model_card_of_a_local_teacher_has_no_base_model_but_names_it(tmp_path):
     teacher = str(tmp_path / "my-teacher")
     os.makedirs(teacher)
-    hub.write_model_card(str(tmp_path), make_config(teacher=teacher, divergence="reverse_kl"), family="pixart_alpha",
-                         student_timesteps=[400], lora=False, method=DMD2)
+    hub.write_model_card(
+        str(tmp_path),
+        make_config(teacher=teacher, divergence="reverse_kl"),
+        family="pixart_alpha",
+        student_timesteps=[400],
+        lora=False,
+        method=DMD2,
+    )
     loaded = ModelCard.load(str(tmp_path / "README.md"))
     assert loaded.data.base_model is None  # a local path is not a Hub id
     assert teacher in loaded.text and "dmd" in loaded.data.tags
@@ -46,12 +60,17 @@ def test_model_card_of_a_local_teacher_has_no_base_model_but_names_it(tmp_path):
     assert 'OneStepPipeline.from_pretrained("path/to/this/folder")' in loaded.text  # no repo id: not pushed
 
 
-@pytest.mark.parametrize("front_matter, data, named", [
-    ("license: apache-2.0\n", {"license": "apache-2.0"}, "`apache-2.0`"),
-    ("license: other\nlicense_name: nvidia-license\nlicense_link: https://example.com/LICENSE\n",
-     {"license": "other", "license_name": "nvidia-license", "license_link": "https://example.com/LICENSE"},
-     "`nvidia-license` (https://example.com/LICENSE)"),
-])
+@pytest.mark.parametrize(
+    "front_matter, data, named",
+    [
+        ("license: apache-2.0\n", {"license": "apache-2.0"}, "`apache-2.0`"),
+        (
+            "license: other\nlicense_name: nvidia-license\nlicense_link: https://example.com/LICENSE\n",
+            {"license": "other", "license_name": "nvidia-license", "license_link": "https://example.com/LICENSE"},
+            "`nvidia-license` (https://example.com/LICENSE)",
+        ),
+    ],
+)
 def test_model_card_carries_the_teachers_license(tmp_path, front_matter, data, named):
     teacher = tmp_path / "teacher"
     teacher.mkdir()
@@ -59,8 +78,13 @@ def test_model_card_carries_the_teachers_license(tmp_path, front_matter, data, n
     assert hub.teacher_license(str(teacher)) == data
     student = tmp_path / "student"
     student.mkdir()
-    hub.write_model_card(str(student), make_config(teacher=str(teacher), divergence="reverse_kl"),
-                         family="pixart_alpha", student_timesteps=[400], method=DMD2)
+    hub.write_model_card(
+        str(student),
+        make_config(teacher=str(teacher), divergence="reverse_kl"),
+        family="pixart_alpha",
+        student_timesteps=[400],
+        method=DMD2,
+    )
     loaded = ModelCard.load(str(student / "README.md"))
     assert {key: getattr(loaded.data, key) for key in data} == data
     assert f"carries the teacher's license: {named}." in loaded.text
@@ -68,9 +92,18 @@ def test_model_card_carries_the_teachers_license(tmp_path, front_matter, data, n
 
 def test_push_creates_the_repo_and_uploads_only_the_student(tmp_path, hub_calls):
     calls = hub_calls
-    for name in ("README.md", "pytorch_lora_weights.safetensors", "onestep_lora.json", "samples.png",
-                 "training_config.json", "scheduler/scheduler_config.json", "checkpoint-10/trainable.safetensors",
-                 "logs/events.out", "validation/step-000010.png", ".checkpoint-20.tmp/trainable.safetensors"):
+    for name in (
+        "README.md",
+        "pytorch_lora_weights.safetensors",
+        "onestep_lora.json",
+        "samples.png",
+        "training_config.json",
+        "scheduler/scheduler_config.json",
+        "checkpoint-10/trainable.safetensors",
+        "logs/events.out",
+        "validation/step-000010.png",
+        ".checkpoint-20.tmp/trainable.safetensors",
+    ):
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
@@ -83,8 +116,14 @@ def test_push_creates_the_repo_and_uploads_only_the_student(tmp_path, hub_calls)
     assert upload["repo_id"] == "me/student" and upload["folder_path"] == str(tmp_path)
     files = [os.path.relpath(os.path.join(r, f), tmp_path) for r, _, fs in os.walk(tmp_path) for f in fs]
     uploaded = set(filter_repo_objects(files, ignore_patterns=upload["ignore_patterns"]))
-    assert uploaded == {"README.md", "pytorch_lora_weights.safetensors", "onestep_lora.json", "samples.png",
-                        "training_config.json", "scheduler/scheduler_config.json"}
+    assert uploaded == {
+        "README.md",
+        "pytorch_lora_weights.safetensors",
+        "onestep_lora.json",
+        "samples.png",
+        "training_config.json",
+        "scheduler/scheduler_config.json",
+    }
 
 
 def test_create_repo_first_then_upload_to_its_full_id(tmp_path, hub_calls):

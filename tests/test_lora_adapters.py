@@ -18,9 +18,11 @@ from diffusers_onestep.testing import (
     save_to_hub_cache,
 )
 
+
 #: the two LoRAs stacked on every student: ranks and seeds (same target modules: the family's defaults)
 RANKS = {"a": 4, "b": 2}
 WEIGHTS = {"a": 0.7, "b": -1.3}
+
 
 def _save_lora(pipe, state, folder):
     """``save_lora_weights`` of the family's native LoRA loader (diffusers key prefixes, no metadata)."""
@@ -209,45 +211,102 @@ def test_lora_students_and_style_loras_together(style_loras, native_folder, load
     pipe.set_adapters("style", 0.0)
     assert np.array_equal(run(pipe), student)
     # the other way round, fusing the student would remove the style LoRA's layers: refused
-    with pytest.raises(ValueError, match=r"^Load the LoRA student before any other LoRA: the transformer carries "
-                                         r"style; call unload_lora_weights\(\) first\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^Load the LoRA student before any other LoRA: the transformer carries "
+        r"style; call unload_lora_weights\(\) first\.$",
+    ):
         pipe.load_student_lora(loras["b"][0])
 
 
-@pytest.mark.parametrize("action, message", [
-    (lambda p, L, t: p.load_lora_weights(str(t / "missing")), r"No LoRA file or folder at .*missing\."),
-    (lambda p, L, t: p.load_lora_weights(str(t / "missing.safetensors")), r"No LoRA file or folder at .*\."),
-    (lambda p, L, t: p.load_lora_weights(str(t)), r"The folder .* has no \.safetensors LoRA file \(diffusers names it "
-                                                   r"pytorch_lora_weights\.safetensors\)\."),
-    (lambda p, L, t: p.load_lora_weights(L["a"][0], weight_name="style.safetensors"),
-     r"The folder .*/a has no LoRA file style\.safetensors\."),
-    (lambda p, L, t: p.load_lora_weights({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 4),
-                                          "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(4, 2)}),
-     r"The LoRA file holds no weights for the SANA transformer \(it holds weights for: unet\)\."),
-    (lambda p, L, t: (p.load_lora_weights(L["a"][0], adapter_name="x"),
-                      p.load_lora_weights(L["b"][0], adapter_name="x")),
-     r"The transformer already has an adapter named 'x'; pass another `adapter_name` or call delete_adapters\('x'\) "
-     r"first\."),
-    (lambda p, L, t: p.load_lora_weights(L["a"][0], low_cpu_mem_usage=True),
-     r"load_lora_weights\(\) got unexpected keyword arguments: low_cpu_mem_usage \(it takes adapter_name, weight_name, "
-     r"cache_dir, force_download, proxies, local_files_only, token, revision, subfolder\)\."),
-    (lambda p, L, t: p.set_adapters("style"), r"No LoRA adapter named 'style' \(none is loaded\)\."),
-    (lambda p, L, t: (p.load_lora_weights(L["a"][0], adapter_name="a"), p.set_adapters(["a", "b"])),
-     r"No LoRA adapter named 'b' \(loaded: a\)\."),
-    (lambda p, L, t: (p.load_lora_weights(L["a"][0], adapter_name="a"), p.set_adapters(["a"], [0.5, 1.0])),
-     r"Got 2 adapter weights for 1 adapters \(a\); pass one weight per adapter\."),
-    (lambda p, L, t: (p.load_lora_weights(L["a"][0], adapter_name="a"), p.set_adapters("a", {"down": 1.0})),
-     r"Per-block LoRA weights \(a dict\) are not supported; give one number per adapter in `adapter_weights`\."),
-    (lambda p, L, t: (p.load_lora_weights(L["a"][0], adapter_name="a"), p.fuse_lora(), p.set_adapters("a", 0.5)),
-     r"Call unfuse_lora\(\) before set_adapters\(\): adapters are fused into the weights \(or unload_lora_weights\(\) "
-     r"to keep them fused for good\)\."),
-    (lambda p, L, t: (p.load_lora_weights(L["a"][0], adapter_name="a"), p.fuse_lora(), p.load_lora_weights(L["b"][0])),
-     r"Call unfuse_lora\(\) before load_lora_weights\(\)"),
-    (lambda p, L, t: (p.load_lora_weights(L["a"][0], adapter_name="a"), p.fuse_lora(), p.delete_adapters("a")),
-     r"Adapters a are fused; call unfuse_lora\(\) before deleting them\."),
-], ids=["missing-folder", "missing-file", "folder-without-lora", "wrong-weight-name", "other-family",
-        "duplicate-name", "unknown-kwarg", "no-adapter", "unknown-adapter", "weight-count", "per-block-weights",
-        "set-while-fused", "load-while-fused", "delete-fused"])
+@pytest.mark.parametrize(
+    "action, message",
+    [
+        (lambda p, L, t: p.load_lora_weights(str(t / "missing")), r"No LoRA file or folder at .*missing\."),
+        (lambda p, L, t: p.load_lora_weights(str(t / "missing.safetensors")), r"No LoRA file or folder at .*\."),
+        (
+            lambda p, L, t: p.load_lora_weights(str(t)),
+            r"The folder .* has no \.safetensors LoRA file \(diffusers names it "
+            r"pytorch_lora_weights\.safetensors\)\.",
+        ),
+        (
+            lambda p, L, t: p.load_lora_weights(L["a"][0], weight_name="style.safetensors"),
+            r"The folder .*/a has no LoRA file style\.safetensors\.",
+        ),
+        (
+            lambda p, L, t: p.load_lora_weights(
+                {
+                    "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 4),
+                    "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(4, 2),
+                }
+            ),
+            r"The LoRA file holds no weights for the SANA transformer \(it holds weights for: unet\)\.",
+        ),
+        (
+            lambda p, L, t: (
+                p.load_lora_weights(L["a"][0], adapter_name="x"),
+                p.load_lora_weights(L["b"][0], adapter_name="x"),
+            ),
+            r"The transformer already has an adapter named 'x'; pass another `adapter_name` or call delete_adapters\('x'\) "
+            r"first\.",
+        ),
+        (
+            lambda p, L, t: p.load_lora_weights(L["a"][0], low_cpu_mem_usage=True),
+            r"load_lora_weights\(\) got unexpected keyword arguments: low_cpu_mem_usage \(it takes adapter_name, weight_name, "
+            r"cache_dir, force_download, proxies, local_files_only, token, revision, subfolder\)\.",
+        ),
+        (lambda p, L, t: p.set_adapters("style"), r"No LoRA adapter named 'style' \(none is loaded\)\."),
+        (
+            lambda p, L, t: (p.load_lora_weights(L["a"][0], adapter_name="a"), p.set_adapters(["a", "b"])),
+            r"No LoRA adapter named 'b' \(loaded: a\)\.",
+        ),
+        (
+            lambda p, L, t: (p.load_lora_weights(L["a"][0], adapter_name="a"), p.set_adapters(["a"], [0.5, 1.0])),
+            r"Got 2 adapter weights for 1 adapters \(a\); pass one weight per adapter\.",
+        ),
+        (
+            lambda p, L, t: (p.load_lora_weights(L["a"][0], adapter_name="a"), p.set_adapters("a", {"down": 1.0})),
+            r"Per-block LoRA weights \(a dict\) are not supported; give one number per adapter in `adapter_weights`\.",
+        ),
+        (
+            lambda p, L, t: (
+                p.load_lora_weights(L["a"][0], adapter_name="a"),
+                p.fuse_lora(),
+                p.set_adapters("a", 0.5),
+            ),
+            r"Call unfuse_lora\(\) before set_adapters\(\): adapters are fused into the weights \(or unload_lora_weights\(\) "
+            r"to keep them fused for good\)\.",
+        ),
+        (
+            lambda p, L, t: (
+                p.load_lora_weights(L["a"][0], adapter_name="a"),
+                p.fuse_lora(),
+                p.load_lora_weights(L["b"][0]),
+            ),
+            r"Call unfuse_lora\(\) before load_lora_weights\(\)",
+        ),
+        (
+            lambda p, L, t: (p.load_lora_weights(L["a"][0], adapter_name="a"), p.fuse_lora(), p.delete_adapters("a")),
+            r"Adapters a are fused; call unfuse_lora\(\) before deleting them\.",
+        ),
+    ],
+    ids=[
+        "missing-folder",
+        "missing-file",
+        "folder-without-lora",
+        "wrong-weight-name",
+        "other-family",
+        "duplicate-name",
+        "unknown-kwarg",
+        "no-adapter",
+        "unknown-adapter",
+        "weight-count",
+        "per-block-weights",
+        "set-while-fused",
+        "load-while-fused",
+        "delete-fused",
+    ],
+)
 def test_bad_input_is_one_sentence(action, message, style_loras, native_folder, load_student, tmp_path):
     pipe = load_student(native_folder("sana"), "sana")
     with pytest.raises((ValueError, TypeError), match=f"^{message}$" if message.endswith(r"\.") else message):
@@ -295,7 +354,7 @@ def test_fold_lora_scale_keeps_the_update_for_readers_without_metadata(student, 
     inject_lora(folded, fold_lora_scale(state, config), "x")  # read as a file without metadata: alpha = r
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     text = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(1))
-    call = dict(encoder_hidden_states=text, timestep=torch.tensor([500.0]), return_dict=False)
+    call = {"encoder_hidden_states": text, "timestep": torch.tensor([500.0]), "return_dict": False}
     assert torch.allclose(with_alpha(x, **call)[0], folded(x, **call)[0], atol=1e-6)
     # the family adapters fold on save where diffusers cannot store the metadata
     import diffusers_onestep.lora as lora_module
@@ -305,14 +364,17 @@ def test_fold_lora_scale_keeps_the_update_for_readers_without_metadata(student, 
     monkeypatch.setattr(lora_module, "lora_metadata_supported", lambda adapter: False)
     kwargs = adapter.lora_save_kwargs(state, config)
     assert set(kwargs) == {"transformer_lora_layers"}
-    assert all(torch.equal(kwargs["transformer_lora_layers"][k], v * (2.0 if ".lora_B." in k else 1.0))
-               for k, v in state.items())
+    assert all(
+        torch.equal(kwargs["transformer_lora_layers"][k], v * (2.0 if ".lora_B." in k else 1.0))
+        for k, v in state.items()
+    )
     with pytest.raises(ValueError, match="per-layer ranks or alphas, rsLoRA or DoRA"):
         fold_lora_scale(state, {**config, "rank_pattern": {"to_q": 2}})
 
 
-def test_saving_with_style_loras_loaded_is_refused_until_they_are_baked_in(style_loras, native_folder, load_student,
-                                                                            run, tmp_path):
+def test_saving_with_style_loras_loaded_is_refused_until_they_are_baked_in(
+    style_loras, native_folder, load_student, run, tmp_path
+):
     pipe = load_student(native_folder("sdxl"), "sdxl")
     pipe.load_lora_weights(style_loras("sdxl")["a"][0], adapter_name="a")
     with pytest.raises(ValueError, match=r"Style LoRAs \['a'\] are loaded: call `pipe.fuse_lora\(\)`"):

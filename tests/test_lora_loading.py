@@ -17,6 +17,7 @@ from diffusers_onestep.families import get_adapter_class
 from diffusers_onestep.lora import LORA_WEIGHT_NAME, lora_keys
 from diffusers_onestep.testing import native_one_step_pipeline, random_lora_state_dict, tiny_fixture
 
+
 RANK = 4
 FAMILIES = ["sdxl", "sana", "pixart_alpha"]
 
@@ -72,8 +73,7 @@ def test_fused_lora_equals_unfused_peft_model(family, lora_files, native_folder,
     prefix = "unet." if family == "sdxl" else "transformer."
     assert all(k.startswith(prefix) for k in lora_keys(os.path.join(folder, LORA_WEIGHT_NAME)))
 
-    pipe = OneStepPipeline.from_base(native_folder(family), conditioning_timesteps=_conditioning(family),
-                                     lora=folder)
+    pipe = OneStepPipeline.from_base(native_folder(family), conditioning_timesteps=_conditioning(family), lora=folder)
     pipe.set_progress_bar_config(disable=True)
     assert not any("lora" in name for name, _ in pipe.denoiser.named_modules()), "the LoRA must be fused"
     base = load_student(native_folder(family), family)
@@ -104,8 +104,9 @@ def test_native_load_lora_weights_reads_the_same_file(family, lora_files, native
     assert np.abs(run(pipe) - run(native, **kwargs)).max() <= 1e-5
 
 
-def test_mixed_key_names_of_convert_state_dict_to_diffusers_load_completely(tmp_path, native_folder,
-                                                                            load_student, run):
+def test_mixed_key_names_of_convert_state_dict_to_diffusers_load_completely(
+    tmp_path, native_folder, load_student, run
+):
     # The LCM-LoRA SDXL example saves `convert_state_dict_to_diffusers(peft state)`: attention layers as
     # `to_q.lora.down`, all other layers as `conv1.lora_A`. Every weight must be loaded.
     base = load_student(native_folder("sdxl"), "sdxl")
@@ -136,9 +137,16 @@ def test_lora_student_folder_round_trip(tmp_path, lora_files, native_folder, loa
     os.link(os.path.join(folder, LORA_WEIGHT_NAME), student / LORA_WEIGHT_NAME)
     base = load_student(native_folder("sana"), "sana")
     base.scheduler.save_pretrained(student / "scheduler")
-    (student / "onestep_lora.json").write_text(json.dumps({
-        "base_model": native_folder("sana"), "family": "sana", "weight_name": LORA_WEIGHT_NAME, "lora_scale": 1.0,
-    }))
+    (student / "onestep_lora.json").write_text(
+        json.dumps(
+            {
+                "base_model": native_folder("sana"),
+                "family": "sana",
+                "weight_name": LORA_WEIGHT_NAME,
+                "lora_scale": 1.0,
+            }
+        )
+    )
     pipe = OneStepPipeline.from_pretrained(str(student))
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.conditioning_timesteps == [1.0]
@@ -149,21 +157,34 @@ def test_lora_student_folder_round_trip(tmp_path, lora_files, native_folder, loa
 
 def test_lora_for_another_model_is_refused(lora_files, native_folder, load_student):
     pipe = load_student(native_folder("sana"), "sana")
-    with pytest.raises(ValueError, match=r"The LoRA file holds no weights for the SANA transformer \(it holds "
-                                         r"weights for: unet\)\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"The LoRA file holds no weights for the SANA transformer \(it holds "
+        r"weights for: unet\)\.$",
+    ):
         pipe.load_student_lora(lora_files["sdxl"][0])
     # same component name, other architecture: PixArt's attention layers are wider than this SANA transformer's
     state, _ = _lora("pixart_alpha", load_student(native_folder("pixart_alpha"), "pixart_alpha").denoiser)
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    with pytest.raises(ValueError, match=r"The LoRA's weights do not fit the SanaTransformer2DModel \(size mismatch "
-                                         r"at transformer_blocks.0.attn1.to_\w+.*\); it was made for a different "
-                                         r"model\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"The LoRA's weights do not fit the SanaTransformer2DModel \(size mismatch "
+        r"at transformer_blocks.0.attn1.to_\w+.*\); it was made for a different "
+        r"model\.$",
+    ):
         pipe.load_student_lora({f"transformer.{k}": v for k, v in state.items()})
     after = pipe.transformer.state_dict()
     assert after.keys() == before.keys(), "a failed load must not leave LoRA layers behind"
     assert all(torch.equal(after[k], v) for k, v in before.items())
     # layers that do not exist at all
-    with pytest.raises(ValueError, match=r"The LoRA targets layers the SanaTransformer2DModel does not have \(e.g. "
-                                         r"'down_blocks.0.conv'\); it was made for a different model\.$"):
-        pipe.load_student_lora({"transformer.down_blocks.0.conv.lora_A.weight": torch.zeros(4, 8),
-                                "transformer.down_blocks.0.conv.lora_B.weight": torch.zeros(8, 4)})
+    with pytest.raises(
+        ValueError,
+        match=r"The LoRA targets layers the SanaTransformer2DModel does not have \(e.g. "
+        r"'down_blocks.0.conv'\); it was made for a different model\.$",
+    ):
+        pipe.load_student_lora(
+            {
+                "transformer.down_blocks.0.conv.lora_A.weight": torch.zeros(4, 8),
+                "transformer.down_blocks.0.conv.lora_B.weight": torch.zeros(8, 4),
+            }
+        )

@@ -12,7 +12,6 @@ import torch
 
 from diffusers_onestep import parameterization as P
 from diffusers_onestep.distill import losses
-from diffusers_onestep.testing.analytic import GaussianMixture, GaussianStudent, mc_f_divergence
 from diffusers_onestep.distill.divergences import get_divergence
 from diffusers_onestep.distill.losses import (
     RatioNormalizer,
@@ -26,6 +25,8 @@ from diffusers_onestep.distill.losses import (
     vsd_generator_loss,
     vsd_gradient,
 )
+from diffusers_onestep.testing.analytic import GaussianMixture, GaussianStudent, mc_f_divergence
+
 
 VP = P.VPPath.from_betas()
 FLOW = P.FlowPath()
@@ -301,7 +302,7 @@ def test_gan_losses_values():
     torch.testing.assert_close(gan_discriminator_loss(zeros, zeros), torch.tensor(2 * math.log(2)))
     torch.testing.assert_close(gan_generator_loss(zeros), torch.tensor(math.log(2)))
     real, fake = torch.tensor([3.0, -1.0]), torch.tensor([0.5, -2.0])
-    expected = (torch.log1p(torch.exp(fake)).mean() + torch.log1p(torch.exp(-real)).mean())
+    expected = torch.log1p(torch.exp(fake)).mean() + torch.log1p(torch.exp(-real)).mean()
     torch.testing.assert_close(gan_discriminator_loss(real, fake), expected)
     # non-saturating: the generator's gradient does not vanish where D confidently rejects the fake
     logits = torch.tensor([-8.0], requires_grad=True)

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from training_utils import TINY_FLAGS, launch, write_prompts
 
 from diffusers_onestep.distill import cli
 from diffusers_onestep.distill.config import MethodConfig, RolesConfig
@@ -24,7 +25,7 @@ from diffusers_onestep.distill.models import Batch, RandomSource
 from diffusers_onestep.distill.roles import BackboneRoles
 from diffusers_onestep.families import get_adapter_class
 from diffusers_onestep.testing import TINY_PROMPTS, save_tiny_native_pipeline, tiny_components
-from training_utils import TINY_FLAGS, launch, write_prompts
+
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -161,14 +162,14 @@ def test_the_discriminator_judges_both_sides_under_the_same_kind_of_condition(tr
     seen = record_feature_conditions(roles)
     method.student_step(batch, RandomSource.from_seed(0))[0].backward()
     roles.end_phase()
-    (_, student_condition), = seen
+    ((_, student_condition),) = seen
     expected_fake = batch.condition.embeds if captions else null
     torch.testing.assert_close(student_condition, expected_fake.to(student_condition.dtype))
     seen.clear()
     method.critic_step(batch, RandomSource.from_seed(1))[0].backward()
-    (_, critic_conditions), = seen
+    ((_, critic_conditions),) = seen
     n = batch.noise.shape[0]
-    discriminated = critic_conditions[-2 * n:]  # fake then real (after the DSM batch on the critic trunk)
+    discriminated = critic_conditions[-2 * n :]  # fake then real (after the DSM batch on the critic trunk)
     expected_real = batch.real_condition.embeds if captions else null
     torch.testing.assert_close(discriminated[:n], expected_fake.to(discriminated.dtype))
     torch.testing.assert_close(discriminated[n:], expected_real.to(discriminated.dtype))
@@ -190,9 +191,26 @@ def test_a_method_from_outside_the_library_trains_through_accelerate_launch(tmp_
     script = tmp_path / "train_with_plugin.py"
     script.write_text(LAUNCHER.format(tests=TESTS))
     out = tmp_path / "out"
-    launch(["--teacher", teacher, "--prompts", write_prompts(str(tmp_path)), "--output_dir", out,
-            "--resolution", "8", "--method", "teacher_regression", "--max_train_steps", "2",
-            "--critic_updates_per_student", "1", *TINY_FLAGS], script=str(script))
+    launch(
+        [
+            "--teacher",
+            teacher,
+            "--prompts",
+            write_prompts(str(tmp_path)),
+            "--output_dir",
+            out,
+            "--resolution",
+            "8",
+            "--method",
+            "teacher_regression",
+            "--max_train_steps",
+            "2",
+            "--critic_updates_per_student",
+            "1",
+            *TINY_FLAGS,
+        ],
+        script=str(script),
+    )
     with open(out / "training_config.json") as f:
         saved = json.load(f)
     assert saved["method"]["method"] == "teacher_regression"

@@ -74,8 +74,9 @@ def test_backward_simulation_rolls_out_the_current_student(setup):
                 tj = torch.full((2,), float(timesteps[j]), dtype=torch.float64)
                 x0 = param.to_x0(roles.student(x, tj, batch.condition), x, tj, adapter.noise_path, "epsilon")
                 fresh = replay.randn(x0.shape)
-                x = param.add_noise(x0, fresh, torch.full((2,), float(timesteps[j + 1]), dtype=torch.float64),
-                                    adapter.noise_path)
+                x = param.add_noise(
+                    x0, fresh, torch.full((2,), float(timesteps[j + 1]), dtype=torch.float64), adapter.noise_path
+                )
         torch.testing.assert_close(x_in, x)
         if k == 0:
             assert torch.equal(x_in, batch.noise)  # pure noise at the first timestep
@@ -96,8 +97,9 @@ def test_steps_return_losses_and_logs(setup):
     assert set(logs) == {"critic/loss", "critic/dsm_loss"}
     roles.end_phase()
     with pytest.raises(ValueError, match="needs real images"):
-        build_method(MethodConfig(divergence="js").validate(), roles, [400]).critic_step(batch,
-                                                                                        RandomSource.from_seed(0))
+        build_method(MethodConfig(divergence="js").validate(), roles, [400]).critic_step(
+            batch, RandomSource.from_seed(0)
+        )
     roles.end_phase()
 
 
@@ -108,6 +110,8 @@ def test_random_source_slices_the_global_batch():
     torch.testing.assert_close(torch.cat(parts), whole)
     path = param.VPPath.from_betas()
     whole_t = RandomSource.from_seed(5).times(path, 4, (0.02, 0.98))
-    parts_t = [RandomSource(torch.Generator().manual_seed(5), rank=r, world_size=2).times(path, 2, (0.02, 0.98))
-               for r in (0, 1)]
+    parts_t = [
+        RandomSource(torch.Generator().manual_seed(5), rank=r, world_size=2).times(path, 2, (0.02, 0.98))
+        for r in (0, 1)
+    ]
     torch.testing.assert_close(torch.cat(parts_t), whole_t)

@@ -36,6 +36,7 @@ from diffusers_onestep.testing import (
     tiny_pixart_components,
 )
 
+
 FAMILY = "renamed_pixart"
 #: a pipeline class name only this family claims
 PIPELINE_CLASS_NAME = "RenamedPixArtPipeline"
@@ -116,8 +117,9 @@ def test_one_step_pipeline_runs_saves_and_reloads_it(teacher_folder, tmp_path):
     # built directly from components
     components = tiny_components(FAMILY)
     scheduler = scheduler_for(FAMILY, dict(components["scheduler"].config), [400], None)
-    direct = OneStepPipeline(**{n: components[n] for n in RenamedPixArtAdapter.component_names()},
-                             scheduler=scheduler, family=FAMILY)
+    direct = OneStepPipeline(
+        **{n: components[n] for n in RenamedPixArtAdapter.component_names()}, scheduler=scheduler, family=FAMILY
+    )
     direct.set_progress_bar_config(disable=True)
     assert np.abs(_run(direct) - images).max() <= 1e-6
 
@@ -183,9 +185,24 @@ def test_trained_for_two_steps_through_accelerate_launch(teacher_folder, tmp_pat
     script = tmp_path / "train_renamed.py"
     script.write_text(LAUNCHER.format(tests=os.path.dirname(os.path.abspath(__file__))))
     out = tmp_path / "out"
-    launch(["--teacher", teacher_folder, "--prompts", write_prompts(str(tmp_path)), "--output_dir", out,
-            "--resolution", "8", "--max_train_steps", "2", "--critic_updates_per_student", "1", *TINY_FLAGS],
-           script=str(script))
+    launch(
+        [
+            "--teacher",
+            teacher_folder,
+            "--prompts",
+            write_prompts(str(tmp_path)),
+            "--output_dir",
+            out,
+            "--resolution",
+            "8",
+            "--max_train_steps",
+            "2",
+            "--critic_updates_per_student",
+            "1",
+            *TINY_FLAGS,
+        ],
+        script=str(script),
+    )
     with open(out / "training_config.json") as f:
         assert json.load(f)["family"] == FAMILY  # detected from the folder, not passed
     with open(out / "onestep_lora.json") as f:

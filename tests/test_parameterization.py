@@ -10,6 +10,7 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffusers_onestep import parameterization as param
 
+
 PATHS = {
     "vp": lambda: param.VPPath.from_betas(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
     "flow": lambda: param.FlowPath(shift=3.0),
@@ -32,9 +33,9 @@ def _batch(seed=0, shape=(3, 4, 5, 5)):
 @pytest.mark.parametrize(
     "betas",
     [
-        dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),  # SD / SDXL
-        dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear"),  # PixArt
-        dict(beta_schedule="squaredcos_cap_v2"),
+        {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},  # SD / SDXL
+        {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"},  # PixArt
+        {"beta_schedule": "squaredcos_cap_v2"},
     ],
 )
 def test_vp_alphas_equal_diffusers_ddpm(betas):
@@ -100,8 +101,9 @@ def test_trigflow_path_is_cos_sin_and_accepts_diffusers_pi_over_two():
 
 
 def test_make_noise_path_reads_scheduler_configs():
-    vp = param.make_noise_path("vp", **dict(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                          beta_end=0.012).config))
+    vp = param.make_noise_path(
+        "vp", **dict(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config)
+    )
     assert torch.equal(vp.alphas_cumprod, PATHS["vp"]().alphas_cumprod)
     assert param.make_noise_path("flow", shift=7.0).shift == 7.0
     assert param.make_noise_path("trigflow", sigma_data=0.3).sigma_data == 0.3
@@ -113,17 +115,22 @@ def test_dynamic_shift_matches_flow_match_euler_at_a_given_mu(time_shift_type):
     # applies time_shift(mu, 1, t) = e^mu / (e^mu + 1/t - 1), the fixed-shift formula with s = exp(mu) ("linear": mu).
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    settings = dict(base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0, time_shift_type=time_shift_type,
-                                                **settings)
+    settings = {"base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, shift=3.0, time_shift_type=time_shift_type, **settings
+    )
     path = param.noise_path_from_scheduler_config(scheduler.config)
     assert path.kind == "flow" and path.dynamic_shift is not None
     image_seq_len = 1024  # 512 px FLUX: (512 / 16) ** 2 packed latent tokens
     mu = path.dynamic_shift.mu(image_seq_len)
     m = (1.15 - 0.5) / (4096 - 256)
     assert mu == pytest.approx(0.5 + m * (image_seq_len - 256), abs=1e-12)  # closed form of the line
-    assert mu == pytest.approx(calculate_shift(image_seq_len, **{
-        "base_seq_len": 256, "max_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}), abs=1e-12)
+    assert mu == pytest.approx(
+        calculate_shift(
+            image_seq_len, **{"base_seq_len": 256, "max_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+        ),
+        abs=1e-12,
+    )
     expected_shift = math.exp(mu) if time_shift_type == "exponential" else mu
     fixed = path.at_image_seq_len(image_seq_len)
     assert fixed.dynamic_shift is None and fixed.shift == pytest.approx(expected_shift, abs=1e-12)
@@ -145,15 +152,28 @@ def test_dynamic_shift_matches_flow_match_euler_at_a_given_mu(time_shift_type):
 #: native scheduler configs and the noise path and prediction type each was read as before the one resolver
 #: (OneStepScheduler.from_config, the family adapters and the loader agreed on every one of them)
 NATIVE_SCHEDULER_CASES = {
-    "euler_sdxl": (lambda: __import__("diffusers").EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"), "vp", "epsilon"),
+    "euler_sdxl": (
+        lambda: __import__("diffusers").EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+        ),
+        "vp",
+        "epsilon",
+    ),
     "ddpm_defaults": (lambda: DDPMScheduler(), "vp", "epsilon"),
     "ddim_v": (lambda: __import__("diffusers").DDIMScheduler(prediction_type="v_prediction"), "vp", "v_prediction"),
     "flow_match_shift7": (lambda: FlowMatchEulerDiscreteScheduler(shift=7.0), "flow", "flow_prediction"),
-    "dpm_flow_shift3": (lambda: __import__("diffusers").DPMSolverMultistepScheduler(
-        use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"), "flow", "flow_prediction"),
-    "dpm_flow_epsilon_default": (lambda: __import__("diffusers").DPMSolverMultistepScheduler(
-        use_flow_sigmas=True, flow_shift=3.0), "flow", "flow_prediction"),
+    "dpm_flow_shift3": (
+        lambda: __import__("diffusers").DPMSolverMultistepScheduler(
+            use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"
+        ),
+        "flow",
+        "flow_prediction",
+    ),
+    "dpm_flow_epsilon_default": (
+        lambda: __import__("diffusers").DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0),
+        "flow",
+        "flow_prediction",
+    ),
     "scm": (lambda: __import__("diffusers").SCMScheduler(sigma_data=0.5), "trigflow", "trigflow"),
 }
 
@@ -171,7 +191,10 @@ def test_noise_path_from_scheduler_config_reads_native_schedulers(case):
     elif kind == "flow":
         assert path.shift == float(scheduler.config.get("shift") or scheduler.config.get("flow_shift"))
         assert path.dynamic_shift is None and path.describe() == {
-            "noise_path": "flow", "shift": path.shift, "num_train_timesteps": 1000}
+            "noise_path": "flow",
+            "shift": path.shift,
+            "num_train_timesteps": 1000,
+        }
     else:
         assert path.sigma_data == 0.5
 
@@ -179,15 +202,21 @@ def test_noise_path_from_scheduler_config_reads_native_schedulers(case):
 def test_noise_path_from_scheduler_config_kinds_and_defaults():
     # a config naming its path (OneStepScheduler's) is read as it says, whatever kind the caller expects
     assert param.noise_path_from_scheduler_config({"noise_path": "flow", "shift": 2.0}, kind="vp").shift == 2.0
-    assert param.prediction_type_from_scheduler_config({"noise_path": "flow", "prediction_type": "sample"},
-                                                       "flow") == "sample"
+    assert (
+        param.prediction_type_from_scheduler_config({"noise_path": "flow", "prediction_type": "sample"}, "flow")
+        == "sample"
+    )
     # otherwise the caller's kind wins over what the config suggests (a family adapter knows its path)
     assert param.noise_path_from_scheduler_config(FlowMatchEulerDiscreteScheduler().config, kind="vp").kind == "vp"
     # values left out: DDPM's betas, shift 1, sigma_data 0.5
-    assert torch.equal(param.noise_path_from_scheduler_config({}).alphas_cumprod,
-                       DDPMScheduler().alphas_cumprod.to(torch.float64))
+    assert torch.equal(
+        param.noise_path_from_scheduler_config({}).alphas_cumprod, DDPMScheduler().alphas_cumprod.to(torch.float64)
+    )
     assert param.noise_path_from_scheduler_config({}, kind="flow").describe() == {
-        "noise_path": "flow", "shift": 1.0, "num_train_timesteps": 1000}
+        "noise_path": "flow",
+        "shift": 1.0,
+        "num_train_timesteps": 1000,
+    }
     assert param.noise_path_from_scheduler_config({}, kind="trigflow").sigma_data == 0.5
 
 
@@ -228,8 +257,9 @@ def test_prediction_targets_closed_forms():
     # TrigFlow target F = cos(t) eps - sin(t) x0 (sCM eq. 6)
     t = torch.tensor(TIMES["trigflow"], dtype=torch.float64)
     F = param.from_x0_and_epsilon(x0, eps, t, PATHS["trigflow"](), "trigflow")
-    torch.testing.assert_close(F, torch.cos(t).view(-1, 1, 1, 1) * eps - torch.sin(t).view(-1, 1, 1, 1) * x0,
-                               rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        F, torch.cos(t).view(-1, 1, 1, 1) * eps - torch.sin(t).view(-1, 1, 1, 1) * x0, rtol=0, atol=1e-14
+    )
 
 
 def test_flow_velocity_inversion_matches_algorithms_closed_form():

@@ -6,10 +6,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DiffusionPipeline, LCMScheduler
+from diffusers import LCMScheduler
 
 from diffusers_onestep import OneStepPipeline, OneStepScheduler
 from diffusers_onestep.testing import TINY_FAMILIES, native_one_step_pipeline, tiny_components
+
 
 PROMPT = "a photo of a cat"
 
@@ -76,8 +77,11 @@ class ForwardCounter:
 
     def __init__(self, pipe):
         self.calls = 0
-        self.handles = [m.register_forward_pre_hook(self._count) for m in pipe.components.values()
-                        if isinstance(m, torch.nn.Module)]
+        self.handles = [
+            m.register_forward_pre_hook(self._count)
+            for m in pipe.components.values()
+            if isinstance(m, torch.nn.Module)
+        ]
         self.handles.append(pipe.vae.decoder.register_forward_pre_hook(self._count))
 
     def _count(self, *_):
@@ -106,59 +110,121 @@ def _embeds(batch=1, length=77, dim=64):
 
 ERROR_CASES = [
     # (family, call kwargs, message regex)
-    ("sdxl", dict(prompt=PROMPT, height=63), r"`height` must be a positive multiple of 2 \(VAE factor 2 × patch "
-                                             r"size 1\) for this SDXL student, got 63"),
-    ("sdxl", dict(prompt=PROMPT, width=0), r"`width` must be a positive multiple of 2"),
-    ("pixart_alpha", dict(prompt=PROMPT, height=7), r"multiple of 2 \(VAE factor 1 × patch size 2\) for this "
-                                                    r"PixArt-α student, got 7"),
-    ("sdxl", dict(prompt=PROMPT, num_inference_steps=0), r"This student supports 1 to 1 inference steps \(it was "
-                                                         r"trained at timesteps \[399.0\]\), got num_inference_steps=0"),
-    ("sdxl", dict(prompt=PROMPT, num_inference_steps=2), r"supports 1 to 1 inference steps .* got num_inference_"
-                                                         r"steps=2"),
-    ("sdxl", dict(prompt=PROMPT, timesteps=[999, 499], num_inference_steps=1),
-     r"Pass either `num_inference_steps` or `timesteps`, not both"),
-    ("sdxl", dict(prompt=PROMPT, timesteps=[999, 999, 499, 249, 100]), r"`timesteps` must hold 1 to 4 timesteps"),
-    ("sdxl", dict(prompt=PROMPT, timesteps=[1000]), r"`timesteps` of a vp student must lie in \(0, 999\]"),
-    ("sdxl", dict(prompt=PROMPT, num_images_per_prompt=0), r"`num_images_per_prompt` must be a positive integer"),
-    ("sdxl", dict(prompt=PROMPT, prompt_embeds=_embeds(), pooled_prompt_embeds=torch.zeros(1, 32)),
-     r"Pass exactly one of `prompt` and `prompt_embeds`, got both"),
-    ("sdxl", dict(), r"Pass exactly one of `prompt` and `prompt_embeds`, got neither"),
-    ("sdxl", dict(prompt=3), r"`prompt` must be a string or a non-empty list of strings, got int"),
-    ("sdxl", dict(prompt=[]), r"`prompt` must be a string or a non-empty list of strings"),
-    ("sdxl", dict(prompt_embeds=_embeds()), r"SDXL students need `pooled_prompt_embeds` together with "
-                                            r"`prompt_embeds`"),
-    ("pixart_alpha", dict(prompt_embeds=_embeds(1, 120, 32)), r"PixArt-α students need `prompt_attention_mask` "
-                                                              r"together with `prompt_embeds`"),
-    ("sana_sprint", dict(prompt_embeds=_embeds(1, 300, 8)), r"SANA-Sprint students need `prompt_attention_mask`"),
-    ("sdxl", dict(prompt_embeds=_embeds(2), pooled_prompt_embeds=torch.zeros(1, 32)),
-     r"`pooled_prompt_embeds` has batch size 1 but `prompt_embeds` has 2"),
-    ("pixart_alpha", dict(prompt_embeds=_embeds(1, 120, 32), prompt_attention_mask=torch.ones(3, 120)),
-     r"`prompt_attention_mask` has batch size 3 but `prompt_embeds` has 1"),
-    ("sdxl", dict(prompt=[PROMPT, PROMPT], num_images_per_prompt=2, generator=[torch.Generator()] * 3),
-     r"Got 3 generators for a batch of 4 images; pass one per image"),
-    ("sdxl", dict(prompt=PROMPT, latents=torch.zeros(1, 4, 16, 16)),
-     r"`latents` must have shape \(1, 4, 32, 32\), got \(1, 4, 16, 16\)"),
-    ("sdxl", dict(prompt=PROMPT, num_images_per_prompt=2, latents=torch.zeros(1, 4, 32, 32)),
-     r"`latents` must have shape \(2, 4, 32, 32\)"),
-    ("sdxl", dict(prompt=PROMPT, output_type="jpeg"), r"`output_type` must be one of pil, np, pt, latent, got 'jpeg'"),
-    ("sdxl", dict(prompt=PROMPT, negative_prompt="blurry"),
-     r"This SDXL student takes no negative prompt: classifier-free guidance was distilled into it .* remove "
-     r"`negative_prompt`"),
-    ("pixart_alpha", dict(prompt=PROMPT, negative_prompt_embeds=_embeds(1, 120, 32)),
-     r"This PixArt-α student takes no negative prompt"),
-    ("sdxl", dict(prompt=PROMPT, guidance_scale=7.5),
-     r"This SDXL student was distilled with its guidance built in and takes no `guidance_scale` \(got 7.5\); "
-     r"remove the argument"),
-    ("pixart_alpha", dict(prompt=PROMPT, guidance_scale=4.5), r"PixArt-α student was distilled with its guidance"),
-    ("sana_sprint", dict(prompt=PROMPT, guidance_scale=-1.0), r"`guidance_scale` must be non-negative, got -1.0"),
-    ("sdxl", dict(prompt=PROMPT, callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise"]),
-     r"`callback_on_step_end_tensor_inputs` may name latents, denoised, prompt_embeds, prompt_attention_mask, "
-     r"pooled_prompt_embeds, got 'noise'"),
+    (
+        "sdxl",
+        {"prompt": PROMPT, "height": 63},
+        r"`height` must be a positive multiple of 2 \(VAE factor 2 × patch "
+        r"size 1\) for this SDXL student, got 63",
+    ),
+    ("sdxl", {"prompt": PROMPT, "width": 0}, r"`width` must be a positive multiple of 2"),
+    (
+        "pixart_alpha",
+        {"prompt": PROMPT, "height": 7},
+        r"multiple of 2 \(VAE factor 1 × patch size 2\) for this "
+        r"PixArt-α student, got 7",
+    ),
+    (
+        "sdxl",
+        {"prompt": PROMPT, "num_inference_steps": 0},
+        r"This student supports 1 to 1 inference steps \(it was "
+        r"trained at timesteps \[399.0\]\), got num_inference_steps=0",
+    ),
+    (
+        "sdxl",
+        {"prompt": PROMPT, "num_inference_steps": 2},
+        r"supports 1 to 1 inference steps .* got num_inference_"
+        r"steps=2",
+    ),
+    (
+        "sdxl",
+        {"prompt": PROMPT, "timesteps": [999, 499], "num_inference_steps": 1},
+        r"Pass either `num_inference_steps` or `timesteps`, not both",
+    ),
+    ("sdxl", {"prompt": PROMPT, "timesteps": [999, 999, 499, 249, 100]}, r"`timesteps` must hold 1 to 4 timesteps"),
+    ("sdxl", {"prompt": PROMPT, "timesteps": [1000]}, r"`timesteps` of a vp student must lie in \(0, 999\]"),
+    ("sdxl", {"prompt": PROMPT, "num_images_per_prompt": 0}, r"`num_images_per_prompt` must be a positive integer"),
+    (
+        "sdxl",
+        {"prompt": PROMPT, "prompt_embeds": _embeds(), "pooled_prompt_embeds": torch.zeros(1, 32)},
+        r"Pass exactly one of `prompt` and `prompt_embeds`, got both",
+    ),
+    ("sdxl", {}, r"Pass exactly one of `prompt` and `prompt_embeds`, got neither"),
+    ("sdxl", {"prompt": 3}, r"`prompt` must be a string or a non-empty list of strings, got int"),
+    ("sdxl", {"prompt": []}, r"`prompt` must be a string or a non-empty list of strings"),
+    (
+        "sdxl",
+        {"prompt_embeds": _embeds()},
+        r"SDXL students need `pooled_prompt_embeds` together with "
+        r"`prompt_embeds`",
+    ),
+    (
+        "pixart_alpha",
+        {"prompt_embeds": _embeds(1, 120, 32)},
+        r"PixArt-α students need `prompt_attention_mask` "
+        r"together with `prompt_embeds`",
+    ),
+    ("sana_sprint", {"prompt_embeds": _embeds(1, 300, 8)}, r"SANA-Sprint students need `prompt_attention_mask`"),
+    (
+        "sdxl",
+        {"prompt_embeds": _embeds(2), "pooled_prompt_embeds": torch.zeros(1, 32)},
+        r"`pooled_prompt_embeds` has batch size 1 but `prompt_embeds` has 2",
+    ),
+    (
+        "pixart_alpha",
+        {"prompt_embeds": _embeds(1, 120, 32), "prompt_attention_mask": torch.ones(3, 120)},
+        r"`prompt_attention_mask` has batch size 3 but `prompt_embeds` has 1",
+    ),
+    (
+        "sdxl",
+        {"prompt": [PROMPT, PROMPT], "num_images_per_prompt": 2, "generator": [torch.Generator()] * 3},
+        r"Got 3 generators for a batch of 4 images; pass one per image",
+    ),
+    (
+        "sdxl",
+        {"prompt": PROMPT, "latents": torch.zeros(1, 4, 16, 16)},
+        r"`latents` must have shape \(1, 4, 32, 32\), got \(1, 4, 16, 16\)",
+    ),
+    (
+        "sdxl",
+        {"prompt": PROMPT, "num_images_per_prompt": 2, "latents": torch.zeros(1, 4, 32, 32)},
+        r"`latents` must have shape \(2, 4, 32, 32\)",
+    ),
+    (
+        "sdxl",
+        {"prompt": PROMPT, "output_type": "jpeg"},
+        r"`output_type` must be one of pil, np, pt, latent, got 'jpeg'",
+    ),
+    (
+        "sdxl",
+        {"prompt": PROMPT, "negative_prompt": "blurry"},
+        r"This SDXL student takes no negative prompt: classifier-free guidance was distilled into it .* remove "
+        r"`negative_prompt`",
+    ),
+    (
+        "pixart_alpha",
+        {"prompt": PROMPT, "negative_prompt_embeds": _embeds(1, 120, 32)},
+        r"This PixArt-α student takes no negative prompt",
+    ),
+    (
+        "sdxl",
+        {"prompt": PROMPT, "guidance_scale": 7.5},
+        r"This SDXL student was distilled with its guidance built in and takes no `guidance_scale` \(got 7.5\); "
+        r"remove the argument",
+    ),
+    ("pixart_alpha", {"prompt": PROMPT, "guidance_scale": 4.5}, r"PixArt-α student was distilled with its guidance"),
+    ("sana_sprint", {"prompt": PROMPT, "guidance_scale": -1.0}, r"`guidance_scale` must be non-negative, got -1.0"),
+    (
+        "sdxl",
+        {"prompt": PROMPT, "callback_on_step_end": lambda *a: {}, "callback_on_step_end_tensor_inputs": ["noise"]},
+        r"`callback_on_step_end_tensor_inputs` may name latents, denoised, prompt_embeds, prompt_attention_mask, "
+        r"pooled_prompt_embeds, got 'noise'",
+    ),
 ]
 
 
-@pytest.mark.parametrize("family, kwargs, message", ERROR_CASES,
-                         ids=[f"{f}-{'-'.join(k) or 'none'}" for f, k, _ in ERROR_CASES])
+@pytest.mark.parametrize(
+    "family, kwargs, message", ERROR_CASES, ids=[f"{f}-{'-'.join(k) or 'none'}" for f, k, _ in ERROR_CASES]
+)
 def test_check_inputs_errors(family, kwargs, message, counted):
     pipe, counter = counted[family]
     before = counter.calls
@@ -169,8 +235,9 @@ def test_check_inputs_errors(family, kwargs, message, counted):
 
 
 def test_missing_text_encoders_ask_for_embeddings(native_folder, run):
-    pipe = OneStepPipeline.from_pretrained(native_folder("pixart_alpha"), conditioning_timesteps=[400],
-                                           text_encoder=None, tokenizer=None)
+    pipe = OneStepPipeline.from_pretrained(
+        native_folder("pixart_alpha"), conditioning_timesteps=[400], text_encoder=None, tokenizer=None
+    )
     pipe.set_progress_bar_config(disable=True)
     with pytest.raises(ValueError, match=r"This PixArt-α model has no tokenizer, text_encoder; pass `prompt_embeds`"):
         run(pipe)
@@ -213,9 +280,13 @@ def test_encode_prompt_then_call_with_the_embeddings_equals_calling_with_the_pro
     adapter_cls = type(pipe.adapter)
     assert (prompt_attention_mask is not None) == ("mask" in adapter_cls.required_condition_fields)
     assert (pooled_prompt_embeds is not None) == ("pooled" in adapter_cls.required_condition_fields)
-    images = pipe(prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_attention_mask,
-                  pooled_prompt_embeds=pooled_prompt_embeds, generator=torch.Generator().manual_seed(0),
-                  output_type="np").images
+    images = pipe(
+        prompt_embeds=prompt_embeds,
+        prompt_attention_mask=prompt_attention_mask,
+        pooled_prompt_embeds=pooled_prompt_embeds,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert np.array_equal(images, run(pipe))
     # the family's own pipeline computes the same tensors
     condition = pipe.adapter.encode_prompt([PROMPT])
@@ -235,8 +306,9 @@ def test_encode_prompt_repeats_for_several_images_per_prompt(student):
         generators = [torch.Generator().manual_seed(s) for s in range(4)]
         return pipe(generator=generators, output_type="np", **kwargs).images
 
-    assert np.array_equal(call(prompt_embeds=embeds, prompt_attention_mask=mask),
-                          call(prompt=prompts, num_images_per_prompt=2))
+    assert np.array_equal(
+        call(prompt_embeds=embeds, prompt_attention_mask=mask), call(prompt=prompts, num_images_per_prompt=2)
+    )
     with pytest.raises(ValueError, match=r"`prompt` must be a string or a non-empty list of strings, got int"):
         pipe.encode_prompt(3)
 
@@ -245,8 +317,9 @@ def test_num_images_per_prompt_and_generator_lists(student, run):
     pipe = student("sana")
     prompts = ["a photo of a cat", "a bowl of fruit"]
     seeds = [11, 12, 13, 14]
-    images = pipe(prompts, num_images_per_prompt=2, output_type="np",
-                  generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    images = pipe(
+        prompts, num_images_per_prompt=2, output_type="np", generator=[torch.Generator().manual_seed(s) for s in seeds]
+    ).images
     assert images.shape == (4, 64, 64, 3)
     for k, seed in enumerate(seeds):  # image k: prompt k // 2 with its own generator
         assert np.abs(images[k] - run(pipe, prompts[k // 2], seed=seed)[0]).max() <= 1e-6
@@ -307,8 +380,9 @@ def test_callback_on_step_end(sdxl_four_step, run):
     def zero_last(p, i, t, tensors):
         return {"denoised": torch.zeros_like(tensors["denoised"])} if i == 3 else {}
 
-    latents = run(pipe, output_type="latent", callback_on_step_end=zero_last,
-                  callback_on_step_end_tensor_inputs=["denoised"])
+    latents = run(
+        pipe, output_type="latent", callback_on_step_end=zero_last, callback_on_step_end_tensor_inputs=["denoised"]
+    )
     assert torch.count_nonzero(latents) == 0
 
 
@@ -372,20 +446,33 @@ def test_a_native_scheduler_config_becomes_one_noise_path(family):
     assert adapter.prediction_type == from_config.config.prediction_type == loaded.config.prediction_type
 
 
-@pytest.mark.parametrize("model_index, configs, family", [
-    ({"_class_name": "StableDiffusionXLControlNetPipeline"}, {"unet": {"addition_embed_type": "text_time"}}, "sdxl"),
-    ({}, {"transformer": {"_class_name": "PixArtTransformer2DModel"}}, "pixart_alpha"),
-    ({"_class_name": "PixArtSigmaPAGPipeline"}, {"transformer": {"_class_name": "PixArtTransformer2DModel"}},
-     "pixart_sigma"),
-    ({}, {"transformer": {"_class_name": "SanaTransformer2DModel"}}, "sana"),
-    ({}, {"transformer": {"_class_name": "SanaTransformer2DModel", "guidance_embeds": True}}, "sana_sprint"),
-    # a pipeline class a family names wins over what the denoiser looks like
-    ({"_class_name": "SanaPipeline"}, {"transformer": {"_class_name": "SanaTransformer2DModel",
-                                                       "guidance_embeds": True}}, "sana"),
-    # our own folders name their family, also under "_onestep" in folders saved with a native class name
-    ({"_class_name": "PixArtAlphaPipeline", "_onestep": {"family": "pixart_sigma"}}, {}, "pixart_sigma"),
-    ({"_class_name": "OneStepPipeline", "family": "sana_sprint"}, {}, "sana_sprint"),
-])
+@pytest.mark.parametrize(
+    "model_index, configs, family",
+    [
+        (
+            {"_class_name": "StableDiffusionXLControlNetPipeline"},
+            {"unet": {"addition_embed_type": "text_time"}},
+            "sdxl",
+        ),
+        ({}, {"transformer": {"_class_name": "PixArtTransformer2DModel"}}, "pixart_alpha"),
+        (
+            {"_class_name": "PixArtSigmaPAGPipeline"},
+            {"transformer": {"_class_name": "PixArtTransformer2DModel"}},
+            "pixart_sigma",
+        ),
+        ({}, {"transformer": {"_class_name": "SanaTransformer2DModel"}}, "sana"),
+        ({}, {"transformer": {"_class_name": "SanaTransformer2DModel", "guidance_embeds": True}}, "sana_sprint"),
+        # a pipeline class a family names wins over what the denoiser looks like
+        (
+            {"_class_name": "SanaPipeline"},
+            {"transformer": {"_class_name": "SanaTransformer2DModel", "guidance_embeds": True}},
+            "sana",
+        ),
+        # our own folders name their family, also under "_onestep" in folders saved with a native class name
+        ({"_class_name": "PixArtAlphaPipeline", "_onestep": {"family": "pixart_sigma"}}, {}, "pixart_sigma"),
+        ({"_class_name": "OneStepPipeline", "family": "sana_sprint"}, {}, "sana_sprint"),
+    ],
+)
 def test_detect_family(model_index, configs, family):
     from diffusers_onestep.families import detect_family
 
@@ -395,9 +482,13 @@ def test_detect_family(model_index, configs, family):
 def test_detect_family_refuses_unknown_backbones_naming_the_supported_ones():
     from diffusers_onestep.families import detect_family
 
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             "UNet2DModel is not a supported backbone; diffusers-onestep supports SDXL (sdxl), PixArt-α (pixart_alpha), "
-            "PixArt-Σ (pixart_sigma), SANA (sana) and SANA-Sprint (sana_sprint).")):
+            "PixArt-Σ (pixart_sigma), SANA (sana) and SANA-Sprint (sana_sprint)."
+        ),
+    ):
         detect_family({}, {"unet": {"_class_name": "UNet2DModel"}})
 
 

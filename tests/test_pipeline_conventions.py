@@ -20,6 +20,7 @@ from diffusers_onestep import OneStepPipeline
 from diffusers_onestep.families import get_adapter_class
 from diffusers_onestep.testing import TINY_FAMILIES, tiny_components, tiny_fixture
 
+
 PROMPT = "a photo of a cat"
 OTHER_PROMPT = "a red car on the road"
 
@@ -51,8 +52,9 @@ def test_init_type_hints_cover_every_family_and_are_real_classes():
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_from_pipe_of_the_native_pipeline_equals_the_student_loaded_directly(family, native_folder, load_student, run,
-                                                                             monkeypatch):
+def test_from_pipe_of_the_native_pipeline_equals_the_student_loaded_directly(
+    family, native_folder, load_student, run, monkeypatch
+):
     import diffusers.pipelines.pipeline_utils as pipeline_utils
 
     folder = native_folder(family)
@@ -156,8 +158,13 @@ def test_pipeline_callback_objects_set_the_tensor_inputs_and_their_replacements_
 
     def call(callback):
         # the objects' tensor_inputs win over callback_on_step_end_tensor_inputs, as in diffusers' pipelines
-        return pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="latent",
-                    callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"]).images
+        return pipe(
+            PROMPT,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=["latents"],
+        ).images
 
     def swap_function(p, i, t, tensors):
         return dict(other) if i == 0 else {}
@@ -178,8 +185,13 @@ def test_callback_replacing_latents_and_denoised(two_step):
     pipe = two_step("pixart_sigma", [999, 499])
 
     def call(callback, names):
-        return pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="latent",
-                    callback_on_step_end=callback, callback_on_step_end_tensor_inputs=names).images
+        return pipe(
+            PROMPT,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=names,
+        ).images
 
     def zero_latents_after_step_one(p, i, t, tensors):
         return {"latents": torch.zeros_like(tensors["latents"])} if i == 0 else {}
@@ -210,16 +222,20 @@ def test_enable_model_cpu_offload(family, native_folder, load_student, run):
     assert np.abs(run(pipe) - expected).max() <= 1e-6
 
 
-def test_the_execution_device_is_asked_of_diffusers_only_under_cpu_offload(native_folder, load_student, run,
-                                                                             monkeypatch):
+def test_the_execution_device_is_asked_of_diffusers_only_under_cpu_offload(
+    native_folder, load_student, run, monkeypatch
+):
     # Without offloading the denoiser's public `device` answers (diffusers' answer too); under the pipeline's offload
     # methods the models rest on the CPU between calls and only diffusers' execution device knows where they run.
     pipe = load_student(native_folder("sana"), "sana")
     execution_device = DiffusionPipeline._execution_device
     assert pipe.denoiser.device == execution_device.fget(pipe) == pipe.device
     asked = []
-    monkeypatch.setattr(DiffusionPipeline, "_execution_device",
-                        property(lambda self: asked.append(self) or execution_device.fget(self)))
+    monkeypatch.setattr(
+        DiffusionPipeline,
+        "_execution_device",
+        property(lambda self: asked.append(self) or execution_device.fget(self)),
+    )
     expected = run(pipe)
     assert asked == []
     pipe.enable_model_cpu_offload(device="cpu")

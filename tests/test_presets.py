@@ -36,6 +36,7 @@ from diffusers_onestep.testing import (
     tiny_pixart_components,
 )
 
+
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 PIXART_BASE = "PixArt-alpha/PixArt-XL-2-1024-MS"
 PROMPT = "a photo of a cat"
@@ -74,7 +75,9 @@ def hub(tmp_path_factory):
 
     def turbo(d):  # a full pipeline repo with the card's scheduler
         pipe = tiny_native_pipeline("sdxl", seed=1)
-        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(
+            pipe.scheduler.config, timestep_spacing="trailing"
+        )
         pipe.save_pretrained(d)
 
     put("stabilityai/sdxl-turbo", turbo)
@@ -88,8 +91,12 @@ def hub(tmp_path_factory):
         _sdxl_lora_file(d, sdxl.unet, "dmd2_sdxl_4step_lora_fp16.safetensors", seed=12)
 
     put("tianweiy/DMD2", dmd2)
-    put("ByteDance/SDXL-Lightning", lambda d: save_file(
-        _student_unet_state(unet_config, 20), os.path.join(d, "sdxl_lightning_1step_unet_x0.safetensors")))
+    put(
+        "ByteDance/SDXL-Lightning",
+        lambda d: save_file(
+            _student_unet_state(unet_config, 20), os.path.join(d, "sdxl_lightning_1step_unet_x0.safetensors")
+        ),
+    )
 
     def hyper(d):
         save_file(_student_unet_state(unet_config, 30), os.path.join(d, "Hyper-SDXL-1step-Unet.safetensors"))
@@ -103,10 +110,16 @@ def hub(tmp_path_factory):
 
     put("ChenDY/NitroFusion", nitro)
     put(PIXART_BASE, lambda d: tiny_native_pipeline("pixart_alpha").save_pretrained(d))
-    put("PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512",
-        lambda d: tiny_pixart_components(seed=5)["transformer"].save_pretrained(os.path.join(d, "transformer")))
-    for i, repo in enumerate(("Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers",
-                              "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers")):
+    put(
+        "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512",
+        lambda d: tiny_pixart_components(seed=5)["transformer"].save_pretrained(os.path.join(d, "transformer")),
+    )
+    for i, repo in enumerate(
+        (
+            "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers",
+            "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
+        )
+    ):
         put(repo, lambda d, i=i: tiny_native_pipeline("sana_sprint", seed=6 + i).save_pretrained(d))
 
     with pytest.MonkeyPatch.context() as mp:
@@ -140,8 +153,9 @@ def _native_sdxl(repo_id=SDXL_BASE, unet_weights=None, scheduler_cls=LCMSchedule
 
 
 def _assert_scheduler(pipe, preset):
-    assert pipe.scheduler.config.conditioning_timesteps == [float(t) for t in preset.conditioning_timesteps] or \
-        pipe.scheduler.config.conditioning_timesteps == list(preset.conditioning_timesteps)
+    assert pipe.scheduler.config.conditioning_timesteps == [
+        float(t) for t in preset.conditioning_timesteps
+    ] or pipe.scheduler.config.conditioning_timesteps == list(preset.conditioning_timesteps)
     assert pipe.scheduler.config.prediction_type == preset.prediction_type
     assert pipe.config.family == preset.family
 
@@ -207,10 +221,15 @@ def test_sdxl_lightning_x0_preset(hub, run):
     pipe, images = _ours("ByteDance/SDXL-Lightning", run)
     _assert_scheduler(pipe, preset)
     assert pipe.scheduler.config.prediction_type == "sample" and pipe.scheduler.timesteps.tolist() == [999]
-    native = _native_sdxl(unet_weights=("ByteDance/SDXL-Lightning", preset.weight_name),
-                          scheduler_cls=EulerDiscreteScheduler, timestep_spacing="trailing", prediction_type="sample")
-    expected = native(PROMPT, num_inference_steps=1, guidance_scale=0.0, latents=_unit_noise_latents(native),
-                      output_type="np").images
+    native = _native_sdxl(
+        unet_weights=("ByteDance/SDXL-Lightning", preset.weight_name),
+        scheduler_cls=EulerDiscreteScheduler,
+        timestep_spacing="trailing",
+        prediction_type="sample",
+    )
+    expected = native(
+        PROMPT, num_inference_steps=1, guidance_scale=0.0, latents=_unit_noise_latents(native), output_type="np"
+    ).images
     assert np.abs(images - expected).max() <= 1e-5
 
 
@@ -219,8 +238,9 @@ def test_sdxl_turbo_preset(hub, run):
     _assert_scheduler(pipe, find_preset("stabilityai/sdxl-turbo"))
     native = StableDiffusionXLPipeline.from_pretrained("stabilityai/sdxl-turbo", add_watermarker=False)
     assert isinstance(native.scheduler, EulerAncestralDiscreteScheduler)  # the repo's own scheduler
-    expected = native(PROMPT, num_inference_steps=1, guidance_scale=0.0, latents=_unit_noise_latents(native),
-                      output_type="np").images
+    expected = native(
+        PROMPT, num_inference_steps=1, guidance_scale=0.0, latents=_unit_noise_latents(native), output_type="np"
+    ).images
     assert np.abs(images - expected).max() <= 1e-5
 
 
@@ -260,21 +280,37 @@ def test_pixart_dmd_preset(hub, run):
     native.set_progress_bar_config(disable=True)
     expected = run(native, timesteps=[400], guidance_scale=1.0, **tiny_fixture("pixart_alpha").native_call_kwargs)
     assert np.abs(images - expected).max() <= 1e-5
-    base = run(PixArtAlphaPipeline.from_pretrained(PIXART_BASE, scheduler=native.scheduler), timesteps=[400],
-               guidance_scale=1.0, **tiny_fixture("pixart_alpha").native_call_kwargs)
+    base = run(
+        PixArtAlphaPipeline.from_pretrained(PIXART_BASE, scheduler=native.scheduler),
+        timesteps=[400],
+        guidance_scale=1.0,
+        **tiny_fixture("pixart_alpha").native_call_kwargs,
+    )
     assert np.abs(images - base).max() > 1e-3
 
 
-@pytest.mark.parametrize("repo", ["Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers",
-                                  "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers"])
+@pytest.mark.parametrize(
+    "repo",
+    [
+        "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers",
+        "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
+    ],
+)
 def test_sana_sprint_presets(repo, hub, run):
     pipe, images = _ours(repo, run)
     _assert_scheduler(pipe, find_preset(repo))
     assert pipe.config.embedded_guidance_scale == 4.5
     native = SanaSprintPipeline.from_pretrained(repo)
     native.set_progress_bar_config(disable=True)
-    expected = run(native, num_inference_steps=1, intermediate_timesteps=None, height=64, width=64,
-                   guidance_scale=4.5, **tiny_fixture("sana_sprint").native_call_kwargs)
+    expected = run(
+        native,
+        num_inference_steps=1,
+        intermediate_timesteps=None,
+        height=64,
+        width=64,
+        guidance_scale=4.5,
+        **tiny_fixture("sana_sprint").native_call_kwargs,
+    )
     assert np.abs(images - expected).max() <= 1e-5
 
 
@@ -296,17 +332,26 @@ def test_conditioning_timesteps_override_a_preset(hub):
 
 
 def test_unknown_variant_lists_the_known_ones(hub):
-    with pytest.raises(ValueError, match=r"tianweiy/DMD2 has no preset for weight_name='dmd2_sd15.bin'; known "
-                                         r"variants: dmd2_sdxl_1step_unet_fp16.bin, dmd2_sdxl_4step_unet_fp16.bin"):
+    with pytest.raises(
+        ValueError,
+        match=r"tianweiy/DMD2 has no preset for weight_name='dmd2_sd15.bin'; known "
+        r"variants: dmd2_sdxl_1step_unet_fp16.bin, dmd2_sdxl_4step_unet_fp16.bin",
+    ):
         OneStepPipeline.from_pretrained("tianweiy/DMD2", weight_name="dmd2_sd15.bin")
-    with pytest.raises(ValueError, match=r"`weight_name` selects a variant of a known preset, and 'org/not-cached' "
-                                         r"is not one"):
+    with pytest.raises(
+        ValueError,
+        match=r"`weight_name` selects a variant of a known preset, and 'org/not-cached' "
+        r"is not one",
+    ):
         OneStepPipeline.from_pretrained("org/not-cached", weight_name="x.safetensors")
 
 
 def test_unknown_repo_and_bad_ids_are_refused(hub):
-    with pytest.raises(ValueError, match=r"org/not-cached is neither a diffusers pipeline \(no model_index.json\) "
-                                         r"nor a diffusers-onestep LoRA student"):
+    with pytest.raises(
+        ValueError,
+        match=r"org/not-cached is neither a diffusers pipeline \(no model_index.json\) "
+        r"nor a diffusers-onestep LoRA student",
+    ):
         OneStepPipeline.from_pretrained("org/not-cached")
     with pytest.raises(ValueError, match=r"'no such/folder!' is neither an existing folder nor a valid Hub repo id"):
         OneStepPipeline.from_pretrained("no such/folder!")
@@ -326,13 +371,17 @@ def test_pickle_payloads_in_legacy_bin_files_are_refused(hub_cache, tmp_path, na
     marker = tmp_path / "payload-ran"
     repo = tmp_path / "dmd2"
     repo.mkdir()
-    torch.save({"conv_in.weight": torch.zeros(1), "evil": _Payload(str(marker))},
-               repo / "dmd2_sdxl_1step_unet_fp16.bin")
+    torch.save(
+        {"conv_in.weight": torch.zeros(1), "evil": _Payload(str(marker))}, repo / "dmd2_sdxl_1step_unet_fp16.bin"
+    )
     save_to_hub_cache(str(repo), "tianweiy/DMD2")
     save_to_hub_cache(native_folder("sdxl"), SDXL_BASE)
-    with pytest.raises(ValueError, match=r"dmd2_sdxl_1step_unet_fp16.bin could not be loaded safely "
-                                         r"\(torch.load\(weights_only=True\) refused it: .*\); convert it to "
-                                         r".safetensors") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"dmd2_sdxl_1step_unet_fp16.bin could not be loaded safely "
+        r"\(torch.load\(weights_only=True\) refused it: .*\); convert it to "
+        r".safetensors",
+    ) as info:
         OneStepPipeline.from_pretrained("tianweiy/DMD2")
     assert "\n" not in str(info.value)
     assert not marker.exists(), "the pickle payload ran"
@@ -367,7 +416,7 @@ def _package_modules():
             tree = ast.parse(f.read())
         for node in ast.walk(tree):  # top-level and function-level imports alike
             if isinstance(node, ast.ImportFrom):
-                base = (package[: len(package) - node.level + 1] if node.level else [])
+                base = package[: len(package) - node.level + 1] if node.level else []
                 target = ".".join(base + ([node.module] if node.module else []))
                 for alias in node.names:
                     targets.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in paths else target)
@@ -385,7 +434,7 @@ def test_package_has_no_import_cycle():
     def visit(module):
         if module in done:
             return
-        assert module not in visiting, "import cycle: " + " -> ".join(visiting[visiting.index(module):] + [module])
+        assert module not in visiting, "import cycle: " + " -> ".join(visiting[visiting.index(module) :] + [module])
         visiting.append(module)
         for target in sorted(graph[module]):
             visit(target)
@@ -410,6 +459,11 @@ def test_every_module_imports_first():
         "        del sys.modules[loaded]\n"
         "    importlib.import_module(name)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert result.returncode == 0, result.stderr[-2000:]

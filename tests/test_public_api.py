@@ -15,34 +15,68 @@ from diffusers import DiffusionPipeline
 
 from diffusers_onestep import OneStepPipeline
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "diffusers_onestep")
 
 #: private names of diffusers, accelerate, peft and transformers the library must not touch
 PRIVATE_NAMES = (
     # diffusers: hooks, offloading and pipeline internals
-    "_diffusers_hook", "_all_hooks", "_progress_bar_config", "_reset_stateful_cache", "_offload_device",
-    "_offload_gpu_id", "_exclude_from_cpu_offload", "_get_group_onload_device", "_is_group_offload_enabled",
-    "_maybe_raise_error_if_group_offload_active", "_get_signature_keys", "_get_signature_types", "_internal_dict",
-    "_get_init_keys", "_fetch_class_library_tuple", "_get_pipeline_class", "_resolve_custom_pipeline_and_cls",
-    "_is_valid_type", "_optionally_disable_offloading", "_func_optionally_disable_offloading",
+    "_diffusers_hook",
+    "_all_hooks",
+    "_progress_bar_config",
+    "_reset_stateful_cache",
+    "_offload_device",
+    "_offload_gpu_id",
+    "_exclude_from_cpu_offload",
+    "_get_group_onload_device",
+    "_is_group_offload_enabled",
+    "_maybe_raise_error_if_group_offload_active",
+    "_get_signature_keys",
+    "_get_signature_types",
+    "_internal_dict",
+    "_get_init_keys",
+    "_fetch_class_library_tuple",
+    "_get_pipeline_class",
+    "_resolve_custom_pipeline_and_cls",
+    "_is_valid_type",
+    "_optionally_disable_offloading",
+    "_func_optionally_disable_offloading",
     # diffusers: LoRA loading internals
-    "_create_lora_config", "_lora_loadable_modules", "_best_guess_weight_name", "_fetch_state_dict",
-    "_maybe_expand_lora_state_dict", "_pack_dict_with_prefix", "_convert_non_diffusers_lora_to_diffusers",
+    "_create_lora_config",
+    "_lora_loadable_modules",
+    "_best_guess_weight_name",
+    "_fetch_state_dict",
+    "_maybe_expand_lora_state_dict",
+    "_pack_dict_with_prefix",
+    "_convert_non_diffusers_lora_to_diffusers",
     # accelerate
-    "_hf_hook", "_old_forward",
+    "_hf_hook",
+    "_old_forward",
     # peft and the peft integrations of diffusers and transformers
-    "_hf_peft_config_loaded", "_get_submodules", "_mark_only_adapters_as_trainable", "_prepare_adapter_config",
-    "_active_adapter", "_disable_adapters",
+    "_hf_peft_config_loaded",
+    "_get_submodules",
+    "_mark_only_adapters_as_trainable",
+    "_prepare_adapter_config",
+    "_active_adapter",
+    "_disable_adapters",
     # transformers and diffusers models
-    "_keep_in_fp32_modules", "_no_split_modules", "_tied_weights_keys", "_attn_implementation",
-    "_set_gradient_checkpointing", "_gradient_checkpointing_func",
+    "_keep_in_fp32_modules",
+    "_no_split_modules",
+    "_tied_weights_keys",
+    "_attn_implementation",
+    "_set_gradient_checkpointing",
+    "_gradient_checkpointing_func",
 )
 #: the one exception: where the library reads ``self._execution_device`` (file, and how often)
 EXECUTION_DEVICE_READS = {os.path.join("pipelines", "pipeline_onestep.py"): 1}
 #: class attributes diffusers asks pipelines to set (its documented protocol, not internals)
-PIPELINE_PROTOCOL = {"_optional_components", "_callback_tensor_inputs", "_exclude_from_cpu_offload",
-                     "_load_connected_pipes"}
+PIPELINE_PROTOCOL = {
+    "_optional_components",
+    "_callback_tensor_inputs",
+    "_exclude_from_cpu_offload",
+    "_load_connected_pipes",
+}
 
 
 def _library_files():
@@ -60,7 +94,7 @@ def _code_lines(path):
         for number, line in enumerate(f, 1):
             stripped = line.strip()
             quotes = stripped.count('"""') + stripped.count("'''")
-            if in_docstring or stripped.startswith(('"""', "'''", "r\"\"\"")):
+            if in_docstring or stripped.startswith(('"""', "'''", 'r"""')):
                 if quotes % 2 == 1:
                     in_docstring = not in_docstring
                 continue

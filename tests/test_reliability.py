@@ -8,19 +8,25 @@ import time
 
 import pytest
 import torch
+from fault_launcher import marker_path
 from safetensors.torch import load_file
+from training_utils import FAULT_LAUNCHER, SCRIPT, TINY_FLAGS, env, write_images, write_prompts
 
 from diffusers_onestep.distill import cli
 from diffusers_onestep.distill.checkpoint import list_checkpoints
 from diffusers_onestep.distill.trainer import NonFiniteError, Trainer
 from diffusers_onestep.testing import save_tiny_native_pipeline
-from fault_launcher import marker_path
-from training_utils import FAULT_LAUNCHER, SCRIPT, TINY_FLAGS, env, write_images, write_prompts
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-STATE_FILES = ("trainable.safetensors", "ema.safetensors", "method.safetensors", "optimizer_student.safetensors",
-               "optimizer_critic.safetensors")
+STATE_FILES = (
+    "trainable.safetensors",
+    "ema.safetensors",
+    "method.safetensors",
+    "optimizer_student.safetensors",
+    "optimizer_critic.safetensors",
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +41,32 @@ def workspace(tmp_path_factory):
 
 
 def run_args(workspace, output_dir, *extra):
-    return ["--teacher", workspace["teacher"], "--prompts", workspace["prompts"], "--output_dir", str(output_dir),
-            "--resolution", "8", "--divergence", "js", "--real_images", workspace["images"],
-            "--critic_updates_per_student", "2", "--checkpointing_steps", "2", "--lr_scheduler", "constant",
-            "--ema_decay", "0.9", "--max_train_steps", "6", *TINY_FLAGS, *[str(a) for a in extra]]
+    return [
+        "--teacher",
+        workspace["teacher"],
+        "--prompts",
+        workspace["prompts"],
+        "--output_dir",
+        str(output_dir),
+        "--resolution",
+        "8",
+        "--divergence",
+        "js",
+        "--real_images",
+        workspace["images"],
+        "--critic_updates_per_student",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--lr_scheduler",
+        "constant",
+        "--ema_decay",
+        "0.9",
+        "--max_train_steps",
+        "6",
+        *TINY_FLAGS,
+        *[str(a) for a in extra],
+    ]
 
 
 def in_process(argv, hooks=None):
@@ -48,8 +76,13 @@ def in_process(argv, hooks=None):
 
 def start(argv, fault):
     """The training command in a subprocess, paused at ``fault`` (see tests/fault_launcher.py)."""
-    return subprocess.Popen([sys.executable, FAULT_LAUNCHER, "--fault", fault, *[str(a) for a in argv]], env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, FAULT_LAUNCHER, "--fault", fault, *[str(a) for a in argv]],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for(path, process, timeout=120):
@@ -91,8 +124,9 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_result(workspace):
     kill_at(resume, out, "checkpoint_written@4")
     assert [s for s, _ in list_checkpoints(str(out))] == [2, 4]
     # 4. resume and finish
-    final = subprocess.run([sys.executable, SCRIPT, *[str(a) for a in resume]], env=env(), capture_output=True,
-                           text=True, timeout=300)
+    final = subprocess.run(
+        [sys.executable, SCRIPT, *[str(a) for a in resume]], env=env(), capture_output=True, text=True, timeout=300
+    )
     assert final.returncode == 0, final.stderr[-4000:]
 
     for name in STATE_FILES:
@@ -131,8 +165,9 @@ def test_nonfinite_gradient_can_be_skipped_with_a_limit(workspace):
             # finite loss, non-finite gradient
             return info["loss"] + 0 * torch.sqrt(torch.tensor(-1.0, requires_grad=True))
 
-    result = in_process(run_args(workspace, out, "--on_nonfinite", "skip", "--max_nonfinite_skips", "2"),
-                        hooks=[inject])
+    result = in_process(
+        run_args(workspace, out, "--on_nonfinite", "skip", "--max_nonfinite_skips", "2"), hooks=[inject]
+    )
     assert seen == [0, 2] and result.global_step == 6
     import json
 
@@ -140,14 +175,23 @@ def test_nonfinite_gradient_can_be_skipped_with_a_limit(workspace):
     assert state["nonfinite_skips"] == 2
 
     with pytest.raises(NonFiniteError, match="limit of 1 skipped"):
-        in_process(run_args(workspace, workspace["root"] / "nan-limit", "--on_nonfinite", "skip",
-                            "--max_nonfinite_skips", "1"), hooks=[inject])
+        in_process(
+            run_args(
+                workspace, workspace["root"] / "nan-limit", "--on_nonfinite", "skip", "--max_nonfinite_skips", "1"
+            ),
+            hooks=[inject],
+        )
 
 
 def test_nonfinite_guard_from_the_command_line(workspace):
     out = workspace["root"] / "nan-cli"
-    result = subprocess.run([sys.executable, FAULT_LAUNCHER, "--fault", "loss@2:nan", *run_args(workspace, out)],
-                            env=env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, FAULT_LAUNCHER, "--fault", "loss@2:nan", *run_args(workspace, out)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 3
     assert "Non-finite loss" in result.stdout + result.stderr and "step 3" in result.stdout + result.stderr
 
@@ -173,13 +217,29 @@ def test_the_hub_token_is_never_written(workspace, monkeypatch, capfd):
     token = "hf_NeverWriteMe0123456789abcdefXYZ"
     monkeypatch.setenv("HF_TOKEN", token)
     calls = []
-    monkeypatch.setattr(huggingface_hub, "create_repo",
-                        lambda repo_id, **kw: calls.append(("create", repo_id, kw)) or
-                        huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(
+        huggingface_hub,
+        "create_repo",
+        lambda repo_id, **kw: (
+            calls.append(("create", repo_id, kw)) or huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+        ),
+    )
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
     out = workspace["root"] / "secret"
-    in_process(run_args(workspace, out, "--push_to_hub", "--hub_model_id", "me/secret-student", "--private",
-                        "--report_to", "tensorboard", "--validation_steps", "3"))
+    in_process(
+        run_args(
+            workspace,
+            out,
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/secret-student",
+            "--private",
+            "--report_to",
+            "tensorboard",
+            "--validation_steps",
+            "3",
+        )
+    )
     assert [c[0] for c in calls] == ["create", "upload"]
     assert calls[0][1] == "me/secret-student" and calls[0][2]["private"] is True
     # validation grids went to the folder and to tensorboard

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_onestep import OneStepPipeline
 from diffusers_onestep.families import get_adapter_class
 from diffusers_onestep.testing import native_one_step_pipeline, native_pipeline_class, tiny_components, tiny_fixture
+
 
 #: family -> (transformer sample size, a requested size off every bin, the bin the native table gives it)
 CASES = {
@@ -33,13 +33,22 @@ def _pixart_components(sample_size):
     components = tiny_components("pixart_alpha")
     torch.manual_seed(0)
     components["transformer"] = PixArtTransformer2DModel(
-        sample_size=sample_size, num_layers=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
-        cross_attention_dim=24, **PIXART_BLOCK_CONFIG,
+        sample_size=sample_size,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        caption_channels=32,
+        cross_attention_dim=24,
+        **PIXART_BLOCK_CONFIG,
     ).eval()
     torch.manual_seed(0)
     components["vae"] = AutoencoderKL(  # 8x, as the published PixArt VAE
-        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
     ).eval()
     return components
 
@@ -51,19 +60,37 @@ def _sana_components(family, sample_size):
     extra = {"qk_norm": "rms_norm_across_heads", "guidance_embeds": True} if family == "sana_sprint" else {}
     torch.manual_seed(0)
     components["transformer"] = SanaTransformer2DModel(
-        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
-        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
-        sample_size=sample_size, **extra,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=8,
+        sample_size=sample_size,
+        **extra,
     ).eval()
     torch.manual_seed(0)
     components["vae"] = AutoencoderDC(  # 32x, as the published DC-AE
-        in_channels=3, latent_channels=4, attention_head_dim=2,
-        encoder_block_types=("ResBlock",) * 6, decoder_block_types=("ResBlock",) * 6,
-        encoder_block_out_channels=(8,) * 6, decoder_block_out_channels=(8,) * 6,
-        encoder_qkv_multiscales=((),) * 6, decoder_qkv_multiscales=((),) * 6,
-        encoder_layers_per_block=(1,) * 6, decoder_layers_per_block=(1,) * 6,
-        downsample_block_type="conv", upsample_block_type="interpolate", decoder_norm_types="rms_norm",
-        decoder_act_fns="silu", scaling_factor=0.41407,
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock",) * 6,
+        decoder_block_types=("ResBlock",) * 6,
+        encoder_block_out_channels=(8,) * 6,
+        decoder_block_out_channels=(8,) * 6,
+        encoder_qkv_multiscales=((),) * 6,
+        decoder_qkv_multiscales=((),) * 6,
+        encoder_layers_per_block=(1,) * 6,
+        decoder_layers_per_block=(1,) * 6,
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
     ).eval()
     return components
 
@@ -77,8 +104,11 @@ def binning_folder(tmp_path_factory):
     def get(family):
         if family not in folders:
             sample_size = CASES[family][0]
-            components = (_pixart_components(sample_size) if family.startswith("pixart")
-                          else _sana_components(family, sample_size))
+            components = (
+                _pixart_components(sample_size)
+                if family.startswith("pixart")
+                else _sana_components(family, sample_size)
+            )
             pipe = native_pipeline_class(family)(**components, **get_adapter_class(family).native_pipeline_kwargs)
             folders[family] = str(root / family)
             pipe.save_pretrained(folders[family], safe_serialization=True)
@@ -132,10 +162,15 @@ def test_tiny_fixtures_are_not_binned_by_default_and_true_does_what_the_native_p
     # PixArt: the native pipeline refuses a transformer of sample size 8 with binning on ("Invalid sample size").
     pixart = student("pixart_alpha").adapter
     assert pixart.binned_size(8, 8) == (8, 8)
-    with pytest.raises(ValueError, match=r"^`use_resolution_binning=True` needs a transformer of sample_size 32, 64, "
-                                         r"128, as PixArtAlphaPipeline does; this one has 8\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^`use_resolution_binning=True` needs a transformer of sample_size 32, 64, "
+        r"128, as PixArtAlphaPipeline does; this one has 8\.$",
+    ):
         pixart.binned_size(8, 8, use_resolution_binning=True)
-    with pytest.raises(ValueError, match="needs a transformer of sample_size 32, 64, 128, 256, as PixArtSigmaPipeline"):
+    with pytest.raises(
+        ValueError, match="needs a transformer of sample_size 32, 64, 128, 256, as PixArtSigmaPipeline"
+    ):
         student("pixart_sigma").adapter.binned_size(8, 8, use_resolution_binning=True)
     # SANA: sample size 32 means the 1024 px table to the native pipeline, whatever the VAE; a 64 px model stays 64 px
     # unless binning is asked for.
@@ -146,8 +181,11 @@ def test_tiny_fixtures_are_not_binned_by_default_and_true_does_what_the_native_p
     # SDXL's pipeline has no binning
     sdxl = student("sdxl").adapter
     assert sdxl.binned_size(72, 40) == (72, 40)
-    with pytest.raises(ValueError, match=r"^SDXL students have no resolution binning \(StableDiffusionXLPipeline has "
-                                         r"none\); drop `use_resolution_binning`\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^SDXL students have no resolution binning \(StableDiffusionXLPipeline has "
+        r"none\); drop `use_resolution_binning`\.$",
+    ):
         sdxl.binned_size(72, 40, use_resolution_binning=True)
 
 

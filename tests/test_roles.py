@@ -15,6 +15,7 @@ from diffusers_onestep.distill.roles import BackboneRoles
 from diffusers_onestep.families import get_adapter_class
 from diffusers_onestep.testing import TINY_PROMPTS, tiny_components
 
+
 FAMILIES = ["sdxl", "pixart_alpha", "sana"]
 TIMESTEPS = {"sdxl": [399], "pixart_alpha": [400], "sana": [1.0]}
 
@@ -132,9 +133,12 @@ def test_separate_copy_layouts(student, critic):
     method = build_method(MethodConfig(guidance_scale=3.0).validate(), roles, [400])
     t = torch.full((2,), 500.0, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(roles.teacher(batch.noise, t, batch.condition),
-                                   adapter.denoise(batch.noise, t, batch.condition, denoiser=reference).float(),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            roles.teacher(batch.noise, t, batch.condition),
+            adapter.denoise(batch.noise, t, batch.condition, denoiser=reference).float(),
+            rtol=0,
+            atol=1e-6,
+        )
     frozen = [p for n, p in roles.backbone.named_parameters() if "lora_" not in n]
     run_step(roles, method, "student", batch)
     assert all(p.grad is not None for p in roles.role_parameters("student"))

@@ -27,16 +27,18 @@ def test_custom_code_in_a_folder_is_not_run_without_trust_remote_code(tmp_path):
 
 
 def test_pickle_serialization_is_refused(tmp_path):
-    pipe = OneStepPipeline.from_pretrained(save_tiny_native_pipeline("pixart_alpha", str(tmp_path / "p")),
-                                           conditioning_timesteps=[400])
+    pipe = OneStepPipeline.from_pretrained(
+        save_tiny_native_pipeline("pixart_alpha", str(tmp_path / "p")), conditioning_timesteps=[400]
+    )
     with pytest.raises(ValueError, match="safetensors only"):
         pipe.save_pretrained(str(tmp_path / "out"), safe_serialization=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_crash_while_saving_keeps_the_previous_folder(tmp_path, monkeypatch):
-    pipe = OneStepPipeline.from_pretrained(save_tiny_native_pipeline("pixart_alpha", str(tmp_path / "p")),
-                                           conditioning_timesteps=[400])
+    pipe = OneStepPipeline.from_pretrained(
+        save_tiny_native_pipeline("pixart_alpha", str(tmp_path / "p")), conditioning_timesteps=[400]
+    )
     target = tmp_path / "student"
     pipe.save_pretrained(str(target))
     before = sorted(os.listdir(target))

@@ -18,6 +18,7 @@ from diffusers import (
 from diffusers_onestep import OneStepScheduler, OneStepSchedulerOutput
 from diffusers_onestep import parameterization as param
 
+
 #: four descending conditioning timesteps per noise path (natural units)
 STORED = {
     "vp": [999, 749, 499, 249],
@@ -139,6 +140,7 @@ def test_explicit_timesteps_override_the_stored_ones():
 def test_determinism_given_a_generator():
     scheduler = make("vp")
     x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+
     # a student that is not perfect, so the re-noising noise reaches the output
     def student(sample):
         return 0.5 * sample
@@ -182,10 +184,14 @@ def test_diffusers_conventions():
     # add_noise takes scheduler units (the flow path's timesteps are sigma * 1000)
     noise = torch.randn(SHAPE)
     flow = make("flow")
-    torch.testing.assert_close(flow.add_noise(sample, noise, torch.tensor([500.0, 250.0])),
-                               param.add_noise(sample, noise, torch.tensor([0.5, 0.25]), flow.path))
-    torch.testing.assert_close(scheduler.add_noise(sample, noise, torch.tensor([399, 399])),
-                               param.add_noise(sample, noise, 399, scheduler.path))
+    torch.testing.assert_close(
+        flow.add_noise(sample, noise, torch.tensor([500.0, 250.0])),
+        param.add_noise(sample, noise, torch.tensor([0.5, 0.25]), flow.path),
+    )
+    torch.testing.assert_close(
+        scheduler.add_noise(sample, noise, torch.tensor([399, 399])),
+        param.add_noise(sample, noise, 399, scheduler.path),
+    )
 
 
 def test_from_config_of_native_schedulers_keeps_their_schedules():
@@ -194,15 +200,20 @@ def test_from_config_of_native_schedulers_keeps_their_schedules():
     assert vp.config.noise_path == "vp" and vp.config.prediction_type == "epsilon"
     assert torch.equal(vp.path.alphas_cumprod, euler.alphas_cumprod.double())
     # the noise path (and the matching parameterization) is read off flow and TrigFlow configs
-    flow = OneStepScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=7.0).config, conditioning_timesteps=[1.0])
+    flow = OneStepScheduler.from_config(
+        FlowMatchEulerDiscreteScheduler(shift=7.0).config, conditioning_timesteps=[1.0]
+    )
     assert flow.config.noise_path == "flow" and flow.config.prediction_type == "flow_prediction"
     assert flow.path.shift == 7.0
     dpm = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
     assert OneStepScheduler.from_config(dpm.config, conditioning_timesteps=[1.0]).path.shift == 3.0
     trig = OneStepScheduler.from_config(SCMScheduler(sigma_data=0.5).config, conditioning_timesteps=[1.5708])
     assert trig.config.noise_path == "trigflow" and trig.config.prediction_type == "trigflow"
-    with pytest.raises(ValueError, match=r"`conditioning_timesteps` of a flow student must lie in \(0, 1\], got "
-                                         r"\[999.0\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"`conditioning_timesteps` of a flow student must lie in \(0, 1\], got "
+        r"\[999.0\]",
+    ):
         OneStepScheduler.from_config(FlowMatchEulerDiscreteScheduler().config)
     # a source left at its class defaults keeps them (DDPM's linear betas, not OneStepScheduler's SDXL defaults)
     ddpm = OneStepScheduler.from_config(DDPMScheduler().config, conditioning_timesteps=[400])
@@ -230,8 +241,9 @@ def test_one_vp_step_equals_ddpm_x0():
 
 
 def test_four_vp_steps_equal_lcm_scheduler():
-    lcm = LCMScheduler.from_config(EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
-                                                          beta_schedule="scaled_linear").config)
+    lcm = LCMScheduler.from_config(
+        EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").config
+    )
     lcm.set_timesteps(timesteps=STORED["vp"])
     scheduler = make("vp")
     scheduler.set_timesteps()
@@ -261,8 +273,9 @@ def test_one_flow_step_equals_flow_match_euler():
     g = torch.Generator().manual_seed(0)
     sample, velocity = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
     expected = euler.step(velocity, euler.timesteps[0], sample).prev_sample
-    torch.testing.assert_close(scheduler.step(velocity, scheduler.timesteps[0], sample).prev_sample, expected,
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        scheduler.step(velocity, scheduler.timesteps[0], sample).prev_sample, expected, rtol=0, atol=1e-6
+    )
 
 
 def test_two_trigflow_steps_equal_scm_scheduler_in_sample_space():
@@ -282,10 +295,12 @@ def test_two_trigflow_steps_equal_scm_scheduler_in_sample_space():
     ours, theirs = latents.clone(), latents.clone() * sigma_data
     g_ours, g_theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     for i in range(2):
-        ours, ours_x0 = scheduler.step(student(ours), scheduler.timesteps[i], ours, generator=g_ours,
-                                       return_dict=False)
-        theirs, theirs_x0 = scm.step(student(theirs / sigma_data) * sigma_data, scm.timesteps[i], theirs,
-                                     generator=g_theirs, return_dict=False)
+        ours, ours_x0 = scheduler.step(
+            student(ours), scheduler.timesteps[i], ours, generator=g_ours, return_dict=False
+        )
+        theirs, theirs_x0 = scm.step(
+            student(theirs / sigma_data) * sigma_data, scm.timesteps[i], theirs, generator=g_theirs, return_dict=False
+        )
         torch.testing.assert_close(ours_x0 * sigma_data, theirs_x0, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours * sigma_data, theirs, rtol=0, atol=1e-5)
 
@@ -322,8 +337,11 @@ def test_bad_step_counts_and_call_order_are_refused():
     scheduler = make("vp", timesteps=[999, 499])
     with pytest.raises(ValueError, match=r"`set_timesteps` must be called before `step`"):
         scheduler.step(torch.zeros(SHAPE), 999, torch.zeros(SHAPE))
-    with pytest.raises(ValueError, match=r"supports 1 to 2 inference steps \(it was trained at timesteps "
-                                         r"\[999.0, 499.0\]\), got num_inference_steps=3"):
+    with pytest.raises(
+        ValueError,
+        match=r"supports 1 to 2 inference steps \(it was trained at timesteps "
+        r"\[999.0, 499.0\]\), got num_inference_steps=3",
+    ):
         scheduler.set_timesteps(3)
     with pytest.raises(ValueError, match=r"supports 1 to 2 inference steps"):
         scheduler.set_timesteps(0)
@@ -352,8 +370,11 @@ def test_unknown_prediction_type_and_noise_path_are_refused():
     [("flow", [1.0], {}), ("trigflow", [1.5708], {}), ("vp", [999], {"rescale_betas_zero_snr": True})],
 )
 def test_epsilon_students_cannot_start_where_no_signal_is_left(noise_path, timesteps, config):
-    with pytest.raises(ValueError, match=r"leave no signal on the .* path \(alpha_t < 1e-3\), where an "
-                                         r"epsilon-prediction student cannot recover x0"):
+    with pytest.raises(
+        ValueError,
+        match=r"leave no signal on the .* path \(alpha_t < 1e-3\), where an "
+        r"epsilon-prediction student cannot recover x0",
+    ):
         make(noise_path, "epsilon", timesteps=timesteps, **config)
     make(noise_path, "v_prediction", timesteps=timesteps, **config)  # fine for other parameterizations
 
@@ -386,7 +407,9 @@ def test_steps_with_cached_coefficients_equal_the_conversions_evaluated_at_each_
             model_output = torch.randn(SHAPE, generator=torch.Generator().manual_seed(i + 1))
             sample, denoised = scheduler.step(model_output, t, sample, generator=generator, return_dict=False)
             # the conversions evaluated from the time itself, as every step did before the cache
-            x0 = param.to_x0_and_epsilon(model_output, reference, scheduler.path_timesteps[i], path, prediction_type)[0]
+            x0 = param.to_x0_and_epsilon(model_output, reference, scheduler.path_timesteps[i], path, prediction_type)[
+                0
+            ]
             assert torch.equal(denoised, x0)
             if i + 1 < len(scheduler.timesteps):
                 noise = torch.randn(SHAPE, generator=reference_generator)

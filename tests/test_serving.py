@@ -12,6 +12,7 @@ from diffusers_onestep import OneStepPipeline, OneStepScheduler
 from diffusers_onestep.pipelines.serving import DMD2_CONFIG_KEY
 from diffusers_onestep.testing import native_one_step_pipeline
 
+
 PROMPT = "a photo of a cat"
 
 
@@ -61,8 +62,9 @@ def test_serving_folder_loads_with_its_timesteps_and_solver(solver, native_folde
     assert pipe.scheduler.config.conditioning_timesteps == [1.0, 0.5]
     assert pipe.scheduler.config.solver == solver
     # the caller's timesteps win over the folder's
-    override = OneStepPipeline.from_pretrained(_serving_folder(native_folder, tmp_path / "o", block),
-                                               conditioning_timesteps=[1.0])
+    override = OneStepPipeline.from_pretrained(
+        _serving_folder(native_folder, tmp_path / "o", block), conditioning_timesteps=[1.0]
+    )
     assert override.scheduler.config.conditioning_timesteps == [1.0]
 
 
@@ -85,8 +87,9 @@ def test_ode_solver_is_the_native_flow_euler_sampler(native_folder, tmp_path, ru
 
 
 def test_ode_scheduler_step_reuses_the_predicted_noise():
-    scheduler = OneStepScheduler(conditioning_timesteps=[1.0, 0.5], prediction_type="flow_prediction",
-                                 noise_path="flow", solver="ode")
+    scheduler = OneStepScheduler(
+        conditioning_timesteps=[1.0, 0.5], prediction_type="flow_prediction", noise_path="flow", solver="ode"
+    )
     scheduler.set_timesteps()
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     velocity = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -96,12 +99,15 @@ def test_ode_scheduler_step_reuses_the_predicted_noise():
     assert torch.allclose(out.denoised, x - velocity, atol=1e-6)
 
 
-@pytest.mark.parametrize("block, match", [
-    ({"num_inference_steps": 3, "denoising_timesteps": [1000, 500]}, "num_inference_steps=3 but lists 2"),
-    ({"denoising_timesteps": []}, "non-empty list of numbers"),
-    ({"denoising_timesteps": [1000], "solver": "heun"}, "must be 'sde' or 'ode'"),
-    ({"denoising_timesteps": [1000], "guidance_scale": 3.5}, "no embedded guidance"),
-])
+@pytest.mark.parametrize(
+    "block, match",
+    [
+        ({"num_inference_steps": 3, "denoising_timesteps": [1000, 500]}, "num_inference_steps=3 but lists 2"),
+        ({"denoising_timesteps": []}, "non-empty list of numbers"),
+        ({"denoising_timesteps": [1000], "solver": "heun"}, "must be 'sde' or 'ode'"),
+        ({"denoising_timesteps": [1000], "guidance_scale": 3.5}, "no embedded guidance"),
+    ],
+)
 def test_bad_blocks_are_one_sentence(block, match, native_folder, tmp_path):
     with pytest.raises(ValueError, match=match):
         OneStepPipeline.from_pretrained(_serving_folder(native_folder, tmp_path, block))

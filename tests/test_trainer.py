@@ -6,14 +6,15 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_utils import TINY_FLAGS, write_images, write_prompts
 
 from diffusers_onestep.distill import cli
+from diffusers_onestep.distill.checkpoint import list_checkpoints
 from diffusers_onestep.distill.config import ConfigError
 from diffusers_onestep.distill.resolve import resolve
-from diffusers_onestep.distill.checkpoint import list_checkpoints
 from diffusers_onestep.distill.trainer import Trainer
 from diffusers_onestep.testing import save_tiny_native_pipeline
-from training_utils import TINY_FLAGS, write_images, write_prompts
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,8 +32,18 @@ def workspace(tmp_path_factory):
 
 
 def make_config(workspace, output_dir, *extra):
-    argv = ["--teacher", workspace["teacher"], "--prompts", workspace["prompts"], "--output_dir", str(output_dir),
-            "--resolution", "8", *TINY_FLAGS, *[str(a) for a in extra]]
+    argv = [
+        "--teacher",
+        workspace["teacher"],
+        "--prompts",
+        workspace["prompts"],
+        "--output_dir",
+        str(output_dir),
+        "--resolution",
+        "8",
+        *TINY_FLAGS,
+        *[str(a) for a in extra],
+    ]
     config, _ = cli.resolve_args(argv)
     return config
 
@@ -45,25 +56,43 @@ def trainable(path):
 def test_resume_equals_uninterrupted_run(workspace, student):
     """Stop after step 2, resume `latest`, and end exactly where an uninterrupted 5-step run ends: weights,
     optimizer moments, discriminator head, ratio normalizer, data order and RNG all resume."""
-    common = ["--student", student, "--divergence", "js", "--real_images", workspace["images"],
-              "--critic_updates_per_student", "2", "--checkpointing_steps", "2", "--lr_scheduler", "constant",
-              "--ema_decay", "0.9"]
+    common = [
+        "--student",
+        student,
+        "--divergence",
+        "js",
+        "--real_images",
+        workspace["images"],
+        "--critic_updates_per_student",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--lr_scheduler",
+        "constant",
+        "--ema_decay",
+        "0.9",
+    ]
     full_dir = workspace["root"] / f"full-{student}"
     Trainer(make_config(workspace, full_dir, "--max_train_steps", "5", *common)).run()
 
     split_dir = workspace["root"] / f"split-{student}"
     Trainer(make_config(workspace, split_dir, "--max_train_steps", "2", *common)).run()
     assert [s for s, _ in list_checkpoints(str(split_dir))] == [2]
-    resumed = make_config(workspace, split_dir, "--max_train_steps", "5", "--resume_from_checkpoint", "latest",
-                          *common)
+    resumed = make_config(
+        workspace, split_dir, "--max_train_steps", "5", "--resume_from_checkpoint", "latest", *common
+    )
     Trainer(resumed).run()
 
     a, b = trainable(full_dir / "checkpoint-5"), trainable(split_dir / "checkpoint-5")
     assert a.keys() == b.keys() and any("discriminator_head" in k for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    for name in ("ema.safetensors", "method.safetensors", "optimizer_student.safetensors",
-                 "optimizer_critic.safetensors"):
+    for name in (
+        "ema.safetensors",
+        "method.safetensors",
+        "optimizer_student.safetensors",
+        "optimizer_critic.safetensors",
+    ):
         x, y = load_file(str(full_dir / "checkpoint-5" / name)), load_file(str(split_dir / "checkpoint-5" / name))
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
     # and training did move the weights away from the start
@@ -79,8 +108,16 @@ def test_update_schedule(workspace):
         if event == "optimizer_step":
             events.append((info["step"], info["role"]))
 
-    config = make_config(workspace, workspace["root"] / "schedule", "--max_train_steps", "11",
-                         "--critic_updates_per_student", "5", "--checkpointing_steps", "100")
+    config = make_config(
+        workspace,
+        workspace["root"] / "schedule",
+        "--max_train_steps",
+        "11",
+        "--critic_updates_per_student",
+        "5",
+        "--checkpointing_steps",
+        "100",
+    )
     trainer = Trainer(config, hooks=[record])
     trainer.run()
     expected = []
@@ -99,8 +136,20 @@ def test_update_schedule(workspace):
 
 def test_checkpoints_total_limit_keeps_the_newest(workspace):
     out = workspace["root"] / "limit"
-    Trainer(make_config(workspace, out, "--max_train_steps", "4", "--checkpointing_steps", "1",
-                        "--checkpoints_total_limit", "2", "--critic_updates_per_student", "1")).run()
+    Trainer(
+        make_config(
+            workspace,
+            out,
+            "--max_train_steps",
+            "4",
+            "--checkpointing_steps",
+            "1",
+            "--checkpoints_total_limit",
+            "2",
+            "--critic_updates_per_student",
+            "1",
+        )
+    ).run()
     assert [s for s, _ in list_checkpoints(str(out))] == [3, 4]
     assert not [n for n in os.listdir(out) if n.startswith(".")]  # no staging leftovers
 
@@ -135,8 +184,12 @@ def test_bad_input_exits_before_loading(workspace, name, capsys, tmp_path):
     argv, expected = BAD[name]
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "p.jsonl").write_text(json.dumps({"text": "a cat"}) + "\n")
-    fill = {"root": str(workspace["root"]), "sdxl": workspace["sdxl"], "empty": str(tmp_path / "empty.txt"),
-            "jsonl": str(tmp_path / "p.jsonl")}
+    fill = {
+        "root": str(workspace["root"]),
+        "sdxl": workspace["sdxl"],
+        "empty": str(tmp_path / "empty.txt"),
+        "jsonl": str(tmp_path / "p.jsonl"),
+    }
     argv = [a.format(**fill) for a in argv]
     out = tmp_path / "out"
     base = ["--prompts", workspace["prompts"], "--output_dir", str(out), "--resolution", "8"]
@@ -144,10 +197,10 @@ def test_bad_input_exits_before_loading(workspace, name, capsys, tmp_path):
         base = ["--teacher", workspace["teacher"]] + base
     if "--prompts" in argv:
         i = base.index("--prompts")
-        del base[i:i + 2]
+        del base[i : i + 2]
     if "--resolution" in argv:
         i = base.index("--resolution")
-        del base[i:i + 2]
+        del base[i : i + 2]
     code = run_cli(base + argv)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2
@@ -167,23 +220,53 @@ def test_non_empty_output_dir_is_refused(workspace, capsys, tmp_path):
 def test_resume_with_conflicting_config_lists_differences(workspace, capsys):
     out = workspace["root"] / "conflict"
     Trainer(make_config(workspace, out, "--max_train_steps", "1", "--critic_updates_per_student", "1")).run()
-    code = run_cli(["--teacher", workspace["teacher"], "--prompts", workspace["prompts"], "--output_dir", out,
-                    "--resolution", "8", *TINY_FLAGS, "--max_train_steps", "3", "--critic_updates_per_student", "1",
-                    "--resume_from_checkpoint", "latest", "--lora_rank", "3"])
+    code = run_cli(
+        [
+            "--teacher",
+            workspace["teacher"],
+            "--prompts",
+            workspace["prompts"],
+            "--output_dir",
+            out,
+            "--resolution",
+            "8",
+            *TINY_FLAGS,
+            "--max_train_steps",
+            "3",
+            "--critic_updates_per_student",
+            "1",
+            "--resume_from_checkpoint",
+            "latest",
+            "--lora_rank",
+            "3",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "roles.lora_rank: 2 -> 3" in err
 
 
 def test_resume_path_that_is_not_a_checkpoint(workspace, capsys, tmp_path):
-    code = run_cli(["--teacher", workspace["teacher"], "--prompts", workspace["prompts"], "--output_dir",
-                    tmp_path / "o", "--resume_from_checkpoint", str(tmp_path)])
+    code = run_cli(
+        [
+            "--teacher",
+            workspace["teacher"],
+            "--prompts",
+            workspace["prompts"],
+            "--output_dir",
+            tmp_path / "o",
+            "--resume_from_checkpoint",
+            str(tmp_path),
+        ]
+    )
     assert code == 2 and "not a complete checkpoint" in capsys.readouterr().err
 
 
 def test_config_file_values_are_overridden_by_flags(workspace, tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(f"teacher: {workspace['teacher']}\nprompts: {workspace['prompts']}\nlora_rank: 7\n"
-                    "roles:\n  critic: full\nmethod:\n  guidance_scale: 2.5\n")
+    path.write_text(
+        f"teacher: {workspace['teacher']}\nprompts: {workspace['prompts']}\nlora_rank: 7\n"
+        "roles:\n  critic: full\nmethod:\n  guidance_scale: 2.5\n"
+    )
     config = resolve(cli.parse_args(["--config", str(path), "--lora_rank", "3"])[0])
     assert config.roles.lora_rank == 3 and config.roles.critic == "full" and config.method.guidance_scale == 2.5
     with pytest.raises(ConfigError, match="Unknown setting"):
@@ -207,8 +290,14 @@ def test_help_is_a_manual(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--teacher", "--divergence", "--student_timesteps", "--resume_from_checkpoint", "--push_to_hub",
-                 "examples:"):
+    for flag in (
+        "--teacher",
+        "--divergence",
+        "--student_timesteps",
+        "--resume_from_checkpoint",
+        "--push_to_hub",
+        "examples:",
+    ):
         assert flag in text
 
 
@@ -216,8 +305,19 @@ def test_multi_step_student_exports_its_timesteps(workspace):
     from diffusers_onestep import OneStepPipeline
 
     out = workspace["root"] / "two-step"
-    Trainer(make_config(workspace, out, "--max_train_steps", "2", "--critic_updates_per_student", "1",
-                        "--student_timesteps", "999", "499")).run()
+    Trainer(
+        make_config(
+            workspace,
+            out,
+            "--max_train_steps",
+            "2",
+            "--critic_updates_per_student",
+            "1",
+            "--student_timesteps",
+            "999",
+            "499",
+        )
+    ).run()
     pipe = OneStepPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.conditioning_timesteps == [999, 499]
@@ -237,8 +337,20 @@ def test_a_failing_export_leaves_the_trained_weights_in_the_student(workspace, m
 
     monkeypatch.setattr(export.StudentRenderer, "sample", broken_sample)
     out = workspace["root"] / "broken-export"
-    trainer = Trainer(make_config(workspace, out, "--max_train_steps", "2", "--critic_updates_per_student", "1",
-                                  "--ema_decay", "0.5", "--lr_scheduler", "constant"))
+    trainer = Trainer(
+        make_config(
+            workspace,
+            out,
+            "--max_train_steps",
+            "2",
+            "--critic_updates_per_student",
+            "1",
+            "--ema_decay",
+            "0.5",
+            "--lr_scheduler",
+            "constant",
+        )
+    )
     with pytest.raises(RuntimeError, match="the sampler broke"):
         trainer.run()
     saved = trainable(out / "checkpoint-2")  # written after the last step, before the export

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import yaml
+from training_utils import REPO, TINY_FLAGS, env, write_images, write_prompts
 
 from diffusers_onestep.distill import cli
 from diffusers_onestep.distill.checkpoint import list_checkpoints, resolve_resume_path
@@ -21,7 +22,7 @@ from diffusers_onestep.distill.data import load_real_images
 from diffusers_onestep.distill.resolve import resolve
 from diffusers_onestep.distill.trainer import load_teacher_pipeline, trainable_denoiser_loader
 from diffusers_onestep.testing import save_tiny_native_pipeline, save_to_hub_cache
-from training_utils import REPO, TINY_FLAGS, env, write_images, write_prompts
+
 
 ACCELERATE_CONFIGS = os.path.join(REPO, "training", "accelerate_configs")
 
@@ -39,9 +40,24 @@ def workspace(tmp_path_factory):
 
 def one_step(workspace, output_dir, *extra):
     """The flags of a one-step run of the tiny PixArt-α teacher."""
-    return ["--teacher", workspace["teacher"], "--prompts", workspace["prompts"], "--output_dir", str(output_dir),
-            "--resolution", "8", *TINY_FLAGS, "--max_train_steps", "1", "--critic_updates_per_student", "1",
-            "--checkpointing_steps", "1", *[str(a) for a in extra]]
+    return [
+        "--teacher",
+        workspace["teacher"],
+        "--prompts",
+        workspace["prompts"],
+        "--output_dir",
+        str(output_dir),
+        "--resolution",
+        "8",
+        *TINY_FLAGS,
+        "--max_train_steps",
+        "1",
+        "--critic_updates_per_student",
+        "1",
+        "--checkpointing_steps",
+        "1",
+        *[str(a) for a in extra],
+    ]
 
 
 def main_status(argv):
@@ -81,23 +97,38 @@ def test_a_bf16_accelerate_config_yields_bf16(workspace):
     with open(config_file, encoding="utf-8") as f:
         assert yaml.safe_load(f)["mixed_precision"] == "bf16"
     out = workspace["root"] / "bf16-launch"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
-               "--num_cpu_threads_per_process", "1", "-m", "diffusers_onestep.distill", *one_step(workspace, out)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        config_file,
+        "--num_cpu_threads_per_process",
+        "1",
+        "-m",
+        "diffusers_onestep.distill",
+        *one_step(workspace, out),
+    ]
     result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert ("mixed_precision bf16 (from the accelerate config, through accelerate launch): the frozen teacher runs in "
-            "bfloat16, trainable weights in float32.") in result.stdout.splitlines()
+    assert (
+        "mixed_precision bf16 (from the accelerate config, through accelerate launch): the frozen teacher runs in "
+        "bfloat16, trainable weights in float32."
+    ) in result.stdout.splitlines()
     with open(out / "training_config.json", encoding="utf-8") as f:
         assert json.load(f)["optim"]["mixed_precision"] == "bf16"
     assert [step for step, _ in list_checkpoints(str(out))] == [1]
 
 
-def test_an_explicit_mixed_precision_wins_and_dry_run_says_where_it_came_from(workspace, tmp_path, capsys,
-                                                                              monkeypatch):
+def test_an_explicit_mixed_precision_wins_and_dry_run_says_where_it_came_from(
+    workspace, tmp_path, capsys, monkeypatch
+):
     # what `accelerate launch` sets from its config file (or `accelerate config`) for the Accelerator to read
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    cases = [([], "bf16", "from the accelerate config, through accelerate launch"),
-             (["--mixed_precision", "no"], "no", "from --mixed_precision")]
+    cases = [
+        ([], "bf16", "from the accelerate config, through accelerate launch"),
+        (["--mixed_precision", "no"], "no", "from --mixed_precision"),
+    ]
     for extra, expected, source in cases:
         assert main_status(one_step(workspace, tmp_path / "never", "--dry_run", *extra)) == 0
         out, err = capsys.readouterr()
@@ -110,8 +141,9 @@ def test_an_explicit_mixed_precision_wins_and_dry_run_says_where_it_came_from(wo
     assert not (tmp_path / "never").exists()
 
 
-@pytest.mark.parametrize("name", sorted(os.path.basename(p) for p in glob.glob(os.path.join(ACCELERATE_CONFIGS,
-                                                                                           "*.yaml"))))
+@pytest.mark.parametrize(
+    "name", sorted(os.path.basename(p) for p in glob.glob(os.path.join(ACCELERATE_CONFIGS, "*.yaml")))
+)
 def test_every_shipped_accelerate_config_sets_a_precision_the_script_takes(workspace, monkeypatch, name):
     with open(os.path.join(ACCELERATE_CONFIGS, name), encoding="utf-8") as f:
         value = yaml.safe_load(f)["mixed_precision"]
@@ -121,13 +153,16 @@ def test_every_shipped_accelerate_config_sets_a_precision_the_script_takes(works
     assert resolved.optim.mixed_precision == value and resolved.mixed_precision_source == "accelerate"
 
 
-def test_a_precision_of_the_accelerate_config_the_script_does_not_take_is_one_sentence(workspace, tmp_path, capsys,
-                                                                                       monkeypatch):
+def test_a_precision_of_the_accelerate_config_the_script_does_not_take_is_one_sentence(
+    workspace, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
     assert main_status(one_step(workspace, tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("error: The accelerate config sets mixed_precision fp8, which this script does not support; "
-                        "pass --mixed_precision no, fp16 or bf16.")
+    assert err.endswith(
+        "error: The accelerate config sets mixed_precision fp8, which this script does not support; "
+        "pass --mixed_precision no, fp16 or bf16."
+    )
     assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
@@ -152,8 +187,10 @@ def test_a_named_checkpoint_that_does_not_exist_is_one_sentence(workspace, tmp_p
     missing = tmp_path / "run" / "checkpoint-7"
     assert main_status(one_step(workspace, tmp_path / "run", "--resume_from_checkpoint", missing)) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith(f"error: --resume_from_checkpoint {missing} does not exist; pass 'latest' or a checkpoint-N "
-                        "folder written by this script.")
+    assert err.endswith(
+        f"error: --resume_from_checkpoint {missing} does not exist; pass 'latest' or a checkpoint-N "
+        "folder written by this script."
+    )
     assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
@@ -197,8 +234,9 @@ def tf32_off():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def test_a_variant_only_teacher_trains_with_variant_and_allow_tf32_sets_the_torch_flags(workspace, variant_teacher,
-                                                                                         tf32_off):
+def test_a_variant_only_teacher_trains_with_variant_and_allow_tf32_sets_the_torch_flags(
+    workspace, variant_teacher, tf32_off
+):
     out = workspace["root"] / "variant-run"
     argv = one_step(workspace, out, "--variant", "fp16", "--allow_tf32")
     argv[argv.index("--teacher") + 1] = variant_teacher
@@ -213,8 +251,11 @@ def test_a_variant_only_teacher_trains_with_variant_and_allow_tf32_sets_the_torc
 def test_the_frozen_teacher_loads_in_its_dtype_and_full_roles_start_from_the_float32_teacher(workspace, loads):
     config = TrainConfig(teacher=workspace["teacher"])
     pipe = load_teacher_pipeline(config, "transformer", torch.bfloat16)
-    (denoiser_call,) = [kwargs for name, source, kwargs in loads
-                        if source == workspace["teacher"] and kwargs.get("subfolder") == "transformer"]
+    (denoiser_call,) = [
+        kwargs
+        for name, source, kwargs in loads
+        if source == workspace["teacher"] and kwargs.get("subfolder") == "transformer"
+    ]
     assert denoiser_call["torch_dtype"] is torch.bfloat16
     assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
     # the VAE and the text encoder load as before (float32): they are shared with an exported full student
@@ -235,8 +276,21 @@ def test_dataloader_num_workers_decodes_real_images_and_trains_a_step(workspace)
     by_a_worker, _ = load_real_images(workspace["images"], 8, num_workers=1)
     assert in_process.shape == (6, 3, 8, 8) and torch.equal(in_process, by_a_worker)
     out = workspace["root"] / "workers"
-    assert main_status(one_step(workspace, out, "--divergence", "js", "--real_images", workspace["images"],
-                                "--dataloader_num_workers", "1")) == 0
+    assert (
+        main_status(
+            one_step(
+                workspace,
+                out,
+                "--divergence",
+                "js",
+                "--real_images",
+                workspace["images"],
+                "--dataloader_num_workers",
+                "1",
+            )
+        )
+        == 0
+    )
     assert [step for step, _ in list_checkpoints(str(out))] == [1]
 
 
@@ -245,8 +299,9 @@ def test_dataloader_num_workers_decodes_real_images_and_trains_a_step(workspace)
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def test_push_to_hub_creates_the_repo_before_any_loading_and_the_card_names_it(workspace, tmp_path, hub_calls,
-                                                                             loads, monkeypatch):
+def test_push_to_hub_creates_the_repo_before_any_loading_and_the_card_names_it(
+    workspace, tmp_path, hub_calls, loads, monkeypatch
+):
     import huggingface_hub
     from huggingface_hub import ModelCard
 
@@ -274,8 +329,9 @@ def test_push_to_hub_creates_the_repo_before_any_loading_and_the_card_names_it(w
     assert loads[0][:2] == ("create_repo", "me/tiny-student") and len(loads) > 1  # before every from_pretrained
     assert hub_calls["create"][1]["exist_ok"] is True and hub_calls["create"][1]["private"] is False
     assert hub_calls["upload"]["repo_id"] == "me/tiny-student" and hub_calls["upload"]["folder_path"] == str(out)
-    assert all(kwargs.get("cache_dir") == str(cache) for name, source, kwargs in loads
-               if source == "tiny-org/pixart-teacher")
+    assert all(
+        kwargs.get("cache_dir") == str(cache) for name, source, kwargs in loads if source == "tiny-org/pixart-teacher"
+    )
     card = ModelCard.load(str(out / "README.md"))
     assert 'OneStepPipeline.from_pretrained("me/tiny-student")' in card.text
     assert "path/to/this/folder" not in card.text
@@ -287,16 +343,20 @@ def test_a_bad_hub_token_fails_before_anything_loads(workspace, tmp_path, capsys
     import huggingface_hub
 
     def create_repo(repo_id, **kwargs):
-        raise OSError("401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\n"
-                      "Invalid credentials in Authorization header")
+        raise OSError(
+            "401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\n"
+            "Invalid credentials in Authorization header"
+        )
 
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     out = tmp_path / "never"
     assert main_status(one_step(workspace, out, "--push_to_hub", "--hub_model_id", "me/student")) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("train_onestep.py: error: --push_to_hub could not create the Hub repo 'me/student' (401 Client "
-                       "Error: Unauthorized for url: https://huggingface.co/api/repos/create); check HF_TOKEN or "
-                       "`hf auth login` and --hub_model_id.")
+    assert err[-1] == (
+        "train_onestep.py: error: --push_to_hub could not create the Hub repo 'me/student' (401 Client "
+        "Error: Unauthorized for url: https://huggingface.co/api/repos/create); check HF_TOKEN or "
+        "`hf auth login` and --hub_model_id."
+    )
     assert loads == [] and not out.exists()
 
 
@@ -322,7 +382,7 @@ def training_commands(text):
         tokens = [t for t in shlex.split(line) if t != "..."]
         for end in ("distill", "diffusers_onestep.distill", "training/train_onestep.py"):
             if end in tokens:
-                commands.append(tokens[tokens.index(end) + 1:])
+                commands.append(tokens[tokens.index(end) + 1 :])
                 break
     return commands
 
@@ -341,9 +401,14 @@ def test_every_training_command_of_the_docs_and_of_help_parses():
 def test_the_docs_and_help_name_the_installed_commands_and_hf_auth_login():
     with open(TRAINING_DOC, encoding="utf-8") as f:
         doc = f.read()
-    for spelling in ("diffusers-onestep distill", "accelerate launch -m diffusers_onestep.distill",
-                     "training/train_onestep.py"):
+    for spelling in (
+        "diffusers-onestep distill",
+        "accelerate launch -m diffusers_onestep.distill",
+        "training/train_onestep.py",
+    ):
         assert spelling in doc
     assert "hf auth login" in doc and "huggingface-cli" not in doc
     help_text = cli.build_parser().format_help()
-    assert "diffusers-onestep distill --" in help_text and "accelerate launch -m diffusers_onestep.distill" in help_text
+    assert (
+        "diffusers-onestep distill --" in help_text and "accelerate launch -m diffusers_onestep.distill" in help_text
+    )

@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from training_utils import RESOLUTION, TINY_FLAGS, launch, write_images, write_prompts
 
 from diffusers_onestep import OneStepPipeline
 from diffusers_onestep.testing import save_tiny_native_pipeline
-from training_utils import RESOLUTION, TINY_FLAGS, launch, write_images, write_prompts
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,32 +20,61 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     teachers = {f: save_tiny_native_pipeline(f, str(root / f"teacher-{f}")) for f in RESOLUTION}
-    return {"root": root, "teachers": teachers, "prompts": write_prompts(str(root)),
-            "images": write_images(str(root / "images"))}
+    return {
+        "root": root,
+        "teachers": teachers,
+        "prompts": write_prompts(str(root)),
+        "images": write_images(str(root / "images")),
+    }
 
 
 #: Every method × student kind on the first three families; PixArt-Σ and SANA-Sprint share the export and method code
 #: with PixArt-α and SANA, so they run the two cases that take each method and each student kind once (each case is
 #: a separate `accelerate launch` of 15-30 s on two cores).
-CASES = [(family, divergence, kind) for family in ("sdxl", "pixart_alpha", "sana")
-         for divergence in ("reverse_kl", "js") for kind in ("lora", "full")] + [
+CASES = [
+    (family, divergence, kind)
+    for family in ("sdxl", "pixart_alpha", "sana")
+    for divergence in ("reverse_kl", "js")
+    for kind in ("lora", "full")
+] + [
     ("pixart_sigma", "js", "lora"),
     ("pixart_sigma", "reverse_kl", "full"),
     ("sana_sprint", "reverse_kl", "lora"),
     ("sana_sprint", "js", "full"),  # f-distill on an embedded-guidance teacher's trunk
 ]
 #: one run per family on the oldest supported dependencies, each method and each student kind at least twice
-OLDEST_CASES = {("sdxl", "reverse_kl", "lora"), ("pixart_alpha", "js", "full"), ("sana", "js", "lora"),
-                ("pixart_sigma", "reverse_kl", "full"), ("sana_sprint", "reverse_kl", "lora")}
+OLDEST_CASES = {
+    ("sdxl", "reverse_kl", "lora"),
+    ("pixart_alpha", "js", "full"),
+    ("sana", "js", "lora"),
+    ("pixart_sigma", "reverse_kl", "full"),
+    ("sana_sprint", "reverse_kl", "lora"),
+}
 CASES = [pytest.param(*case, marks=pytest.mark.oldest) if case in OLDEST_CASES else case for case in CASES]
 
 
 @pytest.mark.parametrize("family,divergence,kind", CASES)
 def test_distill_save_load_run(workspace, family, divergence, kind):
     out = workspace["root"] / f"out-{family}-{divergence}-{kind}"
-    args = ["--teacher", workspace["teachers"][family], "--prompts", workspace["prompts"], "--output_dir", out,
-            "--divergence", divergence, "--student", kind, "--max_train_steps", "2",
-            "--critic_updates_per_student", "1", "--resolution", RESOLUTION[family], *TINY_FLAGS]
+    args = [
+        "--teacher",
+        workspace["teachers"][family],
+        "--prompts",
+        workspace["prompts"],
+        "--output_dir",
+        out,
+        "--divergence",
+        divergence,
+        "--student",
+        kind,
+        "--max_train_steps",
+        "2",
+        "--critic_updates_per_student",
+        "1",
+        "--resolution",
+        RESOLUTION[family],
+        *TINY_FLAGS,
+    ]
     if divergence == "js":
         args += ["--real_images", workspace["images"]]
     result = launch(args)
@@ -76,9 +106,20 @@ def test_distill_save_load_run(workspace, family, divergence, kind):
 
 def test_two_processes_match_one_process(workspace):
     """2 processes × batch 2 (gloo) equal 1 process × batch 4: all randomness is drawn for the global batch."""
-    common = ["--teacher", workspace["teachers"]["pixart_alpha"], "--prompts", workspace["prompts"],
-              "--max_train_steps", "3", "--critic_updates_per_student", "2", "--resolution", "8", *TINY_FLAGS]
-    common = [a for a in common]
+    common = [
+        "--teacher",
+        workspace["teachers"]["pixart_alpha"],
+        "--prompts",
+        workspace["prompts"],
+        "--max_train_steps",
+        "3",
+        "--critic_updates_per_student",
+        "2",
+        "--resolution",
+        "8",
+        *TINY_FLAGS,
+    ]
+    common = list(common)
     index = common.index("--train_batch_size")
     one = workspace["root"] / "ddp-1"
     two = workspace["root"] / "ddp-2"

@@ -15,8 +15,8 @@ import time
 
 import pytest
 from PIL import Image
-
 from training_utils import REPO
+
 
 #: what a wheel is built from (the build writes build/ and *.egg-info next to them, so it runs on a copy)
 PACKAGING_INPUTS = ("pyproject.toml", "README.md", "diffusers_onestep")
@@ -34,8 +34,15 @@ def run_timed(timings, name, command, timeout, **kwargs):
 def outside_env():
     """The caller's environment without anything that points Python into the checkout, and offline for the Hub."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -57,8 +64,13 @@ def test_wheel_installs_in_a_fresh_venv_and_the_command_runs_from_an_empty_direc
 
     # 1. the wheel
     dist = tmp_path / "dist"
-    run_timed(timings, "wheel build", [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist),
-                                       str(source)], timeout=600, env=env)
+    run_timed(
+        timings,
+        "wheel build",
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(source)],
+        timeout=600,
+        env=env,
+    )
     (wheel,) = os.listdir(dist)
     assert wheel == f"diffusers_onestep-{__version__}-py3-none-any.whl"
 
@@ -66,20 +78,36 @@ def test_wheel_installs_in_a_fresh_venv_and_the_command_runs_from_an_empty_direc
     venv = tmp_path / "venv"
     run_timed(timings, "venv create", [sys.executable, "-m", "venv", str(venv)], timeout=120, env=env)
     python = str(venv / "bin" / "python")
-    run_timed(timings, "venv install", [python, "-m", "pip", "install", "-q", "torch==2.13.0",
-                                        f"{dist / wheel}[demo]"], timeout=1200, env=env)
+    run_timed(
+        timings,
+        "venv install",
+        [python, "-m", "pip", "install", "-q", "torch==2.13.0", f"{dist / wheel}[demo]"],
+        timeout=1200,
+        env=env,
+    )
     command = str(venv / "bin" / "diffusers-onestep")
     assert os.path.isfile(command), "the wheel installed no diffusers-onestep console command"
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    cwd = dict(cwd=str(empty), env=env)
+    cwd = {"cwd": str(empty), "env": env}
 
     # the package imported is the installed one, with its py.typed and bundled teacher
-    located = run_timed(timings, "import check", [python, "-c", (
-        "import os, diffusers_onestep as p; from diffusers_onestep.demo import digits; "
-        "print(p.__file__); print(os.path.isfile(os.path.join(os.path.dirname(p.__file__), 'py.typed'))); "
-        "print(os.path.isfile(os.path.join(digits.TEACHER_DIR, 'model_index.json')))")], timeout=300, **cwd)
+    located = run_timed(
+        timings,
+        "import check",
+        [
+            python,
+            "-c",
+            (
+                "import os, diffusers_onestep as p; from diffusers_onestep.demo import digits; "
+                "print(p.__file__); print(os.path.isfile(os.path.join(os.path.dirname(p.__file__), 'py.typed'))); "
+                "print(os.path.isfile(os.path.join(digits.TEACHER_DIR, 'model_index.json')))"
+            ),
+        ],
+        timeout=300,
+        **cwd,
+    )
     package_file, typed, teacher = located.stdout.split()[-3:]
     assert package_file.startswith(str(venv)) and typed == "True" and teacher == "True"
 
@@ -92,8 +120,13 @@ def test_wheel_installs_in_a_fresh_venv_and_the_command_runs_from_an_empty_direc
     assert presets.strip() == markdown_table()
 
     student = student_folder("pixart_alpha")
-    generated = run_timed(timings, "generate", [command, "generate", student, "a photo of a cat", "--num_images",
-                                                "2", "--out", "images", "--device", "cpu"], timeout=300, **cwd)
+    generated = run_timed(
+        timings,
+        "generate",
+        [command, "generate", student, "a photo of a cat", "--num_images", "2", "--out", "images", "--device", "cpu"],
+        timeout=300,
+        **cwd,
+    )
     assert sorted(os.listdir(empty / "images")) == ["seed0_000.png", "seed0_001.png"]
     assert generated.stdout.count("wrote images/") == 2
     with Image.open(empty / "images" / "seed0_000.png") as image:

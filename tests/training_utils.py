@@ -7,14 +7,27 @@ import sys
 import numpy as np
 from PIL import Image
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "training", "train_onestep.py")
 #: the training command with faults injected through the trainer's hooks (``--fault event@step[:action]``)
 FAULT_LAUNCHER = os.path.join(REPO, "tests", "fault_launcher.py")
 PROMPTS = ["a photo of a cat", "a red car on the road", "an astronaut riding a horse", "a bowl of fruit"]
 #: flags that make every family's tiny run small and fast
-TINY_FLAGS = ["--lora_rank", "2", "--max_sequence_length", "8", "--report_to", "none", "--train_batch_size", "2",
-              "--learning_rate", "1e-3", "--guidance_scale", "3.0"]
+TINY_FLAGS = [
+    "--lora_rank",
+    "2",
+    "--max_sequence_length",
+    "8",
+    "--report_to",
+    "none",
+    "--train_batch_size",
+    "2",
+    "--learning_rate",
+    "1e-3",
+    "--guidance_scale",
+    "3.0",
+]
 RESOLUTION = {"sdxl": 32, "pixart_alpha": 8, "pixart_sigma": 8, "sana": 32, "sana_sprint": 32}
 
 
@@ -35,20 +48,42 @@ def write_images(folder, n=6, size=32):
 
 def env():
     out = dict(os.environ)
-    out.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    out.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return out
 
 
 def launch(args, num_processes=1, timeout=300, check=True, script=SCRIPT):
     """Run the training script (or another launcher ``script``) through `accelerate launch`, as users do."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--num_cpu_threads_per_process", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        "1",
+    ]
     if num_processes > 1:
         command.append("--multi_gpu")
     command += [script] + [str(a) for a in args]
     result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
     return result

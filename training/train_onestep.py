@@ -15,5 +15,6 @@ import sys
 
 from diffusers_onestep.distill.cli import main
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from diffusers_onestep.demo import digits  # noqa: E402
 
@@ -58,15 +59,21 @@ def one_call_x0(pipe, prompts, timestep, guidance, seed=0, batch_size=500):
         chunk = list(prompts[i : i + batch_size])
         generator = torch.Generator().manual_seed(seed + i)
         z = torch.randn((len(chunk), channels, size, size), generator=generator)
-        embeds, mask, neg, neg_mask = pipe.encode_prompt(chunk, do_classifier_free_guidance=guidance > 1,
-                                                         device="cpu", clean_caption=False)
+        embeds, mask, neg, neg_mask = pipe.encode_prompt(
+            chunk, do_classifier_free_guidance=guidance > 1, device="cpu", clean_caption=False
+        )
         if guidance > 1:
             embeds, mask, x = torch.cat([neg, embeds]), torch.cat([neg_mask, mask]), torch.cat([z, z])
         else:
             x = z
         t = torch.full((len(x),), timestep)
-        eps = pipe.transformer(x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
-                               added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample[:, :channels]
+        eps = pipe.transformer(
+            x,
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=mask,
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample[:, :channels]
         if guidance > 1:
             uncond, cond = eps.chunk(2)
             eps = uncond + guidance * (cond - uncond)
@@ -140,12 +147,22 @@ def main():
         images = digits.generate_with_pipeline(pipe, prompts, steps, guidance, seed=args.seed)
         seconds = time.time() - start
         metrics = digits.evaluate(images, requested, value_range="-1,1")
-        row = {"run": run, "scheduler": name, "steps": steps, "guidance": guidance, "sample_seconds": round(seconds, 1),
-               "teacher": os.path.abspath(args.teacher), **metrics}
+        row = {
+            "run": run,
+            "scheduler": name,
+            "steps": steps,
+            "guidance": guidance,
+            "sample_seconds": round(seconds, 1),
+            "teacher": os.path.abspath(args.teacher),
+            **metrics,
+        }
         results.append(row)
-        print(f"{run:>14}: fd {metrics['fd']:.3f}  acc {metrics['prompt_accuracy']:.3f}  "
-              f"coverage {metrics['coverage']:.2f}  recall {metrics['recall']:.3f}  ({seconds:.0f} s)  "
-              f"per-class acc {[round(a, 2) for a in metrics['per_class']['accuracy']]}", flush=True)
+        print(
+            f"{run:>14}: fd {metrics['fd']:.3f}  acc {metrics['prompt_accuracy']:.3f}  "
+            f"coverage {metrics['coverage']:.2f}  recall {metrics['recall']:.3f}  ({seconds:.0f} s)  "
+            f"per-class acc {[round(a, 2) for a in metrics['per_class']['accuracy']]}",
+            flush=True,
+        )
         if args.grid:
             grid(pipe, args.grid.format(name=run.replace(":", "_")), steps, guidance)
     set_scheduler(pipe, "ddim", original)
@@ -155,13 +172,29 @@ def main():
         seconds = time.time() - start
         metrics = digits.evaluate(images, requested, value_range="-1,1")
         run = f"one-call-x0:t{timestep}:{args.one_call_guidance:g}"
-        results.append({"run": run, "timestep": timestep, "guidance": args.one_call_guidance,
-                        "sample_seconds": round(seconds, 1), "teacher": os.path.abspath(args.teacher), **metrics})
-        print(f"{run:>14}: fd {metrics['fd']:.3f}  acc {metrics['prompt_accuracy']:.3f}  "
-              f"coverage {metrics['coverage']:.2f}  recall {metrics['recall']:.3f}  ({seconds:.0f} s)", flush=True)
+        results.append(
+            {
+                "run": run,
+                "timestep": timestep,
+                "guidance": args.one_call_guidance,
+                "sample_seconds": round(seconds, 1),
+                "teacher": os.path.abspath(args.teacher),
+                **metrics,
+            }
+        )
+        print(
+            f"{run:>14}: fd {metrics['fd']:.3f}  acc {metrics['prompt_accuracy']:.3f}  "
+            f"coverage {metrics['coverage']:.2f}  recall {metrics['recall']:.3f}  ({seconds:.0f} s)",
+            flush=True,
+        )
         if args.grid:
-            grid_images = one_call_x0(pipe, [digits.prompts_for_digit(d)[c % 5] for d in range(10) for c in range(8)],
-                                      timestep, args.one_call_guidance, seed=1234)
+            grid_images = one_call_x0(
+                pipe,
+                [digits.prompts_for_digit(d)[c % 5] for d in range(10) for c in range(8)],
+                timestep,
+                args.one_call_guidance,
+                seed=1234,
+            )
             digits.save_grid(grid_images, args.grid.format(name=run.replace(":", "_")), nrow=8)
     if args.json:
         previous = []

@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from diffusers_onestep.demo import digits  # noqa: E402
 
@@ -74,8 +75,10 @@ def main():
             opt.step()
             sched.step()
         if (epoch + 1) % 10 == 0:
-            print(f"epoch {epoch + 1}: loss {loss.item():.4f} held-out acc {accuracy(model, x_held, y_held):.4f}",
-                  flush=True)
+            print(
+                f"epoch {epoch + 1}: loss {loss.item():.4f} held-out acc {accuracy(model, x_held, y_held):.4f}",
+                flush=True,
+            )
     wall = time.time() - start
     acc8 = accuracy(model, x_held, y_held)
     acc16 = accuracy(model, round_trip(x_held), y_held)

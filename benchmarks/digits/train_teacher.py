@@ -37,9 +37,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from diffusers_onestep.demo import digits  # noqa: E402
 from diffusers_onestep.testing import tiny_t5_tokenizer  # noqa: E402
+
 
 BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS = 1e-4, 0.02, 1000
 
@@ -208,10 +210,12 @@ def encode_prompts(tokenizer, text_encoder, prompts):
     """Embeddings ``[P, L, D]`` and masks ``[P, L]`` as the PixArt-α pipeline computes them, cut to the longest prompt."""
     from diffusers import PixArtAlphaPipeline
 
-    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=None,
-                               scheduler=None)
-    embeds, mask, _, _ = pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False, device="cpu",
-                                            clean_caption=False, max_sequence_length=120)
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None
+    )
+    embeds, mask, _, _ = pipe.encode_prompt(
+        list(prompts), do_classifier_free_guidance=False, device="cpu", clean_caption=False, max_sequence_length=120
+    )
     length = int(mask.sum(1).max())
     return embeds[:, :length].contiguous(), mask[:, :length].contiguous(), (embeds, mask)
 
@@ -237,7 +241,10 @@ def train_transformer(args, vae, tokenizer, text_encoder, log):
     with torch.no_grad():
         model.eval()
         probe = torch.randn(4, *z_train.shape[1:])
-        kw = dict(timestep=torch.tensor([10, 300, 600, 999]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+        kw = {
+            "timestep": torch.tensor([10, 300, 600, 999]),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        }
         a = model(probe, encoder_hidden_states=embeds[:4], encoder_attention_mask=mask[:4], **kw).sample
         b = model(probe, encoder_hidden_states=full_embeds[:4], encoder_attention_mask=full_mask[:4], **kw).sample
         assert torch.allclose(a, b, atol=1e-4), f"padding changes the prediction by {(a - b).abs().max():.2e}"
@@ -274,8 +281,13 @@ def train_transformer(args, vae, tokenizer, text_encoder, log):
         noise = torch.randn(z0.shape, generator=generator)
         ac = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
-        out = model(x_t, encoder_hidden_states=embeds[pick], encoder_attention_mask=mask[pick], timestep=t,
-                    added_cond_kwargs=added).sample
+        out = model(
+            x_t,
+            encoder_hidden_states=embeds[pick],
+            encoder_attention_mask=mask[pick],
+            timestep=t,
+            added_cond_kwargs=added,
+        ).sample
         loss = F.mse_loss(out[:, :4], noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -289,8 +301,10 @@ def train_transformer(args, vae, tokenizer, text_encoder, log):
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 250 == 0 or step == args.steps:
             elapsed = time.time() - start
-            log(f"dit step {step}/{args.steps}: loss {running:.4f} lr {sched.get_last_lr()[0]:.2e} "
-                f"({elapsed:.0f} s, {elapsed / step:.3f} s/step)")
+            log(
+                f"dit step {step}/{args.steps}: loss {running:.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"({elapsed:.0f} s, {elapsed / step:.3f} s/step)"
+            )
         if args.snapshot_every and step % args.snapshot_every == 0 and step < args.steps:
             save_pipeline(os.path.join(args.snapshot_dir, f"step{step}"), tokenizer, text_encoder, vae, ema)
     return ema, time.time() - start, n_params
@@ -299,8 +313,9 @@ def train_transformer(args, vae, tokenizer, text_encoder, log):
 def save_pipeline(folder, tokenizer, text_encoder, vae, transformer):
     from diffusers import PixArtAlphaPipeline
 
-    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                               scheduler=build_scheduler())
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=build_scheduler()
+    )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -328,10 +343,14 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.998)
     parser.add_argument("--p_uncond", type=float, default=0.1)
-    parser.add_argument("--t_mid_fraction", type=float, default=0.5,
-                        help="fraction of timesteps drawn from --t_mid_range instead of uniformly from 0..999: with "
-                             "linear betas on unit-std latents the digit is decided around t=300-800, where the "
-                             "epsilon loss is small, so the conditioning learns slowly under uniform t")
+    parser.add_argument(
+        "--t_mid_fraction",
+        type=float,
+        default=0.5,
+        help="fraction of timesteps drawn from --t_mid_range instead of uniformly from 0..999: with "
+        "linear betas on unit-std latents the digit is decided around t=300-800, where the "
+        "epsilon loss is small, so the conditioning learns slowly under uniform t",
+    )
     parser.add_argument("--t_mid_range", type=int, nargs=2, default=(250, 850))
     parser.add_argument("--snapshot_every", type=int, default=0)
     parser.add_argument("--snapshot_dir", default="/tmp/digits_teacher_snapshots")

@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List
 
+
 #: the folder holding the ``diffusers_onestep`` package (the checkout, or site-packages of an installed wheel)
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: the training entry point as a module, so an installed wheel trains without the checkout's training/ script
@@ -64,7 +65,7 @@ class DemoSettings:
     seed: int = 0
 
 
-QUICK = dict(max_train_steps=12, train_batch_size=16, eval_per_digit=10, teacher_steps=20, ema_decay=0.5)
+QUICK = {"max_train_steps": 12, "train_batch_size": 16, "eval_per_digit": 10, "teacher_steps": 20, "ema_decay": 0.5}
 
 
 def log(message: str) -> None:
@@ -108,27 +109,68 @@ def write_data(folder: str, seed: int) -> Dict[str, str]:
 def train(settings: DemoSettings, data: Dict[str, str], output_dir: str, teacher: str) -> None:
     """The product's own entry point, as a user runs it."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", TRAINING_MODULE,
-        "--teacher", teacher, "--prompts", data["prompts"],
-        "--real_images", data["real"], "--caption_column", "text",
-        "--divergence", settings.divergence, "--student", settings.student, "--critic", settings.critic,
-        "--lora_rank", str(settings.lora_rank), "--lora_target_modules", settings.lora_target_modules,
-        "--learning_rate", str(settings.full_learning_rate if settings.student == "full" else settings.learning_rate),
-        "--critic_learning_rate", str(settings.critic_learning_rate),
-        "--guidance_scale", str(settings.guidance_scale),
-        "--student_timesteps", *[str(t) for t in settings.student_timesteps],
-        "--critic_updates_per_student", str(settings.critic_updates_per_student),
-        "--gan_weight", str(settings.gan_weight),
-        "--ema_decay", str(settings.ema_decay),
-        "--train_batch_size", str(settings.train_batch_size),
-        "--max_train_steps", str(settings.max_train_steps),
-        "--checkpointing_steps", str(settings.max_train_steps),
-        "--validation_steps", str(10 * settings.max_train_steps),
-        "--lr_scheduler", "constant",
-        "--report_to", "none", "--seed", str(settings.seed),
-        "--output_dir", output_dir, "--overwrite_output_dir",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        TRAINING_MODULE,
+        "--teacher",
+        teacher,
+        "--prompts",
+        data["prompts"],
+        "--real_images",
+        data["real"],
+        "--caption_column",
+        "text",
+        "--divergence",
+        settings.divergence,
+        "--student",
+        settings.student,
+        "--critic",
+        settings.critic,
+        "--lora_rank",
+        str(settings.lora_rank),
+        "--lora_target_modules",
+        settings.lora_target_modules,
+        "--learning_rate",
+        str(settings.full_learning_rate if settings.student == "full" else settings.learning_rate),
+        "--critic_learning_rate",
+        str(settings.critic_learning_rate),
+        "--guidance_scale",
+        str(settings.guidance_scale),
+        "--student_timesteps",
+        *[str(t) for t in settings.student_timesteps],
+        "--critic_updates_per_student",
+        str(settings.critic_updates_per_student),
+        "--gan_weight",
+        str(settings.gan_weight),
+        "--ema_decay",
+        str(settings.ema_decay),
+        "--train_batch_size",
+        str(settings.train_batch_size),
+        "--max_train_steps",
+        str(settings.max_train_steps),
+        "--checkpointing_steps",
+        str(settings.max_train_steps),
+        "--validation_steps",
+        str(10 * settings.max_train_steps),
+        "--lr_scheduler",
+        "constant",
+        "--report_to",
+        "none",
+        "--seed",
+        str(settings.seed),
+        "--output_dir",
+        output_dir,
+        "--overwrite_output_dir",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, env=env)
@@ -151,14 +193,25 @@ def shipped_teacher_metrics(steps: int, guidance: float, per_digit: int, seed: i
     with open(path, encoding="utf-8") as f:
         rows = json.load(f)
     for row in rows:
-        if row.get("run") == f"ddim:{steps}:{guidance:g}" and row.get("seed") == seed and row.get("n") == 10 * per_digit:
+        if (
+            row.get("run") == f"ddim:{steps}:{guidance:g}"
+            and row.get("seed") == seed
+            and row.get("n") == 10 * per_digit
+        ):
             return {k: row[k] for k in ("fd", "prompt_accuracy", "coverage", "recall", "per_class", "n")} | {
-                "images_per_s": row["n"] / row["sample_seconds"], "source": os.path.relpath(path, PACKAGE_PARENT)}
+                "images_per_s": row["n"] / row["sample_seconds"],
+                "source": os.path.relpath(path, PACKAGE_PARENT),
+            }
     return None
 
 
-def evaluate_runs(settings: DemoSettings, teacher: str, students: Dict[str, str], teacher_steps: List[int],
-                  recompute_teacher: bool = False) -> Dict[str, Dict]:
+def evaluate_runs(
+    settings: DemoSettings,
+    teacher: str,
+    students: Dict[str, str],
+    teacher_steps: List[int],
+    recompute_teacher: bool = False,
+) -> Dict[str, Dict]:
     """Metrics of the teacher at each of ``teacher_steps`` steps, the teacher at one step, and each student.
 
     Every run sees the same 1,000 standard prompts (:func:`digits.evaluation_prompts`) and seed, generated in batches
@@ -188,15 +241,21 @@ def evaluate_runs(settings: DemoSettings, teacher: str, students: Dict[str, str]
 
     def multi_step(steps):
         def run(batch, seed):
-            return digits.generate_with_pipeline(multi, batch, num_inference_steps=steps,
-                                                 guidance_scale=settings.teacher_guidance_scale, seed=seed,
-                                                 batch_size=len(batch))
+            return digits.generate_with_pipeline(
+                multi,
+                batch,
+                num_inference_steps=steps,
+                guidance_scale=settings.teacher_guidance_scale,
+                seed=seed,
+                batch_size=len(batch),
+            )
 
         return run
 
     runs = {f"teacher, {n} steps": multi_step(n) for n in teacher_steps}
     runs["teacher, 1 step"] = one_step(
-        OneStepPipeline.from_pretrained(teacher, conditioning_timesteps=settings.student_timesteps[:1]))
+        OneStepPipeline.from_pretrained(teacher, conditioning_timesteps=settings.student_timesteps[:1])
+    )
     for name, folder in students.items():
         runs[name] = one_step(OneStepPipeline.from_pretrained(folder))
     grid_prompts = [digits.prompts_for_digit(d)[0] for d in range(10)]
@@ -205,13 +264,14 @@ def evaluate_runs(settings: DemoSettings, teacher: str, students: Dict[str, str]
         steps = int(name.split(", ")[1].split()[0]) if name.startswith("teacher, ") else 1
         shipped = None
         if name.startswith("teacher, ") and steps > 1 and not recompute_teacher:
-            shipped = shipped_teacher_metrics(steps, settings.teacher_guidance_scale, settings.eval_per_digit,
-                                              settings.seed)
+            shipped = shipped_teacher_metrics(
+                steps, settings.teacher_guidance_scale, settings.eval_per_digit, settings.seed
+            )
         if shipped is not None:
             metrics = shipped
         else:
             started = time.perf_counter()
-            images = torch.cat([fn(prompts[i:i + 500], settings.seed + i) for i in range(0, len(prompts), 500)])
+            images = torch.cat([fn(prompts[i : i + 500], settings.seed + i) for i in range(0, len(prompts), 500)])
             seconds = time.perf_counter() - started
             metrics = digits.evaluate(images, requested, value_range="-1,1")
             metrics["images_per_s"] = len(prompts) / seconds
@@ -228,13 +288,17 @@ def print_table(results: Dict[str, Dict], reference_fd: float) -> None:
 
 
 def main(argv=None, prog: str = "python -m diffusers_onestep.demo") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a one-minute smoke run (used by the tests)")
     parser.add_argument("--output_dir", default="demo-output")
     parser.add_argument("--teacher", default=None, help="the digits teacher folder (default: the bundled one)")
-    parser.add_argument("--recompute_teacher", action="store_true",
-                        help="sample the teacher's 50-step row instead of quoting its shipped, deterministic metrics")
+    parser.add_argument(
+        "--recompute_teacher",
+        action="store_true",
+        help="sample the teacher's 50-step row instead of quoting its shipped, deterministic metrics",
+    )
     args = parser.parse_args(argv)
 
     from . import digits
@@ -243,19 +307,28 @@ def main(argv=None, prog: str = "python -m diffusers_onestep.demo") -> int:
     settings = DemoSettings(**(QUICK if args.quick else {}))
     teacher = args.teacher or digits.TEACHER_DIR
     output_dir = os.path.abspath(args.output_dir)
-    log(f"diffusers-onestep demo{' (--quick)' if args.quick else ''}: distilling {shown(teacher)} "
+    log(
+        f"diffusers-onestep demo{' (--quick)' if args.quick else ''}: distilling {shown(teacher)} "
         f"(PixArt-α family, {digits.TEACHER_RESOLUTION}×{digits.TEACHER_RESOLUTION} digits) into a one-step "
-        f"{settings.student} student with {settings.divergence} f-distill, {settings.max_train_steps} steps.")
+        f"{settings.student} student with {settings.divergence} f-distill, {settings.max_train_steps} steps."
+    )
     os.makedirs(output_dir, exist_ok=True)
     data = write_data(os.path.join(output_dir, "data"), settings.seed)
     student = os.path.join(output_dir, "student")
     train(settings, data, student, teacher)
 
-    log(f"Evaluating on {10 * settings.eval_per_digit} prompts, 100 per digit (teacher {settings.teacher_steps} "
-        "steps, teacher 1 step, student 1 step)...")
+    log(
+        f"Evaluating on {10 * settings.eval_per_digit} prompts, 100 per digit (teacher {settings.teacher_steps} "
+        "steps, teacher 1 step, student 1 step)..."
+    )
     student_name = "student, 1 step"
-    results = evaluate_runs(settings, teacher, {student_name: student}, [settings.teacher_steps],
-                            recompute_teacher=args.recompute_teacher or args.teacher is not None)
+    results = evaluate_runs(
+        settings,
+        teacher,
+        {student_name: student},
+        [settings.teacher_steps],
+        recompute_teacher=args.recompute_teacher or args.teacher is not None,
+    )
 
     import torch
 
@@ -280,16 +353,22 @@ def main(argv=None, prog: str = "python -m diffusers_onestep.demo") -> int:
     print_table(results, reference)
     for name, r in results.items():
         if "source" in r:
-            log(f"({name}: the teacher's deterministic metrics measured when it was built, {r['source']}; "
-                "--recompute_teacher samples them again, 4-5 minutes)")
+            log(
+                f"({name}: the teacher's deterministic metrics measured when it was built, {r['source']}; "
+                "--recompute_teacher samples them again, 4-5 minutes)"
+            )
     metrics["wall_s"] = time.perf_counter() - started
     from ..storage import write_json
 
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
-    log(f"student FD / teacher-50 FD = {metrics['fd_ratio']:.2f}; accuracy ratio = {metrics['acc_ratio']:.3f}; "
-        f"wall time {metrics['wall_s']:.0f} s")
-    log(f"wrote {shown(output_dir)}/grid.png, metrics.json and the student folder "
-        f"{shown(student)} (OneStepPipeline.from_pretrained loads it)")
+    log(
+        f"student FD / teacher-50 FD = {metrics['fd_ratio']:.2f}; accuracy ratio = {metrics['acc_ratio']:.3f}; "
+        f"wall time {metrics['wall_s']:.0f} s"
+    )
+    log(
+        f"wrote {shown(output_dir)}/grid.png, metrics.json and the student folder "
+        f"{shown(student)} (OneStepPipeline.from_pretrained loads it)"
+    )
     return 0
 
 

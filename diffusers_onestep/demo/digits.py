@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # ------------------------------------------------------------------------------------------------------------------
 # constants
 # ------------------------------------------------------------------------------------------------------------------
@@ -209,10 +210,13 @@ class DigitClassifier(nn.Module):
         super().__init__()
         self.config = {"width": width, "feature_dim": feature_dim, "dropout": dropout}
         self.conv = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 4x4
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.ReLU(),
         )
         self.fc = nn.Linear(2 * width * 16, feature_dim)
         self.dropout = nn.Dropout(dropout)
@@ -252,7 +256,9 @@ def load_classifier(weights_path: str = CLASSIFIER_WEIGHTS, config_path: str = C
 
 @torch.no_grad()
 def classify(
-    images: torch.Tensor, classifier: Optional[DigitClassifier] = None, value_range: str = "auto",
+    images: torch.Tensor,
+    classifier: Optional[DigitClassifier] = None,
+    value_range: str = "auto",
     batch_size: int = 1000,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """``(features [N, D] float64, predicted digits [N])`` of images of any resolution (see :func:`to_classifier_input`)."""
@@ -349,9 +355,11 @@ def evaluate(
         raise ValueError(f"got {len(images)} images but {len(requested)} requested digits.")
     resolution = int(images.shape[-1])
     features, preds = classify(images, classifier, value_range)
-    real = reference_features(resolution) if classifier is None else classify(
-        load_split("heldout", resolution=resolution, channels=1)[0], classifier, "-1,1"
-    )[0]
+    real = (
+        reference_features(resolution)
+        if classifier is None
+        else classify(load_split("heldout", resolution=resolution, channels=1)[0], classifier, "-1,1")[0]
+    )
     correct = preds == requested
     share = np.bincount(preds, minlength=10) / max(len(preds), 1)
     accuracy = [float(correct[requested == d].mean()) if (requested == d).any() else float("nan") for d in range(10)]
@@ -376,8 +384,9 @@ def reference_fd(resolution: int = TEACHER_RESOLUTION, per_digit: int = EVAL_PER
     runs = []
     for seed in seeds:
         rng = np.random.default_rng(seed)
-        idx = np.concatenate([rng.choice(np.flatnonzero(labels.numpy() == d), per_digit, replace=False)
-                              for d in range(10)])
+        idx = np.concatenate(
+            [rng.choice(np.flatnonzero(labels.numpy() == d), per_digit, replace=False) for d in range(10)]
+        )
         runs.append(evaluate(images[idx], labels[idx], value_range="-1,1"))
     out = {k: float(np.mean([r[k] for r in runs])) for k in ("fd", "prompt_accuracy", "coverage", "recall")}
     out["fd_all"] = [r["fd"] for r in runs]

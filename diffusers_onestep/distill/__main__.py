@@ -8,5 +8,6 @@ import sys
 
 from .cli import main
 
+
 if __name__ == "__main__":
     sys.exit(main(prog="python -m diffusers_onestep.distill"))

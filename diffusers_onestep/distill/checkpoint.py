@@ -36,6 +36,7 @@ from .. import storage
 from .config import ConfigError, TrainConfig, config_differences
 from .models import RandomSource
 
+
 CHECKPOINT_PREFIX = "checkpoint-"
 CONFIG_NAME = "training_config.json"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -44,8 +45,14 @@ CHECKPOINT_COMMIT_FILE = TRAINER_STATE_NAME
 #: version of the layout above, stored in ``trainer_state.json``
 CHECKPOINT_FORMAT = 1
 #: config keys that may change between a checkpoint and its resumption
-RESUMABLE_CHANGES = ("optim.max_train_steps", "output.", "data.dataloader_num_workers", "optim.on_nonfinite",
-                     "optim.max_nonfinite_skips", "cache_dir")
+RESUMABLE_CHANGES = (
+    "optim.max_train_steps",
+    "output.",
+    "data.dataloader_num_workers",
+    "optim.on_nonfinite",
+    "optim.max_nonfinite_skips",
+    "cache_dir",
+)
 
 
 @dataclass
@@ -118,8 +125,9 @@ def check_resume_config(checkpoint: str, config: TrainConfig) -> None:
     if not os.path.isfile(saved_path):
         return
     saved = TrainConfig.load(saved_path).to_dict()
-    differences = [d for d in config_differences(saved, config.to_dict())
-                   if not d.split(":")[0].startswith(RESUMABLE_CHANGES)]
+    differences = [
+        d for d in config_differences(saved, config.to_dict()) if not d.split(":")[0].startswith(RESUMABLE_CHANGES)
+    ]
     if differences:
         raise ConfigError(
             f"The run conflicts with the configuration of {checkpoint} ({'; '.join(differences)}); resume with "
@@ -141,8 +149,9 @@ def prune_checkpoints(output_dir: str, limit: Optional[int]) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(accelerator, state: TrainingState, config: TrainConfig,
-                    on_event: Optional[Callable[..., Any]] = None) -> str:
+def save_checkpoint(
+    accelerator, state: TrainingState, config: TrainConfig, on_event: Optional[Callable[..., Any]] = None
+) -> str:
     """Write ``checkpoint-<state.global_step>`` crash-safely (every process takes part); returns its path.
 
     ``on_event(event, **info)`` is called with ``"before_checkpoint_commit"`` (``path`` = the staging folder,
@@ -171,16 +180,20 @@ def save_checkpoint(accelerator, state: TrainingState, config: TrainConfig,
             tensors, plain = _optimizer_to_tensors(optimizer.state_dict())
             storage.save_tensors(os.path.join(staging, f"optimizer_{role}.safetensors"), tensors)
             storage.write_json(os.path.join(staging, f"optimizer_{role}.json"), plain)
-            storage.write_json(os.path.join(staging, f"scheduler_{role}.json"),
-                               _scheduler_state(state.lr_schedulers[role]))
+            storage.write_json(
+                os.path.join(staging, f"scheduler_{role}.json"), _scheduler_state(state.lr_schedulers[role])
+            )
         config.save(os.path.join(staging, CONFIG_NAME))
         on_event("before_checkpoint_commit", path=staging, step=step)
-        storage.write_json(os.path.join(staging, TRAINER_STATE_NAME), {
-            "global_step": step,
-            "nonfinite_skips": state.nonfinite_skips,
-            "num_processes": accelerator.num_processes,
-            "format": CHECKPOINT_FORMAT,
-        })
+        storage.write_json(
+            os.path.join(staging, TRAINER_STATE_NAME),
+            {
+                "global_step": step,
+                "nonfinite_skips": state.nonfinite_skips,
+                "num_processes": accelerator.num_processes,
+                "format": CHECKPOINT_FORMAT,
+            },
+        )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         storage.replace_directory(staging, target)
@@ -269,17 +282,23 @@ def _unflatten(tensors: Dict[str, torch.Tensor]) -> Dict[str, Any]:
 
 
 def _save_rng_state(folder: str, rank: int, random_source: RandomSource) -> None:
-    storage.save_tensors(os.path.join(folder, f"rng_{rank}.safetensors"), {
-        "torch": torch.get_rng_state(),
-        **{f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())},
-        **{f"source_{k}": v for k, v in random_source.state_dict().items()},
-    })
+    storage.save_tensors(
+        os.path.join(folder, f"rng_{rank}.safetensors"),
+        {
+            "torch": torch.get_rng_state(),
+            **{f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())},
+            **{f"source_{k}": v for k, v in random_source.state_dict().items()},
+        },
+    )
     version, python_state, gauss = random.getstate()
     kind, keys, position, has_gauss, cached = np.random.get_state()
-    storage.write_json(os.path.join(folder, f"rng_{rank}.json"), {
-        "python": [version, list(python_state), gauss],
-        "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)],
-    })
+    storage.write_json(
+        os.path.join(folder, f"rng_{rank}.json"),
+        {
+            "python": [version, list(python_state), gauss],
+            "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)],
+        },
+    )
 
 
 def _load_rng_state(folder: str, rank: int, random_source: RandomSource) -> None:
@@ -288,10 +307,10 @@ def _load_rng_state(folder: str, rank: int, random_source: RandomSource) -> None
         return
     rng = storage.load_tensors(tensors_path)
     torch.set_rng_state(rng["torch"])
-    cuda = [rng[f"cuda_{i}"] for i in sorted(int(k[len("cuda_"):]) for k in rng if k.startswith("cuda_"))]
+    cuda = [rng[f"cuda_{i}"] for i in sorted(int(k[len("cuda_") :]) for k in rng if k.startswith("cuda_"))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    random_source.load_state_dict({k[len("source_"):]: v for k, v in rng.items() if k.startswith("source_")})
+    random_source.load_state_dict({k[len("source_") :]: v for k, v in rng.items() if k.startswith("source_")})
     plain = _read_json(os.path.join(folder, f"rng_{rank}.json"))
     version, python_state, gauss = plain["python"]
     random.setstate((version, tuple(python_state), gauss))

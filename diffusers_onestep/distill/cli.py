@@ -17,8 +17,9 @@ import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .config import SECTIONS, ConfigError, TrainConfig
-from .resolve import ResolvedConfig, resolve
 from .preflight import fresh_start_note, preflight
+from .resolve import ResolvedConfig, resolve
+
 
 EPILOG = """\
 examples:
@@ -52,8 +53,14 @@ teacher's family adapter and follow the papers (docs/training.md); --dry_run pri
 """
 
 #: argument groups of --help, by config section (None: the top level of TrainConfig)
-GROUP_TITLES = {None: "teacher", "method": "method", "roles": "roles", "optim": "optimisation", "data": "data",
-                "output": "output"}
+GROUP_TITLES = {
+    None: "teacher",
+    "method": "method",
+    "roles": "roles",
+    "optim": "optimisation",
+    "data": "data",
+    "output": "output",
+}
 
 
 def _family_names() -> Tuple[str, ...]:
@@ -182,15 +189,21 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog or DEFAULT_PROG,
         description="Distill a diffusers text-to-image teacher into a one-step student (DMD2, f-distill, ... with LoRA "
-                    "or full roles), then save it for OneStepPipeline and optionally push it to the Hub.",
+        "or full roles), then save it for OneStepPipeline and optionally push it to the Hub.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=None,
-                        help="YAML or JSON file of settings (flat flag names or the nested layout of a run's "
-                             "training_config.json); flags override it.")
-    parser.add_argument("--dry_run", action="store_true",
-                        help="Print the resolved configuration as JSON and exit without loading any weights.")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML or JSON file of settings (flat flag names or the nested layout of a run's "
+        "training_config.json); flags override it.",
+    )
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Print the resolved configuration as JSON and exit without loading any weights.",
+    )
     groups = {section: parser.add_argument_group(title) for section, title in GROUP_TITLES.items()}
     for section, f, hint in config_fields():
         _add_argument(groups[section], section, f, hint)
@@ -257,8 +270,9 @@ def config_from_values(values: Dict[str, Any]) -> TrainConfig:
     return TrainConfig.from_dict(nested)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None,
-               prog: Optional[str] = None) -> Tuple[TrainConfig, argparse.Namespace]:
+def parse_args(
+    argv: Optional[Sequence[str]] = None, prog: Optional[str] = None
+) -> Tuple[TrainConfig, argparse.Namespace]:
     """The unresolved config given by ``argv`` (flags over the --config file's values), and the parsed namespace
     (for ``--dry_run``)."""
     parser = build_parser(prog)
@@ -274,8 +288,9 @@ def parse_args(argv: Optional[Sequence[str]] = None,
     return config_from_values(values), args
 
 
-def resolve_args(argv: Optional[Sequence[str]] = None,
-                 prog: Optional[str] = None) -> Tuple[ResolvedConfig, argparse.Namespace]:
+def resolve_args(
+    argv: Optional[Sequence[str]] = None, prog: Optional[str] = None
+) -> Tuple[ResolvedConfig, argparse.Namespace]:
     """Parse, resolve and preflight ``argv``: the run the script would start, checked without loading weights."""
     config, args = parse_args(argv, prog)
     resolved = resolve(config)
@@ -283,8 +298,9 @@ def resolve_args(argv: Optional[Sequence[str]] = None,
     return resolved, args
 
 
-def main(argv: Optional[Sequence[str]] = None, hooks: Optional[Sequence[Any]] = None,
-         prog: Optional[str] = None) -> int:
+def main(
+    argv: Optional[Sequence[str]] = None, hooks: Optional[Sequence[Any]] = None, prog: Optional[str] = None
+) -> int:
     """Parse, resolve, check and train; returns the exit status. ``hooks`` go to :class:`~.trainer.Trainer` (the
     crash-safety tests inject faults through them from a launcher script of their own); ``prog`` is the command's
     name in ``--help`` and errors (default: ``train_onestep.py``)."""

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+
 ROLE_KINDS = ("lora", "full")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "none", "all")
@@ -39,8 +40,10 @@ def _pair(value, name: str) -> Optional[Tuple[float, float]]:
     if value is None:
         return None
     values = tuple(float(v) for v in value)
-    _require(len(values) == 2 and values[0] <= values[1],
-             f"`{name}` must be two numbers low and high with low <= high, got {list(value)}.")
+    _require(
+        len(values) == 2 and values[0] <= values[1],
+        f"`{name}` must be two numbers low and high with low <= high, got {list(value)}.",
+    )
     return values
 
 
@@ -86,43 +89,65 @@ class MethodConfig:
     """
 
     method: Optional[str] = setting(
-        None, "Distillation method; fdistill when --divergence is an "
-              "f-divergence other than reverse_kl, else dmd2.", known="methods", default_text="from --divergence")
+        None,
+        "Distillation method; fdistill when --divergence is an f-divergence other than reverse_kl, else dmd2.",
+        known="methods",
+        default_text="from --divergence",
+    )
     divergence: Optional[str] = setting(
-        None, "reverse_kl (DMD/VSD), js, forward_kl, hellinger, jeffreys, softened_reverse_kl, neyman, pearson or "
-              "alpha:<a>. Anything but reverse_kl is f-distill and needs --real_images for its discriminator.",
-        default_text="the method's: reverse_kl for dmd2, js for fdistill")
+        None,
+        "reverse_kl (DMD/VSD), js, forward_kl, hellinger, jeffreys, softened_reverse_kl, neyman, pearson or "
+        "alpha:<a>. Anything but reverse_kl is f-distill and needs --real_images for its discriminator.",
+        default_text="the method's: reverse_kl for dmd2, js for fdistill",
+    )
     student_timesteps: Optional[List[float]] = setting(
-        None, "The student's conditioning timestep(s); several values train a multi-step student, e.g. 999 749 499 "
-              "249.", family_default="student_timesteps")
+        None,
+        "The student's conditioning timestep(s); several values train a multi-step student, e.g. 999 749 499 249.",
+        family_default="student_timesteps",
+    )
     guidance_scale: Optional[float] = setting(
-        None, "Teacher CFG scale w in u + w(c - u).", family_default="guidance_scale")
+        None, "Teacher CFG scale w in u + w(c - u).", family_default="guidance_scale"
+    )
     guidance_range: Optional[Tuple[float, float]] = setting(
-        None, "Draw the CFG scale uniformly from this range per sample (SNOOPI).", metavar=("LOW", "HIGH"))
+        None, "Draw the CFG scale uniformly from this range per sample (SNOOPI).", metavar=("LOW", "HIGH")
+    )
     time_range: Tuple[float, float] = setting(
-        (0.02, 0.98), "Fraction of the noise path for the score terms.", metavar=("LOW", "HIGH"))
+        (0.02, 0.98), "Fraction of the noise path for the score terms.", metavar=("LOW", "HIGH")
+    )
     critic_time_range: Tuple[float, float] = setting(
-        (0.0, 1.0), "Fraction of the noise path for the critic's denoising loss.", metavar=("LOW", "HIGH"))
+        (0.0, 1.0), "Fraction of the noise path for the critic's denoising loss.", metavar=("LOW", "HIGH")
+    )
     dm_weight: float = setting(1.0, "Weight of the distribution-matching term of the student loss.")
     gan_weight: Optional[float] = setting(
-        None, "Generator GAN weight; 0 disables the GAN (f-distill needs it > 0).",
-        family_default="gan_weight", default_text="0 unless a discriminator trains")
+        None,
+        "Generator GAN weight; 0 disables the GAN (f-distill needs it > 0).",
+        family_default="gan_weight",
+        default_text="0 unless a discriminator trains",
+    )
     discriminator_weight: Optional[float] = setting(
-        None, "Discriminator loss weight in the critic step.", default_text="the method's: dmd2 1e-2, fdistill 1")
+        None, "Discriminator loss weight in the critic step.", default_text="the method's: dmd2 1e-2, fdistill 1"
+    )
     discriminator_trunk: Optional[str] = setting(
-        None, "Network whose features the discriminator head reads.", choices=DISCRIMINATOR_TRUNKS,
-        default_text="the method's: critic for dmd2, teacher for fdistill")
+        None,
+        "Network whose features the discriminator head reads.",
+        choices=DISCRIMINATOR_TRUNKS,
+        default_text="the method's: critic for dmd2, teacher for fdistill",
+    )
     diffusion_gan_time_range: Tuple[float, float] = setting(
-        (0.0, 1.0), "Noise levels (path fractions) at which the discriminator sees samples.", metavar=("LOW", "HIGH"))
+        (0.0, 1.0), "Noise levels (path fractions) at which the discriminator sees samples.", metavar=("LOW", "HIGH")
+    )
     ratio_clip: Tuple[float, float] = setting(
-        (0.1, 20.0), "Clip of the estimated density ratio r (f-distill).", metavar=("LOW", "HIGH"))
+        (0.1, 20.0), "Clip of the estimated density ratio r (f-distill).", metavar=("LOW", "HIGH")
+    )
     logit_clamp: float = setting(10.0, "Clamp of the discriminator logit before r = exp(logit).")
     ratio_bins: int = setting(10, "Time bins of the ratio normaliser (f-distill's first normalisation stage).")
     ratio_ema: float = setting(0.0, "EMA of the per-time-bin ratio normaliser.")
     critic_updates_per_student: Optional[int] = setting(
-        None, "Critic updates per student update (two time-scale rule).", family_default="critic_updates_per_student")
+        None, "Critic updates per student update (two time-scale rule).", family_default="critic_updates_per_student"
+    )
     backward_simulation: bool = setting(
-        True, "Train multi-step students on their own rollouts (DMD2's backward simulation).")
+        True, "Train multi-step students on their own rollouts (DMD2's backward simulation)."
+    )
 
     @property
     def uses_discriminator(self) -> bool:
@@ -139,28 +164,40 @@ class MethodConfig:
             except ValueError as error:
                 raise ConfigError(str(error)) from None
         if self.student_timesteps is not None:
-            _require(1 <= len(self.student_timesteps) <= 4,
-                     f"`student_timesteps` takes 1 to 4 values, got {list(self.student_timesteps)}.")
+            _require(
+                1 <= len(self.student_timesteps) <= 4,
+                f"`student_timesteps` takes 1 to 4 values, got {list(self.student_timesteps)}.",
+            )
             values = [float(t) for t in self.student_timesteps]
-            _require(all(a > b for a, b in zip(values, values[1:])),
-                     f"`student_timesteps` must be strictly decreasing, got {values}.")
+            _require(
+                all(a > b for a, b in zip(values, values[1:])),
+                f"`student_timesteps` must be strictly decreasing, got {values}.",
+            )
             self.student_timesteps = values
-        _require(self.guidance_scale is None or self.guidance_scale >= 0,
-                 f"`guidance_scale` must be >= 0, got {self.guidance_scale}.")
+        _require(
+            self.guidance_scale is None or self.guidance_scale >= 0,
+            f"`guidance_scale` must be >= 0, got {self.guidance_scale}.",
+        )
         self.guidance_range = _pair(self.guidance_range, "guidance_range")
         for name in ("time_range", "critic_time_range", "diffusion_gan_time_range"):
             value = _pair(getattr(self, name), name)
-            _require(0.0 <= value[0] < value[1] <= 1.0,
-                     f"`{name}` must be fractions of the noise path with 0 <= low < high <= 1, got {list(value)}.")
+            _require(
+                0.0 <= value[0] < value[1] <= 1.0,
+                f"`{name}` must be fractions of the noise path with 0 <= low < high <= 1, got {list(value)}.",
+            )
             setattr(self, name, value)
         self.ratio_clip = _pair(self.ratio_clip, "ratio_clip")
         _require(self.ratio_clip[0] > 0, f"`ratio_clip` must be positive, got {list(self.ratio_clip)}.")
         _require(self.gan_weight is None or self.gan_weight >= 0, f"`gan_weight` must be >= 0, got {self.gan_weight}.")
-        _require(self.critic_updates_per_student is None or self.critic_updates_per_student >= 1,
-                 f"`critic_updates_per_student` must be >= 1, got {self.critic_updates_per_student}.")
-        _require(self.discriminator_trunk in (None,) + DISCRIMINATOR_TRUNKS,
-                 f"`discriminator_trunk` must be one of {', '.join(DISCRIMINATOR_TRUNKS)}, got "
-                 f"{self.discriminator_trunk!r}.")
+        _require(
+            self.critic_updates_per_student is None or self.critic_updates_per_student >= 1,
+            f"`critic_updates_per_student` must be >= 1, got {self.critic_updates_per_student}.",
+        )
+        _require(
+            self.discriminator_trunk in (None,) + DISCRIMINATOR_TRUNKS,
+            f"`discriminator_trunk` must be one of {', '.join(DISCRIMINATOR_TRUNKS)}, got "
+            f"{self.discriminator_trunk!r}.",
+        )
         _require(self.ratio_bins >= 1, f"`ratio_bins` must be >= 1, got {self.ratio_bins}.")
         _require(0.0 <= self.ratio_ema < 1.0, f"`ratio_ema` must be in [0, 1), got {self.ratio_ema}.")
         return self
@@ -179,22 +216,35 @@ class RolesConfig:
     lora_rank: Optional[int] = setting(None, "LoRA rank of the student (and critic).", family_default="lora_rank")
     lora_alpha: Optional[float] = setting(None, "LoRA alpha.", family_default="lora_alpha")
     lora_target_modules: Optional[List[str]] = setting(
-        None, "Comma-separated module names that get LoRA layers.", comma_list=True,
-        default_text="the family's list, e.g. DMD2's SDXL list; to_q,to_k,to_v,to_out.0")
+        None,
+        "Comma-separated module names that get LoRA layers.",
+        comma_list=True,
+        default_text="the family's list, e.g. DMD2's SDXL list; to_q,to_k,to_v,to_out.0",
+    )
     critic_lora_rank: Optional[int] = setting(None, "LoRA rank of the critic.", default_text="--lora_rank")
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
 
     def validate(self) -> "RolesConfig":
-        _require(self.student in ROLE_KINDS, f"`--student` must be one of {', '.join(ROLE_KINDS)}, got {self.student!r}.")
+        _require(
+            self.student in ROLE_KINDS, f"`--student` must be one of {', '.join(ROLE_KINDS)}, got {self.student!r}."
+        )
         _require(self.critic in ROLE_KINDS, f"`--critic` must be one of {', '.join(ROLE_KINDS)}, got {self.critic!r}.")
-        _require(self.lora_rank is None or (isinstance(self.lora_rank, int) and self.lora_rank >= 1),
-                 f"`--lora_rank` must be a positive integer for LoRA roles, got {self.lora_rank!r}.")
-        _require(self.lora_alpha is None or self.lora_alpha > 0, f"`--lora_alpha` must be positive, got {self.lora_alpha}.")
-        _require(self.critic_lora_rank is None or self.critic_lora_rank >= 1,
-                 f"`critic_lora_rank` must be a positive integer, got {self.critic_lora_rank}.")
+        _require(
+            self.lora_rank is None or (isinstance(self.lora_rank, int) and self.lora_rank >= 1),
+            f"`--lora_rank` must be a positive integer for LoRA roles, got {self.lora_rank!r}.",
+        )
+        _require(
+            self.lora_alpha is None or self.lora_alpha > 0, f"`--lora_alpha` must be positive, got {self.lora_alpha}."
+        )
+        _require(
+            self.critic_lora_rank is None or self.critic_lora_rank >= 1,
+            f"`critic_lora_rank` must be a positive integer, got {self.critic_lora_rank}.",
+        )
         if self.lora_target_modules is not None:
-            _require(len(self.lora_target_modules) > 0 and all(m for m in self.lora_target_modules),
-                     "`--lora_target_modules` must name at least one module, e.g. to_q,to_k,to_v,to_out.0.")
+            _require(
+                len(self.lora_target_modules) > 0 and all(m for m in self.lora_target_modules),
+                "`--lora_target_modules` must name at least one module, e.g. to_q,to_k,to_v,to_out.0.",
+            )
         return self
 
 
@@ -202,8 +252,7 @@ class RolesConfig:
 class OptimizationConfig:
     """Optimisers and schedule (AdamW for each trainable role, as DMD2)."""
 
-    learning_rate: Optional[float] = setting(
-        None, "Student learning rate.", family_default="learning_rate")
+    learning_rate: Optional[float] = setting(None, "Student learning rate.", family_default="learning_rate")
     critic_learning_rate: Optional[float] = setting(None, "Critic learning rate.", default_text="--learning_rate")
     adam_beta1: float = setting(0.9, "AdamW beta1.")
     adam_beta2: float = setting(0.999, "AdamW beta2.")
@@ -216,37 +265,54 @@ class OptimizationConfig:
     gradient_accumulation_steps: int = setting(1, "Micro-batches accumulated per update.")
     max_train_steps: int = setting(1000, "Training iterations.")
     mixed_precision: Optional[str] = setting(
-        None, "no, fp16 (CUDA only) or bf16: the frozen teacher runs in it; trainable weights stay fp32.",
+        None,
+        "no, fp16 (CUDA only) or bf16: the frozen teacher runs in it; trainable weights stay fp32.",
         choices=MIXED_PRECISIONS,
-        default_text="the accelerate config's (accelerate launch --config_file / accelerate config), else no")
+        default_text="the accelerate config's (accelerate launch --config_file / accelerate config), else no",
+    )
     allow_tf32: bool = setting(
-        False, "Allow TF32 matmuls and cuDNN convolutions on Ampere and newer GPUs (faster fp32 math, as the "
-               "diffusers training examples).")
+        False,
+        "Allow TF32 matmuls and cuDNN convolutions on Ampere and newer GPUs (faster fp32 math, as the "
+        "diffusers training examples).",
+    )
     seed: int = setting(0, "Seed of every random draw of the run.")
-    ema_decay: Optional[float] = setting(None, "Keep an EMA of the student (e.g. 0.999) and export it.",
-                                         default_text="no EMA")
-    on_nonfinite: str = setting("stop", "stop, or skip updates whose loss or gradient is NaN/inf.",
-                                choices=ON_NONFINITE)
+    ema_decay: Optional[float] = setting(
+        None, "Keep an EMA of the student (e.g. 0.999) and export it.", default_text="no EMA"
+    )
+    on_nonfinite: str = setting(
+        "stop", "stop, or skip updates whose loss or gradient is NaN/inf.", choices=ON_NONFINITE
+    )
     max_nonfinite_skips: int = setting(10, "With --on_nonfinite skip: stop after this many skipped updates.")
 
     def validate(self) -> "OptimizationConfig":
         for name in ("learning_rate", "critic_learning_rate"):
             value = getattr(self, name)
-            _require(value is None or (value > 0 and math.isfinite(value)),
-                     f"`--{name}` must be a positive number, got {value}.")
-        _require(self.lr_scheduler in LR_SCHEDULERS,
-                 f"`--lr_scheduler` must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}.")
+            _require(
+                value is None or (value > 0 and math.isfinite(value)),
+                f"`--{name}` must be a positive number, got {value}.",
+            )
+        _require(
+            self.lr_scheduler in LR_SCHEDULERS,
+            f"`--lr_scheduler` must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}.",
+        )
         _require(self.train_batch_size >= 1, f"`--train_batch_size` must be >= 1, got {self.train_batch_size}.")
-        _require(self.gradient_accumulation_steps >= 1,
-                 f"`--gradient_accumulation_steps` must be >= 1, got {self.gradient_accumulation_steps}.")
+        _require(
+            self.gradient_accumulation_steps >= 1,
+            f"`--gradient_accumulation_steps` must be >= 1, got {self.gradient_accumulation_steps}.",
+        )
         _require(self.max_train_steps >= 1, f"`--max_train_steps` must be >= 1, got {self.max_train_steps}.")
-        _require(self.mixed_precision in (None,) + MIXED_PRECISIONS,
-                 f"`--mixed_precision` must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}.")
+        _require(
+            self.mixed_precision in (None,) + MIXED_PRECISIONS,
+            f"`--mixed_precision` must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}.",
+        )
         _require(self.max_grad_norm > 0, f"`--max_grad_norm` must be positive, got {self.max_grad_norm}.")
-        _require(self.ema_decay is None or 0 < self.ema_decay < 1,
-                 f"`--ema_decay` must be in (0, 1), got {self.ema_decay}.")
-        _require(self.on_nonfinite in ON_NONFINITE,
-                 f"`--on_nonfinite` must be one of {', '.join(ON_NONFINITE)}, got {self.on_nonfinite!r}.")
+        _require(
+            self.ema_decay is None or 0 < self.ema_decay < 1, f"`--ema_decay` must be in (0, 1), got {self.ema_decay}."
+        )
+        _require(
+            self.on_nonfinite in ON_NONFINITE,
+            f"`--on_nonfinite` must be one of {', '.join(ON_NONFINITE)}, got {self.on_nonfinite!r}.",
+        )
         return self
 
 
@@ -255,28 +321,43 @@ class DataConfig:
     """Prompts (and optional real images for the GAN / discriminator)."""
 
     prompts: Optional[str] = setting(
-        None, "Prompts: a .txt file (one per line), .jsonl, a datasets file/folder or a Hub dataset name (required).")
+        None, "Prompts: a .txt file (one per line), .jsonl, a datasets file/folder or a Hub dataset name (required)."
+    )
     prompt_column: str = setting("text", "Column/field holding the prompts.")
     real_images: Optional[str] = setting(
-        None, "Image dataset (imagefolder or Hub name) for the GAN / f-divergence discriminator.", default_text="none")
+        None, "Image dataset (imagefolder or Hub name) for the GAN / f-divergence discriminator.", default_text="none"
+    )
     image_column: str = setting("image", "Image column of --real_images.")
     caption_column: Optional[str] = setting(
-        None, "Caption column of --real_images: real images are judged under their captions (DMD2); without it, "
-              "real and generated images are both judged under the null prompt.", default_text="none")
+        None,
+        "Caption column of --real_images: real images are judged under their captions (DMD2); without it, "
+        "real and generated images are both judged under the null prompt.",
+        default_text="none",
+    )
     resolution: Optional[int] = setting(None, "Training resolution.", default_text="the teacher's native size")
     cache_text_embeddings: bool = setting(
-        True, "Encode every prompt once and free the text encoders (--no_cache_text_embeddings encodes on the fly, "
-              "for very large prompt sets).")
+        True,
+        "Encode every prompt once and free the text encoders (--no_cache_text_embeddings encodes on the fly, "
+        "for very large prompt sets).",
+    )
     dataloader_num_workers: int = setting(
-        0, "Worker processes that decode and resize --real_images (0: in the main process).")
+        0, "Worker processes that decode and resize --real_images (0: in the main process)."
+    )
 
     def validate(self) -> "DataConfig":
-        _require(bool(self.prompts), "`--prompts` is required: a .txt file (one prompt a line), a .jsonl file, "
-                                     "a datasets folder/file, or a Hub dataset name.")
-        _require(self.resolution is None or (isinstance(self.resolution, int) and self.resolution > 0),
-                 f"`--resolution` must be a positive integer, got {self.resolution!r}.")
-        _require(isinstance(self.dataloader_num_workers, int) and self.dataloader_num_workers >= 0,
-                 f"`--dataloader_num_workers` must be an integer >= 0, got {self.dataloader_num_workers!r}.")
+        _require(
+            bool(self.prompts),
+            "`--prompts` is required: a .txt file (one prompt a line), a .jsonl file, "
+            "a datasets folder/file, or a Hub dataset name.",
+        )
+        _require(
+            self.resolution is None or (isinstance(self.resolution, int) and self.resolution > 0),
+            f"`--resolution` must be a positive integer, got {self.resolution!r}.",
+        )
+        _require(
+            isinstance(self.dataloader_num_workers, int) and self.dataloader_num_workers >= 0,
+            f"`--dataloader_num_workers` must be an integer >= 0, got {self.dataloader_num_workers!r}.",
+        )
         return self
 
 
@@ -289,29 +370,42 @@ class OutputConfig:
     checkpointing_steps: int = setting(500, "Checkpoint every N steps.")
     checkpoints_total_limit: Optional[int] = setting(None, "Keep at most N checkpoints.", default_text="all")
     resume_from_checkpoint: Optional[str] = setting(
-        None, "'latest' (the newest checkpoint of --output_dir; while there is none the run starts fresh) or a "
-              "checkpoint-N folder (a path, or its name inside --output_dir).", default_text="none")
+        None,
+        "'latest' (the newest checkpoint of --output_dir; while there is none the run starts fresh) or a "
+        "checkpoint-N folder (a path, or its name inside --output_dir).",
+        default_text="none",
+    )
     save_on_interrupt: bool = setting(True, "Checkpoint when interrupted (Ctrl-C / SIGTERM).")
     validation_prompts: Optional[List[str]] = setting(
-        None, "Prompts for validation grids.", default_text="the first four prompts")
+        None, "Prompts for validation grids.", default_text="the first four prompts"
+    )
     validation_steps: int = setting(500, "Validate every N steps.")
     report_to: str = setting("tensorboard", "Where to log.", choices=REPORT_TO)
     logging_dir: str = setting("logs", "Log folder inside --output_dir.")
     tracker_project_name: str = setting("diffusers-onestep", "Tracker project name.")
-    push_to_hub: bool = setting(False, "Create the Hub repo at the start (a bad token fails before anything loads) "
-                                       "and upload the student (not the checkpoints) at the end; uses HF_TOKEN or "
-                                       "your `hf auth login`.")
+    push_to_hub: bool = setting(
+        False,
+        "Create the Hub repo at the start (a bad token fails before anything loads) "
+        "and upload the student (not the checkpoints) at the end; uses HF_TOKEN or "
+        "your `hf auth login`.",
+    )
     hub_model_id: Optional[str] = setting(None, "namespace/name of the Hub repo.", default_text="the output dir name")
     private: bool = setting(False, "Create the Hub repo as private.")
 
     def validate(self) -> "OutputConfig":
         _require(bool(self.output_dir), "`--output_dir` must not be empty.")
-        _require(self.checkpointing_steps >= 1, f"`--checkpointing_steps` must be >= 1, got {self.checkpointing_steps}.")
-        _require(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
-                 f"`--checkpoints_total_limit` must be >= 1, got {self.checkpoints_total_limit}.")
+        _require(
+            self.checkpointing_steps >= 1, f"`--checkpointing_steps` must be >= 1, got {self.checkpointing_steps}."
+        )
+        _require(
+            self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+            f"`--checkpoints_total_limit` must be >= 1, got {self.checkpoints_total_limit}.",
+        )
         _require(self.validation_steps >= 1, f"`--validation_steps` must be >= 1, got {self.validation_steps}.")
-        _require(self.report_to in REPORT_TO,
-                 f"`--report_to` must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}.")
+        _require(
+            self.report_to in REPORT_TO,
+            f"`--report_to` must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}.",
+        )
         if self.hub_model_id is not None:
             from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -326,8 +420,13 @@ class OutputConfig:
 
 
 #: the sections of a TrainConfig, by field name
-SECTIONS = {"method": MethodConfig, "roles": RolesConfig, "optim": OptimizationConfig, "data": DataConfig,
-            "output": OutputConfig}
+SECTIONS = {
+    "method": MethodConfig,
+    "roles": RolesConfig,
+    "optim": OptimizationConfig,
+    "data": DataConfig,
+    "output": OutputConfig,
+}
 
 
 @dataclass
@@ -335,18 +434,27 @@ class TrainConfig:
     """A whole distillation run. :func:`.resolve.resolve` fills the family's and the method's defaults."""
 
     teacher: Optional[str] = setting(
-        None, "Hub model id or local diffusers pipeline folder of the teacher (required).")
-    family: str = setting("auto", "Backbone family of the teacher (auto: detected from its model_index.json).",
-                          known="families")
+        None, "Hub model id or local diffusers pipeline folder of the teacher (required)."
+    )
+    family: str = setting(
+        "auto", "Backbone family of the teacher (auto: detected from its model_index.json).", known="families"
+    )
     revision: Optional[str] = setting(None, "Hub revision of the teacher.", default_text="main")
     variant: Optional[str] = setting(
-        None, "Weights variant of the teacher (and of the students initialised from it), e.g. fp16 for "
-              "diffusion_pytorch_model.fp16.safetensors.", default_text="the plain weights")
+        None,
+        "Weights variant of the teacher (and of the students initialised from it), e.g. fp16 for "
+        "diffusion_pytorch_model.fp16.safetensors.",
+        default_text="the plain weights",
+    )
     cache_dir: Optional[str] = setting(
-        None, "Folder for downloaded models and datasets.", default_text="the Hugging Face cache")
+        None, "Folder for downloaded models and datasets.", default_text="the Hugging Face cache"
+    )
     max_sequence_length: Optional[int] = setting(
-        None, "Text tokens kept.", family_default="default_max_sequence_length",
-        default_text="the tokenizer's own length for the others")
+        None,
+        "Text tokens kept.",
+        family_default="default_max_sequence_length",
+        default_text="the tokenizer's own length for the others",
+    )
     method: MethodConfig = field(default_factory=MethodConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
     optim: OptimizationConfig = field(default_factory=OptimizationConfig)
@@ -357,8 +465,10 @@ class TrainConfig:
         from ..families import FAMILIES, supported_families_text
 
         _require(bool(self.teacher), "`--teacher` is required: a Hub model id or a local diffusers pipeline folder.")
-        _require(self.family == "auto" or self.family in FAMILIES,
-                 f"`--family` must be auto or one of {supported_families_text()}, got {self.family!r}.")
+        _require(
+            self.family == "auto" or self.family in FAMILIES,
+            f"`--family` must be auto or one of {supported_families_text()}, got {self.family!r}.",
+        )
         for part in (self.method, self.roles, self.optim, self.data, self.output):
             part.validate()
         return self
@@ -377,7 +487,9 @@ class TrainConfig:
                 section_cls = SECTIONS[key]
                 names = {f.name for f in dataclasses.fields(section_cls)}
                 for sub in value:
-                    _require(sub in names, f"Unknown config key {key}.{sub}; known keys are {', '.join(sorted(names))}.")
+                    _require(
+                        sub in names, f"Unknown config key {key}.{sub}; known keys are {', '.join(sorted(names))}."
+                    )
                 kwargs[key] = section_cls(**value)
             else:
                 kwargs[key] = value

@@ -31,7 +31,10 @@ def _load_dataset(source: str, split: str = "train", cache_dir: Optional[str] = 
 
     if os.path.isdir(source):
         files = os.listdir(source)
-        if any(f.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")) for f in files) or "metadata.jsonl" in files:
+        if (
+            any(f.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")) for f in files)
+            or "metadata.jsonl" in files
+        ):
             return datasets.load_dataset("imagefolder", data_dir=source, split=split, cache_dir=cache_dir)
         return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
     if os.path.isfile(source):
@@ -107,8 +110,9 @@ def resize_and_crop(image, resolution: int) -> torch.Tensor:
 
     image = image.convert("RGB")
     scale = resolution / min(image.size)
-    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
-                         Image.BICUBIC)
+    image = image.resize(
+        (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BICUBIC
+    )
     left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -130,9 +134,14 @@ class RealImages(torch.utils.data.Dataset):
         return resize_and_crop(self.dataset[index][self.image_column], self.resolution)
 
 
-def load_real_images(source: str, resolution: int, image_column: str = "image",
-                     caption_column: Optional[str] = None, num_workers: int = 0,
-                     cache_dir: Optional[str] = None) -> Tuple[torch.Tensor, Optional[List[str]]]:
+def load_real_images(
+    source: str,
+    resolution: int,
+    image_column: str = "image",
+    caption_column: Optional[str] = None,
+    num_workers: int = 0,
+    cache_dir: Optional[str] = None,
+) -> Tuple[torch.Tensor, Optional[List[str]]]:
     """Real images resized (shorter side) and center-cropped to ``resolution``, in [-1, 1], with captions.
 
     The images are decoded in order by a ``DataLoader`` with ``num_workers`` worker processes
@@ -151,8 +160,9 @@ def load_real_images(source: str, resolution: int, image_column: str = "image",
         )
     if len(dataset) == 0:
         raise DataError(f"The image dataset {source} holds no images.")
-    loader = torch.utils.data.DataLoader(RealImages(dataset, image_column, resolution), batch_size=32,
-                                         shuffle=False, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(
+        RealImages(dataset, image_column, resolution), batch_size=32, shuffle=False, num_workers=num_workers
+    )
     images = torch.cat(list(loader))
     captions = [str(c) for c in dataset[caption_column]] if caption_column else None
     return images, captions
@@ -170,7 +180,7 @@ def batch_indices(seed: int, step: int, global_batch: int, size: int) -> List[in
         epoch, offset = divmod(position, size)
         perm = epoch_permutation(seed, epoch, size)
         take = min(global_batch - len(out), size - offset)
-        out += perm[offset:offset + take].tolist()
+        out += perm[offset : offset + take].tolist()
         position += take
     return out
 
@@ -182,8 +192,10 @@ class ConditionCache:
         self.prompts = list(prompts)
         unique = list(dict.fromkeys(self.prompts))
         self._row = {p: i for i, p in enumerate(unique)}
-        chunks = [adapter.encode_prompt(unique[i:i + batch_size], device=device).to(device="cpu")
-                  for i in range(0, len(unique), batch_size)]
+        chunks = [
+            adapter.encode_prompt(unique[i : i + batch_size], device=device).to(device="cpu")
+            for i in range(0, len(unique), batch_size)
+        ]
         self.table = Condition.cat(chunks)
 
     def __len__(self) -> int:
@@ -212,13 +224,17 @@ class PromptSource:
         return self.adapter.encode_prompt([self.prompts[i] for i in indices], device=self.device)
 
 
-def encode_real_images(adapter: FamilyAdapter, images: torch.Tensor, seed: int, device=None,
-                       chunk_size: int = 32) -> torch.Tensor:
+def encode_real_images(
+    adapter: FamilyAdapter, images: torch.Tensor, seed: int, device=None, chunk_size: int = 32
+) -> torch.Tensor:
     """VAE latents (float32, on the CPU) of real images in [-1, 1], encoded in chunks with seeded sampling."""
     with torch.no_grad():
-        latents = [adapter.encode_images(images[i:i + chunk_size].to(device),
-                                         generator=torch.Generator().manual_seed(seed + i))
-                   for i in range(0, len(images), chunk_size)]
+        latents = [
+            adapter.encode_images(
+                images[i : i + chunk_size].to(device), generator=torch.Generator().manual_seed(seed + i)
+            )
+            for i in range(0, len(images), chunk_size)
+        ]
     return torch.cat(latents).float().cpu()
 
 
@@ -240,10 +256,20 @@ class TrainingBatches:
             ``real_condition`` is ``None`` and the method judges real and generated samples under the null prompt.
     """
 
-    def __init__(self, prompts: PromptSource, noise_shape: Callable[[int], Tuple[int, ...]],
-                 random_source: RandomSource, seed: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 accumulation_steps: int = 1, real_latents: Optional[torch.Tensor] = None,
-                 real_conditions: Optional[PromptSource] = None, device=None):
+    def __init__(
+        self,
+        prompts: PromptSource,
+        noise_shape: Callable[[int], Tuple[int, ...]],
+        random_source: RandomSource,
+        seed: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        accumulation_steps: int = 1,
+        real_latents: Optional[torch.Tensor] = None,
+        real_conditions: Optional[PromptSource] = None,
+        device=None,
+    ):
         self.prompts = prompts
         self.noise_shape = noise_shape
         self.random_source = random_source

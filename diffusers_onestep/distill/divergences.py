@@ -37,6 +37,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import Tensor
 
+
 __all__ = ["ALPHA_PREFIX", "DIVERGENCES", "Divergence", "alpha_divergence", "divergence_names", "get_divergence"]
 
 #: prefix of the α-divergence family's names, e.g. ``"alpha:0.5"``

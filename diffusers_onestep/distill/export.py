@@ -22,6 +22,7 @@ from ..schedulers import OneStepScheduler
 from .checkpoint import CONFIG_NAME
 from .config import TrainConfig
 
+
 #: written last into a LoRA student's folder (it names the base model)
 LORA_CONFIG_NAME = "onestep_lora.json"
 SAMPLE_GRID_NAME = "samples.png"
@@ -40,8 +41,16 @@ class StudentRenderer:
         max_sequence_length: the prompt length of the text encoders.
     """
 
-    def __init__(self, roles, adapter, components: Dict, family: str, student_timesteps: Sequence[float],
-                 resolution: int, max_sequence_length: Optional[int] = None):
+    def __init__(
+        self,
+        roles,
+        adapter,
+        components: Dict,
+        family: str,
+        student_timesteps: Sequence[float],
+        resolution: int,
+        max_sequence_length: Optional[int] = None,
+    ):
         self.roles = roles
         self.adapter = adapter
         self.components = components
@@ -51,16 +60,22 @@ class StudentRenderer:
         self.max_sequence_length = max_sequence_length
 
     def scheduler(self) -> OneStepScheduler:
-        return OneStepScheduler.from_noise_path(self.adapter.noise_path, self.student_timesteps,
-                                                self.roles.student_prediction_type)
+        return OneStepScheduler.from_noise_path(
+            self.adapter.noise_path, self.student_timesteps, self.roles.student_prediction_type
+        )
 
     def pipeline(self, denoiser):
         from ..pipelines import OneStepPipeline
 
         kwargs = {n: self.components.get(n) for n in self.adapter.text_component_names}
         kwargs[self.adapter.denoiser_name] = denoiser
-        pipe = OneStepPipeline(vae=self.components["vae"], scheduler=self.scheduler(), family=self.family,
-                               max_sequence_length=self.max_sequence_length, **kwargs)
+        pipe = OneStepPipeline(
+            vae=self.components["vae"],
+            scheduler=self.scheduler(),
+            family=self.family,
+            max_sequence_length=self.max_sequence_length,
+            **kwargs,
+        )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -71,9 +86,13 @@ class StudentRenderer:
             self.roles.activate("student")
             denoiser = self.roles._module_of("student")
         return self.pipeline(denoiser)(
-            prompt_embeds=conditions.embeds, prompt_attention_mask=conditions.mask,
-            pooled_prompt_embeds=conditions.pooled, height=self.resolution, width=self.resolution,
-            generator=torch.Generator().manual_seed(seed), output_type="np",
+            prompt_embeds=conditions.embeds,
+            prompt_attention_mask=conditions.mask,
+            pooled_prompt_embeds=conditions.pooled,
+            height=self.resolution,
+            width=self.resolution,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
         ).images
 
 
@@ -96,8 +115,14 @@ def ema_weights(roles, ema: Optional[Dict[str, torch.Tensor]]):
                 parameter.copy_(backup[name])
 
 
-def export_student(renderer: StudentRenderer, config: TrainConfig, conditions: Condition, prompts: Sequence[str],
-                   ema: Optional[Dict[str, torch.Tensor]] = None, repo_id: Optional[str] = None) -> str:
+def export_student(
+    renderer: StudentRenderer,
+    config: TrainConfig,
+    conditions: Condition,
+    prompts: Sequence[str],
+    ema: Optional[Dict[str, torch.Tensor]] = None,
+    repo_id: Optional[str] = None,
+) -> str:
     """Write the student into ``config.output.output_dir`` (call on the main process); returns the folder. The
     card's loading snippet names ``repo_id`` (the Hub repo it is pushed to) when given.
 
@@ -123,9 +148,17 @@ def export_student(renderer: StudentRenderer, config: TrainConfig, conditions: C
         images = renderer.sample(conditions, seed=config.optim.seed, denoiser=denoiser)
     image_grid(images).save(os.path.join(staging, SAMPLE_GRID_NAME))
     config.save(os.path.join(staging, CONFIG_NAME))
-    hub.write_model_card(staging, config, family=renderer.family, student_timesteps=renderer.student_timesteps,
-                         sample_grid=SAMPLE_GRID_NAME, prompts=list(prompts), lora=lora, repo_id=repo_id,
-                         method=get_method_class(config.method.method))
+    hub.write_model_card(
+        staging,
+        config,
+        family=renderer.family,
+        student_timesteps=renderer.student_timesteps,
+        sample_grid=SAMPLE_GRID_NAME,
+        prompts=list(prompts),
+        lora=lora,
+        repo_id=repo_id,
+        method=get_method_class(config.method.method),
+    )
     storage.publish_entries(staging, output_dir, commit_file=commit)
     return output_dir
 
@@ -151,13 +184,16 @@ def _save_lora_student(staging: str, renderer: StudentRenderer, config: TrainCon
         safe_serialization=True,
     )
     renderer.scheduler().save_pretrained(os.path.join(staging, "scheduler"))
-    storage.write_json(os.path.join(staging, LORA_CONFIG_NAME), {
-        "base_model": teacher_reference(config.teacher),
-        "family": renderer.family,
-        "weight_name": LORA_WEIGHT_NAME,
-        "lora_scale": 1.0,
-        "base_revision": config.revision,
-    })
+    storage.write_json(
+        os.path.join(staging, LORA_CONFIG_NAME),
+        {
+            "base_model": teacher_reference(config.teacher),
+            "family": renderer.family,
+            "weight_name": LORA_WEIGHT_NAME,
+            "lora_scale": 1.0,
+            "base_revision": config.revision,
+        },
+    )
 
 
 def write_validation(images: np.ndarray, prompts: Sequence[str], folder: str, step: int, trackers=()) -> None:

@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import parameterization
 from .divergences import Divergence, get_divergence
 
+
 __all__ = [
     "RatioNormalizer",
     "classifier_free_guidance",
@@ -211,9 +212,7 @@ def denoising_loss(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def classifier_free_guidance(
-    pred_uncond: Tensor, pred_cond: Tensor, guidance_scale: Union[float, Tensor]
-) -> Tensor:
+def classifier_free_guidance(pred_uncond: Tensor, pred_cond: Tensor, guidance_scale: Union[float, Tensor]) -> Tensor:
     """Classifier-free guidance ``ŷ_u + w (ŷ_c − ŷ_u)`` (Ho & Salimans 2022, arXiv 2207.12598, eq. 6, diffusers form).
 
     The argument order is fixed: **unconditional first, conditional second**; swapping them gives
@@ -404,9 +403,7 @@ class RatioNormalizer(torch.nn.Module):
 
 
 @torch.no_grad()
-def f_divergence_weight(
-    ratio: Tensor, divergence: Union[str, Divergence], normalize: bool = True
-) -> Tensor:
+def f_divergence_weight(ratio: Tensor, divergence: Union[str, Divergence], normalize: bool = True) -> Tensor:
     """The f-distill weight ``h(r)``, normalized to unit (global-batch) mean (f-distill's second normalization stage).
 
     Args:

@@ -19,6 +19,7 @@ import torch
 from .. import parameterization as param
 from . import losses
 
+
 #: The roles that own trainable parameters (the critic's include the discriminator's).
 TRAINABLE_ROLES = ("student", "critic")
 
@@ -96,6 +97,7 @@ class RolePhases:
         self._phase = None
         self._apply_requires_grad()
 
+
 class DistillationModels:
     """What a method needs from the networks. :class:`.roles.BackboneRoles` implements it for real backbones.
 
@@ -130,7 +132,6 @@ class DistillationModels:
         """Concatenate conditions along the batch (to run several passes as one)."""
         raise NotImplementedError
 
-
     def train_phase(self, role: str):
         """Context for one update of ``role``: only its parameters require grad; on exit its forward role is
         active again so that backward (and gradient checkpointing's recomputation) sees the same adapter."""
@@ -161,7 +162,7 @@ class RandomSource:
         return cls(torch.Generator().manual_seed(seed), **kwargs)
 
     def _slice(self, full: torch.Tensor, local: int) -> torch.Tensor:
-        return full[self.rank * local:(self.rank + 1) * local].to(self.device)
+        return full[self.rank * local : (self.rank + 1) * local].to(self.device)
 
     def randn(self, shape, dtype=torch.float32) -> torch.Tensor:
         """Standard normal noise of the local ``shape`` (batch first)."""

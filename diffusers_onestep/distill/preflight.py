@@ -55,8 +55,12 @@ def preflight(resolved: ResolvedConfig) -> None:
     continuing = config.output.resume_from_checkpoint == "latest"  # this folder's run, checkpointed or not yet
     if resume is not None:
         check_resume_config(resume, config)
-    elif (os.path.isdir(output_dir) and os.listdir(output_dir) and not config.output.overwrite_output_dir
-          and not continuing):
+    elif (
+        os.path.isdir(output_dir)
+        and os.listdir(output_dir)
+        and not config.output.overwrite_output_dir
+        and not continuing
+    ):
         raise ConfigError(
             f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to write into it, or "
             "--resume_from_checkpoint latest to continue its run."
@@ -70,6 +74,5 @@ def fresh_start_note(resolved: ResolvedConfig) -> Optional[str]:
     ``None``."""
     output = resolved.config.output
     if output.resume_from_checkpoint == "latest" and resolve_resume_path("latest", output.output_dir) is None:
-        return (f"--resume_from_checkpoint latest: {output.output_dir} has no checkpoint yet, so the run starts "
-                "fresh.")
+        return f"--resume_from_checkpoint latest: {output.output_dir} has no checkpoint yet, so the run starts fresh."
     return None

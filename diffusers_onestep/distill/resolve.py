@@ -90,8 +90,9 @@ def resolve_mixed_precision(value: Optional[str]) -> Tuple[str, str]:
     return launched, "accelerate"
 
 
-def read_teacher_configs(teacher: str, revision: Optional[str] = None,
-                         cache_dir: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+def read_teacher_configs(
+    teacher: str, revision: Optional[str] = None, cache_dir: Optional[str] = None
+) -> Dict[str, Dict[str, Any]]:
     """``model_index.json`` of a teacher (Hub id or folder) and the configs of its denoiser and VAE, or a
     one-sentence :class:`ConfigError`. Reads JSON only, never weights."""
     from ..families import read_pipeline_configs
@@ -157,8 +158,12 @@ def resolve(config: TrainConfig, teacher_configs: Optional[Dict[str, Dict[str, A
         config.max_sequence_length = adapter_cls.default_max_sequence_length
     if config.data.resolution is None:
         config.data.resolution = _native_resolution(adapter_cls, teacher_configs)
-    return ResolvedConfig(config=config.validate(), family=family, teacher_configs=teacher_configs,
-                          mixed_precision_source=mixed_precision_source)
+    return ResolvedConfig(
+        config=config.validate(),
+        family=family,
+        teacher_configs=teacher_configs,
+        mixed_precision_source=mixed_precision_source,
+    )
 
 
 def _native_resolution(adapter_cls, teacher_configs: Dict[str, Dict[str, Any]]) -> Optional[int]:

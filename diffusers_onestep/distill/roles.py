@@ -71,8 +71,12 @@ class DiscriminatorHead(nn.Module):
         x = features.to(self.out.weight.dtype)
         for layer in self.body:
             if isinstance(layer, nn.GroupNorm):
-                groups = _groups(layer.num_channels, values_per_channel=x.shape[2:].numel(),
-                                 min_values=self.MIN_VALUES_PER_GROUP, most=layer.num_groups)
+                groups = _groups(
+                    layer.num_channels,
+                    values_per_channel=x.shape[2:].numel(),
+                    min_values=self.MIN_VALUES_PER_GROUP,
+                    most=layer.num_groups,
+                )
                 x = nn.functional.group_norm(x, groups, layer.weight, layer.bias, layer.eps)
             else:
                 x = layer(x)
@@ -150,7 +154,7 @@ class BackboneRoles(RolePhases, DistillationModels):
         self.discriminator_head = DiscriminatorHead(adapter.feature_channels()) if discriminator else None
 
         # Wrapped (DDP/FSDP) versions; identical to the modules until `set_prepared` is called.
-        self.prepared: Dict[str, nn.Module] = {name: module for name, module in self.trainable_modules().items()}
+        self.prepared: Dict[str, nn.Module] = dict(self.trainable_modules().items())
         self._phase: Optional[str] = None
         self._active: Optional[str] = None
         self._apply_requires_grad()
@@ -166,8 +170,9 @@ class BackboneRoles(RolePhases, DistillationModels):
     def _inject_adapters(self) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
-        targets = _present_targets(self.backbone, self.config.lora_target_modules or
-                                   self.adapter.default_lora_target_modules)
+        targets = _present_targets(
+            self.backbone, self.config.lora_target_modules or self.adapter.default_lora_target_modules
+        )
         for role in self.lora_roles:
             rank = self.config.lora_rank
             if role == "critic" and self.config.critic_lora_rank:
@@ -319,7 +324,11 @@ class BackboneRoles(RolePhases, DistillationModels):
         dtype = _unwrap(module).dtype
         condition = condition.to(dtype=dtype)
         out = self.adapter.denoise(
-            x_t.to(dtype), t, condition, denoiser=self._callable_of(role), guidance=guidance,
+            x_t.to(dtype),
+            t,
+            condition,
+            denoiser=self._callable_of(role),
+            guidance=guidance,
             return_features=return_features,
         )
         if return_features:
@@ -348,7 +357,6 @@ class BackboneRoles(RolePhases, DistillationModels):
 
     def concat(self, conditions):
         return Condition.cat(list(conditions))
-
 
     # ------------------------------------------------------------------------------------------------------------
     # export

@@ -38,6 +38,7 @@ from .preflight import fresh_start_note
 from .resolve import ResolvedConfig, resolve
 from .roles import BackboneRoles
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -103,6 +104,7 @@ class Trainer:
     @contextlib.contextmanager
     def _stop_after_step_on_signal(self):
         """SIGINT/SIGTERM set :attr:`interrupt_signal` (the loop stops after the step); a second one stops at once."""
+
         def handler(signum, frame):
             if self._interrupt_signal is not None:
                 raise KeyboardInterrupt
@@ -179,8 +181,10 @@ class Trainer:
             return hub.create_repo(repo_id, private=cfg.output.private)
         except (OSError, ValueError) as error:  # huggingface_hub's HTTP errors are OSErrors
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise HubError(f"--push_to_hub could not create the Hub repo {repo_id!r} ({reason}); check HF_TOKEN or "
-                           "`hf auth login` and --hub_model_id.") from None
+            raise HubError(
+                f"--push_to_hub could not create the Hub repo {repo_id!r} ({reason}); check HF_TOKEN or "
+                "`hf auth login` and --hub_model_id."
+            ) from None
 
     def _load_teacher(self):
         cfg = self.config
@@ -201,22 +205,29 @@ class Trainer:
         teacher."""
         if self.weight_dtype is None:
             return None
-        return trainable_denoiser_loader(self.config, type(self.adapter.denoiser), self.adapter.denoiser_name,
-                                         self.device)
+        return trainable_denoiser_loader(
+            self.config, type(self.adapter.denoiser), self.adapter.denoiser_name, self.device
+        )
 
     def _setup_data(self):
         cfg, adapter = self.config, self.adapter
         self.prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_column, cache_dir=cfg.cache_dir)
-        self.prompt_source = PromptSource(adapter, self.prompts, cache=cfg.data.cache_text_embeddings,
-                                          device=self.device)
+        self.prompt_source = PromptSource(
+            adapter, self.prompts, cache=cfg.data.cache_text_embeddings, device=self.device
+        )
         self.validation_prompts = list(cfg.output.validation_prompts or self.prompts[:4])
         self.validation_conditions = adapter.encode_prompt(self.validation_prompts, device=self.device)
         self.resolution = cfg.data.resolution or adapter.default_resolution
         self.real_latents = self.real_conditions = None
         if cfg.method.uses_discriminator:
-            images, captions = load_real_images(cfg.data.real_images, self.resolution, cfg.data.image_column,
-                                                cfg.data.caption_column, num_workers=cfg.data.dataloader_num_workers,
-                                                cache_dir=cfg.cache_dir)
+            images, captions = load_real_images(
+                cfg.data.real_images,
+                self.resolution,
+                cfg.data.image_column,
+                cfg.data.caption_column,
+                num_workers=cfg.data.dataloader_num_workers,
+                cache_dir=cfg.cache_dir,
+            )
             self.real_latents = encode_real_images(adapter, images, cfg.optim.seed, device=self.device)
             if captions is not None:
                 self.real_conditions = PromptSource(adapter, captions, cache=True, device=self.device)
@@ -226,8 +237,13 @@ class Trainer:
 
         cfg, optim, acc = self.config, self.config.optim, self.accelerator
         student_timesteps = self.resolved.student_timesteps
-        roles = BackboneRoles(self.adapter, cfg.roles, discriminator=cfg.method.uses_discriminator,
-                              dtype=self.weight_dtype, trainable_copy=self._trainable_copy())
+        roles = BackboneRoles(
+            self.adapter,
+            cfg.roles,
+            discriminator=cfg.method.uses_discriminator,
+            dtype=self.weight_dtype,
+            trainable_copy=self._trainable_copy(),
+        )
         method = build_method(cfg.method, roles, student_timesteps)
         if cfg.data.cache_text_embeddings:
             # Every condition is cached: move the text encoders off the accelerator (kept for the export).
@@ -240,12 +256,21 @@ class Trainer:
         for role in ("student", "critic"):
             lr = optim.learning_rate if role == "student" else optim.critic_learning_rate
             optimizers[role] = torch.optim.AdamW(
-                roles.role_parameters(role), lr=lr, betas=(optim.adam_beta1, optim.adam_beta2),
-                weight_decay=optim.adam_weight_decay, eps=optim.adam_epsilon,
+                roles.role_parameters(role),
+                lr=lr,
+                betas=(optim.adam_beta1, optim.adam_beta2),
+                weight_decay=optim.adam_weight_decay,
+                eps=optim.adam_epsilon,
             )
-        lr_schedulers = {role: get_scheduler(optim.lr_scheduler, opt, num_warmup_steps=optim.lr_warmup_steps,
-                                             num_training_steps=optim.max_train_steps)
-                         for role, opt in optimizers.items()}
+        lr_schedulers = {
+            role: get_scheduler(
+                optim.lr_scheduler,
+                opt,
+                num_warmup_steps=optim.lr_warmup_steps,
+                num_training_steps=optim.max_train_steps,
+            )
+            for role, opt in optimizers.items()
+        }
 
         modules = roles.trainable_modules()
         prepared = acc.prepare(*modules.values(), optimizers["student"], optimizers["critic"])
@@ -256,16 +281,42 @@ class Trainer:
         ema = None
         if optim.ema_decay:
             ema = {name: p.detach().clone().float() for name, p in roles.named_role_parameters("student")}
-        random_source = RandomSource(torch.Generator().manual_seed(optim.seed), rank=acc.process_index,
-                                     world_size=acc.num_processes, device=self.device)
-        self.state = TrainingState(roles=roles, method=method, optimizers=optimizers, lr_schedulers=lr_schedulers,
-                                   random_source=random_source, ema=ema)
+        random_source = RandomSource(
+            torch.Generator().manual_seed(optim.seed),
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            device=self.device,
+        )
+        self.state = TrainingState(
+            roles=roles,
+            method=method,
+            optimizers=optimizers,
+            lr_schedulers=lr_schedulers,
+            random_source=random_source,
+            ema=ema,
+        )
         self.batches = TrainingBatches(
-            self.prompt_source, lambda n: self.adapter.latent_shape(n, self.resolution, self.resolution), random_source,
-            optim.seed, optim.train_batch_size, acc.process_index, acc.num_processes, optim.gradient_accumulation_steps,
-            self.real_latents, self.real_conditions, device=self.device)
-        self.renderer = StudentRenderer(roles, self.adapter, self.teacher_pipeline.components, self.family,
-                                        student_timesteps, self.resolution, cfg.max_sequence_length)
+            self.prompt_source,
+            lambda n: self.adapter.latent_shape(n, self.resolution, self.resolution),
+            random_source,
+            optim.seed,
+            optim.train_batch_size,
+            acc.process_index,
+            acc.num_processes,
+            optim.gradient_accumulation_steps,
+            self.real_latents,
+            self.real_conditions,
+            device=self.device,
+        )
+        self.renderer = StudentRenderer(
+            roles,
+            self.adapter,
+            self.teacher_pipeline.components,
+            self.family,
+            student_timesteps,
+            self.resolution,
+            cfg.max_sequence_length,
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # one update
@@ -287,8 +338,10 @@ class Trainer:
             return True
         if optim.on_nonfinite == "skip":
             message += f", and the limit of {optim.max_nonfinite_skips} skipped updates is reached"
-        raise NonFiniteError(message + "; the last good checkpoint is intact. Lower the learning rate or use "
-                             "--mixed_precision no, then resume.")
+        raise NonFiniteError(
+            message + "; the last good checkpoint is intact. Lower the learning rate or use "
+            "--mixed_precision no, then resume."
+        )
 
     def _update(self, role: str, step: int) -> Dict[str, float]:
         cfg, state = self.config, self.state
@@ -342,15 +395,26 @@ class Trainer:
         acc = self.accelerator
         if acc.is_main_process:
             images = self.renderer.sample(self.validation_conditions.to(self.device), seed=self.config.optim.seed)
-            write_validation(images, self.validation_prompts, os.path.join(self.config.output.output_dir, "validation"),
-                             self.global_step, acc.trackers)
+            write_validation(
+                images,
+                self.validation_prompts,
+                os.path.join(self.config.output.output_dir, "validation"),
+                self.global_step,
+                acc.trackers,
+            )
 
     def export(self) -> str:
         """Write the student into the output folder (full pipeline or LoRA + config), with samples and card (whose
         loading snippet names the Hub repo with ``--push_to_hub``)."""
         if self.accelerator.is_main_process:
-            export_student(self.renderer, self.config, self.validation_conditions.to(self.device),
-                           self.validation_prompts, ema=self.state.ema, repo_id=self.hub_repo_id)
+            export_student(
+                self.renderer,
+                self.config,
+                self.validation_conditions.to(self.device),
+                self.validation_prompts,
+                ema=self.state.ema,
+                repo_id=self.hub_repo_id,
+            )
         self.accelerator.wait_for_everyone()
         return self.config.output.output_dir
 
@@ -384,8 +448,13 @@ class Trainer:
         if cfg.output.report_to != "none":
             acc.init_trackers(cfg.output.tracker_project_name, config=_flat_config(cfg.to_dict()))
 
-        progress = tqdm(total=cfg.optim.max_train_steps, initial=self.global_step, desc="Distilling",
-                        disable=not acc.is_local_main_process, dynamic_ncols=True)
+        progress = tqdm(
+            total=cfg.optim.max_train_steps,
+            initial=self.global_step,
+            desc="Distilling",
+            disable=not acc.is_local_main_process,
+            dynamic_ncols=True,
+        )
         logs: Dict[str, float] = {}
         with self._stop_after_step_on_signal():
             try:
@@ -396,8 +465,10 @@ class Trainer:
                 saved_steps = [step for step, _ in list_checkpoints(cfg.output.output_dir)]
                 if cfg.output.save_on_interrupt and self.global_step not in saved_steps:
                     path = self.save_checkpoint()
-                    acc.print(f"Interrupted at step {self.global_step}: saved {path}; resume with "
-                              "--resume_from_checkpoint latest.")
+                    acc.print(
+                        f"Interrupted at step {self.global_step}: saved {path}; resume with "
+                        "--resume_from_checkpoint latest."
+                    )
                 acc.end_training()
                 raise
             finally:
@@ -421,8 +492,9 @@ class Trainer:
         state.global_step = step + 1
         logs["time/step_s"] = time.perf_counter() - started
         progress.update(1)
-        progress.set_postfix({k.split("/")[0]: f"{v:.4g}"
-                              for k, v in logs.items() if k in ("student/loss", "critic/loss")})
+        progress.set_postfix(
+            {k.split("/")[0]: f"{v:.4g}" for k, v in logs.items() if k in ("student/loss", "critic/loss")}
+        )
         self.accelerator.log(logs, step=state.global_step)
         self._hook("after_step", step=state.global_step, logs=logs)
         done = state.global_step == cfg.optim.max_train_steps
@@ -447,8 +519,12 @@ def teacher_loading_kwargs(config: TrainConfig) -> Dict[str, Any]:
     return {key: value for key, value in kwargs.items() if value}
 
 
-def load_teacher_pipeline(config: TrainConfig, denoiser_name: str, weight_dtype: Optional[torch.dtype] = None,
-                          model_index: Optional[Dict[str, Any]] = None):
+def load_teacher_pipeline(
+    config: TrainConfig,
+    denoiser_name: str,
+    weight_dtype: Optional[torch.dtype] = None,
+    model_index: Optional[Dict[str, Any]] = None,
+):
     """The teacher pipeline, its frozen denoiser loaded straight into ``weight_dtype`` (``torch_dtype=``, never a
     float32 copy first); the other components load as the pipeline's own ``from_pretrained`` loads them.
 
@@ -462,22 +538,27 @@ def load_teacher_pipeline(config: TrainConfig, denoiser_name: str, weight_dtype:
 
     kwargs = teacher_loading_kwargs(config)
     if model_index is None:
-        model_index = read_json(config.teacher, "model_index.json",
-                                {k: v for k, v in kwargs.items() if k != "variant"}) or {}
+        model_index = (
+            read_json(config.teacher, "model_index.json", {k: v for k, v in kwargs.items() if k != "variant"}) or {}
+        )
     library, class_name = model_index[denoiser_name][:2]
     denoiser_cls = getattr(importlib.import_module(library), class_name)
-    denoiser = denoiser_cls.from_pretrained(config.teacher, subfolder=denoiser_name, torch_dtype=weight_dtype,
-                                            **kwargs)
+    denoiser = denoiser_cls.from_pretrained(
+        config.teacher, subfolder=denoiser_name, torch_dtype=weight_dtype, **kwargs
+    )
     return DiffusionPipeline.from_pretrained(config.teacher, **{denoiser_name: denoiser}, **kwargs)
 
 
-def trainable_denoiser_loader(config: TrainConfig, denoiser_cls, denoiser_name: str,
-                              device=None) -> Callable[[], torch.nn.Module]:
+def trainable_denoiser_loader(
+    config: TrainConfig, denoiser_cls, denoiser_name: str, device=None
+) -> Callable[[], torch.nn.Module]:
     """A function that loads the teacher's denoiser in float32 on ``device``: the start of a full (trainable) role
     when the frozen backbone runs in a lower precision."""
+
     def load() -> torch.nn.Module:
-        model = denoiser_cls.from_pretrained(config.teacher, subfolder=denoiser_name, torch_dtype=torch.float32,
-                                             **teacher_loading_kwargs(config))
+        model = denoiser_cls.from_pretrained(
+            config.teacher, subfolder=denoiser_name, torch_dtype=torch.float32, **teacher_loading_kwargs(config)
+        )
         return model.to(device) if device is not None else model
 
     return load
@@ -499,5 +580,15 @@ def _flat_config(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-__all__ = ["Trainer", "TrainingResult", "NonFiniteError", "TrainingInterrupted", "HubError", "ConfigError", "DataError",
-           "load_teacher_pipeline", "teacher_loading_kwargs", "trainable_denoiser_loader"]
+__all__ = [
+    "Trainer",
+    "TrainingResult",
+    "NonFiniteError",
+    "TrainingInterrupted",
+    "HubError",
+    "ConfigError",
+    "DataError",
+    "load_teacher_pipeline",
+    "teacher_loading_kwargs",
+    "trainable_denoiser_loader",
+]

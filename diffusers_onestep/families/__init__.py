@@ -17,6 +17,7 @@ from .pixart import PixArtAlphaAdapter, PixArtSigmaAdapter
 from .sana import SanaAdapter, SanaSprintAdapter
 from .sdxl import SDXLAdapter
 
+
 #: registered families by name, in registration order (the order of detection and of every listing)
 FAMILIES: Dict[str, Type[FamilyAdapter]] = {}
 #: ``model_index.json`` key under which a student saved with a native pipeline class keeps OneStepPipeline's own
@@ -88,8 +89,9 @@ def detect_family(model_index: Dict[str, Any], component_configs: Optional[Dict[
     raise ValueError(f"{what} is not a supported backbone; diffusers-onestep supports {supported_families_text()}.")
 
 
-def read_pipeline_configs(source: str, model_index: Dict[str, Any],
-                          hub_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Dict[str, Any]]:
+def read_pipeline_configs(
+    source: str, model_index: Dict[str, Any], hub_kwargs: Optional[Dict[str, Any]] = None
+) -> Dict[str, Dict[str, Any]]:
     """The configs of the denoiser components ``model_index`` lists, read from ``source`` (a folder or Hub repo):
     what :func:`detect_family` needs beside ``model_index.json``."""
     configs = {}

@@ -505,8 +505,9 @@ class FamilyAdapter:
         """Extra keyword arguments of ``lora_state_dict`` of :attr:`lora_pipeline_class_name` for this denoiser."""
         return {}
 
-    def lora_save_kwargs(self, lora_state_dict: Dict[str, torch.Tensor], metadata: Optional[dict] = None
-                         ) -> Dict[str, Any]:
+    def lora_save_kwargs(
+        self, lora_state_dict: Dict[str, torch.Tensor], metadata: Optional[dict] = None
+    ) -> Dict[str, Any]:
         """Keyword arguments of ``save_lora_weights`` of :attr:`lora_pipeline_class_name` for this denoiser (diffusers
         names them after the component: ``unet_lora_layers``, ``transformer_lora_layers``)."""
         from ..lora import fold_lora_scale, lora_metadata_supported

@@ -53,15 +53,19 @@ class PixArtAlphaAdapter(FamilyAdapter):
     # demo: timesteps=[400]); TDM (Luo et al. 2025, arXiv 2503.06674) distils PixArt with CFG 4.5 in its PixArt
     # training demo. No published learning rate: ours, labelled so in docs/training.md.
     training_defaults = TrainingDefaults(
-        student_timesteps=(400.0,), guidance_scale=4.5, learning_rate_full=1e-6, learning_rate_lora=5e-5,
+        student_timesteps=(400.0,),
+        guidance_scale=4.5,
+        learning_rate_full=1e-6,
+        learning_rate_lora=5e-5,
     )
 
     @classmethod
     def matches(cls, model_index, component_configs):
         # PixArt-α and -Σ transformers share one class and look alike by config; only a Σ pipeline name tells Σ.
         transformer = component_configs.get("transformer") or {}
-        return (transformer.get("_class_name") == "PixArtTransformer2DModel"
-                and "Sigma" not in (model_index.get("_class_name") or ""))
+        return transformer.get("_class_name") == "PixArtTransformer2DModel" and "Sigma" not in (
+            model_index.get("_class_name") or ""
+        )
 
     def _encode(self, prompts: List[str], device) -> Condition:
         embeds, mask, _, _ = self.text_pipeline().encode_prompt(
@@ -113,5 +117,6 @@ class PixArtSigmaAdapter(PixArtAlphaAdapter):
     @classmethod
     def matches(cls, model_index, component_configs):
         transformer = component_configs.get("transformer") or {}
-        return (transformer.get("_class_name") == "PixArtTransformer2DModel"
-                and "Sigma" in (model_index.get("_class_name") or ""))
+        return transformer.get("_class_name") == "PixArtTransformer2DModel" and "Sigma" in (
+            model_index.get("_class_name") or ""
+        )

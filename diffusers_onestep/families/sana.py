@@ -34,7 +34,10 @@ class SanaAdapter(FamilyAdapter):
     # No DMD2/f-distill recipe exists for SANA: the student starts from pure noise (flow sigma 1) and the target uses
     # the SANA pipeline's default guidance 4.5; learning rates are ours.
     training_defaults = TrainingDefaults(
-        student_timesteps=(1.0,), guidance_scale=4.5, learning_rate_full=1e-6, learning_rate_lora=5e-5,
+        student_timesteps=(1.0,),
+        guidance_scale=4.5,
+        learning_rate_full=1e-6,
+        learning_rate_lora=5e-5,
     )
 
     @classmethod
@@ -94,7 +97,10 @@ class SanaSprintAdapter(SanaAdapter):
     # SANA-Sprint students start at TrigFlow t = pi/2 with embedded guidance 4.5 (SANA-Sprint, Chen et al. 2025,
     # arXiv 2503.09641; diffusers' SanaSprintPipeline defaults: max_timesteps=1.57080, guidance_scale=4.5).
     training_defaults = TrainingDefaults(
-        student_timesteps=(1.5708,), guidance_scale=4.5, learning_rate_full=2e-6, learning_rate_lora=5e-5,
+        student_timesteps=(1.5708,),
+        guidance_scale=4.5,
+        learning_rate_full=2e-6,
+        learning_rate_lora=5e-5,
     )
 
     @classmethod

@@ -23,8 +23,20 @@ class SDXLAdapter(FamilyAdapter):
     # DMD2's --generator_lora targets, also the target list of diffusers' LCM-LoRA SDXL training example
     # (train_lcm_distill_lora_sdxl.py).
     default_lora_target_modules = (
-        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-        "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "proj_in",
+        "proj_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "conv1",
+        "conv2",
+        "conv_shortcut",
+        "downsamplers.0.conv",
+        "upsamplers.0.conv",
+        "time_emb_proj",
     )
     # SDXL's own LoRA loader: it reads diffusers, peft and Kohya/SGM UNet layouts (the latter given the UNet config).
     lora_pipeline_class_name = "StableDiffusionXLPipeline"
@@ -33,8 +45,13 @@ class SDXLAdapter(FamilyAdapter):
     # student conditioned on t=399, real-score CFG 8, LoRA r=64 alpha=8, lr 5e-7 full / 5e-5 LoRA, generator GAN
     # weight 5e-3, TTUR 5. f-distill's SDXL config (arXiv 2502.15681; NVIDIA's FastGen) agrees.
     training_defaults = TrainingDefaults(
-        student_timesteps=(399.0,), guidance_scale=8.0, learning_rate_full=5e-7, learning_rate_lora=5e-5,
-        gan_weight=5e-3, lora_rank=64, lora_alpha=8,
+        student_timesteps=(399.0,),
+        guidance_scale=8.0,
+        learning_rate_full=5e-7,
+        learning_rate_lora=5e-5,
+        gan_weight=5e-3,
+        lora_rank=64,
+        lora_alpha=8,
     )
 
     @classmethod
@@ -85,9 +102,7 @@ class SDXLAdapter(FamilyAdapter):
 
     def _forward(self, denoiser, x_t, t, condition, guidance):
         added = {"text_embeds": condition.pooled, "time_ids": self.add_time_ids(x_t, condition.embeds.dtype)}
-        return denoiser(
-            x_t, t, encoder_hidden_states=condition.embeds, added_cond_kwargs=added, return_dict=False
-        )[0]
+        return denoiser(x_t, t, encoder_hidden_states=condition.embeds, added_cond_kwargs=added, return_dict=False)[0]
 
     def feature_module(self, denoiser):
         # DMD2 puts its GAN head on the UNet bottleneck (Yin et al. 2024b, arXiv 2405.14867: the GAN classifier on the
@@ -96,4 +111,3 @@ class SDXLAdapter(FamilyAdapter):
 
     def feature_channels(self) -> int:
         return int(_unwrap(self.denoiser).config.block_out_channels[-1])
-

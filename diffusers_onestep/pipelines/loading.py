@@ -19,6 +19,7 @@ from ..schedulers import OneStepScheduler
 from . import presets, serving
 from .presets import Preset
 
+
 #: config file of a LoRA student folder (beside ``pytorch_lora_weights.safetensors`` and ``scheduler/``)
 LORA_STUDENT_CONFIG = "onestep_lora.json"
 
@@ -30,8 +31,13 @@ def pure_noise_time(noise_path) -> float:
     return noise_path.t_max
 
 
-def scheduler_for(family: str, scheduler_config: Dict[str, Any], conditioning_timesteps: Optional[Sequence[float]],
-                  prediction_type: Optional[str], solver: Optional[str] = None) -> OneStepScheduler:
+def scheduler_for(
+    family: str,
+    scheduler_config: Dict[str, Any],
+    conditioning_timesteps: Optional[Sequence[float]],
+    prediction_type: Optional[str],
+    solver: Optional[str] = None,
+) -> OneStepScheduler:
     """A OneStepScheduler on the noise path of ``scheduler_config`` (a native or OneStep scheduler config)."""
     adapter_cls = get_adapter_class(family)
     path = adapter_cls.default_noise_path(scheduler_config)
@@ -46,8 +52,14 @@ def scheduler_for(family: str, scheduler_config: Dict[str, Any], conditioning_ti
     return OneStepScheduler.from_noise_path(path, timesteps, prediction_type, solver=solver or "sde")
 
 
-def apply_dmd2_config(source: str, model_index: Dict[str, Any], family: str, scheduler_config: Dict[str, Any],
-                      kwargs: Dict[str, Any], conditioning_timesteps: Optional[Sequence[float]]):
+def apply_dmd2_config(
+    source: str,
+    model_index: Dict[str, Any],
+    family: str,
+    scheduler_config: Dict[str, Any],
+    kwargs: Dict[str, Any],
+    conditioning_timesteps: Optional[Sequence[float]],
+):
     """The student settings of a serving folder's ``dmd2_config`` block (:mod:`.serving`): ``(conditioning
     timesteps, solver)`` for :func:`scheduler_for`, the guidance put into ``kwargs``; callers' arguments win."""
     block = serving.read_dmd2_config(model_index[serving.DMD2_CONFIG_KEY], source)
@@ -84,8 +96,10 @@ def load_pipeline(cls, source, **kwargs):
         if preset is not None:
             return load_preset(cls, preset, conditioning_timesteps=conditioning_timesteps, **kwargs)
         if weight_name is not None:
-            raise ValueError(f"`weight_name` selects a variant of a known preset, and {source!r} is not one; "
-                             f"known presets: {', '.join(presets.preset_ids())}.")
+            raise ValueError(
+                f"`weight_name` selects a variant of a known preset, and {source!r} is not one; "
+                f"known presets: {', '.join(presets.preset_ids())}."
+            )
 
     model_index = read_json(source, "model_index.json", hub_kwargs)
     if model_index is None:
@@ -110,10 +124,12 @@ def load_pipeline(cls, source, **kwargs):
             solver = None
             # Our own folders also carry the block, written from their OneStepScheduler: that stays authoritative.
             if not is_onestep and serving.DMD2_CONFIG_KEY in model_index:
-                conditioning_timesteps, solver = apply_dmd2_config(source, model_index, family, scheduler_config,
-                                                                   kwargs, conditioning_timesteps)
-            kwargs["scheduler"] = scheduler_for(family, scheduler_config, conditioning_timesteps, prediction_type,
-                                                solver)
+                conditioning_timesteps, solver = apply_dmd2_config(
+                    source, model_index, family, scheduler_config, kwargs, conditioning_timesteps
+                )
+            kwargs["scheduler"] = scheduler_for(
+                family, scheduler_config, conditioning_timesteps, prediction_type, solver
+            )
     return cls._from_pretrained_folder(source, **kwargs)
 
 
@@ -147,13 +163,27 @@ def load_preset(cls, preset: Preset, conditioning_timesteps=None, **kwargs):
         kwargs.setdefault("scheduler", scheduler_for(preset.family, config, timesteps, preset.prediction_type))
         kwargs.setdefault("family", preset.family)
         return cls._from_pretrained_folder(preset.repo_id, **kwargs)
-    common = dict(conditioning_timesteps=timesteps, prediction_type=preset.prediction_type, family=preset.family)
+    common = {"conditioning_timesteps": timesteps, "prediction_type": preset.prediction_type, "family": preset.family}
     if preset.kind == "denoiser":
-        return load_from_base(cls, preset.base_model, student_weights=preset.repo_id, weight_name=preset.weight_name,
-                              subfolder=preset.subfolder, **common, **kwargs)
+        return load_from_base(
+            cls,
+            preset.base_model,
+            student_weights=preset.repo_id,
+            weight_name=preset.weight_name,
+            subfolder=preset.subfolder,
+            **common,
+            **kwargs,
+        )
     if preset.kind == "lora":
-        return load_from_base(cls, preset.base_model, lora=preset.repo_id, lora_weight_name=preset.weight_name,
-                              lora_scale=preset.lora_scale, **common, **kwargs)
+        return load_from_base(
+            cls,
+            preset.base_model,
+            lora=preset.repo_id,
+            lora_weight_name=preset.weight_name,
+            lora_scale=preset.lora_scale,
+            **common,
+            **kwargs,
+        )
     raise ValueError(f"Unknown preset kind {preset.kind!r}.")  # pragma: no cover - PRESETS is static
 
 
@@ -178,8 +208,15 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     raise ValueError(f"{path} has an unknown weight format; expected .safetensors (or a legacy .bin).")
 
 
-def build_denoiser(base_model: str, family: str, weights: Optional[str] = None, weight_name: Optional[str] = None,
-                   subfolder: Optional[str] = None, torch_dtype=None, **hub_kwargs):
+def build_denoiser(
+    base_model: str,
+    family: str,
+    weights: Optional[str] = None,
+    weight_name: Optional[str] = None,
+    subfolder: Optional[str] = None,
+    torch_dtype=None,
+    **hub_kwargs,
+):
     """The base model's denoiser architecture with the student's weights."""
     import diffusers
 
@@ -243,8 +280,15 @@ def load_from_base(
     scheduler_config = read_json(base_model, "scheduler/scheduler_config.json", hub_kwargs) or {}
     scheduler = scheduler_for(family, scheduler_config, conditioning_timesteps, prediction_type)
     if student_weights is not None:
-        denoiser = build_denoiser(base_model, family, student_weights, weight_name, subfolder,
-                                  torch_dtype=kwargs.get("torch_dtype"), **hub_kwargs)
+        denoiser = build_denoiser(
+            base_model,
+            family,
+            student_weights,
+            weight_name,
+            subfolder,
+            torch_dtype=kwargs.get("torch_dtype"),
+            **hub_kwargs,
+        )
         kwargs[get_adapter_class(family).denoiser_name] = denoiser
     pipe = cls.from_pretrained(base_model, scheduler=scheduler, family=family, **kwargs)
     if lora is not None:

@@ -22,6 +22,7 @@ import torch
 
 from .. import lora as lora_io
 
+
 #: keyword arguments of ``load_lora_weights`` that locate the file (those of diffusers' ``lora_state_dict``)
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
 

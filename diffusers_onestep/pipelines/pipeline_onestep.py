@@ -28,10 +28,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..families import ONESTEP_INDEX_KEY, Condition, FamilyAdapter, detect_family, get_adapter_class
-from ..storage import replace_directory, staging_path
 from ..schedulers import OneStepScheduler
+from ..storage import replace_directory, staging_path
 from . import loading, serving
 from .lora_loading import OneStepLoraLoaderMixin
+
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 #: OneStepPipeline's settings kept under ``model_index.json``'s ``ONESTEP_INDEX_KEY`` in folders saved under a native
@@ -39,8 +40,17 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 ONESTEP_CONFIG_KEYS = ("family", "embedded_guidance_scale", "max_sequence_length")
 #: every component slot a family adapter may fill (``FamilyAdapter.component_names``): one denoiser and up to three
 #: text encoders with their tokenizers (SD3 has three); a test keeps this covering every registered family
-_COMPONENT_NAMES = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
-                    "tokenizer_2", "tokenizer_3")
+_COMPONENT_NAMES = (
+    "vae",
+    "unet",
+    "transformer",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+)
 #: the tensors a ``callback_on_step_end`` may read and replace, by ``__call__``'s argument names
 CALLBACK_TENSOR_INPUTS = ("latents", "denoised", "prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
 
@@ -59,8 +69,9 @@ class _DisabledProgressBar:
 
 
 def _check_prompt(prompt) -> None:
-    if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and
-                                        all(isinstance(p, str) for p in prompt))):
+    if not (
+        isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
+    ):
         raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
 
 
@@ -463,9 +474,22 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
 
         # 1. Check inputs
         self.check_inputs(
-            prompt, height, width, num_inference_steps, timesteps, num_images_per_prompt, prompt_embeds,
-            prompt_attention_mask, pooled_prompt_embeds, guidance_scale, negative_prompt, negative_prompt_embeds,
-            generator, latents, output_type, callback_on_step_end_tensor_inputs,
+            prompt,
+            height,
+            width,
+            num_inference_steps,
+            timesteps,
+            num_images_per_prompt,
+            prompt_embeds,
+            prompt_attention_mask,
+            pooled_prompt_embeds,
+            guidance_scale,
+            negative_prompt,
+            negative_prompt_embeds,
+            generator,
+            latents,
+            output_type,
+            callback_on_step_end_tensor_inputs,
         )
         self._interrupt = False
         device = self._compute_device()
@@ -515,8 +539,15 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
                 )
                 if callback_on_step_end is not None:
                     latents, denoised, condition = self._run_callback(
-                        callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, denoised, condition,
-                        device, dtype,
+                        callback_on_step_end,
+                        callback_on_step_end_tensor_inputs,
+                        i,
+                        t,
+                        latents,
+                        denoised,
+                        condition,
+                        device,
+                        dtype,
                     )
                 progress_bar.update()
 
@@ -544,8 +575,10 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         }
         outputs = callback(self, i, t, {name: current[name] for name in tensor_inputs}) or {}
         updated = {name: outputs.get(name, value) for name, value in current.items()}
-        if any(updated[name] is not current[name] for name in ("prompt_embeds", "prompt_attention_mask",
-                                                                 "pooled_prompt_embeds")):
+        if any(
+            updated[name] is not current[name]
+            for name in ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
+        ):
             condition = Condition(
                 updated["prompt_embeds"], updated["prompt_attention_mask"], updated["pooled_prompt_embeds"]
             ).to(device=device, dtype=dtype)
@@ -602,29 +635,37 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         prediction_type = kwargs.pop("prediction_type", None)
         if not isinstance(pipeline, OneStepPipeline):
             if kwargs.get("family") is None:
-                denoisers = {name: {"_class_name": type(module).__name__, **dict(module.config)}
-                             for name, module in pipeline.components.items()
-                             if name in ("unet", "transformer") and module is not None}
+                denoisers = {
+                    name: {"_class_name": type(module).__name__, **dict(module.config)}
+                    for name, module in pipeline.components.items()
+                    if name in ("unet", "transformer") and module is not None
+                }
                 kwargs["family"] = detect_family({"_class_name": type(pipeline).__name__}, denoisers)
         family = kwargs.get("family") or pipeline.config.family
-        needs_scheduler = not isinstance(pipeline.scheduler, OneStepScheduler) or conditioning_timesteps is not None \
+        needs_scheduler = (
+            not isinstance(pipeline.scheduler, OneStepScheduler)
+            or conditioning_timesteps is not None
             or prediction_type is not None
+        )
         if "scheduler" not in kwargs and needs_scheduler:
             kwargs["scheduler"] = loading.scheduler_for(
                 family, dict(pipeline.scheduler.config), conditioning_timesteps, prediction_type
             )
         return super().from_pipe(pipeline, **kwargs)
 
-    def load_student_lora(self, path_or_state_dict, weight_name: Optional[str] = None, lora_scale: float = 1.0,
-                          **hub_kwargs) -> None:
+    def load_student_lora(
+        self, path_or_state_dict, weight_name: Optional[str] = None, lora_scale: float = 1.0, **hub_kwargs
+    ) -> None:
         """Load a LoRA student (file, folder, Hub id or state dict) into the denoiser and fuse it."""
         from ..lora import load_and_fuse_lora
 
-        load_and_fuse_lora(self.adapter, path_or_state_dict, weight_name=weight_name, lora_scale=lora_scale,
-                           **hub_kwargs)
+        load_and_fuse_lora(
+            self.adapter, path_or_state_dict, weight_name=weight_name, lora_scale=lora_scale, **hub_kwargs
+        )
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], safe_serialization: bool = True,
-                        **kwargs) -> None:
+    def save_pretrained(
+        self, save_directory: Union[str, os.PathLike], safe_serialization: bool = True, **kwargs
+    ) -> None:
         """Save the student; the folder is written to a temporary sibling and moved into place when complete.
 
         For families whose own diffusers pipeline can drive :class:`OneStepScheduler` (the adapter's
@@ -678,8 +719,9 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         native = get_adapter_class(self.config.family).native_interop_pipeline_class_name
         if native is None:
             return
-        import diffusers
         import inspect
+
+        import diffusers
 
         path = os.path.join(folder, "model_index.json")
         with open(path, encoding="utf-8") as f:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional
 
+
 #: the ``model_index.json`` key serving engines read
 DMD2_CONFIG_KEY = "dmd2_config"
 
@@ -54,23 +55,35 @@ def read_dmd2_config(block: Any, source: str) -> Dict[str, Any]:
     if not isinstance(block, dict):
         raise ValueError(f"{source}: `{DMD2_CONFIG_KEY}` in model_index.json must be an object, got {block!r}.")
     timesteps = block.get("denoising_timesteps")
-    if (not isinstance(timesteps, list) or not timesteps
-            or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in timesteps)):
-        raise ValueError(f"{source}: `{DMD2_CONFIG_KEY}.denoising_timesteps` must be a non-empty list of numbers, "
-                         f"got {timesteps!r}.")
+    if (
+        not isinstance(timesteps, list)
+        or not timesteps
+        or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in timesteps)
+    ):
+        raise ValueError(
+            f"{source}: `{DMD2_CONFIG_KEY}.denoising_timesteps` must be a non-empty list of numbers, "
+            f"got {timesteps!r}."
+        )
     steps = block.get("num_inference_steps", len(timesteps))
     if steps != len(timesteps):
-        raise ValueError(f"{source}: `{DMD2_CONFIG_KEY}` says num_inference_steps={steps} but lists "
-                         f"{len(timesteps)} denoising_timesteps {timesteps}.")
+        raise ValueError(
+            f"{source}: `{DMD2_CONFIG_KEY}` says num_inference_steps={steps} but lists "
+            f"{len(timesteps)} denoising_timesteps {timesteps}."
+        )
     solver = block.get("solver", "sde")
     if solver not in ("sde", "ode"):
         raise ValueError(f"{source}: `{DMD2_CONFIG_KEY}.solver` must be 'sde' or 'ode', got {solver!r}.")
     guidance = block.get("guidance_scale", 1.0)
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
-        raise ValueError(f"{source}: `{DMD2_CONFIG_KEY}.guidance_scale` must be a non-negative number, "
-                         f"got {guidance!r}.")
-    return {"num_inference_steps": steps, "denoising_timesteps": list(timesteps), "solver": solver,
-            "guidance_scale": float(guidance)}
+        raise ValueError(
+            f"{source}: `{DMD2_CONFIG_KEY}.guidance_scale` must be a non-negative number, got {guidance!r}."
+        )
+    return {
+        "num_inference_steps": steps,
+        "denoising_timesteps": list(timesteps),
+        "solver": solver,
+        "guidance_scale": float(guidance),
+    }
 
 
 def conditioning_sigmas(block: Dict[str, Any], num_train_timesteps: int) -> List[float]:

@@ -1,3 +1,4 @@
 from .scheduling_onestep import OneStepScheduler, OneStepSchedulerOutput
 
+
 __all__ = ["OneStepScheduler", "OneStepSchedulerOutput"]

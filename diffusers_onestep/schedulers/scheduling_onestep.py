@@ -28,6 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import parameterization as param
 
+
 MAX_STEPS = 4
 #: multi-step samplers: re-noise with fresh noise (DMD2) or with the predicted noise (deterministic)
 SOLVERS = ("sde", "ode")
@@ -160,7 +161,10 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_noise_path(
-        cls, noise_path: param.NoisePath, conditioning_timesteps: Sequence[float], prediction_type: str,
+        cls,
+        noise_path: param.NoisePath,
+        conditioning_timesteps: Sequence[float],
+        prediction_type: str,
         solver: str = "sde",
     ) -> "OneStepScheduler":
         """A scheduler for a student trained on ``noise_path`` (e.g. its teacher adapter's path)."""
@@ -362,10 +366,16 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             if self.config.solver == "ode":
                 noise = predicted_noise
             else:
-                noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                     dtype=denoised.dtype)
-            prev_sample = param.add_noise(denoised, noise, self.path_timesteps[index + 1], self.path,
-                                          self._step_coefficients(index + 1, denoised.device))
+                noise = randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=denoised.dtype
+                )
+            prev_sample = param.add_noise(
+                denoised,
+                noise,
+                self.path_timesteps[index + 1],
+                self.path,
+                self._step_coefficients(index + 1, denoised.device),
+            )
 
         self._step_index += 1
         if not return_dict:
@@ -378,4 +388,3 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
-

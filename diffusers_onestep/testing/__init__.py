@@ -44,6 +44,7 @@ from .fixtures import (
     tiny_native_pipeline,
 )
 
+
 TINY_PROMPTS = ["a photo of a cat", "a red car on the road", "an astronaut riding a horse", "a bowl of fruit"]
 
 
@@ -86,12 +87,13 @@ def save_to_hub_cache(source: str, repo_id: str, cache_dir: Optional[str] = None
     return snapshot
 
 
-def random_lora_state_dict(model: torch.nn.Module, target_modules: Sequence[str], rank: int = 4, seed: int = 0,
-                           scale: float = 0.1) -> Dict[str, torch.Tensor]:
+def random_lora_state_dict(
+    model: torch.nn.Module, target_modules: Sequence[str], rank: int = 4, seed: int = 0, scale: float = 0.1
+) -> Dict[str, torch.Tensor]:
     """A peft LoRA state dict with non-zero A and B for ``model`` (so that loading it visibly changes outputs)."""
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-
     import copy
+
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     clone = copy.deepcopy(model)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_modules)), clone)

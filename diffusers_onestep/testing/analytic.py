@@ -30,6 +30,7 @@ from .. import parameterization
 from ..distill.divergences import Divergence, get_divergence
 from ..parameterization import NoisePath
 
+
 __all__ = ["GaussianMixture", "GaussianStudent", "mc_f_divergence"]
 
 TimeLike = Union[float, int, Tensor, Sequence[float]]

@@ -12,6 +12,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
+
 _BASE_WORDS = (
     "a an the of on in with and photo cat dog red blue green car road astronaut riding horse bowl fruit house tree "
     "painting portrait digit handwritten number zero one two three four five six seven eight nine"
@@ -69,24 +70,36 @@ def tiny_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftex
 
     # the pipeline of transformers' CLIP tokenizer (lower-cased NFC text, CLIP's word regex, byte-level symbols)
     backend = Tokenizer(
-        BPE(vocab=vocab, merges=[], continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False,
-            unk_token="<|endoftext|>")
+        BPE(
+            vocab=vocab,
+            merges=[],
+            continuing_subword_prefix="",
+            end_of_word_suffix="</w>",
+            fuse_unk=False,
+            unk_token="<|endoftext|>",
+        )
     )
     backend.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(
-            Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-            behavior="removed",
-            invert=True,
-        ),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(
+                    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+                ),
+                behavior="removed",
+                invert=True,
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.RobertaProcessing(
-        ("<|endoftext|>", vocab["<|endoftext|>"]), ("<|startoftext|>", vocab["<|startoftext|>"]),
-        trim_offsets=False, add_prefix_space=False,
+        ("<|endoftext|>", vocab["<|endoftext|>"]),
+        ("<|startoftext|>", vocab["<|startoftext|>"]),
+        trim_offsets=False,
+        add_prefix_space=False,
     )
     return CLIPTokenizerFast(
         tokenizer_object=backend, pad_token=pad_token, model_max_length=model_max_length, **specials
@@ -110,10 +123,12 @@ def tiny_t5_tokenizer(words: Optional[Iterable[str]] = None, model_max_length: i
 
     # the pipeline of transformers' T5 tokenizer without a sentencepiece normalizer: words, "▁"-prefixed, then "</s>"
     backend = Tokenizer(Unigram(pieces, unk_id=2, byte_fallback=False))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        ]
+    )
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     backend.post_processor = processors.TemplateProcessing(
         single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]

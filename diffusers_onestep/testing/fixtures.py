@@ -112,8 +112,10 @@ register_tiny_fixture("sdxl", TinyFixture(tiny_sdxl_components, [399], lcm_times
 register_tiny_fixture("pixart_alpha", TinyFixture(tiny_pixart_components, [400], ddpm_timesteps_setup, _PIXART_CALL))
 register_tiny_fixture("pixart_sigma", TinyFixture(tiny_pixart_components, [400], ddpm_timesteps_setup, _PIXART_CALL))
 register_tiny_fixture("sana", TinyFixture(tiny_sana_components, [1.0], flow_pure_noise_setup, _SANA_CALL))
-register_tiny_fixture("sana_sprint", TinyFixture(lambda seed: tiny_sana_components(seed, sprint=True), None,
-                                                 sana_sprint_setup, _SANA_CALL))
+register_tiny_fixture(
+    "sana_sprint",
+    TinyFixture(lambda seed: tiny_sana_components(seed, sprint=True), None, sana_sprint_setup, _SANA_CALL),
+)
 
 #: the families with a tiny fixture when this module was imported (the built-in ones; tests parametrize over it)
 TINY_FAMILIES = tiny_families()

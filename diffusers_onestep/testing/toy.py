@@ -46,10 +46,17 @@ from .. import parameterization as param
 from ..distill.config import MethodConfig
 from ..distill.methods import build_method, resolve_method_config
 from ..distill.models import (
-    TRAINABLE_ROLES, Batch, DistillationModels, RandomSource, RolePhases, check_trainable_role, roles_to_update,
+    TRAINABLE_ROLES,
+    Batch,
+    DistillationModels,
+    RandomSource,
+    RolePhases,
+    check_trainable_role,
+    roles_to_update,
 )
 from ..families import FamilyAdapter
 from .analytic import GaussianMixture
+
 
 #: the "family defaults" of the 2-D test beds, filling what a MethodConfig leaves unset: the generic ones, with the
 #: generator GAN weight 1e-3 that the committed GMM results (benchmarks/results/gmm/) were measured with
@@ -152,17 +159,23 @@ class ToyModels(RolePhases, DistillationModels):
 
         torch.manual_seed(seed)
         emb = 32
-        self.student_net = nn.ModuleDict({"emb": TimeEmbedding(path, emb), "mlp": _mlp(self.dim + emb, hidden, depth,
-                                                                                       self.dim)})
+        self.student_net = nn.ModuleDict(
+            {"emb": TimeEmbedding(path, emb), "mlp": _mlp(self.dim + emb, hidden, depth, self.dim)}
+        )
         c_hidden, c_depth = critic_hidden or hidden, critic_depth or depth
-        self.critic_net = nn.ModuleDict({"emb": TimeEmbedding(path, emb),
-                                         "trunk": _mlp(self.dim + emb, c_hidden, c_depth - 1, c_hidden),
-                                         "out": nn.Sequential(nn.SiLU(), nn.Linear(c_hidden, self.dim))})
+        self.critic_net = nn.ModuleDict(
+            {
+                "emb": TimeEmbedding(path, emb),
+                "trunk": _mlp(self.dim + emb, c_hidden, c_depth - 1, c_hidden),
+                "out": nn.Sequential(nn.SiLU(), nn.Linear(c_hidden, self.dim)),
+            }
+        )
         self.discriminator_net: Optional[nn.ModuleDict] = None
         if discriminator_trunk is not None and ratio == "learned":
             features = self.dim if discriminator_trunk == "teacher" else c_hidden
-            self.discriminator_net = nn.ModuleDict({"emb": TimeEmbedding(path, emb),
-                                                    "mlp": _mlp(features + emb, hidden, depth, 1)})
+            self.discriminator_net = nn.ModuleDict(
+                {"emb": TimeEmbedding(path, emb), "mlp": _mlp(features + emb, hidden, depth, 1)}
+            )
         self._bank_generator = torch.Generator().manual_seed(seed + 7919)
         self._apply_requires_grad()
 
@@ -304,7 +317,6 @@ class ToyModels(RolePhases, DistillationModels):
         return None
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # metrics (modes covered and high-quality fraction as in VEEGAN / PacGAN; per-mode mass; energy distance)
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,10 +442,21 @@ def train_toy(
     config = resolve_method_config(method_config, TOY_TRAINING_DEFAULTS)
     student_time = float(path.t_max)
     trunk = config.discriminator_trunk if config.uses_discriminator else None
-    models = ToyModels(teacher, path, prediction_type=prediction_type, hidden=hidden, depth=depth,
-                       critic_hidden=critic_hidden, critic_depth=critic_depth,
-                       discriminator_trunk=trunk, ratio=ratio, fake_score=fake_score, student_time=student_time,
-                       critic_output=critic_output, seed=seed)
+    models = ToyModels(
+        teacher,
+        path,
+        prediction_type=prediction_type,
+        hidden=hidden,
+        depth=depth,
+        critic_hidden=critic_hidden,
+        critic_depth=critic_depth,
+        discriminator_trunk=trunk,
+        ratio=ratio,
+        fake_score=fake_score,
+        student_time=student_time,
+        critic_output=critic_output,
+        seed=seed,
+    )
     method = build_method(config, models, [student_time])
     if init_student is not None:
         init_student(models)
@@ -479,8 +502,13 @@ def train_toy(
     def evaluate(step: int) -> Dict[str, Any]:
         samples = models.student_bank(eval_samples)
         metrics = mixture_metrics(teacher, samples, reference)
-        history.append({"student_step": step, **{k: metrics[k] for k in ("modes", "high_quality", "energy")},
-                        "mode_mass": metrics["mode_mass"]})
+        history.append(
+            {
+                "student_step": step,
+                **{k: metrics[k] for k in ("modes", "high_quality", "energy")},
+                "mode_mass": metrics["mode_mass"],
+            }
+        )
         if callback is not None:
             callback(step, metrics)
         return metrics
@@ -501,13 +529,25 @@ def train_toy(
         iteration += 1
         if lr_decay:
             for opt in optimizers.values():
-                for group in (opt.param_groups if opt is not None else []):
+                for group in opt.param_groups if opt is not None else []:
                     group.setdefault("initial_lr", group["lr"])
                     group["lr"] = group["initial_lr"] * max(0.0, 1.0 - done / student_steps)
     seconds = time.perf_counter() - started
     samples = models.student_bank(eval_samples)
     metrics = mixture_metrics(teacher, samples, reference)
-    history.append({"student_step": done, **{k_: metrics[k_] for k_ in ("modes", "high_quality", "energy")},
-                    "mode_mass": metrics["mode_mass"]})
-    return ToyResult(samples=samples, metrics=metrics, seconds=seconds, history=history, last_logs=logs,
-                     models=models, method=method)
+    history.append(
+        {
+            "student_step": done,
+            **{k_: metrics[k_] for k_ in ("modes", "high_quality", "energy")},
+            "mode_mass": metrics["mode_mass"],
+        }
+    )
+    return ToyResult(
+        samples=samples,
+        metrics=metrics,
+        seconds=seconds,
+        history=history,
+        last_logs=logs,
+        models=models,
+        method=method,
+    )

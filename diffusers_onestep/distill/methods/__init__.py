@@ -18,6 +18,7 @@ from .base import (
 from .dmd2 import DMD2
 from .fdistill import FDistill
 
+
 __all__ = [
     "DMD2",
     "METHODS",

@@ -31,6 +31,7 @@ from ..config import ConfigError, MethodConfig
 from ..divergences import get_divergence
 from ..models import Batch, DistillationModels, RandomSource
 
+
 Logs = Dict[str, float]
 
 METHODS: Dict[str, Type["DistillationMethod"]] = {}
@@ -256,16 +257,20 @@ class DistillationMethod:
         models = self.models
         guidance = rng.guidance(x_t.shape[0], self.config.guidance_scale, self.config.guidance_range).to(x_t.device)
         want_logits = self.uses_discriminator and self.discriminator_trunk == "teacher"
-        null = models.unconditional(condition) if (want_logits and null_discriminator) or \
-            not models.teacher_has_embedded_guidance else None
+        null = (
+            models.unconditional(condition)
+            if (want_logits and null_discriminator) or not models.teacher_has_embedded_guidance
+            else None
+        )
         logits = None
         if models.teacher_has_embedded_guidance:
             # Guidance is an input of the network (SANA-Sprint): one pass, no classifier-free combination.
             if want_logits:
                 with models.input_grad_pass("teacher"), torch.enable_grad():
                     features_condition = null if null_discriminator else condition
-                    pred, features = models.teacher(x_t, t, features_condition, guidance=guidance,
-                                                    return_features=True)
+                    pred, features = models.teacher(
+                        x_t, t, features_condition, guidance=guidance, return_features=True
+                    )
                     logits = models.discriminator(features, t)
                 if null_discriminator:
                     with torch.no_grad():
@@ -286,8 +291,9 @@ class DistillationMethod:
             uncond_pred, cond_pred = (graph_pred, other_pred) if null_discriminator else (other_pred, graph_pred)
         else:
             with torch.no_grad():
-                both = models.teacher(torch.cat([x_t, x_t]).detach(), torch.cat([t, t]),
-                                      models.concat([null, condition]))
+                both = models.teacher(
+                    torch.cat([x_t, x_t]).detach(), torch.cat([t, t]), models.concat([null, condition])
+                )
                 uncond_pred, cond_pred = both.chunk(2)
         guided = losses.classifier_free_guidance(uncond_pred, cond_pred, guidance)
         return param.to_x0(guided, x_t.detach(), t, self.path, models.prediction_type), logits
@@ -331,8 +337,17 @@ class DistillationMethod:
             x0_real, teacher_logits = self._teacher_x0(x_t, t, batch.condition, rng, null_discriminator)
             x0_fake, critic_logits = self._critic_x0(x_t, t, batch.condition, null_discriminator)
             logits = teacher_logits if teacher_logits is not None else critic_logits
-            terms = GeneratorTerms(x=x, x_t=x_t, t=t, noise=noise, x0_real=x0_real, x0_fake=x0_fake, logits=logits,
-                                   batch=batch, simulated_steps=k)
+            terms = GeneratorTerms(
+                x=x,
+                x_t=x_t,
+                t=t,
+                noise=noise,
+                x0_real=x0_real,
+                x0_fake=x0_fake,
+                logits=logits,
+                batch=batch,
+                simulated_steps=k,
+            )
             loss, term_logs = self.generator_loss(terms)
             logs = {f"student/{name}": value for name, value in term_logs.items()}
             logs["student/loss"] = float(loss.detach())
@@ -376,8 +391,10 @@ class DistillationMethod:
                 # from both losses (DMD2), and DDP sees exactly one forward per backward.
                 both_t = torch.cat([t, t_fake, t_real])
                 pred, features = models.critic(
-                    torch.cat([x_t, fake_noisy, real_noisy]), both_t,
-                    models.concat([batch.condition, fake_condition, real_condition]), return_features=True,
+                    torch.cat([x_t, fake_noisy, real_noisy]),
+                    both_t,
+                    models.concat([batch.condition, fake_condition, real_condition]),
+                    return_features=True,
                 )
                 pred = pred[:n]
                 logits = models.discriminator(features[n:], both_t[n:])
@@ -385,8 +402,10 @@ class DistillationMethod:
                 pred = models.critic(x_t, t, batch.condition)
                 with torch.no_grad():
                     _, features = models.teacher(
-                        torch.cat([fake_noisy, real_noisy]), torch.cat([t_fake, t_real]),
-                        models.concat([fake_condition, real_condition]), return_features=True,
+                        torch.cat([fake_noisy, real_noisy]),
+                        torch.cat([t_fake, t_real]),
+                        models.concat([fake_condition, real_condition]),
+                        return_features=True,
                         **self._teacher_guidance_kwargs(n + real.shape[0], x.device),
                     )
                 logits = models.discriminator(features.detach(), torch.cat([t_fake, t_real]))
@@ -394,13 +413,15 @@ class DistillationMethod:
             dsm = losses.denoising_loss(pred, x, noise, t, self.path, models.prediction_type)
             d_loss = losses.gan_discriminator_loss(logits_real, logits_fake)
             loss = dsm + self.discriminator_weight * d_loss
-            logs.update({
-                "critic/dsm_loss": float(dsm.detach()),
-                "critic/discriminator_loss": float(d_loss.detach()),
-                "critic/logit_real": float(logits_real.detach().float().mean()),
-                "critic/logit_fake": float(logits_fake.detach().float().mean()),
-                "critic/loss": float(loss.detach()),
-            })
+            logs.update(
+                {
+                    "critic/dsm_loss": float(dsm.detach()),
+                    "critic/discriminator_loss": float(d_loss.detach()),
+                    "critic/logit_real": float(logits_real.detach().float().mean()),
+                    "critic/logit_fake": float(logits_fake.detach().float().mean()),
+                    "critic/loss": float(loss.detach()),
+                }
+            )
         return loss, logs
 
     def _teacher_guidance_kwargs(self, batch_size: int, device) -> Dict[str, Any]:
@@ -411,8 +432,9 @@ class DistillationMethod:
         return {"guidance": torch.full((batch_size,), float(self.config.guidance_scale), device=device)}
 
 
-def build_method(config: MethodConfig, models: DistillationModels,
-                 student_timesteps: Sequence[float]) -> DistillationMethod:
+def build_method(
+    config: MethodConfig, models: DistillationModels, student_timesteps: Sequence[float]
+) -> DistillationMethod:
     """An instance of the registered method ``config`` names (resolving the method's defaults where unset)."""
     if config.method is None or config.gan_weight is None or config.discriminator_trunk is None:
         config = resolve_method_config(config)

@@ -25,8 +25,10 @@ class DMD2(DistillationMethod):
     """
 
     name = "dmd2"
-    description = ("DMD/DMD2: reverse-KL distribution matching (variational score distillation) with an optional "
-                   "diffusion-GAN term on real images")
+    description = (
+        "DMD/DMD2: reverse-KL distribution matching (variational score distillation) with an optional "
+        "diffusion-GAN term on real images"
+    )
     reference = "Yin et al. 2024 (DMD, arXiv 2311.18828); Yin et al. 2024b (DMD2, arXiv 2405.14867)"
     tags = ("dmd", "dmd2")
     default_divergence = "reverse_kl"

@@ -25,8 +25,10 @@ class FDistill(DMD2):
     """
 
     name = "fdistill"
-    description = ("f-distill: f-divergence distribution matching (Jensen-Shannon by default; forward KL, Hellinger, "
-                   "...), the VSD gradient weighted by h(r) of a discriminator's density-ratio estimate")
+    description = (
+        "f-distill: f-divergence distribution matching (Jensen-Shannon by default; forward KL, Hellinger, "
+        "...), the VSD gradient weighted by h(r) of a discriminator's density-ratio estimate"
+    )
     reference = "Xu, Nie & Vahdat 2025 (f-distill, arXiv 2502.15681)"
     tags = ("f-distill",)
     default_divergence = "js"
@@ -43,8 +45,10 @@ class FDistill(DMD2):
 
     def distribution_matching_weight(self, logits, t):
         ratio = losses.density_ratio(
-            logits.detach(), logit_clamp=self.config.logit_clamp,
-            lower=self.config.ratio_clip[0], upper=self.config.ratio_clip[1],
+            logits.detach(),
+            logit_clamp=self.config.logit_clamp,
+            lower=self.config.ratio_clip[0],
+            upper=self.config.ratio_clip[1],
         )
         ratio = self.ratio_normalizer(ratio, t.to(ratio.device))
         return losses.f_divergence_weight(ratio, self.divergence)

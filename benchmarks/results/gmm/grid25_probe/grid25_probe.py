@@ -1,13 +1,23 @@
-import sys, json, time, os
+import json
+import os
+import sys
+import time
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
+
+
 torch.set_num_threads(1)
 sys.path.insert(0, "/work/main/benchmarks"); sys.path.insert(0, "/work/main")
-from diffusers_onestep import parameterization as P
-from diffusers_onestep.testing.analytic import GaussianMixture
-from diffusers_onestep.distill.config import MethodConfig
-from diffusers_onestep.testing.toy import ToyModels, mixture_metrics, train_toy
 from gmm import scatter_png
+
+from diffusers_onestep import parameterization as P
+from diffusers_onestep.distill.config import MethodConfig
+from diffusers_onestep.testing.analytic import GaussianMixture
+from diffusers_onestep.testing.toy import ToyModels, mixture_metrics, train_toy
+
+
 FLOW = P.FlowPath()
 T = GaussianMixture.grid25(std=0.2)
 ref = T.sample(4000, generator=torch.Generator().manual_seed(10_000))
@@ -53,9 +63,9 @@ def regress(steps, hidden, depth, lr, seed=0, N=65536, beta1=0.0, decay=False):
     with torch.no_grad():
         out = models.student(zt.float(), torch.ones(4000, dtype=torch.float64), None).double()
     m = mixture_metrics(T, out, ref)
-    return dict(kind="ode_regress", beta1=beta1, decay=decay, steps=steps, hidden=hidden, depth=depth, lr=lr, seed=seed, modes=m["modes"], hq=m["high_quality"],
-                energy=m["energy"], ode_modes=m_ode["modes"], ode_hq=m_ode["high_quality"], mse=float(((out-yt)**2).mean()),
-                s=time.perf_counter() - t0, ode_s=tode), out
+    return {"kind": "ode_regress", "beta1": beta1, "decay": decay, "steps": steps, "hidden": hidden, "depth": depth, "lr": lr, "seed": seed, "modes": m["modes"], "hq": m["high_quality"],
+                "energy": m["energy"], "ode_modes": m_ode["modes"], "ode_hq": m_ode["high_quality"], "mse": float(((out-yt)**2).mean()),
+                "s": time.perf_counter() - t0, "ode_s": tode}, out
 
 def distill(div, steps=2000, hidden=128, depth=3, lr=1e-3, ratio="learned", fake="learned", seed=0, k=1,
             critic_hidden=None, critic_depth=None, lr_decay=False, critic_lr=None, batch=512, beta1=0.0):
@@ -64,10 +74,10 @@ def distill(div, steps=2000, hidden=128, depth=3, lr=1e-3, ratio="learned", fake
                   fake_score=fake, seed=seed, critic_hidden=critic_hidden, critic_depth=critic_depth, lr_decay=lr_decay,
                   critic_lr=critic_lr, betas=(beta1, 0.999), eval_every=max(steps // 4, 1))
     m = r.metrics
-    return dict(kind="distill", div=div, steps=steps, hidden=hidden, depth=depth, lr=lr, ratio=ratio, fake=fake, seed=seed, k=k,
-                critic_hidden=critic_hidden, critic_depth=critic_depth, lr_decay=lr_decay, critic_lr=critic_lr, batch=batch, beta1=beta1,
-                modes=m["modes"], lenient=m["modes_lenient"], hq=m["high_quality"], energy=m["energy"], tv=m["mass_tv"],
-                s=r.seconds, history=[(h["student_step"], h["modes"], round(h["high_quality"], 3)) for h in r.history]), r.samples
+    return {"kind": "distill", "div": div, "steps": steps, "hidden": hidden, "depth": depth, "lr": lr, "ratio": ratio, "fake": fake, "seed": seed, "k": k,
+                "critic_hidden": critic_hidden, "critic_depth": critic_depth, "lr_decay": lr_decay, "critic_lr": critic_lr, "batch": batch, "beta1": beta1,
+                "modes": m["modes"], "lenient": m["modes_lenient"], "hq": m["high_quality"], "energy": m["energy"], "tv": m["mass_tv"],
+                "s": r.seconds, "history": [(h["student_step"], h["modes"], round(h["high_quality"], 3)) for h in r.history]}, r.samples
 
 if __name__ == "__main__":
     name = sys.argv[1]; kw = json.loads(sys.argv[2])
