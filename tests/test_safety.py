@@ -2,7 +2,9 @@
 
 import json
 import os
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +123,30 @@ def test_save_tensors_is_atomic(tmp_path, monkeypatch):
         storage.save_tensors(path, {"a": torch.zeros(2)})
     monkeypatch.undo()
     assert torch.equal(storage.load_tensors(path)["a"], torch.ones(2))
+
+
+def test_save_pretrained_into_an_existing_folder_keeps_what_it_did_not_write(student_folder, tmp_path, run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(student_folder("pixart_alpha"), run_dir)
+    (run_dir / "notes.txt").write_text("my notes", encoding="utf-8")
+    (run_dir / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint-5" / "state.json").write_text("{}", encoding="utf-8")
+    pipe = OneStepPipeline.from_pretrained(str(run_dir))
+    pipe.set_progress_bar_config(disable=True)
+    expected = run(pipe)
+    pipe.save_pretrained(run_dir)  # the documented round trip into the folder it came from
+    assert (run_dir / "notes.txt").read_text(encoding="utf-8") == "my notes"
+    assert (run_dir / "checkpoints" / "checkpoint-5" / "state.json").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging folder left behind
+    reloaded = OneStepPipeline.from_pretrained(str(run_dir))
+    reloaded.set_progress_bar_config(disable=True)
+    assert np.array_equal(run(reloaded), expected)
+
+
+def test_save_pretrained_onto_a_file_is_refused_and_the_file_kept(student, tmp_path):
+    target = tmp_path / "student.safetensors"
+    target.write_bytes(b"not mine to replace")
+    with pytest.raises(ValueError, match=r"student.safetensors is a file; `save_pretrained` writes a folder"):
+        student("pixart_alpha").save_pretrained(target)
+    assert target.read_bytes() == b"not mine to replace"
+    assert os.listdir(tmp_path) == ["student.safetensors"]

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..families import ONESTEP_INDEX_KEY, Condition, FamilyAdapter, detect_family, get_adapter_class
 from ..schedulers import OneStepScheduler
-from ..storage import replace_directory, staging_path
+from ..storage import publish_entries, staging_path
 from . import loading, serving
 from .lora_loading import OneStepLoraLoaderMixin
 
@@ -668,6 +668,10 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
     ) -> None:
         """Save the student; the folder is written to a temporary sibling and moved into place when complete.
 
+        Into an existing folder only the saved entries move, each component folder as a whole and
+        ``model_index.json`` last (removed first, so the folder is never loadable half-written): everything else in
+        it (a training run's checkpoints and logs, a user's notes) stays. A path that is a file is refused.
+
         For families whose own diffusers pipeline can drive :class:`OneStepScheduler` (the adapter's
         ``native_interop_pipeline_class_name``: SDXL, PixArt-α/Σ, SANA), ``model_index.json`` names that pipeline class, so plain ``DiffusionPipeline.from_pretrained(folder)`` loads
         the student too (with ``diffusers_onestep`` installed); SANA-Sprint folders name ``OneStepPipeline``.
@@ -687,13 +691,21 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
                 "`pipe.unload_lora_weights()` to save them baked in, or `pipe.unload_lora_weights()` to save without."
             )
         save_directory = os.fspath(save_directory)
+        if os.path.lexists(save_directory) and not os.path.isdir(save_directory):
+            raise ValueError(
+                f"{save_directory} is a file; `save_pretrained` writes a folder, so name a new or "
+                "existing folder instead."
+            )
         os.makedirs(os.path.dirname(os.path.abspath(save_directory)), exist_ok=True)
         staging = staging_path(save_directory)
         try:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
             self._write_native_model_index(staging)
             self._write_dmd2_config(staging)
-            replace_directory(staging, save_directory)
+            # Into an existing folder only our own entries move (each component folder as a whole, model_index.json
+            # last): a training run's checkpoints, logs or a user's notes next to them stay, as plain diffusers keeps
+            # them.
+            publish_entries(staging, save_directory, commit_file="model_index.json")
         finally:
             if os.path.isdir(staging):
                 shutil.rmtree(staging, ignore_errors=True)
