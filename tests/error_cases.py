@@ -278,6 +278,9 @@ def cli_cases() -> List[Case]:
         cli_case("--config with an unknown setting", lambda c: base(c, **{"--config": c["bad_config"]})),
         cli_case("--guidance_range with low > high", lambda c: base(c, **{"--guidance_range": ["5", "2"]})),
         cli_case("--max_train_steps 0", lambda c: base(c, **{"--max_train_steps": "0"})),
+        cli_case("--guidance_scale inf", lambda c: base(c, **{"--guidance_scale": "inf"})),
+        cli_case("--config with a fractional step count", lambda c: base(c, **{"--config": c["fractional_config"]})),
+        cli_case("--config with a string for a switch", lambda c: base(c, **{"--config": c["string_switch_config"]})),
     ]
 
 
@@ -350,6 +353,13 @@ def build_context(root: str) -> dict:
     ctx["bad_config"] = os.path.join(root, "bad.yaml")
     with open(ctx["bad_config"], "w") as f:
         f.write("learning_rat: 1e-4\n")
+    for key, line in (
+        ("fractional_config", "max_train_steps: 2.5\n"),
+        ("string_switch_config", "push_to_hub: yes please\n"),
+    ):
+        ctx[key] = os.path.join(root, f"{key}.yaml")
+        with open(ctx[key], "w") as f:
+            f.write(line)
     ctx["out"] = os.path.join(root, "out")
     ctx["run_dir"] = os.path.join(root, "previous-run")
     return ctx

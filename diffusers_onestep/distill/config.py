@@ -15,8 +15,9 @@ import dataclasses
 import json
 import math
 import os
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 
 ROLE_KINDS = ("lora", "full")
@@ -34,6 +35,55 @@ class ConfigError(ValueError):
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+#: float settings for which infinity means "no limit" (clipping at an infinite norm is no clipping)
+_INFINITY_ALLOWED = ("max_grad_norm",)
+
+
+def _type_error(name: str, value: Any, hint: Any) -> Optional[str]:
+    """Why ``value`` does not fit the field type ``hint`` (``None`` if it does): a config file can hold any JSON/YAML
+    value, and ``max_train_steps: 2.5`` or ``guidance_scale: .inf`` would otherwise train before anything fails."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint) or hint
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return f"`--{name}` must be a list, got {value!r}."
+        for item in value:
+            problem = _type_error(name, item, args[0])
+            if problem is not None:
+                return problem
+        return None
+    if hint is bool:
+        return None if isinstance(value, bool) else f"`--{name}` must be true or false, got {value!r}."
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"`--{name}` must be an integer, got {value!r}."
+        return None
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"`--{name}` must be a number, got {value!r}."
+        if not math.isfinite(value) and not (name in _INFINITY_ALLOWED and value == math.inf):
+            return f"`--{name}` must be a finite number, got {value!r}."
+        return None
+    if hint is str:
+        return None if isinstance(value, str) else f"`--{name}` must be a string, got {value!r}."
+    return None
+
+
+def check_field_types(section: Any) -> None:
+    """One sentence for the first field of the dataclass ``section`` whose value does not fit its type."""
+    hints = typing.get_type_hints(type(section))
+    for field_ in dataclasses.fields(section):
+        if dataclasses.is_dataclass(getattr(section, field_.name)):
+            continue
+        problem = _type_error(field_.name, getattr(section, field_.name), hints[field_.name])
+        _require(problem is None, problem or "")
 
 
 def _pair(value, name: str) -> Optional[Tuple[float, float]]:
@@ -464,6 +514,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         from ..families import FAMILIES, supported_families_text
 
+        for part in (self, self.method, self.roles, self.optim, self.data, self.output):
+            check_field_types(part)
         _require(bool(self.teacher), "`--teacher` is required: a Hub model id or a local diffusers pipeline folder.")
         _require(
             self.family == "auto" or self.family in FAMILIES,
