@@ -8,7 +8,8 @@ import os
 
 import pytest
 from safetensors.torch import load_file
-from training_utils import TINY_FLAGS, write_prompts
+from training_utils import tiny_run_argv as base_argv
+from training_utils import write_prompts
 
 from diffusers_onestep.distill import cli
 from diffusers_onestep.distill.config import SECTIONS, ConfigError, DataConfig, MethodConfig, TrainConfig
@@ -24,21 +25,6 @@ def workspace(tmp_path_factory):
         "teacher": save_tiny_native_pipeline("pixart_alpha", str(root / "teacher")),
         "prompts": write_prompts(str(root)),
     }
-
-
-def base_argv(workspace, output_dir, *extra):
-    return [
-        "--teacher",
-        workspace["teacher"],
-        "--prompts",
-        workspace["prompts"],
-        "--output_dir",
-        str(output_dir),
-        "--resolution",
-        "8",
-        *TINY_FLAGS,
-        *[str(a) for a in extra],
-    ]
 
 
 def test_every_field_is_a_flag_of_the_generated_parser():

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import yaml
-from training_utils import REPO, TINY_FLAGS, env, write_images, write_prompts
+from training_utils import REPO, env, tiny_run_argv, write_images, write_prompts
 
 from diffusers_onestep.distill import cli
 from diffusers_onestep.distill.checkpoint import list_checkpoints, resolve_resume_path
@@ -40,24 +40,17 @@ def workspace(tmp_path_factory):
 
 def one_step(workspace, output_dir, *extra):
     """The flags of a one-step run of the tiny PixArt-α teacher."""
-    return [
-        "--teacher",
-        workspace["teacher"],
-        "--prompts",
-        workspace["prompts"],
-        "--output_dir",
-        str(output_dir),
-        "--resolution",
-        "8",
-        *TINY_FLAGS,
+    return tiny_run_argv(
+        workspace,
+        output_dir,
         "--max_train_steps",
         "1",
         "--critic_updates_per_student",
         "1",
         "--checkpointing_steps",
         "1",
-        *[str(a) for a in extra],
-    ]
+        *extra,
+    )
 
 
 def main_status(argv):

@@ -31,6 +31,22 @@ TINY_FLAGS = [
 RESOLUTION = {"sdxl": 32, "pixart_alpha": 8, "pixart_sigma": 8, "sana": 32, "sana_sprint": 32}
 
 
+def tiny_run_argv(workspace, output_dir, *extra):
+    """The flags of a run of the workspace's tiny teacher into ``output_dir``, then ``extra``."""
+    return [
+        "--teacher",
+        workspace["teacher"],
+        "--prompts",
+        workspace["prompts"],
+        "--output_dir",
+        str(output_dir),
+        "--resolution",
+        "8",
+        *TINY_FLAGS,
+        *[str(a) for a in extra],
+    ]
+
+
 def write_prompts(folder):
     path = os.path.join(folder, "prompts.txt")
     with open(path, "w") as f:

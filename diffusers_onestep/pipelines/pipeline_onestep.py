@@ -700,8 +700,7 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         staging = staging_path(save_directory)
         try:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
-            self._write_native_model_index(staging)
-            self._write_dmd2_config(staging)
+            self._finish_model_index(staging)
             # Into an existing folder only our own entries move (each component folder as a whole, model_index.json
             # last): a training run's checkpoints, logs or a user's notes next to them stay, as plain diffusers keeps
             # them.
@@ -710,40 +709,37 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             if os.path.isdir(staging):
                 shutil.rmtree(staging, ignore_errors=True)
 
-    def _write_dmd2_config(self, folder: str) -> None:
-        """The serving engines' ``dmd2_config`` block (flow-matching students only; :mod:`.serving`)."""
+    def _finish_model_index(self, folder: str) -> None:
+        """One rewrite of the ``model_index.json`` diffusers wrote: the native class name and our settings for
+        families with a native interop class, the serving engines' ``dmd2_config`` block for flow-matching students
+        (:mod:`.serving`)."""
         adapter = self.adapter
+        native = adapter.native_interop_pipeline_class_name
         guidance = 1.0
         if adapter.has_embedded_guidance:
             guidance = self.config.embedded_guidance_scale or adapter.default_embedded_guidance_scale or 1.0
         block = serving.dmd2_config_for(self.scheduler, guidance)
-        if block is None:
+        if native is None and block is None:
             return
         path = os.path.join(folder, "model_index.json")
         with open(path, encoding="utf-8") as f:
             index = json.load(f)
-        index[serving.DMD2_CONFIG_KEY] = block
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
-            f.write("\n")
+        if native is not None:
+            import inspect
 
-    def _write_native_model_index(self, folder: str) -> None:
-        native = get_adapter_class(self.config.family).native_interop_pipeline_class_name
-        if native is None:
-            return
-        import inspect
+            import diffusers
 
-        import diffusers
-
-        path = os.path.join(folder, "model_index.json")
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-        accepted = set(inspect.signature(getattr(diffusers, native).__init__).parameters)
-        index = {k: v for k, v in index.items() if k.startswith("_") or (k in accepted and v != [None, None])}
-        index["_class_name"] = native
-        # Our own settings under a "_" key: the native class ignores it silently (a plain key would be warned about
-        # on every load), and OneStepPipeline.from_pretrained reads it back (PixArt-Σ vs -α, max_sequence_length).
-        index[ONESTEP_INDEX_KEY] = {k: self.config[k] for k in ONESTEP_CONFIG_KEYS if self.config.get(k) is not None}
+            accepted = set(inspect.signature(getattr(diffusers, native).__init__).parameters)
+            index = {k: v for k, v in index.items() if k.startswith("_") or (k in accepted and v != [None, None])}
+            index["_class_name"] = native
+            # Our own settings under a "_" key: the native class ignores it silently (a plain key would be warned
+            # about on every load), and OneStepPipeline.from_pretrained reads it back (PixArt-Σ vs -α,
+            # max_sequence_length).
+            index[ONESTEP_INDEX_KEY] = {
+                k: self.config[k] for k in ONESTEP_CONFIG_KEYS if self.config.get(k) is not None
+            }
+        if block is not None:
+            index[serving.DMD2_CONFIG_KEY] = block
         with open(path, "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
