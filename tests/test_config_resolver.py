@@ -9,7 +9,7 @@ import os
 import pytest
 from safetensors.torch import load_file
 from training_utils import tiny_run_argv as base_argv
-from training_utils import write_prompts
+from training_utils import write_images, write_prompts
 
 from diffusers_onestep.distill import cli
 from diffusers_onestep.distill.config import SECTIONS, ConfigError, DataConfig, MethodConfig, TrainConfig
@@ -137,16 +137,13 @@ def test_dry_run_prints_the_resolved_config_without_loading_weights(workspace, t
 
 
 def test_the_python_api_resolves_like_the_cli(workspace, tmp_path):
-    from_cli, _ = cli.resolve_args(
-        base_argv(workspace, tmp_path / "a", "--divergence", "js", "--real_images", str(tmp_path))
-    )
+    images = write_images(str(tmp_path / "images"), n=2, size=8)
+    from_cli, _ = cli.resolve_args(base_argv(workspace, tmp_path / "a", "--divergence", "js", "--real_images", images))
     by_hand = TrainConfig(teacher=workspace["teacher"], max_sequence_length=8)
     by_hand.method = dataclasses.replace(by_hand.method, divergence="js", guidance_scale=3.0)
     by_hand.roles.lora_rank = 2
     by_hand.optim = dataclasses.replace(by_hand.optim, learning_rate=1e-3, train_batch_size=2)
-    by_hand.data = dataclasses.replace(
-        by_hand.data, prompts=workspace["prompts"], resolution=8, real_images=str(tmp_path)
-    )
+    by_hand.data = dataclasses.replace(by_hand.data, prompts=workspace["prompts"], resolution=8, real_images=images)
     by_hand.output = dataclasses.replace(by_hand.output, output_dir=str(tmp_path / "a"), report_to="none")
     assert resolve(by_hand).config == from_cli.config
     assert from_cli.config.method.gan_weight == 5e-3  # one f-distill GAN default, the family's

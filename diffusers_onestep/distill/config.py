@@ -32,6 +32,13 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message is one sentence that says how to fix it."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of a library error's message, without its closing full stop, to quote inside a sentence
+    (``huggingface_hub``, ``datasets`` and PIL append request ids, tracebacks and hints on later lines)."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0].rstrip(".")
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -250,6 +257,12 @@ class MethodConfig:
         )
         _require(self.ratio_bins >= 1, f"`ratio_bins` must be >= 1, got {self.ratio_bins}.")
         _require(0.0 <= self.ratio_ema < 1.0, f"`ratio_ema` must be in [0, 1), got {self.ratio_ema}.")
+        _require(self.dm_weight >= 0, f"`--dm_weight` must be >= 0, got {self.dm_weight}.")
+        _require(
+            self.discriminator_weight is None or self.discriminator_weight >= 0,
+            f"`--discriminator_weight` must be >= 0, got {self.discriminator_weight}.",
+        )
+        _require(self.logit_clamp > 0, f"`--logit_clamp` must be positive, got {self.logit_clamp}.")
         return self
 
 
@@ -356,6 +369,18 @@ class OptimizationConfig:
             f"`--mixed_precision` must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}.",
         )
         _require(self.max_grad_norm > 0, f"`--max_grad_norm` must be positive, got {self.max_grad_norm}.")
+        # torch.optim.AdamW's own limits, checked here so that a bad value fails before the teacher loads
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"`--{name}` must be in [0, 1), got {value}.")
+        _require(self.adam_epsilon > 0, f"`--adam_epsilon` must be positive, got {self.adam_epsilon}.")
+        _require(self.adam_weight_decay >= 0, f"`--adam_weight_decay` must be >= 0, got {self.adam_weight_decay}.")
+        _require(self.lr_warmup_steps >= 0, f"`--lr_warmup_steps` must be >= 0, got {self.lr_warmup_steps}.")
+        # NumPy's seeds (which accelerate's set_seed also sets) are 32-bit
+        _require(0 <= self.seed < 2**32, f"`--seed` must be in [0, 2**32 - 1], got {self.seed}.")
+        _require(
+            self.max_nonfinite_skips >= 0, f"`--max_nonfinite_skips` must be >= 0, got {self.max_nonfinite_skips}."
+        )
         _require(
             self.ema_decay is None or 0 < self.ema_decay < 1, f"`--ema_decay` must be in (0, 1), got {self.ema_decay}."
         )
@@ -453,6 +478,12 @@ class OutputConfig:
         )
         _require(self.validation_steps >= 1, f"`--validation_steps` must be >= 1, got {self.validation_steps}.")
         _require(
+            self.validation_prompts is None or all(p.strip() for p in self.validation_prompts),
+            f"`--validation_prompts` must not hold an empty prompt, got {self.validation_prompts}.",
+        )
+        _require(bool(self.tracker_project_name.strip()), "`--tracker_project_name` must not be empty.")
+        _require(bool(self.logging_dir.strip()), "`--logging_dir` must not be empty.")
+        _require(
             self.report_to in REPORT_TO,
             f"`--report_to` must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}.",
         )
@@ -517,6 +548,10 @@ class TrainConfig:
         for part in (self, self.method, self.roles, self.optim, self.data, self.output):
             check_field_types(part)
         _require(bool(self.teacher), "`--teacher` is required: a Hub model id or a local diffusers pipeline folder.")
+        _require(
+            self.max_sequence_length is None or self.max_sequence_length >= 1,
+            f"`--max_sequence_length` must be >= 1, got {self.max_sequence_length}.",
+        )
         _require(
             self.family == "auto" or self.family in FAMILIES,
             f"`--family` must be auto or one of {supported_families_text()}, got {self.family!r}.",

@@ -11,6 +11,7 @@ processes by rank.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ..families import Condition, FamilyAdapter
+from .config import first_line
 from .models import Batch, RandomSource
 
 
@@ -30,19 +32,25 @@ def _load_dataset(source: str, split: str = "train", cache_dir: Optional[str] = 
     import datasets
 
     if os.path.isdir(source):
-        files = os.listdir(source)
+        files = [f for f in os.listdir(source) if not f.startswith(".")]
+        if not files:
+            raise DataError(f"The folder {source} is empty.")
         if (
             any(f.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")) for f in files)
             or "metadata.jsonl" in files
         ):
-            return datasets.load_dataset("imagefolder", data_dir=source, split=split, cache_dir=cache_dir)
-        return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+            return _read_local(
+                source, lambda: datasets.load_dataset("imagefolder", data_dir=source, split=split, cache_dir=cache_dir)
+            )
+        return _read_local(source, lambda: datasets.load_dataset(source, split=split, cache_dir=cache_dir))
     if os.path.isfile(source):
         extension = source.rsplit(".", 1)[-1].lower()
         builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}.get(extension)
         if builder is None:
             raise DataError(f"{source} is not a supported data file; use .txt, .jsonl, .json, .csv or .parquet.")
-        return datasets.load_dataset(builder, data_files=source, split=split, cache_dir=cache_dir)
+        return _read_local(
+            source, lambda: datasets.load_dataset(builder, data_files=source, split=split, cache_dir=cache_dir)
+        )
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -52,7 +60,50 @@ def _load_dataset(source: str, split: str = "train", cache_dir: Optional[str] = 
     try:
         return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
     except Exception as error:  # datasets raises many types for a missing/unreachable dataset
-        raise DataError(f"Could not load the dataset {source!r}: {str(error).splitlines()[0]}") from None
+        from ..hub import offline_mode
+
+        if offline_mode() or datasets.config.HF_HUB_OFFLINE:
+            raise DataError(
+                f"The dataset {source} is not in the local datasets cache and offline mode is set (HF_HUB_OFFLINE or "
+                "HF_DATASETS_OFFLINE), so it cannot be downloaded; unset it once to download it, or pass a local "
+                "file or folder."
+            ) from None
+        raise DataError(f"Could not load the dataset {source!r} ({first_line(error)}).") from None
+
+
+def _read_local(source: str, load: Callable):
+    """``load()`` of a local file or folder, with datasets' errors (no data files, a parse error) as one sentence."""
+    try:
+        return load()
+    except DataError:
+        raise
+    except Exception as error:  # datasets raises many types (EmptyDatasetError, ArrowInvalid, DatasetGenerationError)
+        detail = str(error.__cause__ or error).strip().splitlines()
+        raise DataError(
+            f"{source} could not be read as a dataset ({type(error).__name__}: {detail[0] if detail else ''})."
+        ) from None
+
+
+def _read_text_lines(path: str) -> List[str]:
+    """The lines of a UTF-8 text file; any other encoding is one sentence naming the first bad byte."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}); save it as UTF-8."
+        ) from None
+    return text.splitlines()
+
+
+def _prompt_text(value, where: str) -> str:
+    """A prompt value as text: strings only, so that a null or a number is not trained on as "None" or "3"."""
+    if not isinstance(value, str):
+        shown = json.dumps(value) if isinstance(value, (int, float, bool, type(None), list, dict)) else repr(value)
+        raise DataError(f"{where} holds {shown} where a prompt string was expected.")
+    return value.strip()
 
 
 DATA_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
@@ -72,24 +123,24 @@ def load_prompts(source: str, column: str = "text", cache_dir: Optional[str] = N
     """All non-empty prompts of a source, in order (``cache_dir``: where ``datasets`` caches a dataset)."""
     check_prompt_source(source)
     if os.path.isfile(source) and source.lower().endswith(".txt"):
-        with open(source, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f]
+        prompts = [line.strip() for line in _read_text_lines(source)]
     elif os.path.isfile(source) and source.lower().endswith(".jsonl"):
         prompts = []
-        with open(source, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise DataError(f"{source} line {number} is not valid JSON.") from None
-                if column not in record:
-                    raise DataError(
-                        f"{source} line {number} has no {column!r} field (it has {', '.join(sorted(record))}); "
-                        "pass --prompt_column."
-                    )
-                prompts.append(str(record[column]).strip())
+        for number, line in enumerate(_read_text_lines(source), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"{source} line {number} is not valid JSON.") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{source} line {number} is not a JSON object with a {column!r} field.")
+            if column not in record:
+                raise DataError(
+                    f"{source} line {number} has no {column!r} field (it has {', '.join(sorted(record))}); "
+                    "pass --prompt_column."
+                )
+            prompts.append(_prompt_text(record[column], f"{source} line {number}"))
     else:
         dataset = _load_dataset(source, cache_dir=cache_dir)
         if column not in dataset.column_names:
@@ -97,7 +148,9 @@ def load_prompts(source: str, column: str = "text", cache_dir: Optional[str] = N
                 f"The dataset {source} has no column {column!r}; its columns are "
                 f"{', '.join(dataset.column_names)}; pass --prompt_column."
             )
-        prompts = [str(p).strip() for p in dataset[column]]
+        prompts = [
+            _prompt_text(p, f"Row {row} of column {column!r} of {source}") for row, p in enumerate(dataset[column])
+        ]
     prompts = [p for p in prompts if p]
     if not prompts:
         raise DataError(f"The prompt source {source} holds no prompts.")
@@ -131,7 +184,55 @@ class RealImages(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return resize_and_crop(self.dataset[index][self.image_column], self.resolution)
+        try:
+            image = self.dataset[index][self.image_column]
+        except Exception as error:  # a file that passed verify() but does not decode (truncated pixel data)
+            raise DataError(f"Image {index} of the real images could not be decoded ({first_line(error)}).") from None
+        return resize_and_crop(image, self.resolution)
+
+
+def open_real_images(
+    source: str, image_column: str = "image", caption_column: Optional[str] = None, cache_dir: Optional[str] = None
+):
+    """The ``datasets`` dataset of ``--real_images``, checked to hold the image (and caption) column and some rows;
+    images are not decoded."""
+    dataset = _load_dataset(source, cache_dir=cache_dir)
+    if image_column not in dataset.column_names:
+        raise DataError(
+            f"The image dataset {source} has no column {image_column!r}; its columns are "
+            f"{', '.join(dataset.column_names)}; pass --image_column."
+        )
+    if caption_column is not None and caption_column not in dataset.column_names:
+        raise DataError(
+            f"The image dataset {source} has no caption column {caption_column!r}; its columns are "
+            f"{', '.join(dataset.column_names)}."
+        )
+    if len(dataset) == 0:
+        raise DataError(f"The image dataset {source} holds no images.")
+    return dataset
+
+
+def check_real_images(
+    source: str, image_column: str = "image", caption_column: Optional[str] = None, cache_dir: Optional[str] = None
+) -> int:
+    """Check that every image of ``--real_images`` can be read, without decoding its pixels (PIL's ``verify``: the
+    header and, for PNG, every chunk's checksum), so that a corrupt file is named before the teacher loads. Returns
+    the number of images."""
+    import datasets
+    from PIL import Image
+
+    dataset = open_real_images(source, image_column, caption_column, cache_dir)
+    if not isinstance(dataset.features.get(image_column), datasets.Image):
+        raise DataError(f"The column {image_column!r} of {source} does not hold images; pass --image_column.")
+    for row, item in enumerate(dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]):
+        name = item.get("path") or f"row {row}"
+        try:
+            opened = Image.open(io.BytesIO(item["bytes"])) if item.get("bytes") else Image.open(item["path"])
+            with opened as image:
+                image.verify()
+        except Exception as error:  # PIL raises UnidentifiedImageError, SyntaxError, OSError, ... for bad files
+            raise DataError(f"The image {name} of {source} could not be read ({first_line(error)}).") from None
+    return len(dataset)
 
 
 def load_real_images(
@@ -147,19 +248,7 @@ def load_real_images(
     The images are decoded in order by a ``DataLoader`` with ``num_workers`` worker processes
     (``--dataloader_num_workers``; 0 decodes in this process), so the result does not depend on the worker count.
     """
-    dataset = _load_dataset(source, cache_dir=cache_dir)
-    if image_column not in dataset.column_names:
-        raise DataError(
-            f"The image dataset {source} has no column {image_column!r}; its columns are "
-            f"{', '.join(dataset.column_names)}; pass --image_column."
-        )
-    if caption_column is not None and caption_column not in dataset.column_names:
-        raise DataError(
-            f"The image dataset {source} has no caption column {caption_column!r}; its columns are "
-            f"{', '.join(dataset.column_names)}."
-        )
-    if len(dataset) == 0:
-        raise DataError(f"The image dataset {source} holds no images.")
+    dataset = open_real_images(source, image_column, caption_column, cache_dir)
     loader = torch.utils.data.DataLoader(
         RealImages(dataset, image_column, resolution), batch_size=32, shuffle=False, num_workers=num_workers
     )
