@@ -270,6 +270,58 @@ def write_model_card(
     return card
 
 
+def offline_mode() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set (as ``huggingface_hub`` reads it when imported)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def uncached_while_offline(repo_id: str, filename: str, **hub_kwargs) -> bool:
+    """Whether ``filename`` of the Hub repo ``repo_id`` is missing from the local cache while the Hub is offline: then
+    "the repo has no such file" cannot be told from "it was never downloaded"."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not offline_mode():
+        return False
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in ("cache_dir", "revision") and v}
+    return not isinstance(try_to_load_from_cache(repo_id, filename, **kwargs), str)
+
+
+def check_push_access(repo_id: str, token: Optional[str] = None) -> None:
+    """Refuse, in one sentence, a push that cannot work: offline, no token, a token the Hub refuses, a read-only
+    token, or a namespace the account cannot write to. Reads only (``whoami``); the repo is created later."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    try:
+        account = huggingface_hub.whoami(token=token)
+    except OfflineModeIsEnabled:
+        raise ValueError(
+            "--push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it, or train without --push_to_hub "
+            "and push later with `diffusers-onestep push`."
+        ) from None
+    except LocalTokenNotFoundError:
+        raise ValueError("--push_to_hub needs a Hub token; run `hf auth login` or set HF_TOKEN.") from None
+    except (OSError, ValueError) as error:  # huggingface_hub's HTTP and connection errors are OSErrors
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise ValueError(
+            f"--push_to_hub could not check the Hub token ({reason}); check HF_TOKEN or `hf auth login`."
+        ) from None
+    role = ((account.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise ValueError(
+            f"--push_to_hub needs a Hub token with write access, and this token of {account.get('name')!r} is read-only."
+        )
+    namespace = repo_id.split("/")[0] if "/" in repo_id else None
+    writable = [account.get("name")] + [org.get("name") for org in account.get("orgs") or []]
+    if namespace is not None and account.get("name") and namespace not in writable:
+        raise ValueError(
+            f"--hub_model_id {repo_id} is in the namespace {namespace!r}, which the Hub account "
+            f"{account.get('name')!r} cannot write to (it can write to {', '.join(map(repr, writable))})."
+        )
+
+
 def create_repo(repo_id: str, private: bool = False, token: Optional[str] = None) -> str:
     """Create ``repo_id`` on the Hub, or reuse it, and return its full id (``namespace/name``). The training script
     calls this first, so a bad token or a taken name fails before anything loads."""

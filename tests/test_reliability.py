@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from conftest import hub_account
 from fault_launcher import marker_path
 from safetensors.torch import load_file
 from training_utils import FAULT_LAUNCHER, SCRIPT, TINY_FLAGS, env, write_images, write_prompts
@@ -225,6 +226,7 @@ def test_the_hub_token_is_never_written(workspace, monkeypatch, capfd):
         ),
     )
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
+    monkeypatch.setattr(huggingface_hub, "whoami", hub_account)
     out = workspace["root"] / "secret"
     in_process(
         run_args(

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import hub_account
 from training_utils import REPO, env, tiny_run_argv, write_images, write_prompts
 
 from diffusers_onestep.distill import cli
@@ -214,7 +215,7 @@ def test_variant_and_cache_dir_reach_every_loader(variant_teacher, tmp_path, loa
     for _, kwargs in ours:
         assert kwargs["variant"] == "fp16" and kwargs["cache_dir"] == cache
     assert ours[1][1]["transformer"] is pipe.transformer  # the pipeline takes the denoiser loaded above
-    with pytest.raises(OSError, match="no file named"):  # the folder has nothing but the variant
+    with pytest.raises(ConfigError, match="no file named"):  # the folder has nothing but the variant
         load_teacher_pipeline(TrainConfig(teacher=variant_teacher), "transformer")
 
 
@@ -304,7 +305,7 @@ def test_push_to_hub_creates_the_repo_before_any_loading_and_the_card_names_it(
     (licensed / "README.md").write_text("---\nlicense: openrail++\n---\n# A tiny teacher\n")
     cache = tmp_path / "cache"
     save_to_hub_cache(str(licensed), "tiny-org/pixart-teacher", cache_dir=str(cache))
-    with pytest.raises(ConfigError, match="no model_index.json"):  # not in the default cache
+    with pytest.raises(ConfigError, match="not in the local Hugging Face cache"):  # not in the default cache
         resolve(TrainConfig(teacher="tiny-org/pixart-teacher", data=DataConfig(prompts=workspace["prompts"])))
 
     recorded_create = huggingface_hub.create_repo
@@ -335,19 +336,37 @@ def test_push_to_hub_creates_the_repo_before_any_loading_and_the_card_names_it(
 def test_a_bad_hub_token_fails_before_anything_loads(workspace, tmp_path, capsys, loads, monkeypatch):
     import huggingface_hub
 
-    def create_repo(repo_id, **kwargs):
+    def whoami(token=None, **kwargs):
         raise OSError(
-            "401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\n"
+            "401 Client Error: Unauthorized for url: https://huggingface.co/api/whoami-v2\n"
             "Invalid credentials in Authorization header"
         )
 
-    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "whoami", whoami)
     out = tmp_path / "never"
-    assert main_status(one_step(workspace, out, "--push_to_hub", "--hub_model_id", "me/student")) == 1
+    assert main_status(one_step(workspace, out, "--push_to_hub", "--hub_model_id", "me/student")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (
-        "train_onestep.py: error: --push_to_hub could not create the Hub repo 'me/student' (401 Client "
-        "Error: Unauthorized for url: https://huggingface.co/api/repos/create); check HF_TOKEN or "
+        "train_onestep.py: error: --push_to_hub could not check the Hub token (401 Client Error: Unauthorized for "
+        "url: https://huggingface.co/api/whoami-v2); check HF_TOKEN or `hf auth login`."
+    )
+    assert loads == [] and not out.exists()
+
+
+def test_a_repo_that_cannot_be_created_fails_before_anything_loads(workspace, tmp_path, capsys, loads, monkeypatch):
+    import huggingface_hub
+
+    def create_repo(repo_id, **kwargs):
+        raise OSError("403 Client Error: Forbidden for url: https://huggingface.co/api/repos/create\nYou cannot")
+
+    monkeypatch.setattr(huggingface_hub, "whoami", hub_account)
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    out = tmp_path / "never"
+    assert main_status(one_step(workspace, out, "--push_to_hub", "--hub_model_id", "me/student")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "train_onestep.py: error: --push_to_hub could not create the Hub repo 'me/student' (403 Client "
+        "Error: Forbidden for url: https://huggingface.co/api/repos/create); check HF_TOKEN or "
         "`hf auth login` and --hub_model_id."
     )
     assert loads == [] and not out.exists()

@@ -10,7 +10,7 @@ import os
 from typing import Optional
 
 from .checkpoint import check_resume_config, resolve_resume_path
-from .config import ConfigError
+from .config import ConfigError, first_line
 from .resolve import ResolvedConfig
 
 
@@ -18,7 +18,7 @@ def preflight(resolved: ResolvedConfig) -> None:
     """Check a resolved run: resolution, precision, prompts, real images, output folder and resume point."""
     import torch
 
-    from .data import check_prompt_source, load_prompts
+    from .data import check_prompt_source, check_real_images, load_prompts
 
     config = resolved.config
     adapter_cls = resolved.adapter_class
@@ -32,9 +32,18 @@ def preflight(resolved: ResolvedConfig) -> None:
                 f"patch size of this {adapter_cls.display_name} teacher)."
             )
     if config.optim.mixed_precision == "fp16" and not torch.cuda.is_available():
+        if resolved.mixed_precision_source == "accelerate":
+            raise ConfigError(
+                "The accelerate config sets mixed_precision fp16, which needs a CUDA GPU; pass --mixed_precision bf16 "
+                "or no on this machine."
+            )
         raise ConfigError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
     if config.optim.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("This GPU does not support bf16; use --mixed_precision fp16 or no.")
+    check_teacher_files(resolved)
+    check_student_timesteps(resolved)
+    check_lora_targets(resolved)
+    check_trackers(config.output.report_to)
     check_prompt_source(config.data.prompts)
     load_prompts(config.data.prompts, config.data.prompt_column, cache_dir=config.cache_dir)
     method = config.method
@@ -50,6 +59,18 @@ def preflight(resolved: ResolvedConfig) -> None:
             validate_repo_id(config.data.real_images)
         except HFValidationError:
             raise ConfigError(f"--real_images {config.data.real_images} does not exist.") from None
+    if config.data.real_images and method.uses_discriminator:
+        check_real_images(
+            config.data.real_images, config.data.image_column, config.data.caption_column, cache_dir=config.cache_dir
+        )
+    if config.output.push_to_hub and is_main_process():
+        from .. import hub
+
+        repo_id = config.output.hub_model_id or os.path.basename(os.path.abspath(config.output.output_dir))
+        try:
+            hub.check_push_access(repo_id)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     output_dir = config.output.output_dir
     resume = resolve_resume_path(config.output.resume_from_checkpoint, output_dir)
     continuing = config.output.resume_from_checkpoint == "latest"  # this folder's run, checkpointed or not yet
@@ -76,3 +97,164 @@ def fresh_start_note(resolved: ResolvedConfig) -> Optional[str]:
     if output.resume_from_checkpoint == "latest" and resolve_resume_path("latest", output.output_dir) is None:
         return f"--resume_from_checkpoint latest: {output.output_dir} has no checkpoint yet, so the run starts fresh."
     return None
+
+
+def is_main_process() -> bool:
+    """Whether this is the first process of the launch (``RANK`` as torchrun and accelerate set it): checks that ask
+    the Hub run once, not once per process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the teacher's files
+# ----------------------------------------------------------------------------------------------------------------
+
+#: extensions of weight files in the diffusers and transformers layouts (sharded checkpoints have an index beside)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def weight_variant(filename: str) -> Optional[str]:
+    """The variant of a weight file name (``fp16`` of ``diffusion_pytorch_model.fp16.safetensors`` and of
+    ``model.fp16-00001-of-00002.safetensors``), ``None`` for the plain weights."""
+    parts = [p for p in filename.split(".")[1:] if p not in ("safetensors", "bin", "index", "json")]
+    return parts[0].split("-")[0] if parts else None
+
+
+def check_teacher_files(resolved: ResolvedConfig) -> None:
+    """Every component ``model_index.json`` lists is present in a local teacher folder, with a config that parses and
+    weights of the requested ``--variant`` whose safetensors headers are whole (a truncated download is named here,
+    not after the other components have loaded). Hub teachers are checked by the download itself."""
+    import json
+
+    config = resolved.config
+    folder = config.teacher
+    if not os.path.isdir(folder):
+        return
+    index = resolved.teacher_configs.get("model_index") or {}
+    for name, entry in sorted(index.items()):
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        component = os.path.join(folder, name)
+        if not os.path.isdir(component):
+            raise ConfigError(f"--teacher {folder} lists a {name} in model_index.json but has no {name} folder.")
+        files = os.listdir(component)
+        for config_name in ("config.json", "scheduler_config.json", "tokenizer_config.json"):
+            if config_name in files:
+                try:
+                    with open(os.path.join(component, config_name), encoding="utf-8") as f:
+                        json.load(f)
+                except (ValueError, UnicodeDecodeError) as error:
+                    raise ConfigError(
+                        f"The teacher's {name}/{config_name} is not valid JSON ({first_line(error)})."
+                    ) from None
+        if "config.json" in files:  # a model: it needs weights
+            _check_weights(folder, name, files, config.variant)
+
+
+def _check_weights(folder: str, name: str, files, variant: Optional[str]) -> None:
+    weights = sorted(f for f in files if f.endswith(WEIGHT_SUFFIXES))
+    usable = [f for f in weights if weight_variant(f) in ({None, variant} if variant else {None})]
+    if not usable:
+        others = sorted({weight_variant(f) for f in weights} - {None})
+        if others and not variant:
+            raise ConfigError(
+                f"The teacher's {name} folder holds only {others[0]} weights ({weights[0]}); pass --variant {others[0]}."
+            )
+        wanted = f"{variant} weights" if variant else "weights"
+        raise ConfigError(f"The teacher's {name} folder has no {wanted} (no .safetensors or .bin file).")
+    from safetensors import safe_open
+
+    for filename in usable:
+        if filename.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(folder, name, filename), framework="pt"):
+                    pass
+            except Exception as error:  # SafetensorError: a truncated or overwritten file
+                raise ConfigError(
+                    f"The teacher's {name}/{filename} is not a complete safetensors file ({first_line(error)}); "
+                    "download it again."
+                ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what the run will build, checked from configs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_student_timesteps(resolved: ResolvedConfig) -> None:
+    """The student's timesteps are ones its exported scheduler accepts on the teacher's noise path (integer steps
+    inside a VP path, ``(0, 1]`` on a flow path, ...): a run with ``--student_timesteps 399.5`` would otherwise
+    train to the end and fail at export."""
+    from ..schedulers import OneStepScheduler
+
+    scheduler_config = resolved.teacher_configs.get("scheduler")
+    if not scheduler_config:
+        return
+    adapter_cls = resolved.adapter_class
+    timesteps = resolved.student_timesteps
+    try:
+        OneStepScheduler.from_noise_path(
+            adapter_cls.default_noise_path(scheduler_config),
+            timesteps,
+            adapter_cls.default_prediction_type(scheduler_config),
+        )
+    except ValueError as error:
+        raise ConfigError(
+            str(error).replace("`conditioning_timesteps`", "`--student_timesteps`").replace(" student ", " teacher ")
+        ) from None
+
+
+def check_lora_targets(resolved: ResolvedConfig) -> None:
+    """Every module named by ``--lora_target_modules`` exists in the teacher's denoiser (built from its config on the
+    meta device: no memory, no weights). The family's default list may name modules a variant lacks; a list the user
+    gave must match exactly."""
+    config = resolved.config
+    if "lora" not in (config.roles.student, config.roles.critic):
+        return
+    adapter_cls = resolved.adapter_class
+    targets = list(config.roles.lora_target_modules or ())
+    if not targets or sorted(targets) == sorted(adapter_cls.default_lora_target_modules):
+        return
+    names = denoiser_module_names(resolved)
+    if names is None:
+        return
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        examples = ", ".join(adapter_cls.default_lora_target_modules)
+        raise ConfigError(
+            f"--lora_target_modules {', '.join(missing)} match no module of the teacher's {adapter_cls.denoiser_name} "
+            f"(its {adapter_cls.display_name} default is {examples})."
+        )
+
+
+def denoiser_module_names(resolved: ResolvedConfig) -> Optional[list]:
+    """The module names of the teacher's denoiser, built from its config on the meta device, or ``None`` when its
+    class is not a diffusers model we can build."""
+    import importlib
+
+    from accelerate import init_empty_weights
+
+    adapter_cls = resolved.adapter_class
+    entry = (resolved.teacher_configs.get("model_index") or {}).get(adapter_cls.denoiser_name)
+    denoiser_config = resolved.teacher_configs.get(adapter_cls.denoiser_name)
+    if not (isinstance(entry, list) and entry[0] and denoiser_config):
+        return None
+    try:
+        model_cls = getattr(importlib.import_module(entry[0]), entry[1])
+        with init_empty_weights():
+            model = model_cls.from_config(denoiser_config)
+    except Exception:  # an unknown class or a config this diffusers cannot build: the load will say why
+        return None
+    return [name for name, _ in model.named_modules()]
+
+
+def check_trackers(report_to: str) -> None:
+    """The tracker package ``--report_to`` names is installed (accelerate would fail only after the teacher loads)."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    if report_to in available and not available[report_to]():
+        package = "tensorboard" if report_to == "tensorboard" else "wandb"
+        raise ConfigError(
+            f"--report_to {report_to} needs the {package} package; pip install {package}, or pass --report_to none."
+        )

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .config import MIXED_PRECISIONS, ConfigError, TrainConfig
+from .config import MIXED_PRECISIONS, ConfigError, TrainConfig, first_line
 from .methods import get_method_class, resolve_method_config
 
 
@@ -93,18 +93,41 @@ def resolve_mixed_precision(value: Optional[str]) -> Tuple[str, str]:
 def read_teacher_configs(
     teacher: str, revision: Optional[str] = None, cache_dir: Optional[str] = None
 ) -> Dict[str, Dict[str, Any]]:
-    """``model_index.json`` of a teacher (Hub id or folder) and the configs of its denoiser and VAE, or a
+    """``model_index.json`` of a teacher (Hub id or folder) and the configs of its denoiser, VAE and scheduler, or a
     one-sentence :class:`ConfigError`. Reads JSON only, never weights."""
     from ..families import read_pipeline_configs
-    from ..hub import read_json
+    from ..hub import read_json, uncached_while_offline
 
     kwargs = {key: value for key, value in {"revision": revision, "cache_dir": cache_dir}.items() if value}
-    index = read_json(teacher, "model_index.json", kwargs)
-    if index is None:
-        raise ConfigError(f"--teacher {teacher} is not a diffusers pipeline (it has no model_index.json).")
-    configs: Dict[str, Dict[str, Any]] = {"model_index": index, **read_pipeline_configs(teacher, index, kwargs)}
-    if isinstance(index.get("vae"), list) and index["vae"][0] is not None:
-        configs["vae"] = read_json(teacher, "vae/config.json", kwargs) or {}
+    try:
+        index = read_json(teacher, "model_index.json", kwargs)
+        if index is None:
+            if not os.path.isdir(teacher) and uncached_while_offline(teacher, "model_index.json", **kwargs):
+                raise ConfigError(
+                    f"--teacher {teacher} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it "
+                    "cannot be downloaded; unset HF_HUB_OFFLINE once to download it, or pass a local folder."
+                )
+            if read_json(teacher, "onestep_lora.json", kwargs) is not None:
+                raise ConfigError(
+                    f"--teacher {teacher} is a diffusers-onestep LoRA student, not a teacher; distill from the base "
+                    "model its onestep_lora.json names."
+                )
+            raise ConfigError(f"--teacher {teacher} is not a diffusers pipeline (it has no model_index.json).")
+        if index.get("_class_name") == "OneStepPipeline":
+            raise ConfigError(
+                f"--teacher {teacher} is a one-step student saved by OneStepPipeline, not a teacher; distill from the "
+                "multi-step pipeline it was trained from."
+            )
+        configs: Dict[str, Dict[str, Any]] = {"model_index": index, **read_pipeline_configs(teacher, index, kwargs)}
+        for name, filename in (("vae", "vae/config.json"), ("scheduler", "scheduler/scheduler_config.json")):
+            if isinstance(index.get(name), list) and index[name][0] is not None:
+                configs[name] = read_json(teacher, filename, kwargs) or {}
+    except ValueError as error:  # a config that is not JSON (json.JSONDecodeError), a bad repo id
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"--teacher {teacher}: a config file could not be read ({first_line(error)}).") from None
+    except OSError as error:  # huggingface_hub: repository / revision not found, gated, no connection
+        raise ConfigError(f"--teacher {teacher} could not be read from the Hub ({first_line(error)}).") from None
     return configs
 
 

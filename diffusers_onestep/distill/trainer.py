@@ -29,7 +29,7 @@ from .checkpoint import (
     resolve_resume_path,
     save_checkpoint,
 )
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, first_line
 from .data import DataError, PromptSource, TrainingBatches, encode_real_images, load_prompts, load_real_images
 from .export import StudentRenderer, export_student, write_validation
 from .methods import build_method
@@ -543,10 +543,15 @@ def load_teacher_pipeline(
         )
     library, class_name = model_index[denoiser_name][:2]
     denoiser_cls = getattr(importlib.import_module(library), class_name)
-    denoiser = denoiser_cls.from_pretrained(
-        config.teacher, subfolder=denoiser_name, torch_dtype=weight_dtype, **kwargs
-    )
-    return DiffusionPipeline.from_pretrained(config.teacher, **{denoiser_name: denoiser}, **kwargs)
+    # Preflight checked the folder's configs and safetensors headers; what only a load shows (a download that
+    # fails, a tokenizer file that does not parse) is still one sentence, and nothing has been written yet.
+    try:
+        denoiser = denoiser_cls.from_pretrained(
+            config.teacher, subfolder=denoiser_name, torch_dtype=weight_dtype, **kwargs
+        )
+        return DiffusionPipeline.from_pretrained(config.teacher, **{denoiser_name: denoiser}, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"The teacher {config.teacher} could not be loaded ({first_line(error)}).") from None
 
 
 def trainable_denoiser_loader(
