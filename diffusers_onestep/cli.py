@@ -83,7 +83,7 @@ def first_line(error: BaseException) -> str:
 def run_distill(argv: Sequence[str]) -> int:
     from .distill.cli import main as distill_main
 
-    return distill_main(list(argv), prog="diffusers-onestep distill")
+    return distill_main(list(argv), prog="diffusers-onestep distill", launcher=True)
 
 
 def run_demo(argv: Sequence[str]) -> int:

@@ -185,7 +185,11 @@ def _add_argument(group, section: Optional[str], f: dataclasses.Field, hint) -> 
 DEFAULT_PROG = "train_onestep.py"
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+#: the variable through which processes started by :func:`launch` report their exit status to it
+STATUS_FILE_ENV = "DIFFUSERS_ONESTEP_STATUS_FILE"
+
+
+def build_parser(prog: Optional[str] = None, launcher: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog or DEFAULT_PROG,
         description="Distill a diffusers text-to-image teacher into a one-step student (DMD2, f-distill, ... with LoRA "
@@ -207,6 +211,21 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     groups = {section: parser.add_argument_group(title) for section, title in GROUP_TITLES.items()}
     for section, f, hint in config_fields():
         _add_argument(groups[section], section, f, hint)
+    if launcher:
+        launching = parser.add_argument_group(
+            "launching (diffusers-onestep distill only)",
+            "With either flag the command checks the run, then starts it through accelerate launch and returns the "
+            "exit status of the training processes (2: input refused, 3: non-finite loss, 130: interrupted).",
+        )
+        launching.add_argument(
+            "--num_processes", type=int, default=None, metavar="N", help="Training processes (GPUs) to start."
+        )
+        launching.add_argument(
+            "--accelerate_config",
+            default=None,
+            metavar="FILE",
+            help="An accelerate config file (what `accelerate launch --config_file` takes).",
+        )
     return parser
 
 
@@ -299,18 +318,28 @@ def resolve_args(
 
 
 def main(
-    argv: Optional[Sequence[str]] = None, hooks: Optional[Sequence[Any]] = None, prog: Optional[str] = None
+    argv: Optional[Sequence[str]] = None,
+    hooks: Optional[Sequence[Any]] = None,
+    prog: Optional[str] = None,
+    launcher: bool = False,
 ) -> int:
     """Parse, resolve, check and train; returns the exit status. ``hooks`` go to :class:`~.trainer.Trainer` (the
     crash-safety tests inject faults through them from a launcher script of their own); ``prog`` is the command's
-    name in ``--help`` and errors (default: ``train_onestep.py``)."""
+    name in ``--help`` and errors (default: ``train_onestep.py``); ``launcher`` adds ``--num_processes`` and
+    ``--accelerate_config``, with which the checked run is started through :func:`launch`."""
     from .data import DataError
 
-    parser = build_parser(prog)
+    parser = build_parser(prog, launcher)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        config, args = resolve_args(argv, prog)
+        args = parser.parse_args(argv)
+        config, _ = resolve_args(_without_launch_flags(argv), prog)
     except (ConfigError, DataError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if launcher and args.num_processes is not None and args.num_processes < 1:
+        parser.exit(2, f"{parser.prog}: error: --num_processes must be >= 1, got {args.num_processes}.\n")
+    if launcher and args.accelerate_config is not None and not os.path.isfile(args.accelerate_config):
+        parser.exit(2, f"{parser.prog}: error: --accelerate_config {args.accelerate_config} does not exist.\n")
     if args.dry_run:
         # stdout is the resolved configuration (JSON, as training_config.json); where values came from goes to stderr
         print(json.dumps(config.config.to_dict(), indent=2, sort_keys=True, default=list))
@@ -318,17 +347,95 @@ def main(
             if note:
                 print(f"{parser.prog}: {note}", file=sys.stderr)
         return 0
+    if launcher and (args.num_processes is not None or args.accelerate_config is not None):
+        return launch(_without_launch_flags(argv), args.num_processes, args.accelerate_config)
 
     from .trainer import HubError, NonFiniteError, Trainer, TrainingInterrupted
 
     try:
         Trainer(config, hooks=hooks).run()
+    except (ConfigError, DataError) as error:  # what only loading could show (a weight file that does not decode)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
+        return 2
     except TrainingInterrupted:
         return 130
     except NonFiniteError as error:
         print(f"{parser.prog}: error: {error}", flush=True)
         return 3
-    except HubError as error:
+    except HubError as error:  # the repo could not be created: refused before any weight loaded
         print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
-        return 1
+        return 2
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launching
+# ----------------------------------------------------------------------------------------------------------------
+
+#: the flags only the launching command takes, with whether each takes a value
+LAUNCH_FLAGS = {"--num_processes": True, "--accelerate_config": True}
+
+
+def _without_launch_flags(argv: Sequence[str]) -> List[str]:
+    """``argv`` less :data:`LAUNCH_FLAGS` (also in their ``--flag=value`` form): what each training process gets."""
+    out: List[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in LAUNCH_FLAGS:
+            skip = LAUNCH_FLAGS[arg]
+        elif arg.split("=", 1)[0] not in LAUNCH_FLAGS:
+            out.append(arg)
+    return out
+
+
+def launch(argv: Sequence[str], num_processes: Optional[int], accelerate_config: Optional[str]) -> int:
+    """Run the (already checked) training command ``argv`` through ``accelerate launch`` and return the training
+    processes' own exit status.
+
+    ``accelerate launch`` turns any nonzero exit of a process into exit status 1 with a traceback of its own
+    (``subprocess.CalledProcessError``; ``torch.distributed``'s ``ChildFailedError`` for several processes), which
+    buries the one sentence the script printed. So it runs here with ``--quiet`` (no launcher traceback), and every
+    training process that exits nonzero writes its status to the file named by :data:`STATUS_FILE_ENV`, which is
+    what this returns.
+    """
+    import subprocess
+    import tempfile
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
+    if accelerate_config is not None:
+        command += ["--config_file", accelerate_config]
+    else:  # the values accelerate would otherwise warn it defaulted
+        command += ["--num_machines", "1", "--dynamo_backend", "no"]
+        if num_processes and num_processes > 1:
+            command.append("--multi_gpu")  # torchrun's process group (gloo on a machine without CUDA)
+    if num_processes is not None:
+        command += ["--num_processes", str(num_processes)]
+    command += ["-m", "diffusers_onestep.distill", *argv]
+    with tempfile.TemporaryDirectory(prefix="onestep-launch-") as folder:
+        status_file = os.path.join(folder, "status")
+        environment = dict(os.environ, **{STATUS_FILE_ENV: status_file})
+        try:
+            returncode = subprocess.run(command, env=environment).returncode
+        except KeyboardInterrupt:  # the training processes got the same Ctrl-C and checkpoint
+            return 130
+        if os.path.isfile(status_file):
+            with open(status_file, encoding="utf-8") as f:
+                text = f.read().strip()
+            if text.lstrip("-").isdigit():
+                return int(text)
+    return returncode
+
+
+def report_status(status: int) -> None:
+    """Record a training process's nonzero exit status for :func:`launch` (the first process to fail wins)."""
+    path = os.environ.get(STATUS_FILE_ENV)
+    if not path or not status:
+        return
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+        f.write(f"{status}\n")
