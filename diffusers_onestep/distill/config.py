@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -548,11 +547,11 @@ class TrainConfig:
         return cls(**kwargs)
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True, default=list)
-            f.write("\n")
-        os.replace(tmp, path)
+        # The project's one crash-safe JSON writer: a crash leaves the old file and a temporary name that the next
+        # checkpoint clears.
+        from ..storage import write_json
+
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str) -> "TrainConfig":
