@@ -417,11 +417,15 @@ class OutputConfig:
     output_dir: str = setting("onestep-student", "Where the student, checkpoints and logs go.")
     overwrite_output_dir: bool = setting(False, "Allow a non-empty --output_dir (otherwise refused).")
     checkpointing_steps: int = setting(500, "Checkpoint every N steps.")
-    checkpoints_total_limit: Optional[int] = setting(None, "Keep at most N checkpoints.", default_text="all")
+    checkpoints_total_limit: Optional[int] = setting(
+        None,
+        "Keep at most N checkpoints of this run (an older run's in --output_dir are never removed).",
+        default_text="all",
+    )
     resume_from_checkpoint: Optional[str] = setting(
         None,
-        "'latest' (the newest checkpoint of --output_dir; while there is none the run starts fresh) or a "
-        "checkpoint-N folder (a path, or its name inside --output_dir).",
+        "'latest' (the newest complete checkpoint of the run in --output_dir, passing over damaged ones; while there "
+        "is none the run starts fresh) or a checkpoint-N folder (a path, or its name inside --output_dir).",
         default_text="none",
     )
     save_on_interrupt: bool = setting(True, "Checkpoint when interrupted (Ctrl-C / SIGTERM).")
