@@ -15,8 +15,17 @@ from typing import Any, Dict, List, Optional, Sequence
 
 #: ``from_pretrained`` keyword arguments that say where and how to read a Hub repo
 HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
-#: files and folders of an output directory that are not part of the published student
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", ".*/**", "logs/**", "validation/**"]
+#: files and folders of an output directory that are not part of the published student: checkpoints, hidden staging
+#: folders, logs, validation grids and the run id stay local
+UPLOAD_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "checkpoint-*/**",
+    ".*",
+    ".*/**",
+    "logs/**",
+    "validation/**",
+    "run.json",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------

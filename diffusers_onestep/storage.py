@@ -3,18 +3,27 @@
 A folder is written to a hidden temporary sibling and renamed into place (``os.replace`` is atomic on POSIX);
 files inside a folder that also holds other things (an output folder with checkpoints) are moved in one by one
 with a *commit file* (``model_index.json``, ``onestep_lora.json``) moved last, so a loader never sees a half
-export.
+export. A crash mid-write leaves only hidden or ``.tmp-`` names behind (:data:`LEFTOVER_NAME`), which
+:func:`remove_leftovers` clears on the next successful write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
+
+
+#: what an interrupted write leaves beside its target: a staging folder or a set-aside old folder of
+#: :func:`staging_path` (``.<name>.tmp-1a2b3c4d``, ``.<name>.old-1a2b3c4d``) or a temporary file of :func:`write_json`
+#: and :func:`save_tensors` (``<name>.tmp-1a2b3c4d``)
+LEFTOVER_NAME = re.compile(r"\..+\.(?:tmp|old)-[0-9a-f]{8}|.+\.tmp-[0-9a-f]{8}")
 
 
 def staging_path(target: str, tag: str = "tmp") -> str:
@@ -61,6 +70,25 @@ def publish_entries(staging: str, target: str, commit_file: Optional[str] = None
         else:
             os.replace(source, destination)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_leftovers(folder: str, also: Optional[re.Pattern] = None) -> List[str]:
+    """Delete what interrupted writes left in ``folder`` (names matching :data:`LEFTOVER_NAME` or ``also``); returns
+    the names removed. Call it only while nothing else writes into ``folder``: a live staging folder looks the same."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        if not (LEFTOVER_NAME.fullmatch(name) or (also is not None and also.fullmatch(name))):
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        removed.append(name)
+    return removed
 
 
 def write_json(path: str, data: Any) -> None:

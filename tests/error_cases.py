@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import sys
 from dataclasses import dataclass
 from typing import Callable, List
@@ -208,6 +209,18 @@ def cli_case(name, args_fn):
     return Case("training CLI", name, run, cli=True)
 
 
+def previous_run_flags() -> dict:
+    """The settings of :func:`make_previous_run` beside teacher, prompts, output folder and resolution (the tiny
+    run's flags of tests/training_utils, one step, one critic update per student update)."""
+    from training_utils import TINY_FLAGS
+
+    return {
+        **dict(zip(TINY_FLAGS[::2], TINY_FLAGS[1::2])),
+        "--max_train_steps": "1",
+        "--critic_updates_per_student": "1",
+    }
+
+
 def cli_cases() -> List[Case]:
     def base(c, **over):
         args = {"--teacher": c["pixart_dir"], "--prompts": c["prompts"], "--output_dir": c["out"], "--resolution": "8"}
@@ -261,15 +274,37 @@ def cli_cases() -> List[Case]:
                 **{
                     "--output_dir": c["run_dir"],
                     "--resume_from_checkpoint": "latest",
+                    **previous_run_flags(),
                     "--lora_rank": "3",
                     "--max_train_steps": "3",
-                    "--report_to": "none",
-                    "--max_sequence_length": "8",
-                    "--critic_updates_per_student": "1",
-                    "--train_batch_size": "2",
-                    "--learning_rate": "1e-3",
-                    "--guidance_scale": "3.0",
                 },
+            ),
+        ),
+        cli_case(
+            "the same command again over a run that has checkpoints",
+            lambda c: base(c, **{"--output_dir": c["run_dir"]}),
+        ),
+        cli_case(
+            "other settings over a run stopped before its first checkpoint",
+            lambda c: base(c, **{"--output_dir": c["unstarted_dir"], **previous_run_flags(), "--lora_rank": "3"}),
+        ),
+        cli_case(
+            "--resume_from_checkpoint of a checkpoint with a truncated file",
+            lambda c: base(c, **{"--resume_from_checkpoint": c["damaged_truncated"]}),
+        ),
+        cli_case(
+            "--resume_from_checkpoint of a checkpoint without its RNG state",
+            lambda c: base(c, **{"--resume_from_checkpoint": c["damaged_no_rng"]}),
+        ),
+        cli_case(
+            "--resume_from_checkpoint of an incomplete checkpoint (no trainer_state.json)",
+            lambda c: base(c, **{"--resume_from_checkpoint": c["damaged_incomplete"]}),
+        ),
+        cli_case(
+            "--resume_from_checkpoint latest when every checkpoint of the run is damaged",
+            lambda c: base(
+                c,
+                **{"--output_dir": c["all_damaged_dir"], "--resume_from_checkpoint": "latest", **previous_run_flags()},
             ),
         ),
         cli_case("--hub_model_id that is not a repo id", lambda c: base(c, **{"--hub_model_id": "my model!"})),
@@ -366,29 +401,48 @@ def build_context(root: str) -> dict:
 
 
 def make_previous_run(ctx) -> None:
-    """A finished 1-step run (rank 2) for the conflicting-resume case."""
-    from training_utils import TINY_FLAGS
-
+    """A finished 1-step run (rank 2) for the conflicting-resume case, and folders made from it: damaged copies of
+    its checkpoint (each beside an intact copy, the previous complete checkpoint), a run stopped before its first
+    checkpoint, and a run whose only checkpoint is damaged."""
     from diffusers_onestep.distill import cli
     from diffusers_onestep.distill.trainer import Trainer
 
-    argv = [
-        "--teacher",
-        ctx["pixart_dir"],
-        "--prompts",
-        ctx["prompts"],
-        "--output_dir",
-        ctx["run_dir"],
-        "--resolution",
-        "8",
-        *TINY_FLAGS,
-        "--max_train_steps",
-        "1",
-        "--critic_updates_per_student",
-        "1",
-    ]
+    flags = {
+        "--teacher": ctx["pixart_dir"],
+        "--prompts": ctx["prompts"],
+        "--output_dir": ctx["run_dir"],
+        "--resolution": "8",
+        **previous_run_flags(),
+    }
+    argv = [item for flag_and_value in flags.items() for item in flag_and_value]
     config, _ = cli.resolve_args(argv)
     Trainer(config).run()
+
+    checkpoint = os.path.join(ctx["run_dir"], "checkpoint-1")
+    damage = {
+        "truncated": lambda folder: _truncate(os.path.join(folder, "trainable.safetensors")),
+        "no_rng": lambda folder: os.remove(os.path.join(folder, "rng_0.safetensors")),
+        "incomplete": lambda folder: os.remove(os.path.join(folder, "trainer_state.json")),
+    }
+    for kind, damage_fn in damage.items():
+        folder = os.path.join(ctx["root"], f"damaged-{kind.replace('_', '-')}")
+        shutil.copytree(checkpoint, os.path.join(folder, "checkpoint-1"))
+        shutil.copytree(checkpoint, os.path.join(folder, "checkpoint-2"))
+        damage_fn(os.path.join(folder, "checkpoint-2"))
+        ctx[f"damaged_{kind}"] = os.path.join(folder, "checkpoint-2")
+    ctx["unstarted_dir"] = os.path.join(ctx["root"], "unstarted")
+    ctx["all_damaged_dir"] = os.path.join(ctx["root"], "all-damaged")
+    for folder in (ctx["unstarted_dir"], ctx["all_damaged_dir"]):
+        os.makedirs(folder)
+        for name in ("training_config.json", "run.json"):
+            shutil.copy(os.path.join(ctx["run_dir"], name), os.path.join(folder, name))
+    shutil.copytree(checkpoint, os.path.join(ctx["all_damaged_dir"], "checkpoint-1"))
+    _truncate(os.path.join(ctx["all_damaged_dir"], "checkpoint-1", "trainable.safetensors"))
+
+
+def _truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
 
 
 def normalise(message: str, ctx) -> str:

@@ -103,6 +103,7 @@ def test_push_creates_the_repo_and_uploads_only_the_student(tmp_path, hub_calls)
         "logs/events.out",
         "validation/step-000010.png",
         ".checkpoint-20.tmp/trainable.safetensors",
+        "run.json",
     ):
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)

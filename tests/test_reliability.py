@@ -4,30 +4,32 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from conftest import hub_account
 from fault_launcher import marker_path
 from safetensors.torch import load_file
-from training_utils import FAULT_LAUNCHER, SCRIPT, TINY_FLAGS, env, write_images, write_prompts
+from training_utils import (
+    FAULT_LAUNCHER,
+    SCRIPT,
+    STATE_FILES,
+    env,
+    in_process,
+    kill_at,
+    run_args,
+    start,
+    wait_for,
+    write_images,
+    write_prompts,
+)
 
-from diffusers_onestep.distill import cli
 from diffusers_onestep.distill.checkpoint import list_checkpoints
-from diffusers_onestep.distill.trainer import NonFiniteError, Trainer
+from diffusers_onestep.distill.trainer import NonFiniteError
 from diffusers_onestep.testing import save_tiny_native_pipeline
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-STATE_FILES = (
-    "trainable.safetensors",
-    "ema.safetensors",
-    "method.safetensors",
-    "optimizer_student.safetensors",
-    "optimizer_critic.safetensors",
-)
 
 
 @pytest.fixture(scope="module")
@@ -39,71 +41,6 @@ def workspace(tmp_path_factory):
         "prompts": write_prompts(str(root)),
         "images": write_images(str(root / "images"), size=8),
     }
-
-
-def run_args(workspace, output_dir, *extra):
-    return [
-        "--teacher",
-        workspace["teacher"],
-        "--prompts",
-        workspace["prompts"],
-        "--output_dir",
-        str(output_dir),
-        "--resolution",
-        "8",
-        "--divergence",
-        "js",
-        "--real_images",
-        workspace["images"],
-        "--critic_updates_per_student",
-        "2",
-        "--checkpointing_steps",
-        "2",
-        "--lr_scheduler",
-        "constant",
-        "--ema_decay",
-        "0.9",
-        "--max_train_steps",
-        "6",
-        *TINY_FLAGS,
-        *[str(a) for a in extra],
-    ]
-
-
-def in_process(argv, hooks=None):
-    config, _ = cli.resolve_args(argv)
-    return Trainer(config, hooks=hooks).run()
-
-
-def start(argv, fault):
-    """The training command in a subprocess, paused at ``fault`` (see tests/fault_launcher.py)."""
-    return subprocess.Popen(
-        [sys.executable, FAULT_LAUNCHER, "--fault", fault, *[str(a) for a in argv]],
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def wait_for(path, process, timeout=120):
-    deadline = time.time() + timeout
-    while not os.path.exists(path):
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended before reaching {path}:\n{process.stdout.read()[-4000:]}")
-        if time.time() > deadline:
-            process.kill()
-            raise AssertionError(f"timed out waiting for {path}")
-        time.sleep(0.05)
-
-
-def kill_at(argv, output_dir, fault):
-    process = start(argv, fault)
-    event, step = fault.split("@")
-    wait_for(marker_path(str(output_dir), event, int(step)), process)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL
 
 
 def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_result(workspace):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from training_utils import RESOLUTION, TINY_FLAGS, launch, write_images, write_prompts
 
 from diffusers_onestep import OneStepPipeline
+from diffusers_onestep.distill.checkpoint import checkpoint_problem
 from diffusers_onestep.testing import save_tiny_native_pipeline
 
 
@@ -137,3 +138,6 @@ def test_two_processes_match_one_process(workspace):
     assert moved > 0  # the weights did train
     state = json.loads((two / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2
+    # the commit file lists both processes' RNG states (written before it), and the checkpoint resumes on two
+    assert {"rng_0.safetensors", "rng_1.safetensors", "rng_1.json"} <= set(state["files"])
+    assert checkpoint_problem(str(two / "checkpoint-3"), num_processes=2) is None

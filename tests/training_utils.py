@@ -1,8 +1,11 @@
-"""Shared helpers of the training tests: tiny teachers, prompt and image data, and launching the script."""
+"""Shared helpers of the training tests: tiny teachers, prompt and image data, launching the script, and the
+crash-and-resume runs of the reliability tests (a run paused at a fault and killed, then resumed in-process)."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 from PIL import Image
@@ -28,6 +31,14 @@ TINY_FLAGS = [
     "--guidance_scale",
     "3.0",
 ]
+#: the state files of a checkpoint that a resumed run must reproduce bit for bit
+STATE_FILES = (
+    "trainable.safetensors",
+    "ema.safetensors",
+    "method.safetensors",
+    "optimizer_student.safetensors",
+    "optimizer_critic.safetensors",
+)
 RESOLUTION = {"sdxl": 32, "pixart_alpha": 8, "pixart_sigma": 8, "sana": 32, "sana_sprint": 32}
 
 
@@ -103,3 +114,82 @@ def launch(args, num_processes=1, timeout=300, check=True, script=SCRIPT):
             f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
         )
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# crash and resume
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_args(workspace, output_dir, *extra):
+    """A 6-step run that exercises every piece of resumable state (f-distill's bins, the discriminator head, the
+    EMA, both optimizers), checkpointing every 2 steps; ``workspace`` holds ``teacher``, ``prompts`` and ``images``."""
+    return [
+        "--teacher",
+        workspace["teacher"],
+        "--prompts",
+        workspace["prompts"],
+        "--output_dir",
+        str(output_dir),
+        "--resolution",
+        "8",
+        "--divergence",
+        "js",
+        "--real_images",
+        workspace["images"],
+        "--critic_updates_per_student",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--lr_scheduler",
+        "constant",
+        "--ema_decay",
+        "0.9",
+        "--max_train_steps",
+        "6",
+        *TINY_FLAGS,
+        *[str(a) for a in extra],
+    ]
+
+
+def in_process(argv, hooks=None):
+    """Parse, check and train ``argv`` in this process, as the CLI does; returns the TrainingResult."""
+    from diffusers_onestep.distill import cli
+    from diffusers_onestep.distill.trainer import Trainer
+
+    config, _ = cli.resolve_args([str(a) for a in argv])
+    return Trainer(config, hooks=hooks).run()
+
+
+def start(argv, fault):
+    """The training command in a subprocess, paused at ``fault`` (see tests/fault_launcher.py)."""
+    return subprocess.Popen(
+        [sys.executable, FAULT_LAUNCHER, "--fault", fault, *[str(a) for a in argv]],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for(path, process, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before reaching {path}:\n{process.stdout.read()[-4000:]}")
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out waiting for {path}")
+        time.sleep(0.05)
+
+
+def kill_at(argv, output_dir, fault):
+    """Start the run, wait until it pauses at ``fault`` (``event@step``), and kill -9 it there."""
+    from fault_launcher import marker_path
+
+    process = start(argv, fault)
+    event, step = fault.split("@")
+    wait_for(marker_path(str(output_dir), event, int(step)), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL

@@ -1,4 +1,4 @@
-"""The checkpoint format of a distillation run: write, read, list, prune, and the check before resuming.
+"""The checkpoint format of a distillation run: write, read, list, prune, and the checks before resuming.
 
 A checkpoint ``<output_dir>/checkpoint-<step>/`` holds the complete training state in safetensors and JSON:
 
@@ -12,11 +12,30 @@ file                            content
 ``scheduler_<role>.json``       the LR scheduler's state (its lambdas are rebuilt from the config)
 ``rng_<rank>.*``                every process's torch/CUDA/RandomSource (safetensors) and Python/NumPy (JSON) state
 ``training_config.json``        the configuration the state belongs to
-``trainer_state.json``          step, skipped non-finite updates, process count; written last, it commits the folder
+``trainer_state.json``          step, skipped non-finite updates, process count, run id and the size of every other
+                                file; written last, it commits the folder
 ==============================  ===================================================================================
 
 It is written into a hidden sibling folder that is renamed into place once complete, so a crash at any point
-leaves either the whole checkpoint or none of it.
+leaves either the whole checkpoint or none of it; the next successful save removes what a crash left behind (the
+hidden staging folders of checkpoints and exports, temporary files).
+
+**Runs.** Every run has a run id, kept across its resumptions: ``<output_dir>/run.json`` names the run that
+writes the folder now (written when it starts), and each checkpoint's ``trainer_state.json`` names the run that
+wrote it. A folder can hold checkpoints of several runs: ``--overwrite_output_dir`` starts a new run over an older
+one's checkpoints, which are then foreign. ``--checkpoints_total_limit`` prunes only the current run's checkpoints,
+and ``--resume_from_checkpoint latest`` resumes the newest complete checkpoint of the run ``run.json`` names
+(while it has none, the run starts fresh; the older run's checkpoints are neither resumed nor touched).
+Checkpoints written before run ids existed (format 1, no ``run_id``) still resume; the run that continues one
+owns every checkpoint without a run id in its folder, and a folder without ``run.json`` resumes its newest.
+
+**Checks before resuming** (:func:`find_resume_point`, called by the preflight before any weights load): every file
+the format requires exists (format 2: every file ``trainer_state.json`` lists, at its recorded size; format 1: the
+fixed set above), safetensors headers parse and cover their files, JSON files parse, and there is an RNG state for
+every process of the resuming run -- resuming without one would not continue the run exactly. Under ``latest`` a
+damaged newest checkpoint is passed over for the previous complete one, with one printed line naming the bad file;
+a damaged checkpoint named explicitly is refused in one sentence that names the bad file and offers the previous
+complete checkpoint. The checks catch truncated, missing and unparseable files, not bit flips inside tensor data.
 """
 
 from __future__ import annotations
@@ -26,7 +45,8 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -40,10 +60,23 @@ from .models import RandomSource
 CHECKPOINT_PREFIX = "checkpoint-"
 CONFIG_NAME = "training_config.json"
 TRAINER_STATE_NAME = "trainer_state.json"
+#: names the run that writes ``output_dir`` now: ``{"run_id": ..., "owns_checkpoints_without_run_id": ...}``
+RUN_NAME = "run.json"
 #: the file whose presence marks a complete checkpoint
 CHECKPOINT_COMMIT_FILE = TRAINER_STATE_NAME
-#: version of the layout above, stored in ``trainer_state.json``
-CHECKPOINT_FORMAT = 1
+#: version of the layout above, stored in ``trainer_state.json`` (2: run id and file sizes; 1: neither)
+CHECKPOINT_FORMAT = 2
+#: the roles that have an optimizer and an LR scheduler in every checkpoint
+OPTIMIZED_ROLES = ("student", "critic")
+#: the files every format-1 checkpoint holds besides its commit file and RNG states (format 2 lists its own)
+FORMAT_1_FILES = (
+    "trainable.safetensors",
+    CONFIG_NAME,
+    *(f"optimizer_{role}.{ext}" for role in OPTIMIZED_ROLES for ext in ("safetensors", "json")),
+    *(f"scheduler_{role}.json" for role in OPTIMIZED_ROLES),
+)
+#: the staging folder of a checkpoint (the same name on every process, which all write into it)
+CHECKPOINT_STAGING_NAME = re.compile(rf"\.{CHECKPOINT_PREFIX}\d+\.tmp")
 #: config keys that may change between a checkpoint and its resumption
 RESUMABLE_CHANGES = (
     "optim.max_train_steps",
@@ -55,13 +88,31 @@ RESUMABLE_CHANGES = (
 )
 
 
+@dataclass(frozen=True)
+class RunIdentity:
+    """The run a checkpoint belongs to (see the module docstring)."""
+
+    run_id: str
+    #: whether checkpoints without a run id (format 1) are this run's: true once the run continued one of them
+    owns_checkpoints_without_run_id: bool = False
+
+    @classmethod
+    def new(cls) -> "RunIdentity":
+        return cls(uuid.uuid4().hex)
+
+    def owns(self, trainer_state: Dict[str, Any]) -> bool:
+        """Whether the checkpoint with this ``trainer_state.json`` content belongs to this run."""
+        run_id = trainer_state.get("run_id")
+        return run_id == self.run_id if run_id else self.owns_checkpoints_without_run_id
+
+
 @dataclass
 class TrainingState:
     """Everything a checkpoint saves and restores besides the configuration.
 
     ``roles`` is the :class:`~.roles.BackboneRoles` of the run, ``method`` its method (``state_dict`` /
     ``load_state_dict``), ``optimizers`` and ``lr_schedulers`` are keyed by role, ``ema`` maps the student's parameter
-    names to float32 averages (``None`` without ``--ema_decay``).
+    names to float32 averages (``None`` without ``--ema_decay``), ``run`` is the run the checkpoints are written for.
     """
 
     roles: Any
@@ -72,6 +123,41 @@ class TrainingState:
     ema: Optional[Dict[str, torch.Tensor]] = None
     global_step: int = 0
     nonfinite_skips: int = 0
+    run: RunIdentity = field(default_factory=RunIdentity.new)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# runs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_run(output_dir: str) -> Optional[RunIdentity]:
+    """The run ``output_dir/run.json`` names, or ``None`` (a folder of a run from before run ids, or no run)."""
+    data = _read_json_or_none(os.path.join(output_dir, RUN_NAME))
+    if not isinstance(data, dict) or not data.get("run_id"):
+        return None
+    return RunIdentity(str(data["run_id"]), bool(data.get("owns_checkpoints_without_run_id", False)))
+
+
+def write_run(output_dir: str, run: RunIdentity) -> None:
+    storage.write_json(
+        os.path.join(output_dir, RUN_NAME),
+        {"run_id": run.run_id, "owns_checkpoints_without_run_id": run.owns_checkpoints_without_run_id},
+    )
+
+
+def continued_run(checkpoint: str, output_dir: str) -> RunIdentity:
+    """The run that resumes ``checkpoint`` into ``output_dir``: the run that wrote it. A checkpoint without a run id
+    (format 1) is continued by a run that owns every checkpoint without one: the run ``output_dir`` names already
+    when that one does, else a new one."""
+    run_id = (read_trainer_state(checkpoint) or {}).get("run_id")
+    current = read_run(output_dir)
+    if run_id:
+        keeps_adopted = current is not None and current.run_id == run_id and current.owns_checkpoints_without_run_id
+        return RunIdentity(run_id, keeps_adopted)
+    if current is not None and current.owns_checkpoints_without_run_id:
+        return current
+    return RunIdentity(uuid.uuid4().hex, owns_checkpoints_without_run_id=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,31 +165,112 @@ class TrainingState:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
-    """Complete checkpoints (``checkpoint-N`` with their commit file), sorted by step."""
+def read_trainer_state(checkpoint: str) -> Optional[Dict[str, Any]]:
+    """The ``trainer_state.json`` of a checkpoint folder, or ``None`` when it is missing or does not parse."""
+    data = _read_json_or_none(os.path.join(checkpoint, TRAINER_STATE_NAME))
+    return data if isinstance(data, dict) and "global_step" in data else None
+
+
+def checkpoint_folders(output_dir: str) -> List[Tuple[int, str]]:
+    """Every ``checkpoint-N`` folder of ``output_dir``, complete or not, sorted by step."""
     if not os.path.isdir(output_dir):
         return []
     out = []
     for name in os.listdir(output_dir):
         match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", name)
         path = os.path.join(output_dir, name)
-        if match and os.path.isfile(os.path.join(path, CHECKPOINT_COMMIT_FILE)):
+        if match and os.path.isdir(path):
             out.append((int(match.group(1)), path))
     return sorted(out)
 
 
-def resolve_resume_path(resume: Optional[str], output_dir: str) -> Optional[str]:
-    """The checkpoint folder to resume from, or ``None`` for a fresh run.
+def list_checkpoints(output_dir: str, run: Optional[RunIdentity] = None) -> List[Tuple[int, str]]:
+    """Complete checkpoints (``checkpoint-N`` with their commit file), sorted by step; with ``run``, only its own."""
+    out = []
+    for step, path in checkpoint_folders(output_dir):
+        if not os.path.isfile(os.path.join(path, CHECKPOINT_COMMIT_FILE)):
+            continue
+        if run is not None:
+            state = read_trainer_state(path)
+            if state is None or not run.owns(state):
+                continue
+        out.append((step, path))
+    return out
 
-    ``latest`` is the newest complete checkpoint of ``output_dir``, and ``None`` while it has none (the run starts
-    fresh, as in the diffusers training examples); any other value is a checkpoint folder, as a path or as its name
-    inside ``output_dir`` (``checkpoint-500``), and a :class:`ConfigError` when it is no complete checkpoint.
+
+def checkpoint_problem(checkpoint: str, num_processes: int = 1) -> Optional[str]:
+    """What keeps ``checkpoint`` from resuming a run of ``num_processes`` processes exactly, as a clause that names
+    the bad file (``"<checkpoint>/trainable.safetensors is truncated"``), or ``None`` when it is complete.
+
+    Reads only ``trainer_state.json``, the JSON files and the safetensors headers: no tensor data is loaded.
+    """
+    state_path = os.path.join(checkpoint, TRAINER_STATE_NAME)
+    if not os.path.isfile(state_path):
+        return f"{state_path} is missing"
+    state = read_trainer_state(checkpoint)
+    if state is None:
+        return f"{state_path} is not valid JSON (truncated or corrupt)"
+    expected_sizes: Dict[str, Optional[int]]
+    try:
+        saved_processes = int(state.get("num_processes", 1))
+        listed = int(state.get("format", 1)) >= 2
+        expected_sizes = {str(name): int(size) for name, size in state["files"].items()} if listed else {}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return f"{state_path} does not describe a checkpoint (corrupt)"
+    if not listed:
+        expected_sizes = dict.fromkeys(FORMAT_1_FILES)
+        for rank in range(saved_processes):
+            expected_sizes.update(dict.fromkeys((f"rng_{rank}.safetensors", f"rng_{rank}.json")))
+        saved_config = _read_json_or_none(os.path.join(checkpoint, CONFIG_NAME))
+        if isinstance(saved_config, dict) and (saved_config.get("optim") or {}).get("ema_decay"):
+            expected_sizes["ema.safetensors"] = None
+    for rank in range(num_processes):
+        for name in (f"rng_{rank}.safetensors", f"rng_{rank}.json"):
+            expected_sizes.setdefault(name, None)
+    for name in sorted(expected_sizes):
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            rng_rank = re.fullmatch(r"rng_(\d+)\.\w+", name)
+            if rng_rank and int(rng_rank.group(1)) >= saved_processes:
+                saved_by = _processes(saved_processes)
+                return f"{path} is missing (the checkpoint was saved by {saved_by}, this run has {num_processes})"
+            return f"{path} is missing"
+    for name, expected_size in sorted(expected_sizes.items()):
+        path = os.path.join(checkpoint, name)
+        size = os.path.getsize(path)
+        if expected_size is not None and size < expected_size:
+            return f"{path} is truncated"
+        if expected_size is not None and size != expected_size:
+            return f"{path} is not the size it was saved with"
+        if name.endswith(".safetensors") and not _safetensors_file_is_whole(path):
+            return f"{path} is not a whole safetensors file (truncated or corrupt)"
+        if name.endswith(".json") and _read_json_or_none(path) is None:
+            return f"{path} is not valid JSON (truncated or corrupt)"
+    return None
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run starts: ``path`` is the checkpoint folder to resume (``None``: the run starts fresh), ``note`` the
+    line to print about that choice (a fresh start under ``latest``, or a damaged newest checkpoint passed over)."""
+
+    path: Optional[str]
+    note: Optional[str] = None
+
+
+def find_resume_point(resume: Optional[str], output_dir: str, num_processes: int = 1) -> ResumePoint:
+    """The checkpoint a run of ``num_processes`` processes resumes, checked with :func:`checkpoint_problem`.
+
+    ``latest`` is the newest complete checkpoint of the run ``output_dir/run.json`` names (of any run when there is
+    no ``run.json``), passing over damaged newer ones with a note; ``None`` while it has none (the run starts fresh,
+    as in the diffusers training examples). Any other value is a checkpoint folder, as a path or as its name inside
+    ``output_dir`` (``checkpoint-500``). Raises a :class:`ConfigError` for a named checkpoint that does not exist or is
+    damaged (offering the previous complete one), and under ``latest`` when every checkpoint of the run is damaged.
     """
     if not resume:
-        return None
+        return ResumePoint(None)
     if resume == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1][1] if checkpoints else None
+        return _latest_resume_point(output_dir, num_processes)
     if not os.path.exists(resume) and os.path.isdir(os.path.join(output_dir, resume)):
         resume = os.path.join(output_dir, resume)
     if not os.path.exists(resume):
@@ -111,12 +278,85 @@ def resolve_resume_path(resume: Optional[str], output_dir: str) -> Optional[str]
             f"--resume_from_checkpoint {resume} does not exist; pass 'latest' or a {CHECKPOINT_PREFIX}N folder "
             "written by this script."
         )
-    if not os.path.isfile(os.path.join(resume, CHECKPOINT_COMMIT_FILE)):
+    looks_like_a_checkpoint = re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", os.path.basename(os.path.normpath(resume)))
+    if not looks_like_a_checkpoint and not os.path.isfile(os.path.join(resume, CHECKPOINT_COMMIT_FILE)):
         raise ConfigError(
-            f"--resume_from_checkpoint {resume} is not a complete checkpoint folder (it has no {CHECKPOINT_COMMIT_FILE}); "
-            f"pass 'latest' or a {CHECKPOINT_PREFIX}N folder written by this script."
+            f"--resume_from_checkpoint {resume} is not a complete checkpoint folder (it has no "
+            f"{CHECKPOINT_COMMIT_FILE}); pass 'latest' or a {CHECKPOINT_PREFIX}N folder written by this script."
         )
-    return resume
+    problem = checkpoint_problem(resume, num_processes)
+    if problem is None:
+        return ResumePoint(resume)
+    previous = _previous_complete_checkpoint(resume, num_processes)
+    if previous is not None:
+        raise ConfigError(
+            f"--resume_from_checkpoint {resume} cannot be resumed: {problem}; resume from {previous}, the previous "
+            "complete checkpoint, instead."
+        )
+    raise ConfigError(
+        f"--resume_from_checkpoint {resume} cannot be resumed: {problem}, and no earlier complete checkpoint lies "
+        "beside it; start the run over without --resume_from_checkpoint."
+    )
+
+
+def resolve_resume_path(resume: Optional[str], output_dir: str, num_processes: int = 1) -> Optional[str]:
+    """The checkpoint folder to resume from, or ``None`` for a fresh run (:func:`find_resume_point`'s path)."""
+    return find_resume_point(resume, output_dir, num_processes).path
+
+
+def _latest_resume_point(output_dir: str, num_processes: int) -> ResumePoint:
+    run = read_run(output_dir)
+    candidates = [path for _, path in checkpoint_folders(output_dir) if _may_belong_to(path, run)]
+    first_problem = None
+    for path in reversed(candidates):
+        problem = checkpoint_problem(path, num_processes)
+        if problem is None:
+            note = f"--resume_from_checkpoint latest: {first_problem}, so the run resumes from {path}."
+            return ResumePoint(path, note if first_problem else None)
+        first_problem = first_problem or problem
+    if first_problem is not None:
+        raise ConfigError(
+            f"--resume_from_checkpoint latest: {first_problem}, and {output_dir} holds no earlier complete checkpoint "
+            "of its run; start the run over without --resume_from_checkpoint, with --overwrite_output_dir."
+        )
+    if checkpoint_folders(output_dir):
+        return ResumePoint(
+            None,
+            f"--resume_from_checkpoint latest: {output_dir} has no checkpoint of its current run yet (its checkpoints "
+            "belong to a run it replaced), so the run starts fresh.",
+        )
+    return ResumePoint(
+        None, f"--resume_from_checkpoint latest: {output_dir} has no checkpoint yet, so the run starts fresh."
+    )
+
+
+def _previous_complete_checkpoint(checkpoint: str, num_processes: int) -> Optional[str]:
+    """The newest complete checkpoint beside a damaged ``checkpoint-N``, with a lower step, of the same run."""
+    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", os.path.basename(os.path.normpath(checkpoint)))
+    if not match:
+        return None
+    folder = os.path.dirname(os.path.normpath(checkpoint))
+    damaged_state = read_trainer_state(checkpoint)
+    folder_run = read_run(folder)
+    for step, path in reversed(list_checkpoints(folder)):
+        state = read_trainer_state(path)
+        if step >= int(match.group(1)) or state is None:
+            continue
+        if damaged_state is not None:  # the same run id, or both written before run ids
+            same_run = state.get("run_id") == damaged_state.get("run_id")
+        else:  # whose the damaged one was is unreadable: the folder's current run (any, before run ids)
+            same_run = folder_run is None or folder_run.owns(state)
+        if same_run and checkpoint_problem(path, num_processes) is None:
+            return path
+    return None
+
+
+def config_conflicts(saved: Dict[str, Any], config: TrainConfig) -> List[str]:
+    """The differences ``key: saved -> new`` between a saved configuration and ``config`` that change what is
+    trained (everything but :data:`RESUMABLE_CHANGES`)."""
+    return [
+        d for d in config_differences(saved, config.to_dict()) if not d.split(":")[0].startswith(RESUMABLE_CHANGES)
+    ]
 
 
 def check_resume_config(checkpoint: str, config: TrainConfig) -> None:
@@ -124,10 +364,7 @@ def check_resume_config(checkpoint: str, config: TrainConfig) -> None:
     saved_path = os.path.join(checkpoint, CONFIG_NAME)
     if not os.path.isfile(saved_path):
         return
-    saved = TrainConfig.load(saved_path).to_dict()
-    differences = [
-        d for d in config_differences(saved, config.to_dict()) if not d.split(":")[0].startswith(RESUMABLE_CHANGES)
-    ]
+    differences = config_conflicts(TrainConfig.load(saved_path).to_dict(), config)
     if differences:
         raise ConfigError(
             f"The run conflicts with the configuration of {checkpoint} ({'; '.join(differences)}); resume with "
@@ -135,11 +372,63 @@ def check_resume_config(checkpoint: str, config: TrainConfig) -> None:
         )
 
 
-def prune_checkpoints(output_dir: str, limit: Optional[int]) -> None:
-    """Keep the newest ``limit`` complete checkpoints; the newest one is never removed, whatever the limit."""
+def check_fresh_start(output_dir: str, config: TrainConfig) -> None:
+    """Refuse to start a run afresh in a non-empty ``output_dir`` without ``--overwrite_output_dir``, unless the
+    folder holds only the run files of the same run stopped before its first checkpoint (a restart loses nothing).
+
+    Run files are ``training_config.json``, ``run.json``, the logging folder, ``validation/``, what interrupted
+    writes leave behind, and checkpoints of a run that the current one replaced.
+    """
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir) or config.output.overwrite_output_dir:
+        return
+    run = read_run(output_dir)
+    if any(_may_belong_to(path, run) for _, path in checkpoint_folders(output_dir)):
+        raise ConfigError(
+            f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to write into it, or "
+            "--resume_from_checkpoint latest to continue its run."
+        )
+    run_files = {CONFIG_NAME, RUN_NAME, "validation", config.output.logging_dir.replace(os.sep, "/").split("/")[0]}
+    foreign = sorted(
+        name
+        for name in os.listdir(output_dir)
+        if name not in run_files
+        and not re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", name)
+        and not storage.LEFTOVER_NAME.fullmatch(name)
+        and not CHECKPOINT_STAGING_NAME.fullmatch(name)
+    )
+    saved_config = None
+    if os.path.exists(os.path.join(output_dir, CONFIG_NAME)):
+        try:
+            saved_config = TrainConfig.load(os.path.join(output_dir, CONFIG_NAME)).to_dict()
+        except (OSError, ValueError, TypeError):  # not a configuration this script wrote
+            foreign.insert(0, CONFIG_NAME)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ConfigError(
+            f"--output_dir {output_dir} holds files that no run of this script wrote ({shown}); pass "
+            "--overwrite_output_dir to write into it."
+        )
+    differences = config_conflicts(saved_config, config) if saved_config is not None else []
+    if differences:
+        raise ConfigError(
+            f"--output_dir {output_dir} holds a run with other settings and no checkpoint yet "
+            f"({'; '.join(differences)}); pass --overwrite_output_dir to start over in it, or run with its settings."
+        )
+
+
+def _may_belong_to(checkpoint: str, run: Optional[RunIdentity]) -> bool:
+    """Whether ``checkpoint`` may be ``run``'s: it is, it was written before run ids in a folder without
+    ``run.json``, or whose it is cannot be read (a damaged folder, which the checks then name)."""
+    state = read_trainer_state(checkpoint)
+    return run is None or state is None or run.owns(state)
+
+
+def prune_checkpoints(output_dir: str, limit: Optional[int], run: Optional[RunIdentity]) -> None:
+    """Keep the newest ``limit`` complete checkpoints of ``run`` (of every run when ``None``); the newest one is never
+    removed, whatever the limit, and checkpoints of other runs are never touched."""
     if not limit:
         return
-    checkpoints = list_checkpoints(output_dir)
+    checkpoints = list_checkpoints(output_dir, run)
     for _, path in checkpoints[:-1][: max(0, len(checkpoints) - limit)]:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -152,7 +441,8 @@ def prune_checkpoints(output_dir: str, limit: Optional[int]) -> None:
 def save_checkpoint(
     accelerator, state: TrainingState, config: TrainConfig, on_event: Optional[Callable[..., Any]] = None
 ) -> str:
-    """Write ``checkpoint-<state.global_step>`` crash-safely (every process takes part); returns its path.
+    """Write ``checkpoint-<state.global_step>`` crash-safely (every process takes part); returns its path. Once it
+    is in place, what earlier crashes left in ``output_dir`` is removed and the run's checkpoints are pruned.
 
     ``on_event(event, **info)`` is called with ``"before_checkpoint_commit"`` (``path`` = the staging folder,
     everything but the commit file written) and ``"checkpoint_written"`` (``path`` = the renamed folder), on the main
@@ -184,6 +474,9 @@ def save_checkpoint(
                 os.path.join(staging, f"scheduler_{role}.json"), _scheduler_state(state.lr_schedulers[role])
             )
         config.save(os.path.join(staging, CONFIG_NAME))
+    # The commit file lists every file with its size, so every process's RNG state must be in the folder first.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         on_event("before_checkpoint_commit", path=staging, step=step)
         storage.write_json(
             os.path.join(staging, TRAINER_STATE_NAME),
@@ -192,21 +485,22 @@ def save_checkpoint(
                 "nonfinite_skips": state.nonfinite_skips,
                 "num_processes": accelerator.num_processes,
                 "format": CHECKPOINT_FORMAT,
+                "run_id": state.run.run_id,
+                "files": {name: os.path.getsize(os.path.join(staging, name)) for name in sorted(os.listdir(staging))},
             },
         )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
         storage.replace_directory(staging, target)
-        prune_checkpoints(output_dir, config.output.checkpoints_total_limit)
+        storage.remove_leftovers(output_dir, also=CHECKPOINT_STAGING_NAME)
+        prune_checkpoints(output_dir, config.output.checkpoints_total_limit, state.run)
         on_event("checkpoint_written", path=target, step=step)
     accelerator.wait_for_everyone()
     return target
 
 
 def load_checkpoint(path: str, state: TrainingState, process_index: int, device=None) -> None:
-    """Restore ``state`` in place from a checkpoint folder (this process's RNG state included)."""
-    with open(os.path.join(path, TRAINER_STATE_NAME), encoding="utf-8") as f:
-        trainer_state = json.load(f)
+    """Restore ``state`` in place from a checkpoint folder (this process's RNG state included; the run identity is
+    the caller's, see :func:`continued_run`)."""
+    trainer_state = _read_json(os.path.join(path, TRAINER_STATE_NAME))
     state.roles.load_trainable_state_dict(storage.load_tensors(os.path.join(path, "trainable.safetensors")))
     ema_path = os.path.join(path, "ema.safetensors")
     if state.ema is not None and os.path.isfile(ema_path):
@@ -234,6 +528,35 @@ def load_checkpoint(path: str, state: TrainingState, process_index: int, device=
 def _read_json(path: str) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
+def _read_json_or_none(path: str) -> Any:
+    """The parsed file, or ``None`` when it is missing or is no valid JSON."""
+    try:
+        return _read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _safetensors_file_is_whole(path: str) -> bool:
+    """Whether the file's header parses and its tensors end exactly where the file ends (reads the header only)."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            if header_size > size - 8:
+                return False
+            header = json.loads(f.read(header_size))
+        data_end = max(
+            (int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"), default=0
+        )
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return False
+    return 8 + header_size + data_end == size
 
 
 def _optimizer_to_tensors(state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -303,8 +626,8 @@ def _save_rng_state(folder: str, rank: int, random_source: RandomSource) -> None
 
 def _load_rng_state(folder: str, rank: int, random_source: RandomSource) -> None:
     tensors_path = os.path.join(folder, f"rng_{rank}.safetensors")
-    if not os.path.isfile(tensors_path):  # e.g. resumed with more processes than were saved
-        return
+    if not os.path.isfile(tensors_path):  # the preflight refuses this; a run without it would not resume exactly
+        raise ConfigError(f"{folder} cannot be resumed exactly: {tensors_path} is missing.")
     rng = storage.load_tensors(tensors_path)
     torch.set_rng_state(rng["torch"])
     cuda = [rng[f"cuda_{i}"] for i in sorted(int(k[len("cuda_") :]) for k in rng if k.startswith("cuda_"))]

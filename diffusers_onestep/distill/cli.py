@@ -17,7 +17,7 @@ import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .config import SECTIONS, ConfigError, TrainConfig
-from .preflight import fresh_start_note, preflight
+from .preflight import preflight, resume_note
 from .resolve import ResolvedConfig, resolve
 
 
@@ -343,7 +343,7 @@ def main(
     if args.dry_run:
         # stdout is the resolved configuration (JSON, as training_config.json); where values came from goes to stderr
         print(json.dumps(config.config.to_dict(), indent=2, sort_keys=True, default=list))
-        for note in (config.mixed_precision_explained, fresh_start_note(config)):
+        for note in (config.mixed_precision_explained, resume_note(config)):
             if note:
                 print(f"{parser.prog}: {note}", file=sys.stderr)
         return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -443,11 +442,15 @@ class OutputConfig:
     output_dir: str = setting("onestep-student", "Where the student, checkpoints and logs go.")
     overwrite_output_dir: bool = setting(False, "Allow a non-empty --output_dir (otherwise refused).")
     checkpointing_steps: int = setting(500, "Checkpoint every N steps.")
-    checkpoints_total_limit: Optional[int] = setting(None, "Keep at most N checkpoints.", default_text="all")
+    checkpoints_total_limit: Optional[int] = setting(
+        None,
+        "Keep at most N checkpoints of this run (an older run's in --output_dir are never removed).",
+        default_text="all",
+    )
     resume_from_checkpoint: Optional[str] = setting(
         None,
-        "'latest' (the newest checkpoint of --output_dir; while there is none the run starts fresh) or a "
-        "checkpoint-N folder (a path, or its name inside --output_dir).",
+        "'latest' (the newest complete checkpoint of the run in --output_dir, passing over damaged ones; while there "
+        "is none the run starts fresh) or a checkpoint-N folder (a path, or its name inside --output_dir).",
         default_text="none",
     )
     save_on_interrupt: bool = setting(True, "Checkpoint when interrupted (Ctrl-C / SIGTERM).")
@@ -583,11 +586,11 @@ class TrainConfig:
         return cls(**kwargs)
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True, default=list)
-            f.write("\n")
-        os.replace(tmp, path)
+        # The project's one crash-safe JSON writer: a crash leaves the old file and a temporary name that the next
+        # checkpoint clears.
+        from ..storage import write_json
+
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str) -> "TrainConfig":

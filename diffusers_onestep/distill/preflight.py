@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .checkpoint import check_resume_config, resolve_resume_path
+from .checkpoint import check_fresh_start, check_resume_config, find_resume_point
 from .config import ConfigError, first_line
 from .resolve import ResolvedConfig
 
@@ -72,31 +72,25 @@ def preflight(resolved: ResolvedConfig) -> None:
         except ValueError as error:
             raise ConfigError(str(error)) from None
     output_dir = config.output.output_dir
-    resume = resolve_resume_path(config.output.resume_from_checkpoint, output_dir)
-    continuing = config.output.resume_from_checkpoint == "latest"  # this folder's run, checkpointed or not yet
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError(f"--output_dir {output_dir} exists and is not a folder.")
+    resume = find_resume_point(config.output.resume_from_checkpoint, output_dir, launched_processes()).path
     if resume is not None:
         check_resume_config(resume, config)
-    elif (
-        os.path.isdir(output_dir)
-        and os.listdir(output_dir)
-        and not config.output.overwrite_output_dir
-        and not continuing
-    ):
-        raise ConfigError(
-            f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to write into it, or "
-            "--resume_from_checkpoint latest to continue its run."
-        )
-    elif os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ConfigError(f"--output_dir {output_dir} exists and is not a folder.")
+    else:
+        check_fresh_start(output_dir, config)
 
 
-def fresh_start_note(resolved: ResolvedConfig) -> Optional[str]:
-    """The line that says ``--resume_from_checkpoint latest`` found no checkpoint yet (the run starts fresh), or
-    ``None``."""
+def launched_processes() -> int:
+    """How many processes the run has: ``accelerate launch`` (and torchrun) say so in ``WORLD_SIZE``."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resume_note(resolved: ResolvedConfig) -> Optional[str]:
+    """The line about where ``--resume_from_checkpoint latest`` starts (no checkpoint yet, so the run starts fresh;
+    or a damaged newest checkpoint passed over for the previous one), or ``None``."""
     output = resolved.config.output
-    if output.resume_from_checkpoint == "latest" and resolve_resume_path("latest", output.output_dir) is None:
-        return f"--resume_from_checkpoint latest: {output.output_dir} has no checkpoint yet, so the run starts fresh."
-    return None
+    return find_resume_point(output.resume_from_checkpoint, output.output_dir, launched_processes()).note
 
 
 def is_main_process() -> bool:

@@ -23,18 +23,20 @@ import torch
 from ..families import get_adapter_class
 from .checkpoint import (
     CONFIG_NAME,
+    RunIdentity,
     TrainingState,
-    list_checkpoints,
+    continued_run,
+    find_resume_point,
     load_checkpoint,
-    resolve_resume_path,
+    read_run,
     save_checkpoint,
+    write_run,
 )
 from .config import ConfigError, TrainConfig, first_line
 from .data import DataError, PromptSource, TrainingBatches, encode_real_images, load_prompts, load_real_images
 from .export import StudentRenderer, export_student, write_validation
 from .methods import build_method
 from .models import RandomSource, roles_to_update
-from .preflight import fresh_start_note
 from .resolve import ResolvedConfig, resolve
 from .roles import BackboneRoles
 
@@ -81,6 +83,8 @@ class Trainer:
         self.state: Optional[TrainingState] = None
         #: the full id of the Hub repo the student is pushed to (created at the start of ``run``)
         self.hub_repo_id: Optional[str] = None
+        #: the step of the newest checkpoint this run wrote or resumed (an interrupt there saves no second one)
+        self.checkpointed_step: Optional[int] = None
         self._interrupt_signal: Optional[int] = None
 
     @property
@@ -389,7 +393,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> str:
-        return save_checkpoint(self.accelerator, self.state, self.config, on_event=self._hook)
+        path = save_checkpoint(self.accelerator, self.state, self.config, on_event=self._hook)
+        self.checkpointed_step = self.global_step
+        return path
 
     def validate(self):
         acc = self.accelerator
@@ -427,24 +433,33 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        resume = resolve_resume_path(cfg.output.resume_from_checkpoint, cfg.output.output_dir)
+        output_dir = cfg.output.output_dir
         self._setup_accelerator()
         acc = self.accelerator
+        # Checked (again, for the Python API) before anything loads: the files of the checkpoint and an RNG state for
+        # every process of this run.
+        resume = find_resume_point(cfg.output.resume_from_checkpoint, output_dir, acc.num_processes)
+        if resume.note:
+            acc.print(resume.note)
         self.hub_repo_id = self._create_hub_repo()
-        fresh = fresh_start_note(self.resolved)
-        if fresh:
-            acc.print(fresh)
+        run = continued_run(resume.path, output_dir) if resume.path else RunIdentity.new()
         if acc.is_main_process:
-            os.makedirs(cfg.output.output_dir, exist_ok=True)
-            cfg.save(os.path.join(cfg.output.output_dir, CONFIG_NAME))
+            os.makedirs(output_dir, exist_ok=True)
+            cfg.save(os.path.join(output_dir, CONFIG_NAME))
+            write_run(output_dir, run)
+        # Every process takes the run the main process named (a new run's id is random).
+        acc.wait_for_everyone()
+        run = read_run(output_dir) or run
         # Seeds python, numpy and torch (LoRA A matrices and discriminator heads are initialised randomly).
         set_seed(cfg.optim.seed)
         self._load_teacher()
         self._setup_data()
         self._setup_models()
-        if resume is not None:
-            load_checkpoint(resume, self.state, acc.process_index, device=self.device)
-            logger.info(f"Resumed from {resume} at step {self.global_step}.")
+        self.state.run = run
+        if resume.path is not None:
+            load_checkpoint(resume.path, self.state, acc.process_index, device=self.device)
+            self.checkpointed_step = self.global_step
+            logger.info(f"Resumed from {resume.path} at step {self.global_step}.")
         if cfg.output.report_to != "none":
             acc.init_trackers(cfg.output.tracker_project_name, config=_flat_config(cfg.to_dict()))
 
@@ -462,8 +477,7 @@ class Trainer:
                     logs = self._iteration(progress)
             except TrainingInterrupted:
                 progress.close()
-                saved_steps = [step for step, _ in list_checkpoints(cfg.output.output_dir)]
-                if cfg.output.save_on_interrupt and self.global_step not in saved_steps:
+                if cfg.output.save_on_interrupt and self.global_step != self.checkpointed_step:
                     path = self.save_checkpoint()
                     acc.print(
                         f"Interrupted at step {self.global_step}: saved {path}; resume with "
