@@ -22,6 +22,7 @@ if "HF_MODULES_CACHE" not in os.environ:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from training_utils import hub_account  # noqa: E402
 
 
 # The tiny models gain nothing from intra-op threads, and on a loaded 2-core machine two threads per process made
@@ -119,15 +120,10 @@ def hub_cache(tmp_path, monkeypatch):
     return str(cache)
 
 
-def hub_account(token=None, **kwargs):
-    """What ``huggingface_hub.whoami`` answers for the account ``me`` with a write token (the fields read)."""
-    return {"name": "me", "orgs": [{"name": "my-org"}], "auth": {"accessToken": {"role": "write"}}}
-
-
 @pytest.fixture
 def hub_calls(monkeypatch):
     """``huggingface_hub.create_repo`` and ``upload_folder`` replaced by recorders (uploads are tested at the
-    huggingface_hub API boundary), and ``whoami`` by :func:`hub_account`: the dict holds
+    huggingface_hub API boundary), and ``whoami`` by :func:`training_utils.hub_account`'s write token: the dict holds
     ``"create": (repo_id, kwargs)`` and ``"upload": kwargs``."""
     import huggingface_hub
 
@@ -140,7 +136,7 @@ def hub_calls(monkeypatch):
     def upload_folder(**kwargs):
         calls["upload"] = kwargs
 
-    monkeypatch.setattr(huggingface_hub, "whoami", hub_account)
+    monkeypatch.setattr(huggingface_hub, "whoami", hub_account())
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
     return calls

@@ -187,22 +187,42 @@ def scheduler_cases() -> List[Case]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def cli_case(name, args_fn):
-    def run(c):
-        from diffusers_onestep.distill import cli
+def cli_case(name, args_fn, patches=(), env=None, launcher=False):
+    """A refused command line: ``patches`` are ``(object, attribute, value)`` set for the call (the Hub account
+    ``whoami`` answers, a missing package), ``env`` variables set for it; ``launcher`` runs it as
+    ``diffusers-onestep distill`` (with ``--num_processes``)."""
 
-        argv = [str(a) for a in args_fn(c)]
+    def run(c):
         import contextlib
         import io
 
+        from diffusers_onestep.distill import cli
+
+        argv = [str(a) for a in args_fn(c)]
         stderr = io.StringIO()
-        with contextlib.redirect_stderr(stderr):
-            try:
-                cli.main(argv)
-            except SystemExit as exit_:
-                c["last_exit_code"] = exit_.code
-            else:
-                raise AssertionError("the CLI did not exit")
+        saved = [(target, attribute, getattr(target, attribute)) for target, attribute, _ in patches]
+        saved_env = {key: os.environ.get(key) for key in env or {}}
+        try:
+            for target, attribute, value in patches:
+                setattr(target, attribute, value)
+            os.environ.update(env or {})
+            with contextlib.redirect_stderr(stderr):
+                try:
+                    status = cli.main(argv, launcher=launcher)
+                except SystemExit as exit_:
+                    c["last_exit_code"] = exit_.code
+                else:
+                    c["last_exit_code"] = status
+                    if status != 2:
+                        raise AssertionError(f"the CLI did not refuse the input (status {status})")
+        finally:
+            for target, attribute, value in saved:
+                setattr(target, attribute, value)
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         lines = [line for line in stderr.getvalue().strip().splitlines() if line]
         return lines[-1].split("error: ", 1)[1]
 
@@ -221,7 +241,15 @@ def previous_run_flags() -> dict:
     }
 
 
+def no_token(token=None, **kwargs):
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    raise LocalTokenNotFoundError("Token is required to call the /whoami-v2 endpoint, but no token found.")
+
+
 def cli_cases() -> List[Case]:
+    from training_utils import hub_account
+
     def base(c, **over):
         args = {"--teacher": c["pixart_dir"], "--prompts": c["prompts"], "--output_dir": c["out"], "--resolution": "8"}
         args.update(over)
@@ -316,7 +344,116 @@ def cli_cases() -> List[Case]:
         cli_case("--guidance_scale inf", lambda c: base(c, **{"--guidance_scale": "inf"})),
         cli_case("--config with a fractional step count", lambda c: base(c, **{"--config": c["fractional_config"]})),
         cli_case("--config with a string for a switch", lambda c: base(c, **{"--config": c["string_switch_config"]})),
+        # numeric ranges that only failed inside torch, numpy or the tokenizer, after the teacher loaded
+        cli_case("--adam_beta1 of 1 or more", lambda c: base(c, **{"--adam_beta1": "1.5"})),
+        cli_case("negative --adam_beta2", lambda c: base(c, **{"--adam_beta2": "-0.1"})),
+        cli_case("--adam_epsilon 0", lambda c: base(c, **{"--adam_epsilon": "0"})),
+        cli_case("negative --adam_weight_decay", lambda c: base(c, **{"--adam_weight_decay": "-0.01"})),
+        cli_case("negative --seed", lambda c: base(c, **{"--seed": "-1"})),
+        cli_case("--seed above 2**32 - 1", lambda c: base(c, **{"--seed": str(2**32)})),
+        cli_case("negative --max_sequence_length", lambda c: base(c, **{"--max_sequence_length": "-5"})),
+        cli_case("negative --lr_warmup_steps", lambda c: base(c, **{"--lr_warmup_steps": "-1"})),
+        cli_case("negative --max_nonfinite_skips", lambda c: base(c, **{"--max_nonfinite_skips": "-1"})),
+        cli_case("negative --dm_weight", lambda c: base(c, **{"--dm_weight": "-1"})),
+        cli_case("--logit_clamp 0", lambda c: base(c, **{"--logit_clamp": "0"})),
+        cli_case("negative --discriminator_weight", lambda c: base(c, **{"--discriminator_weight": "-1"})),
+        cli_case(
+            "--config with an empty validation prompt", lambda c: base(c, **{"--config": c["empty_validation_config"]})
+        ),
+        cli_case("empty --tracker_project_name", lambda c: base(c, **{"--tracker_project_name": ""})),
+        # what the export would refuse, checked against the teacher's noise path before training
+        cli_case(
+            "fractional --student_timesteps on a VP teacher (SDXL)",
+            lambda c: base(c, **{"--teacher": c["sdxl_dir"], "--resolution": "32", "--student_timesteps": "399.5"}),
+        ),
+        cli_case(
+            "--student_timesteps outside the teacher's path", lambda c: base(c, **{"--student_timesteps": "1000"})
+        ),
+        cli_case(
+            "--lora_target_modules naming no module of the denoiser",
+            lambda c: base(c, **{"--lora_target_modules": "to_q,to_qkv"}),
+        ),
+        cli_case(
+            "--report_to wandb without wandb installed",
+            lambda c: base(c, **{"--report_to": "wandb"}),
+            patches=[(_accelerate_utils(), "is_wandb_available", lambda: False)],
+        ),
+        # prompt and image sources
+        cli_case("prompt file that is not UTF-8", lambda c: base(c, **{"--prompts": c["latin1_prompts"]})),
+        cli_case("prompt folder that is empty", lambda c: base(c, **{"--prompts": c["empty_dir"]})),
+        cli_case("jsonl prompt that is null", lambda c: base(c, **{"--prompts": c["null_prompts"]})),
+        cli_case("jsonl prompt that is a number", lambda c: base(c, **{"--prompts": c["number_prompts"]})),
+        cli_case("jsonl line that is not an object", lambda c: base(c, **{"--prompts": c["string_line_prompts"]})),
+        cli_case(
+            "prompt dataset on the Hub, not cached, offline",
+            lambda c: base(c, **{"--prompts": "someone/uncached-prompts"}),
+        ),
+        cli_case(
+            "real image that does not decode",
+            lambda c: base(c, **{"--divergence": "js", "--real_images": c["corrupt_images"]}),
+        ),
+        cli_case(
+            "real image folder that is empty",
+            lambda c: base(c, **{"--divergence": "js", "--real_images": c["empty_dir"]}),
+        ),
+        cli_case(
+            "image dataset on the Hub, not cached, offline",
+            lambda c: base(c, **{"--divergence": "js", "--real_images": "someone/uncached-images"}),
+        ),
+        # the teacher
+        cli_case("Hub teacher not cached, offline", lambda c: base(c, **{"--teacher": "someone/uncached-teacher"})),
+        cli_case("a saved one-step student as --teacher", lambda c: base(c, **{"--teacher": c["student_dir"]})),
+        cli_case("a LoRA student folder as --teacher", lambda c: base(c, **{"--teacher": c["lora_student_dir"]})),
+        cli_case("teacher missing a component folder", lambda c: base(c, **{"--teacher": c["teacher_no_vae"]})),
+        cli_case("teacher with a truncated weights file", lambda c: base(c, **{"--teacher": c["teacher_truncated"]})),
+        cli_case("teacher with a config that is not JSON", lambda c: base(c, **{"--teacher": c["teacher_bad_json"]})),
+        cli_case("variant-only teacher without --variant", lambda c: base(c, **{"--teacher": c["teacher_fp16_only"]})),
+        cli_case(
+            "mixed precision fp16 from the accelerate config, without a GPU",
+            lambda c: base(c),
+            env={"ACCELERATE_MIXED_PRECISION": "fp16"},
+        ),
+        # pushing: checked with the Hub (whoami) before anything loads
+        cli_case(
+            "--push_to_hub while offline",
+            lambda c: base(c, **{"--push_to_hub": [], "--hub_model_id": "me/student"}),
+            env={"HF_TOKEN": "hf_notarealtoken"},
+        ),
+        cli_case(
+            "--push_to_hub without a Hub token",
+            lambda c: base(c, **{"--push_to_hub": []}),
+            patches=[(_huggingface_hub(), "whoami", no_token)],
+        ),
+        cli_case(
+            "--push_to_hub with a read-only token",
+            lambda c: base(c, **{"--push_to_hub": []}),
+            patches=[(_huggingface_hub(), "whoami", hub_account(role="read"))],
+        ),
+        cli_case(
+            "--hub_model_id in a namespace the account cannot write to",
+            lambda c: base(c, **{"--push_to_hub": [], "--hub_model_id": "stabilityai/student"}),
+            patches=[(_huggingface_hub(), "whoami", hub_account())],
+        ),
+        # diffusers-onestep distill as the launcher of accelerate
+        cli_case("--num_processes 0", lambda c: base(c, **{"--num_processes": "0"}), launcher=True),
+        cli_case(
+            "--accelerate_config that does not exist",
+            lambda c: base(c, **{"--accelerate_config": "no-such-accelerate.yaml"}),
+            launcher=True,
+        ),
     ]
+
+
+def _huggingface_hub():
+    import huggingface_hub
+
+    return huggingface_hub
+
+
+def _accelerate_utils():
+    import accelerate.utils
+
+    return accelerate.utils
 
 
 def all_cases() -> List[Case]:
@@ -339,7 +476,7 @@ class Payload:
 
 
 def build_context(root: str) -> dict:
-    from training_utils import write_prompts
+    from training_utils import write_images, write_prompts
 
     from diffusers_onestep import OneStepPipeline, OneStepScheduler
     from diffusers_onestep.testing import save_tiny_native_pipeline, tiny_components
@@ -391,13 +528,57 @@ def build_context(root: str) -> dict:
     for key, line in (
         ("fractional_config", "max_train_steps: 2.5\n"),
         ("string_switch_config", "push_to_hub: yes please\n"),
+        ("empty_validation_config", "validation_prompts: ['a cat', ' ']\n"),
     ):
         ctx[key] = os.path.join(root, f"{key}.yaml")
         with open(ctx[key], "w") as f:
             f.write(line)
+    for key, text in (
+        ("null_prompts", '{"text": null}\n'),
+        ("number_prompts", '{"text": "a cat"}\n{"text": 3}\n'),
+        ("string_line_prompts", '"a cat"\n'),
+    ):
+        ctx[key] = os.path.join(root, f"{key}.jsonl")
+        with open(ctx[key], "w") as f:
+            f.write(text)
+    ctx["latin1_prompts"] = os.path.join(root, "latin1.txt")
+    with open(ctx["latin1_prompts"], "wb") as f:
+        f.write("a cat\ncaf\xe9 au lait\n".encode("latin-1"))
+    ctx["corrupt_images"] = os.path.join(root, "corrupt-images")
+    write_images(ctx["corrupt_images"], n=2, size=8)
+    with open(os.path.join(ctx["corrupt_images"], "1.png"), "r+b") as f:
+        f.truncate(40)  # the header survives, the pixel data does not
+    ctx["student_dir"] = os.path.join(root, "student")
+    pipe.save_pretrained(ctx["student_dir"])
+    ctx["lora_student_dir"] = os.path.join(root, "lora-student")
+    os.makedirs(ctx["lora_student_dir"])
+    with open(os.path.join(ctx["lora_student_dir"], "onestep_lora.json"), "w") as f:
+        json.dump({"base_model": "PixArt-alpha/PixArt-XL-2-512x512"}, f)
+    _broken_teachers(ctx)
     ctx["out"] = os.path.join(root, "out")
     ctx["run_dir"] = os.path.join(root, "previous-run")
     return ctx
+
+
+def _broken_teachers(ctx) -> None:
+    """Copies of the tiny PixArt teacher, each broken one way: a component folder gone, weights cut short, a config
+    that is not JSON, weights only in the fp16 variant."""
+    import shutil
+
+    root, teacher = ctx["root"], ctx["pixart_dir"]
+    weights = os.path.join("transformer", "diffusion_pytorch_model.safetensors")
+    for key in ("teacher_no_vae", "teacher_truncated", "teacher_bad_json", "teacher_fp16_only"):
+        ctx[key] = shutil.copytree(teacher, os.path.join(root, key.replace("_", "-")))
+    shutil.rmtree(os.path.join(ctx["teacher_no_vae"], "vae"))
+    with open(os.path.join(ctx["teacher_truncated"], weights), "r+b") as f:
+        f.truncate(os.path.getsize(f.name) // 2)
+    with open(os.path.join(ctx["teacher_bad_json"], "vae", "config.json"), "w") as f:
+        f.write('{"_class_name": "AutoencoderKL",')
+    folder = ctx["teacher_fp16_only"]
+    os.replace(
+        os.path.join(folder, weights),
+        os.path.join(folder, "transformer", "diffusion_pytorch_model.fp16.safetensors"),
+    )
 
 
 def make_previous_run(ctx) -> None:

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from conftest import hub_account
 from fault_launcher import marker_path
 from safetensors.torch import load_file
 from training_utils import (
@@ -15,6 +14,7 @@ from training_utils import (
     SCRIPT,
     STATE_FILES,
     env,
+    hub_account,
     in_process,
     kill_at,
     run_args,
@@ -163,7 +163,7 @@ def test_the_hub_token_is_never_written(workspace, monkeypatch, capfd):
         ),
     )
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
-    monkeypatch.setattr(huggingface_hub, "whoami", hub_account)
+    monkeypatch.setattr(huggingface_hub, "whoami", hub_account())
     out = workspace["root"] / "secret"
     in_process(
         run_args(

@@ -13,8 +13,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import hub_account
-from training_utils import REPO, env, tiny_run_argv, write_images, write_prompts
+from training_utils import REPO, env, hub_account, tiny_run_argv, write_images, write_prompts
 
 from diffusers_onestep.distill import cli
 from diffusers_onestep.distill.checkpoint import list_checkpoints, resolve_resume_path
@@ -359,7 +358,7 @@ def test_a_repo_that_cannot_be_created_fails_before_anything_loads(workspace, tm
     def create_repo(repo_id, **kwargs):
         raise OSError("403 Client Error: Forbidden for url: https://huggingface.co/api/repos/create\nYou cannot")
 
-    monkeypatch.setattr(huggingface_hub, "whoami", hub_account)
+    monkeypatch.setattr(huggingface_hub, "whoami", hub_account())
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     out = tmp_path / "never"
     assert main_status(one_step(workspace, out, "--push_to_hub", "--hub_model_id", "me/student")) == 2

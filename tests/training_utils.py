@@ -193,3 +193,12 @@ def kill_at(argv, output_dir, fault):
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
+
+
+def hub_account(role="write", name="me"):
+    """A stand-in for ``huggingface_hub.whoami``: the account ``name`` with a token of ``role``."""
+
+    def whoami(token=None, **kwargs):
+        return {"name": name, "orgs": [{"name": "my-org"}], "auth": {"accessToken": {"role": role}}}
+
+    return whoami

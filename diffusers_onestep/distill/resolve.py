@@ -113,7 +113,13 @@ def read_teacher_configs(
                     "model its onestep_lora.json names."
                 )
             raise ConfigError(f"--teacher {teacher} is not a diffusers pipeline (it has no model_index.json).")
-        if index.get("_class_name") == "OneStepPipeline":
+        scheduler_entry = index.get("scheduler") if isinstance(index.get("scheduler"), list) else [None, None]
+        # a saved student names its native pipeline class, so its own marks are our settings and our scheduler
+        if (
+            index.get("_class_name") == "OneStepPipeline"
+            or "_onestep" in index
+            or "OneStepScheduler" in scheduler_entry
+        ):
             raise ConfigError(
                 f"--teacher {teacher} is a one-step student saved by OneStepPipeline, not a teacher; distill from the "
                 "multi-step pipeline it was trained from."
