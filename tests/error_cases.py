@@ -56,6 +56,9 @@ def pipeline_cases() -> List[Case]:
     def embeds(ctx, batch=1):
         return torch.zeros(batch, 77, 64)
 
+    def pooled(ctx, batch=1):
+        return torch.zeros(batch, 32)
+
     cases = [
         ("height not a multiple of the VAE × patch factor", lambda c: _call(c, height=33)),
         ("width not positive", lambda c: _call(c, width=-64)),
@@ -82,6 +85,53 @@ def pipeline_cases() -> List[Case]:
         ("guidance_scale > 1 on a guidance-distilled student", lambda c: _call(c, guidance_scale=5.0)),
         ("unknown callback tensor input", lambda c: _call(c, callback_on_step_end_tensor_inputs=["noise_pred"])),
         ("custom timesteps out of range", lambda c: _call(c, timesteps=[1200])),
+        ("generator given as a seed (an int)", lambda c: _call(c, generator=0)),
+        ("timesteps given as a number instead of a list", lambda c: _call(c, timesteps=399)),
+        (
+            "prompt_embeds of another width than the denoiser takes",
+            lambda c: _call(c, prompt=None, prompt_embeds=torch.zeros(1, 77, 32), pooled_prompt_embeds=pooled(c)),
+        ),
+        (
+            "prompt_embeds without the token dimension",
+            lambda c: _call(c, prompt=None, prompt_embeds=torch.zeros(1, 64), pooled_prompt_embeds=pooled(c)),
+        ),
+        (
+            "pooled_prompt_embeds of another width than the denoiser takes (SDXL)",
+            lambda c: _call(c, prompt=None, prompt_embeds=embeds(c), pooled_prompt_embeds=torch.zeros(1, 16)),
+        ),
+        (
+            "prompt_embeds that is not a tensor",
+            lambda c: _call(c, prompt=None, prompt_embeds=[[0.0] * 64], pooled_prompt_embeds=pooled(c)),
+        ),
+        (
+            "prompt_attention_mask of another length than prompt_embeds",
+            lambda c: _call(
+                c,
+                prompt=None,
+                prompt_embeds=embeds(c),
+                pooled_prompt_embeds=pooled(c),
+                prompt_attention_mask=torch.ones(1, 50),
+            ),
+        ),
+        ("latents that are not a tensor", lambda c: _call(c, latents=[[0.0]])),
+        ("guidance_scale that is not a number", lambda c: _call(c, guidance_scale="low")),
+        ("callback_on_step_end that is not callable", lambda c: _call(c, callback_on_step_end="print")),
+        (
+            "callback_on_step_end_tensor_inputs given as one string",
+            lambda c: _call(c, callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs="latents"),
+        ),
+        (
+            "callback_on_step_end returning a tensor instead of a dict",
+            lambda c: _call(c, callback_on_step_end=lambda p, i, t, tensors: tensors["latents"]),
+        ),
+        (
+            "callback_on_step_end returning a tensor the pipeline does not read",
+            lambda c: _call(c, callback_on_step_end=lambda p, i, t, tensors: {"noise_pred": tensors["latents"]}),
+        ),
+        (
+            "callback_on_step_end returning latents of another shape",
+            lambda c: _call(c, callback_on_step_end=lambda p, i, t, tensors: {"latents": tensors["latents"][0]}),
+        ),
     ]
     return [
         Case("OneStepPipeline.__call__", name, (lambda make: lambda c: expect(ValueError, make(c)))(make))
