@@ -57,7 +57,14 @@ def read_json(source: str, filename: str, hub_kwargs: Optional[Dict[str, Any]] =
         except (EntryNotFoundError, LocalEntryNotFoundError):
             return None
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            # json's own message names neither the file nor what to do about it
+            raise ValueError(
+                f"{filename} of {source} is not valid JSON ({error.msg} at line {error.lineno}); the file is damaged, "
+                "so save or download it again."
+            ) from None
 
 
 def resolve_file(source: str, weight_name: Optional[str] = None, subfolder: Optional[str] = None, **hub_kwargs) -> str:

@@ -183,7 +183,30 @@ def loading_cases() -> List[Case]:
         state = {f"unet.{k}": v for k, v in random_lora_state_dict(pixart, ["to_q"], rank=2).items()}
         return expect(ValueError, lambda: c["pipe"].load_student_lora(state))
 
-    _ = OneStepScheduler
+    def load(source_key, **kwargs):
+        return lambda c: expect(ValueError, lambda: OneStepPipeline.from_pretrained(c[source_key], **kwargs))
+
+    def from_base(**kwargs):
+        return lambda c: expect(ValueError, lambda: OneStepPipeline.from_base(c["sdxl_dir"], **kwargs))
+
+    def preset(repo_id, **kwargs):
+        return lambda c: expect(ValueError, lambda: OneStepPipeline.from_pretrained(repo_id, **kwargs))
+
+    def scheduler_and_timesteps(c):
+        scheduler = OneStepScheduler(conditioning_timesteps=[399])
+        return expect(
+            ValueError,
+            lambda: OneStepPipeline.from_pretrained(c["sdxl_dir"], scheduler=scheduler, conditioning_timesteps=[200]),
+        )
+
+    def unet_and_student_weights(c):
+        return expect(
+            ValueError,
+            lambda: OneStepPipeline.from_base(
+                c["sdxl_dir"], student_weights=c["evil_bin"], unet=c["components"]["unet"]
+            ),
+        )
+
     return [
         Case("loading", "a LoRA made for another model", foreign_lora),
         Case("loading", "folder that is not a pipeline or LoRA student", not_a_pipeline),
@@ -193,6 +216,26 @@ def loading_cases() -> List[Case]:
         Case("loading", "weights in an unknown (pickle) format", pickle_format),
         Case("loading", "a scheduler that is not a OneStepScheduler", wrong_scheduler),
         Case("loading", "unknown variant of a preset", unknown_preset_variant),
+        Case("loading", "conditioning_timesteps given as a number", load("sdxl_dir", conditioning_timesteps=399)),
+        Case("loading", "misspelt keyword argument", load("sdxl_dir", conditioning_timestep=[399])),
+        Case("loading", "keyword argument that loads another pipeline class", load("sdxl_dir", custom_pipeline="x")),
+        Case("loading", "a scheduler together with conditioning_timesteps", scheduler_and_timesteps),
+        Case("loading", "base_model for a full pipeline", load("sdxl_dir", base_model="org/base")),
+        Case(
+            "loading",
+            "embedded_guidance_scale for a student without embedded guidance",
+            load("sdxl_dir", embedded_guidance_scale=4.5),
+        ),
+        Case("loading", "family that is not the preset's", preset("tianweiy/DMD2", family="sana")),
+        Case("loading", "base_model for a full-pipeline preset", preset("stabilityai/sdxl-turbo", base_model="x/y")),
+        Case("loading", "component folder without its weights file", load("missing_weights_dir")),
+        Case("loading", "damaged safetensors file", load("damaged_weights_dir")),
+        Case("loading", "model_index.json that is not valid JSON", load("bad_index_dir")),
+        Case("loading", "LoRA student whose local base folder is gone", load("gone_base_lora")),
+        Case(
+            "loading", "from_base with weight_name but no student_weights", from_base(weight_name="unet.safetensors")
+        ),
+        Case("loading", "from_base with student_weights and a unet", unet_and_student_weights),
     ]
 
 
@@ -412,7 +455,44 @@ def build_context(root: str) -> dict:
             f.write(line)
     ctx["out"] = os.path.join(root, "out")
     ctx["run_dir"] = os.path.join(root, "previous-run")
+    _damaged_folders(ctx)
     return ctx
+
+
+def _damaged_folders(ctx) -> None:
+    """Copies of the SDXL folder with one thing broken (unbroken components linked, not copied), and a LoRA student
+    folder naming a local base (only their onestep_lora.json: the refusals come before anything else is read)."""
+    import shutil
+
+    def broken_copy(name, broken_component):
+        folder = os.path.join(ctx["root"], name)
+        os.makedirs(folder)
+        for entry in os.listdir(ctx["sdxl_dir"]):
+            source = os.path.join(ctx["sdxl_dir"], entry)
+            if entry in ("model_index.json", broken_component):
+                continue
+            os.symlink(source, os.path.join(folder, entry))
+        shutil.copy(os.path.join(ctx["sdxl_dir"], "model_index.json"), folder)
+        if broken_component:
+            os.makedirs(os.path.join(folder, broken_component))
+            shutil.copy(
+                os.path.join(ctx["sdxl_dir"], broken_component, "config.json"), folder + f"/{broken_component}"
+            )
+        return folder
+
+    ctx["missing_weights_dir"] = broken_copy("missing-weights", "unet")
+    ctx["damaged_weights_dir"] = broken_copy("damaged-weights", "vae")
+    with open(os.path.join(ctx["damaged_weights_dir"], "vae", "diffusion_pytorch_model.safetensors"), "wb") as f:
+        f.write(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    ctx["bad_index_dir"] = broken_copy("bad-index", None)
+    with open(os.path.join(ctx["bad_index_dir"], "model_index.json"), "w") as f:
+        f.write('{"_class_name": "StableDiffusionXLPipeline",')
+    for key, base in (("gone_base_lora", os.path.join(ctx["root"], "deleted-teacher")),):
+        folder = os.path.join(ctx["root"], key.replace("_", "-"))
+        os.makedirs(folder)
+        with open(os.path.join(folder, "onestep_lora.json"), "w") as f:
+            json.dump({"base_model": base, "family": "sdxl", "weight_name": "x.safetensors"}, f)
+        ctx[key] = folder
 
 
 def make_previous_run(ctx) -> None:

@@ -685,8 +685,12 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         * any SDXL / PixArt / SANA / SANA-Sprint pipeline folder or id, run at `conditioning_timesteps` (default: the
           pure-noise end of its path) -- e.g. a teacher at one step, the baseline a student must beat.
 
-        Extra keyword arguments: ``conditioning_timesteps`` and ``prediction_type`` (used when the source has no
-        OneStepScheduler), ``weight_name`` (presets), and everything ``DiffusionPipeline.from_pretrained`` takes.
+        Keyword arguments, the same for every kind of source: ``conditioning_timesteps`` and ``prediction_type`` (the
+        student's scheduler, replacing a stored one) or ``scheduler``; ``weight_name`` (a preset's variant);
+        ``base_model`` (another base for a LoRA student or a preset built on one); components by name and this class's
+        settings (``family``, ``max_sequence_length``, ``embedded_guidance_scale``); and
+        ``DiffusionPipeline.from_pretrained``'s own (``torch_dtype``, ``variant``, ``revision``, ...). Anything else,
+        and a setting that does not apply to the source, is refused with one sentence before anything loads.
         """
         return loading.load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
 
