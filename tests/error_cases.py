@@ -374,11 +374,52 @@ def cli_cases() -> List[Case]:
         cli_case("--guidance_scale inf", lambda c: base(c, **{"--guidance_scale": "inf"})),
         cli_case("--config with a fractional step count", lambda c: base(c, **{"--config": c["fractional_config"]})),
         cli_case("--config with a string for a switch", lambda c: base(c, **{"--config": c["string_switch_config"]})),
+        cli_case(
+            "LoRA student of a local teacher pushed without --base_model_id",
+            lambda c: base(c, **{"--push_to_hub": []}),
+        ),
+        cli_case("--base_model_id that is not a Hub id", lambda c: base(c, **{"--base_model_id": "./my teacher"})),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers-onestep push
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def push_case(name, args_fn):
+    """A refusal of ``diffusers-onestep push``: exit status 2 before any Hub call, one sentence on stderr."""
+
+    def run(c):
+        import contextlib
+        import io
+
+        from diffusers_onestep import cli
+
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            c["last_exit_code"] = cli.main(["push", *[str(a) for a in args_fn(c)]])
+        lines = [line for line in stderr.getvalue().strip().splitlines() if line]
+        return lines[-1].split("error: ", 1)[1]
+
+    return Case("diffusers-onestep push", name, run, cli=True)
+
+
+def push_cases() -> List[Case]:
+    return [
+        push_case(
+            "LoRA student of a local teacher without --base_model_id",
+            lambda c: [c["local_base_lora"], "--repo_id", "me/student"],
+        ),
+        push_case(
+            "--base_model_id for a full student",
+            lambda c: [c["sdxl_dir"], "--repo_id", "me/student", "--base_model_id", "org/teacher"],
+        ),
     ]
 
 
 def all_cases() -> List[Case]:
-    return pipeline_cases() + loading_cases() + scheduler_cases() + cli_cases()
+    return pipeline_cases() + loading_cases() + scheduler_cases() + cli_cases() + push_cases()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -460,8 +501,8 @@ def build_context(root: str) -> dict:
 
 
 def _damaged_folders(ctx) -> None:
-    """Copies of the SDXL folder with one thing broken (unbroken components linked, not copied), and a LoRA student
-    folder naming a local base (only their onestep_lora.json: the refusals come before anything else is read)."""
+    """Copies of the SDXL folder with one thing broken (unbroken components linked, not copied), and LoRA student
+    folders naming a local base (only their onestep_lora.json: the refusals come before anything else is read)."""
     import shutil
 
     def broken_copy(name, broken_component):
@@ -487,11 +528,11 @@ def _damaged_folders(ctx) -> None:
     ctx["bad_index_dir"] = broken_copy("bad-index", None)
     with open(os.path.join(ctx["bad_index_dir"], "model_index.json"), "w") as f:
         f.write('{"_class_name": "StableDiffusionXLPipeline",')
-    for key, base in (("gone_base_lora", os.path.join(ctx["root"], "deleted-teacher")),):
+    for key, base in (("gone_base_lora", os.path.join(ctx["root"], "deleted-teacher")), ("local_base_lora", None)):
         folder = os.path.join(ctx["root"], key.replace("_", "-"))
         os.makedirs(folder)
         with open(os.path.join(folder, "onestep_lora.json"), "w") as f:
-            json.dump({"base_model": base, "family": "sdxl", "weight_name": "x.safetensors"}, f)
+            json.dump({"base_model": base or ctx["pixart_dir"], "family": "sdxl", "weight_name": "x.safetensors"}, f)
         ctx[key] = folder
 
 

@@ -1,5 +1,5 @@
 """Keyword arguments of ``OneStepPipeline.from_pretrained`` / ``from_base`` are honoured or refused for every kind of
-student.
+student, and a LoRA student records (and loads) its base model by Hub id.
 
 Kinds: a full student folder, a LoRA student folder, the three kinds of preset (full pipeline, denoiser weights on a
 base, LoRA on a base; Hub ids resolved offline from tiny stand-ins in a local Hub cache), a base plus denoiser weights
@@ -9,11 +9,13 @@ base, LoRA on a base; Hub ids resolved offline from tiny stand-ins in a local Hu
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from huggingface_hub import ModelCard
 
 from diffusers_onestep import OneStepPipeline, OneStepScheduler
 from diffusers_onestep.lora import LORA_WEIGHT_NAME
@@ -23,6 +25,10 @@ from diffusers_onestep.testing import (
     save_to_hub_cache,
     tiny_native_pipeline,
 )
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from training_utils import TINY_FLAGS, write_prompts  # noqa: E402
 
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -254,3 +260,129 @@ def test_the_card_timesteps_of_a_preset_stay_unless_overridden(world):
     base = OneStepPipeline.from_pretrained(SDXL_BASE, conditioning_timesteps=[999, 499])
     base.set_progress_bar_config(disable=True)
     assert np.abs(_images(pipe) - _images(base)).max() > 1e-3  # the LoRA changed the images
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a LoRA student records its base by Hub id
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _lora_student_of(world, folder, base_model, base_revision=None):
+    folder = world["root"] / folder
+    shutil.copytree(world["lora_student"], folder)
+    config = json.loads((folder / "onestep_lora.json").read_text())
+    config.update(base_model=base_model, base_revision=base_revision)
+    (folder / "onestep_lora.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_a_lora_student_naming_a_hub_base_loads_it_from_the_hub(world):
+    student = _lora_student_of(world, "hub-base-student", SDXL_BASE, base_revision="main")
+    pipe = _load(world, "LoRA student folder")  # the same LoRA on the local folder the Hub stand-in was made from
+    from_hub = OneStepPipeline.from_pretrained(student)
+    from_hub.set_progress_bar_config(disable=True)
+    assert np.array_equal(_images(from_hub), _images(pipe))
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    """A 1-step LoRA run of a local PixArt teacher with ``--base_model_id`` and ``--push_to_hub`` (the Hub calls
+    recorded), the teacher then published under that id in the module's Hub cache."""
+    import huggingface_hub
+
+    from diffusers_onestep.distill import cli
+
+    root = tmp_path_factory.mktemp("trained")
+    teacher = save_tiny_native_pipeline("pixart_alpha", str(root / "teacher"))
+    out = root / "out"
+    calls = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            huggingface_hub,
+            "create_repo",
+            lambda repo_id, **kw: huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"),
+        )
+        mp.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
+        status = cli.main(
+            ["--teacher", teacher, "--prompts", write_prompts(str(root)), "--output_dir", str(out)]
+            + ["--resolution", "8", *TINY_FLAGS, "--max_train_steps", "1", "--critic_updates_per_student", "1"]
+            + ["--base_model_id", "org/tiny-pixart", "--push_to_hub", "--hub_model_id", "me/tiny-student"]
+        )
+    assert status == 0
+    save_to_hub_cache(teacher, "org/tiny-pixart", cache_dir=world["cache"])
+    return {"teacher": teacher, "out": str(out), "upload": calls["upload"]}
+
+
+def test_training_records_the_base_model_id_and_the_student_loads_through_it(trained):
+    out = trained["out"]
+    assert trained["upload"]["folder_path"] == out and trained["upload"]["repo_id"] == "me/tiny-student"
+    lora_config = json.loads(open(os.path.join(out, "onestep_lora.json")).read())
+    assert lora_config["base_model"] == "org/tiny-pixart" and lora_config["base_revision"] is None
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    assert card.data.base_model == "org/tiny-pixart" and "applies to `org/tiny-pixart`" in card.text
+    from_hub = OneStepPipeline.from_pretrained(out)
+    from_folder = OneStepPipeline.from_pretrained(out, base_model=trained["teacher"])
+    for pipe in (from_hub, from_folder):
+        pipe.set_progress_bar_config(disable=True)
+    assert from_hub.config.family == "pixart_alpha"
+    assert np.array_equal(_images(from_hub), _images(from_folder))
+
+
+def test_without_a_base_model_id_a_hub_teacher_is_the_base_and_a_local_one_its_path(tmp_path):
+    from diffusers_onestep.distill.config import TrainConfig
+    from diffusers_onestep.distill.export import student_base
+
+    def config(teacher, base_model_id=None):
+        cfg = TrainConfig(teacher=teacher, revision="v1")
+        cfg.output.base_model_id = base_model_id
+        return cfg
+
+    assert student_base(config("org/teacher")) == ("org/teacher", "v1")
+    assert student_base(config(str(tmp_path))) == (str(tmp_path), "v1")  # works here, where it was trained
+    assert student_base(config(str(tmp_path), "org/teacher")) == ("org/teacher", None)
+    assert student_base(config("org/teacher", "org/teacher")) == ("org/teacher", "v1")
+    assert student_base(config("org/teacher", "org/mirror")) == ("org/mirror", None)
+
+
+def test_only_a_pushed_lora_student_of_a_local_teacher_needs_a_base_model_id(tmp_path):
+    from diffusers_onestep.distill.config import ConfigError, TrainConfig
+    from diffusers_onestep.distill.resolve import check_published_base
+
+    def config(teacher, student="lora", push=True, base_model_id=None):
+        cfg = TrainConfig(teacher=teacher)
+        cfg.roles.student, cfg.output.push_to_hub, cfg.output.base_model_id = student, push, base_model_id
+        return cfg
+
+    with pytest.raises(ConfigError, match=r"pass --base_model_id with the teacher's Hub id\.$"):
+        check_published_base(config(str(tmp_path)))
+    check_published_base(config(str(tmp_path), base_model_id="org/teacher"))
+    check_published_base(config(str(tmp_path), push=False))  # the local path works where it was trained
+    check_published_base(config(str(tmp_path), student="full"))  # a full student names no base
+    check_published_base(config("org/teacher"))
+
+
+def test_push_uploads_the_base_model_id_and_leaves_the_folder_as_it_is(trained, tmp_path, monkeypatch, hub_calls):
+    import huggingface_hub
+
+    from diffusers_onestep import cli
+
+    folder = tmp_path / "local-student"
+    shutil.copytree(trained["out"], folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = json.loads((folder / "onestep_lora.json").read_text())
+    config.update(base_model=trained["teacher"], base_revision=None)  # as a run without --base_model_id records it
+    (folder / "onestep_lora.json").write_text(json.dumps(config))
+    card = ModelCard.load(folder / "README.md")
+    card.data.base_model = None
+    card.save(folder / "README.md")
+    before = {p: (folder / p).read_bytes() for p in ("onestep_lora.json", "README.md")}
+    commits = []
+    monkeypatch.setattr(huggingface_hub, "create_commit", lambda repo_id, operations, **kw: commits.append(operations))
+
+    assert cli.main(["push", str(folder), "--repo_id", "me/student"]) == 2  # refused: the base is a local folder
+    assert hub_calls == {} and commits == []
+    assert cli.main(["push", str(folder), "--repo_id", "me/student", "--base_model_id", "org/tiny-pixart"]) == 0
+    assert {"onestep_lora.json", "README.md"} <= set(hub_calls["upload"]["ignore_patterns"])
+    uploaded = {op.path_in_repo: op.path_or_fileobj for op in commits[0]}
+    assert json.loads(uploaded["onestep_lora.json"])["base_model"] == "org/tiny-pixart"
+    assert "base_model: org/tiny-pixart" in uploaded["README.md"].decode()
+    assert {p: (folder / p).read_bytes() for p in before} == before  # the local folder still loads as before

@@ -343,7 +343,9 @@ def test_a_bad_hub_token_fails_before_anything_loads(workspace, tmp_path, capsys
 
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     out = tmp_path / "never"
-    assert main_status(one_step(workspace, out, "--push_to_hub", "--hub_model_id", "me/student")) == 1
+    # a pushed LoRA student of the local tiny teacher names its base by Hub id
+    argv = one_step(workspace, out, "--push_to_hub", "--hub_model_id", "me/student", "--base_model_id", "tiny/teacher")
+    assert main_status(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (
         "train_onestep.py: error: --push_to_hub could not create the Hub repo 'me/student' (401 Client "
