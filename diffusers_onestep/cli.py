@@ -55,10 +55,12 @@ examples:
 PUSH_EPILOG = """\
 FOLDER is a saved student: the training script's --output_dir (it holds the model card README.md) or a folder
 written by OneStepPipeline.save_pretrained. Checkpoints, logs and validation images in it stay local. Log in first
-with `hf auth login` (or pass --token).
+with `hf auth login` (or pass --token). A LoRA student names its base model (onestep_lora.json); one trained from a
+local teacher folder names that folder, so pushing it needs --base_model_id with the teacher's Hub id.
 
-example:
-  diffusers-onestep push out --repo_id me/pixart-onestep --private"""
+examples:
+  diffusers-onestep push out --repo_id me/pixart-onestep --private
+  diffusers-onestep push lora-out --repo_id me/pixart-lora --base_model_id PixArt-alpha/PixArt-XL-2-512x512"""
 
 
 class CommandError(Exception):
@@ -153,6 +155,41 @@ def run_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def published_lora_files(folder: str, base_model_id: Optional[str]) -> Dict[str, bytes]:
+    """What ``push`` uploads instead of a LoRA student's own config and card: nothing, unless ``--base_model_id``
+    renames the base model. A LoRA student of a local teacher names the teacher's folder, which loads only on this
+    machine: pushed as it is, it would load nowhere else, so it is refused."""
+    import json
+
+    from . import hub
+
+    lora_config_name = "onestep_lora.json"
+    path = os.path.join(folder, lora_config_name)
+    if not os.path.isfile(path):
+        if base_model_id is not None:
+            raise CommandError(
+                f"--base_model_id names the base model of a LoRA student, and {folder!r} is a full student; drop it.",
+                status=2,
+            )
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            base = json.load(f).get("base_model")
+    except (OSError, ValueError) as error:
+        raise CommandError(
+            f"{path} cannot be read ({first_line(error)}); export the student again.", status=2
+        ) from None
+    if base_model_id is not None:
+        return hub.files_naming_base_model(folder, lora_config_name, base_model_id)
+    if not isinstance(base, str) or not hub.is_hub_id(base):
+        raise CommandError(
+            f"{folder!r} is a LoRA student whose base model is the local folder {base}, which loads only on this "
+            "machine; pass --base_model_id with the teacher's Hub id.",
+            status=2,
+        )
+    return {}
+
+
 def run_push(args: argparse.Namespace) -> int:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -168,12 +205,16 @@ def run_push(args: argparse.Namespace) -> int:
             "onestep_lora.json (save one with the training script or OneStepPipeline.save_pretrained).",
             status=2,
         )
-    try:
-        validate_repo_id(args.repo_id)
-    except HFValidationError:
-        raise CommandError(
-            f"--repo_id {args.repo_id!r} is not a valid Hub repo id (expected 'name' or 'org/name').", status=2
-        ) from None
+    for flag, repo_id in (("--repo_id", args.repo_id), ("--base_model_id", args.base_model_id)):
+        if repo_id is None:
+            continue
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            raise CommandError(
+                f"{flag} {repo_id!r} is not a valid Hub repo id (expected 'name' or 'org/name').", status=2
+            ) from None
+    replacements = published_lora_files(folder, args.base_model_id)
     if not os.path.isfile(os.path.join(folder, "README.md")):
         print(
             f"{PROG} push: {folder} has no model card (README.md); the training script writes one. Pushing the "
@@ -181,7 +222,9 @@ def run_push(args: argparse.Namespace) -> int:
             flush=True,
         )
     try:
-        repo_id = hub.push_to_hub(folder, args.repo_id, private=args.private, token=args.token)
+        repo_id = hub.push_to_hub(
+            folder, args.repo_id, private=args.private, token=args.token, replacements=replacements
+        )
     except (OSError, ValueError) as error:  # huggingface_hub's HTTP errors are OSErrors
         raise CommandError(f"the upload to {args.repo_id!r} failed: {first_line(error)}") from None
     print(f"pushed {folder} to https://huggingface.co/{repo_id}", flush=True)
@@ -270,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--repo_id", required=True, help="the Hub repo to create or update, 'name' or 'org/name'")
     push.add_argument(
         "--private", action="store_true", help="create the repo as private (an existing repo keeps its visibility)"
+    )
+    push.add_argument(
+        "--base_model_id",
+        default=None,
+        help="Hub id of the teacher of a LoRA student, uploaded as its base model (onestep_lora.json and the card's "
+        "base_model) instead of the local teacher folder the student names; the folder itself is not changed",
     )
     push.add_argument("--token", default=None, help="Hub token (default: the one saved by `hf auth login`)")
     push.set_defaults(run=run_push)

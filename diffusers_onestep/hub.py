@@ -66,7 +66,14 @@ def read_json(source: str, filename: str, hub_kwargs: Optional[Dict[str, Any]] =
         except (EntryNotFoundError, LocalEntryNotFoundError):
             return None
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            # json's own message names neither the file nor what to do about it
+            raise ValueError(
+                f"{filename} of {source} is not valid JSON ({error.msg} at line {error.lineno}); the file is damaged, "
+                "so save or download it again."
+            ) from None
 
 
 def resolve_file(source: str, weight_name: Optional[str] = None, subfolder: Optional[str] = None, **hub_kwargs) -> str:
@@ -91,7 +98,8 @@ def resolve_file(source: str, weight_name: Optional[str] = None, subfolder: Opti
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _is_hub_id(reference: str) -> bool:
+def is_hub_id(reference: str) -> bool:
+    """Whether ``reference`` names a Hub repo (``namespace/name``) rather than a path on this machine."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if os.path.exists(reference):
@@ -159,6 +167,7 @@ def card_text(
     names itself: ``name``, ``description``, ``reference``, ``tags``); ``repo_id`` is the Hub repo the loading
     snippet names (the pushed repo), ``license_fields`` the teacher's (:func:`teacher_license`)."""
     teacher = config.teacher
+    base_model = config.output.base_model_id or teacher
     load_from = repo_id or "path/to/this/folder"
     guidance = (
         "- Guidance: distilled into the student (classifier-free guidance scale "
@@ -187,7 +196,7 @@ def card_text(
     ]
     if lora:
         lines += [
-            f"- The LoRA (`pytorch_lora_weights.safetensors`, diffusers format) applies to `{teacher}`; "
+            f"- The LoRA (`pytorch_lora_weights.safetensors`, diffusers format) applies to `{base_model}`; "
             "`OneStepPipeline.from_pretrained` loads the base, fuses the LoRA and sets the scheduler "
             "(`onestep_lora.json` names the base).",
         ]
@@ -225,6 +234,13 @@ def card_text(
     return "\n".join(lines) + "\n"
 
 
+def card_base_model(config) -> Optional[str]:
+    """The card's ``base_model`` (the Hub's model tree): ``--base_model_id``, else the teacher when it is a Hub id."""
+    if config.output.base_model_id:
+        return config.output.base_model_id
+    return config.teacher if is_hub_id(config.teacher) else None
+
+
 def write_model_card(
     folder: str,
     config,
@@ -259,7 +275,7 @@ def write_model_card(
     data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        base_model=config.teacher if _is_hub_id(config.teacher) else None,
+        base_model=card_base_model(config),
         tags=tags,
         **license_fields,
     )
@@ -340,18 +356,32 @@ def create_repo(repo_id: str, private: bool = False, token: Optional[str] = None
 
 
 def upload_student(
-    folder: str, repo_id: str, commit_message: str = "Upload one-step student", token: Optional[str] = None
+    folder: str,
+    repo_id: str,
+    commit_message: str = "Upload one-step student",
+    token: Optional[str] = None,
+    replacements: Optional[Dict[str, bytes]] = None,
 ) -> str:
-    """Upload the student in ``folder`` to the existing ``repo_id``; checkpoints and logs stay local."""
+    """Upload the student in ``folder`` to the existing ``repo_id``; checkpoints and logs stay local.
+
+    ``replacements`` (``{path in the folder: content}``) are uploaded instead of the folder's own files, in a second
+    commit -- the folder itself is left as it is (:func:`files_naming_base_model`)."""
     import huggingface_hub
 
+    replacements = replacements or {}
     huggingface_hub.upload_folder(
         repo_id=repo_id,
         folder_path=folder,
         commit_message=commit_message,
-        ignore_patterns=UPLOAD_IGNORE_PATTERNS,
+        ignore_patterns=UPLOAD_IGNORE_PATTERNS + sorted(replacements),
         token=token,
     )
+    if replacements:
+        operations = [
+            huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
+            for name, content in sorted(replacements.items())
+        ]
+        huggingface_hub.create_commit(repo_id, operations, commit_message=commit_message, token=token)
     return repo_id
 
 
@@ -361,7 +391,27 @@ def push_to_hub(
     private: bool = False,
     commit_message: str = "Upload one-step student",
     token: Optional[str] = None,
+    replacements: Optional[Dict[str, bytes]] = None,
 ) -> str:
-    """Create (or reuse) ``repo_id`` and upload the student in ``folder``; checkpoints and logs stay local."""
+    """Create (or reuse) ``repo_id`` and upload the student in ``folder`` (with ``replacements``, see
+    :func:`upload_student`); checkpoints and logs stay local."""
     repo_id = create_repo(repo_id, private=private, token=token)
-    return upload_student(folder, repo_id, commit_message=commit_message, token=token)
+    return upload_student(folder, repo_id, commit_message=commit_message, token=token, replacements=replacements)
+
+
+def files_naming_base_model(folder: str, lora_config_name: str, base_model_id: str) -> Dict[str, bytes]:
+    """The published contents of a LoRA student folder's config and card with ``base_model_id`` as the base model:
+    ``lora_config_name`` (``onestep_lora.json``) names it, unpinned (the revision of a local teacher means nothing on
+    the Hub), and the card's ``base_model`` metadata points to it."""
+    from huggingface_hub import ModelCard
+
+    with open(os.path.join(folder, lora_config_name), encoding="utf-8") as f:
+        lora_config = json.load(f)
+    lora_config.update(base_model=base_model_id, base_revision=None)
+    files = {lora_config_name: (json.dumps(lora_config, indent=2, sort_keys=True) + "\n").encode("utf-8")}
+    card_path = os.path.join(folder, "README.md")
+    if os.path.isfile(card_path):
+        card = ModelCard.load(card_path)
+        card.data.base_model = base_model_id
+        files["README.md"] = str(card).encode("utf-8")
+    return files

@@ -57,6 +57,9 @@ def pipeline_cases() -> List[Case]:
     def embeds(ctx, batch=1):
         return torch.zeros(batch, 77, 64)
 
+    def pooled(ctx, batch=1):
+        return torch.zeros(batch, 32)
+
     cases = [
         ("height not a multiple of the VAE × patch factor", lambda c: _call(c, height=33)),
         ("width not positive", lambda c: _call(c, width=-64)),
@@ -83,6 +86,53 @@ def pipeline_cases() -> List[Case]:
         ("guidance_scale > 1 on a guidance-distilled student", lambda c: _call(c, guidance_scale=5.0)),
         ("unknown callback tensor input", lambda c: _call(c, callback_on_step_end_tensor_inputs=["noise_pred"])),
         ("custom timesteps out of range", lambda c: _call(c, timesteps=[1200])),
+        ("generator given as a seed (an int)", lambda c: _call(c, generator=0)),
+        ("timesteps given as a number instead of a list", lambda c: _call(c, timesteps=399)),
+        (
+            "prompt_embeds of another width than the denoiser takes",
+            lambda c: _call(c, prompt=None, prompt_embeds=torch.zeros(1, 77, 32), pooled_prompt_embeds=pooled(c)),
+        ),
+        (
+            "prompt_embeds without the token dimension",
+            lambda c: _call(c, prompt=None, prompt_embeds=torch.zeros(1, 64), pooled_prompt_embeds=pooled(c)),
+        ),
+        (
+            "pooled_prompt_embeds of another width than the denoiser takes (SDXL)",
+            lambda c: _call(c, prompt=None, prompt_embeds=embeds(c), pooled_prompt_embeds=torch.zeros(1, 16)),
+        ),
+        (
+            "prompt_embeds that is not a tensor",
+            lambda c: _call(c, prompt=None, prompt_embeds=[[0.0] * 64], pooled_prompt_embeds=pooled(c)),
+        ),
+        (
+            "prompt_attention_mask of another length than prompt_embeds",
+            lambda c: _call(
+                c,
+                prompt=None,
+                prompt_embeds=embeds(c),
+                pooled_prompt_embeds=pooled(c),
+                prompt_attention_mask=torch.ones(1, 50),
+            ),
+        ),
+        ("latents that are not a tensor", lambda c: _call(c, latents=[[0.0]])),
+        ("guidance_scale that is not a number", lambda c: _call(c, guidance_scale="low")),
+        ("callback_on_step_end that is not callable", lambda c: _call(c, callback_on_step_end="print")),
+        (
+            "callback_on_step_end_tensor_inputs given as one string",
+            lambda c: _call(c, callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs="latents"),
+        ),
+        (
+            "callback_on_step_end returning a tensor instead of a dict",
+            lambda c: _call(c, callback_on_step_end=lambda p, i, t, tensors: tensors["latents"]),
+        ),
+        (
+            "callback_on_step_end returning a tensor the pipeline does not read",
+            lambda c: _call(c, callback_on_step_end=lambda p, i, t, tensors: {"noise_pred": tensors["latents"]}),
+        ),
+        (
+            "callback_on_step_end returning latents of another shape",
+            lambda c: _call(c, callback_on_step_end=lambda p, i, t, tensors: {"latents": tensors["latents"][0]}),
+        ),
     ]
     return [
         Case("OneStepPipeline.__call__", name, (lambda make: lambda c: expect(ValueError, make(c)))(make))
@@ -134,7 +184,30 @@ def loading_cases() -> List[Case]:
         state = {f"unet.{k}": v for k, v in random_lora_state_dict(pixart, ["to_q"], rank=2).items()}
         return expect(ValueError, lambda: c["pipe"].load_student_lora(state))
 
-    _ = OneStepScheduler
+    def load(source_key, **kwargs):
+        return lambda c: expect(ValueError, lambda: OneStepPipeline.from_pretrained(c[source_key], **kwargs))
+
+    def from_base(**kwargs):
+        return lambda c: expect(ValueError, lambda: OneStepPipeline.from_base(c["sdxl_dir"], **kwargs))
+
+    def preset(repo_id, **kwargs):
+        return lambda c: expect(ValueError, lambda: OneStepPipeline.from_pretrained(repo_id, **kwargs))
+
+    def scheduler_and_timesteps(c):
+        scheduler = OneStepScheduler(conditioning_timesteps=[399])
+        return expect(
+            ValueError,
+            lambda: OneStepPipeline.from_pretrained(c["sdxl_dir"], scheduler=scheduler, conditioning_timesteps=[200]),
+        )
+
+    def unet_and_student_weights(c):
+        return expect(
+            ValueError,
+            lambda: OneStepPipeline.from_base(
+                c["sdxl_dir"], student_weights=c["evil_bin"], unet=c["components"]["unet"]
+            ),
+        )
+
     return [
         Case("loading", "a LoRA made for another model", foreign_lora),
         Case("loading", "folder that is not a pipeline or LoRA student", not_a_pipeline),
@@ -144,6 +217,26 @@ def loading_cases() -> List[Case]:
         Case("loading", "weights in an unknown (pickle) format", pickle_format),
         Case("loading", "a scheduler that is not a OneStepScheduler", wrong_scheduler),
         Case("loading", "unknown variant of a preset", unknown_preset_variant),
+        Case("loading", "conditioning_timesteps given as a number", load("sdxl_dir", conditioning_timesteps=399)),
+        Case("loading", "misspelt keyword argument", load("sdxl_dir", conditioning_timestep=[399])),
+        Case("loading", "keyword argument that loads another pipeline class", load("sdxl_dir", custom_pipeline="x")),
+        Case("loading", "a scheduler together with conditioning_timesteps", scheduler_and_timesteps),
+        Case("loading", "base_model for a full pipeline", load("sdxl_dir", base_model="org/base")),
+        Case(
+            "loading",
+            "embedded_guidance_scale for a student without embedded guidance",
+            load("sdxl_dir", embedded_guidance_scale=4.5),
+        ),
+        Case("loading", "family that is not the preset's", preset("tianweiy/DMD2", family="sana")),
+        Case("loading", "base_model for a full-pipeline preset", preset("stabilityai/sdxl-turbo", base_model="x/y")),
+        Case("loading", "component folder without its weights file", load("missing_weights_dir")),
+        Case("loading", "damaged safetensors file", load("damaged_weights_dir")),
+        Case("loading", "model_index.json that is not valid JSON", load("bad_index_dir")),
+        Case("loading", "LoRA student whose local base folder is gone", load("gone_base_lora")),
+        Case(
+            "loading", "from_base with weight_name but no student_weights", from_base(weight_name="unet.safetensors")
+        ),
+        Case("loading", "from_base with student_weights and a unet", unet_and_student_weights),
     ]
 
 
@@ -441,6 +534,47 @@ def cli_cases() -> List[Case]:
             lambda c: base(c, **{"--accelerate_config": "no-such-accelerate.yaml"}),
             launcher=True,
         ),
+        cli_case(
+            "LoRA student of a local teacher pushed without --base_model_id",
+            lambda c: base(c, **{"--push_to_hub": []}),
+        ),
+        cli_case("--base_model_id that is not a Hub id", lambda c: base(c, **{"--base_model_id": "./my teacher"})),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers-onestep push
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def push_case(name, args_fn):
+    """A refusal of ``diffusers-onestep push``: exit status 2 before any Hub call, one sentence on stderr."""
+
+    def run(c):
+        import contextlib
+        import io
+
+        from diffusers_onestep import cli
+
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            c["last_exit_code"] = cli.main(["push", *[str(a) for a in args_fn(c)]])
+        lines = [line for line in stderr.getvalue().strip().splitlines() if line]
+        return lines[-1].split("error: ", 1)[1]
+
+    return Case("diffusers-onestep push", name, run, cli=True)
+
+
+def push_cases() -> List[Case]:
+    return [
+        push_case(
+            "LoRA student of a local teacher without --base_model_id",
+            lambda c: [c["local_base_lora"], "--repo_id", "me/student"],
+        ),
+        push_case(
+            "--base_model_id for a full student",
+            lambda c: [c["sdxl_dir"], "--repo_id", "me/student", "--base_model_id", "org/teacher"],
+        ),
     ]
 
 
@@ -457,7 +591,7 @@ def _accelerate_utils():
 
 
 def all_cases() -> List[Case]:
-    return pipeline_cases() + loading_cases() + scheduler_cases() + cli_cases()
+    return pipeline_cases() + loading_cases() + scheduler_cases() + cli_cases() + push_cases()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -557,7 +691,44 @@ def build_context(root: str) -> dict:
     _broken_teachers(ctx)
     ctx["out"] = os.path.join(root, "out")
     ctx["run_dir"] = os.path.join(root, "previous-run")
+    _damaged_folders(ctx)
     return ctx
+
+
+def _damaged_folders(ctx) -> None:
+    """Copies of the SDXL folder with one thing broken (unbroken components linked, not copied), and LoRA student
+    folders naming a local base (only their onestep_lora.json: the refusals come before anything else is read)."""
+    import shutil
+
+    def broken_copy(name, broken_component):
+        folder = os.path.join(ctx["root"], name)
+        os.makedirs(folder)
+        for entry in os.listdir(ctx["sdxl_dir"]):
+            source = os.path.join(ctx["sdxl_dir"], entry)
+            if entry in ("model_index.json", broken_component):
+                continue
+            os.symlink(source, os.path.join(folder, entry))
+        shutil.copy(os.path.join(ctx["sdxl_dir"], "model_index.json"), folder)
+        if broken_component:
+            os.makedirs(os.path.join(folder, broken_component))
+            shutil.copy(
+                os.path.join(ctx["sdxl_dir"], broken_component, "config.json"), folder + f"/{broken_component}"
+            )
+        return folder
+
+    ctx["missing_weights_dir"] = broken_copy("missing-weights", "unet")
+    ctx["damaged_weights_dir"] = broken_copy("damaged-weights", "vae")
+    with open(os.path.join(ctx["damaged_weights_dir"], "vae", "diffusion_pytorch_model.safetensors"), "wb") as f:
+        f.write(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    ctx["bad_index_dir"] = broken_copy("bad-index", None)
+    with open(os.path.join(ctx["bad_index_dir"], "model_index.json"), "w") as f:
+        f.write('{"_class_name": "StableDiffusionXLPipeline",')
+    for key, base in (("gone_base_lora", os.path.join(ctx["root"], "deleted-teacher")), ("local_base_lora", None)):
+        folder = os.path.join(ctx["root"], key.replace("_", "-"))
+        os.makedirs(folder)
+        with open(os.path.join(folder, "onestep_lora.json"), "w") as f:
+            json.dump({"base_model": base or ctx["pixart_dir"], "family": "sdxl", "weight_name": "x.safetensors"}, f)
+        ctx[key] = folder
 
 
 def _broken_teachers(ctx) -> None:

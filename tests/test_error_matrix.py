@@ -59,5 +59,7 @@ def test_refusal(case, context, request):
 
 
 def test_pickle_payload_did_not_run(context):
-    error_cases.loading_cases()[3].run(context)
+    # by name: the rows are listed for the doc, and their positions move as rows are added
+    case = next(c for c in error_cases.loading_cases() if c.name == "legacy .bin holding a pickle payload")
+    case.run(context)
     assert not os.path.exists(context["marker"])

@@ -343,7 +343,9 @@ def test_a_bad_hub_token_fails_before_anything_loads(workspace, tmp_path, capsys
 
     monkeypatch.setattr(huggingface_hub, "whoami", whoami)
     out = tmp_path / "never"
-    assert main_status(one_step(workspace, out, "--push_to_hub", "--hub_model_id", "me/student")) == 2
+    # a pushed LoRA student of the local tiny teacher names its base by Hub id
+    argv = one_step(workspace, out, "--push_to_hub", "--hub_model_id", "me/student", "--base_model_id", "tiny/teacher")
+    assert main_status(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (
         "train_onestep.py: error: --push_to_hub could not check the Hub token (401 Client Error: Unauthorized for "
@@ -361,7 +363,8 @@ def test_a_repo_that_cannot_be_created_fails_before_anything_loads(workspace, tm
     monkeypatch.setattr(huggingface_hub, "whoami", hub_account())
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     out = tmp_path / "never"
-    assert main_status(one_step(workspace, out, "--push_to_hub", "--hub_model_id", "me/student")) == 2
+    argv = one_step(workspace, out, "--push_to_hub", "--hub_model_id", "me/student", "--base_model_id", "tiny/teacher")
+    assert main_status(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (
         "train_onestep.py: error: --push_to_hub could not create the Hub repo 'me/student' (403 Client "

@@ -468,6 +468,12 @@ class OutputConfig:
         "your `hf auth login`.",
     )
     hub_model_id: Optional[str] = setting(None, "namespace/name of the Hub repo.", default_text="the output dir name")
+    base_model_id: Optional[str] = setting(
+        None,
+        "Hub id of the teacher, recorded as a LoRA student's base model (onestep_lora.json) and the model card's "
+        "base_model; needed with --push_to_hub when --teacher is a local folder.",
+        default_text="--teacher when it is a Hub id; a local teacher folder is recorded as its absolute path",
+    )
     private: bool = setting(False, "Create the Hub repo as private.")
 
     def validate(self) -> "OutputConfig":
@@ -499,6 +505,16 @@ class OutputConfig:
                 raise ConfigError(
                     f"`--hub_model_id` {self.hub_model_id!r} is not a valid Hub repo id; use 'namespace/name' with "
                     "letters, digits, '-', '_' and '.'."
+                ) from None
+        if self.base_model_id is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.base_model_id)
+            except HFValidationError:
+                raise ConfigError(
+                    f"`--base_model_id` {self.base_model_id!r} is not a Hub repo id; give the teacher's id as on the "
+                    "Hub, such as stabilityai/stable-diffusion-xl-base-1.0."
                 ) from None
         return self
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -184,14 +184,15 @@ def _save_lora_student(staging: str, renderer: StudentRenderer, config: TrainCon
         safe_serialization=True,
     )
     renderer.scheduler().save_pretrained(os.path.join(staging, "scheduler"))
+    base_model, base_revision = student_base(config)
     storage.write_json(
         os.path.join(staging, LORA_CONFIG_NAME),
         {
-            "base_model": teacher_reference(config.teacher),
+            "base_model": base_model,
             "family": renderer.family,
             "weight_name": LORA_WEIGHT_NAME,
             "lora_scale": 1.0,
-            "base_revision": config.revision,
+            "base_revision": base_revision,
         },
     )
 
@@ -207,6 +208,15 @@ def write_validation(images: np.ndarray, prompts: Sequence[str], folder: str, st
             import wandb
 
             tracker.log({"validation": [wandb.Image(img, caption=p) for img, p in zip(images, prompts)]}, step=step)
+
+
+def student_base(config: TrainConfig) -> Tuple[str, Optional[str]]:
+    """``(base model, revision)`` a LoRA student records: ``--base_model_id`` when given (pinned to ``--revision``
+    only when it is the teacher's own id), else the teacher (:func:`teacher_reference`) at ``--revision``."""
+    base_model_id = config.output.base_model_id
+    if base_model_id is None:
+        return teacher_reference(config.teacher), config.revision
+    return base_model_id, config.revision if base_model_id == config.teacher else None
 
 
 def teacher_reference(teacher: str) -> str:

@@ -160,6 +160,7 @@ def resolve(config: TrainConfig, teacher_configs: Optional[Dict[str, Dict[str, A
     from ..families import get_adapter_class
 
     config = copy.deepcopy(config).validate()
+    check_published_base(config)
     if teacher_configs is None:
         teacher_configs = read_teacher_configs(config.teacher, config.revision, config.cache_dir)
     family = detect_teacher_family(teacher_configs, config.family)
@@ -193,6 +194,20 @@ def resolve(config: TrainConfig, teacher_configs: Optional[Dict[str, Dict[str, A
         teacher_configs=teacher_configs,
         mixed_precision_source=mixed_precision_source,
     )
+
+
+def check_published_base(config: TrainConfig) -> None:
+    """A LoRA student names its base model (``onestep_lora.json``); pushed, that name must load on other machines. A
+    local teacher folder does not, so ``--push_to_hub`` of a LoRA student of one needs ``--base_model_id``: refused
+    here, before anything loads, rather than after training with a student that loads nowhere else."""
+    output = config.output
+    if not output.push_to_hub or config.roles.student != "lora" or output.base_model_id is not None:
+        return
+    if os.path.isdir(config.teacher):
+        raise ConfigError(
+            f"--teacher {config.teacher} is a local folder, which the pushed LoRA student would name as its base model "
+            "and which loads only on this machine; pass --base_model_id with the teacher's Hub id."
+        )
 
 
 def _native_resolution(adapter_cls, teacher_configs: Dict[str, Dict[str, Any]]) -> Optional[int]:

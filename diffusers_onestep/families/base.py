@@ -258,6 +258,23 @@ class FamilyAdapter:
         return self.vae_scale_factor * self.patch_size
 
     @property
+    def text_embedding_dim(self) -> Optional[int]:
+        """Width of the token embeddings the denoiser takes (the last dimension of ``prompt_embeds``): its config's
+        ``caption_channels`` (DiTs that project captions: PixArt, SANA) or else ``cross_attention_dim`` (UNets);
+        ``None`` where the config states neither as one number."""
+        config = _unwrap(self.denoiser).config
+        for key in ("caption_channels", "cross_attention_dim"):
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None
+
+    @property
+    def pooled_embedding_dim(self) -> Optional[int]:
+        """Width of the pooled text embedding (``pooled_prompt_embeds``) of families that take one (SDXL)."""
+        return None
+
+    @property
     def latent_channels(self) -> int:
         return int(self.denoiser.config.in_channels)
 

@@ -74,6 +74,10 @@ class SDXLAdapter(FamilyAdapter):
         unet = _unwrap(self.denoiser)
         return unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
 
+    @property
+    def pooled_embedding_dim(self) -> int:
+        return self.pooled_dim
+
     def _unconditional(self, batch_size: int, device) -> Condition:
         # SDXL's pipeline (force_zeros_for_empty_prompt) and DMD2 use all-zero embeddings as the null condition,
         # so no text encoder is needed for it.

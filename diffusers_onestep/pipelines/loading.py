@@ -7,21 +7,171 @@ own ``from_pretrained``, so the same code runs against the Hub, a local folder, 
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import math
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..families import ONESTEP_INDEX_KEY, detect_family, get_adapter_class, read_pipeline_configs
+from ..families import FAMILIES, ONESTEP_INDEX_KEY, detect_family, get_adapter_class, read_pipeline_configs
 from ..hub import hub_kwargs_of, read_json, resolve_file
+from ..parameterization import check_prediction_type
 from ..schedulers import OneStepScheduler
+from ..schedulers.scheduling_onestep import timestep_values
 from . import presets, serving
 from .presets import Preset
 
 
 #: config file of a LoRA student folder (beside ``pytorch_lora_weights.safetensors`` and ``scheduler/``)
 LORA_STUDENT_CONFIG = "onestep_lora.json"
+
+#: keyword arguments of ``OneStepPipeline.from_pretrained`` that this module reads (besides components by name and the
+#: pipeline's own settings); the rest go to ``DiffusionPipeline.from_pretrained``
+STUDENT_KWARGS = ("conditioning_timesteps", "prediction_type", "weight_name", "base_model")
+#: keyword arguments of ``OneStepPipeline.from_base`` (:func:`load_from_base`) besides those
+FROM_BASE_KWARGS = (
+    "conditioning_timesteps",
+    "prediction_type",
+    "student_weights",
+    "weight_name",
+    "subfolder",
+    "lora",
+    "lora_weight_name",
+    "lora_scale",
+)
+#: ``DiffusionPipeline.from_pretrained``'s own keyword arguments that apply to a student, passed on to it (a test keeps
+#: this covering the installed diffusers' together with :data:`OTHER_PIPELINE_KWARGS`)
+DIFFUSERS_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "local_files_only",
+    "token",
+    "revision",
+    "torch_dtype",
+    "dtype",
+    "device_map",
+    "max_memory",
+    "offload_folder",
+    "offload_state_dict",
+    "low_cpu_mem_usage",
+    "variant",
+    "use_safetensors",
+    "disable_mmap",
+    "quantization_config",
+    "use_flashpack",
+    "load_connected_pipeline",
+    "trust_remote_code",
+)
+#: ``DiffusionPipeline.from_pretrained`` keyword arguments that load another pipeline class or another format (ONNX,
+#: Flax) than a student's: refused, since diffusers would build something that is not a OneStepPipeline or fail late
+OTHER_PIPELINE_KWARGS = (
+    "custom_pipeline",
+    "custom_revision",
+    "use_onnx",
+    "provider",
+    "provider_options",
+    "sess_options",
+    "from_flax",
+)
+
+
+def check_loading_kwargs(cls, kwargs: Dict[str, Any], method: str, own: Sequence[str]) -> None:
+    """Refuse, with one sentence, a keyword argument that nothing reads (``DiffusionPipeline.from_pretrained`` only logs
+    that it ignores it, so a typo such as ``conditioning_timestep=`` would go unnoticed) or that loads another kind of
+    pipeline. Accepted: ``own`` (the method's arguments), :data:`DIFFUSERS_KWARGS`, and the parameters of ``cls``'s
+    ``__init__`` (components by name and the pipeline's settings)."""
+    accepted = set(own) | set(DIFFUSERS_KWARGS)
+    accepted |= {n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD}
+    accepted.discard("self")
+    for name in kwargs:
+        if name in OTHER_PIPELINE_KWARGS:
+            raise ValueError(
+                f"`{name}` loads another pipeline class or format than {cls.__name__}.{method} builds; drop it, or "
+                f"load that pipeline with DiffusionPipeline.from_pretrained(..., {name}=...)."
+            )
+        if name not in accepted:
+            close = difflib.get_close_matches(name, sorted(accepted), n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise ValueError(
+                f"{cls.__name__}.{method} got the unknown keyword argument `{name}`{hint}; it takes {', '.join(own)}, "
+                "components by name and DiffusionPipeline.from_pretrained's arguments such as torch_dtype and variant."
+            )
+
+
+def check_scheduler_overrides(
+    conditioning_timesteps, prediction_type, kwargs: Dict[str, Any]
+) -> Tuple[Optional[List[float]], Optional[str]]:
+    """The caller's ``conditioning_timesteps`` (as floats) and ``prediction_type``, checked before anything loads; both
+    build the student's scheduler, so together with a ``scheduler=`` one of them would be ignored: refused."""
+    if conditioning_timesteps is not None:
+        conditioning_timesteps = timestep_values(conditioning_timesteps, "conditioning_timesteps")
+    if prediction_type is not None:
+        check_prediction_type(prediction_type)
+    given = [
+        name
+        for name, value in (("conditioning_timesteps", conditioning_timesteps), ("prediction_type", prediction_type))
+        if value is not None
+    ]
+    if given and kwargs.get("scheduler") is not None:
+        raise ValueError(
+            f"`scheduler` and `{given[0]}` both set the student's scheduler; pass one of them (a scheduler of your own "
+            f"with OneStepScheduler.from_config(scheduler.config, {given[0]}=...))."
+        )
+    return conditioning_timesteps, prediction_type
+
+
+def check_family_kwargs(family: str, kwargs: Dict[str, Any]) -> None:
+    """Refuse a caller's setting that a student of ``family`` has no use for (it would be stored and ignored)."""
+    adapter_cls = get_adapter_class(family)
+    if kwargs.get("embedded_guidance_scale") is not None and not adapter_cls.has_embedded_guidance:
+        embedded = ", ".join(c.display_name for c in FAMILIES.values() if c.has_embedded_guidance)
+        raise ValueError(
+            f"`embedded_guidance_scale` applies to students with embedded guidance ({embedded}), not to this "
+            f"{adapter_cls.display_name} one; drop it."
+        )
+
+
+def check_folder_files(folder: str, model_index: Dict[str, Any], kwargs: Dict[str, Any]) -> None:
+    """Check that every model component a local pipeline folder lists is there, with a config, weights and readable
+    safetensors headers (read without loading a tensor), before diffusers loads it. diffusers' own errors name the
+    wrong file for a missing one (``diffusion_pytorch_model.bin`` when the safetensors file is gone, ``config.json``
+    of the parent folder when a component folder is gone) and no file at all for a damaged one. Components passed as
+    keyword arguments are not read from the folder and are skipped."""
+    from safetensors import SafetensorError, safe_open
+
+    for name, entry in model_index.items():
+        if name.startswith("_") or name in kwargs or not isinstance(entry, list) or len(entry) != 2:
+            continue
+        library, class_name = entry
+        if library is None or class_name is None:
+            continue
+        try:
+            component_cls = getattr(importlib.import_module(library), class_name)
+        except (ImportError, AttributeError):
+            continue  # diffusers says which class it cannot find
+        if not (isinstance(component_cls, type) and issubclass(component_cls, torch.nn.Module)):
+            continue  # schedulers, tokenizers: configs and vocabularies, which diffusers reports well
+        subfolder = os.path.join(folder, name)
+        files = os.listdir(subfolder) if os.path.isdir(subfolder) else []
+        weights = [f for f in files if f.endswith((".safetensors", ".bin", ".index.json"))]
+        if "config.json" not in files or not weights:
+            missing = "folder" if not os.path.isdir(subfolder) else "config.json" if weights else "weights file"
+            raise ValueError(
+                f"{folder} lists a {name} ({class_name}) whose {missing} is missing, so the folder is incomplete; "
+                f"save or download it again, or pass `{name}=` yourself."
+            )
+        for weight_file in sorted(f for f in weights if f.endswith(".safetensors")):
+            path = os.path.join(subfolder, weight_file)
+            try:
+                with safe_open(path, framework="pt"):
+                    pass
+            except (OSError, SafetensorError) as error:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ValueError(f"{path} is damaged ({reason}); save or download the pipeline again.") from None
 
 
 def pure_noise_time(noise_path) -> float:
@@ -84,37 +234,56 @@ def apply_dmd2_config(
 
 
 def load_pipeline(cls, source, **kwargs):
-    """Implementation of :meth:`OneStepPipeline.from_pretrained` (see its docstring)."""
+    """Implementation of :meth:`OneStepPipeline.from_pretrained` (see its docstring).
+
+    The caller's ``conditioning_timesteps`` and ``prediction_type`` set the student's scheduler whatever the source: a
+    full student or native pipeline folder, a LoRA student folder, a preset, or (through :func:`load_from_base`) a base
+    with denoiser weights. Every other keyword argument is checked against what some loader reads
+    (:func:`check_loading_kwargs`) before anything is loaded.
+    """
     source = os.fspath(source)
-    conditioning_timesteps = kwargs.pop("conditioning_timesteps", None)
-    prediction_type = kwargs.pop("prediction_type", None)
+    check_loading_kwargs(cls, kwargs, "from_pretrained", STUDENT_KWARGS)
+    conditioning_timesteps, prediction_type = check_scheduler_overrides(
+        kwargs.pop("conditioning_timesteps", None), kwargs.pop("prediction_type", None), kwargs
+    )
     weight_name = kwargs.pop("weight_name", None)
+    base_model = kwargs.pop("base_model", None)
     hub_kwargs = hub_kwargs_of(kwargs)
 
-    if not os.path.isdir(source):
-        preset = presets.find_preset(source, weight_name)
-        if preset is not None:
-            return load_preset(cls, preset, conditioning_timesteps=conditioning_timesteps, **kwargs)
-        if weight_name is not None:
-            raise ValueError(
-                f"`weight_name` selects a variant of a known preset, and {source!r} is not one; "
-                f"known presets: {', '.join(presets.preset_ids())}."
-            )
+    preset = None if os.path.isdir(source) else presets.find_preset(source, weight_name)
+    if preset is not None:
+        return load_preset(cls, preset, conditioning_timesteps, prediction_type, base_model, **kwargs)
+    if weight_name is not None:
+        raise ValueError(
+            f"`weight_name` selects a variant of a known preset, and {source!r} is not one; "
+            f"known presets: {', '.join(presets.preset_ids())}."
+        )
 
     model_index = read_json(source, "model_index.json", hub_kwargs)
     if model_index is None:
         lora_config = read_json(source, LORA_STUDENT_CONFIG, hub_kwargs)
         if lora_config is not None:
-            return load_lora_student(cls, source, lora_config, **kwargs)
+            return load_lora_student(
+                cls, source, lora_config, conditioning_timesteps, prediction_type, base_model, **kwargs
+            )
         raise ValueError(
             f"{source} is neither a diffusers pipeline (no model_index.json) nor a diffusers-onestep LoRA student "
             f"(no {LORA_STUDENT_CONFIG})."
         )
+    if base_model is not None:
+        raise ValueError(
+            f"`base_model` replaces the base model of a LoRA student or of a preset, and {source} is a full pipeline "
+            "with no base model; drop it."
+        )
+    caller_settings = dict(kwargs)
     # Settings a native-class folder keeps under "_onestep" (OneStepPipeline.save_pretrained) -- callers' win.
     for key, value in (model_index.get(ONESTEP_INDEX_KEY) or {}).items():
         kwargs.setdefault(key, value)
     family = kwargs.get("family") or detect_family(model_index, read_pipeline_configs(source, model_index, hub_kwargs))
     kwargs["family"] = family
+    check_family_kwargs(family, caller_settings)
+    if os.path.isdir(source):
+        check_folder_files(source, model_index, kwargs)
 
     if "scheduler" not in kwargs:
         entry = model_index.get("scheduler") or [None, None]
@@ -133,17 +302,39 @@ def load_pipeline(cls, source, **kwargs):
     return cls._from_pretrained_folder(source, **kwargs)
 
 
-def load_lora_student(cls, source: str, lora_config: Dict[str, Any], **kwargs):
-    """A LoRA student folder: the base pipeline, the stored scheduler, and the LoRA fused into the denoiser."""
+def load_lora_student(
+    cls,
+    source: str,
+    lora_config: Dict[str, Any],
+    conditioning_timesteps: Optional[Sequence[float]] = None,
+    prediction_type: Optional[str] = None,
+    base_model: Optional[str] = None,
+    **kwargs,
+):
+    """A LoRA student folder: the base pipeline, the stored scheduler (with the caller's ``conditioning_timesteps`` and
+    ``prediction_type`` when given), and the LoRA fused into the denoiser. ``base_model`` replaces the base the folder
+    names; every other keyword argument (``torch_dtype``, ``variant``, components, ...) applies to the base."""
     hub_kwargs = hub_kwargs_of(kwargs)
-    base_override = kwargs.pop("base_model", None)
-    base = base_override or lora_config["base_model"]
-    scheduler = OneStepScheduler.from_pretrained(source, subfolder="scheduler", **hub_kwargs)
+    if base_model is None and not lora_config.get("base_model"):
+        raise ValueError(f"{LORA_STUDENT_CONFIG} of {source} names no base_model; pass `base_model=` with its base.")
+    base = os.fspath(base_model) if base_model is not None else lora_config["base_model"]
+    if os.path.isabs(base) and not os.path.isdir(base):  # a local teacher's folder is recorded as an absolute path
+        raise ValueError(
+            f"The LoRA student {source} was trained on the local folder {base}, which is not on this machine; pass "
+            "`base_model=` with that teacher's folder or Hub id."
+        )
+    scheduler = kwargs.pop("scheduler", None)
+    if scheduler is None:
+        overrides = {"conditioning_timesteps": conditioning_timesteps, "prediction_type": prediction_type}
+        scheduler = OneStepScheduler.from_pretrained(
+            source, subfolder="scheduler", **hub_kwargs, **{k: v for k, v in overrides.items() if v is not None}
+        )
+    family = kwargs.pop("family", None) or lora_config.get("family")
     # `revision` names a revision of the LoRA repo; the base is pinned by the revision the student was trained on
     base_kwargs = {k: v for k, v in kwargs.items() if k != "revision"}
-    if lora_config.get("base_revision") and base_override is None and not os.path.isdir(base):
+    if lora_config.get("base_revision") and base_model is None and not os.path.isdir(base):
         base_kwargs["revision"] = lora_config["base_revision"]
-    pipe = cls.from_pretrained(base, scheduler=scheduler, family=lora_config.get("family"), **base_kwargs)
+    pipe = cls.from_pretrained(base, scheduler=scheduler, family=family, **base_kwargs)
     pipe.load_student_lora(
         source,
         weight_name=lora_config.get("weight_name"),
@@ -153,21 +344,48 @@ def load_lora_student(cls, source: str, lora_config: Dict[str, Any], **kwargs):
     return pipe
 
 
-def load_preset(cls, preset: Preset, conditioning_timesteps=None, **kwargs):
-    """Assemble the student of ``preset`` (:data:`~.presets.PRESETS`) with :class:`OneStepPipeline` ``cls``."""
-    timesteps = list(conditioning_timesteps or preset.conditioning_timesteps)
+def load_preset(
+    cls,
+    preset: Preset,
+    conditioning_timesteps: Optional[Sequence[float]] = None,
+    prediction_type: Optional[str] = None,
+    base_model: Optional[str] = None,
+    **kwargs,
+):
+    """Assemble the student of ``preset`` (:data:`~.presets.PRESETS`) with :class:`OneStepPipeline` ``cls``; the
+    caller's ``conditioning_timesteps``/``prediction_type`` replace the card's, ``base_model`` the base of a
+    denoiser or LoRA preset."""
+    family = kwargs.pop("family", None)
+    if family is not None and family != preset.family:
+        display = get_adapter_class(preset.family).display_name
+        raise ValueError(f"{preset.repo_id} is a student of the {display} family, not {family}; drop `family`.")
+    check_family_kwargs(preset.family, kwargs)
+    if kwargs.get("scheduler") is None:
+        if conditioning_timesteps is None:
+            conditioning_timesteps = list(preset.conditioning_timesteps)
+        prediction_type = prediction_type or preset.prediction_type
     if preset.embedded_guidance_scale is not None:
         kwargs.setdefault("embedded_guidance_scale", preset.embedded_guidance_scale)
     if preset.kind == "pipeline":
-        config = read_json(preset.repo_id, "scheduler/scheduler_config.json", hub_kwargs_of(kwargs)) or {}
-        kwargs.setdefault("scheduler", scheduler_for(preset.family, config, timesteps, preset.prediction_type))
-        kwargs.setdefault("family", preset.family)
+        if base_model is not None:
+            raise ValueError(
+                f"{preset.repo_id} is a full pipeline, with no base model for `base_model` to replace; drop it."
+            )
+        if kwargs.get("scheduler") is None:
+            config = read_json(preset.repo_id, "scheduler/scheduler_config.json", hub_kwargs_of(kwargs)) or {}
+            kwargs["scheduler"] = scheduler_for(preset.family, config, conditioning_timesteps, prediction_type)
+        kwargs["family"] = preset.family
         return cls._from_pretrained_folder(preset.repo_id, **kwargs)
-    common = {"conditioning_timesteps": timesteps, "prediction_type": preset.prediction_type, "family": preset.family}
+    common = {
+        "conditioning_timesteps": conditioning_timesteps,
+        "prediction_type": prediction_type,
+        "family": preset.family,
+    }
+    base = base_model if base_model is not None else preset.base_model
     if preset.kind == "denoiser":
         return load_from_base(
             cls,
-            preset.base_model,
+            base,
             student_weights=preset.repo_id,
             weight_name=preset.weight_name,
             subfolder=preset.subfolder,
@@ -177,7 +395,7 @@ def load_preset(cls, preset: Preset, conditioning_timesteps=None, **kwargs):
     if preset.kind == "lora":
         return load_from_base(
             cls,
-            preset.base_model,
+            base,
             lora=preset.repo_id,
             lora_weight_name=preset.weight_name,
             lora_scale=preset.lora_scale,
@@ -250,7 +468,7 @@ def load_from_base(
     cls,
     base_model: str,
     *,
-    conditioning_timesteps: Sequence[float],
+    conditioning_timesteps: Optional[Sequence[float]] = None,
     prediction_type: Optional[str] = None,
     student_weights: Optional[str] = None,
     weight_name: Optional[str] = None,
@@ -263,34 +481,57 @@ def load_from_base(
     """Build a student from a base pipeline plus denoiser-only weights and/or a LoRA.
 
     Args:
-        base_model: the base pipeline (Hub id or folder), e.g. ``"stabilityai/stable-diffusion-xl-base-1.0"``.
-        conditioning_timesteps: the student's timesteps (DMD2 1-step ``[399]``, 4-step ``[999, 749, 499, 249]``).
+        base_model: the base pipeline (Hub id or folder), e.g. ``"stabilityai/stable-diffusion-xl-base-1.0"``; a saved
+            student works too (its components, its settings).
+        conditioning_timesteps: the student's timesteps (DMD2 1-step ``[399]``, 4-step ``[999, 749, 499, 249]``);
+            default: the base's own (a saved student's), else the pure-noise end of its path.
         prediction_type: the student's output parameterization (default: the base's, e.g. ``"sample"`` for
             SDXL-Lightning's ``x0`` UNet).
         student_weights: file, folder or Hub repo holding the denoiser weights (DMD2, Lightning, Hyper-SD,
             NitroFusion ship UNet-only files); ``weight_name``/``subfolder`` select inside it.
         lora, lora_weight_name, lora_scale: a LoRA student (Hyper-SD, DMD2 4-step LoRA), fused after loading.
-        **kwargs: passed to ``from_pretrained`` of the base (``torch_dtype``, ``cache_dir``, ...).
+        **kwargs: passed to ``from_pretrained`` of the base (``torch_dtype``, ``variant``, ``cache_dir``, components,
+            ...); unknown ones are refused.
     """
+    base_model = os.fspath(base_model)
+    check_loading_kwargs(cls, kwargs, "from_base", FROM_BASE_KWARGS)
+    conditioning_timesteps, prediction_type = check_scheduler_overrides(
+        conditioning_timesteps, prediction_type, kwargs
+    )
+    for name, value, source_name, source in (
+        ("weight_name", weight_name, "student_weights", student_weights),
+        ("subfolder", subfolder, "student_weights", student_weights),
+        ("lora_weight_name", lora_weight_name, "lora", lora),
+    ):
+        if value is not None and source is None:
+            raise ValueError(
+                f"`{name}` picks a file inside `{source_name}`, which is not given; pass both or neither."
+            )
     hub_kwargs = hub_kwargs_of(kwargs)
     index = read_json(base_model, "model_index.json", hub_kwargs)
     if index is None:
         raise ValueError(f"{base_model} is not a diffusers pipeline (no model_index.json).")
     family = kwargs.pop("family", None) or detect_family(index, read_pipeline_configs(base_model, index, hub_kwargs))
-    scheduler_config = read_json(base_model, "scheduler/scheduler_config.json", hub_kwargs) or {}
-    scheduler = scheduler_for(family, scheduler_config, conditioning_timesteps, prediction_type)
+    if kwargs.get("scheduler") is None:
+        scheduler_config = read_json(base_model, "scheduler/scheduler_config.json", hub_kwargs) or {}
+        kwargs["scheduler"] = scheduler_for(family, scheduler_config, conditioning_timesteps, prediction_type)
     if student_weights is not None:
-        denoiser = build_denoiser(
+        denoiser_name = get_adapter_class(family).denoiser_name
+        if kwargs.get(denoiser_name) is not None:
+            raise ValueError(
+                f"`student_weights` and `{denoiser_name}` both give the student's {denoiser_name}; pass one of them."
+            )
+        torch_dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
+        kwargs[denoiser_name] = build_denoiser(
             base_model,
             family,
             student_weights,
             weight_name,
             subfolder,
-            torch_dtype=kwargs.get("torch_dtype"),
+            torch_dtype=torch_dtype if isinstance(torch_dtype, torch.dtype) else None,
             **hub_kwargs,
         )
-        kwargs[get_adapter_class(family).denoiser_name] = denoiser
-    pipe = cls.from_pretrained(base_model, scheduler=scheduler, family=family, **kwargs)
+    pipe = cls.from_pretrained(base_model, family=family, **kwargs)
     if lora is not None:
         pipe.load_student_lora(lora, weight_name=lora_weight_name, lora_scale=lora_scale, **hub_kwargs)
     return pipe

@@ -8,6 +8,8 @@ nothing in it depends on the backbone.
 # No `from __future__ import annotations` here: diffusers before 0.37 reads the `__init__` annotations with
 # `inspect` and fails on string annotations when loading a folder.
 import json
+import math
+import numbers
 import os
 import shutil
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -328,6 +330,7 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         latents: Optional[torch.Tensor] = None,
         output_type: str = "pil",
         callback_on_step_end_tensor_inputs: Optional[Sequence[str]] = None,
+        callback_on_step_end=None,
     ) -> None:
         """Raise one actionable ``ValueError`` for the first invalid argument."""
         adapter = self.adapter
@@ -362,12 +365,38 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             for field in adapter.required_condition_fields:
                 if provided[field] is None:
                     raise ValueError(f"{family} students need `{arg_names[field]}` together with `prompt_embeds`.")
+            layouts = {"embeds": "(batch, tokens, width)", "mask": "(batch, tokens)", "pooled": "(batch, width)"}
+            for field, value in provided.items():
+                if value is None:
+                    continue
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(f"`{arg_names[field]}` must be a torch.Tensor, got {type(value).__name__}.")
+                if value.ndim != layouts[field].count(",") + 1:
+                    raise ValueError(
+                        f"`{arg_names[field]}` must have the shape {layouts[field]}, got {tuple(value.shape)}."
+                    )
             batch_size = prompt_embeds.shape[0]
             for field, value in provided.items():
                 if value is not None and value.shape[0] != batch_size:
                     raise ValueError(
                         f"`{arg_names[field]}` has batch size {value.shape[0]} but `prompt_embeds` has {batch_size}."
                     )
+            # The denoiser's input projections fix these widths; a mismatch would fail deep inside its forward.
+            widths = {"embeds": adapter.text_embedding_dim, "pooled": adapter.pooled_embedding_dim}
+            for field, width in widths.items():
+                value = provided[field]
+                if value is not None and width is not None and value.shape[-1] != width:
+                    raise ValueError(
+                        f"`{arg_names[field]}` must be {width} wide for this {family} student's "
+                        f"{adapter.denoiser_name}, got shape {tuple(value.shape)}; encode prompts with "
+                        "`pipe.encode_prompt`."
+                    )
+            mask = provided["mask"]
+            if mask is not None and mask.shape[1] != prompt_embeds.shape[1]:
+                raise ValueError(
+                    f"`prompt_attention_mask` must have one entry per token of `prompt_embeds` "
+                    f"({prompt_embeds.shape[1]}), got shape {tuple(mask.shape)}."
+                )
 
         if negative_prompt is not None or negative_prompt_embeds is not None:
             raise ValueError(
@@ -375,6 +404,12 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
                 "(running it twice per step would not give guidance); remove `negative_prompt`."
             )
         if guidance_scale is not None:
+            if (
+                isinstance(guidance_scale, bool)
+                or not isinstance(guidance_scale, numbers.Real)
+                or not math.isfinite(guidance_scale)
+            ):
+                raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
             if self._uses_embedded_guidance():
                 if guidance_scale < 0:
                     raise ValueError(f"`guidance_scale` must be non-negative, got {guidance_scale}.")
@@ -385,14 +420,33 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
                 )
 
         total = batch_size * num_images_per_prompt
+        generators = generator if isinstance(generator, list) else [generator] if generator is not None else []
+        for item in generators:
+            if not isinstance(item, torch.Generator):
+                raise ValueError(
+                    f"`generator` must be a torch.Generator or a list of one per image, got {type(item).__name__} "
+                    f"{item!r}; for a seed, pass torch.Generator().manual_seed(seed)."
+                )
         if isinstance(generator, list) and len(generator) != total:
             raise ValueError(f"Got {len(generator)} generators for a batch of {total} images; pass one per image.")
         if latents is not None:
+            if not isinstance(latents, torch.Tensor):
+                raise ValueError(f"`latents` must be a torch.Tensor, got {type(latents).__name__}.")
             expected = adapter.latent_shape(total, height, width)
             if tuple(latents.shape) != tuple(expected):
                 raise ValueError(f"`latents` must have shape {tuple(expected)}, got {tuple(latents.shape)}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}.")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(
+                f"`callback_on_step_end` must be a function `callback(pipe, i, t, tensors)` or a diffusers callback "
+                f"object, got {type(callback_on_step_end).__name__}."
+            )
+        if isinstance(callback_on_step_end_tensor_inputs, str):
+            raise ValueError(
+                "`callback_on_step_end_tensor_inputs` must be a list of names such as "
+                f"[{callback_on_step_end_tensor_inputs!r}], got the string {callback_on_step_end_tensor_inputs!r}."
+            )
         for name in callback_on_step_end_tensor_inputs or ():
             if name not in self._callback_tensor_inputs:
                 raise ValueError(
@@ -490,6 +544,7 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             latents,
             output_type,
             callback_on_step_end_tensor_inputs,
+            callback_on_step_end,
         )
         self._interrupt = False
         device = self._compute_device()
@@ -573,8 +628,9 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             "prompt_attention_mask": condition.mask,
             "pooled_prompt_embeds": condition.pooled,
         }
-        outputs = callback(self, i, t, {name: current[name] for name in tensor_inputs}) or {}
-        updated = {name: outputs.get(name, value) for name, value in current.items()}
+        outputs = callback(self, i, t, {name: current[name] for name in tensor_inputs})
+        self._check_callback_outputs(outputs, current)
+        updated = {name: (outputs or {}).get(name, value) for name, value in current.items()}
         if any(
             updated[name] is not current[name]
             for name in ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
@@ -583,6 +639,34 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
                 updated["prompt_embeds"], updated["prompt_attention_mask"], updated["pooled_prompt_embeds"]
             ).to(device=device, dtype=dtype)
         return updated["latents"], updated["denoised"], condition
+
+    def _check_callback_outputs(self, outputs, current: Dict[str, Any]) -> None:
+        """What ``callback_on_step_end`` returned must be ``None`` or a dict of replacement tensors: anything else would
+        be ignored silently or fail a step later (a tensor's truth value, a key of a tensor no step reads)."""
+        if outputs is None:
+            return
+        if not isinstance(outputs, dict):
+            raise ValueError(
+                "`callback_on_step_end` must return a dict of tensors to replace (or None), got "
+                f"{type(outputs).__name__}; return e.g. {{'latents': latents}}."
+            )
+        for name, value in outputs.items():
+            if name not in current:
+                raise ValueError(
+                    f"`callback_on_step_end` returned {name!r}, which the pipeline does not read; it may return "
+                    f"{', '.join(self._callback_tensor_inputs)}."
+                )
+            if not isinstance(value, torch.Tensor):
+                if value is None and current[name] is None:
+                    continue
+                raise ValueError(
+                    f"`callback_on_step_end` returned {type(value).__name__} for `{name}`; return a torch.Tensor."
+                )
+            if name in ("latents", "denoised") and value.shape != current[name].shape:
+                raise ValueError(
+                    f"`callback_on_step_end` returned `{name}` of shape {tuple(value.shape)}, but the pipeline's has "
+                    f"shape {tuple(current[name].shape)}."
+                )
 
     # ------------------------------------------------------------------------------------------------------------
     # loading and saving
@@ -601,8 +685,12 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         * any SDXL / PixArt / SANA / SANA-Sprint pipeline folder or id, run at `conditioning_timesteps` (default: the
           pure-noise end of its path) -- e.g. a teacher at one step, the baseline a student must beat.
 
-        Extra keyword arguments: ``conditioning_timesteps`` and ``prediction_type`` (used when the source has no
-        OneStepScheduler), ``weight_name`` (presets), and everything ``DiffusionPipeline.from_pretrained`` takes.
+        Keyword arguments, the same for every kind of source: ``conditioning_timesteps`` and ``prediction_type`` (the
+        student's scheduler, replacing a stored one) or ``scheduler``; ``weight_name`` (a preset's variant);
+        ``base_model`` (another base for a LoRA student or a preset built on one); components by name and this class's
+        settings (``family``, ``max_sequence_length``, ``embedded_guidance_scale``); and
+        ``DiffusionPipeline.from_pretrained``'s own (``torch_dtype``, ``variant``, ``revision``, ...). Anything else,
+        and a setting that does not apply to the source, is refused with one sentence before anything loads.
         """
         return loading.load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
 

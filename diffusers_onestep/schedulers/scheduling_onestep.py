@@ -34,6 +34,18 @@ MAX_STEPS = 4
 SOLVERS = ("sde", "ode")
 
 
+def timestep_values(timesteps, what: str = "timesteps") -> List[float]:
+    """``timesteps`` (a list or tuple of numbers, or a 1-D tensor or array) as floats, or one sentence naming the value:
+    a bare number or a string would otherwise be iterated (``"399"`` as 3, 9, 9) or fail deep inside sampling."""
+    if isinstance(timesteps, (torch.Tensor, np.ndarray)) and timesteps.ndim == 1:
+        timesteps = timesteps.tolist()
+    if not isinstance(timesteps, (list, tuple)) or not all(
+        isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, bool) for t in timesteps
+    ):
+        raise ValueError(f"`{what}` must be a list of numbers such as [999, 499], got {timesteps!r}.")
+    return [float(t) for t in timesteps]
+
+
 @dataclass
 class OneStepSchedulerOutput(BaseOutput):
     """Output of :meth:`OneStepScheduler.step`.
@@ -182,7 +194,7 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------------------------------------------------
 
     def check_timesteps(self, timesteps: Sequence[float], what: str = "timesteps") -> List[float]:
-        values = [float(t) for t in timesteps]
+        values = timestep_values(timesteps, what)
         if not 1 <= len(values) <= MAX_STEPS:
             raise ValueError(f"`{what}` must hold 1 to {MAX_STEPS} timesteps, got {len(values)}: {values}.")
         if any(b >= a for a, b in zip(values, values[1:])):
