@@ -28,7 +28,7 @@ from diffusers_onestep.testing import (
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from training_utils import TINY_FLAGS, write_prompts  # noqa: E402
+from training_utils import TINY_FLAGS, hub_account, write_prompts  # noqa: E402
 
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -303,6 +303,7 @@ def trained(world, tmp_path_factory):
             lambda repo_id, **kw: huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"),
         )
         mp.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
+        mp.setattr(huggingface_hub, "whoami", hub_account())
         status = cli.main(
             ["--teacher", teacher, "--prompts", write_prompts(str(root)), "--output_dir", str(out)]
             + ["--resolution", "8", *TINY_FLAGS, "--max_train_steps", "1", "--critic_updates_per_student", "1"]

@@ -172,6 +172,8 @@ def test_the_hub_token_is_never_written(workspace, monkeypatch, capfd):
             "--push_to_hub",
             "--hub_model_id",
             "me/secret-student",
+            "--base_model_id",
+            "tiny/teacher",
             "--private",
             "--report_to",
             "tensorboard",
