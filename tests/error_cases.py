@@ -150,6 +150,9 @@ def loading_cases() -> List[Case]:
     def bad_repo_id(c):
         return expect(ValueError, lambda: OneStepPipeline.from_pretrained("not a repo id!!"))
 
+    def uncached_offline(c):
+        return expect(ValueError, lambda: OneStepPipeline.from_pretrained("someone/uncached-student"))
+
     def unsupported(c):
         return expect(ValueError, lambda: OneStepPipeline.from_pretrained(c["sd15_dir"]))
 
@@ -212,6 +215,7 @@ def loading_cases() -> List[Case]:
         Case("loading", "a LoRA made for another model", foreign_lora),
         Case("loading", "folder that is not a pipeline or LoRA student", not_a_pipeline),
         Case("loading", "string that is neither a folder nor a Hub id", bad_repo_id),
+        Case("loading", "Hub id not in the cache while offline", uncached_offline),
         Case("loading", "pipeline of an unsupported family", unsupported),
         Case("loading", "legacy .bin holding a pickle payload", pickle_payload),
         Case("loading", "weights in an unknown (pickle) format", pickle_format),

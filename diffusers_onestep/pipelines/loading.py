@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..families import FAMILIES, ONESTEP_INDEX_KEY, detect_family, get_adapter_class, read_pipeline_configs
-from ..hub import hub_kwargs_of, read_json, resolve_file
+from ..hub import hub_kwargs_of, read_json, resolve_file, uncached_while_offline
 from ..parameterization import check_prediction_type
 from ..schedulers import OneStepScheduler
 from ..schedulers.scheduling_onestep import timestep_values
@@ -265,6 +265,11 @@ def load_pipeline(cls, source, **kwargs):
         if lora_config is not None:
             return load_lora_student(
                 cls, source, lora_config, conditioning_timesteps, prediction_type, base_model, **kwargs
+            )
+        if not os.path.isdir(source) and uncached_while_offline(source, "model_index.json", **hub_kwargs):
+            raise ValueError(
+                f"{source} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it cannot be "
+                "downloaded; unset HF_HUB_OFFLINE once to download it, or pass a local folder."
             )
         raise ValueError(
             f"{source} is neither a diffusers pipeline (no model_index.json) nor a diffusers-onestep LoRA student "
