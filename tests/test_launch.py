@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import yaml
-from training_utils import REPO, TINY_FLAGS, env, write_prompts
+from training_utils import REPO, env, tiny_run_argv, write_prompts
 
 from diffusers_onestep import cli
 from diffusers_onestep.distill.checkpoint import list_checkpoints
@@ -39,20 +39,7 @@ def workspace(tmp_path_factory):
 
 
 def run_flags(workspace, output_dir, *extra):
-    return [
-        "--teacher",
-        workspace["teacher"],
-        "--prompts",
-        workspace["prompts"],
-        "--output_dir",
-        str(output_dir),
-        "--resolution",
-        "8",
-        *TINY_FLAGS,
-        "--max_train_steps",
-        "1",
-        *[str(a) for a in extra],
-    ]
+    return tiny_run_argv(workspace, output_dir, "--max_train_steps", "1", *extra)
 
 
 def console(*argv):
