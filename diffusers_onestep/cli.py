@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
+from .errors import reason_of
+
 
 PROG = "diffusers-onestep"
 
@@ -71,12 +73,6 @@ class CommandError(Exception):
         self.status = status
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message: library errors append request ids and tracebacks on later lines."""
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # subcommands
 # ------------------------------------------------------------------------------------------------------------------
@@ -113,16 +109,16 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         pipe = OneStepPipeline.from_pretrained(args.model)
     except (OSError, ValueError, KeyError) as error:
-        raise CommandError(f"cannot load {args.model!r} as a one-step student: {first_line(error)}") from None
+        raise CommandError(f"cannot load {args.model!r} as a one-step student: {reason_of(error)}") from None
     try:
         pipe.to(device)
     except (RuntimeError, AssertionError) as error:
-        raise CommandError(f"cannot move the student to {device!r}: {first_line(error)}", status=2) from None
+        raise CommandError(f"cannot move the student to {device!r}: {reason_of(error)}", status=2) from None
     pipe.set_progress_bar_config(disable=True)
     try:
         timesteps = pipe.scheduler.select_timesteps(args.steps)
     except ValueError as error:
-        raise CommandError(first_line(error), status=2) from None
+        raise CommandError(reason_of(error), status=2) from None
     os.makedirs(args.out, exist_ok=True)
     print(
         f"{PROG} generate: {args.num_images} image(s) of {args.prompt!r} with {args.model} at "
@@ -140,7 +136,7 @@ def run_generate(args: argparse.Namespace) -> int:
             generator=generator,
         ).images
     except ValueError as error:  # the pipeline's own input checks: one actionable sentence each
-        raise CommandError(first_line(error), status=2) from None
+        raise CommandError(reason_of(error), status=2) from None
     for index, image in enumerate(images):
         path = os.path.join(args.out, f"seed{args.seed}_{index:03d}.png")
         image.save(path)
@@ -177,7 +173,7 @@ def published_lora_files(folder: str, base_model_id: Optional[str]) -> Dict[str,
             base = json.load(f).get("base_model")
     except (OSError, ValueError) as error:
         raise CommandError(
-            f"{path} cannot be read ({first_line(error)}); export the student again.", status=2
+            f"{path} cannot be read ({reason_of(error)}); export the student again.", status=2
         ) from None
     if base_model_id is not None:
         return hub.files_naming_base_model(folder, lora_config_name, base_model_id)
@@ -226,7 +222,7 @@ def run_push(args: argparse.Namespace) -> int:
             folder, args.repo_id, private=args.private, token=args.token, replacements=replacements
         )
     except (OSError, ValueError) as error:  # huggingface_hub's HTTP errors are OSErrors
-        raise CommandError(f"the upload to {args.repo_id!r} failed: {first_line(error)}") from None
+        raise CommandError(f"the upload to {args.repo_id!r} failed: {reason_of(error)}") from None
     print(f"pushed {folder} to https://huggingface.co/{repo_id}", flush=True)
     return 0
 

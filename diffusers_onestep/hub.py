@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from .errors import reason_of
+
 
 #: ``from_pretrained`` keyword arguments that say where and how to read a Hub repo
 HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
@@ -313,6 +315,14 @@ def uncached_while_offline(repo_id: str, filename: str, **hub_kwargs) -> bool:
     return not isinstance(try_to_load_from_cache(repo_id, filename, **kwargs), str)
 
 
+def offline_cache_miss(repo_id: str, cache: str = "Hugging Face") -> str:
+    """The sentence for a repo that offline mode keeps from being downloaded (to follow the flag that named it)."""
+    return (
+        f"{repo_id} is not in the local {cache} cache and offline mode is set (HF_HUB_OFFLINE), so it cannot be "
+        "downloaded; unset it once to download it, or pass a local folder."
+    )
+
+
 def check_push_access(repo_id: str, token: Optional[str] = None) -> None:
     """Refuse, in one sentence, a push that cannot work: offline, no token, a token the Hub refuses, a read-only
     token, or a namespace the account cannot write to. Reads only (``whoami``); the repo is created later."""
@@ -329,9 +339,8 @@ def check_push_access(repo_id: str, token: Optional[str] = None) -> None:
     except LocalTokenNotFoundError:
         raise ValueError("--push_to_hub needs a Hub token; run `hf auth login` or set HF_TOKEN.") from None
     except (OSError, ValueError) as error:  # huggingface_hub's HTTP and connection errors are OSErrors
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise ValueError(
-            f"--push_to_hub could not check the Hub token ({reason}); check HF_TOKEN or `hf auth login`."
+            f"--push_to_hub could not check the Hub token ({reason_of(error)}); check HF_TOKEN or `hf auth login`."
         ) from None
     role = ((account.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
@@ -364,24 +373,35 @@ def upload_student(
 ) -> str:
     """Upload the student in ``folder`` to the existing ``repo_id``; checkpoints and logs stay local.
 
-    ``replacements`` (``{path in the folder: content}``) are uploaded instead of the folder's own files, in a second
-    commit -- the folder itself is left as it is (:func:`files_naming_base_model`)."""
+    ``replacements`` (``{path in the folder: content}``) are uploaded instead of the folder's own files, in the same
+    single commit (the repo never holds the weights without their config) -- the folder itself is left as it is
+    (:func:`files_naming_base_model`)."""
     import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
 
-    replacements = replacements or {}
-    huggingface_hub.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        commit_message=commit_message,
-        ignore_patterns=UPLOAD_IGNORE_PATTERNS + sorted(replacements),
-        token=token,
+    if not replacements:
+        huggingface_hub.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            ignore_patterns=UPLOAD_IGNORE_PATTERNS,
+            token=token,
+        )
+        return repo_id
+    files = sorted(
+        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+        for root, _, names in os.walk(folder)
+        for name in names
     )
-    if replacements:
-        operations = [
-            huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
-            for name, content in sorted(replacements.items())
-        ]
-        huggingface_hub.create_commit(repo_id, operations, commit_message=commit_message, token=token)
+    kept = filter_repo_objects(files, ignore_patterns=UPLOAD_IGNORE_PATTERNS + sorted(replacements))
+    operations = [
+        huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
+        for name in kept
+    ] + [
+        huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
+        for name, content in sorted(replacements.items())
+    ]
+    huggingface_hub.create_commit(repo_id, operations, commit_message=commit_message, token=token)
     return repo_id
 
 

@@ -52,6 +52,14 @@ def replace_directory(staging: str, target: str) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+def remove_directory(path: str) -> None:
+    """Delete a folder so that a crash midway leaves only a hidden leftover (:func:`remove_leftovers` clears it),
+    never a half-deleted folder under its own name."""
+    doomed = staging_path(path, "old")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def publish_entries(staging: str, target: str, commit_file: Optional[str] = None) -> None:
     """Move every entry of ``staging`` into ``target`` (which may hold other things), ``commit_file`` last."""
     os.makedirs(target, exist_ok=True)
@@ -123,3 +131,18 @@ def load_tensors(path: str) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(path)
+
+
+def safetensors_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a whole safetensors file (a header that does not parse, tensors that run past the end of a
+    truncated file), or ``None``; reads the header only."""
+    from safetensors import safe_open
+
+    from .errors import reason_of
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except Exception as error:  # SafetensorError, or OSError for a file that cannot be read
+        return reason_of(error)
+    return None

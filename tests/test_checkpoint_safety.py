@@ -267,7 +267,7 @@ def test_a_run_killed_before_its_first_checkpoint_restarts(workspace):
     with pytest.raises(ConfigError, match=other_settings):
         cli.resolve_args([*argv, "--critic_updates_per_student", "2"])
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match=r"holds files that no run of this script wrote \(notes\.txt\)"):
+    with pytest.raises(ConfigError, match=r"holds files that are not this run's \(notes\.txt\)"):
         cli.resolve_args([*argv, "--resume_from_checkpoint", "latest"])
     os.remove(out / "notes.txt")
 

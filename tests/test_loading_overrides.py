@@ -382,8 +382,10 @@ def test_push_uploads_the_base_model_id_and_leaves_the_folder_as_it_is(trained, 
     assert cli.main(["push", str(folder), "--repo_id", "me/student"]) == 2  # refused: the base is a local folder
     assert hub_calls == {} and commits == []
     assert cli.main(["push", str(folder), "--repo_id", "me/student", "--base_model_id", "org/tiny-pixart"]) == 0
-    assert {"onestep_lora.json", "README.md"} <= set(hub_calls["upload"]["ignore_patterns"])
+    assert "upload" not in hub_calls and len(commits) == 1  # one commit: never weights without their config
     uploaded = {op.path_in_repo: op.path_or_fileobj for op in commits[0]}
     assert json.loads(uploaded["onestep_lora.json"])["base_model"] == "org/tiny-pixart"
     assert "base_model: org/tiny-pixart" in uploaded["README.md"].decode()
+    assert any(name.endswith(".safetensors") for name in uploaded)  # the weights travel in the same commit
+    assert not any(name.startswith(("checkpoint-", "logs/")) for name in uploaded)
     assert {p: (folder / p).read_bytes() for p in before} == before  # the local folder still loads as before

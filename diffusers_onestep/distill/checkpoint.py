@@ -242,7 +242,7 @@ def checkpoint_problem(checkpoint: str, num_processes: int = 1) -> Optional[str]
             return f"{path} is truncated"
         if expected_size is not None and size != expected_size:
             return f"{path} is not the size it was saved with"
-        if name.endswith(".safetensors") and not _safetensors_file_is_whole(path):
+        if name.endswith(".safetensors") and storage.safetensors_problem(path) is not None:
             return f"{path} is not a whole safetensors file (truncated or corrupt)"
         if name.endswith(".json") and _read_json_or_none(path) is None:
             return f"{path} is not valid JSON (truncated or corrupt)"
@@ -405,7 +405,7 @@ def check_fresh_start(output_dir: str, config: TrainConfig) -> None:
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ConfigError(
-            f"--output_dir {output_dir} holds files that no run of this script wrote ({shown}); pass "
+            f"--output_dir {output_dir} holds files that are not this run's ({shown}); pass "
             "--overwrite_output_dir to write into it."
         )
     differences = config_conflicts(saved_config, config) if saved_config is not None else []
@@ -430,7 +430,7 @@ def prune_checkpoints(output_dir: str, limit: Optional[int], run: Optional[RunId
         return
     checkpoints = list_checkpoints(output_dir, run)
     for _, path in checkpoints[:-1][: max(0, len(checkpoints) - limit)]:
-        shutil.rmtree(path, ignore_errors=True)
+        storage.remove_directory(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -540,23 +540,6 @@ def _read_json_or_none(path: str) -> Any:
         return _read_json(path)
     except (OSError, ValueError):
         return None
-
-
-def _safetensors_file_is_whole(path: str) -> bool:
-    """Whether the file's header parses and its tensors end exactly where the file ends (reads the header only)."""
-    size = os.path.getsize(path)
-    try:
-        with open(path, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            if header_size > size - 8:
-                return False
-            header = json.loads(f.read(header_size))
-        data_end = max(
-            (int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"), default=0
-        )
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return False
-    return 8 + header_size + data_end == size
 
 
 def _optimizer_to_tensors(state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

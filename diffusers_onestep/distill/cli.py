@@ -9,6 +9,7 @@ loading a model is checked before anything is loaded or written: bad input exits
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,6 +17,7 @@ import sys
 import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..errors import reason_of
 from .config import SECTIONS, ConfigError, TrainConfig
 from .preflight import preflight, resume_note
 from .resolve import ResolvedConfig, resolve
@@ -192,6 +194,9 @@ STATUS_FILE_ENV = "DIFFUSERS_ONESTEP_STATUS_FILE"
 def build_parser(prog: Optional[str] = None, launcher: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog or DEFAULT_PROG,
+        # the launching command hands every flag but its own to the training processes, so a flag must be spelled
+        # out for it to be recognised as one of them (``--num_proc`` would otherwise pass as ``--num_processes``)
+        allow_abbrev=not launcher,
         description="Distill a diffusers text-to-image teacher into a one-step student (DMD2, f-distill, ... with LoRA "
         "or full roles), then save it for OneStepPipeline and optionally push it to the Hub.",
         epilog=EPILOG,
@@ -242,7 +247,7 @@ def _read_config_file(path: str) -> Dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as error:
-        raise ConfigError(f"--config {path} could not be parsed: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"--config {path} could not be parsed ({reason_of(error)}).") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path} must hold a mapping of settings.")
     return data
@@ -331,15 +336,17 @@ def main(
 
     parser = build_parser(prog, launcher)
     argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    launching = launcher and (args.num_processes is not None or args.accelerate_config is not None)
     try:
-        args = parser.parse_args(argv)
-        config, _ = resolve_args(_without_launch_flags(argv), prog)
+        if launching:
+            # check the run the processes will see: their number and the accelerate config's precision
+            with launched_environment(args.num_processes, args.accelerate_config):
+                config, _ = resolve_args(_without_launch_flags(argv), prog)
+        else:
+            config, _ = resolve_args(argv, prog)
     except (ConfigError, DataError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    if launcher and args.num_processes is not None and args.num_processes < 1:
-        parser.exit(2, f"{parser.prog}: error: --num_processes must be >= 1, got {args.num_processes}.\n")
-    if launcher and args.accelerate_config is not None and not os.path.isfile(args.accelerate_config):
-        parser.exit(2, f"{parser.prog}: error: --accelerate_config {args.accelerate_config} does not exist.\n")
     if args.dry_run:
         # stdout is the resolved configuration (JSON, as training_config.json); where values came from goes to stderr
         print(json.dumps(config.config.to_dict(), indent=2, sort_keys=True, default=list))
@@ -347,7 +354,7 @@ def main(
             if note:
                 print(f"{parser.prog}: {note}", file=sys.stderr)
         return 0
-    if launcher and (args.num_processes is not None or args.accelerate_config is not None):
+    if launching:
         return launch(_without_launch_flags(argv), args.num_processes, args.accelerate_config)
 
     from .trainer import HubError, NonFiniteError, Trainer, TrainingInterrupted
@@ -390,6 +397,49 @@ def _without_launch_flags(argv: Sequence[str]) -> List[str]:
     return out
 
 
+def accelerate_config_values(path: Optional[str]) -> Dict[str, Any]:
+    """The settings of an accelerate config file (YAML or JSON), or a one-sentence :class:`ConfigError`."""
+    if path is None:
+        return {}
+    if not os.path.isfile(path):
+        raise ConfigError(f"--accelerate_config {path} does not exist.")
+    try:
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, ValueError) as error:  # yaml.YAMLError is a ValueError
+        raise ConfigError(f"--accelerate_config {path} could not be read ({reason_of(error)}).") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--accelerate_config {path} must hold a mapping of accelerate settings.")
+    return values
+
+
+@contextlib.contextmanager
+def launched_environment(num_processes: Optional[int], accelerate_config: Optional[str]):
+    """The variables ``accelerate launch`` will give the training processes that the checks read (``WORLD_SIZE``
+    for the resume check, ``ACCELERATE_MIXED_PRECISION``), set while the launching process checks the run."""
+    from .resolve import ACCELERATE_MIXED_PRECISION
+
+    if num_processes is not None and num_processes < 1:
+        raise ConfigError(f"--num_processes must be >= 1, got {num_processes}.")
+    values = accelerate_config_values(accelerate_config)
+    world_size = num_processes or values.get("num_processes") or 1
+    launched = {"WORLD_SIZE": str(world_size)}
+    if values.get("mixed_precision") is not None:
+        launched[ACCELERATE_MIXED_PRECISION] = str(values["mixed_precision"])
+    saved = {key: os.environ.get(key) for key in launched}
+    os.environ.update(launched)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def launch(argv: Sequence[str], num_processes: Optional[int], accelerate_config: Optional[str]) -> int:
     """Run the (already checked) training command ``argv`` through ``accelerate launch`` and return the training
     processes' own exit status.
@@ -416,10 +466,13 @@ def launch(argv: Sequence[str], num_processes: Optional[int], accelerate_config:
     with tempfile.TemporaryDirectory(prefix="onestep-launch-") as folder:
         status_file = os.path.join(folder, "status")
         environment = dict(os.environ, **{STATUS_FILE_ENV: status_file})
-        try:
-            returncode = subprocess.run(command, env=environment).returncode
-        except KeyboardInterrupt:  # the training processes got the same Ctrl-C and checkpoint
-            return 130
+        process = subprocess.Popen(command, env=environment)
+        while True:
+            try:
+                returncode = process.wait()
+                break
+            except KeyboardInterrupt:  # the training processes got the same Ctrl-C: wait for their checkpoint
+                continue
         if os.path.isfile(status_file):
             with open(status_file, encoding="utf-8") as f:
                 text = f.read().strip()
@@ -435,7 +488,7 @@ def report_status(status: int) -> None:
         return
     try:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    except OSError:  # another process reported first, or the launcher is gone
         return
     with os.fdopen(descriptor, "w", encoding="utf-8") as f:
         f.write(f"{status}\n")

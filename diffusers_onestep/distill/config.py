@@ -31,13 +31,6 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message is one sentence that says how to fix it."""
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of a library error's message, without its closing full stop, to quote inside a sentence
-    (``huggingface_hub``, ``datasets`` and PIL append request ids, tracebacks and hints on later lines)."""
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0].rstrip(".")
-
-
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)

@@ -19,8 +19,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..errors import reason_of
 from ..families import Condition, FamilyAdapter
-from .config import first_line
 from .models import Batch, RandomSource
 
 
@@ -60,15 +60,12 @@ def _load_dataset(source: str, split: str = "train", cache_dir: Optional[str] = 
     try:
         return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
     except Exception as error:  # datasets raises many types for a missing/unreachable dataset
-        from ..hub import offline_mode
+        from ..hub import offline_cache_miss, offline_mode
 
-        if offline_mode() or datasets.config.HF_HUB_OFFLINE:
-            raise DataError(
-                f"The dataset {source} is not in the local datasets cache and offline mode is set (HF_HUB_OFFLINE or "
-                "HF_DATASETS_OFFLINE), so it cannot be downloaded; unset it once to download it, or pass a local "
-                "file or folder."
-            ) from None
-        raise DataError(f"Could not load the dataset {source!r} ({first_line(error)}).") from None
+        unreachable = isinstance(error, ConnectionError) or "OfflineModeIsEnabled" in str(error)
+        if unreachable and (offline_mode() or datasets.config.HF_HUB_OFFLINE):
+            raise DataError(f"The dataset {offline_cache_miss(source, 'datasets')}") from None
+        raise DataError(f"Could not load the dataset {source!r} ({reason_of(error)}).") from None
 
 
 def _read_local(source: str, load: Callable):
@@ -102,7 +99,9 @@ def _prompt_text(value, where: str) -> str:
     """A prompt value as text: strings only, so that a null or a number is not trained on as "None" or "3"."""
     if not isinstance(value, str):
         shown = json.dumps(value) if isinstance(value, (int, float, bool, type(None), list, dict)) else repr(value)
-        raise DataError(f"{where} holds {shown} where a prompt string was expected.")
+        raise DataError(
+            f"{where} holds {shown} where a prompt string was expected; write the prompt as text or drop it."
+        )
     return value.strip()
 
 
@@ -187,7 +186,7 @@ class RealImages(torch.utils.data.Dataset):
         try:
             image = self.dataset[index][self.image_column]
         except Exception as error:  # a file that passed verify() but does not decode (truncated pixel data)
-            raise DataError(f"Image {index} of the real images could not be decoded ({first_line(error)}).") from None
+            raise DataError(f"Image {index} of the real images could not be decoded ({reason_of(error)}).") from None
         return resize_and_crop(image, self.resolution)
 
 
@@ -224,14 +223,18 @@ def check_real_images(
     dataset = open_real_images(source, image_column, caption_column, cache_dir)
     if not isinstance(dataset.features.get(image_column), datasets.Image):
         raise DataError(f"The column {image_column!r} of {source} does not hold images; pass --image_column.")
-    for row, item in enumerate(dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]):
-        name = item.get("path") or f"row {row}"
-        try:
-            opened = Image.open(io.BytesIO(item["bytes"])) if item.get("bytes") else Image.open(item["path"])
-            with opened as image:
-                image.verify()
-        except Exception as error:  # PIL raises UnidentifiedImageError, SyntaxError, OSError, ... for bad files
-            raise DataError(f"The image {name} of {source} could not be read ({first_line(error)}).") from None
+    undecoded = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    row = 0
+    for batch in undecoded.iter(batch_size=64):  # a batch of file paths or bytes at a time, not the whole set
+        for item in batch[image_column]:
+            name = item.get("path") or f"row {row}"
+            try:
+                opened = Image.open(io.BytesIO(item["bytes"])) if item.get("bytes") else Image.open(item["path"])
+                with opened as image:
+                    image.verify()
+            except Exception as error:  # PIL raises UnidentifiedImageError, SyntaxError, OSError, ... for bad files
+                raise DataError(f"The image {name} of {source} could not be read ({reason_of(error)}).") from None
+            row += 1
     return len(dataset)
 
 

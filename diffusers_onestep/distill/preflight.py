@@ -10,7 +10,7 @@ import os
 from typing import Optional
 
 from .checkpoint import check_fresh_start, check_resume_config, find_resume_point
-from .config import ConfigError, first_line
+from .config import ConfigError
 from .resolve import ResolvedConfig
 
 
@@ -59,7 +59,7 @@ def preflight(resolved: ResolvedConfig) -> None:
             validate_repo_id(config.data.real_images)
         except HFValidationError:
             raise ConfigError(f"--real_images {config.data.real_images} does not exist.") from None
-    if config.data.real_images and method.uses_discriminator:
+    if config.data.real_images and method.uses_discriminator and is_main_process():
         check_real_images(
             config.data.real_images, config.data.image_column, config.data.caption_column, cache_dir=config.cache_dir
         )
@@ -103,71 +103,21 @@ def is_main_process() -> bool:
 # the teacher's files
 # ----------------------------------------------------------------------------------------------------------------
 
-#: extensions of weight files in the diffusers and transformers layouts (sharded checkpoints have an index beside)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
-
-
-def weight_variant(filename: str) -> Optional[str]:
-    """The variant of a weight file name (``fp16`` of ``diffusion_pytorch_model.fp16.safetensors`` and of
-    ``model.fp16-00001-of-00002.safetensors``), ``None`` for the plain weights."""
-    parts = [p for p in filename.split(".")[1:] if p not in ("safetensors", "bin", "index", "json")]
-    return parts[0].split("-")[0] if parts else None
-
 
 def check_teacher_files(resolved: ResolvedConfig) -> None:
-    """Every component ``model_index.json`` lists is present in a local teacher folder, with a config that parses and
-    weights of the requested ``--variant`` whose safetensors headers are whole (a truncated download is named here,
-    not after the other components have loaded). Hub teachers are checked by the download itself."""
-    import json
+    """Every component ``model_index.json`` lists is present in a local teacher folder, with configs that parse and
+    weights of ``--variant`` whose safetensors headers are whole (a truncated download is named here, before the other
+    components load). A Hub teacher is checked by its download."""
+    from ..pipelines.loading import check_folder_files
 
     config = resolved.config
-    folder = config.teacher
-    if not os.path.isdir(folder):
+    if not os.path.isdir(config.teacher):
         return
     index = resolved.teacher_configs.get("model_index") or {}
-    for name, entry in sorted(index.items()):
-        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
-            continue
-        component = os.path.join(folder, name)
-        if not os.path.isdir(component):
-            raise ConfigError(f"--teacher {folder} lists a {name} in model_index.json but has no {name} folder.")
-        files = os.listdir(component)
-        for config_name in ("config.json", "scheduler_config.json", "tokenizer_config.json"):
-            if config_name in files:
-                try:
-                    with open(os.path.join(component, config_name), encoding="utf-8") as f:
-                        json.load(f)
-                except (ValueError, UnicodeDecodeError) as error:
-                    raise ConfigError(
-                        f"The teacher's {name}/{config_name} is not valid JSON ({first_line(error)})."
-                    ) from None
-        if "config.json" in files:  # a model: it needs weights
-            _check_weights(folder, name, files, config.variant)
-
-
-def _check_weights(folder: str, name: str, files, variant: Optional[str]) -> None:
-    weights = sorted(f for f in files if f.endswith(WEIGHT_SUFFIXES))
-    usable = [f for f in weights if weight_variant(f) in ({None, variant} if variant else {None})]
-    if not usable:
-        others = sorted({weight_variant(f) for f in weights} - {None})
-        if others and not variant:
-            raise ConfigError(
-                f"The teacher's {name} folder holds only {others[0]} weights ({weights[0]}); pass --variant {others[0]}."
-            )
-        wanted = f"{variant} weights" if variant else "weights"
-        raise ConfigError(f"The teacher's {name} folder has no {wanted} (no .safetensors or .bin file).")
-    from safetensors import safe_open
-
-    for filename in usable:
-        if filename.endswith(".safetensors"):
-            try:
-                with safe_open(os.path.join(folder, name, filename), framework="pt"):
-                    pass
-            except Exception as error:  # SafetensorError: a truncated or overwritten file
-                raise ConfigError(
-                    f"The teacher's {name}/{filename} is not a complete safetensors file ({first_line(error)}); "
-                    "download it again."
-                ) from None
+    try:
+        check_folder_files(config.teacher, index, variant=config.variant, remedy="download the teacher again")
+    except ValueError as error:
+        raise ConfigError(f"--teacher: {error}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,10 +142,8 @@ def check_student_timesteps(resolved: ResolvedConfig) -> None:
             timesteps,
             adapter_cls.default_prediction_type(scheduler_config),
         )
-    except ValueError as error:
-        raise ConfigError(
-            str(error).replace("`conditioning_timesteps`", "`--student_timesteps`").replace(" student ", " teacher ")
-        ) from None
+    except ValueError as error:  # the student's scheduler says which rule the values break
+        raise ConfigError(f"--student_timesteps {timesteps} cannot be exported: {error}") from None
 
 
 def check_lora_targets(resolved: ResolvedConfig) -> None:
@@ -248,7 +196,6 @@ def check_trackers(report_to: str) -> None:
 
     available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
     if report_to in available and not available[report_to]():
-        package = "tensorboard" if report_to == "tensorboard" else "wandb"
         raise ConfigError(
-            f"--report_to {report_to} needs the {package} package; pip install {package}, or pass --report_to none."
+            f"--report_to {report_to} needs the {report_to} package; pip install {report_to}, or pass --report_to none."
         )

@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .config import MIXED_PRECISIONS, ConfigError, TrainConfig, first_line
+from ..errors import reason_of
+from .config import MIXED_PRECISIONS, ConfigError, TrainConfig
 from .methods import get_method_class, resolve_method_config
 
 
@@ -96,17 +97,14 @@ def read_teacher_configs(
     """``model_index.json`` of a teacher (Hub id or folder) and the configs of its denoiser, VAE and scheduler, or a
     one-sentence :class:`ConfigError`. Reads JSON only, never weights."""
     from ..families import read_pipeline_configs
-    from ..hub import read_json, uncached_while_offline
+    from ..hub import offline_cache_miss, read_json, uncached_while_offline
 
     kwargs = {key: value for key, value in {"revision": revision, "cache_dir": cache_dir}.items() if value}
     try:
         index = read_json(teacher, "model_index.json", kwargs)
         if index is None:
             if not os.path.isdir(teacher) and uncached_while_offline(teacher, "model_index.json", **kwargs):
-                raise ConfigError(
-                    f"--teacher {teacher} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it "
-                    "cannot be downloaded; unset HF_HUB_OFFLINE once to download it, or pass a local folder."
-                )
+                raise ConfigError(f"--teacher {offline_cache_miss(teacher)}")
             if read_json(teacher, "onestep_lora.json", kwargs) is not None:
                 raise ConfigError(
                     f"--teacher {teacher} is a diffusers-onestep LoRA student, not a teacher; distill from the base "
@@ -114,12 +112,9 @@ def read_teacher_configs(
                 )
             raise ConfigError(f"--teacher {teacher} is not a diffusers pipeline (it has no model_index.json).")
         scheduler_entry = index.get("scheduler") if isinstance(index.get("scheduler"), list) else [None, None]
-        # a saved student names its native pipeline class, so its own marks are our settings and our scheduler
-        if (
-            index.get("_class_name") == "OneStepPipeline"
-            or "_onestep" in index
-            or "OneStepScheduler" in scheduler_entry
-        ):
+        # a saved student names its native pipeline class (and "_onestep" may name the family of a teacher too), so
+        # what marks it is our scheduler
+        if index.get("_class_name") == "OneStepPipeline" or "OneStepScheduler" in scheduler_entry:
             raise ConfigError(
                 f"--teacher {teacher} is a one-step student saved by OneStepPipeline, not a teacher; distill from the "
                 "multi-step pipeline it was trained from."
@@ -128,12 +123,12 @@ def read_teacher_configs(
         for name, filename in (("vae", "vae/config.json"), ("scheduler", "scheduler/scheduler_config.json")):
             if isinstance(index.get(name), list) and index[name][0] is not None:
                 configs[name] = read_json(teacher, filename, kwargs) or {}
-    except ValueError as error:  # a config that is not JSON (json.JSONDecodeError), a bad repo id
+    except ValueError as error:  # read_json's sentence for a damaged config, check_repo_id's for a bad id
         if isinstance(error, ConfigError):
             raise
-        raise ConfigError(f"--teacher {teacher}: a config file could not be read ({first_line(error)}).") from None
+        raise ConfigError(f"--teacher: {error}") from None
     except OSError as error:  # huggingface_hub: repository / revision not found, gated, no connection
-        raise ConfigError(f"--teacher {teacher} could not be read from the Hub ({first_line(error)}).") from None
+        raise ConfigError(f"--teacher {teacher} could not be read from the Hub ({reason_of(error)}).") from None
     return configs
 
 

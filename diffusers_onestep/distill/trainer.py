@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
+from ..errors import reason_of
 from ..families import get_adapter_class
 from .checkpoint import (
     CONFIG_NAME,
@@ -32,7 +33,7 @@ from .checkpoint import (
     save_checkpoint,
     write_run,
 )
-from .config import ConfigError, TrainConfig, first_line
+from .config import ConfigError, TrainConfig
 from .data import DataError, PromptSource, TrainingBatches, encode_real_images, load_prompts, load_real_images
 from .export import StudentRenderer, export_student, write_validation
 from .methods import build_method
@@ -184,9 +185,8 @@ class Trainer:
         try:
             return hub.create_repo(repo_id, private=cfg.output.private)
         except (OSError, ValueError) as error:  # huggingface_hub's HTTP errors are OSErrors
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise HubError(
-                f"--push_to_hub could not create the Hub repo {repo_id!r} ({reason}); check HF_TOKEN or "
+                f"--push_to_hub could not create the Hub repo {repo_id!r} ({reason_of(error)}); check HF_TOKEN or "
                 "`hf auth login` and --hub_model_id."
             ) from None
 
@@ -442,6 +442,12 @@ class Trainer:
         if resume.note:
             acc.print(resume.note)
         self.hub_repo_id = self._create_hub_repo()
+        # Seeds python, numpy and torch (LoRA A matrices and discriminator heads are initialised randomly).
+        set_seed(cfg.optim.seed)
+        self._load_teacher()
+        self._setup_data()
+        # Written only once the teacher and the data have loaded: what fails while loading leaves the folder as it
+        # was, so the same command can simply be run again.
         run = continued_run(resume.path, output_dir) if resume.path else RunIdentity.new()
         if acc.is_main_process:
             os.makedirs(output_dir, exist_ok=True)
@@ -450,10 +456,6 @@ class Trainer:
         # Every process takes the run the main process named (a new run's id is random).
         acc.wait_for_everyone()
         run = read_run(output_dir) or run
-        # Seeds python, numpy and torch (LoRA A matrices and discriminator heads are initialised randomly).
-        set_seed(cfg.optim.seed)
-        self._load_teacher()
-        self._setup_data()
         self._setup_models()
         self.state.run = run
         if resume.path is not None:
@@ -558,14 +560,14 @@ def load_teacher_pipeline(
     library, class_name = model_index[denoiser_name][:2]
     denoiser_cls = getattr(importlib.import_module(library), class_name)
     # Preflight checked the folder's configs and safetensors headers; what only a load shows (a download that
-    # fails, a tokenizer file that does not parse) is still one sentence, and nothing has been written yet.
+    # fails, a tokenizer file that does not parse) is still one sentence, and the run has written nothing yet.
     try:
         denoiser = denoiser_cls.from_pretrained(
             config.teacher, subfolder=denoiser_name, torch_dtype=weight_dtype, **kwargs
         )
         return DiffusionPipeline.from_pretrained(config.teacher, **{denoiser_name: denoiser}, **kwargs)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"The teacher {config.teacher} could not be loaded ({first_line(error)}).") from None
+        raise ConfigError(f"The teacher {config.teacher} could not be loaded ({reason_of(error)}).") from None
 
 
 def trainable_denoiser_loader(

@@ -10,14 +10,17 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import storage
+from ..errors import reason_of
 from ..families import FAMILIES, ONESTEP_INDEX_KEY, detect_family, get_adapter_class, read_pipeline_configs
-from ..hub import hub_kwargs_of, read_json, resolve_file, uncached_while_offline
+from ..hub import hub_kwargs_of, offline_cache_miss, read_json, resolve_file, uncached_while_offline
 from ..parameterization import check_prediction_type
 from ..schedulers import OneStepScheduler
 from ..schedulers.scheduling_onestep import timestep_values
@@ -135,16 +138,34 @@ def check_family_kwargs(family: str, kwargs: Dict[str, Any]) -> None:
         )
 
 
-def check_folder_files(folder: str, model_index: Dict[str, Any], kwargs: Dict[str, Any]) -> None:
-    """Check that every model component a local pipeline folder lists is there, with a config, weights and readable
-    safetensors headers (read without loading a tensor), before diffusers loads it. diffusers' own errors name the
-    wrong file for a missing one (``diffusion_pytorch_model.bin`` when the safetensors file is gone, ``config.json``
-    of the parent folder when a component folder is gone) and no file at all for a damaged one. Components passed as
-    keyword arguments are not read from the folder and are skipped."""
-    from safetensors import SafetensorError, safe_open
+#: weight files of the diffusers and transformers layouts (a sharded checkpoint is its index plus the shards it names)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
+
+def weight_variant(filename: str) -> Optional[str]:
+    """The variant of a weight file name (``fp16`` of ``diffusion_pytorch_model.fp16.safetensors`` and of
+    ``model.fp16-00001-of-00002.safetensors``), ``None`` for the plain weights."""
+    parts = [p for p in filename.split(".")[1:] if p not in ("safetensors", "bin", "index", "json")]
+    return parts[0].split("-")[0] if parts else None
+
+
+def check_folder_files(
+    folder: str,
+    model_index: Dict[str, Any],
+    skip: Sequence[str] = (),
+    variant: Optional[str] = None,
+    remedy: str = "save or download it again, or pass `{name}=` yourself",
+) -> None:
+    """Check, before diffusers loads anything, that every component a local pipeline folder lists is there: each
+    model (a ``torch.nn.Module`` class) with a config that parses and weights of ``variant`` (the plain ones without
+    it) whose safetensors headers are whole and whose shards exist; every other component's config parses.
+
+    diffusers' own errors name the wrong file for a missing one (``diffusion_pytorch_model.bin`` when the safetensors
+    file is gone, ``config.json`` of the parent folder when a component folder is gone) and no file at all for a
+    damaged one. ``skip`` names components passed in instead of read; ``remedy`` ends each message (``{name}``: the
+    component)."""
     for name, entry in model_index.items():
-        if name.startswith("_") or name in kwargs or not isinstance(entry, list) or len(entry) != 2:
+        if name.startswith("_") or name in skip or not isinstance(entry, list) or len(entry) != 2:
             continue
         library, class_name = entry
         if library is None or class_name is None:
@@ -153,25 +174,56 @@ def check_folder_files(folder: str, model_index: Dict[str, Any], kwargs: Dict[st
             component_cls = getattr(importlib.import_module(library), class_name)
         except (ImportError, AttributeError):
             continue  # diffusers says which class it cannot find
-        if not (isinstance(component_cls, type) and issubclass(component_cls, torch.nn.Module)):
-            continue  # schedulers, tokenizers: configs and vocabularies, which diffusers reports well
+        is_model = isinstance(component_cls, type) and issubclass(component_cls, torch.nn.Module)
         subfolder = os.path.join(folder, name)
-        files = os.listdir(subfolder) if os.path.isdir(subfolder) else []
-        weights = [f for f in files if f.endswith((".safetensors", ".bin", ".index.json"))]
-        if "config.json" not in files or not weights:
-            missing = "folder" if not os.path.isdir(subfolder) else "config.json" if weights else "weights file"
+        fix = remedy.format(name=name)
+        if not os.path.isdir(subfolder):
+            raise ValueError(f"{folder} lists a {name} ({class_name}) but has no {name} folder; {fix}.")
+        files = sorted(os.listdir(subfolder))
+        for config_name in ("config.json", "scheduler_config.json", "tokenizer_config.json"):
+            if config_name in files:
+                _check_json(os.path.join(subfolder, config_name), fix)
+        if not is_model:
+            continue  # schedulers, tokenizers: configs and vocabularies, which diffusers reports well
+        if "config.json" not in files:
+            raise ValueError(f"{folder} lists a {name} ({class_name}) whose config.json is missing; {fix}.")
+        _check_weights(subfolder, [f for f in files if f.endswith(WEIGHT_SUFFIXES)], variant, fix)
+
+
+def _check_json(path: str, fix: str) -> None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError) as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} could not be read as JSON ({reason_of(error)}); {fix}.") from None
+
+
+def _check_weights(subfolder: str, weights: List[str], variant: Optional[str], fix: str) -> None:
+    # with a variant, a component that lacks it loads its plain weights (diffusers falls back to them too)
+    usable = [f for f in weights if weight_variant(f) == variant] or [f for f in weights if weight_variant(f) is None]
+    if not usable:
+        others = sorted({weight_variant(f) for f in weights} - {None, variant})
+        if others and variant is None:
             raise ValueError(
-                f"{folder} lists a {name} ({class_name}) whose {missing} is missing, so the folder is incomplete; "
-                f"save or download it again, or pass `{name}=` yourself."
+                f"{subfolder} holds only {others[0]} weights ({weights[0]}); pass variant={others[0]!r} "
+                "(--variant in training)."
             )
-        for weight_file in sorted(f for f in weights if f.endswith(".safetensors")):
-            path = os.path.join(subfolder, weight_file)
-            try:
-                with safe_open(path, framework="pt"):
-                    pass
-            except (OSError, SafetensorError) as error:
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise ValueError(f"{path} is damaged ({reason}); save or download the pipeline again.") from None
+        wanted = f"{variant} weights" if variant else "weights file"
+        held = f" (it holds {', '.join(others)} weights)" if others else ""
+        raise ValueError(f"{subfolder} has no {wanted}{held}; {fix}.")
+    shards = []
+    for index_name in (f for f in usable if f.endswith(".index.json")):
+        _check_json(os.path.join(subfolder, index_name), fix)
+        with open(os.path.join(subfolder, index_name), encoding="utf-8") as f:
+            shards += sorted(set((json.load(f).get("weight_map") or {}).values()))
+    for shard in shards:
+        if not os.path.isfile(os.path.join(subfolder, shard)):
+            raise ValueError(f"{subfolder} is missing the weights shard {shard}; {fix}.")
+    for weight_file in sorted({f for f in usable + shards if f.endswith(".safetensors")}):
+        path = os.path.join(subfolder, weight_file)
+        problem = storage.safetensors_problem(path)
+        if problem is not None:
+            raise ValueError(f"{path} is damaged ({problem}); {fix}.")
 
 
 def pure_noise_time(noise_path) -> float:
@@ -267,10 +319,7 @@ def load_pipeline(cls, source, **kwargs):
                 cls, source, lora_config, conditioning_timesteps, prediction_type, base_model, **kwargs
             )
         if not os.path.isdir(source) and uncached_while_offline(source, "model_index.json", **hub_kwargs):
-            raise ValueError(
-                f"{source} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it cannot be "
-                "downloaded; unset HF_HUB_OFFLINE once to download it, or pass a local folder."
-            )
+            raise ValueError(offline_cache_miss(source))
         raise ValueError(
             f"{source} is neither a diffusers pipeline (no model_index.json) nor a diffusers-onestep LoRA student "
             f"(no {LORA_STUDENT_CONFIG})."
@@ -288,7 +337,7 @@ def load_pipeline(cls, source, **kwargs):
     kwargs["family"] = family
     check_family_kwargs(family, caller_settings)
     if os.path.isdir(source):
-        check_folder_files(source, model_index, kwargs)
+        check_folder_files(source, model_index, skip=tuple(kwargs), variant=kwargs.get("variant"))
 
     if "scheduler" not in kwargs:
         entry = model_index.get("scheduler") or [None, None]
@@ -420,9 +469,8 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle payloads are refused here, by design
-            reason = str(error).splitlines()[0].split(". ")[0].rstrip(".")
             raise ValueError(
-                f"{path} could not be loaded safely (torch.load(weights_only=True) refused it: {reason}); "
+                f"{path} could not be loaded safely (torch.load(weights_only=True) refused it: {reason_of(error)}); "
                 "convert it to .safetensors."
             ) from error
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -383,11 +383,11 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
                     )
             # The denoiser's input projections fix these widths; a mismatch would fail deep inside its forward.
             widths = {"embeds": adapter.text_embedding_dim, "pooled": adapter.pooled_embedding_dim}
-            for field, width in widths.items():
+            for field, embedding_width in widths.items():  # not `width`: that is the image's, checked below
                 value = provided[field]
-                if value is not None and width is not None and value.shape[-1] != width:
+                if value is not None and embedding_width is not None and value.shape[-1] != embedding_width:
                     raise ValueError(
-                        f"`{arg_names[field]}` must be {width} wide for this {family} student's "
+                        f"`{arg_names[field]}` must be {embedding_width} wide for this {family} student's "
                         f"{adapter.denoiser_name}, got shape {tuple(value.shape)}; encode prompts with "
                         "`pipe.encode_prompt`."
                     )

@@ -39,6 +39,8 @@ def timestep_values(timesteps, what: str = "timesteps") -> List[float]:
     a bare number or a string would otherwise be iterated (``"399"`` as 3, 9, 9) or fail deep inside sampling."""
     if isinstance(timesteps, (torch.Tensor, np.ndarray)) and timesteps.ndim == 1:
         timesteps = timesteps.tolist()
+    if isinstance(timesteps, (list, tuple)):  # a list of 0-d tensors, e.g. taken from another scheduler's timesteps
+        timesteps = [t.item() if isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim == 0 else t for t in timesteps]
     if not isinstance(timesteps, (list, tuple)) or not all(
         isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, bool) for t in timesteps
     ):
