@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
     EulerAncestralDiscreteScheduler,
@@ -258,6 +259,9 @@ def checks(*rows):
     return register
 
 
+LIGHTNING_FILES = [f"sdxl_lightning_{n}step_{kind}.safetensors" for kind in ("unet", "lora") for n in (2, 4, 8)]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the preset data: every row cites its source, pinned to a revision
 # ---------------------------------------------------------------------------------------------------------------------
@@ -426,8 +430,75 @@ def test_hyper_sd_lora_preset_against_tcd(hub, run):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# file names the sources spell differently
+# few-step SDXL students: SDXL-Lightning (trailing Euler) and Hyper-SD's N-step LoRAs (trailing DDIM)
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def _steps_recorder(store):
+    def callback(pipe, i, t, tensors):
+        store.append(tensors["latents"].clone())
+        return {}
+
+    return callback
+
+
+@checks(*(("ByteDance/SDXL-Lightning", name) for name in LIGHTNING_FILES))
+@pytest.mark.parametrize("weight_name", LIGHTNING_FILES)
+def test_sdxl_lightning_few_step_presets_equal_trailing_euler(weight_name, hub, run):
+    repo = "ByteDance/SDXL-Lightning"
+    preset = find_preset(repo, weight_name)
+    steps = len(preset.conditioning_timesteps)
+    pipe, images = _ours(repo, run, weight_name=weight_name)
+    _assert_scheduler(pipe, preset)
+    # the card: EulerDiscreteScheduler.from_config(..., timestep_spacing="trailing"), N steps, guidance_scale=0
+    if preset.kind == "lora":
+        native = _native_lora(
+            _native_sdxl(scheduler_cls=EulerDiscreteScheduler, timestep_spacing="trailing"), repo, weight_name
+        )
+    else:
+        native = _native_sdxl(
+            unet_weights=(repo, weight_name), scheduler_cls=EulerDiscreteScheduler, timestep_spacing="trailing"
+        )
+    latents = _unit_noise_latents(native)
+    native.scheduler.set_timesteps(steps)
+    assert native.scheduler.timesteps.tolist() == list(preset.conditioning_timesteps)
+    expected = native(PROMPT, num_inference_steps=steps, guidance_scale=0, latents=latents, output_type="np").images
+    assert np.abs(images - expected).max() <= 1e-5
+    # fewer steps pick from the top of the stored ones
+    assert pipe(PROMPT, num_inference_steps=1, output_type="latent").images.shape == (1, 4, 32, 32)
+
+
+@checks(*(("ByteDance/Hyper-SD", f"Hyper-SDXL-{n}steps-lora.safetensors") for n in (2, 4, 8)))
+@pytest.mark.parametrize("steps", [2, 4, 8])
+def test_hyper_sd_few_step_lora_presets_against_trailing_ddim(steps, hub, run):
+    repo, weight_name = "ByteDance/Hyper-SD", f"Hyper-SDXL-{steps}steps-lora.safetensors"
+    preset = find_preset(repo, weight_name)
+    pipe = OneStepPipeline.from_pretrained(repo, weight_name=weight_name)
+    pipe.set_progress_bar_config(disable=True)
+    _assert_scheduler(pipe, preset)
+    ours = []
+    x0 = run(pipe, output_type="latent", callback_on_step_end=_steps_recorder(ours)).double()
+    # the card: DDIMScheduler.from_config(..., timestep_spacing="trailing"), N steps, guidance_scale=0 (eta 0)
+    native = _native_lora(_native_sdxl(scheduler_cls=DDIMScheduler, timestep_spacing="trailing"), repo, weight_name)
+    assert native.scheduler.config.set_alpha_to_one is False  # from the SDXL base's scheduler config
+    theirs = []
+    final = run(
+        native,
+        num_inference_steps=steps,
+        guidance_scale=0,
+        output_type="latent",
+        callback_on_step_end=_steps_recorder(theirs),
+    )
+    assert native.scheduler.timesteps.tolist() == list(preset.conditioning_timesteps)
+    # every step but the last is the same deterministic step
+    # (latents of a tiny random UNet reach |x| ~ 60: float32 DDIM against float64 conversions, to 1e-6 relative)
+    for a, b in zip(ours[:-1], theirs[:-1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    # the last: DDIM re-noises x0 to t=0 with the predicted noise (set_alpha_to_one=False), OneStepPipeline returns x0
+    ac = native.scheduler.alphas_cumprod.double()
+    t = int(preset.conditioning_timesteps[-1])
+    eps = (ours[-2].double() - ac[t].sqrt() * x0) / (1 - ac[t]).sqrt()
+    torch.testing.assert_close(final.double(), ac[0].sqrt() * x0 + (1 - ac[0]).sqrt() * eps, rtol=1e-6, atol=1e-5)
 
 
 def test_hyper_sd_unet_loads_in_either_spelling_of_its_file_name(hub_cache, tmp_path, run):

@@ -137,6 +137,47 @@ def _sdxl_unet(file: str) -> str:
     return f"UNet2DConditionModel.from_config(SDXL base, subfolder='unet').load_state_dict(load_file('{file}'))"
 
 
+def _lightning(steps: int, lora: bool) -> Preset:
+    file = f"sdxl_lightning_{steps}step_{'lora' if lora else 'unet'}.safetensors"
+    load = f"load_lora_weights(hf_hub_download(repo, '{file}')) + fuse_lora()" if lora else _sdxl_unet(file)
+    return Preset(
+        "ByteDance/SDXL-Lightning",
+        "sdxl",
+        "lora" if lora else "denoiser",
+        TRAILING[steps],
+        "epsilon",
+        1024,
+        recipe=f"{load}, EulerDiscreteScheduler.from_config(..., timestep_spacing='trailing'), "
+        f"num_inference_steps={steps}, guidance_scale=0",
+        sources=(LIGHTNING_CARD,),
+        source_kind="model card",
+        weight_name=file,
+        base_model=SDXL_BASE,
+        solver="ode",
+        notes=TRAILING_EULER,
+    )
+
+
+def _hyper_lora(steps: int) -> Preset:
+    file = f"Hyper-SDXL-{steps}steps-lora.safetensors"
+    return Preset(
+        "ByteDance/Hyper-SD",
+        "sdxl",
+        "lora",
+        TRAILING[steps],
+        "epsilon",
+        1024,
+        recipe=f"load_lora_weights(hf_hub_download(repo, '{file}')) + fuse_lora(), "
+        f"DDIMScheduler.from_config(..., timestep_spacing='trailing'), num_inference_steps={steps}, guidance_scale=0",
+        sources=(HYPER_CARD, HYPER_FILES),
+        source_kind="model card",
+        weight_name=file,
+        base_model=SDXL_BASE,
+        solver="ode",
+        notes=DDIM_LAST_STEP,
+    )
+
+
 PRESETS: List[Preset] = [
     Preset(
         "stabilityai/sdxl-turbo",
@@ -221,6 +262,7 @@ PRESETS: List[Preset] = [
         notes=UNIT_NOISE + "; the card calls this 1-step model experimental",
         default=True,
     ),
+    *(_lightning(steps, lora) for lora in (False, True) for steps in (2, 4, 8)),
     Preset(
         "ByteDance/Hyper-SD",
         "sdxl",
@@ -257,6 +299,7 @@ PRESETS: List[Preset] = [
         notes="OneStepPipeline returns x0, where one TCD step returns x0 re-noised to t=0 with its own noise "
         "estimate, sqrt(alphā_0) x0 + sqrt(1 - alphā_0) eps (3% of eps)",
     ),
+    *(_hyper_lora(steps) for steps in (2, 4, 8)),
     Preset(
         "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512",
         "pixart_alpha",
