@@ -61,6 +61,14 @@ UNIT_NOISE = "unit-noise input instead of Euler's sqrt(1 - alphā_999) scaling (
 TRAILING_EULER = (
     "trailing Euler on an epsilon student is the deterministic DDIM step, the preset's `ode` solver; " + UNIT_NOISE
 )
+LIGHTNING_UNET_READ = (
+    "the card's N-step UNet block was read here in part (its checkpoint name and the call num_inference_steps=4, "
+    "guidance_scale=0); trailing spacing is that of its 1-step block and of its ComfyUI note (Euler, sgm_uniform)"
+)
+LIGHTNING_LORA_READ = (
+    "the card's LoRA block was read here in part (its heading and imports, StableDiffusionXLPipeline and "
+    "EulerDiscreteScheduler); load_lora_weights + fuse_lora() with trailing Euler as in its UNet blocks"
+)
 DDIM_LAST_STEP = (
     "DDIM with eta 0 is the preset's `ode` solver; DDIM's last step (the SDXL base's scheduler config sets "
     "set_alpha_to_one=False) returns sqrt(alphā_0) x0 + sqrt(1 - alphā_0) eps (3% of eps), OneStepPipeline returns x0"
@@ -155,6 +163,7 @@ def _lightning(steps: int, lora: bool) -> Preset:
         base_model=SDXL_BASE,
         solver="ode",
         notes=TRAILING_EULER,
+        unconfirmed=LIGHTNING_LORA_READ if lora else LIGHTNING_UNET_READ,
     )
 
 
