@@ -61,6 +61,12 @@ UNIT_NOISE = "unit-noise input instead of Euler's sqrt(1 - alphā_999) scaling (
 TRAILING_EULER = (
     "trailing Euler on an epsilon student is the deterministic DDIM step, the preset's `ode` solver; " + UNIT_NOISE
 )
+DMD2_README = "https://github.com/tianweiy/DMD2/blob/01f37a889dd347cb32bd124989bc12e0349ac7b2/README.md"
+DMD2_4STEP_READ = (
+    "the card's call line was not re-read here (its revision adds the comment that LCMScheduler's default timesteps "
+    "differ from the training ones, i.e. [999, 759, 499, 259]); timesteps=[999, 749, 499, 249] is the project's "
+    "earlier reading of the card (shared/reference/diffusers-facts.md)"
+)
 LIGHTNING_UNET_READ = (
     "the card's N-step UNet block was read here in part (its checkpoint name and the call num_inference_steps=4, "
     "guidance_scale=0); trailing spacing is that of its 1-step block and of its ComfyUI note (Euler, sgm_uniform)"
@@ -214,11 +220,13 @@ PRESETS: List[Preset] = [
         recipe="UNet2DConditionModel.from_config(SDXL base, subfolder='unet').load_state_dict(torch.load("
         "hf_hub_download(repo, 'dmd2_sdxl_1step_unet_fp16.bin'))), LCMScheduler.from_config, num_inference_steps=1, "
         "guidance_scale=0, timesteps=[399]",
-        sources=(DMD2_CARD,),
+        sources=(DMD2_CARD, DMD2_README),
         source_kind="model card",
         weight_name="dmd2_sdxl_1step_unet_fp16.bin",
         base_model=SDXL_BASE,
         notes="legacy .bin, loaded with torch.load(weights_only=True)",
+        unconfirmed="the card's 1-step block was not re-read here; the GitHub README gives the same call "
+        "(timesteps=[399]) with dmd2_sdxl_1step_unet.bin, the card's 4-step block the _fp16.bin naming",
         default=True,
     ),
     Preset(
@@ -237,6 +245,7 @@ PRESETS: List[Preset] = [
         base_model=SDXL_BASE,
         notes="legacy .bin, loaded with torch.load(weights_only=True); LCMScheduler re-noises x0 with fresh noise "
         "between steps, as the `sde` solver does",
+        unconfirmed=DMD2_4STEP_READ,
     ),
     Preset(
         "tianweiy/DMD2",
@@ -253,6 +262,7 @@ PRESETS: List[Preset] = [
         weight_name="dmd2_sdxl_4step_lora_fp16.safetensors",
         base_model=SDXL_BASE,
         notes="LCMScheduler re-noises x0 with fresh noise between steps, as the `sde` solver does",
+        unconfirmed=DMD2_4STEP_READ,
     ),
     Preset(
         "ByteDance/SDXL-Lightning",
