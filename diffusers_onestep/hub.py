@@ -95,6 +95,36 @@ def resolve_file(source: str, weight_name: Optional[str] = None, subfolder: Opti
     return hf_hub_download(source, weight_name, subfolder=subfolder, **hub_kwargs)
 
 
+def resolve_weight_name(repo_id: str, spellings: Sequence[str], subfolder: Optional[str] = None, **hub_kwargs) -> str:
+    """The one of ``spellings`` -- the names the sources give one file, the expected one first -- that the Hub repo
+    ``repo_id`` has, since Hub file names are case-sensitive (Hyper-SD's card lists ``Hyper-SDXL-1step-unet``, its code
+    and the repo ``Hyper-SDXL-1step-Unet``).
+
+    A spelling already in the local cache for the revision settles it without a request
+    (``huggingface_hub.try_to_load_from_cache``); otherwise the repo's file listing (``HfApi.list_repo_files``) does.
+    Offline, or when the listing cannot be read, the first spelling is returned, so that its download reports what is
+    missing."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    spellings = list(dict.fromkeys(spellings))
+    if len(spellings) == 1:
+        return spellings[0]
+    prefix = f"{subfolder}/" if subfolder else ""
+    cache_kwargs = {k: v for k, v in hub_kwargs.items() if k in ("cache_dir", "revision") and v}
+    for name in spellings:
+        if isinstance(try_to_load_from_cache(repo_id, prefix + name, **cache_kwargs), str):
+            return name
+    if offline_mode():
+        return spellings[0]
+    try:
+        listing = set(
+            HfApi().list_repo_files(repo_id, revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token"))
+        )
+    except (OSError, ValueError):  # huggingface_hub's HTTP and connection errors are OSErrors
+        return spellings[0]
+    return next((name for name in spellings if prefix + name in listing), spellings[0])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # model card and upload
 # ----------------------------------------------------------------------------------------------------------------

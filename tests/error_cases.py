@@ -261,8 +261,8 @@ def scheduler_cases() -> List[Case]:
         Case("OneStepScheduler", "conditioning timesteps not decreasing", ctor(conditioning_timesteps=[249, 999])),
         Case(
             "OneStepScheduler",
-            "more than four conditioning timesteps",
-            ctor(conditioning_timesteps=[999, 800, 600, 400, 200]),
+            "more than eight conditioning timesteps",
+            ctor(conditioning_timesteps=[999, 900, 800, 700, 600, 500, 400, 300, 200]),
         ),
         Case("OneStepScheduler", "fractional timestep on a VP path", ctor(conditioning_timesteps=[399.5])),
         Case("OneStepScheduler", "timestep outside the path", ctor(conditioning_timesteps=[1000])),

@@ -140,7 +140,11 @@ ERROR_CASES = [
         {"prompt": PROMPT, "timesteps": [999, 499], "num_inference_steps": 1},
         r"Pass either `num_inference_steps` or `timesteps`, not both",
     ),
-    ("sdxl", {"prompt": PROMPT, "timesteps": [999, 999, 499, 249, 100]}, r"`timesteps` must hold 1 to 4 timesteps"),
+    (
+        "sdxl",
+        {"prompt": PROMPT, "timesteps": [999, 899, 799, 699, 599, 499, 399, 299, 199]},
+        r"`timesteps` must hold 1 to 8 timesteps",
+    ),
     ("sdxl", {"prompt": PROMPT, "timesteps": [1000]}, r"`timesteps` of a vp student must lie in \(0, 999\]"),
     ("sdxl", {"prompt": PROMPT, "num_images_per_prompt": 0}, r"`num_images_per_prompt` must be a positive integer"),
     (

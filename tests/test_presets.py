@@ -1,17 +1,23 @@
-"""Presets of public one-step checkpoints, resolved through the real Hub code path (hf_hub_download, diffusers'
-from_pretrained) on tiny stand-ins laid out in a Hub cache (testing.save_to_hub_cache), offline.
+"""Presets of public one- and few-step checkpoints, resolved through the real Hub code path (hf_hub_download,
+diffusers' from_pretrained) on tiny stand-ins laid out in a Hub cache (testing.save_to_hub_cache), offline.
 
-Each preset is checked against its model card's recipe assembled by hand with plain diffusers: the same scheduler
-timesteps and parameterization, and the same images.
+Each stand-in reproduces its repo's file layout and file-name case as far as the sources show it (the Hyper-SD file
+listing, the DMD repo's legacy .bin transformer, DI*'s fp16-only weights, the SDXL base's scheduler config). Each
+preset row is checked against its source's recipe assembled by hand with plain diffusers: the same scheduler timesteps
+and parameterization, and the same images, or exactly the difference its notes name.
 """
 
+import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 from diffusers import (
+    DDIMScheduler,
     DDPMScheduler,
+    DiffusionPipeline,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
@@ -26,8 +32,11 @@ from safetensors.torch import save_file
 
 from diffusers_onestep import OneStepPipeline
 from diffusers_onestep.families import SDXLAdapter
+from diffusers_onestep.hub import resolve_weight_name
 from diffusers_onestep.pipelines import PRESETS, find_preset
 from diffusers_onestep.pipelines.loading import load_state_dict_file
+from diffusers_onestep.pipelines.presets import SOURCE_KINDS, TRAILING
+from diffusers_onestep.schedulers.scheduling_onestep import MAX_STEPS, SOLVERS
 from diffusers_onestep.testing import (
     random_lora_state_dict,
     save_to_hub_cache,
@@ -39,7 +48,42 @@ from diffusers_onestep.testing import (
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 PIXART_BASE = "PixArt-alpha/PixArt-XL-2-1024-MS"
+PIXART_DMD = "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512"
+SPRINT_REPOS = (
+    "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers",
+    "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
+)
 PROMPT = "a photo of a cat"
+#: stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json as the Hub serves it: the keys of the
+#: schedulers it is compatible with ride along, and the N-step recipes' DDIMScheduler.from_config reads
+#: set_alpha_to_one=False from it
+SDXL_BASE_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+#: the files of ByteDance/Hyper-SD's SDXL rows in the Hub listing (tree 52d483a): the 1-step UNet is spelt "-Unet"
+HYPER_FILES = (
+    "Hyper-SDXL-1step-Unet.safetensors",
+    "Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors",
+    "Hyper-SDXL-1step-lora.safetensors",
+    "Hyper-SDXL-2steps-lora.safetensors",
+    "Hyper-SDXL-4steps-lora.safetensors",
+    "Hyper-SDXL-8steps-lora.safetensors",
+)
 
 
 def _student_unet_state(base_unet_config, seed):
@@ -52,6 +96,22 @@ def _sdxl_lora_file(folder, unet, weight_name, seed):
     # mixed names `convert_state_dict_to_diffusers` writes (test_lora_loading.py covers that format for our loader)
     state = random_lora_state_dict(unet, SDXLAdapter.default_lora_target_modules, rank=4, seed=seed, scale=0.2)
     StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=state, weight_name=weight_name)
+
+
+def _save_sdxl_base(folder):
+    tiny_native_pipeline("sdxl").save_pretrained(folder)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SDXL_BASE_SCHEDULER, f, indent=2)
+
+
+def _save_hyper_sd(folder, unet, unet_config, unet_file="Hyper-SDXL-1step-Unet.safetensors"):
+    for i, name in enumerate(HYPER_FILES):
+        if name == "Hyper-SDXL-1step-Unet.safetensors":
+            save_file(_student_unet_state(unet_config, 30), os.path.join(folder, unet_file))
+        elif "Comfyui" in name:  # a single-file checkpoint for ComfyUI: present, never read
+            save_file({"placeholder": torch.zeros(1)}, os.path.join(folder, name))
+        else:
+            _sdxl_lora_file(folder, unet, name, seed=31 + i)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +131,7 @@ def hub(tmp_path_factory):
 
     sdxl = tiny_native_pipeline("sdxl")
     unet_config = sdxl.unet.config
-    put(SDXL_BASE, lambda d: sdxl.save_pretrained(d))
+    put(SDXL_BASE, _save_sdxl_base)
 
     def turbo(d):  # a full pipeline repo with the card's scheduler
         pipe = tiny_native_pipeline("sdxl", seed=1)
@@ -81,7 +141,11 @@ def hub(tmp_path_factory):
         pipe.save_pretrained(d)
 
     put("stabilityai/sdxl-turbo", turbo)
-    put("XDG-XHS/distar_long_1step", lambda d: tiny_native_pipeline("sdxl", seed=2).save_pretrained(d))
+    # only fp16-variant weights, as the sibling XDG-XHS/diff_instruct_1step ships them
+    put(
+        "XDG-XHS/distar_long_1step",
+        lambda d: tiny_native_pipeline("sdxl", seed=2).to(torch.float16).save_pretrained(d, variant="fp16"),
+    )
 
     def dmd2(d):
         # legacy pickled fp16 state dicts, as the DMD2 repo ships them
@@ -91,35 +155,46 @@ def hub(tmp_path_factory):
         _sdxl_lora_file(d, sdxl.unet, "dmd2_sdxl_4step_lora_fp16.safetensors", seed=12)
 
     put("tianweiy/DMD2", dmd2)
-    put(
-        "ByteDance/SDXL-Lightning",
-        lambda d: save_file(
-            _student_unet_state(unet_config, 20), os.path.join(d, "sdxl_lightning_1step_unet_x0.safetensors")
-        ),
-    )
 
-    def hyper(d):
-        save_file(_student_unet_state(unet_config, 30), os.path.join(d, "Hyper-SDXL-1step-Unet.safetensors"))
-        _sdxl_lora_file(d, sdxl.unet, "Hyper-SDXL-1step-lora.safetensors", seed=31)
+    def lightning(d):
+        save_file(_student_unet_state(unet_config, 20), os.path.join(d, "sdxl_lightning_1step_unet_x0.safetensors"))
+        for steps in (2, 4, 8):
+            save_file(
+                _student_unet_state(unet_config, 20 + steps),
+                os.path.join(d, f"sdxl_lightning_{steps}step_unet.safetensors"),
+            )
+            _sdxl_lora_file(d, sdxl.unet, f"sdxl_lightning_{steps}step_lora.safetensors", seed=40 + steps)
 
-    put("ByteDance/Hyper-SD", hyper)
+    put("ByteDance/SDXL-Lightning", lightning)
+    put("ByteDance/Hyper-SD", lambda d: _save_hyper_sd(d, sdxl.unet, unet_config))
 
     def nitro(d):
         for i, name in enumerate(("nitrosd-realism_unet.safetensors", "nitrosd-vibrant_unet.safetensors")):
-            save_file(_student_unet_state(unet_config, 40 + i), os.path.join(d, name))
+            save_file(_student_unet_state(unet_config, 50 + i), os.path.join(d, name))
 
     put("ChenDY/NitroFusion", nitro)
     put(PIXART_BASE, lambda d: tiny_native_pipeline("pixart_alpha").save_pretrained(d))
-    put(
-        "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512",
-        lambda d: tiny_pixart_components(seed=5)["transformer"].save_pretrained(os.path.join(d, "transformer")),
-    )
-    for i, repo in enumerate(
-        (
-            "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers",
-            "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
+
+    def pixart_dmd(d):
+        # the Hub repo (57df7bb): model_index.json, transformer/ with a legacy .bin, scheduler/ (a DDPMScheduler the
+        # demo loads), and a README.md with license metadata only. The scheduler's contents were not readable: PixArt's
+        # betas and epsilon, clip_sample off (the preset's documented assumption)
+        tiny_pixart_components(seed=5)["transformer"].save_pretrained(
+            os.path.join(d, "transformer"), safe_serialization=False
         )
-    ):
+        DDPMScheduler(clip_sample=False).save_pretrained(os.path.join(d, "scheduler"))
+        index = {
+            "_class_name": "PixArtAlphaPipeline",
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "transformer": ["diffusers", "Transformer2DModel"],
+        }
+        with open(os.path.join(d, "model_index.json"), "w") as f:
+            json.dump(index, f)
+        with open(os.path.join(d, "README.md"), "w") as f:
+            f.write("---\nlicense: openrail\n---\n")
+
+    put(PIXART_DMD, pixart_dmd)
+    for i, repo in enumerate(SPRINT_REPOS):
         put(repo, lambda d, i=i: tiny_native_pipeline("sana_sprint", seed=6 + i).save_pretrained(d))
 
     with pytest.MonkeyPatch.context() as mp:
@@ -152,12 +227,60 @@ def _native_sdxl(repo_id=SDXL_BASE, unet_weights=None, scheduler_cls=LCMSchedule
     return pipe
 
 
+def _native_lora(pipe, repo_id, weight_name, **fuse_kwargs):
+    """The cards' LoRA lines: load_lora_weights(hf_hub_download(repo, file)) + fuse_lora(...)."""
+    from huggingface_hub import hf_hub_download
+
+    pipe.load_lora_weights(hf_hub_download(repo_id, weight_name))
+    pipe.fuse_lora(**fuse_kwargs)
+    return pipe
+
+
 def _assert_scheduler(pipe, preset):
-    assert pipe.scheduler.config.conditioning_timesteps == [
-        float(t) for t in preset.conditioning_timesteps
-    ] or pipe.scheduler.config.conditioning_timesteps == list(preset.conditioning_timesteps)
+    assert pipe.scheduler.config.conditioning_timesteps == [float(t) for t in preset.conditioning_timesteps]
     assert pipe.scheduler.config.prediction_type == preset.prediction_type
+    assert pipe.scheduler.config.solver == preset.solver
     assert pipe.config.family == preset.family
+
+
+#: (repo id, weight_name or subfolder) of each preset row -> the test that checks it against its source
+CHECKED = {}
+
+
+def checks(*rows):
+    """Register the preset rows a test checks against its source (at import, so that the coverage test below holds
+    whatever subset of tests runs)."""
+
+    def register(test):
+        for row in rows:
+            CHECKED[row] = test.__name__
+        return test
+
+    return register
+
+
+LIGHTNING_FILES = [f"sdxl_lightning_{n}step_{kind}.safetensors" for kind in ("unet", "lora") for n in (2, 4, 8)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the preset data: every row cites its source, pinned to a revision
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_every_row_cites_a_pinned_source_and_holds_a_runnable_recipe():
+    pinned = re.compile(r"https://(github\.com|huggingface\.co)/[^/]+/[^/]+/(blob|tree)/[0-9a-f]{40}(/\S+)?$")
+    for p in PRESETS:
+        assert p.sources and all(pinned.match(url) for url in p.sources), p
+        assert p.source_kind in SOURCE_KINDS and p.recipe, p
+        assert p.solver in SOLVERS and 1 <= len(p.conditioning_timesteps) <= MAX_STEPS, p
+        assert p.variant is None or p.kind == "pipeline", "a variant names the files of a full-pipeline repo"
+        assert not p.weight_name_spellings or p.weight_name, p
+        if p.solver == "ode":  # trailing Euler / DDIM: the trailing grid of as many steps
+            assert p.conditioning_timesteps == TRAILING[len(p.conditioning_timesteps)], p
+    ids = [(p.repo_id, p.weight_name or p.subfolder) for p in PRESETS]
+    assert len(ids) == len(set(ids))
+    for repo_id in {p.repo_id for p in PRESETS}:
+        assert sum(p.default for p in PRESETS if p.repo_id == repo_id) == 1, repo_id
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -165,22 +288,21 @@ def _assert_scheduler(pipe, preset):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "repo_id, weight_name, timesteps",
-    [
-        ("tianweiy/DMD2", None, [399]),
-        ("tianweiy/DMD2", "dmd2_sdxl_4step_unet_fp16.bin", [999, 749, 499, 249]),
-        ("ByteDance/Hyper-SD", None, [800]),
-        ("ChenDY/NitroFusion", None, [249]),
-        ("ChenDY/NitroFusion", "nitrosd-vibrant_unet.safetensors", [499]),
-    ],
-)
+LCM_UNET_ROWS = [
+    ("tianweiy/DMD2", "dmd2_sdxl_1step_unet_fp16.bin", [399]),
+    ("tianweiy/DMD2", "dmd2_sdxl_4step_unet_fp16.bin", [999, 749, 499, 249]),
+    ("ByteDance/Hyper-SD", "Hyper-SDXL-1step-Unet.safetensors", [800]),
+]
+
+
+@checks(*(row[:2] for row in LCM_UNET_ROWS))
+@pytest.mark.parametrize("repo_id, weight_name, timesteps", LCM_UNET_ROWS)
 def test_sdxl_unet_presets_equal_the_card_recipe(repo_id, weight_name, timesteps, hub, run):
     preset = find_preset(repo_id, weight_name)
-    pipe, images = _ours(repo_id, run, **({"weight_name": weight_name} if weight_name else {}))
+    pipe, images = _ours(repo_id, run, **({} if preset.default else {"weight_name": weight_name}))
     _assert_scheduler(pipe, preset)
     assert pipe.scheduler.timesteps.tolist() == timesteps
-    native = _native_sdxl(unet_weights=(repo_id, preset.weight_name))
+    native = _native_sdxl(unet_weights=(repo_id, weight_name))
     expected = run(native, timesteps=timesteps, guidance_scale=0.0)
     assert np.abs(images - expected).max() <= 1e-5
     # the student weights were really loaded (the base UNet gives another image)
@@ -188,22 +310,65 @@ def test_sdxl_unet_presets_equal_the_card_recipe(repo_id, weight_name, timesteps
     assert np.abs(images - base).max() > 1e-3
 
 
+NITRO_ROWS = [("nitrosd-realism_unet.safetensors", 250), ("nitrosd-vibrant_unet.safetensors", 500)]
+
+
+@checks(*(("ChenDY/NitroFusion", name) for name, _ in NITRO_ROWS))
+@pytest.mark.parametrize("weight_name, shift", NITRO_ROWS)
+def test_nitrofusion_presets_equal_the_card_recipe(weight_name, shift, hub, run):
+    preset = find_preset("ChenDY/NitroFusion", weight_name)
+    # the card's TimestepShiftLCMScheduler: LCMScheduler's 1-step grid with original_inference_steps=4, shifted by
+    # (t * shifted_timestep / num_train_timesteps).long(), a truncation -- the UNet gets 249 / 499, not 249.75 / 499.5
+    lcm = LCMScheduler.from_config(SDXL_BASE_SCHEDULER, original_inference_steps=4)
+    lcm.set_timesteps(1)
+    shifted = (lcm.timesteps * shift / lcm.config.num_train_timesteps).long().tolist()
+    assert lcm.timesteps.tolist() == [999] and shifted == list(preset.conditioning_timesteps)
+    pipe, images = _ours("ChenDY/NitroFusion", run, **({} if preset.default else {"weight_name": weight_name}))
+    _assert_scheduler(pipe, preset)
+    seen = []
+
+    def record_timestep(module, args, kwargs):
+        seen.append(float(torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"]).flatten()[0]))
+
+    pipe.unet.register_forward_pre_hook(record_timestep, with_kwargs=True)
+    run(pipe)
+    assert seen == [float(shifted[0])]
+    native = _native_sdxl(unet_weights=("ChenDY/NitroFusion", weight_name))
+    assert np.abs(images - run(native, timesteps=shifted, guidance_scale=0.0)).max() <= 1e-5
+
+
+@checks(("tianweiy/DMD2", "dmd2_sdxl_4step_lora_fp16.safetensors"))
 def test_dmd2_four_step_lora_preset(hub, run):
     pipe, images = _ours("tianweiy/DMD2", run, weight_name="dmd2_sdxl_4step_lora_fp16.safetensors")
     _assert_scheduler(pipe, find_preset("tianweiy/DMD2", "dmd2_sdxl_4step_lora_fp16.safetensors"))
     assert not any("lora" in name for name, _ in pipe.unet.named_modules())  # fused and removed
-    native = _native_sdxl()
-    native.load_lora_weights("tianweiy/DMD2", weight_name="dmd2_sdxl_4step_lora_fp16.safetensors")
-    native.fuse_lora(lora_scale=1.0)
+    native = _native_lora(_native_sdxl(), "tianweiy/DMD2", "dmd2_sdxl_4step_lora_fp16.safetensors", lora_scale=1.0)
     expected = run(native, timesteps=[999, 749, 499, 249], guidance_scale=0.0)
     assert np.abs(images - expected).max() <= 1e-5
 
 
-def test_distar_full_pipeline_preset(hub, run):
-    pipe, images = _ours("XDG-XHS/distar_long_1step", run)
-    _assert_scheduler(pipe, find_preset("XDG-XHS/distar_long_1step"))
-    expected = run(_native_sdxl("XDG-XHS/distar_long_1step"), timesteps=[399], guidance_scale=0.0)
+@checks(("XDG-XHS/distar_long_1step", None))
+def test_distar_ships_only_fp16_weights_and_loads_without_naming_the_variant(hub, run):
+    repo = "XDG-XHS/distar_long_1step"
+    # the stand-in's layout: plain diffusers finds no weights unless told the variant (what a user would hit)
+    with pytest.raises(OSError, match=r"diffusion_pytorch_model|model\.safetensors|no file named"):
+        DiffusionPipeline.from_pretrained(repo)
+    pipe, images = _ours(repo, run)  # runs as loaded: fp16 text encoders (transformers keeps them), fp32 UNet
+    _assert_scheduler(pipe, find_preset(repo))
+    assert np.isfinite(images).all()
+    # the README's recipe: variant="fp16", LCMScheduler, timesteps=[399], guidance 0 -- in float32 on the CPU, where
+    # diffusers' own pipeline cannot mix fp16 text encoders with an fp32 UNet
+    pipe, images = _ours(repo, run, torch_dtype=torch.float32)
+    native = StableDiffusionXLPipeline.from_pretrained(
+        repo, variant="fp16", torch_dtype=torch.float32, add_watermarker=False
+    )
+    native.scheduler = LCMScheduler.from_config(native.scheduler.config)
+    native.set_progress_bar_config(disable=True)
+    expected = run(native, timesteps=[399], guidance_scale=0.0)
     assert np.abs(images - expected).max() <= 1e-5
+    # an explicit variant= is the caller's: variant=None finds no weights, as in plain diffusers
+    with pytest.raises(OSError):
+        OneStepPipeline.from_pretrained(repo, variant=None)
 
 
 def _unit_noise_latents(pipe, seed=0):
@@ -216,6 +381,7 @@ def _unit_noise_latents(pipe, seed=0):
     return torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(seed)) * scale
 
 
+@checks(("ByteDance/SDXL-Lightning", "sdxl_lightning_1step_unet_x0.safetensors"))
 def test_sdxl_lightning_x0_preset(hub, run):
     preset = find_preset("ByteDance/SDXL-Lightning")
     pipe, images = _ours("ByteDance/SDXL-Lightning", run)
@@ -233,6 +399,7 @@ def test_sdxl_lightning_x0_preset(hub, run):
     assert np.abs(images - expected).max() <= 1e-5
 
 
+@checks(("stabilityai/sdxl-turbo", None))
 def test_sdxl_turbo_preset(hub, run):
     pipe, images = _ours("stabilityai/sdxl-turbo", run)
     _assert_scheduler(pipe, find_preset("stabilityai/sdxl-turbo"))
@@ -244,6 +411,7 @@ def test_sdxl_turbo_preset(hub, run):
     assert np.abs(images - expected).max() <= 1e-5
 
 
+@checks(("ByteDance/Hyper-SD", "Hyper-SDXL-1step-lora.safetensors"))
 def test_hyper_sd_lora_preset_against_tcd(hub, run):
     # One TCD step at t=999 returns x0 re-noised to t=0 with its own noise estimate; the preset returns x0 (notes).
     pipe, _ = _ours("ByteDance/Hyper-SD", run, weight_name="Hyper-SDXL-1step-lora.safetensors")
@@ -251,9 +419,7 @@ def test_hyper_sd_lora_preset_against_tcd(hub, run):
     assert "3% of eps" in pipe_preset.notes
     _assert_scheduler(pipe, pipe_preset)
     latents = run(pipe, output_type="latent")
-    native = _native_sdxl(scheduler_cls=TCDScheduler)
-    native.load_lora_weights("ByteDance/Hyper-SD", weight_name="Hyper-SDXL-1step-lora.safetensors")
-    native.fuse_lora()
+    native = _native_lora(_native_sdxl(scheduler_cls=TCDScheduler), "ByteDance/Hyper-SD", pipe_preset.weight_name)
     tcd = run(native, num_inference_steps=1, guidance_scale=0.0, eta=1.0, output_type="latent")
     assert native.scheduler.timesteps.tolist() == [999]
     ac = native.scheduler.alphas_cumprod.double()
@@ -264,66 +430,170 @@ def test_hyper_sd_lora_preset_against_tcd(hub, run):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# few-step SDXL students: SDXL-Lightning (trailing Euler) and Hyper-SD's N-step LoRAs (trailing DDIM)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _steps_recorder(store):
+    def callback(pipe, i, t, tensors):
+        store.append(tensors["latents"].clone())
+        return {}
+
+    return callback
+
+
+@checks(*(("ByteDance/SDXL-Lightning", name) for name in LIGHTNING_FILES))
+@pytest.mark.parametrize("weight_name", LIGHTNING_FILES)
+def test_sdxl_lightning_few_step_presets_equal_trailing_euler(weight_name, hub, run):
+    repo = "ByteDance/SDXL-Lightning"
+    preset = find_preset(repo, weight_name)
+    steps = len(preset.conditioning_timesteps)
+    pipe, images = _ours(repo, run, weight_name=weight_name)
+    _assert_scheduler(pipe, preset)
+    # the card: EulerDiscreteScheduler.from_config(..., timestep_spacing="trailing"), N steps, guidance_scale=0
+    if preset.kind == "lora":
+        native = _native_lora(
+            _native_sdxl(scheduler_cls=EulerDiscreteScheduler, timestep_spacing="trailing"), repo, weight_name
+        )
+    else:
+        native = _native_sdxl(
+            unet_weights=(repo, weight_name), scheduler_cls=EulerDiscreteScheduler, timestep_spacing="trailing"
+        )
+    latents = _unit_noise_latents(native)
+    native.scheduler.set_timesteps(steps)
+    assert native.scheduler.timesteps.tolist() == list(preset.conditioning_timesteps)
+    expected = native(PROMPT, num_inference_steps=steps, guidance_scale=0, latents=latents, output_type="np").images
+    assert np.abs(images - expected).max() <= 1e-5
+    # fewer steps pick from the top of the stored ones
+    assert pipe(PROMPT, num_inference_steps=1, output_type="latent").images.shape == (1, 4, 32, 32)
+
+
+@checks(*(("ByteDance/Hyper-SD", f"Hyper-SDXL-{n}steps-lora.safetensors") for n in (2, 4, 8)))
+@pytest.mark.parametrize("steps", [2, 4, 8])
+def test_hyper_sd_few_step_lora_presets_against_trailing_ddim(steps, hub, run):
+    repo, weight_name = "ByteDance/Hyper-SD", f"Hyper-SDXL-{steps}steps-lora.safetensors"
+    preset = find_preset(repo, weight_name)
+    pipe = OneStepPipeline.from_pretrained(repo, weight_name=weight_name)
+    pipe.set_progress_bar_config(disable=True)
+    _assert_scheduler(pipe, preset)
+    ours = []
+    x0 = run(pipe, output_type="latent", callback_on_step_end=_steps_recorder(ours)).double()
+    # the card: DDIMScheduler.from_config(..., timestep_spacing="trailing"), N steps, guidance_scale=0 (eta 0)
+    native = _native_lora(_native_sdxl(scheduler_cls=DDIMScheduler, timestep_spacing="trailing"), repo, weight_name)
+    assert native.scheduler.config.set_alpha_to_one is False  # from the SDXL base's scheduler config
+    theirs = []
+    final = run(
+        native,
+        num_inference_steps=steps,
+        guidance_scale=0,
+        output_type="latent",
+        callback_on_step_end=_steps_recorder(theirs),
+    )
+    assert native.scheduler.timesteps.tolist() == list(preset.conditioning_timesteps)
+    # every step but the last is the same deterministic step
+    # (latents of a tiny random UNet reach |x| ~ 60: float32 DDIM against float64 conversions, to 1e-6 relative)
+    for a, b in zip(ours[:-1], theirs[:-1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    # the last: DDIM re-noises x0 to t=0 with the predicted noise (set_alpha_to_one=False), OneStepPipeline returns x0
+    ac = native.scheduler.alphas_cumprod.double()
+    t = int(preset.conditioning_timesteps[-1])
+    eps = (ours[-2].double() - ac[t].sqrt() * x0) / (1 - ac[t]).sqrt()
+    torch.testing.assert_close(final.double(), ac[0].sqrt() * x0 + (1 - ac[0]).sqrt() * eps, rtol=1e-6, atol=1e-5)
+
+
+def test_hyper_sd_unet_loads_in_either_spelling_of_its_file_name(hub_cache, tmp_path, run):
+    # The card's checkpoint list says "-unet", its code and the Hub listing "-Unet": a repo with the other spelling
+    # loads too, resolved against the files the repo has (here: the local cache, offline)
+    sdxl = tiny_native_pipeline("sdxl")
+    base = tmp_path / "base"
+    _save_sdxl_base(str(base))
+    save_to_hub_cache(str(base), SDXL_BASE)
+    repo = tmp_path / "hyper"
+    repo.mkdir()
+    _save_hyper_sd(str(repo), sdxl.unet, sdxl.unet.config, unet_file="Hyper-SDXL-1step-unet.safetensors")
+    save_to_hub_cache(str(repo), "ByteDance/Hyper-SD")
+    pipe, images = _ours("ByteDance/Hyper-SD", run)
+    native = _native_sdxl(unet_weights=("ByteDance/Hyper-SD", "Hyper-SDXL-1step-unet.safetensors"))
+    assert np.abs(images - run(native, timesteps=[800], guidance_scale=0.0)).max() <= 1e-5
+    # either spelling selects the preset
+    assert find_preset("ByteDance/Hyper-SD", "Hyper-SDXL-1step-unet.safetensors") is find_preset("ByteDance/Hyper-SD")
+
+
+def test_weight_name_resolution_reads_the_repo_file_listing(hub_cache, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    spellings = ("Hyper-SDXL-1step-Unet.safetensors", "Hyper-SDXL-1step-unet.safetensors")
+    # offline and nothing cached: the expected spelling, whose download then says what is missing
+    assert resolve_weight_name("ByteDance/Hyper-SD", spellings) == spellings[0]
+    # online: the Hub's file listing decides (case-sensitive), through huggingface_hub's public HfApi
+    asked = []
+
+    def list_repo_files(self, repo_id, revision=None, token=None, **kwargs):
+        asked.append((repo_id, revision))
+        return ["README.md", "Hyper-SDXL-1step-unet.safetensors", "Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors"]
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    assert resolve_weight_name("ByteDance/Hyper-SD", spellings, revision="abc") == spellings[1]
+    assert asked == [("ByteDance/Hyper-SD", "abc")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # PixArt-α DMD and SANA-Sprint
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_pixart_dmd_preset(hub, run):
-    repo = "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512"
-    pipe, images = _ours(repo, run)
-    _assert_scheduler(pipe, find_preset(repo))
+@checks((PIXART_DMD, "transformer"))
+def test_pixart_dmd_preset_equals_the_demo_script(hub, run):
+    pipe, images = _ours(PIXART_DMD, run)
+    _assert_scheduler(pipe, find_preset(PIXART_DMD))
     assert pipe.scheduler.timesteps.tolist() == [400]
-    # app_pixart_dmd.py: transformer from the DMD repo, text encoder and VAE from the 1024 base, DDPM timesteps=[400]
-    transformer = PixArtTransformer2DModel.from_pretrained(repo, subfolder="transformer")
-    native = PixArtAlphaPipeline.from_pretrained(PIXART_BASE, transformer=transformer)
-    native.scheduler = DDPMScheduler.from_config(native.scheduler.config, clip_sample=False)
+    # app/app_pixart_dmd.py: the 1024 base without its transformer, the DMD repo's transformer (a legacy .bin here) and
+    # scheduler, timesteps=[400], guidance_scale=1
+    transformer = PixArtTransformer2DModel.from_pretrained(PIXART_DMD, subfolder="transformer")
+    scheduler = DDPMScheduler.from_pretrained(PIXART_DMD, subfolder="scheduler")
+    native = PixArtAlphaPipeline.from_pretrained(PIXART_BASE, transformer=transformer, scheduler=scheduler)
     native.set_progress_bar_config(disable=True)
-    expected = run(native, timesteps=[400], guidance_scale=1.0, **tiny_fixture("pixart_alpha").native_call_kwargs)
+    call = tiny_fixture("pixart_alpha").native_call_kwargs
+    expected = run(native, timesteps=[400], num_inference_steps=1, guidance_scale=1, **call)
     assert np.abs(images - expected).max() <= 1e-5
     base = run(
-        PixArtAlphaPipeline.from_pretrained(PIXART_BASE, scheduler=native.scheduler),
+        PixArtAlphaPipeline.from_pretrained(PIXART_BASE, scheduler=scheduler),
         timesteps=[400],
         guidance_scale=1.0,
-        **tiny_fixture("pixart_alpha").native_call_kwargs,
+        **call,
     )
     assert np.abs(images - base).max() > 1e-3
 
 
-@pytest.mark.parametrize(
-    "repo",
-    [
-        "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers",
-        "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
-    ],
-)
-def test_sana_sprint_presets(repo, hub, run):
+@checks(*((repo, None) for repo in SPRINT_REPOS))
+@pytest.mark.parametrize("repo", SPRINT_REPOS)
+def test_sana_sprint_presets_default_to_the_two_step_schedule(repo, hub, run):
     pipe, images = _ours(repo, run)
     _assert_scheduler(pipe, find_preset(repo))
     assert pipe.config.embedded_guidance_scale == 4.5
+    assert pipe.scheduler.timesteps.tolist() == pytest.approx([1.5708, 1.3])
     native = SanaSprintPipeline.from_pretrained(repo)
     native.set_progress_bar_config(disable=True)
-    expected = run(
-        native,
-        num_inference_steps=1,
-        intermediate_timesteps=None,
-        height=64,
-        width=64,
-        guidance_scale=4.5,
-        **tiny_fixture("sana_sprint").native_call_kwargs,
-    )
-    assert np.abs(images - expected).max() <= 1e-5
+    call = {"height": 64, "width": 64, **tiny_fixture("sana_sprint").native_call_kwargs}
+    # the docs' call: pipeline(prompt) with SanaSprintPipeline's defaults (2 steps: 1.5708, 1.3; guidance 4.5)
+    assert np.abs(images - run(native, **call)).max() <= 1e-5
+    # num_inference_steps=1 is SANA-Sprint's own one-step call
+    one_step = run(pipe, num_inference_steps=1)
+    expected = run(native, num_inference_steps=1, intermediate_timesteps=None, **call)
+    assert np.abs(one_step - expected).max() <= 1e-5
+    assert np.abs(one_step - images).max() > 1e-3
+
+
+def test_every_preset_row_is_checked_against_its_source():
+    rows = {(p.repo_id, p.weight_name or p.subfolder) for p in PRESETS}
+    assert set(CHECKED) == rows, sorted(rows ^ set(CHECKED), key=str)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # variants, overrides, errors
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def test_every_preset_has_a_stand_in_and_loads(hub):
-    for preset in PRESETS:
-        pipe = OneStepPipeline.from_pretrained(preset.repo_id, weight_name=preset.weight_name or preset.subfolder)
-        assert pipe.config.family == preset.family
-        assert pipe.scheduler.config.conditioning_timesteps == [float(t) for t in preset.conditioning_timesteps]
 
 
 def test_conditioning_timesteps_override_a_preset(hub):
@@ -349,8 +619,8 @@ def test_unknown_variant_lists_the_known_ones(hub):
 def test_unknown_repo_and_bad_ids_are_refused(hub):
     with pytest.raises(
         ValueError,
-        match=r"org/not-cached is neither a diffusers pipeline \(no model_index.json\) "
-        r"nor a diffusers-onestep LoRA student",
+        match=r"org/not-cached is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it cannot be "
+        r"downloaded",
     ):
         OneStepPipeline.from_pretrained("org/not-cached")
     with pytest.raises(ValueError, match=r"'no such/folder!' is neither an existing folder nor a valid Hub repo id"):

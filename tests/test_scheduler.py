@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from diffusers import (
+    DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
@@ -264,6 +265,36 @@ def test_four_vp_steps_equal_lcm_scheduler():
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("steps", [2, 8])
+def test_vp_ode_steps_equal_trailing_euler_and_ddim(steps):
+    # SDXL-Lightning's recipe (EulerDiscreteScheduler, trailing) and Hyper-SD's N-step LoRAs' (DDIMScheduler, trailing,
+    # eta 0) are the same deterministic step on an epsilon student: x0 and the predicted noise, moved to the next
+    # timestep. Euler works on x_t / alpha_t (sigma-scaled) samples and feeds the network x_t / sqrt(sigma^2 + 1).
+    sdxl = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    euler = EulerDiscreteScheduler(**sdxl, timestep_spacing="trailing")
+    ddim = DDIMScheduler(**sdxl, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+    euler.set_timesteps(steps)
+    ddim.set_timesteps(steps)
+    scheduler = make("vp", timesteps=[int(t) for t in ddim.timesteps], solver="ode")
+    scheduler.set_timesteps()
+    assert scheduler.timesteps.tolist() == ddim.timesteps.tolist() == [int(t) for t in euler.timesteps]
+    assert len(scheduler.timesteps) == steps  # 8 stored timesteps: the most a student may have
+
+    def student(x, t):  # any deterministic epsilon-predictor of the network input
+        return torch.tanh(x) * (0.5 + float(t) / 2000.0)
+
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(8))
+    # the same unit-variance network input at the first step for all three
+    ours, theirs_ddim, theirs_euler = start.clone(), start.clone(), start * (euler.sigmas[0].item() ** 2 + 1) ** 0.5
+    for i, t in enumerate(scheduler.timesteps):
+        ours = scheduler.step(student(ours, t), t, ours).prev_sample
+        theirs_ddim = ddim.step(student(theirs_ddim, t), ddim.timesteps[i], theirs_ddim).prev_sample
+        model_input = euler.scale_model_input(theirs_euler, euler.timesteps[i])
+        theirs_euler = euler.step(student(model_input, t), euler.timesteps[i], theirs_euler).prev_sample
+    torch.testing.assert_close(ours, theirs_ddim, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, theirs_euler, rtol=0, atol=1e-5)
+
+
 def test_one_flow_step_equals_flow_match_euler():
     euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     euler.set_timesteps(1)
@@ -315,8 +346,8 @@ def test_two_trigflow_steps_equal_scm_scheduler_in_sample_space():
     [
         ("vp", [249, 999], r"must be strictly decreasing, got \[249.0, 999.0\]"),
         ("vp", [999, 999], r"must be strictly decreasing"),
-        ("vp", [999, 799, 599, 399, 199], r"must hold 1 to 4 timesteps, got 5"),
-        ("vp", [], r"must hold 1 to 4 timesteps, got 0"),
+        ("vp", [999, 899, 799, 699, 599, 499, 399, 299, 199], r"must hold 1 to 8 timesteps, got 9"),
+        ("vp", [], r"must hold 1 to 8 timesteps, got 0"),
         ("vp", [1000], r"of a vp student must lie in \(0, 999\]"),
         ("vp", [0], r"of a vp student must lie in \(0, 999\]"),
         ("vp", [399.5], r"of a VP student must be integer steps, got \[399.5\]"),

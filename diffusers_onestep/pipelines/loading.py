@@ -20,7 +20,14 @@ import torch
 from .. import storage
 from ..errors import reason_of
 from ..families import FAMILIES, ONESTEP_INDEX_KEY, detect_family, get_adapter_class, read_pipeline_configs
-from ..hub import hub_kwargs_of, offline_cache_miss, read_json, resolve_file, uncached_while_offline
+from ..hub import (
+    hub_kwargs_of,
+    offline_cache_miss,
+    read_json,
+    resolve_file,
+    resolve_weight_name,
+    uncached_while_offline,
+)
 from ..parameterization import check_prediction_type
 from ..schedulers import OneStepScheduler
 from ..schedulers.scheduling_onestep import timestep_values
@@ -406,44 +413,54 @@ def load_preset(
     base_model: Optional[str] = None,
     **kwargs,
 ):
-    """Assemble the student of ``preset`` (:data:`~.presets.PRESETS`) with :class:`OneStepPipeline` ``cls``; the
-    caller's ``conditioning_timesteps``/``prediction_type`` replace the card's, ``base_model`` the base of a
-    denoiser or LoRA preset."""
+    """Assemble the student of ``preset`` (:data:`~.presets.PRESETS`) with :class:`OneStepPipeline` ``cls`` as its
+    source runs it: the weight variant the source loads, the weight file under the spelling the repo has, and a
+    :class:`OneStepScheduler` on the noise schedule the source reads (the pipeline's, the base's, or the student repo's
+    own ``scheduler/``) with the source's timesteps and multi-step solver. The caller's
+    ``conditioning_timesteps``/``prediction_type`` replace the source's, ``base_model`` the base of a denoiser or LoRA
+    preset, ``variant`` the variant, ``scheduler`` the whole scheduler."""
     family = kwargs.pop("family", None)
     if family is not None and family != preset.family:
         display = get_adapter_class(preset.family).display_name
         raise ValueError(f"{preset.repo_id} is a student of the {display} family, not {family}; drop `family`.")
     check_family_kwargs(preset.family, kwargs)
-    if kwargs.get("scheduler") is None:
-        if conditioning_timesteps is None:
-            conditioning_timesteps = list(preset.conditioning_timesteps)
-        prediction_type = prediction_type or preset.prediction_type
+    if preset.kind == "pipeline" and base_model is not None:
+        raise ValueError(
+            f"{preset.repo_id} is a full pipeline, with no base model for `base_model` to replace; drop it."
+        )
     if preset.embedded_guidance_scale is not None:
         kwargs.setdefault("embedded_guidance_scale", preset.embedded_guidance_scale)
+    hub_kwargs = hub_kwargs_of(kwargs)
+    base = base_model if base_model is not None else preset.base_model
+    if kwargs.get("scheduler") is None:
+        if preset.scheduler_subfolder:
+            config_source, config_file = preset.repo_id, f"{preset.scheduler_subfolder}/scheduler_config.json"
+        else:
+            config_source = preset.repo_id if preset.kind == "pipeline" else base
+            config_file = "scheduler/scheduler_config.json"
+        kwargs["scheduler"] = scheduler_for(
+            preset.family,
+            read_json(config_source, config_file, hub_kwargs) or {},
+            conditioning_timesteps if conditioning_timesteps is not None else list(preset.conditioning_timesteps),
+            prediction_type or preset.prediction_type,
+            preset.solver,
+        )
+    weight_name = preset.weight_name
+    if preset.weight_name_spellings:
+        weight_name = resolve_weight_name(preset.repo_id, preset.weight_names, preset.subfolder, **hub_kwargs)
     if preset.kind == "pipeline":
-        if base_model is not None:
-            raise ValueError(
-                f"{preset.repo_id} is a full pipeline, with no base model for `base_model` to replace; drop it."
-            )
-        if kwargs.get("scheduler") is None:
-            config = read_json(preset.repo_id, "scheduler/scheduler_config.json", hub_kwargs_of(kwargs)) or {}
-            kwargs["scheduler"] = scheduler_for(preset.family, config, conditioning_timesteps, prediction_type)
+        if preset.variant is not None:
+            kwargs.setdefault("variant", preset.variant)
         kwargs["family"] = preset.family
         return cls._from_pretrained_folder(preset.repo_id, **kwargs)
-    common = {
-        "conditioning_timesteps": conditioning_timesteps,
-        "prediction_type": prediction_type,
-        "family": preset.family,
-    }
-    base = base_model if base_model is not None else preset.base_model
     if preset.kind == "denoiser":
         return load_from_base(
             cls,
             base,
             student_weights=preset.repo_id,
-            weight_name=preset.weight_name,
+            weight_name=weight_name,
             subfolder=preset.subfolder,
-            **common,
+            family=preset.family,
             **kwargs,
         )
     if preset.kind == "lora":
@@ -451,9 +468,9 @@ def load_preset(
             cls,
             base,
             lora=preset.repo_id,
-            lora_weight_name=preset.weight_name,
+            lora_weight_name=weight_name,
             lora_scale=preset.lora_scale,
-            **common,
+            family=preset.family,
             **kwargs,
         )
     raise ValueError(f"Unknown preset kind {preset.kind!r}.")  # pragma: no cover - PRESETS is static

@@ -1,4 +1,4 @@
-"""OneStepPipeline: runs any supported distilled 1-4 step student with ``pipe(prompt)``.
+"""OneStepPipeline: runs any supported distilled one- or few-step (1-8) student with ``pipe(prompt)``.
 
 The pipeline is written once against the family adapter (:mod:`diffusers_onestep.families`) and the
 :class:`~diffusers_onestep.OneStepScheduler`, which carries the student's timesteps and output parameterization;
@@ -680,8 +680,9 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
 
         * a folder saved by :meth:`save_pretrained` (or by the training script), native-class or not;
         * a LoRA student folder (``pytorch_lora_weights.safetensors`` + ``onestep_lora.json``);
-        * one of the known public one-step checkpoints (``presets.PRESETS``, e.g. ``"tianweiy/DMD2"``), resolved
-          through the preset (pass ``weight_name=`` to pick a variant);
+        * one of the known public one- and few-step checkpoints (``presets.PRESETS``, e.g. ``"tianweiy/DMD2"``),
+          assembled and scheduled as its source (model card, README or demo) runs it (pass ``weight_name=`` to pick a
+          variant);
         * any SDXL / PixArt / SANA / SANA-Sprint pipeline folder or id, run at `conditioning_timesteps` (default: the
           pure-noise end of its path) -- e.g. a teacher at one step, the baseline a student must beat.
 

@@ -1,17 +1,19 @@
-"""The public one-step checkpoints and how their model cards say to run them (recorded in each preset's ``card``).
+"""The public one-step and few-step checkpoints, and how their sources say to run them.
 
 Data and lookup only: ``OneStepPipeline.from_pretrained("<repo id>")`` resolves these ids through :data:`PRESETS`
-(:func:`diffusers_onestep.pipelines.loading.load_preset` assembles one): the right base
-pipeline, the student weights, and a :class:`OneStepScheduler` carrying the timesteps the card hard-codes
-(``timesteps=[399]``, ``shifted_timestep=250``, ...). Repos with several students take ``weight_name=``.
+(:func:`diffusers_onestep.pipelines.loading.load_preset` assembles one): the right base pipeline, the student weights,
+and a :class:`OneStepScheduler` carrying the timesteps the source hard-codes (``timesteps=[399]``,
+``shifted_timestep=250``, trailing spacing, ...), so that ``pipe(prompt)`` gives the source's image. Repos with several
+students take ``weight_name=``.
 
-Where the card's own scheduler feeds the UNet a slightly different input scale at the first step (trailing
-Euler/EulerAncestral multiply unit noise by ``sqrt(1 - alphā_999)`` ≈ 0.998), OneStepPipeline feeds unit noise, as
-LCMScheduler does; ``notes`` says so.
+Every preset records where its recipe comes from (``sources``: a model card, README, demo script or documentation page,
+pinned to a revision), the recipe as quoted there (``recipe``), what differs from it (``notes``) and what could not be
+checked against the source (``unconfirmed``). ``docs/inference.md``'s table is generated from them.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -20,27 +22,100 @@ from ..families import get_adapter_class
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 PIXART_1024 = "PixArt-alpha/PixArt-XL-2-1024-MS"
-DMD2_4STEP = (999, 749, 499, 249)
+#: trailing spacing of 1000 training steps (EulerDiscreteScheduler and DDIMScheduler with timestep_spacing="trailing")
+TRAILING = {
+    2: (999, 499),
+    4: (999, 749, 499, 249),
+    8: (999, 874, 749, 624, 499, 374, 249, 124),
+}
+DMD2_4STEP = TRAILING[4]
+
+#: the sources, pinned to the revision that was read
+DMD2_CARD = "https://huggingface.co/tianweiy/DMD2/blob/d70dad9997ba79a111ac9e75e29ca9e4368377a1/README.md"
+LIGHTNING_CARD = (
+    "https://huggingface.co/ByteDance/SDXL-Lightning/blob/7374c773022b6d1872d66970b030721625521c67/README.md"
+)
+HYPER_CARD = "https://huggingface.co/ByteDance/Hyper-SD/blob/ed1416259dde8ab832ae4bf0af342f7d5012bced/README.md"
+HYPER_FILES = "https://huggingface.co/ByteDance/Hyper-SD/tree/52d483a2ab8d38ce89e1d8b8f45771905f3af3f4"
+TURBO_DOCS = (
+    "https://github.com/huggingface/diffusers/blob/530fe0722df0bfda84a6abb7f55d3f4c862d6215/"
+    "docs/source/en/using-diffusers/sdxl_turbo.md"
+)
+PIXART_DMD_DEMO = (
+    "https://github.com/PixArt-alpha/PixArt-sigma/blob/1ce521afddcc2fab329b35b7374aa86d654e12f7/app/app_pixart_dmd.py"
+)
+SPRINT_DOC = "https://github.com/NVlabs/Sana/blob/0887f78a048ede31bf5c01449c4854eacb175c34/asset/docs/sana_sprint.md"
+SPRINT_DIFFUSERS_DOCS = (
+    "https://github.com/huggingface/diffusers/blob/4790104e0ba5a112bbae89104c5ed123e1155010/"
+    "docs/source/en/api/pipelines/sana_sprint.md"
+)
+DISTAR_README = (
+    "https://github.com/pkulwj1994/diff_instruct_star/blob/3b0cb9da46cde6c40f9b70d75b3b0ea102d11256/README.md"
+)
+NITRO_README = "https://github.com/ChenDarYen/NitroFusion/blob/75ce562f1e07470fbb5866b4ff0b711c0056ac9a/README.md"
+
+#: kinds of source, in the order the table prefers them; anything but a model card is named as such in the table
+SOURCE_KINDS = ("model card", "README", "demo script", "docs")
+
+UNIT_NOISE = "unit-noise input instead of Euler's sqrt(1 - alphā_999) scaling (0.2% apart)"
+TRAILING_EULER = (
+    "trailing Euler on an epsilon student is the deterministic DDIM step, the preset's `ode` solver; " + UNIT_NOISE
+)
+DMD2_README = "https://github.com/tianweiy/DMD2/blob/01f37a889dd347cb32bd124989bc12e0349ac7b2/README.md"
+DMD2_4STEP_READ = (
+    "the card's call line was not re-read here (its revision adds the comment that LCMScheduler's default timesteps "
+    "differ from the training ones, i.e. [999, 759, 499, 259]); timesteps=[999, 749, 499, 249] is the project's "
+    "earlier reading of the card (shared/reference/diffusers-facts.md)"
+)
+LIGHTNING_UNET_READ = (
+    "the card's N-step UNet block was read here in part (its checkpoint name and the call num_inference_steps=4, "
+    "guidance_scale=0); trailing spacing is that of its 1-step block and of its ComfyUI note (Euler, sgm_uniform)"
+)
+LIGHTNING_LORA_READ = (
+    "the card's LoRA block was read here in part (its heading and imports, StableDiffusionXLPipeline and "
+    "EulerDiscreteScheduler); load_lora_weights + fuse_lora() with trailing Euler as in its UNet blocks"
+)
+DDIM_LAST_STEP = (
+    "DDIM with eta 0 is the preset's `ode` solver; DDIM's last step (the SDXL base's scheduler config sets "
+    "set_alpha_to_one=False) returns sqrt(alphā_0) x0 + sqrt(1 - alphā_0) eps (3% of eps), OneStepPipeline returns x0"
+)
+NITRO_NOTE = (
+    "the card's scheduler truncates (999 * {shift} / 1000).long(): the UNet gets exactly {t}, as here; its 2-4 step "
+    "schedules condition the UNet at shifted timesteps while re-noising to the unshifted ones, which OneStepScheduler "
+    "does not express, so the preset runs the 1-step recipe. The Hub card (ChenDY/NitroFusion, revision ce7256b) "
+    "holds the same code"
+)
 
 
 @dataclass(frozen=True)
 class Preset:
-    """How to assemble and run one public student.
+    """How to assemble and run one public student, and where that recipe comes from.
 
     Attributes:
         repo_id: the student's Hub repo.
         family: backbone family key.
         kind: ``"pipeline"`` (a full pipeline repo), ``"denoiser"`` (UNet/transformer weights on a base), or
             ``"lora"`` (a LoRA fused into a base).
-        conditioning_timesteps: the timesteps the card passes (natural units of the noise path).
+        conditioning_timesteps: the timesteps the source runs (natural units of the noise path).
         prediction_type: what the student outputs.
+        resolution: the source's resolution.
+        recipe: the recipe as the source gives it.
+        sources: where the recipe is written: URLs pinned to the revision that was read, the first one the recipe's.
+        source_kind: ``"model card"``, ``"README"`` (a GitHub README), ``"demo script"`` or ``"docs"``.
         weight_name / subfolder: the file (or denoiser folder) inside ``repo_id``.
+        weight_name_spellings: other spellings of ``weight_name`` the sources use; Hub file names are case-sensitive,
+            so the loader takes the one the repo has (:func:`diffusers_onestep.hub.resolve_weight_name`).
         base_model: the base pipeline for ``denoiser``/``lora`` kinds.
         lora_scale: fuse scale of LoRA students.
         embedded_guidance_scale: default embedded guidance (SANA-Sprint).
-        resolution: the card's resolution.
-        card: how the model card runs it, for the docs table.
-        notes: differences from the card's recipe, if any.
+        solver: how several steps move between timesteps: ``"sde"`` re-noises with fresh noise (LCMScheduler,
+            SCMScheduler), ``"ode"`` with the predicted noise (trailing Euler, DDIM with eta 0).
+        variant: the weight variant of ``repo_id`` the source loads (a repo that ships only ``*.fp16.*`` files);
+            ``variant=`` of ``from_pretrained`` replaces it.
+        scheduler_subfolder: the folder of ``repo_id`` whose ``scheduler_config.json`` the source reads the noise
+            schedule from (otherwise the base's or the pipeline's own).
+        notes: differences from the source's recipe, if any.
+        unconfirmed: what the sources did not show and the preset assumes.
         default: the variant used when no ``weight_name`` is given.
     """
 
@@ -50,14 +125,72 @@ class Preset:
     conditioning_timesteps: Tuple[float, ...]
     prediction_type: str
     resolution: int
-    card: str
+    recipe: str
+    sources: Tuple[str, ...]
+    source_kind: str
     weight_name: Optional[str] = None
+    weight_name_spellings: Tuple[str, ...] = ()
     subfolder: Optional[str] = None
     base_model: Optional[str] = None
     lora_scale: float = 1.0
     embedded_guidance_scale: Optional[float] = None
+    solver: str = "sde"
+    variant: Optional[str] = None
+    scheduler_subfolder: Optional[str] = None
     notes: str = ""
+    unconfirmed: str = ""
     default: bool = False
+
+    @property
+    def weight_names(self) -> Tuple[str, ...]:
+        """``weight_name`` and its other spellings, the expected one first."""
+        return (self.weight_name, *self.weight_name_spellings) if self.weight_name else ()
+
+
+def _sdxl_unet(file: str) -> str:
+    return f"UNet2DConditionModel.from_config(SDXL base, subfolder='unet').load_state_dict(load_file('{file}'))"
+
+
+def _lightning(steps: int, lora: bool) -> Preset:
+    file = f"sdxl_lightning_{steps}step_{'lora' if lora else 'unet'}.safetensors"
+    load = f"load_lora_weights(hf_hub_download(repo, '{file}')) + fuse_lora()" if lora else _sdxl_unet(file)
+    return Preset(
+        "ByteDance/SDXL-Lightning",
+        "sdxl",
+        "lora" if lora else "denoiser",
+        TRAILING[steps],
+        "epsilon",
+        1024,
+        recipe=f"{load}, EulerDiscreteScheduler.from_config(..., timestep_spacing='trailing'), "
+        f"num_inference_steps={steps}, guidance_scale=0",
+        sources=(LIGHTNING_CARD,),
+        source_kind="model card",
+        weight_name=file,
+        base_model=SDXL_BASE,
+        solver="ode",
+        notes=TRAILING_EULER,
+        unconfirmed=LIGHTNING_LORA_READ if lora else LIGHTNING_UNET_READ,
+    )
+
+
+def _hyper_lora(steps: int) -> Preset:
+    file = f"Hyper-SDXL-{steps}steps-lora.safetensors"
+    return Preset(
+        "ByteDance/Hyper-SD",
+        "sdxl",
+        "lora",
+        TRAILING[steps],
+        "epsilon",
+        1024,
+        recipe=f"load_lora_weights(hf_hub_download(repo, '{file}')) + fuse_lora(), "
+        f"DDIMScheduler.from_config(..., timestep_spacing='trailing'), num_inference_steps={steps}, guidance_scale=0",
+        sources=(HYPER_CARD, HYPER_FILES),
+        source_kind="model card",
+        weight_name=file,
+        base_model=SDXL_BASE,
+        solver="ode",
+        notes=DDIM_LAST_STEP,
+    )
 
 
 PRESETS: List[Preset] = [
@@ -68,8 +201,13 @@ PRESETS: List[Preset] = [
         (999,),
         "epsilon",
         512,
-        "AutoPipelineForText2Image, num_inference_steps=1, guidance_scale=0.0 (EulerAncestral, trailing)",
-        notes="unit-noise input instead of Euler's sqrt(1 - alphā_999) scaling (0.2% apart)",
+        recipe="AutoPipelineForText2Image.from_pretrained('stabilityai/sdxl-turbo'), "
+        "pipeline(prompt, guidance_scale=0.0, num_inference_steps=1); 512x512 by default",
+        sources=(TURBO_DOCS,),
+        source_kind="docs",
+        notes="the repo's EulerAncestralDiscreteScheduler (trailing): " + UNIT_NOISE,
+        unconfirmed="the model card itself was not read; the repo's scheduler (EulerAncestral, trailing spacing) is "
+        "inferred from the same guide's from_single_file note, which sets timestep_spacing='trailing'",
         default=True,
     ),
     Preset(
@@ -79,10 +217,16 @@ PRESETS: List[Preset] = [
         (399,),
         "epsilon",
         1024,
-        "UNet .bin on SDXL base, LCMScheduler, timesteps=[399], guidance_scale=0",
+        recipe="UNet2DConditionModel.from_config(SDXL base, subfolder='unet').load_state_dict(torch.load("
+        "hf_hub_download(repo, 'dmd2_sdxl_1step_unet_fp16.bin'))), LCMScheduler.from_config, num_inference_steps=1, "
+        "guidance_scale=0, timesteps=[399]",
+        sources=(DMD2_CARD, DMD2_README),
+        source_kind="model card",
         weight_name="dmd2_sdxl_1step_unet_fp16.bin",
         base_model=SDXL_BASE,
         notes="legacy .bin, loaded with torch.load(weights_only=True)",
+        unconfirmed="the card's 1-step block was not re-read here; the GitHub README gives the same call "
+        "(timesteps=[399]) with dmd2_sdxl_1step_unet.bin, the card's 4-step block the _fp16.bin naming",
         default=True,
     ),
     Preset(
@@ -92,10 +236,16 @@ PRESETS: List[Preset] = [
         DMD2_4STEP,
         "epsilon",
         1024,
-        "UNet .bin on SDXL base, LCMScheduler, timesteps=[999, 749, 499, 249], guidance_scale=0",
+        recipe="UNet2DConditionModel.from_config(SDXL base, subfolder='unet').load_state_dict(torch.load("
+        "hf_hub_download(repo, 'dmd2_sdxl_4step_unet_fp16.bin'))), LCMScheduler.from_config, num_inference_steps=4, "
+        "guidance_scale=0, timesteps=[999, 749, 499, 249]",
+        sources=(DMD2_CARD,),
+        source_kind="model card",
         weight_name="dmd2_sdxl_4step_unet_fp16.bin",
         base_model=SDXL_BASE,
-        notes="legacy .bin, loaded with torch.load(weights_only=True)",
+        notes="legacy .bin, loaded with torch.load(weights_only=True); LCMScheduler re-noises x0 with fresh noise "
+        "between steps, as the `sde` solver does",
+        unconfirmed=DMD2_4STEP_READ,
     ),
     Preset(
         "tianweiy/DMD2",
@@ -104,9 +254,15 @@ PRESETS: List[Preset] = [
         DMD2_4STEP,
         "epsilon",
         1024,
-        "load_lora_weights + fuse_lora(lora_scale=1.0), LCMScheduler, timesteps=[999, 749, 499, 249]",
+        recipe="load_lora_weights(hf_hub_download(repo, 'dmd2_sdxl_4step_lora_fp16.safetensors')) + "
+        "fuse_lora(lora_scale=1.0), LCMScheduler.from_config, num_inference_steps=4, guidance_scale=0, "
+        "timesteps=[999, 749, 499, 249]",
+        sources=(DMD2_CARD,),
+        source_kind="model card",
         weight_name="dmd2_sdxl_4step_lora_fp16.safetensors",
         base_model=SDXL_BASE,
+        notes="LCMScheduler re-noises x0 with fresh noise between steps, as the `sde` solver does",
+        unconfirmed=DMD2_4STEP_READ,
     ),
     Preset(
         "ByteDance/SDXL-Lightning",
@@ -115,12 +271,17 @@ PRESETS: List[Preset] = [
         (999,),
         "sample",
         1024,
-        "UNet safetensors on SDXL base, EulerDiscrete(timestep_spacing='trailing', prediction_type='sample'), 1 step",
+        recipe=_sdxl_unet("sdxl_lightning_1step_unet_x0.safetensors")
+        + ", EulerDiscreteScheduler.from_config(..., timestep_spacing='trailing', prediction_type='sample'), "
+        "num_inference_steps=1, guidance_scale=0",
+        sources=(LIGHTNING_CARD,),
+        source_kind="model card",
         weight_name="sdxl_lightning_1step_unet_x0.safetensors",
         base_model=SDXL_BASE,
-        notes="unit-noise input instead of Euler's sqrt(1 - alphā_999) scaling (0.2% apart)",
+        notes=UNIT_NOISE + "; the card calls this 1-step model experimental",
         default=True,
     ),
+    *(_lightning(steps, lora) for lora in (False, True) for steps in (2, 4, 8)),
     Preset(
         "ByteDance/Hyper-SD",
         "sdxl",
@@ -128,9 +289,17 @@ PRESETS: List[Preset] = [
         (800,),
         "epsilon",
         1024,
-        "UNet safetensors on SDXL base, LCMScheduler, timesteps=[800]",
+        recipe=_sdxl_unet("Hyper-SDXL-1step-Unet.safetensors")
+        + ", LCMScheduler.from_config, num_inference_steps=1, guidance_scale=0, timesteps=[800]",
+        sources=(HYPER_CARD, HYPER_FILES),
+        source_kind="model card",
         weight_name="Hyper-SDXL-1step-Unet.safetensors",
+        weight_name_spellings=("Hyper-SDXL-1step-unet.safetensors",),
         base_model=SDXL_BASE,
+        notes="the card's checkpoint list spells Hyper-SDXL-1step-unet.safetensors, its code and the Hub file listing "
+        "Hyper-SDXL-1step-Unet.safetensors: the loader takes the spelling the repo has",
+        unconfirmed="the card's UNet code block was not re-read in full; timesteps=[800] is also what the repo's "
+        "ComfyUI node (comfyui/ComfyUI-HyperSDXL1StepUnetScheduler/node.py) hard-codes",
         default=True,
     ),
     Preset(
@@ -140,12 +309,16 @@ PRESETS: List[Preset] = [
         (999,),
         "epsilon",
         1024,
-        "load_lora_weights + fuse_lora(), TCDScheduler, 1 step, eta=1.0",
+        recipe="load_lora_weights(hf_hub_download(repo, 'Hyper-SDXL-1step-lora.safetensors')) + fuse_lora(), "
+        "TCDScheduler.from_config, num_inference_steps=1, guidance_scale=0, eta=1.0",
+        sources=(HYPER_CARD, HYPER_FILES),
+        source_kind="model card",
         weight_name="Hyper-SDXL-1step-lora.safetensors",
         base_model=SDXL_BASE,
         notes="OneStepPipeline returns x0, where one TCD step returns x0 re-noised to t=0 with its own noise "
         "estimate, sqrt(alphā_0) x0 + sqrt(1 - alphā_0) eps (3% of eps)",
     ),
+    *(_hyper_lora(steps) for steps in (2, 4, 8)),
     Preset(
         "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512",
         "pixart_alpha",
@@ -153,31 +326,58 @@ PRESETS: List[Preset] = [
         (400,),
         "epsilon",
         512,
-        "transformer/ on PixArt-XL-2-1024-MS text encoder and VAE, DDPMScheduler, timesteps=[400]",
+        recipe="PixArtAlphaPipeline.from_pretrained('PixArt-alpha/PixArt-XL-2-1024-MS', transformer=None) + "
+        "Transformer2DModel.from_pretrained(repo, subfolder='transformer'), "
+        "DDPMScheduler.from_pretrained(repo, subfolder='scheduler'), timesteps=[400], num_inference_steps=1, "
+        "guidance_scale=1, 512x512",
+        sources=(PIXART_DMD_DEMO,),
+        source_kind="demo script",
         subfolder="transformer",
         base_model=PIXART_1024,
+        scheduler_subfolder="scheduler",
+        notes="the Hub card holds only license metadata; the noise schedule comes from the DMD repo's scheduler/, as "
+        "in the demo; the transformer weights are a legacy .bin (diffusers loads it with torch.load(weights_only=True))",
+        unconfirmed="the DMD repo's scheduler_config.json was not readable: its prediction_type (epsilon assumed, as "
+        "PixArt-α's) and its clip_sample (DDPMScheduler's default, True, would clamp x0 to [-1, 1], which "
+        "OneStepPipeline does not)",
         default=True,
     ),
     Preset(
         "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers",
         "sana_sprint",
         "pipeline",
-        (1.5708,),
+        (1.5708, 1.3),
         "trigflow",
         1024,
-        "SanaSprintPipeline, num_inference_steps=1, intermediate_timesteps=None, guidance 4.5",
+        recipe="SanaSprintPipeline.from_pretrained(repo, torch_dtype=torch.bfloat16); pipeline(prompt) with "
+        "SanaSprintPipeline's defaults num_inference_steps=2, max_timesteps=1.57080, intermediate_timesteps=1.3, "
+        "guidance_scale=4.5",
+        sources=(SPRINT_DIFFUSERS_DOCS,),
+        source_kind="docs",
         embedded_guidance_scale=4.5,
+        notes="SCMScheduler re-noises x0 with fresh noise, as the `sde` solver does; num_inference_steps=1 gives the "
+        "one-step image (SanaSprintPipeline's num_inference_steps=1, intermediate_timesteps=None)",
+        unconfirmed="no example calls the 0.6B repo itself; the diffusers docs list it beside the 1.6B one, under "
+        "the same pipeline and defaults",
         default=True,
     ),
     Preset(
         "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
         "sana_sprint",
         "pipeline",
-        (1.5708,),
+        (1.5708, 1.3),
         "trigflow",
         1024,
-        "SanaSprintPipeline, num_inference_steps=1, intermediate_timesteps=None, guidance 4.5",
+        recipe="SanaSprintPipeline.from_pretrained(repo, torch_dtype=torch.bfloat16); "
+        "pipeline(prompt=prompt, num_inference_steps=2), with SanaSprintPipeline's defaults max_timesteps=1.57080, "
+        "intermediate_timesteps=1.3, guidance_scale=4.5",
+        sources=(SPRINT_DOC, SPRINT_DIFFUSERS_DOCS),
+        source_kind="docs",
         embedded_guidance_scale=4.5,
+        notes="SCMScheduler re-noises x0 with fresh noise, as the `sde` solver does; num_inference_steps=1 gives the "
+        "one-step image (SanaSprintPipeline's num_inference_steps=1, intermediate_timesteps=None)",
+        unconfirmed="the NVlabs doc spells the repo SANA_Sprint_1.6B_1024px_diffusers, the diffusers docs "
+        "Sana_Sprint_1.6B_1024px_diffusers; the preset uses the latter",
         default=True,
     ),
     Preset(
@@ -187,7 +387,15 @@ PRESETS: List[Preset] = [
         (399,),
         "epsilon",
         1024,
-        "DiffusionPipeline, LCMScheduler, timesteps=[399], guidance_scale=0",
+        recipe="DiffusionPipeline.from_pretrained(repo, torch_dtype=torch.float16, variant='fp16'), "
+        "LCMScheduler.from_config, num_inference_steps=1, guidance_scale=0.0, 1024x1024, timesteps=[399]",
+        sources=(DISTAR_README,),
+        source_kind="README",
+        variant="fp16",
+        notes="loads the fp16 weight variant, as the README does (`variant=` replaces it)",
+        unconfirmed="the repo's own file listing was not found: the README's variant='fp16' and the sibling repo "
+        "XDG-XHS/diff_instruct_1step, which ships only unet/diffusion_pytorch_model.fp16.safetensors, suggest it has "
+        "only fp16 files",
         default=True,
     ),
     Preset(
@@ -197,10 +405,14 @@ PRESETS: List[Preset] = [
         (249,),
         "epsilon",
         1024,
-        "UNet safetensors on SDXL base, pasted TimestepShiftLCMScheduler(shifted_timestep=250), 1 step",
+        recipe=_sdxl_unet("nitrosd-realism_unet.safetensors")
+        + ", TimestepShiftLCMScheduler.from_pretrained(SDXL base, subfolder='scheduler', shifted_timestep=250) with "
+        "config.original_inference_steps = 4, num_inference_steps=1, guidance_scale=0",
+        sources=(NITRO_README,),
+        source_kind="README",
         weight_name="nitrosd-realism_unet.safetensors",
         base_model=SDXL_BASE,
-        notes="the card's scheduler shows the UNet 999*250/1000 = 249.75; the preset rounds to 249",
+        notes=NITRO_NOTE.format(shift=250, t=249),
         default=True,
     ),
     Preset(
@@ -210,10 +422,14 @@ PRESETS: List[Preset] = [
         (499,),
         "epsilon",
         1024,
-        "UNet safetensors on SDXL base, pasted TimestepShiftLCMScheduler(shifted_timestep=500), 1 step",
+        recipe=_sdxl_unet("nitrosd-vibrant_unet.safetensors")
+        + ", TimestepShiftLCMScheduler.from_pretrained(SDXL base, subfolder='scheduler', shifted_timestep=500) with "
+        "config.original_inference_steps = 4, num_inference_steps=1, guidance_scale=0",
+        sources=(NITRO_README,),
+        source_kind="README",
         weight_name="nitrosd-vibrant_unet.safetensors",
         base_model=SDXL_BASE,
-        notes="the card's scheduler shows the UNet 999*500/1000 = 499.5; the preset rounds to 499",
+        notes=NITRO_NOTE.format(shift=500, t=499),
     ),
 ]
 
@@ -223,48 +439,76 @@ def preset_ids() -> List[str]:
 
 
 def find_preset(repo_id: str, weight_name: Optional[str] = None) -> Optional[Preset]:
-    """The preset for ``repo_id`` (and ``weight_name``), or ``None`` when the repo is not a known student."""
+    """The preset for ``repo_id`` (and ``weight_name``, in any spelling its sources use), or ``None`` when the repo is
+    not a known student."""
     candidates = [p for p in PRESETS if p.repo_id == repo_id]
     if not candidates:
         return None
     if weight_name is None:
         return next(p for p in candidates if p.default)
     for p in candidates:
-        if weight_name in (p.weight_name, p.subfolder):
+        if weight_name in (*p.weight_names, p.subfolder):
             return p
     names = ", ".join(p.weight_name or p.subfolder for p in candidates)
     raise ValueError(f"{repo_id} has no preset for weight_name={weight_name!r}; known variants: {names}.")
 
 
-def _timesteps_text(timesteps) -> str:
-    return "[" + ", ".join(f"{t:g}" for t in timesteps) + "]"
+def _timesteps_text(preset: Preset) -> str:
+    text = "[" + ", ".join(f"{t:g}" for t in preset.conditioning_timesteps) + "]"
+    return text if len(preset.conditioning_timesteps) == 1 else f"{text}, `{preset.solver}`"
 
 
 def _how_loaded(preset: Preset) -> str:
     if preset.kind == "pipeline":
-        return "full pipeline"
+        return "full pipeline" + (f", `{preset.variant}` weights" if preset.variant else "")
     denoiser = get_adapter_class(preset.family).denoiser_name
     if preset.kind == "denoiser":
         what = f"`{preset.subfolder}/` folder" if preset.weight_name is None else f"{denoiser} weights"
-        return f"{what} on `{preset.base_model}`"
-    return f"LoRA fused (scale {preset.lora_scale:g}) into `{preset.base_model}`"
+        text = f"{what} on `{preset.base_model}`"
+    else:
+        text = f"LoRA fused (scale {preset.lora_scale:g}) into `{preset.base_model}`"
+    if preset.scheduler_subfolder:
+        text += f", schedule from `{preset.scheduler_subfolder}/`"
+    return text
+
+
+def source_label(url: str) -> str:
+    """``owner/repo@rev7 path`` for a GitHub or Hub URL pinned to a revision (``blob/<rev>/<path>``, ``tree/<rev>``)."""
+    match = re.match(r"https://(?:github\.com|huggingface\.co)/([^/]+/[^/]+)/(?:blob|tree)/([0-9a-f]+)/?(.*)$", url)
+    if match is None:
+        return url
+    repo, revision, path = match.groups()
+    what = path or "file listing"
+    return f"{repo}@{revision[:7]} {what}"
+
+
+def _source_text(preset: Preset) -> str:
+    links = ", ".join(f"[{source_label(url)}]({url})" for url in preset.sources)
+    return f"{preset.source_kind}: {links}"
+
+
+def _notes_text(preset: Preset) -> str:
+    parts = [preset.notes] if preset.notes else []
+    if preset.unconfirmed:
+        parts.append(f"**unconfirmed:** {preset.unconfirmed}")
+    return "; ".join(parts) or "–"
 
 
 def markdown_table() -> str:
     """The supported-students table of ``docs/inference.md``, generated from :data:`PRESETS` (a test keeps the doc
     equal to it; regenerate with ``python -m diffusers_onestep.pipelines.presets``)."""
     rows = [
-        "| Hub id | `weight_name=` | family | how it is loaded | timesteps | prediction | size | model card recipe "
-        "| notes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Hub id | `weight_name=` | family | how it is loaded | timesteps | prediction | size | recipe, as the source "
+        "gives it | source | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in PRESETS:
         variant = p.weight_name or p.subfolder or "–"
         if p.default and (p.weight_name or p.subfolder):
             variant += " (default)"
         rows.append(
-            f"| `{p.repo_id}` | {variant} | {p.family} | {_how_loaded(p)} | {_timesteps_text(p.conditioning_timesteps)} "
-            f"| {p.prediction_type} | {p.resolution} | {p.card} | {p.notes or '–'} |"
+            f"| `{p.repo_id}` | {variant} | {p.family} | {_how_loaded(p)} | {_timesteps_text(p)} "
+            f"| {p.prediction_type} | {p.resolution} | {p.recipe} | {_source_text(p)} | {_notes_text(p)} |"
         )
     return "\n".join(rows)
 

@@ -1,4 +1,4 @@
-"""OneStepScheduler: the scheduler of a distilled 1-4 step student, carrying the student's own timesteps.
+"""OneStepScheduler: the scheduler of a distilled one- or few-step (1-8) student, carrying the student's own timesteps.
 
 Public one-step students are run today with borrowed schedulers and magic numbers (``LCMScheduler`` plus
 ``timesteps=[399]`` for DMD2, trailing Euler with ``prediction_type="sample"`` for SDXL-Lightning, ...). This
@@ -29,7 +29,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import parameterization as param
 
 
-MAX_STEPS = 4
+#: the most conditioning timesteps a student may store: 8-step students (SDXL-Lightning, Hyper-SD) are the longest
+#: published ones (the trainer's own students take 1-4 timesteps, a separate limit in distill/config.py)
+MAX_STEPS = 8
 #: multi-step samplers: re-noise with fresh noise (DMD2) or with the predicted noise (deterministic)
 SOLVERS = ("sde", "ode")
 
@@ -72,7 +74,7 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             The timestep(s) the student was trained to denoise from, in the noise path's natural units and in
             descending order: integer steps in `[0, num_train_timesteps)` for `"vp"` (DMD2 SDXL: `[399]`, 4-step:
             `[999, 749, 499, 249]`), sigmas in `(0, 1]` for `"flow"`, angles in `(0, pi/2]` for `"trigflow"`
-            (SANA-Sprint: `[1.5708]`). One to four values.
+            (SANA-Sprint: `[1.5708]`). One to eight values (SDXL-Lightning's and Hyper-SD's 8-step students).
         prediction_type (`str`, defaults to `"epsilon"`):
             What the student outputs: `"epsilon"`, `"v_prediction"`, `"sample"`, `"flow_prediction"` or `"trigflow"`.
         noise_path (`str`, defaults to `"vp"`):
@@ -257,7 +259,7 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             device (`str` or `torch.device`, *optional*):
                 Device of `self.timesteps`.
             timesteps (`list[float]`, *optional*):
-                Override the stored timesteps (natural units of the path, descending, 1-4 values). Mutually
+                Override the stored timesteps (natural units of the path, descending, 1-8 values). Mutually
                 exclusive with `num_inference_steps`.
         """
         if timesteps is not None and num_inference_steps is not None and num_inference_steps != len(timesteps):
