@@ -619,8 +619,8 @@ def test_unknown_variant_lists_the_known_ones(hub):
 def test_unknown_repo_and_bad_ids_are_refused(hub):
     with pytest.raises(
         ValueError,
-        match=r"org/not-cached is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it cannot be "
-        r"downloaded",
+        match=r"org/not-cached is not in the local Hugging Face cache and offline mode is set \(HF_HUB_OFFLINE\), so "
+        r"it cannot be downloaded",
     ):
         OneStepPipeline.from_pretrained("org/not-cached")
     with pytest.raises(ValueError, match=r"'no such/folder!' is neither an existing folder nor a valid Hub repo id"):
