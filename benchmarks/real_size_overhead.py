@@ -24,6 +24,14 @@ padded to the families' usual lengths: CLIP 77, T5 120 / 300, Gemma 300 tokens),
 Run (on a machine with a CUDA GPU; ``--device cpu --tiny`` runs the same code on the tiny components, for checking):
 
     HF_HUB_OFFLINE=1 python benchmarks/real_size_overhead.py
+    HF_HUB_OFFLINE=1 python benchmarks/real_size_overhead.py --fast_path     # + batch 1/4 latency, default vs fast path
+    HF_HUB_OFFLINE=1 python benchmarks/real_size_overhead.py --tiny --device cpu --dtype fp32 --fast_path \
+        --compile_backend eager --calls 10
+
+``--fast_path`` then times both pipelines at batch 1 and 4 (latency, images/s) on the default path and again after
+``OneStepPipeline.enable_fast_path`` (fused QKV, channels-last, ``torch.compile`` of the denoiser and the VAE
+decoder); the components are shared, so the native pipeline gets the same treatment. Warm-up calls of each shape
+(compilation) are not timed.
 
 The last line printed is one JSON object ``{"device": ..., "p1": {family: ratio}, "p1_floor": {...}, "p2": {...},
 "memory_ratio": {...}, "p1_max": x, "p2_max": y}``.
@@ -383,7 +391,10 @@ def measure_family(family: str, args, device: torch.device, dtype: torch.dtype) 
             sync()
             memory[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
 
+    throughput = fast_path_throughput(student, native, native_kwargs, prompt, args, sync) if args.fast_path else None
+
     result = {
+        "throughput": throughput,
         "params_b": {k: round(v, 3) for k, v in parameter_count(components).items()},
         "build_s": round(build_s, 1),
         "call_ms": statistics.median(call_ms),
@@ -399,6 +410,37 @@ def measure_family(family: str, args, device: torch.device, dtype: torch.dtype) 
     return result
 
 
+def fast_path_throughput(student, native, native_kwargs, prompt, args, sync) -> Dict[str, Dict[str, float]]:
+    """Latency and images/s of both pipelines at batch 1 and 4, on the default path and then with
+    ``student.enable_fast_path`` -- which changes the shared components in place, so the native pipeline gets the same
+    treatment. Each shape is warmed up (that is where compilation happens) before its timed calls."""
+    out: Dict[str, Dict[str, float]] = {}
+    for path in ("default", "fast"):
+        if path == "fast":
+            student.enable_fast_path(backend=args.compile_backend, mode=args.compile_mode)
+        for batch in (1, 4):
+            prompts = [prompt] * batch
+
+            def run_student():
+                return student(prompts, generator=torch.Generator().manual_seed(0), output_type="np")
+
+            def run_native():
+                return native(prompts, generator=torch.Generator().manual_seed(0), output_type="np", **native_kwargs)
+
+            for _ in range(max(args.warmup, 1)):
+                run_student()
+                run_native()
+            ours, theirs = alternating_times(run_student, run_native, args.calls, sync)
+            ours_s, native_s = statistics.median(ours), statistics.median(theirs)
+            out[f"{path}_b{batch}"] = {
+                "ours_ms": 1e3 * ours_s,
+                "native_ms": 1e3 * native_s,
+                "ours_images_s": batch / ours_s,
+                "native_images_s": batch / native_s,
+            }
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(TINY_FAMILIES), choices=TINY_FAMILIES)
@@ -408,6 +450,13 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="the tiny components instead (checks the script on a CPU)")
     parser.add_argument("--json_out", default=None, help="also write the per-family results here")
+    parser.add_argument(
+        "--fast_path",
+        action="store_true",
+        help="also time both pipelines at batch 1 and 4 before and after OneStepPipeline.enable_fast_path",
+    )
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the fast path")
+    parser.add_argument("--compile_mode", default=None, help="torch.compile mode of the fast path (e.g. max-autotune)")
     args = parser.parse_args(argv)
     if args.calls < 10:
         parser.error("--calls must be at least 10")
@@ -455,6 +504,17 @@ def main(argv=None) -> int:
     for family, r in results.items():
         if "error" in r:
             print(f"{family}: {r['error']}")
+    if args.fast_path:
+        print(
+            f"{'family':<14}{'path':<10}{'batch':>6}{'ours ms':>10}{'native ms':>11}{'ours img/s':>12}{'native img/s':>14}"
+        )
+        for family, r in ok.items():
+            for key, row in r["throughput"].items():
+                path, batch = key.split("_b")
+                print(
+                    f"{family:<14}{path:<10}{batch:>6}{row['ours_ms']:>10.2f}{row['native_ms']:>11.2f}"
+                    f"{row['ours_images_s']:>12.2f}{row['native_images_s']:>14.2f}"
+                )
     summary = {
         "device": device_name,
         "p1": {f: round(r["p1"], 4) for f, r in ok.items()},
@@ -464,6 +524,14 @@ def main(argv=None) -> int:
             f: round(r["peak_mib_ours"] / r["peak_mib_native"], 4) for f, r in ok.items() if r["peak_mib_ours"]
         },
     }
+    if args.fast_path:
+        summary["images_per_s"] = {
+            f: {
+                k: {"ours": round(v["ours_images_s"], 3), "native": round(v["native_images_s"], 3)}
+                for k, v in r["throughput"].items()
+            }
+            for f, r in ok.items()
+        }
     summary["p1_max"] = max(summary["p1"].values(), default=None)
     summary["p2_max"] = max(summary["p2"].values(), default=None)
     print(json.dumps(summary))

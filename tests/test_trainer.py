@@ -361,3 +361,29 @@ def test_a_failing_export_leaves_the_trained_weights_in_the_student(workspace, m
         assert torch.equal(saved[key], live[key]), key
     assert any(not torch.equal(ema[k], saved[k]) for k in ema)  # the EMA differs, so the swap was undone
     assert not (out / "model_index.json").exists() and not (out / "onestep_lora.json").exists()
+
+
+def test_offloaded_ema_is_the_same_average_kept_on_the_cpu(workspace):
+    """--offload_ema keeps the student's EMA in CPU memory; the average is the same (CPU here, so the same device)."""
+    emas = []
+    for name, extra in (("ema-device", ()), ("ema-cpu", ("--offload_ema",))):
+        out = workspace["root"] / name
+        flags = ("--max_train_steps", "2", "--critic_updates_per_student", "1", "--ema_decay", "0.5")
+        trainer = Trainer(make_config(workspace, out, *flags, "--lr_scheduler", "constant", *extra))
+        trainer.run()
+        assert all(v.device.type == "cpu" for v in trainer.state.ema.values())
+        emas.append(load_file(str(out / "checkpoint-2" / "ema.safetensors")))
+    assert emas[0].keys() == emas[1].keys()
+    for key in emas[0]:
+        assert torch.equal(emas[0][key], emas[1][key]), key
+
+
+def test_8bit_adam_without_bitsandbytes_is_one_sentence():
+    import importlib.util
+
+    from diffusers_onestep.distill.config import ConfigError, OptimizationConfig
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed")
+    with pytest.raises(ConfigError, match=r"^`--use_8bit_adam` needs bitsandbytes, which is not installed; .*\.$"):
+        OptimizationConfig(use_8bit_adam=True).validate()

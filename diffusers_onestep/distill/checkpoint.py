@@ -504,7 +504,9 @@ def load_checkpoint(path: str, state: TrainingState, process_index: int, device=
     state.roles.load_trainable_state_dict(storage.load_tensors(os.path.join(path, "trainable.safetensors")))
     ema_path = os.path.join(path, "ema.safetensors")
     if state.ema is not None and os.path.isfile(ema_path):
-        state.ema = {k: v.to(device) for k, v in storage.load_tensors(ema_path).items()}
+        # each average goes back where the run keeps it (the CPU with --offload_ema)
+        devices = {k: v.device for k, v in state.ema.items()}
+        state.ema = {k: v.to(devices.get(k, device)) for k, v in storage.load_tensors(ema_path).items()}
     method_path = os.path.join(path, "method.safetensors")
     if os.path.isfile(method_path):
         state.method.load_state_dict(_unflatten(storage.load_tensors(method_path)))

@@ -334,6 +334,16 @@ class OptimizationConfig:
     ema_decay: Optional[float] = setting(
         None, "Keep an EMA of the student (e.g. 0.999) and export it.", default_text="no EMA"
     )
+    offload_ema: bool = setting(
+        False,
+        "Keep the student's EMA in CPU memory, updated from the accelerator after each student step (saves "
+        "4 bytes per student parameter on the accelerator; a full SDXL student's EMA is 10 GB).",
+    )
+    use_8bit_adam: bool = setting(
+        False,
+        "bitsandbytes' 8-bit AdamW for both roles (optimizer states in 2 bytes instead of 8 per parameter; for full "
+        "students; needs bitsandbytes and a CUDA GPU).",
+    )
     on_nonfinite: str = setting(
         "stop", "stop, or skip updates whose loss or gradient is NaN/inf.", choices=ON_NONFINITE
     )
@@ -376,6 +386,14 @@ class OptimizationConfig:
         _require(
             self.ema_decay is None or 0 < self.ema_decay < 1, f"`--ema_decay` must be in (0, 1), got {self.ema_decay}."
         )
+        if self.use_8bit_adam:
+            import importlib.util
+
+            _require(
+                importlib.util.find_spec("bitsandbytes") is not None,
+                "`--use_8bit_adam` needs bitsandbytes, which is not installed; `pip install bitsandbytes` (CUDA GPUs "
+                "only) or drop --use_8bit_adam.",
+            )
         _require(
             self.on_nonfinite in ON_NONFINITE,
             f"`--on_nonfinite` must be one of {', '.join(ON_NONFINITE)}, got {self.on_nonfinite!r}.",

@@ -33,7 +33,7 @@ from .checkpoint import (
     save_checkpoint,
     write_run,
 )
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, OptimizationConfig, TrainConfig
 from .data import DataError, PromptSource, TrainingBatches, encode_real_images, load_prompts, load_real_images
 from .export import StudentRenderer, export_student, write_validation
 from .methods import build_method
@@ -256,16 +256,7 @@ class Trainer:
                 if isinstance(module, torch.nn.Module):
                     module.to("cpu")
 
-        optimizers = {}
-        for role in ("student", "critic"):
-            lr = optim.learning_rate if role == "student" else optim.critic_learning_rate
-            optimizers[role] = torch.optim.AdamW(
-                roles.role_parameters(role),
-                lr=lr,
-                betas=(optim.adam_beta1, optim.adam_beta2),
-                weight_decay=optim.adam_weight_decay,
-                eps=optim.adam_epsilon,
-            )
+        optimizers = build_optimizers(roles, optim)
         lr_schedulers = {
             role: get_scheduler(
                 optim.lr_scheduler,
@@ -284,7 +275,12 @@ class Trainer:
 
         ema = None
         if optim.ema_decay:
-            ema = {name: p.detach().clone().float() for name, p in roles.named_role_parameters("student")}
+            # --offload_ema keeps the average in CPU memory: a full SDXL student's float32 EMA is 10 GB
+            ema_device = "cpu" if optim.offload_ema else None
+            ema = {
+                name: p.detach().to(device=ema_device, dtype=torch.float32, copy=True)
+                for name, p in roles.named_role_parameters("student")
+            }
         random_source = RandomSource(
             torch.Generator().manual_seed(optim.seed),
             rank=acc.process_index,
@@ -386,7 +382,8 @@ class Trainer:
     def _update_ema(self):
         decay = self.config.optim.ema_decay
         for name, parameter in self.state.roles.named_role_parameters("student"):
-            self.state.ema[name].mul_(decay).add_(parameter.detach().float(), alpha=1 - decay)
+            average = self.state.ema[name]
+            average.mul_(decay).add_(parameter.detach().to(average.device, torch.float32), alpha=1 - decay)
 
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints, validation, export
@@ -526,6 +523,25 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------------------------
 # loading the teacher
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def build_optimizers(roles: BackboneRoles, optim: OptimizationConfig) -> Dict[str, torch.optim.Optimizer]:
+    """One AdamW per trainable role (DMD2), or bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``."""
+    optimizer_class = torch.optim.AdamW
+    if optim.use_8bit_adam:
+        import bitsandbytes  # checked by OptimizationConfig.validate
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    optimizers = {}
+    for role in ("student", "critic"):
+        optimizers[role] = optimizer_class(
+            roles.role_parameters(role),
+            lr=optim.learning_rate if role == "student" else optim.critic_learning_rate,
+            betas=(optim.adam_beta1, optim.adam_beta2),
+            weight_decay=optim.adam_weight_decay,
+            eps=optim.adam_epsilon,
+        )
+    return optimizers
 
 
 def teacher_loading_kwargs(config: TrainConfig) -> Dict[str, Any]:

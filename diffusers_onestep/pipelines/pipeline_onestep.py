@@ -241,6 +241,51 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         super().remove_all_hooks()
         self._offloaded = False
 
+    def enable_fast_path(
+        self,
+        compile: bool = True,
+        channels_last: bool = True,
+        fuse_qkv: bool = True,
+        compile_vae: bool = True,
+        backend: Union[str, Callable] = "inductor",
+        mode: Optional[str] = None,
+        fullgraph: bool = False,
+    ) -> "OneStepPipeline":
+        """Opt-in speed-ups for GPUs, through public diffusers and torch APIs only; returns the pipeline.
+
+        * ``fuse_qkv``: ``fuse_qkv_projections()`` on the denoiser and the VAE where diffusers has it (UNet, PixArt and
+          SANA transformers, ``AutoencoderKL``): one matmul for the query, key and value projections. Load and fuse a
+          student LoRA (``fuse_lora``) before, as with any diffusers model.
+        * ``channels_last``: the denoiser's and the VAE's 4-D weights in ``torch.channels_last`` (faster convolutions
+          on tensor cores).
+        * ``compile``: ``torch.compile`` of the denoiser and (``compile_vae``) the VAE decoder, in place
+          (``nn.Module.compile``: the pipeline's components keep their classes, saving and LoRA loading are
+          unchanged), with static shapes (``dynamic=False``) and the given ``backend``/``mode`` (e.g.
+          ``mode="max-autotune"``).
+
+        Warm-up: the first call at each batch size and resolution compiles (tens of seconds to minutes at real size);
+        run one call per shape you will serve before timing or serving. Later calls of the same shape -- any prompt,
+        seed or guidance -- reuse the compiled graphs without recompiling. Images stay within floating-point
+        tolerance of the default path (fused projections change the order of the sums); ``tests/test_fast_path.py``
+        checks both on every family. On the CPU it runs, but it is meant for CUDA GPUs.
+        """
+        modules = [m for m in (self.denoiser, self.vae) if m is not None]
+        if fuse_qkv:
+            for module in modules:
+                if hasattr(module, "fuse_qkv_projections"):
+                    module.fuse_qkv_projections()
+        if channels_last:
+            for module in modules:
+                module.to(memory_format=torch.channels_last)
+        if compile:
+            options = {"backend": backend, "fullgraph": fullgraph, "dynamic": False}
+            if mode is not None:
+                options["mode"] = mode
+            self.denoiser.compile(**options)
+            if compile_vae and self.vae is not None:
+                self.vae.decoder.compile(**options)
+        return self
+
     def set_progress_bar_config(self, **kwargs):
         """``DiffusionPipeline.set_progress_bar_config``, also noting whether the bar is switched off
         (``disable=True``), in which case :meth:`progress_bar` builds no ``tqdm`` that would draw nothing."""

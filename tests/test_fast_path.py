@@ -1,0 +1,41 @@
+"""OneStepPipeline.enable_fast_path: the same images as the default path, and no recompilation across prompts."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_onestep.testing import TINY_FAMILIES, TINY_PROMPTS
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given and runs them as traced (public API)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return graph_module.forward
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_fast_path_matches_the_default_path_and_compiles_once(family, native_folder, load_student, run):
+    torch.compiler.reset()
+    pipe = load_student(native_folder(family), family)
+    expected = {prompt: run(pipe, prompt=prompt) for prompt in TINY_PROMPTS[:2]}
+    backend = CountingBackend()
+    assert pipe.enable_fast_path(backend=backend) is pipe
+    denoiser_class = type(pipe.denoiser)
+    first = run(pipe, prompt=TINY_PROMPTS[0])  # the warm-up call compiles
+    compiled = backend.graphs
+    assert compiled >= 1
+    second = run(pipe, prompt=TINY_PROMPTS[1])
+    again = run(pipe, prompt=TINY_PROMPTS[0], seed=1)
+    assert backend.graphs == compiled, "a new prompt or seed of the same shape recompiled"
+    assert type(pipe.denoiser) is denoiser_class  # compiled in place: the component keeps its class
+    if not family.startswith("sana"):  # SANA's transformer has the method, but diffusers fuses none of its layers
+        assert any(hasattr(m, "to_qkv") for m in pipe.denoiser.modules())
+    for images, prompt in ((first, TINY_PROMPTS[0]), (second, TINY_PROMPTS[1])):
+        assert images.shape == expected[prompt].shape
+        assert np.abs(images - expected[prompt]).max() <= 1e-4
+    assert np.isfinite(again).all()
