@@ -378,12 +378,44 @@ def test_offloaded_ema_is_the_same_average_kept_on_the_cpu(workspace):
         assert torch.equal(emas[0][key], emas[1][key]), key
 
 
-def test_8bit_adam_without_bitsandbytes_is_one_sentence():
+def test_8bit_adam_without_bitsandbytes_is_one_sentence(monkeypatch):
     import importlib.util
 
     from diffusers_onestep.distill.config import ConfigError, OptimizationConfig
 
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        pytest.skip("bitsandbytes is installed")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name)
+    )
     with pytest.raises(ConfigError, match=r"^`--use_8bit_adam` needs bitsandbytes, which is not installed; .*\.$"):
         OptimizationConfig(use_8bit_adam=True).validate()
+
+
+def test_8bit_adam_trains_and_resumes_exactly(workspace):
+    """bitsandbytes' AdamW8bit (the test extra installs it; it runs on the CPU) steps both roles, and its quantized
+    moments go through the checkpoint: resuming step 1 ends exactly where the uninterrupted 2-step run ends."""
+    import shutil
+
+    import bitsandbytes
+
+    flags = ("--use_8bit_adam", "--max_train_steps", "2", "--critic_updates_per_student", "1", "--student", "full")
+    flags += ("--checkpointing_steps", "1", "--lr_scheduler", "constant")
+    out = workspace["root"] / "adam8bit"
+    trainer = Trainer(make_config(workspace, out, *flags))
+    trainer.run()
+    # accelerate wraps each optimizer; its `optimizer` attribute is the one built
+    optimizers = {role: getattr(o, "optimizer", o) for role, o in trainer.state.optimizers.items()}
+    assert all(isinstance(o, bitsandbytes.optim.AdamW8bit) for o in optimizers.values())
+    # the full student's large matrices hold 8-bit moments (bitsandbytes keeps tensors under 4096 values in 32 bits)
+    states = [state for state in optimizers["student"].state.values() if "state1" in state]
+    assert any(state["state1"].dtype == torch.uint8 for state in states)
+
+    resumed = workspace["root"] / "adam8bit-resumed"
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    shutil.copy(out / "training_config.json", resumed / "training_config.json")
+    Trainer(make_config(workspace, resumed, *flags, "--resume_from_checkpoint", "latest")).run()
+    expected, got = trainable(out / "checkpoint-2"), trainable(resumed / "checkpoint-2")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert not torch.equal(trainable(out / "checkpoint-1")[key], expected[key])  # the second step moved them

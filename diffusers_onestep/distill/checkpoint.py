@@ -40,6 +40,7 @@ complete checkpoint. The checks catch truncated, missing and unparseable files, 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -545,23 +546,35 @@ def _read_json_or_none(path: str) -> Any:
 
 
 def _optimizer_to_tensors(state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """Split an optimizer state_dict into tensors (safetensors) and plain values (JSON)."""
-    tensors, plain_state = {}, {}
-    for index, entry in state["state"].items():
-        plain_state[str(index)] = {}
+    """Split an optimizer state_dict into tensors (safetensors, named ``<param index>.<key>``) and plain values
+    (JSON). A nested dict of a parameter's state (bitsandbytes' 8-bit AdamW keeps its quantization state in one) is
+    split the same way, its keys joined with ``/``."""
+    tensors: Dict[str, torch.Tensor] = {}
+
+    def split(entry: Dict[str, Any], prefix: str) -> Dict[str, Any]:
+        plain = {}
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value
+                tensors[f"{prefix}{key}"] = value
+            elif isinstance(value, dict):
+                plain[key] = split(value, f"{prefix}{key}/")
             else:
-                plain_state[str(index)][key] = value
+                plain[key] = value
+        return plain
+
+    plain_state = {str(index): split(entry, f"{index}.") for index, entry in state["state"].items()}
     return tensors, {"state": plain_state, "param_groups": state["param_groups"]}
 
 
 def _optimizer_from_tensors(tensors: Dict[str, torch.Tensor], plain: Dict[str, Any]) -> Dict[str, Any]:
-    state: Dict[int, Dict[str, Any]] = {int(i): dict(v) for i, v in plain["state"].items()}
+    state: Dict[int, Dict[str, Any]] = {int(i): copy.deepcopy(v) for i, v in plain["state"].items()}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        *parents, leaf = key.split("/")
+        entry = state.setdefault(int(index), {})
+        for parent in parents:
+            entry = entry.setdefault(parent, {})
+        entry[leaf] = value
     return {"state": state, "param_groups": plain["param_groups"]}
 
 

@@ -391,8 +391,8 @@ class OptimizationConfig:
 
             _require(
                 importlib.util.find_spec("bitsandbytes") is not None,
-                "`--use_8bit_adam` needs bitsandbytes, which is not installed; `pip install bitsandbytes` (CUDA GPUs "
-                "only) or drop --use_8bit_adam.",
+                "`--use_8bit_adam` needs bitsandbytes, which is not installed; pip install "
+                "'diffusers-onestep[8bit]' or drop --use_8bit_adam.",
             )
         _require(
             self.on_nonfinite in ON_NONFINITE,
