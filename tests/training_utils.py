@@ -124,15 +124,9 @@ def launch(args, num_processes=1, timeout=300, check=True, script=SCRIPT):
 def run_args(workspace, output_dir, *extra):
     """A 6-step run that exercises every piece of resumable state (f-distill's bins, the discriminator head, the
     EMA, both optimizers), checkpointing every 2 steps; ``workspace`` holds ``teacher``, ``prompts`` and ``images``."""
-    return [
-        "--teacher",
-        workspace["teacher"],
-        "--prompts",
-        workspace["prompts"],
-        "--output_dir",
-        str(output_dir),
-        "--resolution",
-        "8",
+    return tiny_run_argv(
+        workspace,
+        output_dir,
         "--divergence",
         "js",
         "--real_images",
@@ -147,9 +141,8 @@ def run_args(workspace, output_dir, *extra):
         "0.9",
         "--max_train_steps",
         "6",
-        *TINY_FLAGS,
-        *[str(a) for a in extra],
-    ]
+        *extra,
+    )
 
 
 def in_process(argv, hooks=None):
