@@ -95,3 +95,16 @@ def test_the_launching_command_trains_through_accelerate_launch(workspace):
     assert result.returncode == 0, result.stderr[-3000:]
     assert [step for step, _ in list_checkpoints(str(out))] == [1]
     assert os.path.isfile(out / "model_index.json") or os.path.isfile(out / "onestep_lora.json")
+
+
+def test_the_launching_check_sees_what_the_processes_will_see_and_leaves_the_environment_as_it_was(tmp_path):
+    from diffusers_onestep.distill.cli import launched_environment
+
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("num_processes: 4\nmixed_precision: no\n")  # unquoted `no` is YAML's false
+    before = {key: os.environ.get(key) for key in ("WORLD_SIZE", "ACCELERATE_MIXED_PRECISION")}
+    with launched_environment(None, str(config)):
+        assert os.environ["WORLD_SIZE"] == "4" and os.environ["ACCELERATE_MIXED_PRECISION"] == "no"
+    with launched_environment(2, str(config)):  # --num_processes wins over the file
+        assert os.environ["WORLD_SIZE"] == "2"
+    assert {key: os.environ.get(key) for key in before} == before

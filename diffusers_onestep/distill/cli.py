@@ -426,8 +426,10 @@ def launched_environment(num_processes: Optional[int], accelerate_config: Option
     values = accelerate_config_values(accelerate_config)
     world_size = num_processes or values.get("num_processes") or 1
     launched = {"WORLD_SIZE": str(world_size)}
-    if values.get("mixed_precision") is not None:
-        launched[ACCELERATE_MIXED_PRECISION] = str(values["mixed_precision"])
+    precision = values.get("mixed_precision")
+    if precision is not None:
+        # an unquoted `mixed_precision: no` is YAML's false
+        launched[ACCELERATE_MIXED_PRECISION] = "no" if precision is False else str(precision)
     saved = {key: os.environ.get(key) for key in launched}
     os.environ.update(launched)
     try:
