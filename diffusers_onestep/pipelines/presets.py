@@ -62,10 +62,14 @@ TRAILING_EULER = (
     "trailing Euler on an epsilon student is the deterministic DDIM step, the preset's `ode` solver; " + UNIT_NOISE
 )
 DMD2_README = "https://github.com/tianweiy/DMD2/blob/01f37a889dd347cb32bd124989bc12e0349ac7b2/README.md"
-DMD2_4STEP_READ = (
-    "the card's call line was not re-read here (its revision adds the comment that LCMScheduler's default timesteps "
-    "differ from the training ones, i.e. [999, 759, 499, 259]); timesteps=[999, 749, 499, 249] is the project's "
-    "earlier reading of the card (shared/reference/diffusers-facts.md)"
+#: a verbatim copy of the DMD2 card's text, where its three code blocks were read in full for this table
+DMD2_CARD_COPY = (
+    "https://github.com/YinanWusoymilk/hf-readme/blob/1ab39f24f8f9548593ac6304367f31ae3ff45178/"
+    "training_and_application/readme_files/tianweiy_DMD2.md"
+)
+DMD2_CARD_READ = (
+    "the three code blocks (1-step UNet, 4-step UNet, 4-step LoRA) were read in full in a copy of the card's text "
+    "(the second source), not on the Hub card at the revision linked first"
 )
 LIGHTNING_UNET_READ = (
     "the card's N-step UNet block was read here in part (its checkpoint name and the call num_inference_steps=4, "
@@ -220,13 +224,13 @@ PRESETS: List[Preset] = [
         recipe="UNet2DConditionModel.from_config(SDXL base, subfolder='unet').load_state_dict(torch.load("
         "hf_hub_download(repo, 'dmd2_sdxl_1step_unet_fp16.bin'))), LCMScheduler.from_config, num_inference_steps=1, "
         "guidance_scale=0, timesteps=[399]",
-        sources=(DMD2_CARD, DMD2_README),
+        sources=(DMD2_CARD, DMD2_CARD_COPY, DMD2_README),
         source_kind="model card",
         weight_name="dmd2_sdxl_1step_unet_fp16.bin",
         base_model=SDXL_BASE,
-        notes="legacy .bin, loaded with torch.load(weights_only=True)",
-        unconfirmed="the card's 1-step block was not re-read here; the GitHub README gives the same call "
-        "(timesteps=[399]) with dmd2_sdxl_1step_unet.bin, the card's 4-step block the _fp16.bin naming",
+        notes="legacy .bin, loaded with torch.load(weights_only=True); the GitHub README gives the same call with "
+        "dmd2_sdxl_1step_unet.bin",
+        unconfirmed=DMD2_CARD_READ,
         default=True,
     ),
     Preset(
@@ -239,13 +243,13 @@ PRESETS: List[Preset] = [
         recipe="UNet2DConditionModel.from_config(SDXL base, subfolder='unet').load_state_dict(torch.load("
         "hf_hub_download(repo, 'dmd2_sdxl_4step_unet_fp16.bin'))), LCMScheduler.from_config, num_inference_steps=4, "
         "guidance_scale=0, timesteps=[999, 749, 499, 249]",
-        sources=(DMD2_CARD,),
+        sources=(DMD2_CARD, DMD2_CARD_COPY),
         source_kind="model card",
         weight_name="dmd2_sdxl_4step_unet_fp16.bin",
         base_model=SDXL_BASE,
         notes="legacy .bin, loaded with torch.load(weights_only=True); LCMScheduler re-noises x0 with fresh noise "
         "between steps, as the `sde` solver does",
-        unconfirmed=DMD2_4STEP_READ,
+        unconfirmed=DMD2_CARD_READ,
     ),
     Preset(
         "tianweiy/DMD2",
@@ -257,12 +261,12 @@ PRESETS: List[Preset] = [
         recipe="load_lora_weights(hf_hub_download(repo, 'dmd2_sdxl_4step_lora_fp16.safetensors')) + "
         "fuse_lora(lora_scale=1.0), LCMScheduler.from_config, num_inference_steps=4, guidance_scale=0, "
         "timesteps=[999, 749, 499, 249]",
-        sources=(DMD2_CARD,),
+        sources=(DMD2_CARD, DMD2_CARD_COPY),
         source_kind="model card",
         weight_name="dmd2_sdxl_4step_lora_fp16.safetensors",
         base_model=SDXL_BASE,
         notes="LCMScheduler re-noises x0 with fresh noise between steps, as the `sde` solver does",
-        unconfirmed=DMD2_4STEP_READ,
+        unconfirmed=DMD2_CARD_READ,
     ),
     Preset(
         "ByteDance/SDXL-Lightning",
