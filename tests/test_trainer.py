@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_utils import TINY_FLAGS, write_images, write_prompts
+from training_utils import TINY_FLAGS, run_args, write_images, write_prompts
 
 from diffusers_onestep.distill import cli
 from diffusers_onestep.distill.checkpoint import list_checkpoints
@@ -56,31 +56,18 @@ def trainable(path):
 def test_resume_equals_uninterrupted_run(workspace, student):
     """Stop after step 2, resume `latest`, and end exactly where an uninterrupted 5-step run ends: weights,
     optimizer moments, discriminator head, ratio normalizer, data order and RNG all resume."""
-    common = [
-        "--student",
-        student,
-        "--divergence",
-        "js",
-        "--real_images",
-        workspace["images"],
-        "--critic_updates_per_student",
-        "2",
-        "--checkpointing_steps",
-        "2",
-        "--lr_scheduler",
-        "constant",
-        "--ema_decay",
-        "0.9",
-    ]
+
+    def config(output_dir, *extra):
+        # the crash-and-resume run of training_utils (f-distill, EMA, checkpoints every 2 steps) with this student
+        return cli.resolve_args(run_args(workspace, output_dir, "--student", student, *extra))[0]
+
     full_dir = workspace["root"] / f"full-{student}"
-    Trainer(make_config(workspace, full_dir, "--max_train_steps", "5", *common)).run()
+    Trainer(config(full_dir, "--max_train_steps", "5")).run()
 
     split_dir = workspace["root"] / f"split-{student}"
-    Trainer(make_config(workspace, split_dir, "--max_train_steps", "2", *common)).run()
+    Trainer(config(split_dir, "--max_train_steps", "2")).run()
     assert [s for s, _ in list_checkpoints(str(split_dir))] == [2]
-    resumed = make_config(
-        workspace, split_dir, "--max_train_steps", "5", "--resume_from_checkpoint", "latest", *common
-    )
+    resumed = config(split_dir, "--max_train_steps", "5", "--resume_from_checkpoint", "latest")
     Trainer(resumed).run()
 
     a, b = trainable(full_dir / "checkpoint-5"), trainable(split_dir / "checkpoint-5")
