@@ -367,6 +367,11 @@ def run_push(args: argparse.Namespace) -> int:
                 f"{flag} {repo_id!r} is not a valid Hub repo id (expected 'name' or 'org/name').", status=2
             ) from None
     replacements = published_lora_files(folder, args.base_model_id)
+    evaluated = hub.card_with_evaluation(folder, replacements.get("README.md"), model_name=args.repo_id)
+    if evaluated is not None:
+        # the card gets the evaluation (model-index and its text); the folder's own README.md is left as it is
+        replacements = {**replacements, "README.md": evaluated}
+        print(f"{PROG} push: the card gets the evaluation of {folder}/evaluation/metrics.json", flush=True)
     if not os.path.isfile(os.path.join(folder, "README.md")):
         print(
             f"{PROG} push: {folder} has no model card (README.md); the training script writes one. Pushing the "

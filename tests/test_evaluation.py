@@ -182,17 +182,17 @@ def write_inputs(root):
 
 
 def settings_for(model, prompts, **kw):
-    values = dict(
-        model=model,
-        prompts=prompts,
-        caption_column="caption",
-        num_images=6,
-        height=None,
-        width=None,
-        steps=None,
-        guidance=None,
-        seed=3,
-    )
+    values = {
+        "model": model,
+        "prompts": prompts,
+        "caption_column": "caption",
+        "num_images": 6,
+        "height": None,
+        "width": None,
+        "steps": None,
+        "guidance": None,
+        "seed": 3,
+    }
     values.update(kw)
     return evaluation.GenerationSettings(**values)
 

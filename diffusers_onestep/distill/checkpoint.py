@@ -125,6 +125,11 @@ class TrainingState:
     global_step: int = 0
     nonfinite_skips: int = 0
     run: RunIdentity = field(default_factory=RunIdentity.new)
+    #: what training has cost up to the last checkpoint: ``wall_seconds``, ``sessions``, ``device``,
+    #: ``num_processes``, ``peak_memory_bytes`` and ``peak_memory_kind`` (the model card's training cost)
+    training_cost: Optional[Dict[str, Any]] = None
+    #: with ``--keep_best``: the best evaluation so far, ``{"step", "metric", "value", "checkpoint"}``
+    best: Optional[Dict[str, Any]] = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,12 +429,16 @@ def _may_belong_to(checkpoint: str, run: Optional[RunIdentity]) -> bool:
     return run is None or state is None or run.owns(state)
 
 
-def prune_checkpoints(output_dir: str, limit: Optional[int], run: Optional[RunIdentity]) -> None:
+def prune_checkpoints(
+    output_dir: str, limit: Optional[int], run: Optional[RunIdentity], keep: Optional[str] = None
+) -> None:
     """Keep the newest ``limit`` complete checkpoints of ``run`` (of every run when ``None``); the newest one is never
-    removed, whatever the limit, and checkpoints of other runs are never touched."""
+    removed, whatever the limit, checkpoints of other runs are never touched, and ``keep`` (the best checkpoint of
+    ``--keep_best``) is kept beside them."""
     if not limit:
         return
-    checkpoints = list_checkpoints(output_dir, run)
+    kept = os.path.normpath(keep) if keep else None
+    checkpoints = [(s, p) for s, p in list_checkpoints(output_dir, run) if os.path.normpath(p) != kept]
     for _, path in checkpoints[:-1][: max(0, len(checkpoints) - limit)]:
         storage.remove_directory(path)
 
@@ -487,12 +496,15 @@ def save_checkpoint(
                 "num_processes": accelerator.num_processes,
                 "format": CHECKPOINT_FORMAT,
                 "run_id": state.run.run_id,
+                **({"training_cost": state.training_cost} if state.training_cost else {}),
+                **({"best": state.best} if state.best else {}),
                 "files": {name: os.path.getsize(os.path.join(staging, name)) for name in sorted(os.listdir(staging))},
             },
         )
         storage.replace_directory(staging, target)
         storage.remove_leftovers(output_dir, also=CHECKPOINT_STAGING_NAME)
-        prune_checkpoints(output_dir, config.output.checkpoints_total_limit, state.run)
+        best = os.path.join(output_dir, state.best["checkpoint"]) if state.best else None
+        prune_checkpoints(output_dir, config.output.checkpoints_total_limit, state.run, keep=best)
         on_event("checkpoint_written", path=target, step=step)
     accelerator.wait_for_everyone()
     return target
@@ -521,6 +533,8 @@ def load_checkpoint(path: str, state: TrainingState, process_index: int, device=
     _load_rng_state(path, process_index, state.random_source)
     state.global_step = int(trainer_state["global_step"])
     state.nonfinite_skips = int(trainer_state.get("nonfinite_skips", 0))
+    state.training_cost = trainer_state.get("training_cost")
+    state.best = trainer_state.get("best")
 
 
 # ----------------------------------------------------------------------------------------------------------------
