@@ -328,7 +328,6 @@ def eval_results(record: Dict[str, Any]):
                 metric_name=METRIC_NAMES[key][0],
                 metric_value=round(float(value), 6),
                 metric_args=metric_args,
-                source_name="diffusers-onestep evaluate",
             )
         )
     return results

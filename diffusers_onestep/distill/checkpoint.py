@@ -438,8 +438,10 @@ def prune_checkpoints(
     if not limit:
         return
     kept = os.path.normpath(keep) if keep else None
-    checkpoints = [(s, p) for s, p in list_checkpoints(output_dir, run) if os.path.normpath(p) != kept]
+    checkpoints = list_checkpoints(output_dir, run)
     for _, path in checkpoints[:-1][: max(0, len(checkpoints) - limit)]:
+        if os.path.normpath(path) == kept:
+            continue
         storage.remove_directory(path)
 
 

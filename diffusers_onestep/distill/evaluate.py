@@ -65,6 +65,8 @@ class TrainingEvaluator:
             adapter.encode_prompt(self.prompts[i : i + 16], device=device) for i in range(0, len(self.prompts), 16)
         ]
         self.metric = self.extractor.metric
+        #: the images of the latest evaluation (uint8), for its grid
+        self.arrays: List[np.ndarray] = []
 
     def __call__(self, renderer, step: int) -> Dict[str, float]:
         arrays: List[np.ndarray] = []
@@ -112,8 +114,11 @@ class TrainingEvaluator:
         """``output_dir/evaluation/metrics.json`` (the latest evaluation, in ``evaluate``'s format) and its grid."""
         folder = os.path.join(output_dir, evaluation_dir_name())
         os.makedirs(folder, exist_ok=True)
-        evaluation.save_grid(self.arrays[:16], os.path.join(folder, evaluation.GRID_NAME))
-        record = {"metrics": metrics, "protocol": self.protocol(renderer, step), "grid": evaluation.GRID_NAME}
+        grid = None
+        if self.arrays:
+            grid = evaluation.GRID_NAME
+            evaluation.save_grid(self.arrays[:16], os.path.join(folder, grid))
+        record = {"metrics": metrics, "protocol": self.protocol(renderer, step), "grid": grid}
         write_json(os.path.join(folder, evaluation.METRICS_NAME), record)
         return folder
 
