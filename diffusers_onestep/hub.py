@@ -307,9 +307,13 @@ def eval_results(record: Dict[str, Any]):
     protocol = record.get("protocol") or {}
     dataset = str(protocol.get("dataset"))
     dataset_args = {
-        key: protocol.get(key)
-        for key in ("num_images", "resolution", "steps", "guidance", "seed", "caption_column", "reference")
+        key: protocol.get(key) for key in ("num_images", "resolution", "seed", "caption_column", "reference")
     }
+    # stated even when unset (YAML drops nulls): the steps the student ran, and its guidance
+    timesteps = protocol.get("timesteps")
+    dataset_args["steps"] = protocol.get("steps") or (len(timesteps) if timesteps else "all of the student's")
+    guidance = protocol.get("guidance")
+    dataset_args["guidance"] = guidance if guidance is not None else "none (distilled into the student)"
     results = []
     for key in MODEL_INDEX_METRICS:
         value = (record.get("metrics") or {}).get(key)
