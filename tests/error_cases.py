@@ -545,6 +545,18 @@ def cli_cases() -> List[Case]:
         cli_case("--base_model_id that is not a Hub id", lambda c: base(c, **{"--base_model_id": "./my teacher"})),
         cli_case("--eval_steps without held-out prompts", lambda c: base(c, **{"--eval_steps": "100"})),
         cli_case("--keep_best without --eval_steps", lambda c: base(c, **{"--keep_best": []})),
+        cli_case(
+            "--eval_reference folder missing",
+            lambda c: base(
+                c,
+                **{
+                    "--eval_steps": "10",
+                    "--eval_prompts": c["prompts"],
+                    "--eval_reference": "./no-reference",
+                    "--eval_features": "digits",
+                },
+            ),
+        ),
     ]
 
 

@@ -37,7 +37,8 @@ def check_evaluation_inputs(config: TrainConfig) -> None:
         if out.eval_features == "inception":
             evaluation.inception_path(out.eval_inception_path)
     except (DataError, evaluation.EvaluationError) as error:
-        raise ConfigError(f"--eval_steps: {error}") from None
+        message = str(error).replace("--inception_path", "--eval_inception_path")
+        raise ConfigError(f"--eval_steps: {message}") from None
 
 
 class TrainingEvaluator:
