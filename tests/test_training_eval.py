@@ -105,8 +105,9 @@ def test_eval_steps_logs_keeps_the_best_checkpoint_and_resume_knows_it(workspace
     assert sorted(p for p in os.listdir(output_dir) if p.startswith("checkpoint-")) == ["checkpoint-6"]
 
 
-def test_pruning_keeps_the_best_checkpoint_beside_the_latest(workspace, tmp_path, monkeypatch):
-    """--checkpoints_total_limit removes older checkpoints but never the best one its record names."""
+def test_pruning_keeps_the_best_checkpoint_beside_the_latest(workspace, tmp_path, monkeypatch, hub_calls):
+    """--checkpoints_total_limit removes older checkpoints but never the best one its record names; --push_to_hub
+    uploads the card with the final evaluation."""
     from diffusers_onestep.distill.checkpoint import prune_checkpoints, read_run
 
     monkeypatch.setenv("DIFFUSERS_ONESTEP_CACHE", workspace["cache"])
@@ -116,9 +117,25 @@ def test_pruning_keeps_the_best_checkpoint_beside_the_latest(workspace, tmp_path
     )
     output_dir = tmp_path / "run"
     config, _ = distill_cli.resolve_args(
-        eval_argv(workspace, output_dir, "--max_train_steps", "3", "--checkpointing_steps", "1")
+        eval_argv(
+            workspace,
+            output_dir,
+            "--max_train_steps",
+            "3",
+            "--checkpointing_steps",
+            "1",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/student",
+            "--base_model_id",
+            "org/teacher",
+        )
     )
     Trainer(config).run()
+    assert hub_calls["upload"]["repo_id"] == "me/student"
+    card = ModelCard.load(os.path.join(hub_calls["upload"]["folder_path"], "README.md"))
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {"fid": 3.0, "kid": 0.0}
+    assert card.data.model_name == "me/student" and "## Evaluation" in card.text
     assert sorted(p for p in os.listdir(output_dir) if p.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-3"]
     # the same pruning without the best named removes it: the record is what keeps it
     prune_checkpoints(str(output_dir), 1, read_run(str(output_dir)))

@@ -382,8 +382,8 @@ def check_fresh_start(output_dir: str, config: TrainConfig) -> None:
     """Refuse to start a run afresh in a non-empty ``output_dir`` without ``--overwrite_output_dir``, unless the
     folder holds only the run files of the same run stopped before its first checkpoint (a restart loses nothing).
 
-    Run files are ``training_config.json``, ``run.json``, the logging folder, ``validation/``, what interrupted
-    writes leave behind, and checkpoints of a run that the current one replaced.
+    Run files are ``training_config.json``, ``run.json``, the logging folder, ``validation/``, ``evaluation/`` and
+    ``best_checkpoint.json``, what interrupted writes leave behind, and checkpoints of a run that the current one replaced.
     """
     if not os.path.isdir(output_dir) or not os.listdir(output_dir) or config.output.overwrite_output_dir:
         return
@@ -393,7 +393,14 @@ def check_fresh_start(output_dir: str, config: TrainConfig) -> None:
             f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to write into it, or "
             "--resume_from_checkpoint latest to continue its run."
         )
-    run_files = {CONFIG_NAME, RUN_NAME, "validation", config.output.logging_dir.replace(os.sep, "/").split("/")[0]}
+    run_files = {
+        CONFIG_NAME,
+        RUN_NAME,
+        "validation",
+        "evaluation",  # --eval_steps
+        "best_checkpoint.json",  # --keep_best
+        config.output.logging_dir.replace(os.sep, "/").split("/")[0],
+    }
     foreign = sorted(
         name
         for name in os.listdir(output_dir)

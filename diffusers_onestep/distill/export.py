@@ -165,10 +165,23 @@ def export_student(
         repo_id=repo_id,
         method=get_method_class(config.method.method),
         training_cost=training_cost,
-        evaluation=hub.read_evaluation(output_dir),
+        evaluation=run_evaluation(config, output_dir),
     )
     storage.publish_entries(staging, output_dir, commit_file=commit)
     return output_dir
+
+
+def run_evaluation(config: TrainConfig, output_dir: str) -> Optional[Dict]:
+    """The evaluation of this run's final step (``--eval_steps``) for the card; an ``evaluation/metrics.json`` that
+    this run did not write at its last step (an older run's, or ``evaluate``'s of an older student) is left out."""
+    from .. import hub
+
+    if config.output.eval_steps is None:
+        return None
+    record = hub.read_evaluation(output_dir)
+    if record is None or (record.get("protocol") or {}).get("step") != config.optim.max_train_steps:
+        return None
+    return record
 
 
 def _save_full_student(staging: str, pipe) -> None:
