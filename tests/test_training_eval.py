@@ -12,7 +12,7 @@ from diffusers_onestep.distill.config import ConfigError
 from diffusers_onestep.distill.evaluate import TrainingEvaluator
 from diffusers_onestep.distill.trainer import Trainer
 from diffusers_onestep.testing import save_tiny_native_pipeline
-from diffusers_onestep.testing.evaluation import save_tiny_inception
+from diffusers_onestep.testing.evaluation import save_tiny_clip, save_tiny_inception
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,7 @@ def workspace(tmp_path_factory):
         "teacher": save_tiny_native_pipeline("pixart_alpha", str(root / "teacher")),
         "prompts": write_prompts(str(root)),
         "images": write_images(str(root / "images"), size=8),
+        "clip": save_tiny_clip(str(root / "clip")),
     }
 
 
@@ -75,10 +76,13 @@ def test_eval_steps_logs_keeps_the_best_checkpoint_and_resume_knows_it(workspace
 
     monkeypatch.setattr(TrainingEvaluator, "__call__", call)
     output_dir = tmp_path / "run"
-    config, _ = distill_cli.resolve_args(eval_argv(workspace, output_dir, "--max_train_steps", "4"))
+    argv = eval_argv(workspace, output_dir, "--max_train_steps", "4", "--eval_clip_model", workspace["clip"])
+    config, _ = distill_cli.resolve_args(argv)
     Trainer(config).run()
 
-    assert len(real_metrics) == 4 and all(set(m) == {"fid", "kid"} and m["fid"] > 0 for m in real_metrics)
+    assert len(real_metrics) == 4
+    assert all(set(m) == {"fid", "kid", "clip_score"} and m["fid"] > 0 for m in real_metrics)
+    assert all(step_logs["eval/clip_score"] >= 0 for _, step_logs in logged if "eval/fid" in step_logs)
     assert [(step, v["eval/fid"]) for step, v in logged if "eval/fid" in v] == [(1, 3.0), (2, 1.0), (3, 2.0), (4, 4.0)]
     with open(output_dir / "best_checkpoint.json") as f:
         best = json.load(f)
@@ -91,7 +95,7 @@ def test_eval_steps_logs_keeps_the_best_checkpoint_and_resume_knows_it(workspace
     # the card: model-index eval results, the protocol, the training cost
     card = ModelCard.load(str(output_dir / "README.md"))
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
-    assert results["fid"] == 4.0 and "kid" in results  # the final evaluation
+    assert results["fid"] == 4.0 and "kid" in results and "clip_score" in results  # the final evaluation
     assert "## Evaluation" in card.text and "Protocol: 4 images at 8x8" in card.text
     assert "Training cost:" in card.text and "1 session(s)" in card.text
 
