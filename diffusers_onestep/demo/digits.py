@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..evaluation import FeatureExtractor, frechet_distance
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # constants
@@ -282,12 +284,10 @@ def classify(
 def fd(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets ``[N, D]``: the project's one implementation,
     :func:`diffusers_onestep.evaluation.frechet_distance` (float64, eigen-based)."""
-    from ..evaluation import frechet_distance
-
     return frechet_distance(features_a, features_b)
 
 
-class DigitClassifierFeatures:
+class DigitClassifierFeatures(FeatureExtractor):
     """The digits classifier as a :class:`diffusers_onestep.evaluation.FeatureExtractor` (``--features digits``):
     the 64-d penultimate layer of :class:`DigitClassifier` on images area-averaged to 8x8 grey
     (:func:`to_classifier_input`). Called on ``[N, C, H, W]`` tensors in [-1, 1] it reads them as they are (the
@@ -311,11 +311,6 @@ class DigitClassifierFeatures:
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         return self.features(images)
-
-    def features_of_arrays(self, arrays, progress=None) -> np.ndarray:
-        from ..evaluation import FeatureExtractor
-
-        return FeatureExtractor.features_of_arrays(self, arrays, progress)
 
     def protocol(self) -> Dict[str, object]:
         return {
