@@ -269,8 +269,9 @@ def test_evaluate_writes_metrics_with_the_protocol_and_a_grid(
     # run again: every image is reused, nothing is generated, the metrics are the same
     assert cli.main(argv) == 0
     with open(os.path.join(out, "metrics.json")) as f:
-        again = json.load(f)["metrics"]
-    assert again["fid"] == metrics["fid"] and again["images_per_s"] is None
+        again = json.load(f)
+    assert again["metrics"]["fid"] == metrics["fid"] and again["metrics"]["images_per_s"] is None
+    assert again["protocol"]["timesteps"] == protocol["timesteps"] is not None
     # other settings in the same folder: refused in one sentence before any model loads
     assert cli.main(argv + ["--seed", "1"]) == 2
     assert capsys.readouterr().err.strip().endswith("or pass another --output_dir.")
