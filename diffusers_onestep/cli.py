@@ -5,6 +5,7 @@
     diffusers-onestep demo --quick
     diffusers-onestep presets
     diffusers-onestep push out --repo_id me/pixart-onestep
+    diffusers-onestep evaluate out --prompts captions.jsonl --reference coco-val-images
 
 Each subcommand's ``--help`` is its manual. Bad input is refused with one sentence and a nonzero exit status: 2 for
 arguments that are wrong before anything is loaded (as argparse does), 1 for a failure while running.
@@ -35,6 +36,7 @@ examples:
   diffusers-onestep demo --quick
   diffusers-onestep presets
   diffusers-onestep push out --repo_id me/pixart-onestep --private
+  diffusers-onestep evaluate out --prompts captions.jsonl --caption_column caption --reference coco-val-images
 
 `diffusers-onestep SUBCOMMAND --help` prints the manual of a subcommand."""
 
@@ -63,6 +65,26 @@ local teacher folder names that folder, so pushing it needs --base_model_id with
 examples:
   diffusers-onestep push out --repo_id me/pixart-onestep --private
   diffusers-onestep push lora-out --repo_id me/pixart-lora --base_model_id PixArt-alpha/PixArt-XL-2-512x512"""
+
+
+EVALUATE_EPILOG = """\
+FID and KID follow clean-fid's protocol: its TorchScript Inception-V3 (inception-2015-12-05.pt, read from the cache
+~/.cache/diffusers-onestep or --inception_path, downloaded once when online) and its 'clean' resize (uint8 images,
+PIL bicubic to 299x299 in float32). --features digits uses the bundled digits classifier instead (the digits
+benchmark's feature space). The CLIP score is torchmetrics' (100 cos, clipped at 0) with --clip_model.
+
+Image i is generated from prompt i (the first --num_images captions of --prompts) with its own generator seeded
+--seed + i and saved as OUTPUT_DIR/images/<i>.png as it is made: run a killed evaluation again with the same
+settings and it continues where it stopped (other settings in the same --output_dir are refused).
+
+Writes OUTPUT_DIR/metrics.json (the metrics and the full protocol) and OUTPUT_DIR/grid.png; `diffusers-onestep push`
+puts them into the model card when OUTPUT_DIR is MODEL/evaluation (the default for a local MODEL).
+
+examples:
+  diffusers-onestep evaluate out --prompts coco-captions.jsonl --caption_column caption --reference coco-val2014 \\
+      --num_images 5000 --batch_size 16
+  diffusers-onestep evaluate demo-output/student --prompts digits-prompts.txt --reference digits-heldout \\
+      --features digits --clip_model none --num_images 1000"""
 
 
 class CommandError(Exception):
@@ -144,6 +166,142 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluation_output_dir(model: str, output_dir: Optional[str]) -> str:
+    """``--output_dir``, else ``MODEL/evaluation`` for a local student (where ``push`` finds it), else
+    ``evaluation-<name>`` in the working directory for a Hub id."""
+    if output_dir:
+        return output_dir
+    if os.path.isdir(model):
+        return os.path.join(model, "evaluation")
+    return f"evaluation-{model.replace('/', '--')}"
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from . import evaluation
+    from .distill.data import DataError, check_prompt_source
+
+    # every check that needs no model first: bad input is refused before anything loads (exit status 2)
+    if not os.path.isdir(args.model):
+        from . import hub
+
+        try:
+            hub.check_repo_id(args.model)
+        except ValueError as error:
+            raise CommandError(str(error), status=2) from None
+    try:
+        check_prompt_source(args.prompts)
+    except DataError as error:
+        raise CommandError(str(error).replace("--prompts FILE_OR_DATASET", "--prompts"), status=2) from None
+    if (args.reference.startswith((".", "/", "~")) or os.sep in args.reference) and not os.path.exists(args.reference):
+        raise CommandError(f"The reference image source {args.reference} does not exist.", status=2)
+    if args.num_images < 2:
+        raise CommandError(f"--num_images must be at least 2 (FID needs two images), got {args.num_images}.", 2)
+    if (
+        args.clip_model != "none"
+        and args.clip_model.startswith((".", "/", "~"))
+        and not os.path.isdir(args.clip_model)
+    ):
+        raise CommandError(f"--clip_model {args.clip_model} is not a folder.", status=2)
+    output_dir = evaluation_output_dir(args.model, args.output_dir)
+    settings = evaluation.GenerationSettings(
+        model=args.model,
+        prompts=args.prompts,
+        caption_column=args.caption_column,
+        num_images=args.num_images,
+        height=args.resolution,
+        width=args.resolution,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+    )
+    try:
+        done = evaluation.check_generation_folder(output_dir, settings)
+        if args.features == "inception":
+            evaluation.inception_path(args.inception_path)
+        prompts = evaluation.load_captions(args.prompts, args.caption_column, args.num_images)
+    except evaluation.EvaluationError as error:
+        raise CommandError(str(error), status=2) from None
+    return evaluate_command(args, output_dir, settings, prompts, done)
+
+
+def evaluate_command(args, output_dir: str, settings, prompts: List[str], done: int) -> int:
+    import torch
+
+    from . import OneStepPipeline, evaluation
+    from .storage import write_json
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(
+        f"{PROG} evaluate: {settings.num_images} images of {args.model} from the first {settings.num_images} "
+        f"captions of {args.prompts} (seed {settings.seed} + image index), on {device}; "
+        f"{done} already in {output_dir}",
+        flush=True,
+    )
+    if done < settings.num_images:
+        try:
+            pipe = OneStepPipeline.from_pretrained(args.model)
+        except (OSError, ValueError, KeyError) as error:
+            raise CommandError(f"cannot load {args.model!r} as a one-step student: {reason_of(error)}") from None
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        try:
+            timesteps = pipe.scheduler.select_timesteps(settings.steps)
+            stats = evaluation.generate_images(pipe, prompts, output_dir, settings, batch_size=args.batch_size)
+        except ValueError as error:  # the pipeline's own input checks (steps, size, guidance)
+            raise CommandError(reason_of(error), status=2) from None
+        timesteps = [round(float(t), 2) for t in timesteps]
+        del pipe
+    else:
+        stats = evaluation.GenerationStats(0, done, 0.0, None, "none (every image was reused)")
+        # the images were generated by an earlier run of the same settings: its record names the timesteps
+        timesteps = ((evaluation.read_metrics(output_dir) or {}).get("protocol") or {}).get("timesteps")
+    try:
+        extractor = evaluation.feature_extractor(args.features, device=device, inception_path=args.inception_path)
+        reference = evaluation.reference_features(extractor, args.reference, args.reference_column, args.num_reference)
+        clip = None if args.clip_model == "none" else evaluation.CLIPScorer(args.clip_model, device=device)
+        metrics = evaluation.evaluate_folder(output_dir, prompts, extractor, reference, clip)
+    except evaluation.EvaluationError as error:
+        raise CommandError(str(error)) from None
+    first = next(evaluation.generated_arrays(output_dir, 1))
+    grid_count = min(16, settings.num_images)
+    evaluation.save_grid(
+        list(evaluation.generated_arrays(output_dir, grid_count)), os.path.join(output_dir, evaluation.GRID_NAME)
+    )
+    metrics["images_per_s"] = stats.images_per_s
+    metrics["peak_memory_gb"] = None if stats.peak_memory_bytes is None else stats.peak_memory_bytes / 2**30
+    protocol = {
+        "model": args.model,
+        "dataset": args.prompts,
+        "caption_column": args.caption_column,
+        "num_images": settings.num_images,
+        "resolution": [int(first.shape[0]), int(first.shape[1])],
+        "steps": settings.steps,
+        "timesteps": timesteps,
+        "guidance": settings.guidance,
+        "seed": settings.seed,
+        "seeding": "image i from torch.Generator().manual_seed(seed + i)",
+        "reference": args.reference,
+        "reference_images": int(len(reference)),
+        "features": extractor.protocol(),
+        "kid": {
+            "kernel": "(x.y/d + 1)^3",
+            "subsets": evaluation.KID_SUBSETS,
+            "subset_size": evaluation.KID_SUBSET_SIZE,
+        },
+        "clip": None if clip is None else clip.protocol(),
+        "device": str(device),
+        "peak_memory": stats.peak_memory_kind,
+        "images_per_s": f"{stats.generated} images generated in this run (model loading excluded)",
+    }
+    record = {"metrics": metrics, "protocol": protocol, "grid": evaluation.GRID_NAME}
+    write_json(os.path.join(output_dir, evaluation.METRICS_NAME), record)
+    print(evaluation.protocol_text(protocol), flush=True)
+    for name, value in metrics.items():
+        print(f"  {name:<16}{'-' if value is None else f'{value:.6g}'}", flush=True)
+    print(f"wrote {output_dir}/{evaluation.METRICS_NAME} and {output_dir}/{evaluation.GRID_NAME}", flush=True)
+    return 0
+
+
 def run_presets(args: argparse.Namespace) -> int:
     from .pipelines.presets import markdown_table
 
@@ -211,6 +369,11 @@ def run_push(args: argparse.Namespace) -> int:
                 f"{flag} {repo_id!r} is not a valid Hub repo id (expected 'name' or 'org/name').", status=2
             ) from None
     replacements = published_lora_files(folder, args.base_model_id)
+    evaluated = hub.card_with_evaluation(folder, replacements.get("README.md"), model_name=args.repo_id)
+    if evaluated is not None:
+        # the card gets the evaluation (model-index and its text); the folder's own README.md is left as it is
+        replacements = {**replacements, "README.md": evaluated}
+        print(f"{PROG} push: the card gets the evaluation of {folder}/evaluation/metrics.json", flush=True)
     if not os.path.isfile(os.path.join(folder, "README.md")):
         print(
             f"{PROG} push: {folder} has no model card (README.md); the training script writes one. Pushing the "
@@ -318,6 +481,72 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push.add_argument("--token", default=None, help="Hub token (default: the one saved by `hf auth login`)")
     push.set_defaults(run=run_push)
+
+    from .evaluation import DEFAULT_CLIP_MODEL, FEATURE_EXTRACTORS
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="FID / KID (clean-fid protocol), CLIP score, images/s and peak memory of a student",
+        description="Generate images of a one-step student from captions and measure FID and KID against a "
+        "reference image set (clean-fid's protocol), the CLIP score, images/s and peak memory.",
+        epilog=EVALUATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("model", metavar="MODEL", help="student folder or Hub id (as for generate)")
+    evaluate.add_argument(
+        "--prompts",
+        required=True,
+        metavar="SRC",
+        help="captions: a datasets source (a Hub dataset id, a local folder, or a .txt/.jsonl/.json/.csv/.parquet "
+        "file); the first --num_images are used",
+    )
+    evaluate.add_argument("--caption_column", default="text", help="column of the captions (default: text)")
+    evaluate.add_argument(
+        "--reference", required=True, metavar="SRC", help="reference images: an image folder or a Hub dataset id"
+    )
+    evaluate.add_argument("--reference_column", default="image", help="image column of --reference (default: image)")
+    evaluate.add_argument(
+        "--num_reference", type=positive_int, default=None, help="reference images used (default: all of them)"
+    )
+    evaluate.add_argument("--num_images", type=positive_int, default=5000, help="images to generate (default: 5000)")
+    evaluate.add_argument(
+        "--resolution", type=positive_int, default=None, help="image size (default: the student's native size)"
+    )
+    evaluate.add_argument(
+        "--steps", type=positive_int, default=None, help="student timesteps to run (default: all, as generate)"
+    )
+    evaluate.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale, only for students with embedded guidance (default: none)",
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
+    evaluate.add_argument("--batch_size", type=positive_int, default=8, help="images per pipeline call (default: 8)")
+    evaluate.add_argument(
+        "--features",
+        choices=FEATURE_EXTRACTORS,
+        default="inception",
+        help="feature space of FID/KID: inception (clean-fid) or digits (the bundled digits classifier)",
+    )
+    evaluate.add_argument(
+        "--inception_path",
+        default=None,
+        help="clean-fid's inception-2015-12-05.pt (a file or its folder) (default: the cache, downloaded once)",
+    )
+    evaluate.add_argument(
+        "--clip_model",
+        default=DEFAULT_CLIP_MODEL,
+        help=f"CLIP model (Hub id or folder) of the CLIP score, or none (default: {DEFAULT_CLIP_MODEL})",
+    )
+    evaluate.add_argument(
+        "--output_dir",
+        default=None,
+        metavar="DIR",
+        help="images, metrics.json and grid.png (default: MODEL/evaluation for a folder, else evaluation-<id>)",
+    )
+    evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    evaluate.set_defaults(run=run_evaluate)
     return parser
 
 

@@ -27,7 +27,13 @@ UPLOAD_IGNORE_PATTERNS = [
     "logs/**",
     "validation/**",
     "run.json",
+    # an evaluation folder's generated images and resume record; its metrics.json and grid.png are published
+    "evaluation/images/**",
+    "evaluation/generation.json",
+    "evaluation/*.partial",
 ]
+#: the evaluation folder of a student folder (``diffusers-onestep evaluate``'s default output, ``--eval_steps``)
+EVALUATION_DIR = "evaluation"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,6 +200,7 @@ def card_text(
     *,
     method,
     license_fields: Optional[Dict[str, str]] = None,
+    training_cost: Optional[Dict[str, Any]] = None,
 ) -> str:
     """The card's markdown for a resolved run ``config`` trained by ``method`` (the registered method class, which
     names itself: ``name``, ``description``, ``reference``, ``tags``); ``repo_id`` is the Hub repo the loading
@@ -254,6 +261,7 @@ def card_text(
         f"- Student: {config.roles.student}; critic: {config.roles.critic}",
         f"- Steps: {config.optim.max_train_steps}, batch {config.optim.train_batch_size}, "
         f"student lr {config.optim.learning_rate}",
+        *([training_cost_text(training_cost)] if training_cost else []),
         "",
         "<details><summary>Resolved training configuration</summary>",
         "",
@@ -264,6 +272,140 @@ def card_text(
         "</details>",
     ]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation and training cost in the card
+# ----------------------------------------------------------------------------------------------------------------
+
+#: how each metric of a ``metrics.json`` is named in the card (and whether lower is better)
+METRIC_NAMES = {
+    "fid": ("FID (clean-fid)", "lower"),
+    "kid": ("KID (clean-fid)", "lower"),
+    "fd_digits": ("FD (digits classifier)", "lower"),
+    "kd_digits": ("KD (digits classifier)", "lower"),
+    "clip_score": ("CLIP score", "higher"),
+    "images_per_s": ("images/s", "higher"),
+    "peak_memory_gb": ("peak memory (GiB)", "lower"),
+}
+#: the quality metrics that go into the card's ``model-index`` (speed and memory depend on the machine)
+MODEL_INDEX_METRICS = ("fid", "kid", "fd_digits", "kd_digits", "clip_score")
+
+
+def read_evaluation(folder: str) -> Optional[Dict[str, Any]]:
+    """The ``evaluation/metrics.json`` of a student folder, or ``None``."""
+    from .evaluation import read_metrics
+
+    return read_metrics(os.path.join(folder, EVALUATION_DIR))
+
+
+def eval_results(record: Dict[str, Any]):
+    """The ``model-index`` entries (``huggingface_hub.EvalResult``) of an evaluation record: one per quality metric,
+    each with the protocol as its dataset and metric arguments."""
+    from huggingface_hub import EvalResult
+
+    protocol = record.get("protocol") or {}
+    dataset = str(protocol.get("dataset"))
+    dataset_args = {
+        key: protocol.get(key) for key in ("num_images", "resolution", "seed", "caption_column", "reference")
+    }
+    # stated even when unset (YAML drops nulls): the steps the student ran, and its guidance
+    timesteps = protocol.get("timesteps")
+    dataset_args["steps"] = protocol.get("steps") or (len(timesteps) if timesteps else "all of the student's")
+    guidance = protocol.get("guidance")
+    dataset_args["guidance"] = guidance if guidance is not None else "none (distilled into the student)"
+    results = []
+    for key in MODEL_INDEX_METRICS:
+        value = (record.get("metrics") or {}).get(key)
+        if value is None:
+            continue
+        metric_args = {"features": (protocol.get("features") or {}).get("name")}
+        if key == "clip_score":
+            metric_args = {"clip_model": (protocol.get("clip") or {}).get("model")}
+        results.append(
+            EvalResult(
+                task_type="text-to-image",
+                dataset_type=dataset if is_hub_id(dataset) else os.path.basename(os.path.normpath(dataset)),
+                dataset_name=f"{os.path.basename(os.path.normpath(dataset))} ({protocol.get('num_images')} captions)",
+                dataset_args=dataset_args,
+                metric_type=key,
+                metric_name=METRIC_NAMES[key][0],
+                metric_value=round(float(value), 6),
+                metric_args=metric_args,
+            )
+        )
+    return results
+
+
+def evaluation_text(record: Dict[str, Any], grid: Optional[str] = None) -> str:
+    """The card's ``## Evaluation`` section: a table of the metrics and the full protocol."""
+    from .evaluation import protocol_text
+
+    lines = ["## Evaluation", "", "| metric | value |", "|---|---|"]
+    for key, value in (record.get("metrics") or {}).items():
+        if value is None:
+            continue
+        name, better = METRIC_NAMES.get(key, (key, ""))
+        lines.append(f"| {name}{f' ({better} is better)' if better else ''} | {float(value):.4g} |")
+    lines += ["", protocol_text(record.get("protocol") or {}).replace("\n", "\n\n")]
+    if grid:
+        lines += ["", f"![evaluation samples]({grid})"]
+    return "\n".join(lines) + "\n"
+
+
+def training_cost_text(cost: Optional[Dict[str, Any]]) -> Optional[str]:
+    """The card's line on what training cost: wall time, device(s) and peak memory (from the run's records)."""
+    if not cost:
+        return None
+    hours = float(cost.get("wall_seconds", 0.0)) / 3600
+    memory = cost.get("peak_memory_bytes")
+    shown_memory = "unknown" if memory is None else f"{memory / 2**30:.2f} GiB ({cost.get('peak_memory_kind')})"
+    return (
+        f"- Training cost: {hours:.2f} h wall time ({float(cost.get('wall_seconds', 0.0)):.0f} s over "
+        f"{cost.get('sessions', 1)} session(s)) on {cost.get('num_processes', 1)} x {cost.get('device')}; "
+        f"peak memory {shown_memory}"
+    )
+
+
+def _replace_section(text: str, heading: str, section: str) -> str:
+    """``text`` with its markdown section ``heading`` (up to the next ``## ``) replaced by ``section``, or with
+    ``section`` added before ``## License`` (at the end when there is none)."""
+    lines = text.split("\n")
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+    if start is not None:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        return "\n".join(lines[:start] + section.rstrip("\n").split("\n") + [""] + lines[end:])
+    anchor = next((i for i, line in enumerate(lines) if line.strip() == "## License"), None)
+    if anchor is None:
+        return text.rstrip("\n") + "\n\n" + section
+    return "\n".join(lines[:anchor] + section.rstrip("\n").split("\n") + [""] + lines[anchor:])
+
+
+def add_evaluation(card, record: Dict[str, Any], model_name: str, grid: Optional[str] = None):
+    """``card`` (a ``huggingface_hub.ModelCard``) with the evaluation in its metadata (``model-index``) and its
+    text (``## Evaluation``, replacing an older one)."""
+    from huggingface_hub import ModelCard
+
+    card.data.eval_results = eval_results(record)
+    card.data.model_name = model_name
+    text = _replace_section(card.text, "## Evaluation", evaluation_text(record, grid))
+    return ModelCard(f"---\n{card.data.to_yaml()}\n---\n{text if text.startswith(chr(10)) else chr(10) + text}")
+
+
+def card_with_evaluation(folder: str, card_text: Optional[bytes] = None, model_name: Optional[str] = None):
+    """The published ``README.md`` of ``folder`` with its evaluation (``evaluation/metrics.json``) added, as bytes;
+    ``None`` when the folder has no evaluation or no card. ``card_text`` replaces the folder's own card."""
+    from huggingface_hub import ModelCard
+
+    record = read_evaluation(folder)
+    path = os.path.join(folder, "README.md")
+    if record is None or (card_text is None and not os.path.isfile(path)):
+        return None
+    card = ModelCard(card_text.decode("utf-8")) if card_text is not None else ModelCard.load(path)
+    grid = record.get("grid")
+    grid = f"{EVALUATION_DIR}/{grid}" if grid and os.path.isfile(os.path.join(folder, EVALUATION_DIR, grid)) else None
+    name = model_name or os.path.basename(os.path.abspath(folder))
+    return str(add_evaluation(card, record, name, grid)).encode("utf-8")
 
 
 def card_base_model(config) -> Optional[str]:
@@ -284,9 +426,12 @@ def write_model_card(
     repo_id: Optional[str] = None,
     *,
     method,
+    training_cost: Optional[Dict[str, Any]] = None,
+    evaluation: Optional[Dict[str, Any]] = None,
 ):
     """Write ``README.md`` (a ``huggingface_hub.ModelCard``) into ``folder`` and return the card (see
-    :func:`card_text` for ``method`` and ``repo_id``). The card carries the teacher's license, read from the
+    :func:`card_text` for ``method`` and ``repo_id``), with the run's ``training_cost`` and ``evaluation`` (a
+    ``metrics.json`` record, :func:`add_evaluation`) when given. The card carries the teacher's license, read from the
     teacher's own card (at ``config.revision``, through ``config.cache_dir``)."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -321,8 +466,13 @@ def write_model_card(
         repo_id,
         method=method,
         license_fields=license_fields,
+        training_cost=training_cost,
     )
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+    if evaluation is not None:
+        name = repo_id or os.path.basename(os.path.abspath(config.output.output_dir))
+        grid = evaluation.get("grid")
+        card = add_evaluation(card, evaluation, name, f"{EVALUATION_DIR}/{grid}" if grid else None)
     card.save(os.path.join(folder, "README.md"))
     return card
 

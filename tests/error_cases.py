@@ -543,6 +543,20 @@ def cli_cases() -> List[Case]:
             lambda c: base(c, **{"--push_to_hub": []}),
         ),
         cli_case("--base_model_id that is not a Hub id", lambda c: base(c, **{"--base_model_id": "./my teacher"})),
+        cli_case("--eval_steps without held-out prompts", lambda c: base(c, **{"--eval_steps": "100"})),
+        cli_case("--keep_best without --eval_steps", lambda c: base(c, **{"--keep_best": []})),
+        cli_case(
+            "--eval_reference folder missing",
+            lambda c: base(
+                c,
+                **{
+                    "--eval_steps": "10",
+                    "--eval_prompts": c["prompts"],
+                    "--eval_reference": "./no-reference",
+                    "--eval_features": "digits",
+                },
+            ),
+        ),
     ]
 
 
@@ -582,6 +596,79 @@ def push_cases() -> List[Case]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers-onestep evaluate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_case(name, args_fn, env=None):
+    """A refusal of ``diffusers-onestep evaluate``: exit status 2 before any model loads, one sentence on stderr."""
+
+    def run(c):
+        import contextlib
+        import io
+
+        from diffusers_onestep import cli
+
+        saved = {key: os.environ.get(key) for key in (env or {})}
+        os.environ.update({key: value(c) for key, value in (env or {}).items()})
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                c["last_exit_code"] = cli.main(["evaluate", *[str(a) for a in args_fn(c)]])
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        lines = [line for line in stderr.getvalue().strip().splitlines() if line]
+        return lines[-1].split("error: ", 1)[1]
+
+    return Case("diffusers-onestep evaluate", name, run, cli=True)
+
+
+def evaluate_args(c, **flags):
+    """``evaluate`` of the context's student on its prompts against its images, with the tiny Inception."""
+    args = {
+        "--prompts": c["prompts"],
+        "--reference": c["eval_reference"],
+        "--num_images": "4",
+        "--clip_model": "none",
+        "--output_dir": c["out"],
+    }
+    args.update(flags)
+    model = args.pop("MODEL", c["student_dir"])
+    return [model, *[item for key, value in args.items() for item in (key, value)]]
+
+
+def evaluate_cases() -> List[Case]:
+    inception = {"DIFFUSERS_ONESTEP_CACHE": lambda c: c["eval_inception_cache"]}
+    return [
+        evaluate_case(
+            "MODEL neither a folder nor a Hub id", lambda c: evaluate_args(c, MODEL="./no such student"), inception
+        ),
+        evaluate_case(
+            "--prompts file missing", lambda c: evaluate_args(c, **{"--prompts": "./missing.txt"}), inception
+        ),
+        evaluate_case(
+            "--reference folder missing", lambda c: evaluate_args(c, **{"--reference": "./no-images"}), inception
+        ),
+        evaluate_case("--num_images 1", lambda c: evaluate_args(c, **{"--num_images": "1"}), inception),
+        evaluate_case("more images than captions", lambda c: evaluate_args(c, **{"--num_images": "100"}), inception),
+        evaluate_case(
+            "Inception weights missing while offline",
+            lambda c: evaluate_args(c),
+            {"DIFFUSERS_ONESTEP_CACHE": lambda c: c["empty_dir"]},
+        ),
+        evaluate_case(
+            "--output_dir holding images of other settings",
+            lambda c: evaluate_args(c, **{"--output_dir": c["eval_other_settings"]}),
+            inception,
+        ),
+    ]
+
+
 def _huggingface_hub():
     import huggingface_hub
 
@@ -595,7 +682,7 @@ def _accelerate_utils():
 
 
 def all_cases() -> List[Case]:
-    return pipeline_cases() + loading_cases() + scheduler_cases() + cli_cases() + push_cases()
+    return pipeline_cases() + loading_cases() + scheduler_cases() + cli_cases() + push_cases() + evaluate_cases()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -694,6 +781,30 @@ def build_context(root: str) -> dict:
         json.dump({"base_model": "PixArt-alpha/PixArt-XL-2-512x512"}, f)
     _broken_teachers(ctx)
     ctx["out"] = os.path.join(root, "out")
+    # evaluate: a tiny Inception where clean-fid's file goes, reference images, and a folder of other settings
+    from diffusers_onestep.evaluation import GENERATION_NAME
+    from diffusers_onestep.testing.evaluation import save_tiny_inception
+
+    ctx["eval_inception_cache"] = os.path.join(root, "inception-cache")
+    save_tiny_inception(ctx["eval_inception_cache"])
+    ctx["eval_reference"] = write_images(os.path.join(root, "eval-reference"), n=4, size=8)
+    ctx["eval_other_settings"] = os.path.join(root, "eval-other-settings")
+    os.makedirs(ctx["eval_other_settings"])
+    with open(os.path.join(ctx["eval_other_settings"], GENERATION_NAME), "w") as f:
+        json.dump(
+            {
+                "model": ctx["student_dir"],
+                "prompts": ctx["prompts"],
+                "caption_column": "text",
+                "num_images": 4,
+                "height": None,
+                "width": None,
+                "steps": None,
+                "guidance": None,
+                "seed": 5,
+            },
+            f,
+        )
     ctx["run_dir"] = os.path.join(root, "previous-run")
     _damaged_folders(ctx)
     return ctx

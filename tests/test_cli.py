@@ -11,7 +11,7 @@ from PIL import Image
 from diffusers_onestep import cli
 
 
-SUBCOMMANDS = ("distill", "demo", "generate", "presets", "push")
+SUBCOMMANDS = ("distill", "demo", "generate", "presets", "push", "evaluate")
 
 
 def run(capsys, *argv):
@@ -44,6 +44,7 @@ def test_help_lists_every_subcommand(capsys):
         ("generate", ["--steps", "--seed", "--num_images", "--height", "--width", "--out", "MODEL", "PROMPT"]),
         ("presets", ["Markdown", "timesteps"]),
         ("push", ["--repo_id", "--private", "FOLDER", "hf auth login"]),
+        ("evaluate", ["--prompts", "--reference", "--num_images", "--features", "clean-fid", "metrics.json"]),
     ],
 )
 def test_each_subcommand_help_is_its_manual(capsys, name, flags):

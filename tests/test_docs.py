@@ -48,3 +48,14 @@ def test_benchmark_doc_names_its_command():
     assert "## Inference overhead" in text
     assert "benchmarks/inference_overhead.py" in text
     assert os.path.isfile(os.path.join(REPO, "benchmarks", "inference_overhead.py"))
+
+
+def test_evaluation_examples_run(tmp_path, monkeypatch):
+    blocks = _tested_blocks(_read(os.path.join(REPO, "docs", "evaluation.md")))
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIFFUSERS_ONESTEP_CACHE", str(tmp_path / "feature-cache"))  # restored after the test
+    namespace = {"__name__": "docs_evaluation"}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/evaluation.md (tested block {i + 1})", "exec"), namespace)
+    assert (tmp_path / "tiny-student" / "evaluation" / "grid.png").is_file()

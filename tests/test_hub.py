@@ -141,3 +141,101 @@ def test_hub_model_id_is_validated(bad):
     config.output.hub_model_id = bad
     with pytest.raises(ValueError, match="not a valid Hub repo id"):
         config.output.validate()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the evaluation in the card
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def evaluation_record():
+    """A ``metrics.json`` record as ``diffusers-onestep evaluate`` writes it."""
+    return {
+        "metrics": {"fid": 23.4567, "kid": 0.0123, "clip_score": 31.25, "images_per_s": 12.5, "peak_memory_gb": 7.5},
+        "protocol": {
+            "model": "out",
+            "dataset": "org/coco-captions",
+            "caption_column": "caption",
+            "num_images": 5000,
+            "resolution": [512, 512],
+            "steps": None,
+            "timesteps": [399.0],
+            "guidance": None,
+            "seed": 0,
+            "seeding": "image i from torch.Generator().manual_seed(seed + i)",
+            "reference": "coco-val2014",
+            "reference_images": 40504,
+            "features": {"name": "inception", "weights": "clean-fid's TorchScript Inception-V3", "resize": "clean"},
+            "kid": {"kernel": "(x.y/d + 1)^3", "subsets": 100, "subset_size": 1000},
+            "clip": {"model": "openai/clip-vit-large-patch14", "score": "100 cos, clipped at 0"},
+            "device": "cuda",
+            "peak_memory": "peak CUDA memory allocated by torch",
+        },
+        "grid": "grid.png",
+    }
+
+
+def test_push_puts_the_evaluation_into_the_cards_model_index_and_text(tmp_path, monkeypatch, hub_calls):
+    import huggingface_hub
+
+    from diffusers_onestep import cli
+    from diffusers_onestep.storage import write_json
+
+    folder = tmp_path / "student"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    cost = {"wall_seconds": 7200.0, "sessions": 2, "device": "NVIDIA H100", "num_processes": 1}
+    cost.update(peak_memory_bytes=30 * 2**30, peak_memory_kind="peak CUDA memory allocated by torch")
+    hub.write_model_card(str(folder), make_config(), "sdxl", [399], lora=False, method=DMD2, training_cost=cost)
+    original_card = (folder / "README.md").read_text()
+    os.makedirs(folder / "evaluation" / "images")
+    write_json(str(folder / "evaluation" / "metrics.json"), evaluation_record())
+    (folder / "evaluation" / "grid.png").write_bytes(b"png")
+    (folder / "evaluation" / "images" / "000000.png").write_bytes(b"png")
+    commits = {}
+
+    def create_commit(repo_id, operations, **kwargs):
+        commits[repo_id] = {op.path_in_repo: op.path_or_fileobj for op in operations}
+
+    monkeypatch.setattr(huggingface_hub, "create_commit", create_commit)
+    assert cli.main(["push", str(folder), "--repo_id", "me/student"]) == 0
+    uploaded = commits["me/student"]
+    # the generated images stay local; the metrics and their grid are published
+    assert "evaluation/metrics.json" in uploaded and "evaluation/grid.png" in uploaded
+    assert not any(name.startswith("evaluation/images") for name in uploaded)
+    card = ModelCard(uploaded["README.md"].decode("utf-8"))
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert set(results) == {"fid", "kid", "clip_score"}  # speed and memory depend on the machine: text only
+    fid = results["fid"]
+    assert fid.metric_value == 23.4567 and fid.task_type == "text-to-image" and fid.dataset_type == "org/coco-captions"
+    assert fid.dataset_args == {
+        "num_images": 5000,
+        "resolution": [512, 512],
+        "steps": 1,
+        "guidance": "none (distilled into the student)",
+        "seed": 0,
+        "caption_column": "caption",
+        "reference": "coco-val2014",
+    }
+    assert results["clip_score"].metric_args == {"clip_model": "openai/clip-vit-large-patch14"}
+    assert card.data.model_name == "me/student"
+    text = card.text
+    assert "## Evaluation" in text and "| FID (clean-fid) (lower is better) | 23.46 |" in text
+    assert "Protocol: 5000 images at 512x512 from the first 5000 captions of `org/coco-captions`" in text
+    assert "seed 0 (image i from torch.Generator().manual_seed(seed + i))" in text
+    assert "Reference: 40504 images of `coco-val2014`." in text
+    assert (
+        "Training cost: 2.00 h wall time (7200 s over 2 session(s)) on 1 x NVIDIA H100; peak memory 30.00 GiB" in text
+    )
+    assert text.index("## Evaluation") < text.index("## License")
+    # the folder's own card is left as it was; a second push replaces the section instead of adding another
+    assert (folder / "README.md").read_text() == original_card
+    again = hub.add_evaluation(card, evaluation_record(), "me/student")
+    assert again.text.count("## Evaluation") == 1
+
+
+def test_a_folder_without_an_evaluation_is_pushed_with_its_card_as_it_is(tmp_path):
+    folder = tmp_path / "student"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n\n# card\n")
+    assert hub.card_with_evaluation(str(folder)) is None

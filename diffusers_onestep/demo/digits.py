@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..evaluation import FeatureExtractor, frechet_distance
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # constants
@@ -279,31 +281,44 @@ def classify(
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
-    vals, vecs = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
-
-
 def fd(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets ``[N, D]`` (float64, eigen-based).
+    """Fréchet distance between Gaussians fitted to two feature sets ``[N, D]``: the project's one implementation,
+    :func:`diffusers_onestep.evaluation.frechet_distance` (float64, eigen-based)."""
+    return frechet_distance(features_a, features_b)
 
-    ``|mu_a - mu_b|^2 + tr(C_a) + tr(C_b) - 2 tr((C_a^1/2 C_b C_a^1/2)^1/2)``. The last trace equals
-    ``tr((C_a C_b)^1/2)`` but is computed from symmetric PSD matrices only, so it needs no complex ``sqrtm`` and
-    small negative eigenvalues from round-off are clipped to 0.
-    """
-    a = np.asarray(features_a, dtype=np.float64)
-    b = np.asarray(features_b, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be [N, D] with equal D, got {a.shape} and {b.shape}.")
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError("each feature set needs at least 2 rows.")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root_a = _sqrt_psd(cov_a)
-    middle = root_a @ cov_b @ root_a
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    value = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * cross)
-    return max(value, 0.0)
+
+class DigitClassifierFeatures(FeatureExtractor):
+    """The digits classifier as a :class:`diffusers_onestep.evaluation.FeatureExtractor` (``--features digits``):
+    the 64-d penultimate layer of :class:`DigitClassifier` on images area-averaged to 8x8 grey
+    (:func:`to_classifier_input`). Called on ``[N, C, H, W]`` tensors in [-1, 1] it reads them as they are (the
+    digits benchmark's path, unquantized); :meth:`prepare` reads a uint8 image file's pixels."""
+
+    name = "digits"
+    metric = "fd_digits"
+    batch_size = 1000
+
+    def __init__(self, classifier: Optional["DigitClassifier"] = None):
+        self.classifier = classifier
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+    def features(self, batch: torch.Tensor) -> np.ndarray:
+        return classify(batch, self.classifier, "-1,1")[0]
+
+    def features_and_predictions(self, images: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
+        return classify(images, self.classifier, "-1,1")
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        return self.features(images)
+
+    def protocol(self) -> Dict[str, object]:
+        return {
+            "name": self.name,
+            "weights": "the bundled digits classifier (demo/assets/digits/classifier.safetensors), 64-d "
+            "penultimate layer",
+            "resize": "uint8 RGB -> [-1, 1], area average to 8x8, mean of the 3 channels",
+        }
 
 
 def knn_recall(generated: np.ndarray, real: np.ndarray, k: int = KNN_K) -> float:
@@ -324,8 +339,7 @@ def knn_recall(generated: np.ndarray, real: np.ndarray, k: int = KNN_K) -> float
 @lru_cache(maxsize=8)
 def _reference(resolution: int, split: str = "heldout") -> Tuple[np.ndarray, np.ndarray]:
     images, labels = load_split(split, resolution=resolution, channels=1)
-    features, _ = classify(images, value_range="-1,1")
-    return features, labels.numpy()
+    return DigitClassifierFeatures()(images), labels.numpy()
 
 
 def reference_features(resolution: int = TEACHER_RESOLUTION) -> np.ndarray:
@@ -354,11 +368,18 @@ def evaluate(
     if len(requested) != len(images):
         raise ValueError(f"got {len(images)} images but {len(requested)} requested digits.")
     resolution = int(images.shape[-1])
-    features, preds = classify(images, classifier, value_range)
+    if value_range == "auto":
+        value_range = "0,1" if images.numel() and images.min() >= 0 else "-1,1"
+    if value_range == "0,1":
+        images = images.detach().float() * 2.0 - 1.0
+    elif value_range != "-1,1":
+        raise ValueError(f"value_range must be '-1,1', '0,1' or 'auto', got {value_range!r}.")
+    extractor = DigitClassifierFeatures(classifier)
+    features, preds = extractor.features_and_predictions(images)
     real = (
         reference_features(resolution)
         if classifier is None
-        else classify(load_split("heldout", resolution=resolution, channels=1)[0], classifier, "-1,1")[0]
+        else extractor(load_split("heldout", resolution=resolution, channels=1)[0])
     )
     correct = preds == requested
     share = np.bincount(preds, minlength=10) / max(len(preds), 1)

@@ -125,6 +125,11 @@ class TrainingState:
     global_step: int = 0
     nonfinite_skips: int = 0
     run: RunIdentity = field(default_factory=RunIdentity.new)
+    #: what training has cost up to the last checkpoint: ``wall_seconds``, ``sessions``, ``device``,
+    #: ``num_processes``, ``peak_memory_bytes`` and ``peak_memory_kind`` (the model card's training cost)
+    training_cost: Optional[Dict[str, Any]] = None
+    #: with ``--keep_best``: the best evaluation so far, ``{"step", "metric", "value", "checkpoint"}``
+    best: Optional[Dict[str, Any]] = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,8 +382,8 @@ def check_fresh_start(output_dir: str, config: TrainConfig) -> None:
     """Refuse to start a run afresh in a non-empty ``output_dir`` without ``--overwrite_output_dir``, unless the
     folder holds only the run files of the same run stopped before its first checkpoint (a restart loses nothing).
 
-    Run files are ``training_config.json``, ``run.json``, the logging folder, ``validation/``, what interrupted
-    writes leave behind, and checkpoints of a run that the current one replaced.
+    Run files are ``training_config.json``, ``run.json``, the logging folder, ``validation/``, ``evaluation/`` and
+    ``best_checkpoint.json``, what interrupted writes leave behind, and checkpoints of a run that the current one replaced.
     """
     if not os.path.isdir(output_dir) or not os.listdir(output_dir) or config.output.overwrite_output_dir:
         return
@@ -388,7 +393,14 @@ def check_fresh_start(output_dir: str, config: TrainConfig) -> None:
             f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to write into it, or "
             "--resume_from_checkpoint latest to continue its run."
         )
-    run_files = {CONFIG_NAME, RUN_NAME, "validation", config.output.logging_dir.replace(os.sep, "/").split("/")[0]}
+    run_files = {
+        CONFIG_NAME,
+        RUN_NAME,
+        "validation",
+        "evaluation",  # --eval_steps
+        "best_checkpoint.json",  # --keep_best
+        config.output.logging_dir.replace(os.sep, "/").split("/")[0],
+    }
     foreign = sorted(
         name
         for name in os.listdir(output_dir)
@@ -424,13 +436,19 @@ def _may_belong_to(checkpoint: str, run: Optional[RunIdentity]) -> bool:
     return run is None or state is None or run.owns(state)
 
 
-def prune_checkpoints(output_dir: str, limit: Optional[int], run: Optional[RunIdentity]) -> None:
+def prune_checkpoints(
+    output_dir: str, limit: Optional[int], run: Optional[RunIdentity], keep: Optional[str] = None
+) -> None:
     """Keep the newest ``limit`` complete checkpoints of ``run`` (of every run when ``None``); the newest one is never
-    removed, whatever the limit, and checkpoints of other runs are never touched."""
+    removed, whatever the limit, checkpoints of other runs are never touched, and ``keep`` (the best checkpoint of
+    ``--keep_best``) is kept beside them."""
     if not limit:
         return
+    kept = os.path.normpath(keep) if keep else None
     checkpoints = list_checkpoints(output_dir, run)
     for _, path in checkpoints[:-1][: max(0, len(checkpoints) - limit)]:
+        if os.path.normpath(path) == kept:
+            continue
         storage.remove_directory(path)
 
 
@@ -487,12 +505,15 @@ def save_checkpoint(
                 "num_processes": accelerator.num_processes,
                 "format": CHECKPOINT_FORMAT,
                 "run_id": state.run.run_id,
+                **({"training_cost": state.training_cost} if state.training_cost else {}),
+                **({"best": state.best} if state.best else {}),
                 "files": {name: os.path.getsize(os.path.join(staging, name)) for name in sorted(os.listdir(staging))},
             },
         )
         storage.replace_directory(staging, target)
         storage.remove_leftovers(output_dir, also=CHECKPOINT_STAGING_NAME)
-        prune_checkpoints(output_dir, config.output.checkpoints_total_limit, state.run)
+        best = os.path.join(output_dir, state.best["checkpoint"]) if state.best else None
+        prune_checkpoints(output_dir, config.output.checkpoints_total_limit, state.run, keep=best)
         on_event("checkpoint_written", path=target, step=step)
     accelerator.wait_for_everyone()
     return target
@@ -521,6 +542,8 @@ def load_checkpoint(path: str, state: TrainingState, process_index: int, device=
     _load_rng_state(path, process_index, state.random_source)
     state.global_step = int(trainer_state["global_step"])
     state.nonfinite_skips = int(trainer_state.get("nonfinite_skips", 0))
+    state.training_cost = trainer_state.get("training_cost")
+    state.best = trainer_state.get("best")
 
 
 # ----------------------------------------------------------------------------------------------------------------

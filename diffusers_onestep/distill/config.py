@@ -486,6 +486,39 @@ class OutputConfig:
         default_text="--teacher when it is a Hub id; a local teacher folder is recorded as its absolute path",
     )
     private: bool = setting(False, "Create the Hub repo as private.")
+    eval_steps: Optional[int] = setting(
+        None,
+        "Evaluate the student every N steps and at the end (FID/FD of --eval_num_images images of --eval_prompts "
+        "against --eval_reference, CLIP score with --eval_clip_model); logged to the tracker as eval/*, written to "
+        "evaluation/metrics.json and into the model card.",
+        default_text="no evaluation",
+    )
+    eval_prompts: Optional[str] = setting(
+        None, "Held-out prompts of the evaluation: a datasets source, as --prompts.", default_text="none"
+    )
+    eval_prompt_column: str = setting("text", "Column of --eval_prompts holding the prompts.")
+    eval_reference: Optional[str] = setting(
+        None, "Reference images of the evaluation's FID/FD: an image folder or Hub dataset.", default_text="none"
+    )
+    eval_num_images: Optional[int] = setting(
+        None, "Images per evaluation (the first N --eval_prompts).", default_text="every --eval_prompts prompt"
+    )
+    eval_features: str = setting(
+        "inception",
+        "Feature space of the evaluation: inception (clean-fid's FID) or digits (the bundled digits classifier).",
+        choices=("inception", "digits"),
+    )
+    eval_inception_path: Optional[str] = setting(
+        None, "clean-fid's inception-2015-12-05.pt (file or folder).", default_text="the cache, downloaded once"
+    )
+    eval_clip_model: Optional[str] = setting(
+        None, "CLIP model (Hub id or folder) of the evaluation's CLIP score.", default_text="no CLIP score"
+    )
+    keep_best: bool = setting(
+        False,
+        "With --eval_steps: keep the checkpoint of the best evaluation (lowest FID/FD) beside the latest; "
+        "--checkpoints_total_limit never removes it (best_checkpoint.json names it).",
+    )
 
     def validate(self) -> "OutputConfig":
         _require(bool(self.output_dir), "`--output_dir` must not be empty.")
@@ -507,6 +540,23 @@ class OutputConfig:
             self.report_to in REPORT_TO,
             f"`--report_to` must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}.",
         )
+        _require(
+            self.eval_steps is None or self.eval_steps >= 1, f"`--eval_steps` must be >= 1, got {self.eval_steps}."
+        )
+        if self.eval_steps is not None:
+            _require(
+                bool(self.eval_prompts) and bool(self.eval_reference),
+                "`--eval_steps` needs --eval_prompts (held-out prompts) and --eval_reference (reference images).",
+            )
+        _require(
+            self.eval_num_images is None or self.eval_num_images >= 2,
+            f"`--eval_num_images` must be >= 2 (FID needs two images), got {self.eval_num_images}.",
+        )
+        _require(
+            self.eval_features in ("inception", "digits"),
+            f"`--eval_features` must be inception or digits, got {self.eval_features!r}.",
+        )
+        _require(not self.keep_best or self.eval_steps is not None, "`--keep_best` needs --eval_steps.")
         if self.hub_model_id is not None:
             from huggingface_hub.utils import HFValidationError, validate_repo_id
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -80,8 +80,9 @@ class StudentRenderer:
         return pipe
 
     @torch.no_grad()
-    def sample(self, conditions: Condition, seed: int = 0, denoiser=None) -> np.ndarray:
-        """Student images ``[N, H, W, 3]`` in [0, 1]; ``denoiser=None`` runs the live student."""
+    def sample(self, conditions: Condition, seed: Union[int, Sequence[int]] = 0, denoiser=None) -> np.ndarray:
+        """Student images ``[N, H, W, 3]`` in [0, 1]; ``denoiser=None`` runs the live student. ``seed``: one seed
+        for the batch, or one per image (``--eval_steps``: image ``i`` from ``seed + i``)."""
         if denoiser is None:
             self.roles.activate("student")
             denoiser = self.roles._module_of("student")
@@ -91,7 +92,11 @@ class StudentRenderer:
             pooled_prompt_embeds=conditions.pooled,
             height=self.resolution,
             width=self.resolution,
-            generator=torch.Generator().manual_seed(seed),
+            generator=(
+                torch.Generator().manual_seed(seed)
+                if isinstance(seed, int)
+                else [torch.Generator().manual_seed(int(s)) for s in seed]
+            ),
             output_type="np",
         ).images
 
@@ -122,6 +127,7 @@ def export_student(
     prompts: Sequence[str],
     ema: Optional[Dict[str, torch.Tensor]] = None,
     repo_id: Optional[str] = None,
+    training_cost: Optional[Dict] = None,
 ) -> str:
     """Write the student into ``config.output.output_dir`` (call on the main process); returns the folder. The
     card's loading snippet names ``repo_id`` (the Hub repo it is pushed to) when given.
@@ -158,9 +164,24 @@ def export_student(
         lora=lora,
         repo_id=repo_id,
         method=get_method_class(config.method.method),
+        training_cost=training_cost,
+        evaluation=run_evaluation(config, output_dir),
     )
     storage.publish_entries(staging, output_dir, commit_file=commit)
     return output_dir
+
+
+def run_evaluation(config: TrainConfig, output_dir: str) -> Optional[Dict]:
+    """The evaluation of this run's final step (``--eval_steps``) for the card; an ``evaluation/metrics.json`` that
+    this run did not write at its last step (an older run's, or ``evaluate``'s of an older student) is left out."""
+    from .. import hub
+
+    if config.output.eval_steps is None:
+        return None
+    record = hub.read_evaluation(output_dir)
+    if record is None or (record.get("protocol") or {}).get("step") != config.optim.max_train_steps:
+        return None
+    return record
 
 
 def _save_full_student(staging: str, pipe) -> None:

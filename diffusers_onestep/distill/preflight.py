@@ -63,6 +63,17 @@ def preflight(resolved: ResolvedConfig) -> None:
         check_real_images(
             config.data.real_images, config.data.image_column, config.data.caption_column, cache_dir=config.cache_dir
         )
+    if config.output.eval_steps is not None:
+        from .evaluate import check_evaluation_inputs
+
+        check_evaluation_inputs(config)
+        if not os.path.exists(config.output.eval_reference):
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(config.output.eval_reference)
+            except HFValidationError:
+                raise ConfigError(f"--eval_reference {config.output.eval_reference} does not exist.") from None
     if config.output.push_to_hub and is_main_process():
         from .. import hub
 

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import reason_of
 from ..families import get_adapter_class
+from ..storage import write_json
 from .checkpoint import (
     CONFIG_NAME,
     RunIdentity,
@@ -35,6 +36,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, OptimizationConfig, TrainConfig
 from .data import DataError, PromptSource, TrainingBatches, encode_real_images, load_prompts, load_real_images
+from .evaluate import BEST_CHECKPOINT_NAME, CostMeter, TrainingEvaluator, check_evaluation_inputs
 from .export import StudentRenderer, export_student, write_validation
 from .methods import build_method
 from .models import RandomSource, roles_to_update
@@ -222,6 +224,9 @@ class Trainer:
         self.validation_prompts = list(cfg.output.validation_prompts or self.prompts[:4])
         self.validation_conditions = adapter.encode_prompt(self.validation_prompts, device=self.device)
         self.resolution = cfg.data.resolution or adapter.default_resolution
+        self.evaluator = None
+        if cfg.output.eval_steps and self.accelerator.is_main_process:
+            self.evaluator = TrainingEvaluator(cfg, adapter, self.device, cfg.optim.seed)
         self.real_latents = self.real_conditions = None
         if cfg.method.uses_discriminator:
             images, captions = load_real_images(
@@ -394,6 +399,40 @@ class Trainer:
         self.checkpointed_step = self.global_step
         return path
 
+    def _record_cost(self) -> None:
+        self.state.training_cost = self.cost.current()
+
+    def evaluate_student(self) -> bool:
+        """``--eval_steps``: evaluate the student (its EMA, as exported) on the main process, log ``eval/*`` to the
+        tracker and write ``evaluation/metrics.json``; returns whether it is the best so far (``--keep_best``), a
+        decision every process takes from the main process."""
+        from accelerate.utils import broadcast_object_list
+
+        from .export import ema_weights
+
+        acc, state, step = self.accelerator, self.state, self.global_step
+        best = [None]
+        if acc.is_main_process:
+            with ema_weights(state.roles, state.ema):
+                metrics = self.evaluator(self.renderer, step)
+            self.evaluator.write(self.config.output.output_dir, self.renderer, step, metrics)
+            acc.print(f"Evaluation at step {step}: " + ", ".join(f"{k} {v:.5g}" for k, v in metrics.items()))
+            value = metrics[self.evaluator.metric]
+            if self.config.output.keep_best and (state.best is None or value < state.best["value"]):
+                best = [
+                    {"step": step, "metric": self.evaluator.metric, "value": value, "checkpoint": f"checkpoint-{step}"}
+                ]
+            metrics_to_log = {f"eval/{k}": v for k, v in metrics.items()}
+        else:
+            metrics_to_log = {}
+        acc.log(metrics_to_log, step=step)
+        if acc.num_processes > 1:
+            broadcast_object_list(best)
+        if best[0] is None:
+            return False
+        state.best = best[0]
+        return True
+
     def validate(self):
         acc = self.accelerator
         if acc.is_main_process:
@@ -417,6 +456,7 @@ class Trainer:
                 self.validation_prompts,
                 ema=self.state.ema,
                 repo_id=self.hub_repo_id,
+                training_cost=self.cost.current(),
             )
         self.accelerator.wait_for_everyone()
         return self.config.output.output_dir
@@ -433,6 +473,8 @@ class Trainer:
         output_dir = cfg.output.output_dir
         self._setup_accelerator()
         acc = self.accelerator
+        check_evaluation_inputs(cfg)
+        self.cost = CostMeter(self.device, acc.num_processes)
         # Checked (again, for the Python API) before anything loads: the files of the checkpoint and an RNG state for
         # every process of this run.
         resume = find_resume_point(cfg.output.resume_from_checkpoint, output_dir, acc.num_processes)
@@ -458,6 +500,7 @@ class Trainer:
         if resume.path is not None:
             load_checkpoint(resume.path, self.state, acc.process_index, device=self.device)
             self.checkpointed_step = self.global_step
+            self.cost.resume_from(self.state.training_cost)
             logger.info(f"Resumed from {resume.path} at step {self.global_step}.")
         if cfg.output.report_to != "none":
             acc.init_trackers(cfg.output.tracker_project_name, config=_flat_config(cfg.to_dict()))
@@ -477,6 +520,7 @@ class Trainer:
             except TrainingInterrupted:
                 progress.close()
                 if cfg.output.save_on_interrupt and self.global_step != self.checkpointed_step:
+                    self._record_cost()
                     path = self.save_checkpoint()
                     acc.print(
                         f"Interrupted at step {self.global_step}: saved {path}; resume with "
@@ -511,8 +555,14 @@ class Trainer:
         self.accelerator.log(logs, step=state.global_step)
         self._hook("after_step", step=state.global_step, logs=logs)
         done = state.global_step == cfg.optim.max_train_steps
-        if state.global_step % cfg.output.checkpointing_steps == 0 or done:
+        new_best = False
+        if cfg.output.eval_steps and (state.global_step % cfg.output.eval_steps == 0 or done):
+            new_best = self.evaluate_student()
+        if state.global_step % cfg.output.checkpointing_steps == 0 or done or new_best:
+            self._record_cost()
             self.save_checkpoint()
+        if new_best and self.accelerator.is_main_process:
+            write_json(os.path.join(cfg.output.output_dir, BEST_CHECKPOINT_NAME), state.best)
         if state.global_step % cfg.output.validation_steps == 0 and not done:
             self.validate()
         if self._interrupt_signal is not None:
