@@ -24,6 +24,7 @@ from diffusers import (
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
     SanaSprintPipeline,
+    StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     TCDScheduler,
     UNet2DConditionModel,
@@ -31,11 +32,11 @@ from diffusers import (
 from safetensors.torch import save_file
 
 from diffusers_onestep import OneStepPipeline
-from diffusers_onestep.families import SDXLAdapter
+from diffusers_onestep.families import SDXLAdapter, StableDiffusionAdapter
 from diffusers_onestep.hub import resolve_weight_name
 from diffusers_onestep.pipelines import PRESETS, find_preset
 from diffusers_onestep.pipelines.loading import load_state_dict_file
-from diffusers_onestep.pipelines.presets import SOURCE_KINDS, TRAILING
+from diffusers_onestep.pipelines.presets import SD15_BASE, SOURCE_KINDS, TRAILING
 from diffusers_onestep.schedulers.scheduling_onestep import MAX_STEPS, SOLVERS
 from diffusers_onestep.testing import (
     random_lora_state_dict,
@@ -75,6 +76,23 @@ SDXL_BASE_SCHEDULER = {
     "trained_betas": None,
     "use_karras_sigmas": False,
 }
+#: the SD 1.5 base's scheduler/scheduler_config.json (PNDMScheduler, as stable-diffusion-v1-5 ships it): the recipes'
+#: DDIMScheduler.from_config and TCDScheduler.from_config read its schedule and set_alpha_to_one=False
+SD15_BASE_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+#: the SD 1.5 LoRAs of ByteDance/Hyper-SD, as its card names them
+HYPER_SD15_FILES = tuple(f"Hyper-SD15-{n}step{'s' if n > 1 else ''}-lora.safetensors" for n in (1, 2, 4, 8))
 #: the files of ByteDance/Hyper-SD's SDXL rows in the Hub listing (tree 52d483a): the 1-step UNet is spelt "-Unet"
 HYPER_FILES = (
     "Hyper-SDXL-1step-Unet.safetensors",
@@ -104,7 +122,19 @@ def _save_sdxl_base(folder):
         json.dump(SDXL_BASE_SCHEDULER, f, indent=2)
 
 
-def _save_hyper_sd(folder, unet, unet_config, unet_file="Hyper-SDXL-1step-Unet.safetensors"):
+def _save_sd15_base(folder):
+    tiny_native_pipeline("sd").save_pretrained(folder)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SD15_BASE_SCHEDULER, f, indent=2)
+
+
+def _save_hyper_sd(folder, unet, unet_config, unet_file="Hyper-SDXL-1step-Unet.safetensors", sd15_unet=None):
+    if sd15_unet is not None:
+        for i, name in enumerate(HYPER_SD15_FILES):
+            state = random_lora_state_dict(
+                sd15_unet, StableDiffusionAdapter.default_lora_target_modules, rank=4, seed=60 + i, scale=0.2
+            )
+            StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, weight_name=name)
     for i, name in enumerate(HYPER_FILES):
         if name == "Hyper-SDXL-1step-Unet.safetensors":
             save_file(_student_unet_state(unet_config, 30), os.path.join(folder, unet_file))
@@ -166,7 +196,16 @@ def hub(tmp_path_factory):
             _sdxl_lora_file(d, sdxl.unet, f"sdxl_lightning_{steps}step_lora.safetensors", seed=40 + steps)
 
     put("ByteDance/SDXL-Lightning", lightning)
-    put("ByteDance/Hyper-SD", lambda d: _save_hyper_sd(d, sdxl.unet, unet_config))
+    put(SD15_BASE, _save_sd15_base)
+    sd15_unet = tiny_native_pipeline("sd").unet
+    put("ByteDance/Hyper-SD", lambda d: _save_hyper_sd(d, sdxl.unet, unet_config, sd15_unet=sd15_unet))
+
+    def sd_turbo(d):  # a full pipeline repo whose scheduler takes one step from t=999 (trailing Euler)
+        pipe = tiny_native_pipeline("sd", seed=4)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(SD15_BASE_SCHEDULER, timestep_spacing="trailing")
+        pipe.save_pretrained(d)
+
+    put("stabilityai/sd-turbo", sd_turbo)
 
     def nitro(d):
         for i, name in enumerate(("nitrosd-realism_unet.safetensors", "nitrosd-vibrant_unet.safetensors")):
@@ -378,7 +417,8 @@ def _unit_noise_latents(pipe, seed=0):
     sigma = float(pipe.scheduler.sigmas[0])
     scale = (sigma**2 + 1) ** 0.5 / float(pipe.scheduler.init_noise_sigma)
     assert 0.99 < sigma / (sigma**2 + 1) ** 0.5 < 1  # the 0.2% the preset notes mention
-    return torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(seed)) * scale
+    size = pipe.unet.config.sample_size
+    return torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed)) * scale
 
 
 @checks(("ByteDance/SDXL-Lightning", "sdxl_lightning_1step_unet_x0.safetensors"))
@@ -493,6 +533,93 @@ def test_hyper_sd_few_step_lora_presets_against_trailing_ddim(steps, hub, run):
     # every step but the last is the same deterministic step
     # (latents of a tiny random UNet reach |x| ~ 60: float32 DDIM against float64 conversions, to 1e-6 relative)
     for a, b in zip(ours[:-1], theirs[:-1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    # the last: DDIM re-noises x0 to t=0 with the predicted noise (set_alpha_to_one=False), OneStepPipeline returns x0
+    ac = native.scheduler.alphas_cumprod.double()
+    t = int(preset.conditioning_timesteps[-1])
+    eps = (ours[-2].double() - ac[t].sqrt() * x0) / (1 - ac[t]).sqrt()
+    torch.testing.assert_close(final.double(), ac[0].sqrt() * x0 + (1 - ac[0]).sqrt() * eps, rtol=1e-6, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SD 1.5 / 2.x students: SD-Turbo (its repo's trailing Euler) and Hyper-SD's SD 1.5 LoRAs (trailing DDIM, TCD)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _native_sd15(scheduler_cls, **scheduler_kwargs):
+    """The card's base: StableDiffusionPipeline (what DiffusionPipeline.from_pretrained builds for it) with the
+    recipe's scheduler made from the base's scheduler config."""
+    pipe = StableDiffusionPipeline.from_pretrained(SD15_BASE)
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **scheduler_kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@checks(("stabilityai/sd-turbo", None))
+def test_sd_turbo_preset(hub, run):
+    from diffusers import AutoPipelineForText2Image
+
+    pipe, images = _ours("stabilityai/sd-turbo", run)
+    _assert_scheduler(pipe, find_preset("stabilityai/sd-turbo"))
+    assert pipe.scheduler.timesteps.tolist() == [999]
+    # the card: AutoPipelineForText2Image.from_pretrained(repo), pipe(prompt, num_inference_steps=1, guidance_scale=0)
+    native = AutoPipelineForText2Image.from_pretrained("stabilityai/sd-turbo")
+    native.set_progress_bar_config(disable=True)
+    assert isinstance(native, StableDiffusionPipeline) and isinstance(native.scheduler, EulerDiscreteScheduler)
+    latents = _unit_noise_latents(native)
+    expected = native(PROMPT, num_inference_steps=1, guidance_scale=0.0, latents=latents, output_type="np").images
+    assert native.scheduler.timesteps.tolist() == [999]
+    assert np.abs(images - expected).max() <= 1e-5
+    # the documented difference: with the card's own noise scaling the UNet sees 0.998 times unit noise
+    unscaled = native(PROMPT, num_inference_steps=1, guidance_scale=0.0, output_type="np").images
+    assert np.abs(unscaled - expected).max() > 1e-5
+
+
+@checks(("ByteDance/Hyper-SD", "Hyper-SD15-1step-lora.safetensors"))
+def test_hyper_sd15_one_step_lora_preset_against_tcd(hub, run):
+    repo, weight_name = "ByteDance/Hyper-SD", "Hyper-SD15-1step-lora.safetensors"
+    preset = find_preset(repo, weight_name)
+    pipe, _ = _ours(repo, run, weight_name=weight_name)
+    _assert_scheduler(pipe, preset)
+    assert pipe.config.family == "sd" and not any("lora" in n for n, _ in pipe.unet.named_modules())
+    latents = run(pipe, output_type="latent")
+    # the card: the SD 1.5 base + load_lora_weights + fuse_lora(), TCDScheduler, 1 step, guidance 0, eta 1
+    native = _native_lora(_native_sd15(TCDScheduler), repo, weight_name)
+    tcd = run(native, num_inference_steps=1, guidance_scale=0.0, eta=1.0, output_type="latent")
+    assert native.scheduler.timesteps.tolist() == [999]
+    ac = native.scheduler.alphas_cumprod.double()
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).double()
+    eps = (noise - ac[999].sqrt() * latents.double()) / (1 - ac[999]).sqrt()
+    expected = ac[0].sqrt() * latents.double() + (1 - ac[0]).sqrt() * eps
+    torch.testing.assert_close(tcd.double(), expected, rtol=0, atol=1e-4)
+    # the LoRA was really fused: the base alone gives other latents
+    base = run(_native_sd15(TCDScheduler), num_inference_steps=1, guidance_scale=0.0, eta=1.0, output_type="latent")
+    assert (base - tcd).abs().max() > 1e-3
+
+
+@checks(*(("ByteDance/Hyper-SD", f"Hyper-SD15-{n}steps-lora.safetensors") for n in (2, 4, 8)))
+@pytest.mark.parametrize("steps", [2, 4, 8])
+def test_hyper_sd15_few_step_lora_presets_against_trailing_ddim(steps, hub, run):
+    repo, weight_name = "ByteDance/Hyper-SD", f"Hyper-SD15-{steps}steps-lora.safetensors"
+    preset = find_preset(repo, weight_name)
+    pipe = OneStepPipeline.from_pretrained(repo, weight_name=weight_name)
+    pipe.set_progress_bar_config(disable=True)
+    _assert_scheduler(pipe, preset)
+    ours = []
+    x0 = run(pipe, output_type="latent", callback_on_step_end=_steps_recorder(ours)).double()
+    # the card: DDIMScheduler.from_config(..., timestep_spacing="trailing"), N steps, guidance_scale=0 (eta 0)
+    native = _native_lora(_native_sd15(DDIMScheduler, timestep_spacing="trailing"), repo, weight_name)
+    assert native.scheduler.config.set_alpha_to_one is False  # from the SD 1.5 base's scheduler config
+    theirs = []
+    final = run(
+        native,
+        num_inference_steps=steps,
+        guidance_scale=0,
+        output_type="latent",
+        callback_on_step_end=_steps_recorder(theirs),
+    )
+    assert native.scheduler.timesteps.tolist() == list(preset.conditioning_timesteps)
+    for a, b in zip(ours[:-1], theirs[:-1]):  # every step but the last is the same deterministic step
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
     # the last: DDIM re-noises x0 to t=0 with the predicted noise (set_alpha_to_one=False), OneStepPipeline returns x0
     ac = native.scheduler.alphas_cumprod.double()

@@ -21,6 +21,9 @@ from ..families import get_adapter_class
 
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+#: the SD 1.5 base: Hyper-SD's card names runwayml/stable-diffusion-v1-5, which is no longer on the Hub; this copy is
+#: the id diffusers 0.42 itself names (StableDiffusionPipeline's sample-size deprecation message)
+SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PIXART_1024 = "PixArt-alpha/PixArt-XL-2-1024-MS"
 #: trailing spacing of 1000 training steps (EulerDiscreteScheduler and DDIMScheduler with timestep_spacing="trailing")
 TRAILING = {
@@ -53,6 +56,29 @@ DISTAR_README = (
     "https://github.com/pkulwj1994/diff_instruct_star/blob/3b0cb9da46cde6c40f9b70d75b3b0ea102d11256/README.md"
 )
 NITRO_README = "https://github.com/ChenDarYen/NitroFusion/blob/75ce562f1e07470fbb5866b4ff0b711c0056ac9a/README.md"
+
+#: verbatim copies of Hub model cards (their text at the revision the copy was made), where the SD 1.5 and SD-Turbo
+#: code blocks were read for this table
+HF_README_COPIES = (
+    "https://github.com/YinanWusoymilk/hf-readme/blob/1ab39f24f8f9548593ac6304367f31ae3ff45178/"
+    "training_and_application/readme_files/"
+)
+HYPER_CARD_COPY = HF_README_COPIES + "ByteDance_Hyper-SD.md"
+SD_TURBO_CARD_COPY = HF_README_COPIES + "stabilityai_sd-turbo.md"
+#: SD-Turbo's own sampler (generative-models' Turbo demo: SD-Turbo runs configs/inference/sd_2_1.yaml, whose
+#: denoiser is EpsScaling -- an epsilon UNet -- from the largest of 1000 DDPM sigmas)
+SD_TURBO_DEMO = "https://github.com/Stability-AI/generative-models/blob/07733737d5b64d9d3744abae3b76876904cd9715/scripts/demo/turbo.py"
+SD_TURBO_CONFIG = (
+    "https://github.com/Stability-AI/generative-models/blob/07bf8251e4a6bf6b34ed8b50633bd7f539916f44/"
+    "configs/inference/sd_2_1.yaml"
+)
+HYPER_SD15_READ = (
+    "the card's SD1.5 code blocks were read in a copy of its text (the second source); the 4- and 8-step file names "
+    "follow its Hyper-SD15-Nstep(s)-lora pattern and its 2-step example, the Hub file listing was not re-read for them"
+)
+SD15_BASE_NOTE = (
+    "the card's base runwayml/stable-diffusion-v1-5 is gone from the Hub: the preset loads its copy " + SD15_BASE
+)
 
 #: kinds of source, in the order the table prefers them; anything but a model card is named as such in the table
 SOURCE_KINDS = ("model card", "README", "demo script", "docs")
@@ -197,6 +223,28 @@ def _hyper_lora(steps: int) -> Preset:
     )
 
 
+def _hyper_sd15_lora(steps: int) -> Preset:
+    file = f"Hyper-SD15-{steps}steps-lora.safetensors"
+    return Preset(
+        "ByteDance/Hyper-SD",
+        "sd",
+        "lora",
+        TRAILING[steps],
+        "epsilon",
+        512,
+        recipe=f"DiffusionPipeline.from_pretrained('runwayml/stable-diffusion-v1-5') + load_lora_weights("
+        f"hf_hub_download(repo, '{file}')) + fuse_lora(), DDIMScheduler.from_config(..., timestep_spacing='trailing'), "
+        f"num_inference_steps={steps}, guidance_scale=0",
+        sources=(HYPER_CARD, HYPER_CARD_COPY),
+        source_kind="model card",
+        weight_name=file,
+        base_model=SD15_BASE,
+        solver="ode",
+        notes=SD15_BASE_NOTE + "; " + DDIM_LAST_STEP.replace("the SDXL base's", "the SD 1.5 base's"),
+        unconfirmed=HYPER_SD15_READ,
+    )
+
+
 PRESETS: List[Preset] = [
     Preset(
         "stabilityai/sdxl-turbo",
@@ -323,6 +371,43 @@ PRESETS: List[Preset] = [
         "estimate, sqrt(alphā_0) x0 + sqrt(1 - alphā_0) eps (3% of eps)",
     ),
     *(_hyper_lora(steps) for steps in (2, 4, 8)),
+    Preset(
+        "ByteDance/Hyper-SD",
+        "sd",
+        "lora",
+        (999,),
+        "epsilon",
+        512,
+        recipe="DiffusionPipeline.from_pretrained('runwayml/stable-diffusion-v1-5') + load_lora_weights("
+        "hf_hub_download(repo, 'Hyper-SD15-1step-lora.safetensors')) + fuse_lora(), TCDScheduler.from_config, "
+        "num_inference_steps=1, guidance_scale=0, eta=1.0",
+        sources=(HYPER_CARD, HYPER_CARD_COPY),
+        source_kind="model card",
+        weight_name="Hyper-SD15-1step-lora.safetensors",
+        base_model=SD15_BASE,
+        notes=SD15_BASE_NOTE + "; OneStepPipeline returns x0, where one TCD step returns x0 re-noised to t=0 with its "
+        "own noise estimate, sqrt(alphā_0) x0 + sqrt(1 - alphā_0) eps (3% of eps)",
+        unconfirmed=HYPER_SD15_READ,
+    ),
+    *(_hyper_sd15_lora(steps) for steps in (2, 4, 8)),
+    Preset(
+        "stabilityai/sd-turbo",
+        "sd",
+        "pipeline",
+        (999,),
+        "epsilon",
+        512,
+        recipe="AutoPipelineForText2Image.from_pretrained('stabilityai/sd-turbo', torch_dtype=torch.float16, "
+        "variant='fp16'), pipe(prompt=prompt, num_inference_steps=1, guidance_scale=0.0); 512x512",
+        sources=(SD_TURBO_CARD_COPY, SD_TURBO_DEMO, SD_TURBO_CONFIG),
+        source_kind="model card",
+        notes="the repo's EulerDiscreteScheduler (trailing): " + UNIT_NOISE + "; full-precision weights unless "
+        "`variant='fp16'` is passed (the card loads the fp16 variant on a GPU)",
+        unconfirmed="the card was read in a copy of its text (the first source), not on the Hub at a pinned revision; "
+        "the repo's scheduler config was not read: trailing spacing is what the card's one-step call needs to start "
+        "at t=999, as the Turbo demo's sampler does, and epsilon is the demo's SD-Turbo config (EpsScaling)",
+        default=True,
+    ),
     Preset(
         "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512",
         "pixart_alpha",
