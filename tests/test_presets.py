@@ -36,7 +36,7 @@ from diffusers_onestep.families import SDXLAdapter, StableDiffusionAdapter
 from diffusers_onestep.hub import resolve_weight_name
 from diffusers_onestep.pipelines import PRESETS, find_preset
 from diffusers_onestep.pipelines.loading import load_state_dict_file
-from diffusers_onestep.pipelines.presets import SD15_BASE, SOURCE_KINDS, TRAILING
+from diffusers_onestep.pipelines.presets import DMD2_SD15_CHECKPOINTS, SD15_BASE, SOURCE_KINDS, TRAILING
 from diffusers_onestep.schedulers.scheduling_onestep import MAX_STEPS, SOLVERS
 from diffusers_onestep.testing import (
     random_lora_state_dict,
@@ -161,6 +161,7 @@ def hub(tmp_path_factory):
 
     sdxl = tiny_native_pipeline("sdxl")
     unet_config = sdxl.unet.config
+    sd15_unet = tiny_native_pipeline("sd").unet
     put(SDXL_BASE, _save_sdxl_base)
 
     def turbo(d):  # a full pipeline repo with the card's scheduler
@@ -183,6 +184,11 @@ def hub(tmp_path_factory):
             state = {k: v.half() for k, v in _student_unet_state(unet_config, 10 + i).items()}
             torch.save(state, os.path.join(d, name))
         _sdxl_lora_file(d, sdxl.unet, "dmd2_sdxl_4step_lora_fp16.safetensors", seed=12)
+        # the SD 1.5 generators: a plain UNet state dict (pickled) in each model-zoo folder's pytorch_model.bin
+        for i, folder in enumerate(DMD2_SD15_CHECKPOINTS):
+            os.makedirs(os.path.join(d, "model", "sdv1.5", folder))
+            state = _student_unet_state(sd15_unet.config, 13 + i)
+            torch.save(state, os.path.join(d, "model", "sdv1.5", folder, "pytorch_model.bin"))
 
     put("tianweiy/DMD2", dmd2)
 
@@ -197,7 +203,6 @@ def hub(tmp_path_factory):
 
     put("ByteDance/SDXL-Lightning", lightning)
     put(SD15_BASE, _save_sd15_base)
-    sd15_unet = tiny_native_pipeline("sd").unet
     put("ByteDance/Hyper-SD", lambda d: _save_hyper_sd(d, sdxl.unet, unet_config, sd15_unet=sd15_unet))
 
     def sd_turbo(d):  # a full pipeline repo whose scheduler takes one step from t=999 (trailing Euler)
@@ -553,6 +558,46 @@ def _native_sd15(scheduler_cls, **scheduler_kwargs):
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **scheduler_kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+DMD2_SD15_FILES = [f"model/sdv1.5/{folder}/pytorch_model.bin" for folder in DMD2_SD15_CHECKPOINTS]
+
+
+@checks(*(("tianweiy/DMD2", name) for name in DMD2_SD15_FILES))
+@pytest.mark.parametrize("weight_name", DMD2_SD15_FILES)
+def test_dmd2_sd15_presets_equal_the_evaluation_script(weight_name, hub, run):
+    from huggingface_hub import hf_hub_download
+
+    preset = find_preset("tianweiy/DMD2", weight_name)
+    pipe, images = _ours("tianweiy/DMD2", run, weight_name=weight_name)
+    _assert_scheduler(pipe, preset)
+    latents = run(pipe, output_type="latent")
+    # main/test_folder_sd.py: create_generator (the SD 1.5 UNet, load_state_dict(torch.load(...), strict=True)), then
+    # sample: text_encoder(input_ids)[0], unit noise, unet(noise, 999, embedding), get_x0_from_noise, vae.decode
+    base = StableDiffusionPipeline.from_pretrained(SD15_BASE)
+    generator = UNet2DConditionModel.from_pretrained(SD15_BASE, subfolder="unet")
+    generator.load_state_dict(
+        torch.load(hf_hub_download("tianweiy/DMD2", weight_name), weights_only=True), strict=True
+    )
+    tokenizer = base.tokenizer
+    ids = tokenizer([PROMPT], max_length=tokenizer.model_max_length, padding="max_length", truncation=True)
+    with torch.no_grad():
+        embedding = base.text_encoder(torch.tensor(ids.input_ids))[0]
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+        eps = generator(noise, torch.full((1,), 999, dtype=torch.long), embedding).sample.double()
+
+        def x0(alpha_prod):
+            return (noise.double() - (1 - alpha_prod) ** 0.5 * eps) / alpha_prod**0.5
+
+        exact = float(base.scheduler.alphas_cumprod.double()[999])
+        assert abs(exact - 0.0047) / 0.0047 < 0.01  # the script's rounded constant, 0.9% off
+        # OneStepPipeline computes the script's x0 with the schedule's own alphā_999 ...
+        torch.testing.assert_close(latents.double(), x0(exact), rtol=1e-5, atol=1e-5)
+        # ... which is the script's, rounded constant and all, within the 0.4% (under 0.5%) the preset's notes give
+        script = x0(0.0047)
+        assert 0 < (latents.double() - script).abs().max() <= 0.005 * script.abs().max()
+        image = base.vae.decode(x0(exact).float() / base.vae.config.scaling_factor).sample
+    assert np.abs(images - base.image_processor.postprocess(image, output_type="np")).max() <= 1e-5
 
 
 @checks(("stabilityai/sd-turbo", None))

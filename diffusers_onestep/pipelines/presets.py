@@ -72,6 +72,18 @@ SD_TURBO_CONFIG = (
     "https://github.com/Stability-AI/generative-models/blob/07bf8251e4a6bf6b34ed8b50633bd7f539916f44/"
     "configs/inference/sd_2_1.yaml"
 )
+DMD2_SD15_README = (
+    "https://github.com/tianweiy/DMD2/blob/8d8fa55633d47cfb81bbc7a892e7248f9518763f/experiments/sdv1.5/README.md"
+)
+DMD2_SD15_EVAL = (
+    "https://github.com/tianweiy/DMD2/blob/8d8fa55633d47cfb81bbc7a892e7248f9518763f/main/test_folder_sd.py"
+)
+#: DMD2's SD 1.5 model zoo (its experiments/sdv1.5/README.md): Hub folders holding the generator's pytorch_model.bin
+DMD2_SD15_CHECKPOINTS = (
+    "laion6.25_sd_baseline_8node_guidance1.75_lr5e-7_seed10_dfake10_diffusion1000_gan1e-3_resume_fid8.35_"
+    "checkpoint_model_041000",
+    "laion6.25_sd_baseline_8node_guidance1.75_lr1e-5_seed10_dfake10_from_scratch_fid9.28_checkpoint_model_039000",
+)
 HYPER_SD15_READ = (
     "the card's SD1.5 code blocks were read in a copy of its text (the second source); the 4- and 8-step file names "
     "follow its Hyper-SD15-Nstep(s)-lora pattern and its 2-step example, the Hub file listing was not re-read for them"
@@ -223,6 +235,30 @@ def _hyper_lora(steps: int) -> Preset:
     )
 
 
+def _dmd2_sd15(folder: str) -> Preset:
+    file = f"model/sdv1.5/{folder}/pytorch_model.bin"
+    return Preset(
+        "tianweiy/DMD2",
+        "sd",
+        "denoiser",
+        (999,),
+        "epsilon",
+        512,
+        recipe="UNet2DConditionModel.from_pretrained('runwayml/stable-diffusion-v1-5', subfolder='unet')"
+        f".load_state_dict(torch.load('{file}'), strict=True); x0 = (noise - sqrt(1 - 0.0047) unet(noise, 999, "
+        "text_encoder(prompt)[0])) / sqrt(0.0047) (--pred_eps), vae.decode(x0 / 0.18215)",
+        sources=(DMD2_SD15_README, DMD2_SD15_EVAL),
+        source_kind="README",
+        weight_name=file,
+        base_model=SD15_BASE,
+        notes="legacy .bin, loaded with torch.load(weights_only=True); the evaluation script rounds alphā_999 to "
+        "0.0047 where SD 1.5's schedule gives 0.00466, which OneStepPipeline uses: its x0 and the script's differ by about "
+        "0.4%; " + SD15_BASE_NOTE.replace("the card's", "the script's"),
+        unconfirmed="DMD2 publishes no diffusers recipe for SD 1.5: the recipe is its evaluation script's generator "
+        "call, which the README points to for inference",
+    )
+
+
 def _hyper_sd15_lora(steps: int) -> Preset:
     file = f"Hyper-SD15-{steps}steps-lora.safetensors"
     return Preset(
@@ -316,6 +352,7 @@ PRESETS: List[Preset] = [
         notes="LCMScheduler re-noises x0 with fresh noise between steps, as the `sde` solver does",
         unconfirmed=DMD2_CARD_READ,
     ),
+    *(_dmd2_sd15(folder) for folder in DMD2_SD15_CHECKPOINTS),
     Preset(
         "ByteDance/SDXL-Lightning",
         "sdxl",
