@@ -55,6 +55,7 @@ SPRINT_REPOS = (
     "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
 )
 PROMPT = "a photo of a cat"
+INSTAFLOW = "XCLiu/instaflow_0_9B_from_sd_1_5"
 #: stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json as the Hub serves it: the keys of the
 #: schedulers it is compatible with ride along, and the N-step recipes' DDIMScheduler.from_config reads
 #: set_alpha_to_one=False from it
@@ -211,6 +212,13 @@ def hub(tmp_path_factory):
         pipe.save_pretrained(d)
 
     put("stabilityai/sd-turbo", sd_turbo)
+
+    def instaflow(d):  # a full SD 1.5-layout repo holding the rectified-flow UNet, with SD 1.5's PNDM scheduler config
+        tiny_native_pipeline("sd", seed=7).save_pretrained(d)
+        with open(os.path.join(d, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump(SD15_BASE_SCHEDULER, f, indent=2)
+
+    put(INSTAFLOW, instaflow)
 
     def nitro(d):
         for i, name in enumerate(("nitrosd-realism_unet.safetensors", "nitrosd-vibrant_unet.safetensors")):
@@ -558,6 +566,38 @@ def _native_sd15(scheduler_cls, **scheduler_kwargs):
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **scheduler_kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@checks((INSTAFLOW, None))
+def test_instaflow_preset_equals_its_rectified_flow_pipeline(hub, run):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pipe, images = _ours(INSTAFLOW, run)
+    _assert_scheduler(pipe, find_preset(INSTAFLOW))
+    assert pipe.scheduler.path.kind == "flow" and pipe.scheduler.timesteps.tolist() == [1000.0]
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(float(args[1].flatten()[0])))
+    latents = run(pipe, output_type="latent")
+    assert seen == [1000.0]  # the UNet is called at RectifiedFlowPipeline's t = 1000
+    # code/pipeline_rf.py with num_inference_steps=1, guidance_scale=0.0, by hand on the repo's components: SD's
+    # encode_prompt, latents = randn * scheduler.init_noise_sigma, v = unet(latents, 1000), latents + dt * v (dt = 1)
+    native = StableDiffusionPipeline.from_pretrained(INSTAFLOW, **StableDiffusionAdapter.native_pipeline_kwargs)
+    assert native.scheduler.init_noise_sigma == 1.0  # PNDMScheduler's
+    with torch.no_grad():
+        embeds, _ = native.encode_prompt(PROMPT, "cpu", 1, False)
+        noise = (
+            randn_tensor(latents.shape, generator=torch.Generator().manual_seed(0)) * native.scheduler.init_noise_sigma
+        )
+        v_pred = native.unet(noise, torch.ones(1) * 1000.0, encoder_hidden_states=embeds).sample
+        expected_latents = noise + 1.0 * v_pred
+        image = native.vae.decode(expected_latents / native.vae.config.scaling_factor, return_dict=False)[0]
+    torch.testing.assert_close(latents, expected_latents, rtol=0, atol=1e-5)
+    expected = native.image_processor.postprocess(image, output_type="np")
+    assert np.abs(images - expected).max() <= 1e-5
+    # a negative control: diffusers' flow_prediction (noise - x0) on the same UNet is the opposite velocity
+    flipped = OneStepPipeline.from_pretrained(INSTAFLOW, prediction_type="flow_prediction")
+    flipped.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(run(flipped, output_type="latent"), noise - v_pred, rtol=0, atol=1e-5)
 
 
 DMD2_SD15_FILES = [f"model/sdv1.5/{folder}/pytorch_model.bin" for folder in DMD2_SD15_CHECKPOINTS]

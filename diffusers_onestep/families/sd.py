@@ -107,7 +107,10 @@ class StableDiffusionAdapter(FamilyAdapter):
     # embedding (main/train_sd.py: text_encoder(tokenizer([""]))).
 
     def _forward(self, denoiser, x_t, t, condition, guidance):
-        return denoiser(x_t, t, encoder_hidden_states=condition.embeds, return_dict=False)[0]
+        # The UNet takes the scheduler's timestep: the natural time itself on the VP path, 1000 sigma on a flow path
+        # (InstaFlow's rectified flow on an SD 1.5 UNet: RectifiedFlowPipeline calls it at t = 1000 (1 - i / N)).
+        timestep = self.noise_path.to_scheduler_timestep(t)
+        return denoiser(x_t, timestep, encoder_hidden_states=condition.embeds, return_dict=False)[0]
 
     def feature_module(self, denoiser):
         # DMD2's GAN classifier reads the fake-score UNet's bottleneck (mid-block) features, on SD 1.5 as on SDXL.

@@ -84,6 +84,10 @@ DMD2_SD15_CHECKPOINTS = (
     "checkpoint_model_041000",
     "laion6.25_sd_baseline_8node_guidance1.75_lr1e-5_seed10_dfake10_from_scratch_fid9.28_checkpoint_model_039000",
 )
+INSTAFLOW_README = "https://github.com/gnobitab/InstaFlow/blob/736d904aec479ba6d6a8395457763922c9dfee19/code/README.md"
+INSTAFLOW_PIPELINE = (
+    "https://github.com/gnobitab/InstaFlow/blob/1079ed6cd64c15c70dadeb4e8b7379f8074b08f3/code/pipeline_rf.py"
+)
 HYPER_SD15_READ = (
     "the card's SD1.5 code blocks were read in a copy of its text (the second source); the 4- and 8-step file names "
     "follow its Hyper-SD15-Nstep(s)-lora pattern and its 2-step example, the Hub file listing was not re-read for them"
@@ -156,6 +160,9 @@ class Preset:
             ``variant=`` of ``from_pretrained`` replaces it.
         scheduler_subfolder: the folder of ``repo_id`` whose ``scheduler_config.json`` the source reads the noise
             schedule from (otherwise the base's or the pipeline's own).
+        noise_path: the noise path the source samples on where its scheduler config describes another (``"flow"``
+            for InstaFlow: a rectified flow on an SD 1.5 UNet, whose repo keeps SD's DDPM-family scheduler config,
+            which its pipeline does not use); ``None``: the one the scheduler config describes.
         notes: differences from the source's recipe, if any.
         unconfirmed: what the sources did not show and the preset assumes.
         default: the variant used when no ``weight_name`` is given.
@@ -179,6 +186,7 @@ class Preset:
     solver: str = "sde"
     variant: Optional[str] = None
     scheduler_subfolder: Optional[str] = None
+    noise_path: Optional[str] = None
     notes: str = ""
     unconfirmed: str = ""
     default: bool = False
@@ -443,6 +451,26 @@ PRESETS: List[Preset] = [
         unconfirmed="the card was read in a copy of its text (the first source), not on the Hub at a pinned revision; "
         "the repo's scheduler config was not read: trailing spacing is what the card's one-step call needs to start "
         "at t=999, as the Turbo demo's sampler does, and epsilon is the demo's SD-Turbo config (EpsScaling)",
+        default=True,
+    ),
+    Preset(
+        "XCLiu/instaflow_0_9B_from_sd_1_5",
+        "sd",
+        "pipeline",
+        (1.0,),
+        "data_velocity",
+        512,
+        recipe="RectifiedFlowPipeline.from_pretrained(repo) (the repo's code/pipeline_rf.py), pipe(prompt=prompt, "
+        "num_inference_steps=1, guidance_scale=0.0): latents = randn * scheduler.init_noise_sigma, v = unet(latents, "
+        "1000.0), latents + 1.0 * v",
+        sources=(INSTAFLOW_README, INSTAFLOW_PIPELINE),
+        source_kind="README",
+        noise_path="flow",
+        notes="a rectified flow on the SD 1.5 UNet: the preset runs it on the flow path (the UNet at 1000 sigma) with "
+        "the velocity toward the data, x0 = x_1 + v; the README spells the repo XCLIU/...",
+        unconfirmed="the repo's scheduler config was not read: RectifiedFlowPipeline scales the initial noise by its "
+        "init_noise_sigma, 1 for SD 1.5's PNDMScheduler (which the preset assumes the repo keeps), and uses nothing "
+        "else of it",
         default=True,
     ),
     Preset(
