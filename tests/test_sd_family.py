@@ -2,7 +2,8 @@
 steps, batches and generators as the native pipeline takes them, and LoRA files in StableDiffusionPipeline's format.
 
 The parametrized tests over ``TINY_FAMILIES`` (test_pipeline.py, test_community_pipelines.py, ...) run the epsilon
-(SD 1.5-like) fixture; the v-prediction (SD 2.x-like) model is built here from ``tiny_sd_components(v_prediction=True)``.
+(SD 1.5-like) fixture; the v-prediction (SD 2.x-like) model is built here from
+``tiny_sd_components(v_prediction=True)``.
 """
 
 import numpy as np

@@ -26,8 +26,9 @@ class StableDiffusionAdapter(FamilyAdapter):
     native_interop_call_kwargs = {"guidance_scale": 0.0, "num_inference_steps": 1}
     denoiser_name = "unet"
     text_component_names = ("tokenizer", "text_encoder")
-    # The UNet LoRA targets of diffusers' LCM-LoRA SD 1.5 training example (train_lcm_distill_lora_sd_wds.py), the same
-    # list as SDXL's (DMD2's --generator_lora targets): attention, feed-forward, resnet convolutions and time embedding.
+    # The UNet LoRA targets of diffusers' LCM-LoRA SD 1.5 training example (train_lcm_distill_lora_sd_wds.py), the
+    # same list as SDXL's (DMD2's --generator_lora targets): attention, feed-forward, resnet convolutions and time
+    # embedding.
     default_lora_target_modules = (
         "to_q",
         "to_k",
@@ -58,8 +59,8 @@ class StableDiffusionAdapter(FamilyAdapter):
     # DMD2 trained no SD 1.5 LoRA: the LoRA learning rate and shape are DMD2's SDXL LoRA ones (lr 5e-5, r=64, alpha=8;
     # its sdxl_..._lora.sh), labelled as such in docs/training.md.
     #
-    # SiD-LSG's SD 1.5 settings, recorded for the `sid` method (algorithms.md §7.2), which is not built yet (Zhou et al.,
-    # "Guided Score identity Distillation for Data-Free One-Step Text-to-Image Generation", ICLR 2025, arXiv
+    # SiD-LSG's SD 1.5 settings, recorded for the `sid` method (algorithms.md §7.2), which is not built yet (Zhou
+    # et al., "Guided Score identity Distillation for Data-Free One-Step Text-to-Image Generation", ICLR 2025, arXiv
     # 2406.01561; mingyuanzhou/SiD-LSG run_sid.sh 'sd1.5', sid_train.py defaults and README at commit 709fc22):
     # generator initialised from SD 1.5 and conditioned on --init_timestep 625 (of 1000); --alpha 1; --lr 1e-6 (fake
     # score) and --glr 1e-6 (generator), Adam betas (0, 0.999), eps 1e-8 (1e-6 in fp16); total batch 512, fp32

@@ -67,7 +67,10 @@ HYPER_CARD_COPY = HF_README_COPIES + "ByteDance_Hyper-SD.md"
 SD_TURBO_CARD_COPY = HF_README_COPIES + "stabilityai_sd-turbo.md"
 #: SD-Turbo's own sampler (generative-models' Turbo demo: SD-Turbo runs configs/inference/sd_2_1.yaml, whose
 #: denoiser is EpsScaling -- an epsilon UNet -- from the largest of 1000 DDPM sigmas)
-SD_TURBO_DEMO = "https://github.com/Stability-AI/generative-models/blob/07733737d5b64d9d3744abae3b76876904cd9715/scripts/demo/turbo.py"
+SD_TURBO_DEMO = (
+    "https://github.com/Stability-AI/generative-models/blob/07733737d5b64d9d3744abae3b76876904cd9715/"
+    "scripts/demo/turbo.py"
+)
 SD_TURBO_CONFIG = (
     "https://github.com/Stability-AI/generative-models/blob/07bf8251e4a6bf6b34ed8b50633bd7f539916f44/"
     "configs/inference/sd_2_1.yaml"
@@ -260,8 +263,8 @@ def _dmd2_sd15(folder: str) -> Preset:
         weight_name=file,
         base_model=SD15_BASE,
         notes="legacy .bin, loaded with torch.load(weights_only=True); the evaluation script rounds alphā_999 to "
-        "0.0047 where SD 1.5's schedule gives 0.00466, which OneStepPipeline uses: its x0 and the script's differ by about "
-        "0.4%; " + SD15_BASE_NOTE.replace("the card's", "the script's"),
+        "0.0047 where SD 1.5's schedule gives 0.00466, which OneStepPipeline uses: its x0 and the "
+        "script's differ by about 0.4%; " + SD15_BASE_NOTE.replace("the card's", "the script's"),
         unconfirmed="DMD2 publishes no diffusers recipe for SD 1.5: the recipe is its evaluation script's generator "
         "call, which the README points to for inference",
     )
