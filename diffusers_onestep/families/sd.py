@@ -52,12 +52,13 @@ class StableDiffusionAdapter(FamilyAdapter):
     # laion6.25_sd_baseline_8node_guidance1.75_lr1e-5_seed10_dfake10_from_scratch.sh and its
     # ..._lr5e-7_..._diffusion1000_gan1e-3_... resume script at commit 8d8fa55):
     #   * the generator is conditioned on t=999 from pure noise (main/test_folder_sd.py: timesteps * (1000 - 1));
-    #   * --real_guidance_scale 1.75 (the README notes quality improves with a larger value, FID is best at 1.75);
+    #   * --real_guidance_scale 1.75 (its README: good FID but low image quality; a larger scale looks better);
     #   * --generator_lr 1e-5 and --guidance_lr 1e-5 from scratch (5e-7 in the GAN fine-tuning stage that resumes it);
     #   * --dfake_gen_update_ratio 10 (ten fake-score updates per generator update);
     #   * --gen_cls_loss_weight 1e-3 (the GAN stage's generator weight; --guidance_cls_loss_weight 1e-2).
-    # DMD2 trained no SD 1.5 LoRA: the LoRA learning rate and shape are DMD2's SDXL LoRA ones (lr 5e-5, r=64, alpha=8;
-    # its sdxl_..._lora.sh), labelled as such in docs/training.md.
+    # DMD2 trained no SD 1.5 LoRA: the LoRA shape is main/train_sd.py's --lora_rank 64 / --lora_alpha 8 defaults and the
+    # LoRA learning rate that of its SDXL LoRA run (sdxl_cond999_8node_lr5e-5_..._lora.sh), labelled so in
+    # docs/training.md.
     #
     # SiD-LSG's SD 1.5 settings, recorded for the `sid` method (algorithms.md §7.2), which is not built yet (Zhou
     # et al., "Guided Score identity Distillation for Data-Free One-Step Text-to-Image Generation", ICLR 2025, arXiv
