@@ -569,7 +569,7 @@ def _native_sd15(scheduler_cls, **scheduler_kwargs):
 
 
 @checks((INSTAFLOW, None))
-def test_instaflow_preset_equals_its_rectified_flow_pipeline(hub, run):
+def test_instaflow_preset_equals_its_rectified_flow_pipeline(hub, run, tmp_path):
     from diffusers.utils.torch_utils import randn_tensor
 
     pipe, images = _ours(INSTAFLOW, run)
@@ -598,6 +598,13 @@ def test_instaflow_preset_equals_its_rectified_flow_pipeline(hub, run):
     flipped = OneStepPipeline.from_pretrained(INSTAFLOW, prediction_type="flow_prediction")
     flipped.set_progress_bar_config(disable=True)
     torch.testing.assert_close(run(flipped, output_type="latent"), noise - v_pred, rtol=0, atol=1e-5)
+    # saved, it names StableDiffusionPipeline and carries no serving block (the engines integrate eps - x0)
+    pipe.save_pretrained(tmp_path / "instaflow")
+    with open(tmp_path / "instaflow" / "model_index.json") as f:
+        index = json.load(f)
+    assert index["_class_name"] == "StableDiffusionPipeline" and "dmd2_config" not in index
+    reloaded, again = _ours(str(tmp_path / "instaflow"), run)
+    assert reloaded.scheduler.config.prediction_type == "data_velocity" and np.array_equal(again, images)
 
 
 DMD2_SD15_FILES = [f"model/sdv1.5/{folder}/pytorch_model.bin" for folder in DMD2_SD15_CHECKPOINTS]
