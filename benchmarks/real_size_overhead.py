@@ -2,7 +2,7 @@
 
 The same three ratios as ``benchmarks/inference_overhead.py`` (which defines them on tiny CPU components, where the
 networks take a few milliseconds), measured here on the published architectures of each family at their native
-1024-pixel resolution, with random weights (nothing can be downloaded; the time of a forward does not depend on the
+resolution (1024 pixels; SD 1.5's 512), with random weights (nothing can be downloaded; the time of a forward does not depend on the
 weights' values):
 
 * **P1** = call time / time inside the components (tokenizers, text encoders, denoiser, VAE decode), per call.
@@ -17,7 +17,8 @@ weights' values):
 
 Architectures (parameter counts printed by the run): SDXL base (UNet 2.57 B, CLIP ViT-L + OpenCLIP bigG text
 encoders, SDXL VAE); PixArt-α XL-2-1024-MS and PixArt-Σ XL-2-1024 (transformer 0.61 B, T5-v1.1-XXL encoder 4.76 B,
-SD / SDXL VAE); SANA 1600M 1024px and SANA-Sprint 1.6B (transformer 1.6 B, Gemma-2-2B decoder, DC-AE f32c32). The
+SD / SDXL VAE); SANA 1600M 1024px and SANA-Sprint 1.6B (transformer 1.6 B, Gemma-2-2B decoder, DC-AE f32c32);
+SD 1.5 (UNet 0.86 B, CLIP ViT-L text encoder, SD VAE; 512 px). The
 tokenizers are the tiny offline ones of ``diffusers_onestep.testing`` (their ids fit every vocabulary; prompts are
 padded to the families' usual lengths: CLIP 77, T5 120 / 300, Gemma 300 tokens), so sequence lengths match real use.
 
@@ -99,6 +100,59 @@ def _sd_vae(scaling_factor: float):
     )
 
 
+def _clip_vit_l_config():
+    """CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14): SD 1.5's encoder and SDXL's first."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+
+
+def real_sd15():
+    """Modules of stable-diffusion-v1-5/stable-diffusion-v1-5 (512 px): unet (0.86 B), vae (SD VAE),
+    text_encoder (CLIP ViT-L/14), PNDMScheduler (as a factory)."""
+    from diffusers import PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_head_dim=8,
+        cross_attention_dim=768,
+    )
+    scheduler = lambda: PNDMScheduler(  # noqa: E731
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    return {
+        "unet": unet,
+        "vae": _sd_vae(0.18215),
+        "text_encoder": CLIPTextModel(_clip_vit_l_config()),
+        "tokenizer": tiny_clip_tokenizer(),
+        "scheduler": scheduler,
+    }
+
+
 def real_sdxl():
     """Modules of stabilityai/stable-diffusion-xl-base-1.0 (the scheduler as a factory, built outside the device
     context): unet, vae (sdxl-vae), text_encoder (CLIP ViT-L/14),
@@ -122,19 +176,7 @@ def real_sdxl():
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
-    clip_l = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        projection_dim=768,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=1,
-    )
+    clip_l = _clip_vit_l_config()
     clip_g = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=1280,
@@ -294,6 +336,7 @@ REAL_SIZE = {
     "pixart_sigma": lambda: real_pixart(sigma=True),
     "sana": lambda: real_sana(sprint=False),
     "sana_sprint": lambda: real_sana(sprint=True),
+    "sd": real_sd15,
 }
 
 

@@ -46,7 +46,7 @@ DEMO_HELP = "distill the bundled digits teacher end to end, offline, from any di
 GENERATE_EPILOG = """\
 MODEL is anything OneStepPipeline.from_pretrained accepts: a student folder written by the training script or by
 save_pretrained (full or LoRA), a supported public student's Hub id (see `diffusers-onestep presets`), or a
-SDXL / PixArt / SANA / SANA-Sprint pipeline run as a one-step model.
+SDXL / PixArt / SANA / SANA-Sprint / SD 1.x-2.x pipeline run as a one-step model.
 
 The student fixes its own timesteps: it was trained at a few conditioning timesteps (one for a one-step student)
 and runs all of them by default. --steps N runs N of them, evenly spaced from the top (a 4-step student

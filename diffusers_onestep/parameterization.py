@@ -23,7 +23,10 @@ Prediction types use diffusers' names (the ``prediction_type`` of its schedulers
 * ``v_prediction``: ``v = alpha * eps - sigma * x0`` (Salimans & Ho 2022, eq. 3 of "Progressive Distillation");
 * ``flow_prediction``: the rectified-flow velocity ``v = eps - x0`` (Liu et al. 2022);
 * ``trigflow``: the TrigFlow output ``F = cos(t) eps - sin(t) x0`` (Lu & Song 2024, sCM eq. 6); algebraically the
-  v-prediction of the trig path.
+  v-prediction of the trig path;
+* ``data_velocity``: the velocity toward the data, ``v = x0 - eps``, the negative of ``flow_prediction``: Rectified
+  Flow's own orientation (Liu et al. 2022, arXiv 2209.03003, which integrates ``dZ = v dt`` from noise to data) and
+  InstaFlow's (Liu et al. 2023, arXiv 2309.06380; its ``RectifiedFlowPipeline`` steps ``latents + dt * v``).
 
 All conversions run in float64 (DMD2 ``get_x0_from_noise`` does the same) and return the input dtype.
 """
@@ -37,7 +40,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction", "trigflow")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction", "trigflow", "data_velocity")
 NOISE_PATHS = ("vp", "flow", "trigflow")
 
 # DMD/DMD2 sample the noise level of the score terms in [0.02 T, 0.98 T] (DMD, arXiv 2311.18828; DMD2's
@@ -449,6 +452,9 @@ def _x0_of(y: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch
         # v = alpha eps - sigma x0 and x_t = alpha x0 + sigma eps; alpha^2 + sigma^2 = 1 on vp and trigflow paths,
         # the general solution divides by it.
         return (alpha * x_t - sigma * y) / (alpha**2 + sigma**2)
+    if prediction_type == "data_velocity":
+        # v = x0 - eps, so x_t = (alpha + sigma) x0 - sigma v
+        return (x_t + sigma * y) / (alpha + sigma)
     # flow_prediction: v = eps - x0, so x_t = (alpha + sigma) x0 + sigma v
     return (x_t - sigma * y) / (alpha + sigma)
 
@@ -473,6 +479,8 @@ def to_x0_and_epsilon(
         eps = (x_t - alpha * y) / sigma
     elif prediction_type in ("v_prediction", "trigflow"):
         eps = (sigma * x_t + alpha * y) / (alpha**2 + sigma**2)
+    elif prediction_type == "data_velocity":
+        eps = x0 - y
     else:  # flow_prediction
         eps = y + x0
     return x0.to(model_output.dtype), eps.to(model_output.dtype)
@@ -506,6 +514,8 @@ def from_x0_and_epsilon(
         out = x0_
     elif prediction_type in ("v_prediction", "trigflow"):
         out = alpha * eps_ - sigma * x0_
+    elif prediction_type == "data_velocity":
+        out = x0_ - eps_
     else:
         out = eps_ - x0_
     return out.to(x0.dtype)

@@ -154,7 +154,7 @@ def loading_cases() -> List[Case]:
         return expect(ValueError, lambda: OneStepPipeline.from_pretrained("someone/uncached-student"))
 
     def unsupported(c):
-        return expect(ValueError, lambda: OneStepPipeline.from_pretrained(c["sd15_dir"]))
+        return expect(ValueError, lambda: OneStepPipeline.from_pretrained(c["inpaint_dir"]))
 
     def pickle_payload(c):
         return expect(ValueError, lambda: load_state_dict_file(c["evil_bin"]))
@@ -360,7 +360,7 @@ def cli_cases() -> List[Case]:
     return [
         cli_case("no --teacher", lambda c: base(c, **{"--teacher": None})),
         cli_case("teacher folder without model_index.json", lambda c: base(c, **{"--teacher": c["empty_dir"]})),
-        cli_case("teacher of an unsupported family", lambda c: base(c, **{"--teacher": c["sd15_dir"]})),
+        cli_case("teacher of an unsupported family", lambda c: base(c, **{"--teacher": c["inpaint_dir"]})),
         cli_case("--family that does not match the teacher", lambda c: base(c, **{"--family": "sdxl"})),
         cli_case("unknown --family", lambda c: base(c, **{"--family": "flux"})),
         cli_case("unknown --divergence", lambda c: base(c, **{"--divergence": "wasserstein"})),
@@ -721,12 +721,15 @@ def build_context(root: str) -> dict:
     ctx = {"pipe": pipe, "components": components, "root": root}
     ctx["empty_dir"] = os.path.join(root, "empty")
     os.makedirs(ctx["empty_dir"], exist_ok=True)
-    ctx["sd15_dir"] = os.path.join(root, "sd15")
-    os.makedirs(os.path.join(ctx["sd15_dir"], "unet"), exist_ok=True)
-    with open(os.path.join(ctx["sd15_dir"], "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}, f)
-    with open(os.path.join(ctx["sd15_dir"], "unet", "config.json"), "w") as f:
-        json.dump({"_class_name": "UNet2DConditionModel", "cross_attention_dim": 768}, f)
+    # an SD inpainting pipeline: its 9-channel UNet (latents, mask, masked image) is no text-to-image backbone
+    ctx["inpaint_dir"] = os.path.join(root, "sd15-inpainting")
+    os.makedirs(os.path.join(ctx["inpaint_dir"], "unet"), exist_ok=True)
+    with open(os.path.join(ctx["inpaint_dir"], "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionInpaintPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}, f)
+    with open(os.path.join(ctx["inpaint_dir"], "unet", "config.json"), "w") as f:
+        json.dump(
+            {"_class_name": "UNet2DConditionModel", "cross_attention_dim": 768, "in_channels": 9, "out_channels": 4}, f
+        )
     ctx["marker"] = os.path.join(root, "payload-ran")
     ctx["evil_bin"] = os.path.join(root, "evil_unet.bin")
     with open(ctx["evil_bin"], "wb") as f:

@@ -185,6 +185,7 @@ def closed_form_target(x0, noise, t, path, prediction_type):
         "v_prediction": alpha * noise - sigma * x0,
         "trigflow": alpha * noise - sigma * x0,
         "flow_prediction": noise - x0,
+        "data_velocity": x0 - noise,
     }[prediction_type]
 
 

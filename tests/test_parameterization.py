@@ -254,6 +254,8 @@ def test_prediction_targets_closed_forms():
         torch.testing.assert_close(v, a * eps - s * x0, rtol=0, atol=1e-14)  # Salimans & Ho 2022
         flow = param.from_x0_and_epsilon(x0, eps, t, path, "flow_prediction")
         torch.testing.assert_close(flow, eps - x0, rtol=0, atol=1e-14)  # rectified flow velocity
+        toward_data = param.from_x0_and_epsilon(x0, eps, t, path, "data_velocity")
+        torch.testing.assert_close(toward_data, x0 - eps, rtol=0, atol=1e-14)  # Rectified Flow's / InstaFlow's
     # TrigFlow target F = cos(t) eps - sin(t) x0 (sCM eq. 6)
     t = torch.tensor(TIMES["trigflow"], dtype=torch.float64)
     F = param.from_x0_and_epsilon(x0, eps, t, PATHS["trigflow"](), "trigflow")
@@ -272,6 +274,10 @@ def test_flow_velocity_inversion_matches_algorithms_closed_form():
     x0_hat, eps_hat = param.to_x0_and_epsilon(v, x_t, t.flatten(), path, "flow_prediction")
     torch.testing.assert_close(x0_hat, x_t - t * v, rtol=0, atol=1e-12)
     torch.testing.assert_close(eps_hat, x_t + (1 - t) * v, rtol=0, atol=1e-12)
+    # InstaFlow's orientation (v toward the data): one Euler step of dZ = v dt from t to 0 lands on x0
+    x0_hat, eps_hat = param.to_x0_and_epsilon(-v, x_t, t.flatten(), path, "data_velocity")
+    torch.testing.assert_close(x0_hat, x_t + t * (-v), rtol=0, atol=1e-12)
+    torch.testing.assert_close(eps_hat, x_t - (1 - t) * (-v), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("path_name", sorted(PATHS))

@@ -472,6 +472,23 @@ def test_a_native_scheduler_config_becomes_one_noise_path(family):
             {"transformer": {"_class_name": "SanaTransformer2DModel", "guidance_embeds": True}},
             "sana",
         ),
+        # SD 1.x/2.x: any plain text-to-image UNet2DConditionModel; SDXL's micro-conditioning UNet stays SDXL's
+        ({"_class_name": "StableDiffusionPipeline"}, {"unet": {"_class_name": "UNet2DConditionModel"}}, "sd"),
+        (
+            {"_class_name": "StableDiffusionControlNetPipeline"},
+            {"unet": {"_class_name": "UNet2DConditionModel", "cross_attention_dim": 1024}},
+            "sd",
+        ),
+        (
+            {"_class_name": "StableDiffusionXLPipeline"},
+            {"unet": {"_class_name": "UNet2DConditionModel", "addition_embed_type": "text_time"}},
+            "sdxl",
+        ),
+        (
+            {"_class_name": "LatentConsistencyModelPipeline"},
+            {"unet": {"_class_name": "UNet2DConditionModel", "time_cond_proj_dim": 256}},
+            "sd",
+        ),
         # our own folders name their family, also under "_onestep" in folders saved with a native class name
         ({"_class_name": "PixArtAlphaPipeline", "_onestep": {"family": "pixart_sigma"}}, {}, "pixart_sigma"),
         ({"_class_name": "OneStepPipeline", "family": "sana_sprint"}, {}, "sana_sprint"),
@@ -490,10 +507,20 @@ def test_detect_family_refuses_unknown_backbones_naming_the_supported_ones():
         ValueError,
         match=re.escape(
             "UNet2DModel is not a supported backbone; diffusers-onestep supports SDXL (sdxl), PixArt-α (pixart_alpha), "
-            "PixArt-Σ (pixart_sigma), SANA (sana) and SANA-Sprint (sana_sprint)."
+            "PixArt-Σ (pixart_sigma), SANA (sana), SANA-Sprint (sana_sprint) and Stable Diffusion 1.x/2.x (sd)."
         ),
     ):
         detect_family({}, {"unet": {"_class_name": "UNet2DModel"}})
+    # UNets of the SD lineage that are no text-to-image backbone: inpainting (9 input channels), DeepFloyd IF (T5
+    # embeddings through encoder_hid_dim), Kandinsky (image embeddings), the x4 upscaler (noise-level class embedding)
+    for name, unet in (
+        ("StableDiffusionInpaintPipeline", {"in_channels": 9, "out_channels": 4}),
+        ("IFPipeline", {"encoder_hid_dim": 4096, "addition_embed_type": "text"}),
+        ("KandinskyV22Pipeline", {"addition_embed_type": "image", "encoder_hid_dim": 1280}),
+        ("StableDiffusionUpscalePipeline", {"class_embed_type": None, "num_class_embeds": 1000, "in_channels": 7}),
+    ):
+        with pytest.raises(ValueError, match=f"{name} is not a supported backbone"):
+            detect_family({"_class_name": name}, {"unet": {"_class_name": "UNet2DConditionModel", **unet}})
 
 
 def test_every_family_names_its_own_lora_saver():

@@ -24,6 +24,7 @@ from diffusers import (
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
     SanaSprintPipeline,
+    StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     TCDScheduler,
     UNet2DConditionModel,
@@ -31,11 +32,11 @@ from diffusers import (
 from safetensors.torch import save_file
 
 from diffusers_onestep import OneStepPipeline
-from diffusers_onestep.families import SDXLAdapter
+from diffusers_onestep.families import SDXLAdapter, StableDiffusionAdapter
 from diffusers_onestep.hub import resolve_weight_name
 from diffusers_onestep.pipelines import PRESETS, find_preset
 from diffusers_onestep.pipelines.loading import load_state_dict_file
-from diffusers_onestep.pipelines.presets import SOURCE_KINDS, TRAILING
+from diffusers_onestep.pipelines.presets import DMD2_SD15_CHECKPOINTS, SD15_BASE, SOURCE_KINDS, TRAILING
 from diffusers_onestep.schedulers.scheduling_onestep import MAX_STEPS, SOLVERS
 from diffusers_onestep.testing import (
     random_lora_state_dict,
@@ -54,6 +55,7 @@ SPRINT_REPOS = (
     "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
 )
 PROMPT = "a photo of a cat"
+INSTAFLOW = "XCLiu/instaflow_0_9B_from_sd_1_5"
 #: stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json as the Hub serves it: the keys of the
 #: schedulers it is compatible with ride along, and the N-step recipes' DDIMScheduler.from_config reads
 #: set_alpha_to_one=False from it
@@ -75,6 +77,23 @@ SDXL_BASE_SCHEDULER = {
     "trained_betas": None,
     "use_karras_sigmas": False,
 }
+#: the SD 1.5 base's scheduler/scheduler_config.json (PNDMScheduler, as stable-diffusion-v1-5 ships it): the recipes'
+#: DDIMScheduler.from_config and TCDScheduler.from_config read its schedule and set_alpha_to_one=False
+SD15_BASE_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+#: the SD 1.5 LoRAs of ByteDance/Hyper-SD, as its card names them
+HYPER_SD15_FILES = tuple(f"Hyper-SD15-{n}step{'s' if n > 1 else ''}-lora.safetensors" for n in (1, 2, 4, 8))
 #: the files of ByteDance/Hyper-SD's SDXL rows in the Hub listing (tree 52d483a): the 1-step UNet is spelt "-Unet"
 HYPER_FILES = (
     "Hyper-SDXL-1step-Unet.safetensors",
@@ -104,7 +123,19 @@ def _save_sdxl_base(folder):
         json.dump(SDXL_BASE_SCHEDULER, f, indent=2)
 
 
-def _save_hyper_sd(folder, unet, unet_config, unet_file="Hyper-SDXL-1step-Unet.safetensors"):
+def _save_sd15_base(folder):
+    tiny_native_pipeline("sd").save_pretrained(folder)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SD15_BASE_SCHEDULER, f, indent=2)
+
+
+def _save_hyper_sd(folder, unet, unet_config, unet_file="Hyper-SDXL-1step-Unet.safetensors", sd15_unet=None):
+    if sd15_unet is not None:
+        for i, name in enumerate(HYPER_SD15_FILES):
+            state = random_lora_state_dict(
+                sd15_unet, StableDiffusionAdapter.default_lora_target_modules, rank=4, seed=60 + i, scale=0.2
+            )
+            StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, weight_name=name)
     for i, name in enumerate(HYPER_FILES):
         if name == "Hyper-SDXL-1step-Unet.safetensors":
             save_file(_student_unet_state(unet_config, 30), os.path.join(folder, unet_file))
@@ -131,6 +162,7 @@ def hub(tmp_path_factory):
 
     sdxl = tiny_native_pipeline("sdxl")
     unet_config = sdxl.unet.config
+    sd15_unet = tiny_native_pipeline("sd").unet
     put(SDXL_BASE, _save_sdxl_base)
 
     def turbo(d):  # a full pipeline repo with the card's scheduler
@@ -153,6 +185,11 @@ def hub(tmp_path_factory):
             state = {k: v.half() for k, v in _student_unet_state(unet_config, 10 + i).items()}
             torch.save(state, os.path.join(d, name))
         _sdxl_lora_file(d, sdxl.unet, "dmd2_sdxl_4step_lora_fp16.safetensors", seed=12)
+        # the SD 1.5 generators: a plain UNet state dict (pickled) in each model-zoo folder's pytorch_model.bin
+        for i, folder in enumerate(DMD2_SD15_CHECKPOINTS):
+            os.makedirs(os.path.join(d, "model", "sdv1.5", folder))
+            state = _student_unet_state(sd15_unet.config, 13 + i)
+            torch.save(state, os.path.join(d, "model", "sdv1.5", folder, "pytorch_model.bin"))
 
     put("tianweiy/DMD2", dmd2)
 
@@ -166,7 +203,22 @@ def hub(tmp_path_factory):
             _sdxl_lora_file(d, sdxl.unet, f"sdxl_lightning_{steps}step_lora.safetensors", seed=40 + steps)
 
     put("ByteDance/SDXL-Lightning", lightning)
-    put("ByteDance/Hyper-SD", lambda d: _save_hyper_sd(d, sdxl.unet, unet_config))
+    put(SD15_BASE, _save_sd15_base)
+    put("ByteDance/Hyper-SD", lambda d: _save_hyper_sd(d, sdxl.unet, unet_config, sd15_unet=sd15_unet))
+
+    def sd_turbo(d):  # a full pipeline repo whose scheduler takes one step from t=999 (trailing Euler)
+        pipe = tiny_native_pipeline("sd", seed=4)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(SD15_BASE_SCHEDULER, timestep_spacing="trailing")
+        pipe.save_pretrained(d)
+
+    put("stabilityai/sd-turbo", sd_turbo)
+
+    def instaflow(d):  # a full SD 1.5-layout repo holding the rectified-flow UNet, with SD 1.5's PNDM scheduler config
+        tiny_native_pipeline("sd", seed=7).save_pretrained(d)
+        with open(os.path.join(d, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump(SD15_BASE_SCHEDULER, f, indent=2)
+
+    put(INSTAFLOW, instaflow)
 
     def nitro(d):
         for i, name in enumerate(("nitrosd-realism_unet.safetensors", "nitrosd-vibrant_unet.safetensors")):
@@ -378,7 +430,8 @@ def _unit_noise_latents(pipe, seed=0):
     sigma = float(pipe.scheduler.sigmas[0])
     scale = (sigma**2 + 1) ** 0.5 / float(pipe.scheduler.init_noise_sigma)
     assert 0.99 < sigma / (sigma**2 + 1) ** 0.5 < 1  # the 0.2% the preset notes mention
-    return torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(seed)) * scale
+    size = pipe.unet.config.sample_size
+    return torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed)) * scale
 
 
 @checks(("ByteDance/SDXL-Lightning", "sdxl_lightning_1step_unet_x0.safetensors"))
@@ -493,6 +546,172 @@ def test_hyper_sd_few_step_lora_presets_against_trailing_ddim(steps, hub, run):
     # every step but the last is the same deterministic step
     # (latents of a tiny random UNet reach |x| ~ 60: float32 DDIM against float64 conversions, to 1e-6 relative)
     for a, b in zip(ours[:-1], theirs[:-1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    # the last: DDIM re-noises x0 to t=0 with the predicted noise (set_alpha_to_one=False), OneStepPipeline returns x0
+    ac = native.scheduler.alphas_cumprod.double()
+    t = int(preset.conditioning_timesteps[-1])
+    eps = (ours[-2].double() - ac[t].sqrt() * x0) / (1 - ac[t]).sqrt()
+    torch.testing.assert_close(final.double(), ac[0].sqrt() * x0 + (1 - ac[0]).sqrt() * eps, rtol=1e-6, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SD 1.5 / 2.x students: SD-Turbo (its repo's trailing Euler) and Hyper-SD's SD 1.5 LoRAs (trailing DDIM, TCD)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _native_sd15(scheduler_cls, **scheduler_kwargs):
+    """The card's base: StableDiffusionPipeline (what DiffusionPipeline.from_pretrained builds for it) with the
+    recipe's scheduler made from the base's scheduler config."""
+    pipe = StableDiffusionPipeline.from_pretrained(SD15_BASE)
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **scheduler_kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@checks((INSTAFLOW, None))
+def test_instaflow_preset_equals_its_rectified_flow_pipeline(hub, run, tmp_path):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pipe, images = _ours(INSTAFLOW, run)
+    _assert_scheduler(pipe, find_preset(INSTAFLOW))
+    assert pipe.scheduler.path.kind == "flow" and pipe.scheduler.timesteps.tolist() == [1000.0]
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(float(args[1].flatten()[0])))
+    latents = run(pipe, output_type="latent")
+    assert seen == [1000.0]  # the UNet is called at RectifiedFlowPipeline's t = 1000
+    # code/pipeline_rf.py with num_inference_steps=1, guidance_scale=0.0, by hand on the repo's components: SD's
+    # encode_prompt, latents = randn * scheduler.init_noise_sigma, v = unet(latents, 1000), latents + dt * v (dt = 1)
+    native = StableDiffusionPipeline.from_pretrained(INSTAFLOW, **StableDiffusionAdapter.native_pipeline_kwargs)
+    assert native.scheduler.init_noise_sigma == 1.0  # PNDMScheduler's
+    with torch.no_grad():
+        embeds, _ = native.encode_prompt(PROMPT, "cpu", 1, False)
+        noise = (
+            randn_tensor(latents.shape, generator=torch.Generator().manual_seed(0)) * native.scheduler.init_noise_sigma
+        )
+        v_pred = native.unet(noise, torch.ones(1) * 1000.0, encoder_hidden_states=embeds).sample
+        expected_latents = noise + 1.0 * v_pred
+        image = native.vae.decode(expected_latents / native.vae.config.scaling_factor, return_dict=False)[0]
+    torch.testing.assert_close(latents, expected_latents, rtol=0, atol=1e-5)
+    expected = native.image_processor.postprocess(image, output_type="np")
+    assert np.abs(images - expected).max() <= 1e-5
+    # a negative control: diffusers' flow_prediction (noise - x0) on the same UNet is the opposite velocity
+    flipped = OneStepPipeline.from_pretrained(INSTAFLOW, prediction_type="flow_prediction")
+    flipped.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(run(flipped, output_type="latent"), noise - v_pred, rtol=0, atol=1e-5)
+    # saved, it names StableDiffusionPipeline and carries no serving block (the engines integrate eps - x0)
+    pipe.save_pretrained(tmp_path / "instaflow")
+    with open(tmp_path / "instaflow" / "model_index.json") as f:
+        index = json.load(f)
+    assert index["_class_name"] == "StableDiffusionPipeline" and "dmd2_config" not in index
+    reloaded, again = _ours(str(tmp_path / "instaflow"), run)
+    assert reloaded.scheduler.config.prediction_type == "data_velocity" and np.array_equal(again, images)
+
+
+DMD2_SD15_FILES = [f"model/sdv1.5/{folder}/pytorch_model.bin" for folder in DMD2_SD15_CHECKPOINTS]
+
+
+@checks(*(("tianweiy/DMD2", name) for name in DMD2_SD15_FILES))
+@pytest.mark.parametrize("weight_name", DMD2_SD15_FILES)
+def test_dmd2_sd15_presets_equal_the_evaluation_script(weight_name, hub, run):
+    from huggingface_hub import hf_hub_download
+
+    preset = find_preset("tianweiy/DMD2", weight_name)
+    pipe, images = _ours("tianweiy/DMD2", run, weight_name=weight_name)
+    _assert_scheduler(pipe, preset)
+    latents = run(pipe, output_type="latent")
+    # main/test_folder_sd.py: create_generator (the SD 1.5 UNet, load_state_dict(torch.load(...), strict=True)), then
+    # sample: text_encoder(input_ids)[0], unit noise, unet(noise, 999, embedding), get_x0_from_noise, vae.decode
+    base = StableDiffusionPipeline.from_pretrained(SD15_BASE)
+    generator = UNet2DConditionModel.from_pretrained(SD15_BASE, subfolder="unet")
+    generator.load_state_dict(
+        torch.load(hf_hub_download("tianweiy/DMD2", weight_name), weights_only=True), strict=True
+    )
+    tokenizer = base.tokenizer
+    ids = tokenizer([PROMPT], max_length=tokenizer.model_max_length, padding="max_length", truncation=True)
+    with torch.no_grad():
+        embedding = base.text_encoder(torch.tensor(ids.input_ids))[0]
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+        eps = generator(noise, torch.full((1,), 999, dtype=torch.long), embedding).sample.double()
+
+        def x0(alpha_prod):
+            return (noise.double() - (1 - alpha_prod) ** 0.5 * eps) / alpha_prod**0.5
+
+        exact = float(base.scheduler.alphas_cumprod.double()[999])
+        assert abs(exact - 0.0047) / 0.0047 < 0.01  # the script's rounded constant, 0.9% off
+        # OneStepPipeline computes the script's x0 with the schedule's own alphā_999 ...
+        torch.testing.assert_close(latents.double(), x0(exact), rtol=1e-5, atol=1e-5)
+        # ... which is the script's, rounded constant and all, within the 0.4% (under 0.5%) the preset's notes give
+        script = x0(0.0047)
+        assert 0 < (latents.double() - script).abs().max() <= 0.005 * script.abs().max()
+        image = base.vae.decode(x0(exact).float() / base.vae.config.scaling_factor).sample
+    assert np.abs(images - base.image_processor.postprocess(image, output_type="np")).max() <= 1e-5
+
+
+@checks(("stabilityai/sd-turbo", None))
+def test_sd_turbo_preset(hub, run):
+    from diffusers import AutoPipelineForText2Image
+
+    pipe, images = _ours("stabilityai/sd-turbo", run)
+    _assert_scheduler(pipe, find_preset("stabilityai/sd-turbo"))
+    assert pipe.scheduler.timesteps.tolist() == [999]
+    # the card: AutoPipelineForText2Image.from_pretrained(repo), pipe(prompt, num_inference_steps=1, guidance_scale=0)
+    native = AutoPipelineForText2Image.from_pretrained("stabilityai/sd-turbo")
+    native.set_progress_bar_config(disable=True)
+    assert isinstance(native, StableDiffusionPipeline) and isinstance(native.scheduler, EulerDiscreteScheduler)
+    latents = _unit_noise_latents(native)
+    expected = native(PROMPT, num_inference_steps=1, guidance_scale=0.0, latents=latents, output_type="np").images
+    assert native.scheduler.timesteps.tolist() == [999]
+    assert np.abs(images - expected).max() <= 1e-5
+    # the documented difference: with the card's own noise scaling the UNet sees 0.998 times unit noise
+    unscaled = native(PROMPT, num_inference_steps=1, guidance_scale=0.0, output_type="np").images
+    assert np.abs(unscaled - expected).max() > 1e-5
+
+
+@checks(("ByteDance/Hyper-SD", "Hyper-SD15-1step-lora.safetensors"))
+def test_hyper_sd15_one_step_lora_preset_against_tcd(hub, run):
+    repo, weight_name = "ByteDance/Hyper-SD", "Hyper-SD15-1step-lora.safetensors"
+    preset = find_preset(repo, weight_name)
+    pipe, _ = _ours(repo, run, weight_name=weight_name)
+    _assert_scheduler(pipe, preset)
+    assert pipe.config.family == "sd" and not any("lora" in n for n, _ in pipe.unet.named_modules())
+    latents = run(pipe, output_type="latent")
+    # the card: the SD 1.5 base + load_lora_weights + fuse_lora(), TCDScheduler, 1 step, guidance 0, eta 1
+    native = _native_lora(_native_sd15(TCDScheduler), repo, weight_name)
+    tcd = run(native, num_inference_steps=1, guidance_scale=0.0, eta=1.0, output_type="latent")
+    assert native.scheduler.timesteps.tolist() == [999]
+    ac = native.scheduler.alphas_cumprod.double()
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).double()
+    eps = (noise - ac[999].sqrt() * latents.double()) / (1 - ac[999]).sqrt()
+    expected = ac[0].sqrt() * latents.double() + (1 - ac[0]).sqrt() * eps
+    torch.testing.assert_close(tcd.double(), expected, rtol=0, atol=1e-4)
+    # the LoRA was really fused: the base alone gives other latents
+    base = run(_native_sd15(TCDScheduler), num_inference_steps=1, guidance_scale=0.0, eta=1.0, output_type="latent")
+    assert (base - tcd).abs().max() > 1e-3
+
+
+@checks(*(("ByteDance/Hyper-SD", f"Hyper-SD15-{n}steps-lora.safetensors") for n in (2, 4, 8)))
+@pytest.mark.parametrize("steps", [2, 4, 8])
+def test_hyper_sd15_few_step_lora_presets_against_trailing_ddim(steps, hub, run):
+    repo, weight_name = "ByteDance/Hyper-SD", f"Hyper-SD15-{steps}steps-lora.safetensors"
+    preset = find_preset(repo, weight_name)
+    pipe = OneStepPipeline.from_pretrained(repo, weight_name=weight_name)
+    pipe.set_progress_bar_config(disable=True)
+    _assert_scheduler(pipe, preset)
+    ours = []
+    x0 = run(pipe, output_type="latent", callback_on_step_end=_steps_recorder(ours)).double()
+    # the card: DDIMScheduler.from_config(..., timestep_spacing="trailing"), N steps, guidance_scale=0 (eta 0)
+    native = _native_lora(_native_sd15(DDIMScheduler, timestep_spacing="trailing"), repo, weight_name)
+    assert native.scheduler.config.set_alpha_to_one is False  # from the SD 1.5 base's scheduler config
+    theirs = []
+    final = run(
+        native,
+        num_inference_steps=steps,
+        guidance_scale=0,
+        output_type="latent",
+        callback_on_step_end=_steps_recorder(theirs),
+    )
+    assert native.scheduler.timesteps.tolist() == list(preset.conditioning_timesteps)
+    for a, b in zip(ours[:-1], theirs[:-1]):  # every step but the last is the same deterministic step
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
     # the last: DDIM re-noises x0 to t=0 with the predicted noise (set_alpha_to_one=False), OneStepPipeline returns x0
     ac = native.scheduler.alphas_cumprod.double()

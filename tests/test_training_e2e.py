@@ -1,4 +1,4 @@
-"""End to end: `accelerate launch training/train_onestep.py` on tiny teachers of all five families, as users run it."""
+"""End to end: `accelerate launch training/train_onestep.py` on tiny teachers of every family, as users run it."""
 
 import json
 import os
@@ -11,7 +11,8 @@ from training_utils import RESOLUTION, TINY_FLAGS, launch, write_images, write_p
 
 from diffusers_onestep import OneStepPipeline
 from diffusers_onestep.distill.checkpoint import checkpoint_problem
-from diffusers_onestep.testing import save_tiny_native_pipeline
+from diffusers_onestep.families import get_adapter_class
+from diffusers_onestep.testing import native_pipeline_class, save_tiny_native_pipeline
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,6 +43,9 @@ CASES = [
     ("pixart_sigma", "reverse_kl", "full"),
     ("sana_sprint", "reverse_kl", "lora"),
     ("sana_sprint", "js", "full"),  # f-distill on an embedded-guidance teacher's trunk
+    # SD 1.5: DMD2 with a LoRA student, JS f-distill with a full one (the family's GAN head on the UNet mid-block)
+    ("sd", "reverse_kl", "lora"),
+    ("sd", "js", "full"),
 ]
 #: one run per family on the oldest supported dependencies, each method and each student kind at least twice
 OLDEST_CASES = {
@@ -85,7 +89,7 @@ def test_distill_save_load_run(workspace, family, divergence, kind):
     assert {"README.md", "samples.png", "training_config.json", "checkpoint-2"} <= files
     if kind == "lora":
         assert {"pytorch_lora_weights.safetensors", "onestep_lora.json", "scheduler"} <= files
-        prefix = "unet." if family == "sdxl" else "transformer."
+        prefix = get_adapter_class(family).denoiser_name + "."
         with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
             keys = list(f.keys())
             metadata = f.metadata()
@@ -103,6 +107,27 @@ def test_distill_save_load_run(workspace, family, divergence, kind):
     assert images.shape[0] == 1 and images.shape[-1] == 3 and images.std() > 0
     config = json.loads((out / "training_config.json").read_text())
     assert config["method"]["divergence"] == divergence and config["roles"]["student"] == kind
+    if kind == "lora" and hasattr(native_pipeline_class(family), "load_lora_weights"):
+        _assert_native_lora_loader_reads_it(family, workspace["teachers"][family], out, pipe)
+
+
+def _assert_native_lora_loader_reads_it(family, teacher, out, student):
+    """The family's own pipeline loads the LoRA file with `load_lora_weights`; fused, its denoiser equals the
+    student's (which OneStepPipeline fused at the scale the file's metadata gives)."""
+    adapter_cls = get_adapter_class(family)
+    native = native_pipeline_class(family).from_pretrained(teacher, **adapter_cls.native_pipeline_kwargs)
+    native.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    assert native.get_list_adapters()[adapter_cls.denoiser_name]
+    native.fuse_lora()
+    native.unload_lora_weights()
+    ours = getattr(student, adapter_cls.denoiser_name).state_dict()
+    theirs = getattr(native, adapter_cls.denoiser_name).state_dict()
+    assert ours.keys() == theirs.keys()
+    base = getattr(native_pipeline_class(family).from_pretrained(teacher), adapter_cls.denoiser_name).state_dict()
+    moved = [k for k in ours if not torch.equal(ours[k], base[k])]
+    assert moved  # the LoRA changed the weights it targets
+    for key in moved:
+        torch.testing.assert_close(theirs[key], ours[key], rtol=0, atol=1e-6)
 
 
 def test_two_processes_match_one_process(workspace):

@@ -39,7 +39,7 @@ STATE_FILES = (
     "optimizer_student.safetensors",
     "optimizer_critic.safetensors",
 )
-RESOLUTION = {"sdxl": 32, "pixart_alpha": 8, "pixart_sigma": 8, "sana": 32, "sana_sprint": 32}
+RESOLUTION = {"sdxl": 32, "pixart_alpha": 8, "pixart_sigma": 8, "sana": 32, "sana_sprint": 32, "sd": 16}
 
 
 def tiny_run_argv(workspace, output_dir, *extra):

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Distill a diffusers text-to-image teacher (SDXL, PixArt-α/Σ, SANA, SANA-Sprint) into a one-step student.
+"""Distill a diffusers text-to-image teacher (SDXL, PixArt-α/Σ, SANA, SANA-Sprint, SD 1.x/2.x) into a one-step
+student.
 
     accelerate launch training/train_onestep.py --teacher stabilityai/stable-diffusion-xl-base-1.0 \\
         --prompts prompts.txt --output_dir dmd2-sdxl-lora

@@ -15,6 +15,7 @@ from ..hub import read_json
 from .base import Condition, FamilyAdapter
 from .pixart import PixArtAlphaAdapter, PixArtSigmaAdapter
 from .sana import SanaAdapter, SanaSprintAdapter
+from .sd import StableDiffusionAdapter
 from .sdxl import SDXLAdapter
 
 
@@ -41,7 +42,14 @@ def register_family(adapter_cls: Type[FamilyAdapter]) -> Type[FamilyAdapter]:
     return adapter_cls
 
 
-for _adapter_cls in (SDXLAdapter, PixArtAlphaAdapter, PixArtSigmaAdapter, SanaAdapter, SanaSprintAdapter):
+for _adapter_cls in (
+    SDXLAdapter,
+    PixArtAlphaAdapter,
+    PixArtSigmaAdapter,
+    SanaAdapter,
+    SanaSprintAdapter,
+    StableDiffusionAdapter,
+):
     register_family(_adapter_cls)
 
 
@@ -139,6 +147,7 @@ __all__ = [
     "PixArtSigmaAdapter",
     "SanaAdapter",
     "SanaSprintAdapter",
+    "StableDiffusionAdapter",
     "adapter_for_pipeline",
     "denoiser_component_names",
     "detect_family",

@@ -438,9 +438,13 @@ def load_preset(
         else:
             config_source = preset.repo_id if preset.kind == "pipeline" else base
             config_file = "scheduler/scheduler_config.json"
+        scheduler_config = read_json(config_source, config_file, hub_kwargs) or {}
+        if preset.noise_path is not None:
+            # the source's own path (a OneStepScheduler config names it); the config's length of the schedule stays
+            scheduler_config = {**scheduler_config, "noise_path": preset.noise_path}
         kwargs["scheduler"] = scheduler_for(
             preset.family,
-            read_json(config_source, config_file, hub_kwargs) or {},
+            scheduler_config,
             conditioning_timesteps if conditioning_timesteps is not None else list(preset.conditioning_timesteps),
             prediction_type or preset.prediction_type,
             preset.solver,

@@ -78,12 +78,13 @@ def _check_prompt(prompt) -> None:
 
 
 class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
-    r"""Text-to-image generation with a distilled one- or few-step student of SDXL, PixArt-α/Σ, SANA or SANA-Sprint.
+    r"""Text-to-image generation with a distilled one- or few-step student of SDXL, PixArt-α/Σ, SANA, SANA-Sprint or
+    Stable Diffusion 1.x/2.x.
 
     Args:
         vae ([`AutoencoderKL`] or [`AutoencoderDC`]): the family's VAE.
         scheduler ([`OneStepScheduler`]): carries the student's conditioning timesteps and parameterization.
-        unet ([`UNet2DConditionModel`], *optional*): the student denoiser of UNet families (SDXL).
+        unet ([`UNet2DConditionModel`], *optional*): the student denoiser of UNet families (SDXL, SD 1.x/2.x).
         transformer ([`PixArtTransformer2DModel`] or [`SanaTransformer2DModel`], *optional*): the student denoiser of
             DiT families (PixArt, SANA).
         text_encoder, text_encoder_2, text_encoder_3 ([`~transformers.PreTrainedModel`], *optional*),
@@ -91,8 +92,8 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             text components (its adapter's `text_component_names`); they may be left out when prompts are always
             given as embeddings.
         family (`str`, *optional*): a registered family (`diffusers_onestep.families.FAMILIES`: `"sdxl"`,
-            `"pixart_alpha"`, `"pixart_sigma"`, `"sana"`, `"sana_sprint"`, ...); detected from the components when
-            not given.
+            `"pixart_alpha"`, `"pixart_sigma"`, `"sana"`, `"sana_sprint"`, `"sd"`, ...); detected from the components
+            when not given.
         embedded_guidance_scale (`float`, *optional*): default guidance of students with embedded guidance
             (SANA-Sprint: 4.5).
         max_sequence_length (`int`, *optional*): text tokens kept (PixArt-α 120, PixArt-Σ and SANA 300).
@@ -728,8 +729,8 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         * one of the known public one- and few-step checkpoints (``presets.PRESETS``, e.g. ``"tianweiy/DMD2"``),
           assembled and scheduled as its source (model card, README or demo) runs it (pass ``weight_name=`` to pick a
           variant);
-        * any SDXL / PixArt / SANA / SANA-Sprint pipeline folder or id, run at `conditioning_timesteps` (default: the
-          pure-noise end of its path) -- e.g. a teacher at one step, the baseline a student must beat.
+        * any SDXL / PixArt / SANA / SANA-Sprint / SD 1.x-2.x pipeline folder or id, run at `conditioning_timesteps`
+          (default: the pure-noise end of its path) -- e.g. a teacher at one step, the baseline a student must beat.
 
         Keyword arguments, the same for every kind of source: ``conditioning_timesteps`` and ``prediction_type`` (the
         student's scheduler, replacing a stored one) or ``scheduler``; ``weight_name`` (a preset's variant);
@@ -807,7 +808,7 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         it (a training run's checkpoints and logs, a user's notes) stays. A path that is a file is refused.
 
         For families whose own diffusers pipeline can drive :class:`OneStepScheduler` (the adapter's
-        ``native_interop_pipeline_class_name``: SDXL, PixArt-α/Σ, SANA), ``model_index.json`` names that pipeline class, so plain ``DiffusionPipeline.from_pretrained(folder)`` loads
+        ``native_interop_pipeline_class_name``: SDXL, PixArt-α/Σ, SANA, SD 1.x/2.x), ``model_index.json`` names that pipeline class, so plain ``DiffusionPipeline.from_pretrained(folder)`` loads
         the student too (with ``diffusers_onestep`` installed); SANA-Sprint folders name ``OneStepPipeline``.
 
         Flow-matching students also get the serving engines' ``dmd2_config`` block in ``model_index.json``

@@ -21,6 +21,9 @@ from ..families import get_adapter_class
 
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+#: the SD 1.5 base: Hyper-SD's card names runwayml/stable-diffusion-v1-5, which is no longer on the Hub; this copy is
+#: the id diffusers 0.42 itself names (StableDiffusionPipeline's sample-size deprecation message)
+SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PIXART_1024 = "PixArt-alpha/PixArt-XL-2-1024-MS"
 #: trailing spacing of 1000 training steps (EulerDiscreteScheduler and DDIMScheduler with timestep_spacing="trailing")
 TRAILING = {
@@ -53,6 +56,48 @@ DISTAR_README = (
     "https://github.com/pkulwj1994/diff_instruct_star/blob/3b0cb9da46cde6c40f9b70d75b3b0ea102d11256/README.md"
 )
 NITRO_README = "https://github.com/ChenDarYen/NitroFusion/blob/75ce562f1e07470fbb5866b4ff0b711c0056ac9a/README.md"
+
+#: verbatim copies of Hub model cards (their text at the revision the copy was made), where the SD 1.5 and SD-Turbo
+#: code blocks were read for this table
+HF_README_COPIES = (
+    "https://github.com/YinanWusoymilk/hf-readme/blob/1ab39f24f8f9548593ac6304367f31ae3ff45178/"
+    "training_and_application/readme_files/"
+)
+HYPER_CARD_COPY = HF_README_COPIES + "ByteDance_Hyper-SD.md"
+SD_TURBO_CARD_COPY = HF_README_COPIES + "stabilityai_sd-turbo.md"
+#: SD-Turbo's own sampler (generative-models' Turbo demo: SD-Turbo runs configs/inference/sd_2_1.yaml, whose
+#: denoiser is EpsScaling -- an epsilon UNet -- from the largest of 1000 DDPM sigmas)
+SD_TURBO_DEMO = (
+    "https://github.com/Stability-AI/generative-models/blob/07733737d5b64d9d3744abae3b76876904cd9715/"
+    "scripts/demo/turbo.py"
+)
+SD_TURBO_CONFIG = (
+    "https://github.com/Stability-AI/generative-models/blob/07bf8251e4a6bf6b34ed8b50633bd7f539916f44/"
+    "configs/inference/sd_2_1.yaml"
+)
+DMD2_SD15_README = (
+    "https://github.com/tianweiy/DMD2/blob/8d8fa55633d47cfb81bbc7a892e7248f9518763f/experiments/sdv1.5/README.md"
+)
+DMD2_SD15_EVAL = (
+    "https://github.com/tianweiy/DMD2/blob/8d8fa55633d47cfb81bbc7a892e7248f9518763f/main/test_folder_sd.py"
+)
+#: DMD2's SD 1.5 model zoo (its experiments/sdv1.5/README.md): Hub folders holding the generator's pytorch_model.bin
+DMD2_SD15_CHECKPOINTS = (
+    "laion6.25_sd_baseline_8node_guidance1.75_lr5e-7_seed10_dfake10_diffusion1000_gan1e-3_resume_fid8.35_"
+    "checkpoint_model_041000",
+    "laion6.25_sd_baseline_8node_guidance1.75_lr1e-5_seed10_dfake10_from_scratch_fid9.28_checkpoint_model_039000",
+)
+INSTAFLOW_README = "https://github.com/gnobitab/InstaFlow/blob/736d904aec479ba6d6a8395457763922c9dfee19/code/README.md"
+INSTAFLOW_PIPELINE = (
+    "https://github.com/gnobitab/InstaFlow/blob/1079ed6cd64c15c70dadeb4e8b7379f8074b08f3/code/pipeline_rf.py"
+)
+HYPER_SD15_READ = (
+    "the card's SD1.5 code blocks were read in a copy of its text (the second source); the 4- and 8-step file names "
+    "follow its Hyper-SD15-Nstep(s)-lora pattern and its 2-step example, the Hub file listing was not re-read for them"
+)
+SD15_BASE_NOTE = (
+    "the card's base runwayml/stable-diffusion-v1-5 is gone from the Hub: the preset loads its copy " + SD15_BASE
+)
 
 #: kinds of source, in the order the table prefers them; anything but a model card is named as such in the table
 SOURCE_KINDS = ("model card", "README", "demo script", "docs")
@@ -118,6 +163,9 @@ class Preset:
             ``variant=`` of ``from_pretrained`` replaces it.
         scheduler_subfolder: the folder of ``repo_id`` whose ``scheduler_config.json`` the source reads the noise
             schedule from (otherwise the base's or the pipeline's own).
+        noise_path: the noise path the source samples on where its scheduler config describes another (``"flow"``
+            for InstaFlow: a rectified flow on an SD 1.5 UNet, whose repo keeps SD's DDPM-family scheduler config,
+            which its pipeline does not use); ``None``: the one the scheduler config describes.
         notes: differences from the source's recipe, if any.
         unconfirmed: what the sources did not show and the preset assumes.
         default: the variant used when no ``weight_name`` is given.
@@ -141,6 +189,7 @@ class Preset:
     solver: str = "sde"
     variant: Optional[str] = None
     scheduler_subfolder: Optional[str] = None
+    noise_path: Optional[str] = None
     notes: str = ""
     unconfirmed: str = ""
     default: bool = False
@@ -194,6 +243,52 @@ def _hyper_lora(steps: int) -> Preset:
         base_model=SDXL_BASE,
         solver="ode",
         notes=DDIM_LAST_STEP,
+    )
+
+
+def _dmd2_sd15(folder: str) -> Preset:
+    file = f"model/sdv1.5/{folder}/pytorch_model.bin"
+    return Preset(
+        "tianweiy/DMD2",
+        "sd",
+        "denoiser",
+        (999,),
+        "epsilon",
+        512,
+        recipe="UNet2DConditionModel.from_pretrained('runwayml/stable-diffusion-v1-5', subfolder='unet')"
+        f".load_state_dict(torch.load('{file}'), strict=True); x0 = (noise - sqrt(1 - 0.0047) unet(noise, 999, "
+        "text_encoder(prompt)[0])) / sqrt(0.0047) (--pred_eps), vae.decode(x0 / 0.18215)",
+        sources=(DMD2_SD15_README, DMD2_SD15_EVAL),
+        source_kind="README",
+        weight_name=file,
+        base_model=SD15_BASE,
+        notes="legacy .bin, loaded with torch.load(weights_only=True); the evaluation script rounds alphā_999 to "
+        "0.0047 where SD 1.5's schedule gives 0.00466, which OneStepPipeline uses: its x0 and the "
+        "script's differ by about 0.4%; " + SD15_BASE_NOTE.replace("the card's", "the script's"),
+        unconfirmed="DMD2 publishes no diffusers recipe for SD 1.5: the recipe is its evaluation script's generator "
+        "call, which the README points to for inference",
+    )
+
+
+def _hyper_sd15_lora(steps: int) -> Preset:
+    file = f"Hyper-SD15-{steps}steps-lora.safetensors"
+    return Preset(
+        "ByteDance/Hyper-SD",
+        "sd",
+        "lora",
+        TRAILING[steps],
+        "epsilon",
+        512,
+        recipe=f"DiffusionPipeline.from_pretrained('runwayml/stable-diffusion-v1-5') + load_lora_weights("
+        f"hf_hub_download(repo, '{file}')) + fuse_lora(), DDIMScheduler.from_config(..., timestep_spacing='trailing'), "
+        f"num_inference_steps={steps}, guidance_scale=0",
+        sources=(HYPER_CARD, HYPER_CARD_COPY),
+        source_kind="model card",
+        weight_name=file,
+        base_model=SD15_BASE,
+        solver="ode",
+        notes=SD15_BASE_NOTE + "; " + DDIM_LAST_STEP.replace("the SDXL base's", "the SD 1.5 base's"),
+        unconfirmed=HYPER_SD15_READ,
     )
 
 
@@ -268,6 +363,7 @@ PRESETS: List[Preset] = [
         notes="LCMScheduler re-noises x0 with fresh noise between steps, as the `sde` solver does",
         unconfirmed=DMD2_CARD_READ,
     ),
+    *(_dmd2_sd15(folder) for folder in DMD2_SD15_CHECKPOINTS),
     Preset(
         "ByteDance/SDXL-Lightning",
         "sdxl",
@@ -323,6 +419,63 @@ PRESETS: List[Preset] = [
         "estimate, sqrt(alphā_0) x0 + sqrt(1 - alphā_0) eps (3% of eps)",
     ),
     *(_hyper_lora(steps) for steps in (2, 4, 8)),
+    Preset(
+        "ByteDance/Hyper-SD",
+        "sd",
+        "lora",
+        (999,),
+        "epsilon",
+        512,
+        recipe="DiffusionPipeline.from_pretrained('runwayml/stable-diffusion-v1-5') + load_lora_weights("
+        "hf_hub_download(repo, 'Hyper-SD15-1step-lora.safetensors')) + fuse_lora(), TCDScheduler.from_config, "
+        "num_inference_steps=1, guidance_scale=0, eta=1.0",
+        sources=(HYPER_CARD, HYPER_CARD_COPY),
+        source_kind="model card",
+        weight_name="Hyper-SD15-1step-lora.safetensors",
+        base_model=SD15_BASE,
+        notes=SD15_BASE_NOTE + "; OneStepPipeline returns x0, where one TCD step returns x0 re-noised to t=0 with its "
+        "own noise estimate, sqrt(alphā_0) x0 + sqrt(1 - alphā_0) eps (3% of eps)",
+        unconfirmed=HYPER_SD15_READ,
+    ),
+    *(_hyper_sd15_lora(steps) for steps in (2, 4, 8)),
+    Preset(
+        "stabilityai/sd-turbo",
+        "sd",
+        "pipeline",
+        (999,),
+        "epsilon",
+        512,
+        recipe="AutoPipelineForText2Image.from_pretrained('stabilityai/sd-turbo', torch_dtype=torch.float16, "
+        "variant='fp16'), pipe(prompt=prompt, num_inference_steps=1, guidance_scale=0.0); 512x512",
+        sources=(SD_TURBO_CARD_COPY, SD_TURBO_DEMO, SD_TURBO_CONFIG),
+        source_kind="model card",
+        notes="the repo's EulerDiscreteScheduler (trailing): " + UNIT_NOISE + "; full-precision weights unless "
+        "`variant='fp16'` is passed (the card loads the fp16 variant on a GPU)",
+        unconfirmed="the card was read in a copy of its text (the first source), not on the Hub at a pinned revision; "
+        "the repo's scheduler config was not read: trailing spacing is what the card's one-step call needs to start "
+        "at t=999, as the Turbo demo's sampler does, and epsilon is the demo's SD-Turbo config (EpsScaling)",
+        default=True,
+    ),
+    Preset(
+        "XCLiu/instaflow_0_9B_from_sd_1_5",
+        "sd",
+        "pipeline",
+        (1.0,),
+        "data_velocity",
+        512,
+        recipe="RectifiedFlowPipeline.from_pretrained(repo) (the repo's code/pipeline_rf.py), pipe(prompt=prompt, "
+        "num_inference_steps=1, guidance_scale=0.0): latents = randn * scheduler.init_noise_sigma, v = unet(latents, "
+        "1000.0), latents + 1.0 * v",
+        sources=(INSTAFLOW_README, INSTAFLOW_PIPELINE),
+        source_kind="README",
+        noise_path="flow",
+        notes="a rectified flow on the SD 1.5 UNet: the preset runs it on the flow path (the UNet at 1000 sigma) with "
+        "the velocity toward the data, x0 = x_1 + v; the README spells the repo XCLIU/...",
+        unconfirmed="the repo's scheduler config was not read: RectifiedFlowPipeline scales the initial noise by its "
+        "init_noise_sigma, 1 for SD 1.5's PNDMScheduler (which the preset assumes the repo keeps), and uses nothing "
+        "else of it",
+        default=True,
+    ),
     Preset(
         "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512",
         "pixart_alpha",

@@ -36,9 +36,11 @@ def _plain_number(value: float) -> float:
 
 def dmd2_config_for(scheduler, guidance_scale: float) -> Optional[Dict[str, Any]]:
     """The ``dmd2_config`` block of a student sampled by ``scheduler`` (a OneStepScheduler), ``None`` unless it is a
-    flow-matching student."""
+    flow-matching student (a flow path and the ``flow_prediction`` velocity)."""
     path = scheduler.path
-    if path.kind != "flow":
+    # the engines integrate the flow-matching velocity eps - x0: a student predicting anything else on a flow path
+    # (InstaFlow's velocity toward the data, x0 - eps) would run with the wrong sign, so it gets no block
+    if path.kind != "flow" or scheduler.config.prediction_type != "flow_prediction":
         return None
     sigmas = [float(t) for t in scheduler.config.conditioning_timesteps]
     return {

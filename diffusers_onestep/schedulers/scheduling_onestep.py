@@ -76,7 +76,8 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             `[999, 749, 499, 249]`), sigmas in `(0, 1]` for `"flow"`, angles in `(0, pi/2]` for `"trigflow"`
             (SANA-Sprint: `[1.5708]`). One to eight values (SDXL-Lightning's and Hyper-SD's 8-step students).
         prediction_type (`str`, defaults to `"epsilon"`):
-            What the student outputs: `"epsilon"`, `"v_prediction"`, `"sample"`, `"flow_prediction"` or `"trigflow"`.
+            What the student outputs: `"epsilon"`, `"v_prediction"`, `"sample"`, `"flow_prediction"`, `"trigflow"`
+            or `"data_velocity"` (`x0 - eps`, Rectified Flow's and InstaFlow's orientation).
         noise_path (`str`, defaults to `"vp"`):
             `"vp"` (DDPM betas below), `"flow"` (rectified flow) or `"trigflow"` (sCM).
         num_train_timesteps (`int`, defaults to 1000):

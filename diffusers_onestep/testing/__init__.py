@@ -22,6 +22,7 @@ from .components import (
     tiny_gemma_tokenizer,
     tiny_pixart_components,
     tiny_sana_components,
+    tiny_sd_components,
     tiny_sdxl_components,
     tiny_t5_tokenizer,
 )
@@ -135,6 +136,7 @@ __all__ = [
     "tiny_native_pipeline",
     "tiny_pixart_components",
     "tiny_sana_components",
+    "tiny_sd_components",
     "tiny_sdxl_components",
     "tiny_t5_tokenizer",
 ]

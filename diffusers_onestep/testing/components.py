@@ -356,3 +356,74 @@ def tiny_sana_components(seed: int = 0, sprint: bool = False) -> Dict[str, objec
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
     }
+
+
+def tiny_sd_components(seed: int = 0, v_prediction: bool = False) -> Dict[str, object]:
+    """A tiny Stable Diffusion 1.x model (PNDMScheduler, epsilon, as stable-diffusion-v1-5 ships it) or, with
+    ``v_prediction``, a 2.x-like one (DDIMScheduler predicting v, linear-projection attention with per-block head
+    sizes, as stable-diffusion-2-1 ships it). Sizes differ from diffusers' own fast tests (block widths 4/8, one CLIP
+    of width 32): widths 6/12, a CLIP of width 24, a 2-block VAE of widths 8/16."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(6, 12),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        # SD 1.x: 8 heads everywhere, conv projections; SD 2.x: head sizes per block, linear projections
+        attention_head_dim=(2, 3) if v_prediction else 3,
+        use_linear_projection=v_prediction,
+        cross_attention_dim=24,
+        norm_num_groups=3,
+    )
+    scheduler_config = {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "steps_offset": 1,
+        "set_alpha_to_one": False,
+    }
+    if v_prediction:
+        scheduler = DDIMScheduler(**scheduler_config, clip_sample=False, prediction_type="v_prediction")
+    else:
+        scheduler = PNDMScheduler(**scheduler_config, skip_prk_steps=True)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    config = CLIPTextConfig(
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513 if not v_prediction else 0,
+        hidden_size=24,
+        intermediate_size=40,
+        layer_norm_eps=1e-05,
+        num_attention_heads=3,
+        num_hidden_layers=3,
+        vocab_size=1000,
+        hidden_act="quick_gelu" if not v_prediction else "gelu",
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(config).eval()
+    # SD 2.x's OpenCLIP tokenizer pads with "!" (id 0), SD 1.x's with the end-of-text token
+    tokenizer = tiny_clip_tokenizer(pad_token="!" if v_prediction else "<|endoftext|>")
+    return {
+        "unet": unet.eval(),
+        "scheduler": scheduler,
+        "vae": vae.eval(),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "image_encoder": None,
+    }

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..families import get_adapter_class
-from .components import tiny_pixart_components, tiny_sana_components, tiny_sdxl_components
+from .components import tiny_pixart_components, tiny_sana_components, tiny_sd_components, tiny_sdxl_components
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,9 @@ register_tiny_fixture(
     "sana_sprint",
     TinyFixture(lambda seed: tiny_sana_components(seed, sprint=True), None, sana_sprint_setup, _SANA_CALL),
 )
+# SD 1.5 students start from pure noise at t=999 (DMD2's SD 1.5 generator, SD-Turbo); LCMScheduler with timesteps=[999]
+# at guidance 0 returns that one step's x0 (the v-prediction SD 2.x case is tests/test_sd_family.py's)
+register_tiny_fixture("sd", TinyFixture(tiny_sd_components, [999], lcm_timesteps_setup))
 
 #: the families with a tiny fixture when this module was imported (the built-in ones; tests parametrize over it)
 TINY_FAMILIES = tiny_families()
