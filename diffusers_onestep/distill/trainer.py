@@ -394,7 +394,7 @@ class Trainer:
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if not self._all_finite(math.isfinite(grad_norm)):
             if is_loss_scale_overflow(state.grad_scaler):
-                return self._skip_overflow(role, step)
+                return self._skip_overflow(role, step, logs)
             if self._nonfinite(step, role, "gradient norm"):
                 if state.grad_scaler is not None:  # the unscaled gradients are dropped: same scale, next update
                     state.grad_scaler.update(state.grad_scaler.get_scale())
@@ -411,12 +411,12 @@ class Trainer:
         logs[f"{role}/lr"] = state.lr_schedulers[role].get_last_lr()[0]
         return logs
 
-    def _skip_overflow(self, role: str, step: int) -> Dict[str, float]:
+    def _skip_overflow(self, role: str, step: int, logs: Dict[str, float]) -> Dict[str, float]:
         """An fp16 loss-scale overflow (inf/NaN gradients under a GradScaler), handled as torch's GradScaler does:
         the optimizer step is skipped (``GradScaler.step`` sees the overflow), the loss scale is multiplied by its
         backoff factor (halved by default), and the run goes on. The LR schedule and the EMA stay where they are (no
         update happened); the iteration still counts, and so does the overflow (``overflow_skips`` in
-        ``trainer_state.json``, ``fp16/overflow_skips`` in the logs)."""
+        ``trainer_state.json``, ``fp16/overflow_skips`` in the logs, which keep the update's finite losses)."""
         state, scaler = self.state, self.state.grad_scaler
         scale = scaler.get_scale()
         state.optimizers[role].step()  # GradScaler.step skips the update, GradScaler.update lowers the scale
@@ -428,7 +428,7 @@ class Trainer:
             f"fp16 loss-scale overflow in the {role} update at step {step + 1}: update skipped, loss scale "
             f"{scale:g} -> {scaler.get_scale():g} ({state.overflow_skips} overflow skips in this run)."
         )
-        return {f"{role}/overflow": 1.0}
+        return {**logs, f"{role}/overflow": 1.0}
 
     @torch.no_grad()
     def _update_ema(self):
