@@ -83,7 +83,7 @@ class Trainer:
         config: a :class:`TrainConfig` (resolved here) or the :class:`ResolvedConfig` of :func:`.resolve.resolve`.
         hooks: optional callables ``hook(event, trainer, **info)`` called at named points: ``"loss"`` (``role``,
             0-based ``step``, ``loss``, ``logs``; may return a replacement loss), ``"optimizer_step"`` (``role``,
-            ``step``), ``"after_step"`` (completed ``step``, ``logs``), ``"before_checkpoint_commit"`` and
+            ``step``; not for a skipped update), ``"after_step"`` (completed ``step``, ``logs``), ``"before_checkpoint_commit"`` and
             ``"checkpoint_written"`` (``path``, ``step``). The test suite injects faults through them.
     """
 
@@ -424,10 +424,11 @@ class Trainer:
         for optimizer in state.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         state.roles.end_phase()
-        logger.info(
-            f"fp16 loss-scale overflow in the {role} update at step {step + 1}: update skipped, loss scale "
-            f"{scale:g} -> {scaler.get_scale():g} ({state.overflow_skips} overflow skips in this run)."
-        )
+        if self.accelerator.is_main_process:  # every process skipped the same update (the gradients are reduced)
+            logger.warning(
+                f"fp16 loss-scale overflow in the {role} update at step {step + 1}: update skipped, loss scale "
+                f"{scale:g} -> {scaler.get_scale():g} ({state.overflow_skips} overflow skips in this run)."
+            )
         return {**logs, f"{role}/overflow": 1.0}
 
     @torch.no_grad()
