@@ -9,7 +9,8 @@ A fault is ``event@step[:action[:rank]]``. ``pause`` (the default) writes ``<out
 stops after the step); ``nan`` makes the loss of a ``loss`` event NaN. With a ``rank``, only that process (its
 ``accelerator.process_index``) acts on the fault. Steps are those the hooks report: the 0-based iteration for ``loss``
 and ``optimizer_step``, completed steps for ``after_step`` and the checkpoint events. Everything else goes to the
-training command's ``main`` unchanged. Each process writes ``<output_dir>/.exit-<rank>.json`` as it ends:
+training command's ``main`` unchanged. Each process writes its id to ``<output_dir>/.pid-<rank>`` at its first hook
+(so that a test can end exactly these processes) and ``<output_dir>/.exit-<rank>.json`` as it ends:
 ``{"status": <main's return value>, "global_step": <the trainer's step>}``.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from typing import List, Optional, Sequence, Tuple
@@ -30,6 +32,11 @@ ACTIONS = ("pause", "nan")
 def marker_path(output_dir: str, event: str, step: int) -> str:
     """The file a paused fault writes once it is reached."""
     return os.path.join(output_dir, f".fault-{event}-{step}")
+
+
+def pid_path(output_dir: str, rank: int) -> str:
+    """The file holding the id of the training process of ``rank``."""
+    return os.path.join(output_dir, f".pid-{rank}")
 
 
 def exit_path(output_dir: str, rank: int) -> str:
@@ -59,8 +66,10 @@ def fault_hook(faults: Sequence[Tuple[str, int, str, Optional[int]]], seen: Opti
     """The hook that acts on ``faults``; it keeps the trainer in ``seen["trainer"]``."""
 
     def hook(event, trainer, **info):
-        if seen is not None:
+        if seen is not None and "trainer" not in seen:
             seen["trainer"] = trainer
+            with open(pid_path(trainer.config.output.output_dir, trainer.accelerator.process_index), "w") as f:
+                f.write(str(os.getpid()))
         for name, step, action, rank in faults:
             if name != event or info.get("step") != step:
                 continue
@@ -79,6 +88,9 @@ def fault_hook(faults: Sequence[Tuple[str, int, str, Optional[int]]], seen: Opti
 
 if __name__ == "__main__":
     faults, training_argv = parse_faults(sys.argv[1:])
+    # Once one process has exited, torchrun sends SIGTERM to the others; outside the training loop (which handles
+    # it itself) it is ignored here, so that a process that stopped with the others still writes its exit file.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seen: dict = {}
     status = main(training_argv, hooks=[fault_hook(faults, seen)])
     trainer = seen.get("trainer")

@@ -1,5 +1,6 @@
 """Crash safety: kill -9 at several points and resume to the same result, non-finite guards, interrupts, secrets."""
 
+import contextlib
 import json
 import os
 import signal
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from fault_launcher import exit_path, marker_path
+from fault_launcher import exit_path, marker_path, pid_path
 from safetensors.torch import load_file
 from training_utils import (
     FAULT_LAUNCHER,
@@ -177,8 +178,13 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step_and_the_ru
     try:
         output, _ = process.communicate(timeout=90)
     except subprocess.TimeoutExpired:
+        # the training processes run in sessions of their own: end them by id, then the launcher
+        for rank in (0, 1):
+            with contextlib.suppress(OSError, ValueError), open(pid_path(str(out), rank)) as f:
+                os.kill(int(f.read()), signal.SIGKILL)
         process.kill()
-        raise AssertionError(f"the processes did not stop together:\n{process.communicate()[0][-4000:]}") from None
+        output = process.communicate(timeout=60)[0]
+        raise AssertionError(f"the processes did not stop together:\n{output[-4000:]}") from None
     assert "Interrupted at step 3: saved" in output, output[-4000:]  # printed by process 0, which got no signal
     assert [s for s, _ in list_checkpoints(str(out))] == [3]
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
