@@ -1,5 +1,7 @@
 """Crash safety: kill -9 at several points and resume to the same result, non-finite guards, interrupts, secrets."""
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -7,16 +9,19 @@ import sys
 
 import pytest
 import torch
-from fault_launcher import marker_path
+from fault_launcher import exit_path, marker_path, pid_path
 from safetensors.torch import load_file
 from training_utils import (
     FAULT_LAUNCHER,
+    REPO,
     SCRIPT,
     STATE_FILES,
     env,
     hub_account,
     in_process,
     kill_at,
+    launch,
+    launch_command,
     run_args,
     start,
     wait_for,
@@ -147,6 +152,54 @@ def test_sigint_saves_the_current_step_and_exits_cleanly(workspace):
     # and it resumes from there
     in_process(run_args(workspace, out, "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest"))
     assert [s for s, _ in list_checkpoints(str(out))] == [3, 6]
+
+
+def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step_and_the_run_resumes_exactly(workspace):
+    """SIGTERM reaches only process 1 (paused after step 3, as a scheduler may signal one rank): accelerate's trigger
+    all-reduces it, so both processes save checkpoint-3 together and exit with 130 -- without it, process 1 would
+    wait at the checkpoint's barrier while process 0 trains on, until the timeout here fails the test."""
+    reference = workspace["root"] / "two-processes"
+    out = workspace["root"] / "two-processes-signalled"
+    argv = run_args(workspace, out, "--checkpointing_steps", "100")
+    launch(run_args(workspace, reference, "--checkpointing_steps", "100"), num_processes=2)
+
+    process = subprocess.Popen(
+        launch_command(["--fault", "after_step@3:pause:1", *argv], num_processes=2, script=FAULT_LAUNCHER),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
+    marker = marker_path(str(out), "after_step", 3)
+    wait_for(marker, process)
+    with open(marker) as f:
+        os.kill(int(f.read()), signal.SIGTERM)  # process 1 only
+    try:
+        output, _ = process.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        # the training processes run in sessions of their own: end them by id, then the launcher
+        for rank in (0, 1):
+            with contextlib.suppress(OSError, ValueError), open(pid_path(str(out), rank)) as f:
+                os.kill(int(f.read()), signal.SIGKILL)
+        process.kill()
+        output = process.communicate(timeout=60)[0]
+        raise AssertionError(f"the processes did not stop together:\n{output[-4000:]}") from None
+    assert "Interrupted at step 3: saved" in output, output[-4000:]  # printed by process 0, which got no signal
+    assert [s for s, _ in list_checkpoints(str(out))] == [3]
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and {"rng_0.safetensors", "rng_1.safetensors"} <= set(state["files"])
+    for rank in (0, 1):
+        assert json.loads(open(exit_path(str(out), rank)).read()) == {"status": 130, "global_step": 3}
+
+    launch(run_args(workspace, out, "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest"), 2)
+    assert [s for s, _ in list_checkpoints(str(out))] == [3, 6]
+    for name in STATE_FILES:
+        a = load_file(str(reference / "checkpoint-6" / name))
+        b = load_file(str(out / "checkpoint-6" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key}"
 
 
 def test_the_hub_token_is_never_written(workspace, monkeypatch, capfd):

@@ -121,6 +121,56 @@ def test_update_schedule(workspace):
     assert {float(v) for k, v in tensors.items() if k.endswith(".step")} == {11.0}
 
 
+def test_accumulated_micro_batches_run_under_no_sync_but_the_last(workspace, monkeypatch):
+    """With --gradient_accumulation_steps 3, the forward and backward of every micro-batch but the last of an update
+    run inside accelerate's ``no_sync`` of every prepared module, so DDP all-reduces once per update (that 2 processes
+    still equal 1 with accumulation is tests/test_training_e2e.py's parity test)."""
+    import contextlib
+
+    from accelerate import Accelerator
+
+    inside = {"depth": 0}
+    original_no_sync = Accelerator.no_sync
+
+    @contextlib.contextmanager
+    def counting_no_sync(self, model):
+        with original_no_sync(self, model):
+            inside["depth"] += 1
+            try:
+                yield
+            finally:
+                inside["depth"] -= 1
+
+    monkeypatch.setattr(Accelerator, "no_sync", counting_no_sync)
+    seen = []
+
+    def record(event, trainer, **info):
+        if event == "loss":
+            seen.append((info["step"], info["role"], inside["depth"], len(trainer.state.roles.prepared)))
+
+    config = make_config(
+        workspace,
+        workspace["root"] / "accumulation",
+        "--max_train_steps",
+        "2",
+        "--gradient_accumulation_steps",
+        "3",
+        "--critic_updates_per_student",
+        "2",
+        "--checkpointing_steps",
+        "100",
+    )
+    Trainer(config, hooks=[record]).run()
+    modules = seen[0][3]
+    assert modules >= 1
+    expected = []
+    for step in range(2):
+        for role in ("student", "critic") if step == 0 else ("critic",):
+            expected += [(step, role, modules, modules), (step, role, modules, modules), (step, role, 0, modules)]
+    assert seen == expected
+    assert inside["depth"] == 0
+
+
 def test_checkpoints_total_limit_keeps_the_newest(workspace):
     out = workspace["root"] / "limit"
     Trainer(

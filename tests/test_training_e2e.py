@@ -131,7 +131,9 @@ def _assert_native_lora_loader_reads_it(family, teacher, out, student):
 
 
 def test_two_processes_match_one_process(workspace):
-    """2 processes × batch 2 (gloo) equal 1 process × batch 4: all randomness is drawn for the global batch."""
+    """2 processes × batch 2 (gloo) equal 1 process × batch 4, each update accumulated over 2 micro-batches: all
+    randomness is drawn for the global batch, and the micro-batches that skip DDP's all-reduce (``no_sync``) are
+    reduced with the last one."""
     common = [
         "--teacher",
         workspace["teachers"]["pixart_alpha"],
@@ -143,6 +145,8 @@ def test_two_processes_match_one_process(workspace):
         "2",
         "--resolution",
         "8",
+        "--gradient_accumulation_steps",
+        "2",
         *TINY_FLAGS,
     ]
     common = list(common)

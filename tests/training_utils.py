@@ -90,6 +90,23 @@ def env():
 
 def launch(args, num_processes=1, timeout=300, check=True, script=SCRIPT):
     """Run the training script (or another launcher ``script``) through `accelerate launch`, as users do."""
+    result = subprocess.run(
+        launch_command(args, num_processes, script),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def launch_command(args, num_processes=1, script=SCRIPT):
+    """The `accelerate launch` command line of :func:`launch` (gloo over CPU processes when there is no GPU)."""
     command = [
         sys.executable,
         "-m",
@@ -107,13 +124,7 @@ def launch(args, num_processes=1, timeout=300, check=True, script=SCRIPT):
     ]
     if num_processes > 1:
         command.append("--multi_gpu")
-    command += [script] + [str(a) for a in args]
-    result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-        )
-    return result
+    return command + [script] + [str(a) for a in args]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ file                            content
 ``method.safetensors``          the method's own state (f-distill's ratio-normalizer bins), when it has one
 ``optimizer_<role>.*``          AdamW moments (safetensors) and step counters and param groups (JSON)
 ``scheduler_<role>.json``       the LR scheduler's state (its lambdas are rebuilt from the config)
+``grad_scaler.json``            the fp16 GradScaler's state (loss scale, growth tracker), under fp16 only
 ``rng_<rank>.*``                every process's torch/CUDA/RandomSource (safetensors) and Python/NumPy (JSON) state
 ``training_config.json``        the configuration the state belongs to
-``trainer_state.json``          step, skipped non-finite updates, process count, run id and the size of every other
+``trainer_state.json``          step, skipped non-finite updates and fp16 overflows, process count, run id and the
+                                size of every other
                                 file; written last, it commits the folder
 ==============================  ===================================================================================
 
@@ -63,6 +65,8 @@ CONFIG_NAME = "training_config.json"
 TRAINER_STATE_NAME = "trainer_state.json"
 #: names the run that writes ``output_dir`` now: ``{"run_id": ..., "owns_checkpoints_without_run_id": ...}``
 RUN_NAME = "run.json"
+#: the fp16 GradScaler's state (written under fp16 only)
+GRAD_SCALER_NAME = "grad_scaler.json"
 #: the file whose presence marks a complete checkpoint
 CHECKPOINT_COMMIT_FILE = TRAINER_STATE_NAME
 #: version of the layout above, stored in ``trainer_state.json`` (2: run id and file sizes; 1: neither)
@@ -113,7 +117,9 @@ class TrainingState:
 
     ``roles`` is the :class:`~.roles.BackboneRoles` of the run, ``method`` its method (``state_dict`` /
     ``load_state_dict``), ``optimizers`` and ``lr_schedulers`` are keyed by role, ``ema`` maps the student's parameter
-    names to float32 averages (``None`` without ``--ema_decay``), ``run`` is the run the checkpoints are written for.
+    names to float32 averages (``None`` without ``--ema_decay``), ``run`` is the run the checkpoints are written for,
+    ``grad_scaler`` the fp16 ``torch.amp.GradScaler`` (``None`` without fp16) and ``overflow_skips`` the updates it
+    skipped for a loss-scale overflow.
     """
 
     roles: Any
@@ -124,6 +130,8 @@ class TrainingState:
     ema: Optional[Dict[str, torch.Tensor]] = None
     global_step: int = 0
     nonfinite_skips: int = 0
+    grad_scaler: Any = None
+    overflow_skips: int = 0
     run: RunIdentity = field(default_factory=RunIdentity.new)
     #: what training has cost up to the last checkpoint: ``wall_seconds``, ``sessions``, ``device``,
     #: ``num_processes``, ``peak_memory_bytes`` and ``peak_memory_kind`` (the model card's training cost)
@@ -492,6 +500,9 @@ def save_checkpoint(
             storage.write_json(
                 os.path.join(staging, f"scheduler_{role}.json"), _scheduler_state(state.lr_schedulers[role])
             )
+        if state.grad_scaler is not None:
+            # GradScaler.state_dict holds plain numbers (scale, factors, interval, growth tracker): JSON, no pickle
+            storage.write_json(os.path.join(staging, GRAD_SCALER_NAME), state.grad_scaler.state_dict())
         config.save(os.path.join(staging, CONFIG_NAME))
     # The commit file lists every file with its size, so every process's RNG state must be in the folder first.
     accelerator.wait_for_everyone()
@@ -502,6 +513,7 @@ def save_checkpoint(
             {
                 "global_step": step,
                 "nonfinite_skips": state.nonfinite_skips,
+                "overflow_skips": state.overflow_skips,
                 "num_processes": accelerator.num_processes,
                 "format": CHECKPOINT_FORMAT,
                 "run_id": state.run.run_id,
@@ -539,9 +551,14 @@ def load_checkpoint(path: str, state: TrainingState, process_index: int, device=
         scheduler = state.lr_schedulers[role]
         saved = _read_json(os.path.join(path, f"scheduler_{role}.json"))
         scheduler.load_state_dict({**scheduler.state_dict(), **saved})
+    scaler_path = os.path.join(path, GRAD_SCALER_NAME)
+    if state.grad_scaler is not None and os.path.isfile(scaler_path):
+        # (a checkpoint without it predates this file: the scaler starts again from its initial scale)
+        state.grad_scaler.load_state_dict(_read_json(scaler_path))
     _load_rng_state(path, process_index, state.random_source)
     state.global_step = int(trainer_state["global_step"])
     state.nonfinite_skips = int(trainer_state.get("nonfinite_skips", 0))
+    state.overflow_skips = int(trainer_state.get("overflow_skips", 0))
     state.training_cost = trainer_state.get("training_cost")
     state.best = trainer_state.get("best")
 

@@ -345,7 +345,10 @@ class OptimizationConfig:
         "students; needs bitsandbytes and a CUDA GPU).",
     )
     on_nonfinite: str = setting(
-        "stop", "stop, or skip updates whose loss or gradient is NaN/inf.", choices=ON_NONFINITE
+        "stop",
+        "stop, or skip updates whose loss or gradient is NaN/inf (under fp16, non-finite gradients are loss-scale "
+        "overflows while the scale is above 1: skipped, counted apart, the scale halved).",
+        choices=ON_NONFINITE,
     )
     max_nonfinite_skips: int = setting(10, "With --on_nonfinite skip: stop after this many skipped updates.")
 

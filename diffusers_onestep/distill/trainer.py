@@ -47,6 +47,18 @@ from .roles import BackboneRoles
 logger = logging.getLogger(__name__)
 
 
+#: Non-finite gradients under a loss scale at or below this are not a loss-scale overflow: they are non-finite
+#: without any scaling, and ``--on_nonfinite`` handles them (DeepSpeed's fp16 likewise stops at its ``min_loss_scale``
+#: of 1 instead of lowering the scale forever).
+MIN_LOSS_SCALE = 1.0
+
+
+def is_loss_scale_overflow(grad_scaler) -> bool:
+    """Whether non-finite gradients are a loss-scale overflow to skip: a GradScaler (fp16) scales the loss, and its
+    scale is still above :data:`MIN_LOSS_SCALE`."""
+    return grad_scaler is not None and grad_scaler.is_enabled() and grad_scaler.get_scale() > MIN_LOSS_SCALE
+
+
 class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN/inf; the message names the step and the term."""
 
@@ -73,7 +85,7 @@ class Trainer:
         config: a :class:`TrainConfig` (resolved here) or the :class:`ResolvedConfig` of :func:`.resolve.resolve`.
         hooks: optional callables ``hook(event, trainer, **info)`` called at named points: ``"loss"`` (``role``,
             0-based ``step``, ``loss``, ``logs``; may return a replacement loss), ``"optimizer_step"`` (``role``,
-            ``step``), ``"after_step"`` (completed ``step``, ``logs``), ``"before_checkpoint_commit"`` and
+            ``step``; not for a skipped update), ``"after_step"`` (completed ``step``, ``logs``), ``"before_checkpoint_commit"`` and
             ``"checkpoint_written"`` (``path``, ``step``). The test suite injects faults through them.
     """
 
@@ -299,6 +311,8 @@ class Trainer:
             lr_schedulers=lr_schedulers,
             random_source=random_source,
             ema=ema,
+            # fp16: the GradScaler accelerate made (it scales in backward and steps the optimizers through it)
+            grad_scaler=acc.scaler,
         )
         self.batches = TrainingBatches(
             self.prompt_source,
@@ -348,6 +362,17 @@ class Trainer:
             "--mixed_precision no, then resume."
         )
 
+    def _gradient_sync(self, sync: bool):
+        """Around one micro-batch's forward and backward: with ``sync`` false (every micro-batch of an accumulated
+        update but the last), accelerate's ``no_sync`` on every prepared module, so DDP all-reduces the accumulated
+        gradients once per update instead of once per micro-batch. (``accelerator.accumulate`` would decide this
+        from its own call counter, which the two roles' alternating updates do not fit.)"""
+        stack = contextlib.ExitStack()
+        if not sync:
+            for module in self.state.roles.prepared.values():
+                stack.enter_context(self.accelerator.no_sync(module))
+        return stack
+
     def _update(self, role: str, step: int) -> Dict[str, float]:
         cfg, state = self.config, self.state
         accum = cfg.optim.gradient_accumulation_steps
@@ -355,22 +380,30 @@ class Trainer:
         logs: Dict[str, float] = {}
         for micro in range(accum):
             batch = self.batches(step, micro)
-            with self.accelerator.autocast():
-                loss, micro_logs = step_fn(batch, state.random_source)
-            replaced = self._hook("loss", role=role, step=step, loss=loss, logs=micro_logs)
-            if replaced is not None:
-                loss = replaced
-            if not self._all_finite(bool(torch.isfinite(loss.detach()).all())):
-                bad = [k for k, v in micro_logs.items() if not math.isfinite(v)] or [f"{role}/loss"]
-                if self._nonfinite(step, role, f"loss ({', '.join(bad)})"):
-                    return {}
-            self.accelerator.backward(loss / accum)
+            with self._gradient_sync(micro == accum - 1):
+                with self.accelerator.autocast():
+                    loss, micro_logs = step_fn(batch, state.random_source)
+                replaced = self._hook("loss", role=role, step=step, loss=loss, logs=micro_logs)
+                if replaced is not None:
+                    loss = replaced
+                # checked before scaling: a NaN/inf loss is no loss-scale overflow, --on_nonfinite handles it
+                if not self._all_finite(bool(torch.isfinite(loss.detach()).all())):
+                    bad = [k for k, v in micro_logs.items() if not math.isfinite(v)] or [f"{role}/loss"]
+                    if self._nonfinite(step, role, f"loss ({', '.join(bad)})"):
+                        return {}
+                self.accelerator.backward(loss / accum)
             for key, value in micro_logs.items():
                 logs[key] = logs.get(key, 0.0) + value / accum
+        # (under fp16, accelerate unscales the gradients here first)
         grad_norm = self.accelerator.clip_grad_norm_(self.state.roles.role_parameters(role), cfg.optim.max_grad_norm)
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if not self._all_finite(math.isfinite(grad_norm)) and self._nonfinite(step, role, "gradient norm"):
-            return {}
+        if not self._all_finite(math.isfinite(grad_norm)):
+            if is_loss_scale_overflow(state.grad_scaler):
+                return self._skip_overflow(role, step, logs)
+            if self._nonfinite(step, role, "gradient norm"):
+                if state.grad_scaler is not None:  # the unscaled gradients are dropped: same scale, next update
+                    state.grad_scaler.update(state.grad_scaler.get_scale())
+                return {}
         state.optimizers[role].step()
         self._hook("optimizer_step", role=role, step=step)
         state.lr_schedulers[role].step()
@@ -382,6 +415,26 @@ class Trainer:
         logs[f"{role}/grad_norm"] = grad_norm
         logs[f"{role}/lr"] = state.lr_schedulers[role].get_last_lr()[0]
         return logs
+
+    def _skip_overflow(self, role: str, step: int, logs: Dict[str, float]) -> Dict[str, float]:
+        """An fp16 loss-scale overflow (inf/NaN gradients under a GradScaler), handled as torch's GradScaler does:
+        the optimizer step is skipped (``GradScaler.step`` sees the overflow), the loss scale is multiplied by its
+        backoff factor (halved by default), and the run goes on. The LR schedule and the EMA stay where they are (no
+        update happened); the iteration still counts, and so does the overflow (``overflow_skips`` in
+        ``trainer_state.json``, ``fp16/overflow_skips`` in the logs, which keep the update's finite losses)."""
+        state, scaler = self.state, self.state.grad_scaler
+        scale = scaler.get_scale()
+        state.optimizers[role].step()  # GradScaler.step skips the update, GradScaler.update lowers the scale
+        state.overflow_skips += 1
+        for optimizer in state.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        state.roles.end_phase()
+        if self.accelerator.is_main_process:  # every process skipped the same update (the gradients are reduced)
+            logger.warning(
+                f"fp16 loss-scale overflow in the {role} update at step {step + 1}: update skipped, loss scale "
+                f"{scale:g} -> {scaler.get_scale():g} ({state.overflow_skips} overflow skips in this run)."
+            )
+        return {**logs, f"{role}/overflow": 1.0}
 
     @torch.no_grad()
     def _update_ema(self):
@@ -548,6 +601,9 @@ class Trainer:
             logs.update(self._update(role, step))
         state.global_step = step + 1
         logs["time/step_s"] = time.perf_counter() - started
+        if state.grad_scaler is not None:
+            logs["fp16/loss_scale"] = state.grad_scaler.get_scale()
+            logs["fp16/overflow_skips"] = float(state.overflow_skips)
         progress.update(1)
         progress.set_postfix(
             {k.split("/")[0]: f"{v:.4g}" for k, v in logs.items() if k in ("student/loss", "critic/loss")}
@@ -565,9 +621,17 @@ class Trainer:
             write_json(os.path.join(cfg.output.output_dir, BEST_CHECKPOINT_NAME), state.best)
         if state.global_step % cfg.output.validation_steps == 0 and not done:
             self.validate()
-        if self._interrupt_signal is not None:
+        if self._stop_requested():
             raise TrainingInterrupted(self._interrupt_signal)
         return logs
+
+    def _stop_requested(self) -> bool:
+        """Whether a signal reached any process: a process that got one sets accelerate's trigger, and
+        ``check_trigger`` all-reduces it, so every process stops after the same step and saves the same checkpoint
+        (a process that stopped alone would wait at the checkpoint's barrier while the others train on)."""
+        if self._interrupt_signal is not None:
+            self.accelerator.set_trigger()
+        return self.accelerator.check_trigger()
 
 
 # ----------------------------------------------------------------------------------------------------------------
