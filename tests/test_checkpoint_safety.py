@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from fault_launcher import marker_path
+from fault_launcher import exit_path, marker_path, pid_path
 from safetensors.torch import load_file
 from training_utils import STATE_FILES, in_process, kill_at, run_args, tiny_run_argv, write_images, write_prompts
 
@@ -254,7 +254,10 @@ def test_a_run_killed_before_its_first_checkpoint_restarts(workspace):
     out = workspace["root"] / "killed-early"
     argv = tiny_run_argv(workspace, out, "--max_train_steps", "2", "--critic_updates_per_student", "1")
     kill_at(argv, out, "loss@0")
-    os.remove(marker_path(str(out), "loss", 0))  # the fault's marker, not a file of the run
+    # the fault launcher's own files (its marker, the process id and exit record), not files of the run
+    for launcher_file in (marker_path(str(out), "loss", 0), pid_path(str(out), 0), exit_path(str(out), 0)):
+        if os.path.exists(launcher_file):
+            os.remove(launcher_file)
     assert sorted(os.listdir(out)) == [RUN_NAME, CONFIG_NAME]
 
     # `latest` starts fresh, and says so
