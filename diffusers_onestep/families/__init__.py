@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Type
 
 from ..hub import read_json
 from .base import Condition, FamilyAdapter
+from .flux import FluxAdapter
 from .pixart import PixArtAlphaAdapter, PixArtSigmaAdapter
 from .sana import SanaAdapter, SanaSprintAdapter
 from .sdxl import SDXLAdapter
@@ -41,7 +42,7 @@ def register_family(adapter_cls: Type[FamilyAdapter]) -> Type[FamilyAdapter]:
     return adapter_cls
 
 
-for _adapter_cls in (SDXLAdapter, PixArtAlphaAdapter, PixArtSigmaAdapter, SanaAdapter, SanaSprintAdapter):
+for _adapter_cls in (SDXLAdapter, PixArtAlphaAdapter, PixArtSigmaAdapter, SanaAdapter, SanaSprintAdapter, FluxAdapter):
     register_family(_adapter_cls)
 
 
@@ -133,6 +134,7 @@ __all__ = [
     "Condition",
     "FamilyAdapter",
     "FAMILIES",
+    "FluxAdapter",
     "ONESTEP_INDEX_KEY",
     "SDXLAdapter",
     "PixArtAlphaAdapter",

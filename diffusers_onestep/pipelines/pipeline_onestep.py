@@ -19,6 +19,7 @@ from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
     DiffusionPipeline,
+    FluxTransformer2DModel,
     ImagePipelineOutput,
     PixArtTransformer2DModel,
     SanaTransformer2DModel,
@@ -115,7 +116,7 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         vae: Union[AutoencoderKL, AutoencoderDC],
         scheduler: OneStepScheduler,
         unet: Optional[UNet2DConditionModel] = None,
-        transformer: Optional[Union[PixArtTransformer2DModel, SanaTransformer2DModel]] = None,
+        transformer: Optional[Union[PixArtTransformer2DModel, SanaTransformer2DModel, FluxTransformer2DModel]] = None,
         text_encoder: Optional[PreTrainedModel] = None,
         text_encoder_2: Optional[PreTrainedModel] = None,
         text_encoder_3: Optional[PreTrainedModel] = None,
@@ -605,7 +606,10 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
 
         # 3. Timesteps: the student's own unless overridden
         self.scheduler.set_timesteps(
-            None if timesteps is not None else num_inference_steps, device=device, timesteps=timesteps
+            None if timesteps is not None else num_inference_steps,
+            device=device,
+            timesteps=timesteps,
+            image_seq_len=adapter.image_seq_len(height, width),  # read by resolution-dependent paths (FLUX.1)
         )
         self.scheduler.set_begin_index(0)
         self._num_timesteps = len(self.scheduler.timesteps)

@@ -86,8 +86,10 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
         shift (`float`, defaults to 1.0):
             Flow-matching resolution shift (kept for training-time sampling; sampling uses the stored timesteps).
         use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len, time_shift_type:
-            A resolution-dependent flow shift (FLUX.1, SD3.5), with the meaning of diffusers'
-            `FlowMatchEulerDiscreteScheduler`; like `shift`, kept for training-time sampling.
+            A resolution-dependent flow shift (FLUX.1), with the meaning of diffusers'
+            `FlowMatchEulerDiscreteScheduler`. Unlike a fixed `shift`, it also applies at sampling: the stored
+            conditioning timesteps are then unshifted sigmas, shifted at each image's resolution (`set_timesteps`
+            takes `image_seq_len` or diffusers' `mu`), as FluxPipeline's `sigmas` are; sigma 1 stays 1.
         sigma_data (`float`, defaults to 0.5):
             TrigFlow data standard deviation.
         solver (`str`, defaults to `"sde"`):
@@ -250,6 +252,8 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
         num_inference_steps: Optional[int] = None,
         device: Union[str, torch.device, None] = None,
         timesteps: Optional[Sequence[float]] = None,
+        image_seq_len: Optional[int] = None,
+        mu: Optional[float] = None,
     ):
         """Set the sampling timesteps.
 
@@ -261,6 +265,13 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             timesteps (`list[float]`, *optional*):
                 Override the stored timesteps (natural units of the path, descending, 1-8 values). Mutually
                 exclusive with `num_inference_steps`.
+            image_seq_len (`int`, *optional*):
+                Latent tokens of the image (after patchifying); with `use_dynamic_shifting` the timesteps are shifted
+                at this resolution (:meth:`~diffusers_onestep.parameterization.FlowPath.timesteps_at`), as
+                `FlowMatchEulerDiscreteScheduler` shifts sigmas; ignored otherwise.
+            mu (`float`, *optional*):
+                The shift exponent itself (diffusers' `set_timesteps(mu=...)`, FluxPipeline's `calculate_shift`),
+                instead of `image_seq_len`.
         """
         if timesteps is not None and num_inference_steps is not None and num_inference_steps != len(timesteps):
             raise ValueError("Pass either `num_inference_steps` or `timesteps`, not both.")
@@ -270,6 +281,13 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             natural = self.check_timesteps(timesteps, what="timesteps")
         else:
             natural = self.select_timesteps(num_inference_steps)
+        if self.path.resolution_dependent:
+            if image_seq_len is None and mu is None:
+                raise ValueError(
+                    "This student's timesteps shift with the resolution (use_dynamic_shifting); pass `image_seq_len` "
+                    "(or `mu`) to `set_timesteps`."
+                )
+            natural = self.path.timesteps_at(natural, image_seq_len, mu=mu)
         key = (tuple(natural), device)
         if self._schedule is None or self._schedule[0] != key:
             path_timesteps = torch.tensor(natural, dtype=torch.float64)
