@@ -466,6 +466,8 @@ def test_a_native_scheduler_config_becomes_one_noise_path(family):
         ),
         ({}, {"transformer": {"_class_name": "SanaTransformer2DModel"}}, "sana"),
         ({}, {"transformer": {"_class_name": "SanaTransformer2DModel", "guidance_embeds": True}}, "sana_sprint"),
+        ({"_class_name": "FluxPipeline"}, {}, "flux"),
+        ({"_class_name": "FluxControlNetPipeline"}, {"transformer": {"_class_name": "FluxTransformer2DModel"}}, "flux"),
         # a pipeline class a family names wins over what the denoiser looks like
         (
             {"_class_name": "SanaPipeline"},
@@ -490,7 +492,7 @@ def test_detect_family_refuses_unknown_backbones_naming_the_supported_ones():
         ValueError,
         match=re.escape(
             "UNet2DModel is not a supported backbone; diffusers-onestep supports SDXL (sdxl), PixArt-α (pixart_alpha), "
-            "PixArt-Σ (pixart_sigma), SANA (sana) and SANA-Sprint (sana_sprint)."
+            "PixArt-Σ (pixart_sigma), SANA (sana), SANA-Sprint (sana_sprint) and FLUX.1 (flux)."
         ),
     ):
         detect_family({}, {"unet": {"_class_name": "UNet2DModel"}})
