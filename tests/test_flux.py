@@ -184,11 +184,19 @@ def workspace(tmp_path_factory, folders):
     return {"root": root, "prompts": write_prompts(str(root)), "images": write_images(str(root / "images"))}
 
 
-@pytest.mark.parametrize(
-    "divergence, kind", [("reverse_kl", "lora"), ("js", "full"), ("reverse_kl", "full"), ("js", "lora")]
-)
-def test_distilled_through_accelerate_launch(workspace, folders, divergence, kind):
-    from training_utils import TINY_FLAGS, launch
+#: every method x student kind; each method and each kind once through `accelerate launch` (as users run it, 15-30 s a
+#: launch on two cores), the other two combinations in this process (the same trainer, without the launcher's start)
+RUNS = [
+    ("reverse_kl", "lora", "launch"),  # the default FLUX.1 recipe: DMD2 with a shared-backbone LoRA student
+    ("js", "full", "launch"),
+    ("js", "lora", "in_process"),
+    ("reverse_kl", "full", "in_process"),
+]
+
+
+@pytest.mark.parametrize("divergence, kind, how", RUNS)
+def test_distilled_with_every_method_and_student_kind(workspace, folders, divergence, kind, how):
+    from training_utils import TINY_FLAGS, in_process, launch
 
     out = workspace["root"] / f"out-{divergence}-{kind}"
     args = [
@@ -212,7 +220,7 @@ def test_distilled_through_accelerate_launch(workspace, folders, divergence, kin
     ]
     if divergence == "js":
         args += ["--real_images", workspace["images"]]
-    launch(args)
+    launch(args) if how == "launch" else in_process(args)
     config = json.loads((out / "training_config.json").read_text())
     assert config["family"] == "flux" and config["roles"]["student"] == kind
     assert config["method"]["guidance_scale"] == 3.0  # TINY_FLAGS: the teacher's embedded guidance input

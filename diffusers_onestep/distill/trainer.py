@@ -253,7 +253,9 @@ class Trainer:
             trainable_copy=self._trainable_copy(),
             image_seq_len=image_seq_len,
         )
-        method = build_method(cfg.method, roles, self.adapter.noise_path.timesteps_at(student_timesteps, image_seq_len))
+        method = build_method(
+            cfg.method, roles, self.adapter.noise_path.timesteps_at(student_timesteps, image_seq_len)
+        )
         if cfg.data.cache_text_embeddings:
             # Every condition is cached: move the text encoders off the accelerator (kept for the export).
             for name in self.adapter.text_component_names:
