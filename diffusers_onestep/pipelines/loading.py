@@ -430,6 +430,8 @@ def load_preset(
         )
     if preset.embedded_guidance_scale is not None:
         kwargs.setdefault("embedded_guidance_scale", preset.embedded_guidance_scale)
+    if preset.max_sequence_length is not None:
+        kwargs.setdefault("max_sequence_length", preset.max_sequence_length)
     hub_kwargs = hub_kwargs_of(kwargs)
     base = base_model if base_model is not None else preset.base_model
     if kwargs.get("scheduler") is None:

@@ -1,4 +1,4 @@
-"""OneStepPipeline: runs any supported distilled one- or few-step (1-8) student with ``pipe(prompt)``.
+"""OneStepPipeline: runs any supported distilled one- or few-step (1-16) student with ``pipe(prompt)``.
 
 The pipeline is written once against the family adapter (:mod:`diffusers_onestep.families`) and the
 :class:`~diffusers_onestep.OneStepScheduler`, which carries the student's timesteps and output parameterization;

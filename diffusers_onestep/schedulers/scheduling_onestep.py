@@ -1,4 +1,4 @@
-"""OneStepScheduler: the scheduler of a distilled one- or few-step (1-8) student, carrying the student's own timesteps.
+"""OneStepScheduler: the scheduler of a distilled one- or few-step (1-16) student, carrying the student's own timesteps.
 
 Public one-step students are run today with borrowed schedulers and magic numbers (``LCMScheduler`` plus
 ``timesteps=[399]`` for DMD2, trailing Euler with ``prediction_type="sample"`` for SDXL-Lightning, ...). This
@@ -29,9 +29,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import parameterization as param
 
 
-#: the most conditioning timesteps a student may store: 8-step students (SDXL-Lightning, Hyper-SD) are the longest
-#: published ones (the trainer's own students take 1-4 timesteps, a separate limit in distill/config.py)
-MAX_STEPS = 8
+#: the most conditioning timesteps a student may store: Hyper-SD's 16-step FLUX.1-dev LoRA is the longest published
+#: schedule (the trainer's own students take 1-4 timesteps, a separate limit in distill/config.py)
+MAX_STEPS = 16
 #: multi-step samplers: re-noise with fresh noise (DMD2) or with the predicted noise (deterministic)
 SOLVERS = ("sde", "ode")
 
@@ -74,7 +74,7 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             The timestep(s) the student was trained to denoise from, in the noise path's natural units and in
             descending order: integer steps in `[0, num_train_timesteps)` for `"vp"` (DMD2 SDXL: `[399]`, 4-step:
             `[999, 749, 499, 249]`), sigmas in `(0, 1]` for `"flow"`, angles in `(0, pi/2]` for `"trigflow"`
-            (SANA-Sprint: `[1.5708]`). One to eight values (SDXL-Lightning's and Hyper-SD's 8-step students).
+            (SANA-Sprint: `[1.5708]`). One to sixteen values (Hyper-SD's 16-step FLUX.1-dev LoRA).
         prediction_type (`str`, defaults to `"epsilon"`):
             What the student outputs: `"epsilon"`, `"v_prediction"`, `"sample"`, `"flow_prediction"` or `"trigflow"`.
         noise_path (`str`, defaults to `"vp"`):
@@ -263,7 +263,7 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             device (`str` or `torch.device`, *optional*):
                 Device of `self.timesteps`.
             timesteps (`list[float]`, *optional*):
-                Override the stored timesteps (natural units of the path, descending, 1-8 values). Mutually
+                Override the stored timesteps (natural units of the path, descending, 1-16 values). Mutually
                 exclusive with `num_inference_steps`.
             image_seq_len (`int`, *optional*):
                 Latent tokens of the image (after patchifying); with `use_dynamic_shifting` the timesteps are shifted
