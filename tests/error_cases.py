@@ -362,7 +362,7 @@ def cli_cases() -> List[Case]:
         cli_case("teacher folder without model_index.json", lambda c: base(c, **{"--teacher": c["empty_dir"]})),
         cli_case("teacher of an unsupported family", lambda c: base(c, **{"--teacher": c["sd15_dir"]})),
         cli_case("--family that does not match the teacher", lambda c: base(c, **{"--family": "sdxl"})),
-        cli_case("unknown --family", lambda c: base(c, **{"--family": "flux"})),
+        cli_case("unknown --family", lambda c: base(c, **{"--family": "hunyuan_dit"})),
         cli_case("unknown --divergence", lambda c: base(c, **{"--divergence": "wasserstein"})),
         cli_case("--lora_rank 0 with a LoRA student", lambda c: base(c, **{"--lora_rank": "0"})),
         cli_case("--student that is not lora or full", lambda c: base(c, **{"--student": "half"})),

@@ -239,3 +239,23 @@ def test_distilled_with_every_method_and_student_kind(workspace, folders, diverg
         assert np.abs(_run(native, **kwargs) - images).max() <= 1e-5
     else:
         assert os.path.isfile(out / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def test_saved_students_reload_and_keep_their_schedule(folders, tmp_path):
+    """A FLUX.1 student folder names OneStepPipeline (FluxPipeline cannot drive OneStepScheduler) and reloads to the
+    same images; the serving engines' block is written where its timesteps hold at every size (one step, sigma 1)."""
+    for timesteps, has_block in (([1.0], True), (FOUR_STEPS, False)):
+        student = _student(folders["dev"], timesteps, solver="ode")
+        folder = tmp_path / f"student-{len(timesteps)}"
+        student.save_pretrained(folder)
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["_class_name"] == "OneStepPipeline" and index["family"] == "flux"
+        assert ("dmd2_config" in index) == has_block
+        if has_block:
+            assert (
+                index["dmd2_config"]["denoising_timesteps"] == [1000] and index["dmd2_config"]["guidance_scale"] == 3.5
+            )
+        reloaded = OneStepPipeline.from_pretrained(str(folder))
+        reloaded.set_progress_bar_config(disable=True)
+        assert reloaded.scheduler.config.conditioning_timesteps == timesteps
+        assert np.array_equal(_run(reloaded, height=32, width=64), _run(student, height=32, width=64))

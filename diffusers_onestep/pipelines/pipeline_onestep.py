@@ -79,14 +79,14 @@ def _check_prompt(prompt) -> None:
 
 
 class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
-    r"""Text-to-image generation with a distilled one- or few-step student of SDXL, PixArt-α/Σ, SANA or SANA-Sprint.
+    r"""Text-to-image generation with a distilled one- or few-step student of SDXL, PixArt-α/Σ, SANA, SANA-Sprint or FLUX.1.
 
     Args:
         vae ([`AutoencoderKL`] or [`AutoencoderDC`]): the family's VAE.
         scheduler ([`OneStepScheduler`]): carries the student's conditioning timesteps and parameterization.
         unet ([`UNet2DConditionModel`], *optional*): the student denoiser of UNet families (SDXL).
-        transformer ([`PixArtTransformer2DModel`] or [`SanaTransformer2DModel`], *optional*): the student denoiser of
-            DiT families (PixArt, SANA).
+        transformer ([`PixArtTransformer2DModel`], [`SanaTransformer2DModel`] or [`FluxTransformer2DModel`], *optional*):
+            the student denoiser of DiT families (PixArt, SANA, FLUX.1).
         text_encoder, text_encoder_2, text_encoder_3 ([`~transformers.PreTrainedModel`], *optional*),
         tokenizer, tokenizer_2, tokenizer_3 ([`~transformers.PreTrainedTokenizerBase`], *optional*): the family's
             text components (its adapter's `text_component_names`); they may be left out when prompts are always
