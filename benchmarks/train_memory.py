@@ -83,11 +83,12 @@ def mid_sized_flux_components(seed: int = 0):
     return components
 
 
-#: per family: the components, the teacher's guidance (SDXL: DMD2's CFG 8; FLUX.1-dev: its embedded 3.5) and the
-#: student's conditioning time (DMD2's 399; FLUX: pure noise)
+#: per family: the components, the teacher's guidance (SDXL: DMD2's CFG 8; FLUX.1-dev: its embedded 3.5), the
+#: student's conditioning time (DMD2's 399; FLUX: pure noise) and the text tokens kept (None: the family's; FLUX: 32
+#: text tokens to the 256 image tokens of 64x64 images, FLUX.1's proportion of 512 to 4096 at 1024 px)
 FAMILY_CASES = {
-    "sdxl": (mid_sized_sdxl_components, 8.0, 399),
-    "flux": (mid_sized_flux_components, 3.5, 1.0),
+    "sdxl": (mid_sized_sdxl_components, 8.0, 399, None),
+    "flux": (mid_sized_flux_components, 3.5, 1.0, 32),
 }
 
 
@@ -104,9 +105,9 @@ def run_layout(
     from diffusers_onestep.families import get_adapter_class
 
     torch.set_num_threads(1)
-    build, guidance_scale, student_time = FAMILY_CASES[family]
+    build, guidance_scale, student_time, max_sequence_length = FAMILY_CASES[family]
     components = build()
-    adapter = get_adapter_class(family)(components)
+    adapter = get_adapter_class(family)(components, max_sequence_length=max_sequence_length)
     condition = adapter.encode_prompt(["a photo of a cat", "a red car"][:batch_size] * (batch_size // 2 or 1))
     condition = condition[:batch_size]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
