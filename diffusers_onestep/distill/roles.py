@@ -117,7 +117,7 @@ class BackboneRoles(RolePhases, DistillationModels):
             loads it in float32 from the teacher's files when the frozen backbone was loaded in a lower precision.
         image_seq_len: latent tokens of the training images (``adapter.image_seq_len(height, width)``): a
             resolution-dependent noise path (dynamic shifting, FLUX.1) is taken at this resolution
-            (``NoisePath.at_image_seq_len``); other paths ignore it.
+            (``NoisePath.at_image_seq_len``), by default the denoiser's native size; other paths ignore it.
     """
 
     def __init__(
@@ -132,7 +132,10 @@ class BackboneRoles(RolePhases, DistillationModels):
     ):
         self.adapter = adapter
         self.config = config
-        self.path = adapter.noise_path.at_image_seq_len(image_seq_len) if image_seq_len else adapter.noise_path
+        self.path = adapter.noise_path
+        if self.path.resolution_dependent:  # at the run's resolution; by default the denoiser's native size
+            size = adapter.default_resolution
+            self.path = self.path.at_image_seq_len(image_seq_len or adapter.image_seq_len(size, size))
         self.prediction_type = adapter.prediction_type
         self.student_prediction_type = student_prediction_type or adapter.prediction_type
         base = adapter.denoiser
