@@ -259,3 +259,28 @@ def test_saved_students_reload_and_keep_their_schedule(folders, tmp_path):
         reloaded.set_progress_bar_config(disable=True)
         assert reloaded.scheduler.config.conditioning_timesteps == timesteps
         assert np.array_equal(_run(reloaded, height=32, width=64), _run(student, height=32, width=64))
+
+
+def test_lora_files_with_alpha_entries_load_as_flux_pipeline_loads_them(folders, tmp_path):
+    """FLUX LoRAs saved with `.alpha` entries (alpha != rank): FluxLoraLoaderMixin returns them only when asked; the
+    student's fused LoRA equals FluxPipeline's own load_lora_weights + fuse_lora."""
+    from safetensors.torch import save_file
+
+    from diffusers_onestep.testing import random_lora_state_dict
+
+    native = FluxPipeline.from_pretrained(folders["dev"])
+    state = random_lora_state_dict(native.transformer, FluxAdapter.default_lora_target_modules, rank=4, scale=0.3)
+    tensors = {f"transformer.{k}": v for k, v in state.items()}
+    tensors.update({k.replace(".lora_A.weight", ".alpha"): torch.tensor(1.0) for k in tensors if ".lora_A." in k})
+    path = str(tmp_path / "alpha_lora.safetensors")
+    save_file(tensors, path)
+
+    native.load_lora_weights(str(tmp_path), weight_name="alpha_lora.safetensors")
+    native.fuse_lora(lora_scale=0.5)
+    native, kwargs = native_one_step_setup("flux", native, [1.0])
+    student = _student(folders["dev"], [1.0])
+    plain = _run(student)
+    student.load_student_lora(path, lora_scale=0.5)
+    images = _run(student)
+    assert np.abs(images - _run(native, **kwargs)).max() <= 1e-5
+    assert np.abs(images - plain).max() > 1e-3
