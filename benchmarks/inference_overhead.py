@@ -253,6 +253,8 @@ def bare_loop(pipe, prompt: str, latent_shape) -> Callable[[], object]:
                 image = pipe.vae.decode(*args, **kwargs)[0]  # through the timer's wrapper, as in the pipeline call
             elif component is denoiser:
                 prediction = component(*args, **kwargs)[0]
+                if prediction.ndim != latents.ndim:  # a token sequence (FLUX.1's packed latents): same values
+                    prediction = prediction.reshape(latents.shape)
                 latents = (latents - sigma * prediction[:, : latents.shape[1]]) / alpha  # the x0 update: two ops
             else:
                 component(*args, **kwargs)

@@ -18,9 +18,10 @@ weights' values):
 Architectures (parameter counts printed by the run): SDXL base (UNet 2.57 B, CLIP ViT-L + OpenCLIP bigG text
 encoders, SDXL VAE); PixArt-α XL-2-1024-MS and PixArt-Σ XL-2-1024 (transformer 0.61 B, T5-v1.1-XXL encoder 4.76 B,
 SD / SDXL VAE); SANA 1600M 1024px and SANA-Sprint 1.6B (transformer 1.6 B, Gemma-2-2B decoder, DC-AE f32c32);
-SD 1.5 (UNet 0.86 B, CLIP ViT-L text encoder, SD VAE; 512 px). The
-tokenizers are the tiny offline ones of ``diffusers_onestep.testing`` (their ids fit every vocabulary; prompts are
-padded to the families' usual lengths: CLIP 77, T5 120 / 300, Gemma 300 tokens), so sequence lengths match real use.
+SD 1.5 (UNet 0.86 B, CLIP ViT-L text encoder, SD VAE; 512 px); FLUX.1-dev (transformer 11.9 B, CLIP ViT-L +
+T5-v1.1-XXL, the 16-channel FLUX VAE; run at one step from sigma 1 with its embedded guidance 3.5). The tokenizers are
+the tiny offline ones of ``diffusers_onestep.testing`` (their ids fit every vocabulary; prompts are padded to the
+families' usual lengths: CLIP 77, T5 120 / 300 / 512, Gemma 300 tokens), so sequence lengths match real use.
 
 Run (on a machine with a CUDA GPU; ``--device cpu --tiny`` runs the same code on the tiny components, for checking):
 
@@ -330,6 +331,68 @@ def real_sana(sprint: bool):
     }
 
 
+def real_flux():
+    """black-forest-labs/FLUX.1-dev: FluxTransformer2DModel (12 B: 19 double-stream and 38 single-stream blocks, 24
+    heads of 128, guidance embedded), the FLUX.1 VAE (16 latent channels, shift and scale), CLIP ViT-L/14 text encoder
+    (pooled) and T5-v1.1-XXL; FlowMatchEulerDiscreteScheduler with dynamic shifting."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=1024,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    clip = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+    )
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": CLIPTextModel(clip),
+        "tokenizer": tiny_clip_tokenizer(),
+        "text_encoder_2": _t5_xxl(),
+        "tokenizer_2": tiny_t5_tokenizer(),
+        "scheduler": lambda: FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+    }
+
+
 REAL_SIZE = {
     "sdxl": real_sdxl,
     "pixart_alpha": lambda: real_pixart(sigma=False),
@@ -337,6 +400,7 @@ REAL_SIZE = {
     "sana": lambda: real_sana(sprint=False),
     "sana_sprint": lambda: real_sana(sprint=True),
     "sd": real_sd15,
+    "flux": real_flux,
 }
 
 

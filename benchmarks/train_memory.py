@@ -1,6 +1,8 @@
 """Memory and step-time of one distillation step: shared-backbone LoRA layout vs three separate copies.
 
-Runs the library's own roles and method (VSD with CFG on the teacher) on a mid-sized SDXL-shaped UNet on the CPU.
+Runs the library's own roles and method (VSD with CFG on the teacher) on a mid-sized SDXL-shaped UNet on the CPU, or
+(``--family flux``) on a mid-sized FLUX.1-shaped transformer (double- and single-stream blocks over packed latents,
+guidance embedded: the teacher is one pass at the embedded guidance, no classifier-free doubling).
 Each layout runs in a fresh subprocess so that its peak resident memory (``ru_maxrss``) is its own; the reported
 memory is the peak minus the process's memory right before the models are built (imports and text encoders are
 the same for both layouts).
@@ -10,7 +12,8 @@ the same for both layouts).
 * ``overhead_ratio`` = step time / time spent in the network passes (teacher, critic and student forwards and the
   two backwards) for the LoRA layout. Target <= 1.15.
 
-    python benchmarks/train_memory.py            # prints a table; the last line is one JSON object
+    python benchmarks/train_memory.py                 # prints a table; the last line is one JSON object
+    python benchmarks/train_memory.py --family flux   # the FLUX.1-shaped case
 """
 
 from __future__ import annotations
@@ -55,7 +58,43 @@ def mid_sized_sdxl_components(seed: int = 0):
     return components
 
 
-def run_layout(layout: str, steps: int, batch_size: int, resolution: int, lora_rank: int) -> dict:
+def mid_sized_flux_components(seed: int = 0):
+    """The tiny FLUX.1 pipeline (dev-like: guidance embedded, dynamic shift) with a FLUX.1-shaped transformer of ~20M
+    parameters: 2 double-stream and 4 single-stream blocks, 6 heads of 64 with FLUX's rotary split (16, 24, 24)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from diffusers_onestep.testing import tiny_flux_components
+
+    components = tiny_flux_components(seed)
+    torch.manual_seed(seed)
+    components["transformer"] = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=4,
+        attention_head_dim=64,
+        num_attention_heads=6,
+        joint_attention_dim=24,
+        pooled_projection_dim=20,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 24, 24),
+    ).eval()
+    return components
+
+
+#: per family: the components, the teacher's guidance (SDXL: DMD2's CFG 8; FLUX.1-dev: its embedded 3.5), the
+#: student's conditioning time (DMD2's 399; FLUX: pure noise) and the text tokens kept (None: the family's; FLUX: 32
+#: text tokens to the 256 image tokens of 64x64 images, FLUX.1's proportion of 512 to 4096 at 1024 px)
+FAMILY_CASES = {
+    "sdxl": (mid_sized_sdxl_components, 8.0, 399, None),
+    "flux": (mid_sized_flux_components, 3.5, 1.0, 32),
+}
+
+
+def run_layout(
+    layout: str, steps: int, batch_size: int, resolution: int, lora_rank: int, family: str = "sdxl"
+) -> dict:
     """One layout in this process: build, run ``steps`` student+critic updates, report memory and timings."""
     import torch
 
@@ -63,18 +102,22 @@ def run_layout(layout: str, steps: int, batch_size: int, resolution: int, lora_r
     from diffusers_onestep.distill.methods import build_method
     from diffusers_onestep.distill.models import Batch, RandomSource
     from diffusers_onestep.distill.roles import BackboneRoles
-    from diffusers_onestep.families import SDXLAdapter
+    from diffusers_onestep.families import get_adapter_class
 
     torch.set_num_threads(1)
-    components = mid_sized_sdxl_components()
-    adapter = SDXLAdapter(components)
+    build, guidance_scale, student_time, max_sequence_length = FAMILY_CASES[family]
+    components = build()
+    adapter = get_adapter_class(family)(components, max_sequence_length=max_sequence_length)
     condition = adapter.encode_prompt(["a photo of a cat", "a red car"][:batch_size] * (batch_size // 2 or 1))
     condition = condition[:batch_size]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
     kind = "lora" if layout == "lora" else "full"
-    roles = BackboneRoles(adapter, RolesConfig(student=kind, critic=kind, lora_rank=lora_rank, lora_alpha=8))
-    method = build_method(MethodConfig(guidance_scale=8.0).validate(), roles, [399])
+    image_seq_len = adapter.image_seq_len(resolution, resolution)
+    roles = BackboneRoles(
+        adapter, RolesConfig(student=kind, critic=kind, lora_rank=lora_rank, lora_alpha=8), image_seq_len=image_seq_len
+    )
+    method = build_method(MethodConfig(guidance_scale=guidance_scale).validate(), roles, [student_time])
     optimizers = {role: torch.optim.AdamW(roles.role_parameters(role), lr=1e-5) for role in ("student", "critic")}
 
     # Time every network pass by wrapping the roles' single entry point.
@@ -140,10 +183,11 @@ def main():
         help="LoRA rank of student and critic. SDXL's default r=64 on 320-1280 channels is ~1/5 of the "
         "narrowest width; r=16 keeps that proportion on this UNet's 96-384 channels.",
     )
+    parser.add_argument("--family", choices=sorted(FAMILY_CASES), default="sdxl", help="the backbone's shape")
     parser.add_argument("--layout", choices=("lora", "separate"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.layout:
-        result = run_layout(args.layout, args.steps, args.batch_size, args.resolution, args.lora_rank)
+        result = run_layout(args.layout, args.steps, args.batch_size, args.resolution, args.lora_rank, args.family)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
 
@@ -162,6 +206,8 @@ def main():
             str(args.resolution),
             "--lora_rank",
             str(args.lora_rank),
+            "--family",
+            args.family,
         ]
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
         out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
@@ -171,7 +217,8 @@ def main():
 
     lora, separate = results["lora"], results["separate"]
     print(
-        f"UNet: {lora['unet_parameters_m']:.1f}M parameters (SDXL-shaped), LoRA rank {args.lora_rank} "
+        f"{'UNet' if args.family == 'sdxl' else 'Transformer'}: {lora['unet_parameters_m']:.1f}M parameters "
+        f"({'SDXL' if args.family == 'sdxl' else 'FLUX.1'}-shaped), LoRA rank {args.lora_rank} "
         f"({lora['trainable_parameters_m']:.1f}M trainable in both adapters), batch {args.batch_size}, "
         f"{args.resolution}x{args.resolution} images, {args.steps} timed steps, 1 thread, CPU"
     )

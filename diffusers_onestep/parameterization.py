@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -93,6 +93,24 @@ class NoisePath:
     def training_time(self, u: torch.Tensor) -> torch.Tensor:
         """Map ``u`` in [0, 1] (0 = clean, 1 = pure noise) to natural time, including any schedule shift."""
         return self.t_min + u * (self.t_max - self.t_min)
+
+    @property
+    def resolution_dependent(self) -> bool:
+        """Whether the path's schedule depends on the image's size (a flow path with dynamic shifting, FLUX.1)."""
+        return False
+
+    def at_image_seq_len(self, image_seq_len: Optional[int]) -> "NoisePath":
+        """The path of one resolution (``image_seq_len`` latent tokens after patchifying): itself unless
+        :attr:`resolution_dependent`."""
+        return self
+
+    def timesteps_at(
+        self, timesteps: Sequence[float], image_seq_len: Optional[int] = None, mu: Optional[float] = None
+    ) -> List[float]:
+        """The natural times a student's stored conditioning ``timesteps`` stand for in an image of ``image_seq_len``
+        tokens: the stored values themselves, except on a :attr:`resolution_dependent` path (see
+        :meth:`FlowPath.timesteps_at`)."""
+        return [float(t) for t in timesteps]
 
     def sample_training_times(
         self,
@@ -243,7 +261,10 @@ class DynamicShift:
     def shift(self, image_seq_len: int) -> float:
         """The fixed shift ``s`` at this resolution: ``exp(mu)`` / ``mu`` turn diffusers' ``time_shift(mu, 1, t)``
         into ``s t / (1 + (s - 1) t)``."""
-        mu = self.mu(image_seq_len)
+        return self.shift_of_mu(self.mu(image_seq_len))
+
+    def shift_of_mu(self, mu: float) -> float:
+        """The fixed shift of a given ``mu`` (what diffusers' ``set_timesteps(mu=...)`` takes)."""
         return math.exp(mu) if self.time_shift_type == "exponential" else mu
 
     def describe(self) -> dict:
@@ -272,11 +293,40 @@ class FlowPath(NoisePath):
         self.dynamic_shift = dynamic_shift
         self.t_min, self.t_max = 0.0, 1.0
 
-    def at_image_seq_len(self, image_seq_len: int) -> "FlowPath":
+    @property
+    def resolution_dependent(self) -> bool:
+        return self.dynamic_shift is not None
+
+    def at_image_seq_len(self, image_seq_len: Optional[int]) -> "FlowPath":
         """The fixed-shift path at an image sequence length (latent tokens after patchifying)."""
         if self.dynamic_shift is None:
             return self
-        return FlowPath(shift=self.dynamic_shift.shift(image_seq_len), num_train_timesteps=self.num_train_timesteps)
+        if image_seq_len is None:
+            raise ValueError(
+                "This flow path's shift depends on the resolution (dynamic shifting); give the image sequence length."
+            )
+        return self.at_mu(self.dynamic_shift.mu(image_seq_len))
+
+    def at_mu(self, mu: float) -> "FlowPath":
+        """The fixed-shift path of a dynamic-shift path at a given ``mu`` (diffusers' ``set_timesteps(mu=...)``)."""
+        if self.dynamic_shift is None:
+            return self
+        return FlowPath(shift=self.dynamic_shift.shift_of_mu(mu), num_train_timesteps=self.num_train_timesteps)
+
+    def timesteps_at(
+        self, timesteps: Sequence[float], image_seq_len: Optional[int] = None, mu: Optional[float] = None
+    ) -> List[float]:
+        """With dynamic shifting, a student's stored conditioning timesteps are *unshifted* sigmas, shifted at the
+        image's resolution -- what ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=..., mu=...)`` does with the
+        sigmas FluxPipeline passes it, so one stored schedule runs at every size as FLUX.1's own sampler would; both
+        sampling (:class:`~diffusers_onestep.OneStepScheduler`) and training (the student's conditioning times at the
+        training resolution) read them so. ``mu`` (diffusers' argument) replaces ``image_seq_len`` when given. A fixed
+        shift is resolution-independent: stored timesteps are then the times themselves (already shifted)."""
+        if self.dynamic_shift is None:
+            return [float(t) for t in timesteps]
+        fixed = self.at_mu(mu) if mu is not None else self.at_image_seq_len(image_seq_len)
+        shifted = fixed.shift_time(torch.tensor([float(t) for t in timesteps], dtype=torch.float64))
+        return [float(t) for t in shifted]
 
     def alpha_sigma(self, t, device=None):
         t_tensor = t if isinstance(t, torch.Tensor) else torch.as_tensor(t)

@@ -160,7 +160,7 @@ def test_disable_delete_and_fuse_then_unload_bakes_the_lora_in(family, style_lor
 
 
 @pytest.mark.oldest
-@pytest.mark.parametrize("family", ["sdxl", "sana", "sana_sprint"])  # PixArt's pipelines have no LoRA loader
+@pytest.mark.parametrize("family", ["sdxl", "sana", "sana_sprint", "flux"])  # PixArt's pipelines have no LoRA loader
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # diffusers' own loader stacking "b" on "a"
 def test_equals_the_native_pipeline_with_the_same_loras(family, style_loras, native_folder, load_student, run):
     loras = style_loras(family)

@@ -19,7 +19,7 @@ from diffusers_onestep.testing import native_one_step_pipeline, random_lora_stat
 
 
 RANK = 4
-FAMILIES = ["sdxl", "sana", "pixart_alpha"]
+FAMILIES = ["sdxl", "sana", "pixart_alpha", "flux"]
 
 
 def _conditioning(family):
@@ -93,7 +93,7 @@ def test_load_student_lora_with_scale(family, lora_files, native_folder, load_st
 
 
 @pytest.mark.oldest
-@pytest.mark.parametrize("family", ["sdxl", "sana"])
+@pytest.mark.parametrize("family", ["sdxl", "sana", "flux"])
 def test_native_load_lora_weights_reads_the_same_file(family, lora_files, native_folder, load_student, run):
     folder, _, _ = lora_files[family]
     native, kwargs = native_one_step_pipeline(family, native_folder(family))

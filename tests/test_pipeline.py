@@ -142,8 +142,8 @@ ERROR_CASES = [
     ),
     (
         "sdxl",
-        {"prompt": PROMPT, "timesteps": [999, 899, 799, 699, 599, 499, 399, 299, 199]},
-        r"`timesteps` must hold 1 to 8 timesteps",
+        {"prompt": PROMPT, "timesteps": list(range(999, 150, -50))},
+        r"`timesteps` must hold 1 to 16 timesteps",
     ),
     ("sdxl", {"prompt": PROMPT, "timesteps": [1000]}, r"`timesteps` of a vp student must lie in \(0, 999\]"),
     ("sdxl", {"prompt": PROMPT, "num_images_per_prompt": 0}, r"`num_images_per_prompt` must be a positive integer"),
@@ -466,6 +466,12 @@ def test_a_native_scheduler_config_becomes_one_noise_path(family):
         ),
         ({}, {"transformer": {"_class_name": "SanaTransformer2DModel"}}, "sana"),
         ({}, {"transformer": {"_class_name": "SanaTransformer2DModel", "guidance_embeds": True}}, "sana_sprint"),
+        ({"_class_name": "FluxPipeline"}, {}, "flux"),
+        (
+            {"_class_name": "FluxControlNetPipeline"},
+            {"transformer": {"_class_name": "FluxTransformer2DModel"}},
+            "flux",
+        ),
         # a pipeline class a family names wins over what the denoiser looks like
         (
             {"_class_name": "SanaPipeline"},
@@ -507,7 +513,7 @@ def test_detect_family_refuses_unknown_backbones_naming_the_supported_ones():
         ValueError,
         match=re.escape(
             "UNet2DModel is not a supported backbone; diffusers-onestep supports SDXL (sdxl), PixArt-α (pixart_alpha), "
-            "PixArt-Σ (pixart_sigma), SANA (sana), SANA-Sprint (sana_sprint) and Stable Diffusion 1.x/2.x (sd)."
+            "PixArt-Σ (pixart_sigma), SANA (sana), SANA-Sprint (sana_sprint), Stable Diffusion 1.x/2.x (sd) and FLUX.1 (flux)."
         ),
     ):
         detect_family({}, {"unet": {"_class_name": "UNet2DModel"}})

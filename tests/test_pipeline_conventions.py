@@ -89,7 +89,7 @@ def test_from_pipe_of_a_student_keeps_its_scheduler_and_settings(native_folder, 
 # callback_on_step_end: every returned tensor of _callback_tensor_inputs is taken back
 # ---------------------------------------------------------------------------------------------------------------------
 
-TWO_STEP_STUDENTS = [("sdxl", [999, 499]), ("pixart_sigma", [999, 499]), ("sana", [1.0, 0.5])]
+TWO_STEP_STUDENTS = [("sdxl", [999, 499]), ("pixart_sigma", [999, 499]), ("sana", [1.0, 0.5]), ("flux", [1.0, 0.5])]
 
 
 @pytest.fixture(scope="module")

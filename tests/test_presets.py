@@ -20,6 +20,7 @@ from diffusers import (
     DiffusionPipeline,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FluxPipeline,
     LCMScheduler,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
@@ -32,16 +33,23 @@ from diffusers import (
 from safetensors.torch import save_file
 
 from diffusers_onestep import OneStepPipeline
-from diffusers_onestep.families import SDXLAdapter, StableDiffusionAdapter
+from diffusers_onestep.families import FluxAdapter, SDXLAdapter, StableDiffusionAdapter
 from diffusers_onestep.hub import resolve_weight_name
 from diffusers_onestep.pipelines import PRESETS, find_preset
 from diffusers_onestep.pipelines.loading import load_state_dict_file
-from diffusers_onestep.pipelines.presets import DMD2_SD15_CHECKPOINTS, SD15_BASE, SOURCE_KINDS, TRAILING
+from diffusers_onestep.pipelines.presets import (
+    DMD2_SD15_CHECKPOINTS,
+    SD15_BASE,
+    SOURCE_KINDS,
+    TRAILING,
+    flow_euler_sigmas,
+)
 from diffusers_onestep.schedulers.scheduling_onestep import MAX_STEPS, SOLVERS
 from diffusers_onestep.testing import (
     random_lora_state_dict,
     save_to_hub_cache,
     tiny_fixture,
+    tiny_flux_components,
     tiny_native_pipeline,
     tiny_pixart_components,
 )
@@ -94,6 +102,16 @@ SD15_BASE_SCHEDULER = {
 }
 #: the SD 1.5 LoRAs of ByteDance/Hyper-SD, as its card names them
 HYPER_SD15_FILES = tuple(f"Hyper-SD15-{n}step{'s' if n > 1 else ''}-lora.safetensors" for n in (1, 2, 4, 8))
+HYPER_SD = "ByteDance/Hyper-SD"
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"
+#: scheduler/scheduler_config.json of black-forest-labs/FLUX.1-dev and -schnell (FlowMatchEulerDiscreteScheduler):
+#: dev shifts dynamically (mu from the image sequence length), schnell has a fixed shift of 1
+FLUX_SCHEDULERS = {
+    FLUX_DEV: {"shift": 3.0, "use_dynamic_shifting": True},
+    FLUX_SCHNELL: {"shift": 1.0, "use_dynamic_shifting": False},
+}
+HYPER_FLUX_FILES = tuple(f"Hyper-FLUX.1-dev-{n}steps-lora.safetensors" for n in (8, 16))
 #: the files of ByteDance/Hyper-SD's SDXL rows in the Hub listing (tree 52d483a): the 1-step UNet is spelt "-Unet"
 HYPER_FILES = (
     "Hyper-SDXL-1step-Unet.safetensors",
@@ -127,6 +145,27 @@ def _save_sd15_base(folder):
     tiny_native_pipeline("sd").save_pretrained(folder)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(SD15_BASE_SCHEDULER, f, indent=2)
+
+
+def _save_flux(folder, repo_id, seed):
+    """A tiny FLUX.1 pipeline repo: dev-like (guidance embedded) or schnell-like, with the repo's scheduler config."""
+    guidance_embeds = FLUX_SCHEDULERS[repo_id]["use_dynamic_shifting"]
+    FluxPipeline(**tiny_flux_components(seed=seed, guidance_embeds=guidance_embeds)).save_pretrained(folder)
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(FLUX_SCHEDULERS[repo_id], base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096)
+    config.update(max_shift=1.15, num_train_timesteps=1000)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def _save_hyper_flux(folder, transformer):
+    # FluxPipeline's own LoRA layout (`transformer.` keys), without adapter metadata: alpha = rank, as in files
+    # written before diffusers stored metadata
+    for i, name in enumerate(HYPER_FLUX_FILES):
+        state = random_lora_state_dict(transformer, FluxAdapter.default_lora_target_modules, rank=4, seed=60 + i)
+        FluxPipeline.save_lora_weights(folder, transformer_lora_layers=state, weight_name=name)
 
 
 def _save_hyper_sd(folder, unet, unet_config, unet_file="Hyper-SDXL-1step-Unet.safetensors", sd15_unet=None):
@@ -204,7 +243,13 @@ def hub(tmp_path_factory):
 
     put("ByteDance/SDXL-Lightning", lightning)
     put(SD15_BASE, _save_sd15_base)
-    put("ByteDance/Hyper-SD", lambda d: _save_hyper_sd(d, sdxl.unet, unet_config, sd15_unet=sd15_unet))
+    flux_transformer = tiny_flux_components(seed=7)["transformer"]
+
+    def hyper_sd(d):  # the SDXL, SD 1.5 and FLUX.1-dev files of ByteDance/Hyper-SD
+        _save_hyper_sd(d, sdxl.unet, unet_config, sd15_unet=sd15_unet)
+        _save_hyper_flux(d, flux_transformer)
+
+    put("ByteDance/Hyper-SD", hyper_sd)
 
     def sd_turbo(d):  # a full pipeline repo whose scheduler takes one step from t=999 (trailing Euler)
         pipe = tiny_native_pipeline("sd", seed=4)
@@ -219,6 +264,8 @@ def hub(tmp_path_factory):
             json.dump(SD15_BASE_SCHEDULER, f, indent=2)
 
     put(INSTAFLOW, instaflow)
+    put(FLUX_DEV, lambda d: _save_flux(d, FLUX_DEV, seed=7))
+    put(FLUX_SCHNELL, lambda d: _save_flux(d, FLUX_SCHNELL, seed=8))
 
     def nitro(d):
         for i, name in enumerate(("nitrosd-realism_unet.safetensors", "nitrosd-vibrant_unet.safetensors")):
@@ -327,7 +374,9 @@ def test_every_row_cites_a_pinned_source_and_holds_a_runnable_recipe():
         assert p.solver in SOLVERS and 1 <= len(p.conditioning_timesteps) <= MAX_STEPS, p
         assert p.variant is None or p.kind == "pipeline", "a variant names the files of a full-pipeline repo"
         assert not p.weight_name_spellings or p.weight_name, p
-        if p.solver == "ode":  # trailing Euler / DDIM: the trailing grid of as many steps
+        if p.solver == "ode" and p.prediction_type == "flow_prediction":  # FluxPipeline's default sigmas
+            assert p.conditioning_timesteps == flow_euler_sigmas(len(p.conditioning_timesteps)), p
+        elif p.solver == "ode":  # trailing Euler / DDIM: the trailing grid of as many steps
             assert p.conditioning_timesteps == TRAILING[len(p.conditioning_timesteps)], p
     ids = [(p.repo_id, p.weight_name or p.subfolder) for p in PRESETS]
     assert len(ids) == len(set(ids))
@@ -803,6 +852,51 @@ def test_sana_sprint_presets_default_to_the_two_step_schedule(repo, hub, run):
     expected = run(native, num_inference_steps=1, intermediate_timesteps=None, **call)
     assert np.abs(one_step - expected).max() <= 1e-5
     assert np.abs(one_step - images).max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLUX.1: FluxPipeline's FlowMatchEuler steps at linspace(1, 1/N, N), shifted at the resolution where the repo's
+# scheduler shifts dynamically (FLUX.1-dev); a square and a non-square size
+# ---------------------------------------------------------------------------------------------------------------------
+
+FLUX_SIZES = ((32, 32), (32, 64))
+
+
+@checks((FLUX_SCHNELL, None))
+def test_flux_schnell_preset_equals_the_card_recipe(hub, run):
+    preset = find_preset(FLUX_SCHNELL)
+    pipe, images = _ours(FLUX_SCHNELL, run)
+    _assert_scheduler(pipe, preset)
+    assert pipe.adapter.max_sequence_length == 256 and not pipe.scheduler.path.resolution_dependent
+    native = FluxPipeline.from_pretrained(FLUX_SCHNELL)
+    native.set_progress_bar_config(disable=True)
+    # the card's call: pipe(prompt, guidance_scale=0.0, num_inference_steps=4, max_sequence_length=256)
+    card = {"guidance_scale": 0.0, "num_inference_steps": 4, "max_sequence_length": 256}
+    for height, width in FLUX_SIZES:
+        expected = run(native, height=height, width=width, **card)
+        ours = images if (height, width) == (32, 32) else run(pipe, height=height, width=width)
+        assert np.abs(ours - expected).max() <= 1e-5
+    assert np.abs(run(pipe, num_inference_steps=1) - images).max() > 1e-3  # 4 steps by default, not 1
+
+
+@checks(*((HYPER_SD, name) for name in HYPER_FLUX_FILES))
+@pytest.mark.parametrize("weight_name", HYPER_FLUX_FILES)
+def test_hyper_flux_lora_presets_equal_the_card_recipe(weight_name, hub, run):
+    steps = int(re.search(r"(\d+)steps", weight_name).group(1))
+    preset = find_preset(HYPER_SD, weight_name)
+    pipe, images = _ours(HYPER_SD, run, weight_name=weight_name)
+    _assert_scheduler(pipe, preset)
+    assert len(preset.conditioning_timesteps) == steps and pipe.scheduler.path.resolution_dependent
+    assert pipe.config.embedded_guidance_scale == 3.5
+    # the card: FluxPipeline on FLUX.1-dev, load_lora_weights + fuse_lora(lora_scale=0.125), 8 (16) steps, guidance 3.5
+    native = _native_lora(FluxPipeline.from_pretrained(FLUX_DEV), HYPER_SD, weight_name, lora_scale=0.125)
+    native.set_progress_bar_config(disable=True)
+    for height, width in FLUX_SIZES:
+        expected = run(native, num_inference_steps=steps, guidance_scale=3.5, height=height, width=width)
+        ours = images if (height, width) == (32, 32) else run(pipe, height=height, width=width)
+        assert np.abs(ours - expected).max() <= 1e-5
+    base, _ = _ours(FLUX_DEV, run, conditioning_timesteps=list(preset.conditioning_timesteps))
+    assert np.abs(run(base) - images).max() > 1e-3  # the LoRA is fused
 
 
 def test_every_preset_row_is_checked_against_its_source():

@@ -16,8 +16,8 @@ from diffusers_onestep.families import get_adapter_class
 from diffusers_onestep.testing import TINY_PROMPTS, tiny_components
 
 
-FAMILIES = ["sdxl", "pixart_alpha", "sana"]
-TIMESTEPS = {"sdxl": [399], "pixart_alpha": [400], "sana": [1.0]}
+FAMILIES = ["sdxl", "pixart_alpha", "sana", "flux"]
+TIMESTEPS = {"sdxl": [399], "pixart_alpha": [400], "sana": [1.0], "flux": [1.0]}
 
 
 def make_adapter(family):

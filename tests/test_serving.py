@@ -122,3 +122,14 @@ def test_block_on_a_vp_folder_is_refused(native_folder, tmp_path):
 def test_unknown_solver_is_refused_by_the_scheduler():
     with pytest.raises(ValueError, match="`solver` must be one of 'sde', 'ode'"):
         OneStepScheduler(solver="heun")
+
+
+def test_block_on_a_dynamically_shifted_folder(native_folder, tmp_path):
+    """FLUX.1-dev's scheduler shifts sigmas with the resolution: a multi-step block's final timesteps hold at one size
+    only and are refused; the one-step block (sigma 1, which no shift moves) loads, its guidance the embedded one."""
+    block = {"num_inference_steps": 2, "denoising_timesteps": [1000, 500], "solver": "ode", "guidance_scale": 3.5}
+    with pytest.raises(ValueError, match=r"shifts them with the resolution \(use_dynamic_shifting\)"):
+        OneStepPipeline.from_pretrained(_serving_folder(native_folder, tmp_path, block, family="flux"))
+    block = {"num_inference_steps": 1, "denoising_timesteps": [1000], "solver": "sde", "guidance_scale": 2.0}
+    pipe = OneStepPipeline.from_pretrained(_serving_folder(native_folder, tmp_path / "one", block, family="flux"))
+    assert pipe.scheduler.config.conditioning_timesteps == [1.0] and pipe.config.embedded_guidance_scale == 2.0

@@ -115,6 +115,9 @@ class BackboneRoles(RolePhases, DistillationModels):
         dtype: dtype of the frozen teacher weights (mixed precision); trainable weights stay float32.
         trainable_copy: makes the denoiser a full role starts from (default: a copy of the adapter's); the trainer
             loads it in float32 from the teacher's files when the frozen backbone was loaded in a lower precision.
+        image_seq_len: latent tokens of the training images (``adapter.image_seq_len(height, width)``): a
+            resolution-dependent noise path (dynamic shifting, FLUX.1) is taken at this resolution
+            (``NoisePath.at_image_seq_len``), by default the denoiser's native size; other paths ignore it.
     """
 
     def __init__(
@@ -125,10 +128,14 @@ class BackboneRoles(RolePhases, DistillationModels):
         discriminator: bool = False,
         dtype: Optional[torch.dtype] = None,
         trainable_copy: Optional[Callable[[], nn.Module]] = None,
+        image_seq_len: Optional[int] = None,
     ):
         self.adapter = adapter
         self.config = config
         self.path = adapter.noise_path
+        if self.path.resolution_dependent:  # at the run's resolution; by default the denoiser's native size
+            size = adapter.default_resolution
+            self.path = self.path.at_image_seq_len(image_seq_len or adapter.image_seq_len(size, size))
         self.prediction_type = adapter.prediction_type
         self.student_prediction_type = student_prediction_type or adapter.prediction_type
         base = adapter.denoiser

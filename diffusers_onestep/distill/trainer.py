@@ -258,14 +258,21 @@ class Trainer:
 
         cfg, optim, acc = self.config, self.config.optim, self.accelerator
         student_timesteps = self.resolved.student_timesteps
+        # A resolution-dependent path (FLUX.1's dynamic shift) is trained at the run's resolution: noise levels are
+        # drawn on its shifted schedule, and the student is conditioned where its scheduler will put the stored
+        # timesteps at this size (NoisePath.timesteps_at); other paths are the same at every size.
+        image_seq_len = self.adapter.image_seq_len(self.resolution, self.resolution)
         roles = BackboneRoles(
             self.adapter,
             cfg.roles,
             discriminator=cfg.method.uses_discriminator,
             dtype=self.weight_dtype,
             trainable_copy=self._trainable_copy(),
+            image_seq_len=image_seq_len,
         )
-        method = build_method(cfg.method, roles, student_timesteps)
+        method = build_method(
+            cfg.method, roles, self.adapter.noise_path.timesteps_at(student_timesteps, image_seq_len)
+        )
         if cfg.data.cache_text_embeddings:
             # Every condition is cached: move the text encoders off the accelerator (kept for the export).
             for name in self.adapter.text_component_names:

@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Type
 
 from ..hub import read_json
 from .base import Condition, FamilyAdapter
+from .flux import FluxAdapter
 from .pixart import PixArtAlphaAdapter, PixArtSigmaAdapter
 from .sana import SanaAdapter, SanaSprintAdapter
 from .sd import StableDiffusionAdapter
@@ -49,6 +50,7 @@ for _adapter_cls in (
     SanaAdapter,
     SanaSprintAdapter,
     StableDiffusionAdapter,
+    FluxAdapter,
 ):
     register_family(_adapter_cls)
 
@@ -141,6 +143,7 @@ __all__ = [
     "Condition",
     "FamilyAdapter",
     "FAMILIES",
+    "FluxAdapter",
     "ONESTEP_INDEX_KEY",
     "SDXLAdapter",
     "PixArtAlphaAdapter",

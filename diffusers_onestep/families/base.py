@@ -348,6 +348,12 @@ class FamilyAdapter:
         f = self.vae_scale_factor
         return (batch_size, self.latent_channels, height // f, width // f)
 
+    def image_seq_len(self, height: int, width: int) -> int:
+        """Latent tokens of an image of ``height x width`` after patchifying: what a resolution-dependent noise path
+        (dynamic shifting, FLUX.1) reads its shift from, as FluxPipeline's ``calculate_shift(latents.shape[1])``."""
+        multiple = self.resolution_multiple
+        return (height // multiple) * (width // multiple)
+
     def image_size_of(self, latents: torch.Tensor) -> Tuple[int, int]:
         return latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor
 
@@ -432,7 +438,7 @@ class FamilyAdapter:
         module = self.feature_module(_unwrap(denoiser))
 
         def hook(_module, _inputs, output):
-            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+            captured.append(self._feature_output(output))
 
         handle = module.register_forward_hook(hook)
         try:
@@ -448,6 +454,10 @@ class FamilyAdapter:
         """The module whose output feeds discriminator heads: the middle transformer block by default."""
         blocks = denoiser.transformer_blocks
         return blocks[len(blocks) // 2]
+
+    def _feature_output(self, output) -> torch.Tensor:
+        """The feature tensor in the output of :meth:`feature_module` (the first element of a tuple by default)."""
+        return output[0] if isinstance(output, (tuple, list)) else output
 
     def feature_channels(self) -> int:
         """Channels of the feature map returned with ``return_features=True``."""

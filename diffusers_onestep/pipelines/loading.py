@@ -289,6 +289,12 @@ def apply_dmd2_config(
         )
     if conditioning_timesteps is None:
         conditioning_timesteps = serving.conditioning_sigmas(block, path.num_train_timesteps)
+        if path.resolution_dependent and len(conditioning_timesteps) > 1:
+            raise ValueError(
+                f"{source}: `{serving.DMD2_CONFIG_KEY}` lists final (shifted) timesteps, but this {family} folder's "
+                "scheduler shifts them with the resolution (use_dynamic_shifting); pass `conditioning_timesteps=` "
+                "with the unshifted sigmas."
+            )
     return conditioning_timesteps, block["solver"]
 
 
@@ -430,6 +436,8 @@ def load_preset(
         )
     if preset.embedded_guidance_scale is not None:
         kwargs.setdefault("embedded_guidance_scale", preset.embedded_guidance_scale)
+    if preset.max_sequence_length is not None:
+        kwargs.setdefault("max_sequence_length", preset.max_sequence_length)
     hub_kwargs = hub_kwargs_of(kwargs)
     base = base_model if base_model is not None else preset.base_model
     if kwargs.get("scheduler") is None:

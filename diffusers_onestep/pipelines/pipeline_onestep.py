@@ -1,4 +1,4 @@
-"""OneStepPipeline: runs any supported distilled one- or few-step (1-8) student with ``pipe(prompt)``.
+"""OneStepPipeline: runs any supported distilled one- or few-step (1-16) student with ``pipe(prompt)``.
 
 The pipeline is written once against the family adapter (:mod:`diffusers_onestep.families`) and the
 :class:`~diffusers_onestep.OneStepScheduler`, which carries the student's timesteps and output parameterization;
@@ -19,6 +19,7 @@ from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
     DiffusionPipeline,
+    FluxTransformer2DModel,
     ImagePipelineOutput,
     PixArtTransformer2DModel,
     SanaTransformer2DModel,
@@ -78,15 +79,15 @@ def _check_prompt(prompt) -> None:
 
 
 class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
-    r"""Text-to-image generation with a distilled one- or few-step student of SDXL, PixArt-α/Σ, SANA, SANA-Sprint or
-    Stable Diffusion 1.x/2.x.
+    r"""Text-to-image generation with a distilled one- or few-step student of SDXL, PixArt-α/Σ, SANA, SANA-Sprint,
+    Stable Diffusion 1.x/2.x or FLUX.1.
 
     Args:
         vae ([`AutoencoderKL`] or [`AutoencoderDC`]): the family's VAE.
         scheduler ([`OneStepScheduler`]): carries the student's conditioning timesteps and parameterization.
         unet ([`UNet2DConditionModel`], *optional*): the student denoiser of UNet families (SDXL, SD 1.x/2.x).
-        transformer ([`PixArtTransformer2DModel`] or [`SanaTransformer2DModel`], *optional*): the student denoiser of
-            DiT families (PixArt, SANA).
+        transformer ([`PixArtTransformer2DModel`], [`SanaTransformer2DModel`] or [`FluxTransformer2DModel`], *optional*):
+            the student denoiser of DiT families (PixArt, SANA, FLUX.1).
         text_encoder, text_encoder_2, text_encoder_3 ([`~transformers.PreTrainedModel`], *optional*),
         tokenizer, tokenizer_2, tokenizer_3 ([`~transformers.PreTrainedTokenizerBase`], *optional*): the family's
             text components (its adapter's `text_component_names`); they may be left out when prompts are always
@@ -116,7 +117,7 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         vae: Union[AutoencoderKL, AutoencoderDC],
         scheduler: OneStepScheduler,
         unet: Optional[UNet2DConditionModel] = None,
-        transformer: Optional[Union[PixArtTransformer2DModel, SanaTransformer2DModel]] = None,
+        transformer: Optional[Union[PixArtTransformer2DModel, SanaTransformer2DModel, FluxTransformer2DModel]] = None,
         text_encoder: Optional[PreTrainedModel] = None,
         text_encoder_2: Optional[PreTrainedModel] = None,
         text_encoder_3: Optional[PreTrainedModel] = None,
@@ -606,7 +607,10 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
 
         # 3. Timesteps: the student's own unless overridden
         self.scheduler.set_timesteps(
-            None if timesteps is not None else num_inference_steps, device=device, timesteps=timesteps
+            None if timesteps is not None else num_inference_steps,
+            device=device,
+            timesteps=timesteps,
+            image_seq_len=adapter.image_seq_len(height, width),  # read by resolution-dependent paths (FLUX.1)
         )
         self.scheduler.set_begin_index(0)
         self._num_timesteps = len(self.scheduler.timesteps)

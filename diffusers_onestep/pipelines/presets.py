@@ -55,15 +55,17 @@ SPRINT_DIFFUSERS_DOCS = (
 DISTAR_README = (
     "https://github.com/pkulwj1994/diff_instruct_star/blob/3b0cb9da46cde6c40f9b70d75b3b0ea102d11256/README.md"
 )
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 NITRO_README = "https://github.com/ChenDarYen/NitroFusion/blob/75ce562f1e07470fbb5866b4ff0b711c0056ac9a/README.md"
 
-#: verbatim copies of Hub model cards (their text at the revision the copy was made), where the SD 1.5 and SD-Turbo
-#: code blocks were read for this table
+#: verbatim copies of Hub model cards (their text at the revision the copy was made; the Hub cards themselves are not
+#: reachable here), where the SD 1.5, SD-Turbo, Hyper-FLUX and FLUX.1-schnell code blocks were read for this table
 HF_README_COPIES = (
     "https://github.com/YinanWusoymilk/hf-readme/blob/1ab39f24f8f9548593ac6304367f31ae3ff45178/"
     "training_and_application/readme_files/"
 )
 HYPER_CARD_COPY = HF_README_COPIES + "ByteDance_Hyper-SD.md"
+SCHNELL_CARD_COPY = HF_README_COPIES + "black-forest-labs_FLUX.1-schnell.md"
 SD_TURBO_CARD_COPY = HF_README_COPIES + "stabilityai_sd-turbo.md"
 #: SD-Turbo's own sampler (generative-models' Turbo demo: SD-Turbo runs configs/inference/sd_2_1.yaml, whose
 #: denoiser is EpsScaling -- an epsilon UNet -- from the largest of 1000 DDPM sigmas)
@@ -136,6 +138,19 @@ NITRO_NOTE = (
 )
 
 
+def flow_euler_sigmas(steps: int) -> Tuple[float, ...]:
+    """FluxPipeline's default schedule at ``steps`` steps, ``np.linspace(1.0, 1 / steps, steps)``: the unshifted sigmas
+    its FlowMatchEulerDiscreteScheduler shifts at each image's resolution where it uses dynamic shifting (FLUX.1-dev),
+    as OneStepScheduler does with them."""
+    return tuple(round(1.0 - i * (1.0 - 1.0 / steps) / (steps - 1), 6) if steps > 1 else 1.0 for i in range(steps))
+
+
+FLUX_EULER_NOTE = (
+    "FlowMatchEulerDiscreteScheduler's Euler steps are the `ode` solver on the flow path; the stored sigmas are FluxPipeline's "
+    "linspace(1, 1/N, N), shifted at each image's resolution as the repo's scheduler config says"
+)
+
+
 @dataclass(frozen=True)
 class Preset:
     """How to assemble and run one public student, and where that recipe comes from.
@@ -156,7 +171,8 @@ class Preset:
             so the loader takes the one the repo has (:func:`diffusers_onestep.hub.resolve_weight_name`).
         base_model: the base pipeline for ``denoiser``/``lora`` kinds.
         lora_scale: fuse scale of LoRA students.
-        embedded_guidance_scale: default embedded guidance (SANA-Sprint).
+        embedded_guidance_scale: default embedded guidance (SANA-Sprint, FLUX.1-dev).
+        max_sequence_length: the text tokens the source keeps (FLUX.1-schnell's card: 256).
         solver: how several steps move between timesteps: ``"sde"`` re-noises with fresh noise (LCMScheduler,
             SCMScheduler), ``"ode"`` with the predicted noise (trailing Euler, DDIM with eta 0).
         variant: the weight variant of ``repo_id`` the source loads (a repo that ships only ``*.fp16.*`` files);
@@ -186,6 +202,7 @@ class Preset:
     base_model: Optional[str] = None
     lora_scale: float = 1.0
     embedded_guidance_scale: Optional[float] = None
+    max_sequence_length: Optional[int] = None
     solver: str = "sde"
     variant: Optional[str] = None
     scheduler_subfolder: Optional[str] = None
@@ -289,6 +306,33 @@ def _hyper_sd15_lora(steps: int) -> Preset:
         solver="ode",
         notes=SD15_BASE_NOTE + "; " + DDIM_LAST_STEP.replace("the SDXL base's", "the SD 1.5 base's"),
         unconfirmed=HYPER_SD15_READ,
+    )
+
+
+def _hyper_flux(steps: int) -> Preset:
+    file = f"Hyper-FLUX.1-dev-{steps}steps-lora.safetensors"
+    return Preset(
+        "ByteDance/Hyper-SD",
+        "flux",
+        "lora",
+        flow_euler_sigmas(steps),
+        "flow_prediction",
+        1024,
+        recipe=f"FluxPipeline.from_pretrained('{FLUX_DEV}'), load_lora_weights(hf_hub_download(repo, '{file}')) + "
+        f"fuse_lora(lora_scale=0.125), pipe(prompt, num_inference_steps={steps}, guidance_scale=3.5)",
+        sources=(HYPER_CARD_COPY,),
+        source_kind="model card",
+        weight_name=file,
+        base_model=FLUX_DEV,
+        lora_scale=0.125,
+        embedded_guidance_scale=3.5,
+        solver="ode",
+        notes=FLUX_EULER_NOTE + "; the card casts the pipeline to float16, which `torch_dtype=` chooses here",
+        unconfirmed="the card's text was read in a verbatim copy (the source linked), not on the Hub card; its code "
+        "block runs the 8-step file, the 16-step row follows its news line (8- and 16-step FLUX.1-dev LoRAs, LoRA "
+        "scale around 0.125, guidance 3.5) and checkpoint naming (Hyper-FLUX.1-dev-Nsteps-lora.safetensors)"
+        if steps != 8
+        else "the card's text was read in a verbatim copy (the source linked), not on the Hub card",
     )
 
 
@@ -537,6 +581,27 @@ PRESETS: List[Preset] = [
         "Sana_Sprint_1.6B_1024px_diffusers; the preset uses the latter",
         default=True,
     ),
+    Preset(
+        "black-forest-labs/FLUX.1-schnell",
+        "flux",
+        "pipeline",
+        flow_euler_sigmas(4),
+        "flow_prediction",
+        1024,
+        recipe="FluxPipeline.from_pretrained(repo, torch_dtype=torch.bfloat16), pipe(prompt, guidance_scale=0.0, "
+        "num_inference_steps=4, max_sequence_length=256); FluxPipeline's default 1024x1024",
+        sources=(SCHNELL_CARD_COPY,),
+        source_kind="model card",
+        max_sequence_length=256,
+        solver="ode",
+        notes=FLUX_EULER_NOTE + " (FLUX.1-schnell's: a fixed shift); its transformer has no guidance input, "
+        "guidance_scale=0 is accepted and changes nothing",
+        unconfirmed="the card's text was read in a verbatim copy (the source linked), not on the Hub card; the repo's "
+        "scheduler_config.json was not readable here (a shift of 1 without dynamic shifting is assumed in the tests; "
+        "the preset reads the repo's own at load)",
+        default=True,
+    ),
+    *(_hyper_flux(steps) for steps in (8, 16)),
     Preset(
         "XDG-XHS/distar_long_1step",
         "sdxl",

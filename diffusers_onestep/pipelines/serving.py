@@ -13,7 +13,8 @@ with fresh noise and ``"ode"`` for deterministic Euler steps; ``guidance_scale``
 at (1 for students with guidance distilled in, the embedded scale for guidance-embedded ones).
 
 The block describes flow-matching students only (the engines run them with a flow-matching Euler scheduler): VP and
-TrigFlow students are written without it. :class:`~diffusers_onestep.OneStepScheduler` stays the source of truth of
+TrigFlow students are written without it, and so are multi-step students whose schedule shifts with the resolution
+(FLUX.1-dev's dynamic shifting), whose final timesteps depend on the image size. :class:`~diffusers_onestep.OneStepScheduler` stays the source of truth of
 our own folders -- :meth:`OneStepPipeline.save_pretrained` writes the block from it -- and a folder that carries the
 block next to a native flow scheduler (a student converted for a serving engine) loads with these settings.
 """
@@ -43,6 +44,10 @@ def dmd2_config_for(scheduler, guidance_scale: float) -> Optional[Dict[str, Any]
     if path.kind != "flow" or scheduler.config.prediction_type != "flow_prediction":
         return None
     sigmas = [float(t) for t in scheduler.config.conditioning_timesteps]
+    if path.resolution_dependent and len(sigmas) > 1:
+        # the block's timesteps are final (shift applied); a dynamically shifted schedule (FLUX.1-dev) has none that
+        # hold at every resolution -- only the one-step schedule, sigma 1, which no shift moves
+        return None
     return {
         "num_inference_steps": len(sigmas),
         "denoising_timesteps": [_plain_number(s * path.num_train_timesteps) for s in sigmas],

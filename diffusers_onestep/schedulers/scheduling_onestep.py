@@ -1,4 +1,4 @@
-"""OneStepScheduler: the scheduler of a distilled one- or few-step (1-8) student, carrying the student's own timesteps.
+"""OneStepScheduler: the scheduler of a distilled one- or few-step (1-16) student, carrying the student's own timesteps.
 
 Public one-step students are run today with borrowed schedulers and magic numbers (``LCMScheduler`` plus
 ``timesteps=[399]`` for DMD2, trailing Euler with ``prediction_type="sample"`` for SDXL-Lightning, ...). This
@@ -29,9 +29,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import parameterization as param
 
 
-#: the most conditioning timesteps a student may store: 8-step students (SDXL-Lightning, Hyper-SD) are the longest
-#: published ones (the trainer's own students take 1-4 timesteps, a separate limit in distill/config.py)
-MAX_STEPS = 8
+#: the most conditioning timesteps a student may store: Hyper-SD's 16-step FLUX.1-dev LoRA is the longest published
+#: schedule (the trainer's own students take 1-4 timesteps, a separate limit in distill/config.py)
+MAX_STEPS = 16
 #: multi-step samplers: re-noise with fresh noise (DMD2) or with the predicted noise (deterministic)
 SOLVERS = ("sde", "ode")
 
@@ -74,7 +74,7 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             The timestep(s) the student was trained to denoise from, in the noise path's natural units and in
             descending order: integer steps in `[0, num_train_timesteps)` for `"vp"` (DMD2 SDXL: `[399]`, 4-step:
             `[999, 749, 499, 249]`), sigmas in `(0, 1]` for `"flow"`, angles in `(0, pi/2]` for `"trigflow"`
-            (SANA-Sprint: `[1.5708]`). One to eight values (SDXL-Lightning's and Hyper-SD's 8-step students).
+            (SANA-Sprint: `[1.5708]`). One to sixteen values (Hyper-SD's 16-step FLUX.1-dev LoRA).
         prediction_type (`str`, defaults to `"epsilon"`):
             What the student outputs: `"epsilon"`, `"v_prediction"`, `"sample"`, `"flow_prediction"`, `"trigflow"`
             or `"data_velocity"` (`x0 - eps`, Rectified Flow's and InstaFlow's orientation).
@@ -87,8 +87,10 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
         shift (`float`, defaults to 1.0):
             Flow-matching resolution shift (kept for training-time sampling; sampling uses the stored timesteps).
         use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len, time_shift_type:
-            A resolution-dependent flow shift (FLUX.1, SD3.5), with the meaning of diffusers'
-            `FlowMatchEulerDiscreteScheduler`; like `shift`, kept for training-time sampling.
+            A resolution-dependent flow shift (FLUX.1), with the meaning of diffusers'
+            `FlowMatchEulerDiscreteScheduler`. Unlike a fixed `shift`, it also applies at sampling: the stored
+            conditioning timesteps are then unshifted sigmas, shifted at each image's resolution (`set_timesteps`
+            takes `image_seq_len` or diffusers' `mu`), as FluxPipeline's `sigmas` are; sigma 1 stays 1.
         sigma_data (`float`, defaults to 0.5):
             TrigFlow data standard deviation.
         solver (`str`, defaults to `"sde"`):
@@ -251,6 +253,8 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
         num_inference_steps: Optional[int] = None,
         device: Union[str, torch.device, None] = None,
         timesteps: Optional[Sequence[float]] = None,
+        image_seq_len: Optional[int] = None,
+        mu: Optional[float] = None,
     ):
         """Set the sampling timesteps.
 
@@ -260,8 +264,15 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             device (`str` or `torch.device`, *optional*):
                 Device of `self.timesteps`.
             timesteps (`list[float]`, *optional*):
-                Override the stored timesteps (natural units of the path, descending, 1-8 values). Mutually
+                Override the stored timesteps (natural units of the path, descending, 1-16 values). Mutually
                 exclusive with `num_inference_steps`.
+            image_seq_len (`int`, *optional*):
+                Latent tokens of the image (after patchifying); with `use_dynamic_shifting` the timesteps are shifted
+                at this resolution (:meth:`~diffusers_onestep.parameterization.FlowPath.timesteps_at`), as
+                `FlowMatchEulerDiscreteScheduler` shifts sigmas; ignored otherwise.
+            mu (`float`, *optional*):
+                The shift exponent itself (diffusers' `set_timesteps(mu=...)`, FluxPipeline's `calculate_shift`),
+                instead of `image_seq_len`.
         """
         if timesteps is not None and num_inference_steps is not None and num_inference_steps != len(timesteps):
             raise ValueError("Pass either `num_inference_steps` or `timesteps`, not both.")
@@ -271,6 +282,13 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             natural = self.check_timesteps(timesteps, what="timesteps")
         else:
             natural = self.select_timesteps(num_inference_steps)
+        if self.path.resolution_dependent:
+            if image_seq_len is None and mu is None:
+                raise ValueError(
+                    "This student's timesteps shift with the resolution (use_dynamic_shifting); pass `image_seq_len` "
+                    "(or `mu`) to `set_timesteps`."
+                )
+            natural = self.path.timesteps_at(natural, image_seq_len, mu=mu)
         key = (tuple(natural), device)
         if self._schedule is None or self._schedule[0] != key:
             path_timesteps = torch.tensor(natural, dtype=torch.float64)

@@ -19,6 +19,7 @@ import torch
 
 from .components import (
     tiny_clip_tokenizer,
+    tiny_flux_components,
     tiny_gemma_tokenizer,
     tiny_pixart_components,
     tiny_sana_components,
@@ -32,6 +33,7 @@ from .fixtures import (
     TinyFixture,
     ddpm_timesteps_setup,
     flow_pure_noise_setup,
+    flow_sigmas_setup,
     lcm_timesteps_setup,
     native_one_step_pipeline,
     native_one_step_setup,
@@ -118,6 +120,7 @@ __all__ = [
     "TinyFixture",
     "ddpm_timesteps_setup",
     "flow_pure_noise_setup",
+    "flow_sigmas_setup",
     "lcm_timesteps_setup",
     "list_files",
     "native_one_step_pipeline",
@@ -132,6 +135,7 @@ __all__ = [
     "tiny_components",
     "tiny_families",
     "tiny_fixture",
+    "tiny_flux_components",
     "tiny_gemma_tokenizer",
     "tiny_native_pipeline",
     "tiny_pixart_components",

@@ -427,3 +427,89 @@ def tiny_sd_components(seed: int = 0, v_prediction: bool = False) -> Dict[str, o
         "tokenizer": tokenizer,
         "image_encoder": None,
     }
+
+
+def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True) -> Dict[str, object]:
+    """A tiny FLUX.1: FLUX.1-dev-like (guidance embedded, dynamically shifted schedule) or, with
+    ``guidance_embeds=False``, FLUX.1-schnell-like (no guidance input, shift 1). Scheduler settings are the published
+    repos' (``scheduler/scheduler_config.json`` of black-forest-labs/FLUX.1-dev and -schnell); the sizes are our own,
+    unlike diffusers' FLUX tests (4 latent channels packed to 16, 3 heads of 8 with rotary axes (2, 2, 4), 24-wide T5,
+    20-wide CLIP). The VAE's ``sample_size`` (32 px) is the default image size, as FLUX.1's VAE states 1024."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        joint_attention_dim=24,
+        pooled_projection_dim=20,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    clip_config = CLIPTextConfig(
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        hidden_size=20,
+        intermediate_size=29,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=1000,
+        projection_dim=20,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(clip_config).eval()
+    tokenizer_2 = tiny_t5_tokenizer()
+    t5_config = T5Config(
+        vocab_size=max(128, len(tokenizer_2)),
+        d_model=24,
+        d_ff=29,
+        d_kv=8,
+        num_heads=3,
+        num_layers=1,
+        relative_attention_num_buckets=8,
+    )
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = T5EncoderModel(t5_config).eval()
+    if guidance_embeds:  # FLUX.1-dev's scheduler
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    else:  # FLUX.1-schnell's
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    return {
+        "transformer": transformer.eval(),
+        "scheduler": scheduler,
+        "vae": vae.eval(),
+        "text_encoder": text_encoder,
+        "tokenizer": tiny_clip_tokenizer(),
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }

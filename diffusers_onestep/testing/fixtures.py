@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..families import get_adapter_class
-from .components import tiny_pixart_components, tiny_sana_components, tiny_sd_components, tiny_sdxl_components
+from .components import (
+    tiny_flux_components,
+    tiny_pixart_components,
+    tiny_sana_components,
+    tiny_sd_components,
+    tiny_sdxl_components,
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,14 @@ def sana_sprint_setup(pipe, timesteps):
     return {"num_inference_steps": 1, "intermediate_timesteps": None}
 
 
+def flow_sigmas_setup(pipe, timesteps):
+    """FluxPipeline's own FlowMatchEulerDiscreteScheduler at ``sigmas=timesteps`` (its default schedule is
+    ``linspace(1, 1/N, N)``), which it shifts at the image's resolution where the scheduler uses dynamic shifting, at
+    the embedded guidance OneStepPipeline defaults to (FluxPipeline's 3.5; ignored without a guidance embedding): one
+    Euler step from sigma 1 is the student's x0, several are the deterministic `ode` solver (FLUX.1)."""
+    return {"sigmas": [float(t) for t in timesteps], "num_inference_steps": len(timesteps), "guidance_scale": 3.5}
+
+
 _PIXART_CALL = {"use_resolution_binning": False, "clean_caption": False}
 _SANA_CALL = {**_PIXART_CALL, "complex_human_instruction": None}
 
@@ -119,6 +133,8 @@ register_tiny_fixture(
 # SD 1.5 students start from pure noise at t=999 (DMD2's SD 1.5 generator, SD-Turbo); LCMScheduler with timesteps=[999]
 # at guidance 0 returns that one step's x0 (the v-prediction SD 2.x case is tests/test_sd_family.py's)
 register_tiny_fixture("sd", TinyFixture(tiny_sd_components, [999], lcm_timesteps_setup))
+
+register_tiny_fixture("flux", TinyFixture(tiny_flux_components, [1.0], flow_sigmas_setup))
 
 #: the families with a tiny fixture when this module was imported (the built-in ones; tests parametrize over it)
 TINY_FAMILIES = tiny_families()
@@ -160,8 +176,7 @@ def native_one_step_setup(family: str, pipe, timesteps: Optional[Sequence[float]
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(fixture.native_call_kwargs)
     kwargs.update(fixture.one_step_setup(pipe, timesteps))
-    denoiser = getattr(pipe, get_adapter_class(family).denoiser_name)
-    size = int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
+    size = get_adapter_class(family).from_pipeline(pipe).default_resolution  # the denoiser's native size
     kwargs.update(height=size, width=size)
     return pipe, kwargs
 
