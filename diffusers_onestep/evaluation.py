@@ -26,6 +26,7 @@ same settings wrote (``generation.json`` records the settings; other settings ar
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -35,6 +36,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 import torch
+
+from .hub import METRICS_NAME, protocol_text, read_metrics  # noqa: F401 (part of this module's API)
 
 
 #: where clean-fid downloads its Inception-V3 TorchScript weights from (``cleanfid/downloads_helper.py``)
@@ -48,7 +51,6 @@ KID_SUBSET_SIZE = 1000
 #: the CLIP model torchmetrics' CLIPScore defaults to
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 #: the files of an evaluation folder
-METRICS_NAME = "metrics.json"
 GENERATION_NAME = "generation.json"
 IMAGES_DIR = "images"
 GRID_NAME = "grid.png"
@@ -275,18 +277,20 @@ class CleanFIDInception(FeatureExtractor):
         }
 
 
+#: feature extractors besides clean-fid's Inception, by name: ``module:class`` of a :class:`FeatureExtractor` built
+#: without arguments (named, not imported: the digits demo's module imports this one for its Fréchet distance)
+OTHER_FEATURE_EXTRACTORS = {"digits": "diffusers_onestep.demo.digits:DigitClassifierFeatures"}
+FEATURE_EXTRACTORS = ("inception", *OTHER_FEATURE_EXTRACTORS)
+
+
 def feature_extractor(name: str, device: Any = "cpu", inception_path: Optional[str] = None) -> FeatureExtractor:
     """The feature extractor named ``name``: ``inception`` (clean-fid) or ``digits`` (the bundled classifier)."""
     if name == "inception":
         return CleanFIDInception(inception_path, device=device)
-    if name == "digits":
-        from .demo.digits import DigitClassifierFeatures
-
-        return DigitClassifierFeatures()
+    if name in OTHER_FEATURE_EXTRACTORS:
+        module_name, class_name = OTHER_FEATURE_EXTRACTORS[name].split(":")
+        return getattr(importlib.import_module(module_name), class_name)()
     raise EvaluationError(f"Unknown feature extractor {name!r}; use one of {', '.join(FEATURE_EXTRACTORS)}.")
-
-
-FEATURE_EXTRACTORS = ("inception", "digits")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -600,39 +604,3 @@ def reference_features(
     total = total if num is None else min(num, total)
     with tqdm(total=total, desc="Features (reference)", unit="image", disable=not progress) as bar:
         return extractor.features_of_arrays(reference_arrays(source, column, num), progress=bar.update)
-
-
-def read_metrics(folder: str) -> Optional[Dict[str, Any]]:
-    """The ``metrics.json`` of an evaluation folder, or ``None``."""
-    path = os.path.join(folder, METRICS_NAME)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("metrics"), dict) else None
-
-
-def protocol_text(protocol: Dict[str, Any]) -> str:
-    """The protocol of a ``metrics.json`` as sentences (printed by ``evaluate`` and written into model cards)."""
-    features = protocol.get("features") or {}
-    height, width = (protocol.get("resolution") or [None, None])[:2]
-    steps = protocol.get("steps")
-    lines = [
-        f"Protocol: {protocol.get('num_images')} images at {height}x{width} from the first {protocol.get('num_images')} "
-        f"captions of `{protocol.get('dataset')}` (column `{protocol.get('caption_column')}`), "
-        f"{'all of the student’s' if steps is None else steps} step(s)"
-        + (f" (timesteps {protocol['timesteps']})" if protocol.get("timesteps") else "")
-        + f", guidance {protocol.get('guidance') if protocol.get('guidance') is not None else 'none (distilled)'}, "
-        f"seed {protocol.get('seed')} ({protocol.get('seeding')}).",
-        f"Reference: {protocol.get('reference_images')} images of `{protocol.get('reference')}`.",
-        f"Features ({features.get('name')}): {features.get('weights')}; resize: {features.get('resize')}.",
-        f"KID: kernel {protocol.get('kid', {}).get('kernel')}, {protocol.get('kid', {}).get('subsets')} subsets of "
-        f"up to {protocol.get('kid', {}).get('subset_size')} images.",
-    ]
-    if protocol.get("clip"):
-        lines.append(f"CLIP score: `{protocol['clip']['model']}`, {protocol['clip']['score']}.")
-    lines.append(f"Speed and memory on {protocol.get('device')}: {protocol.get('peak_memory')}.")
-    return "\n".join(lines)

@@ -292,10 +292,48 @@ METRIC_NAMES = {
 MODEL_INDEX_METRICS = ("fid", "kid", "fd_digits", "kd_digits", "clip_score")
 
 
+#: the file ``diffusers-onestep evaluate`` writes its metrics and protocol to
+METRICS_NAME = "metrics.json"
+
+
+def read_metrics(folder: str) -> Optional[Dict[str, Any]]:
+    """The ``metrics.json`` of an evaluation folder, or ``None``."""
+    path = os.path.join(folder, METRICS_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("metrics"), dict) else None
+
+
+def protocol_text(protocol: Dict[str, Any]) -> str:
+    """The protocol of a ``metrics.json`` as sentences (printed by ``evaluate`` and written into model cards)."""
+    features = protocol.get("features") or {}
+    height, width = (protocol.get("resolution") or [None, None])[:2]
+    steps = protocol.get("steps")
+    lines = [
+        f"Protocol: {protocol.get('num_images')} images at {height}x{width} from the first {protocol.get('num_images')} "
+        f"captions of `{protocol.get('dataset')}` (column `{protocol.get('caption_column')}`), "
+        f"{'all of the student’s' if steps is None else steps} step(s)"
+        + (f" (timesteps {protocol['timesteps']})" if protocol.get("timesteps") else "")
+        + f", guidance {protocol.get('guidance') if protocol.get('guidance') is not None else 'none (distilled)'}, "
+        f"seed {protocol.get('seed')} ({protocol.get('seeding')}).",
+        f"Reference: {protocol.get('reference_images')} images of `{protocol.get('reference')}`.",
+        f"Features ({features.get('name')}): {features.get('weights')}; resize: {features.get('resize')}.",
+        f"KID: kernel {protocol.get('kid', {}).get('kernel')}, {protocol.get('kid', {}).get('subsets')} subsets of "
+        f"up to {protocol.get('kid', {}).get('subset_size')} images.",
+    ]
+    if protocol.get("clip"):
+        lines.append(f"CLIP score: `{protocol['clip']['model']}`, {protocol['clip']['score']}.")
+    lines.append(f"Speed and memory on {protocol.get('device')}: {protocol.get('peak_memory')}.")
+    return "\n".join(lines)
+
+
 def read_evaluation(folder: str) -> Optional[Dict[str, Any]]:
     """The ``evaluation/metrics.json`` of a student folder, or ``None``."""
-    from .evaluation import read_metrics
-
     return read_metrics(os.path.join(folder, EVALUATION_DIR))
 
 
@@ -339,8 +377,6 @@ def eval_results(record: Dict[str, Any]):
 
 def evaluation_text(record: Dict[str, Any], grid: Optional[str] = None) -> str:
     """The card's ``## Evaluation`` section: a table of the metrics and the full protocol."""
-    from .evaluation import protocol_text
-
     lines = ["## Evaluation", "", "| metric | value |", "|---|---|"]
     for key, value in (record.get("metrics") or {}).items():
         if value is None:
