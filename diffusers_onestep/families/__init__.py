@@ -15,6 +15,7 @@ from ..hub import read_json
 from .base import Condition, FamilyAdapter
 from .pixart import PixArtAlphaAdapter, PixArtSigmaAdapter
 from .sana import SanaAdapter, SanaSprintAdapter
+from .sd3 import SD3Adapter
 from .sdxl import SDXLAdapter
 
 
@@ -41,7 +42,7 @@ def register_family(adapter_cls: Type[FamilyAdapter]) -> Type[FamilyAdapter]:
     return adapter_cls
 
 
-for _adapter_cls in (SDXLAdapter, PixArtAlphaAdapter, PixArtSigmaAdapter, SanaAdapter, SanaSprintAdapter):
+for _adapter_cls in (SDXLAdapter, PixArtAlphaAdapter, PixArtSigmaAdapter, SanaAdapter, SanaSprintAdapter, SD3Adapter):
     register_family(_adapter_cls)
 
 
@@ -139,6 +140,7 @@ __all__ = [
     "PixArtSigmaAdapter",
     "SanaAdapter",
     "SanaSprintAdapter",
+    "SD3Adapter",
     "adapter_for_pipeline",
     "denoiser_component_names",
     "detect_family",

@@ -22,6 +22,7 @@ from diffusers import (
     ImagePipelineOutput,
     PixArtTransformer2DModel,
     SanaTransformer2DModel,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -115,7 +116,7 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         vae: Union[AutoencoderKL, AutoencoderDC],
         scheduler: OneStepScheduler,
         unet: Optional[UNet2DConditionModel] = None,
-        transformer: Optional[Union[PixArtTransformer2DModel, SanaTransformer2DModel]] = None,
+        transformer: Optional[Union[PixArtTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel]] = None,
         text_encoder: Optional[PreTrainedModel] = None,
         text_encoder_2: Optional[PreTrainedModel] = None,
         text_encoder_3: Optional[PreTrainedModel] = None,

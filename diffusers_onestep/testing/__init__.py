@@ -22,6 +22,7 @@ from .components import (
     tiny_gemma_tokenizer,
     tiny_pixart_components,
     tiny_sana_components,
+    tiny_sd3_components,
     tiny_sdxl_components,
     tiny_t5_tokenizer,
 )
@@ -31,6 +32,7 @@ from .fixtures import (
     TinyFixture,
     ddpm_timesteps_setup,
     flow_pure_noise_setup,
+    flow_sigmas_setup,
     lcm_timesteps_setup,
     native_one_step_pipeline,
     native_one_step_setup,
@@ -117,6 +119,7 @@ __all__ = [
     "TinyFixture",
     "ddpm_timesteps_setup",
     "flow_pure_noise_setup",
+    "flow_sigmas_setup",
     "lcm_timesteps_setup",
     "list_files",
     "native_one_step_pipeline",
@@ -135,6 +138,7 @@ __all__ = [
     "tiny_native_pipeline",
     "tiny_pixart_components",
     "tiny_sana_components",
+    "tiny_sd3_components",
     "tiny_sdxl_components",
     "tiny_t5_tokenizer",
 ]

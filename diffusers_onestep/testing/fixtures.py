@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..families import get_adapter_class
-from .components import tiny_pixart_components, tiny_sana_components, tiny_sdxl_components
+from .components import tiny_pixart_components, tiny_sana_components, tiny_sd3_components, tiny_sdxl_components
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,16 @@ def sana_sprint_setup(pipe, timesteps):
     return {"num_inference_steps": 1, "intermediate_timesteps": None}
 
 
+def flow_sigmas_setup(pipe, timesteps):
+    """``FlowMatchEulerDiscreteScheduler(shift=1)`` with ``sigmas=[...]`` at guidance 0 (SD3): the scheduler shifts the
+    sigmas it is given, so with shift 1 it runs exactly the student's; its Euler steps from sigma ``s`` to ``s'`` are
+    ``x + (s' - s) v``, the deterministic re-noising of the `ode` solver, and the last step (to sigma 0) returns x0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)
+    return {"sigmas": [float(t) for t in timesteps], "guidance_scale": 0.0}
+
+
 _PIXART_CALL = {"use_resolution_binning": False, "clean_caption": False}
 _SANA_CALL = {**_PIXART_CALL, "complex_human_instruction": None}
 
@@ -116,6 +126,7 @@ register_tiny_fixture(
     "sana_sprint",
     TinyFixture(lambda seed: tiny_sana_components(seed, sprint=True), None, sana_sprint_setup, _SANA_CALL),
 )
+register_tiny_fixture("sd3", TinyFixture(tiny_sd3_components, [1.0], flow_sigmas_setup))
 
 #: the families with a tiny fixture when this module was imported (the built-in ones; tests parametrize over it)
 TINY_FAMILIES = tiny_families()
