@@ -457,6 +457,13 @@ class FamilyAdapter:
         blocks = denoiser.transformer_blocks
         return blocks[len(blocks) // 2]
 
+    def fuse_qkv_projections(self, denoiser: torch.nn.Module) -> None:
+        """Fuse the denoiser's query/key/value projections (``fuse_qkv_projections()``, where diffusers has it), for
+        :meth:`OneStepPipeline.enable_fast_path`; a family whose fused processors do not cover every attention of its
+        denoiser completes the job."""
+        if hasattr(denoiser, "fuse_qkv_projections"):
+            denoiser.fuse_qkv_projections()
+
     def feature_of_block_output(self, output) -> torch.Tensor:
         """The image features in the output of :meth:`feature_module`: the output itself, or the first element of a
         tuple (diffusers' transformer blocks); a family whose blocks return several streams picks the image one."""

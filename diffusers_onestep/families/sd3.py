@@ -125,6 +125,21 @@ class SD3Adapter(FamilyAdapter):
             return_dict=False,
         )[0]
 
+    def fuse_qkv_projections(self, denoiser):
+        # diffusers' SD3Transformer2DModel.fuse_qkv_projections gives every attention FusedJointAttnProcessor2_0, which
+        # (diffusers 0.42) applies no QK norm and needs a text stream. SD3.5's transformers have QK RMS-norm
+        # (`qk_norm="rms_norm"`), so fusing them would change their outputs: they stay unfused. SD3-Medium has no QK
+        # norm and fuses; the image-only second attention of MMDiT-X blocks (`dual_attention_layers`), which has no
+        # text stream, gets diffusers' fused self-attention processor.
+        from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+        if _unwrap(denoiser).config.get("qk_norm"):
+            return
+        denoiser.fuse_qkv_projections()
+        for block in denoiser.transformer_blocks:
+            if getattr(block, "attn2", None) is not None:
+                block.attn2.set_processor(FusedAttnProcessor2_0())
+
     def feature_of_block_output(self, output):
         # A JointTransformerBlock returns (encoder_hidden_states, hidden_states): the image tokens are the second.
         return output[1]

@@ -272,9 +272,9 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         """
         modules = [m for m in (self.denoiser, self.vae) if m is not None]
         if fuse_qkv:
-            for module in modules:
-                if hasattr(module, "fuse_qkv_projections"):
-                    module.fuse_qkv_projections()
+            self.adapter.fuse_qkv_projections(self.denoiser)
+            if self.vae is not None and hasattr(self.vae, "fuse_qkv_projections"):
+                self.vae.fuse_qkv_projections()
         if channels_last:
             for module in modules:
                 module.to(memory_format=torch.channels_last)

@@ -358,11 +358,12 @@ def tiny_sana_components(seed: int = 0, sprint: bool = False) -> Dict[str, objec
     }
 
 
-def tiny_sd3_components(seed: int = 0, t5: bool = True) -> Dict[str, object]:
+def tiny_sd3_components(seed: int = 0, t5: bool = True, sd35: bool = True) -> Dict[str, object]:
     """A tiny SD3.5-shaped model: an MMDiT with QK RMS-norm and one dual-attention (MMDiT-X) block as in SD3.5-Medium,
     patch size 2, a 16-channel-like latent (here 6 channels) and a shift-3 flow scheduler, CLIP-L/CLIP-G/T5 encoders of
     different widths (so the CLIP tokens are zero-padded to the T5 width, as in the real model). ``t5=False`` leaves
-    out ``text_encoder_3``/``tokenizer_3``, as ``StableDiffusion3Pipeline.from_pretrained(..., text_encoder_3=None)``.
+    out ``text_encoder_3``/``tokenizer_3``, as ``StableDiffusion3Pipeline.from_pretrained(..., text_encoder_3=None)``;
+    ``sd35=False`` gives SD3-Medium's block (no QK norm, no dual attention).
 
     Sizes are unlike diffusers' own SD3 tests (patch size 1, 4 channels, one CLIP width, 32-wide T5).
     """
@@ -383,8 +384,8 @@ def tiny_sd3_components(seed: int = 0, t5: bool = True) -> Dict[str, object]:
         caption_projection_dim=12,  # = heads x head dim, as in every SD3 checkpoint
         pooled_projection_dim=clip_l_width + clip_g_width,
         pos_embed_max_size=16,
-        dual_attention_layers=(0,),
-        qk_norm="rms_norm",
+        dual_attention_layers=(0,) if sd35 else (),
+        qk_norm="rms_norm" if sd35 else None,
     )
     torch.manual_seed(seed)
     vae = AutoencoderKL(
