@@ -1,6 +1,8 @@
 """Memory and step-time of one distillation step: shared-backbone LoRA layout vs three separate copies.
 
-Runs the library's own roles and method (VSD with CFG on the teacher) on a mid-sized SDXL-shaped UNet on the CPU.
+Runs the library's own roles and method (VSD with CFG on the teacher) on a mid-sized SDXL-shaped UNet (``--family
+sdxl``, the default) or SD3-shaped MMDiT (``--family sd3``: joint text/image blocks, QK RMS-norm, patch size 2, a
+16-channel latent, the shift-3 flow path) on the CPU.
 Each layout runs in a fresh subprocess so that its peak resident memory (``ru_maxrss``) is its own; the reported
 memory is the peak minus the process's memory right before the models are built (imports and text encoders are
 the same for both layouts).
@@ -11,6 +13,7 @@ the same for both layouts).
   two backwards) for the LoRA layout. Target <= 1.15.
 
     python benchmarks/train_memory.py            # prints a table; the last line is one JSON object
+    python benchmarks/train_memory.py --family sd3
 """
 
 from __future__ import annotations
@@ -55,26 +58,81 @@ def mid_sized_sdxl_components(seed: int = 0):
     return components
 
 
-def run_layout(layout: str, steps: int, batch_size: int, resolution: int, lora_rank: int) -> dict:
+def mid_sized_sd3_components(seed: int = 0):
+    """The tiny SD3 pipeline with an SD3.5-shaped MMDiT of ~30M parameters: 6 joint blocks of width 384 (6 heads of
+    64, SD3's head size), QK RMS-norm, patch size 2, 16 latent channels, SD3's VAE normalization and shift-3 flow."""
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from diffusers_onestep.testing import tiny_sd3_components
+
+    components = tiny_sd3_components(seed)
+    text = components["transformer"].config
+    torch.manual_seed(seed)
+    components["transformer"] = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=6,
+        attention_head_dim=64,
+        num_attention_heads=6,
+        joint_attention_dim=text.joint_attention_dim,
+        caption_projection_dim=384,
+        pooled_projection_dim=text.pooled_projection_dim,
+        pos_embed_max_size=64,
+        qk_norm="rms_norm",
+    ).eval()
+    torch.manual_seed(seed)
+    components["vae"] = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=16,
+        norm_num_groups=4,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+    ).eval()
+    return components
+
+
+#: per family: the mid-sized components, the adapter, the student timestep and teacher CFG of the benchmark step
+FAMILY_SETUPS = {
+    "sdxl": ("mid_sized_sdxl_components", "SDXLAdapter", [399], 8.0),  # DMD2's SDXL recipe
+    "sd3": ("mid_sized_sd3_components", "SD3Adapter", [1.0], 4.5),  # SD3Adapter.training_defaults
+}
+
+
+def run_layout(
+    layout: str, steps: int, batch_size: int, resolution: int, lora_rank: int, family: str = "sdxl"
+) -> dict:
     """One layout in this process: build, run ``steps`` student+critic updates, report memory and timings."""
     import torch
 
+    from diffusers_onestep import families
     from diffusers_onestep.distill.config import MethodConfig, RolesConfig
     from diffusers_onestep.distill.methods import build_method
     from diffusers_onestep.distill.models import Batch, RandomSource
     from diffusers_onestep.distill.roles import BackboneRoles
-    from diffusers_onestep.families import SDXLAdapter
 
     torch.set_num_threads(1)
-    components = mid_sized_sdxl_components()
-    adapter = SDXLAdapter(components)
+    build, adapter_name, student_timesteps, guidance_scale = FAMILY_SETUPS[family]
+    components = globals()[build]()
+    adapter = getattr(families, adapter_name)(components)
     condition = adapter.encode_prompt(["a photo of a cat", "a red car"][:batch_size] * (batch_size // 2 or 1))
     condition = condition[:batch_size]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
     kind = "lora" if layout == "lora" else "full"
-    roles = BackboneRoles(adapter, RolesConfig(student=kind, critic=kind, lora_rank=lora_rank, lora_alpha=8))
-    method = build_method(MethodConfig(guidance_scale=8.0).validate(), roles, [399])
+    roles_config = RolesConfig(
+        student=kind,
+        critic=kind,
+        lora_rank=lora_rank,
+        lora_alpha=8,
+        lora_target_modules=list(adapter.default_lora_target_modules),
+    )
+    roles = BackboneRoles(adapter, roles_config)
+    method = build_method(MethodConfig(guidance_scale=guidance_scale).validate(), roles, student_timesteps)
     optimizers = {role: torch.optim.AdamW(roles.role_parameters(role), lr=1e-5) for role in ("student", "critic")}
 
     # Time every network pass by wrapping the roles' single entry point.
@@ -140,10 +198,11 @@ def main():
         help="LoRA rank of student and critic. SDXL's default r=64 on 320-1280 channels is ~1/5 of the "
         "narrowest width; r=16 keeps that proportion on this UNet's 96-384 channels.",
     )
+    parser.add_argument("--family", choices=tuple(FAMILY_SETUPS), default="sdxl", help="the backbone's shape")
     parser.add_argument("--layout", choices=("lora", "separate"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.layout:
-        result = run_layout(args.layout, args.steps, args.batch_size, args.resolution, args.lora_rank)
+        result = run_layout(args.layout, args.steps, args.batch_size, args.resolution, args.lora_rank, args.family)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
 
@@ -162,6 +221,8 @@ def main():
             str(args.resolution),
             "--lora_rank",
             str(args.lora_rank),
+            "--family",
+            args.family,
         ]
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
         out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
@@ -171,7 +232,8 @@ def main():
 
     lora, separate = results["lora"], results["separate"]
     print(
-        f"UNet: {lora['unet_parameters_m']:.1f}M parameters (SDXL-shaped), LoRA rank {args.lora_rank} "
+        f"{'UNet' if args.family == 'sdxl' else 'Transformer'}: {lora['unet_parameters_m']:.1f}M parameters "
+        f"({args.family.upper()}-shaped), LoRA rank {args.lora_rank} "
         f"({lora['trainable_parameters_m']:.1f}M trainable in both adapters), batch {args.batch_size}, "
         f"{args.resolution}x{args.resolution} images, {args.steps} timed steps, 1 thread, CPU"
     )
