@@ -163,3 +163,31 @@ def test_fused_qkv_projections_keep_the_output(sd35):
     fused = any(hasattr(m, "to_qkv") for m in adapter.denoiser.modules())
     assert fused is not sd35
     assert (adapter.denoise(x_t, 1.0, condition) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"prompt": "a cat", "height": 10},
+            r"^`height` must be a positive multiple of 4 \(VAE factor 2 × patch size 2\)",
+        ),
+        ({"prompt_embeds": torch.zeros(1, 333, 28)}, r"^SD3 students need `pooled_prompt_embeds` together with"),
+        (
+            {"prompt_embeds": torch.zeros(1, 333, 32), "pooled_prompt_embeds": torch.zeros(1, 20)},
+            r"^`prompt_embeds` must be 28 wide for this SD3 student's transformer",
+        ),
+        (
+            {"prompt_embeds": torch.zeros(1, 333, 28), "pooled_prompt_embeds": torch.zeros(1, 16)},
+            r"^`pooled_prompt_embeds` must be 20 wide",
+        ),
+        ({"prompt": "a cat", "negative_prompt": "blurry"}, r"^This SD3 student takes no negative prompt"),
+        ({"prompt": "a cat", "guidance_scale": 4.5}, r"^This SD3 student was distilled with its guidance built in"),
+    ],
+)
+def test_bad_calls_are_one_sentence_before_any_model_runs(kwargs, message, student):
+    pipe = student(FAMILY)
+    with pytest.raises(ValueError, match=message) as info:
+        pipe(**kwargs)
+    text = str(info.value)
+    assert "\n" not in text and text.endswith(".")
