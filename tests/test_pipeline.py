@@ -268,8 +268,8 @@ def test_constructor_errors():
     scheduler = OneStepScheduler(conditioning_timesteps=[399])
     with pytest.raises(ValueError, match=r"needs exactly one denoiser"):
         OneStepPipeline(vae=components["vae"], scheduler=scheduler)
-    with pytest.raises(ValueError, match=r"Unknown family 'sd3'"):
-        OneStepPipeline(vae=components["vae"], unet=components["unet"], scheduler=scheduler, family="sd3")
+    with pytest.raises(ValueError, match=r"Unknown family 'kandinsky'"):
+        OneStepPipeline(vae=components["vae"], unet=components["unet"], scheduler=scheduler, family="kandinsky")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -466,6 +466,13 @@ def test_a_native_scheduler_config_becomes_one_noise_path(family):
         ),
         ({}, {"transformer": {"_class_name": "SanaTransformer2DModel"}}, "sana"),
         ({}, {"transformer": {"_class_name": "SanaTransformer2DModel", "guidance_embeds": True}}, "sana_sprint"),
+        ({"_class_name": "StableDiffusion3Pipeline"}, {}, "sd3"),
+        # any pipeline around an SD3 transformer (ControlNet, inpainting, ...)
+        (
+            {"_class_name": "StableDiffusion3ControlNetPipeline"},
+            {"transformer": {"_class_name": "SD3Transformer2DModel"}},
+            "sd3",
+        ),
         # a pipeline class a family names wins over what the denoiser looks like
         (
             {"_class_name": "SanaPipeline"},
@@ -484,14 +491,13 @@ def test_detect_family(model_index, configs, family):
 
 
 def test_detect_family_refuses_unknown_backbones_naming_the_supported_ones():
-    from diffusers_onestep.families import detect_family
+    from diffusers_onestep.families import detect_family, supported_families_text
 
+    listed = supported_families_text()
+    assert listed.startswith("SDXL (sdxl), PixArt-α (pixart_alpha), PixArt-Σ (pixart_sigma), SANA (sana), ")
+    assert "SANA-Sprint (sana_sprint)" in listed and "SD3 (sd3)" in listed
     with pytest.raises(
-        ValueError,
-        match=re.escape(
-            "UNet2DModel is not a supported backbone; diffusers-onestep supports SDXL (sdxl), PixArt-α (pixart_alpha), "
-            "PixArt-Σ (pixart_sigma), SANA (sana) and SANA-Sprint (sana_sprint)."
-        ),
+        ValueError, match=re.escape(f"UNet2DModel is not a supported backbone; diffusers-onestep supports {listed}.")
     ):
         detect_family({}, {"unet": {"_class_name": "UNet2DModel"}})
 
