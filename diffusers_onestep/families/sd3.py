@@ -1,10 +1,12 @@
 """Stable Diffusion 3 / 3.5 (Esser et al. 2024, arXiv 2403.03206): an MMDiT on a rectified-flow path with a fixed
-shift, three text encoders (CLIP-L, OpenCLIP-bigG and T5-XXL, the last optional).
+shift (``x_t = (1 - t) x0 + t eps``, training times ``t = s u / (1 + (s - 1) u)``, the paper's eq. 23 with the
+scheduler's ``shift`` s = 3 for SD3.5), three text encoders (CLIP-L, OpenCLIP-bigG and T5-XXL, the last optional).
 
 ``StableDiffusion3Pipeline`` conditions the transformer on the token sequence ``[CLIP-L ‖ CLIP-G (zero-padded to
 the T5 width) ; T5]`` and on the pooled ``[CLIP-L ; CLIP-G]`` projections. Without ``text_encoder_3`` the pipeline
-puts zeros where the T5 tokens go (SD3's T5 dropout at training time makes this a supported mode, paper §5.3.3), and
-so does this adapter: it encodes through the pipeline's own ``encode_prompt``.
+puts zeros where the T5 tokens go (SD3 is trained with each text encoder dropped independently, so T5 can be left
+out at inference: the paper's "flexible text encoders"), and so does this adapter: it encodes through the pipeline's
+own ``encode_prompt``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class SD3Adapter(FamilyAdapter):
     optional_text_component_names = ("tokenizer_3", "text_encoder_3")
     noise_path_kind = "flow"
     # The attention projections of both streams of every joint block: the default target list of diffusers'
-    # examples/dreambooth/train_dreambooth_lora_sd3.py, and the layers the public SD3 LoRAs (Hyper-SD3) adapt.
+    # examples/dreambooth/train_dreambooth_lora_sd3.py (without --lora_layers). The last block discards its text stream
+    # (`context_pre_only`), so its `attn.add_q_proj` adapter gets no gradient (tests/test_roles.py names it).
     default_lora_target_modules = (
         "attn.add_k_proj",
         "attn.add_q_proj",
@@ -53,13 +56,15 @@ class SD3Adapter(FamilyAdapter):
         "attn.to_q",
         "attn.to_v",
     )
-    # SD3's own loader (SD3LoraLoaderMixin): `transformer.`-prefixed keys, and the Kohya/SGM layouts of SD3 LoRAs.
+    # SD3's own loader (SD3LoraLoaderMixin): its save_lora_weights writes `transformer.`-prefixed keys, which
+    # StableDiffusion3Pipeline.load_lora_weights reads back (tests/test_sd3_training.py).
     lora_pipeline_class_name = "StableDiffusion3Pipeline"
     #: T5 tokens kept, StableDiffusion3Pipeline's default ``max_sequence_length``
     default_max_sequence_length = 256
     required_condition_fields = ("embeds", "pooled")
     # No published DMD2/f-distill recipe for SD3. The student starts from pure noise (sigma 1), where SD3.5-Large-Turbo
-    # (ADD-distilled; Sauer et al. 2024, LADD, arXiv 2403.12015) starts its 4 Euler steps: its model card calls
+    # (adversarially distilled: its card names ADD; SD3-Turbo is LADD, Sauer et al. 2024, arXiv 2403.12015) starts its
+    # 4 Euler steps: its model card calls
     # num_inference_steps=4, guidance_scale=0.0, and the SD3.5 reference code (Stability-AI/sd3.5 sd3_infer.py,
     # CONFIGS["sd3.5_large_turbo"]: shift 3.0, cfg 1.0, 4 steps, euler) agrees. The distribution-matching target uses
     # the CFG that reference code runs the teacher at: 4.5 for SD3.5-Large (CONFIGS["sd3.5_large"]; 5.0 for SD3- and
