@@ -442,7 +442,8 @@ PRESETS: List[Preset] = [
         notes=NITRO_NOTE.format(shift=500, t=499),
     ),
     # Left out (see docs/inference.md): ByteDance/Hyper-SD's SD3 LoRAs (Hyper-SD3-{4,8,16}steps-CFG-lora). Their card
-    # (the HYPER_CARD revision above: "SD3-related models" and the Aug.19, 2024 note) fuses them at lora_scale=0.125
+    # (its "SD3-related models" block and Aug.19, 2024 note, read in a copy of the card's text: YinanWusoymilk/
+    # hf-readme@1ab39f2 training_and_application/readme_files/ByteDance_Hyper-SD.md) fuses them at lora_scale=0.125
     # and samples with classifier-free guidance 3.0 / 5.0 / 7.0 at 4 / 8 / 16 steps; OneStepPipeline runs no
     # classifier-free guidance, and 16 steps exceed its 8.
     Preset(
