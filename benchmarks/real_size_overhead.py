@@ -19,7 +19,9 @@ Architectures (parameter counts printed by the run): SDXL base (UNet 2.57 B, CLI
 encoders, SDXL VAE); PixArt-α XL-2-1024-MS and PixArt-Σ XL-2-1024 (transformer 0.61 B, T5-v1.1-XXL encoder 4.76 B,
 SD / SDXL VAE); SANA 1600M 1024px and SANA-Sprint 1.6B (transformer 1.6 B, Gemma-2-2B decoder, DC-AE f32c32);
 SD 1.5 (UNet 0.86 B, CLIP ViT-L text encoder, SD VAE; 512 px); FLUX.1-dev (transformer 11.9 B, CLIP ViT-L +
-T5-v1.1-XXL, the 16-channel FLUX VAE; run at one step from sigma 1 with its embedded guidance 3.5). The tokenizers are
+T5-v1.1-XXL, the 16-channel FLUX VAE; run at one step from sigma 1 with its embedded guidance 3.5); SD3.5-Medium and SD3.5-Large (MMDiT 2.24 B /
+8.06 B, CLIP ViT-L + OpenCLIP bigG + T5-v1.1-XXL, SD3's 16-channel VAE; the cases ``sd3.5_medium`` and ``sd3.5_large``
+of the ``sd3`` family). The tokenizers are
 the tiny offline ones of ``diffusers_onestep.testing`` (their ids fit every vocabulary; prompts are padded to the
 families' usual lengths: CLIP 77, T5 120 / 300 / 512, Gemma 300 tokens), so sequence lengths match real use.
 
@@ -120,6 +122,26 @@ def _clip_vit_l_config():
     )
 
 
+def _clip_configs():
+    """CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text-tower configs, the text encoders of SDXL and SD3."""
+    from transformers import CLIPTextConfig
+
+    clip_g = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=1280,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+    return _clip_vit_l_config(), clip_g
+
+
 def real_sd15():
     """Modules of stable-diffusion-v1-5/stable-diffusion-v1-5 (512 px): unet (0.86 B), vae (SD VAE),
     text_encoder (CLIP ViT-L/14), PNDMScheduler (as a factory)."""
@@ -159,7 +181,7 @@ def real_sdxl():
     context): unet, vae (sdxl-vae), text_encoder (CLIP ViT-L/14),
     text_encoder_2 (OpenCLIP ViT-bigG/14 with projection)."""
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     unet = UNet2DConditionModel(
         sample_size=128,
@@ -177,20 +199,7 @@ def real_sdxl():
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
-    clip_l = _clip_vit_l_config()
-    clip_g = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=1280,
-        intermediate_size=5120,
-        num_hidden_layers=32,
-        num_attention_heads=20,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        projection_dim=1280,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=1,
-    )
+    clip_l, clip_g = _clip_configs()
     scheduler = lambda: EulerDiscreteScheduler(  # noqa: E731
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
     )
@@ -393,6 +402,68 @@ def real_flux():
     }
 
 
+#: SD3.5 transformers as in stabilityai/stable-diffusion-3.5-{medium,large}'s transformer/config.json (not readable
+#: here: the values below are those configs as public copies quote them, byte for byte in agreement): 64-wide heads,
+#: 16 latent channels, patch size 2, T5-XXL context (4096), pooled CLIP-L + CLIP-G (768 + 1280), QK RMS-norm.
+#: Medium (2.24 B) has MMDiT-X blocks (a second, image-only attention) in layers 0-12 and a 384-wide position grid.
+SD35_TRANSFORMERS = {
+    "medium": {"num_layers": 24, "num_attention_heads": 24, "pos_embed_max_size": 384, "dual_attention_layers": 13},
+    "large": {"num_layers": 38, "num_attention_heads": 38, "pos_embed_max_size": 192, "dual_attention_layers": 0},
+}
+
+
+def real_sd35(size: str):
+    """stabilityai/stable-diffusion-3.5-medium or -large (SD3.5-Large-Turbo has the same architecture): the MMDiT
+    (2.24 B / 8.06 B), SD3's 16-channel VAE, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (both with projection),
+    T5-v1.1-XXL, FlowMatchEulerDiscreteScheduler(shift=3.0)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    arch = SD35_TRANSFORMERS[size]
+    transformer = SD3Transformer2DModel(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=arch["num_layers"],
+        attention_head_dim=64,
+        num_attention_heads=arch["num_attention_heads"],
+        joint_attention_dim=4096,
+        caption_projection_dim=64 * arch["num_attention_heads"],
+        pooled_projection_dim=2048,
+        pos_embed_max_size=arch["pos_embed_max_size"],
+        dual_attention_layers=tuple(range(arch["dual_attention_layers"])),
+        qk_norm="rms_norm",
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=1024,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    clip_l, clip_g = _clip_configs()  # SDXL's two text towers; SD3 runs both with their projections
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": CLIPTextModelWithProjection(clip_l),
+        "text_encoder_2": CLIPTextModelWithProjection(clip_g),
+        "text_encoder_3": _t5_xxl(),
+        "tokenizer": tiny_clip_tokenizer(),
+        "tokenizer_2": tiny_clip_tokenizer(pad_token="!"),
+        "tokenizer_3": tiny_t5_tokenizer(),
+        "scheduler": lambda: FlowMatchEulerDiscreteScheduler(shift=3.0),
+    }
+
+
 REAL_SIZE = {
     "sdxl": real_sdxl,
     "pixart_alpha": lambda: real_pixart(sigma=False),
@@ -401,15 +472,23 @@ REAL_SIZE = {
     "sana_sprint": lambda: real_sana(sprint=True),
     "sd": real_sd15,
     "flux": real_flux,
+    "sd3.5_medium": lambda: real_sd35("medium"),
+    "sd3.5_large": lambda: real_sd35("large"),
 }
+#: the family of each case that is not a family's own name (several published sizes of one family)
+CASE_FAMILY = {"sd3.5_medium": "sd3", "sd3.5_large": "sd3"}
+#: what runs by default: every tiny family, each under its published sizes where it has several
+CASES = [c for f in TINY_FAMILIES for c in ([k for k, v in CASE_FAMILY.items() if v == f] or [f])]
 
 
-def build_components(family: str, tiny: bool, device: torch.device, dtype: torch.dtype) -> Dict[str, object]:
+def build_components(case: str, tiny: bool, device: torch.device, dtype: torch.dtype) -> Dict[str, object]:
+    """The components of ``case`` (a family, or one published size of it: :data:`CASE_FAMILY`); ``tiny``: the
+    family's tiny test components."""
     if tiny:
-        components = tiny_components(family)
+        components = tiny_components(CASE_FAMILY.get(case, case))
     else:
         with torch.device(device):  # parameters created (and randomly initialised) where they will run
-            components = REAL_SIZE[family]()
+            components = REAL_SIZE[case]()
         components["scheduler"] = components["scheduler"]()  # schedulers keep their tables on the CPU
     for name, value in components.items():
         if isinstance(value, torch.nn.Module):
@@ -430,10 +509,11 @@ def parameter_count(components: Dict[str, object]) -> Dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def measure_family(family: str, args, device: torch.device, dtype: torch.dtype) -> Dict[str, object]:
+def measure_family(case: str, args, device: torch.device, dtype: torch.dtype) -> Dict[str, object]:
     sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
-    components = build_components(family, args.tiny, device, dtype)
+    components = build_components(case, args.tiny, device, dtype)
+    family = CASE_FAMILY.get(case, case)
     build_s = time.perf_counter() - start
     native_components = {k: v for k, v in components.items() if k not in ("image_encoder", "feature_extractor")}
     adapter_cls = get_adapter_class(family)
@@ -550,7 +630,9 @@ def fast_path_throughput(student, native, native_kwargs, prompt, args, sync) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", nargs="+", default=list(TINY_FAMILIES), choices=TINY_FAMILIES)
+    parser.add_argument(
+        "--families", nargs="+", default=CASES, choices=CASES, help="families, or published sizes (sd3.5_medium)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--calls", type=int, default=20, help="timed calls per measurement (at least 10)")

@@ -1,8 +1,10 @@
 """Memory and step-time of one distillation step: shared-backbone LoRA layout vs three separate copies.
 
-Runs the library's own roles and method (VSD with CFG on the teacher) on a mid-sized SDXL-shaped UNet on the CPU, or
-(``--family flux``) on a mid-sized FLUX.1-shaped transformer (double- and single-stream blocks over packed latents,
-guidance embedded: the teacher is one pass at the embedded guidance, no classifier-free doubling).
+Runs the library's own roles and method (VSD with CFG on the teacher) on the CPU on a mid-sized SDXL-shaped UNet
+(``--family sdxl``, the default), a mid-sized FLUX.1-shaped transformer (``--family flux``: double- and single-stream
+blocks over packed latents, guidance embedded: the teacher is one pass at the embedded guidance, no classifier-free
+doubling) or an SD3-shaped MMDiT (``--family sd3``: joint text/image blocks, QK RMS-norm, patch size 2, a 16-channel
+latent, the shift-3 flow path).
 Each layout runs in a fresh subprocess so that its peak resident memory (``ru_maxrss``) is its own; the reported
 memory is the peak minus the process's memory right before the models are built (imports and text encoders are
 the same for both layouts).
@@ -14,6 +16,7 @@ the same for both layouts).
 
     python benchmarks/train_memory.py                 # prints a table; the last line is one JSON object
     python benchmarks/train_memory.py --family flux   # the FLUX.1-shaped case
+    python benchmarks/train_memory.py --family sd3    # the SD3.5-shaped case
 """
 
 from __future__ import annotations
@@ -83,12 +86,51 @@ def mid_sized_flux_components(seed: int = 0):
     return components
 
 
-#: per family: the components, the teacher's guidance (SDXL: DMD2's CFG 8; FLUX.1-dev: its embedded 3.5), the
-#: student's conditioning time (DMD2's 399; FLUX: pure noise) and the text tokens kept (None: the family's; FLUX: 32
+def mid_sized_sd3_components(seed: int = 0):
+    """The tiny SD3 pipeline with an SD3.5-shaped MMDiT of ~30M parameters: 6 joint blocks of width 384 (6 heads of
+    64, SD3's head size), QK RMS-norm, patch size 2, 16 latent channels, SD3's VAE normalization and shift-3 flow."""
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from diffusers_onestep.testing import tiny_sd3_components
+
+    components = tiny_sd3_components(seed)
+    text = components["transformer"].config
+    torch.manual_seed(seed)
+    components["transformer"] = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=6,
+        attention_head_dim=64,
+        num_attention_heads=6,
+        joint_attention_dim=text.joint_attention_dim,
+        caption_projection_dim=384,
+        pooled_projection_dim=text.pooled_projection_dim,
+        pos_embed_max_size=64,
+        qk_norm="rms_norm",
+    ).eval()
+    torch.manual_seed(seed)
+    components["vae"] = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=16,
+        norm_num_groups=4,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+    ).eval()
+    return components
+
+
+#: per family: the components, the teacher's guidance (SDXL: DMD2's CFG 8; FLUX.1-dev: its embedded 3.5; SD3: CFG 4.5), the
+#: student's conditioning time (DMD2's 399; FLUX, SD3: pure noise) and the text tokens kept (None: the family's; FLUX: 32
 #: text tokens to the 256 image tokens of 64x64 images, FLUX.1's proportion of 512 to 4096 at 1024 px)
 FAMILY_CASES = {
     "sdxl": (mid_sized_sdxl_components, 8.0, 399, None),
     "flux": (mid_sized_flux_components, 3.5, 1.0, 32),
+    "sd3": (mid_sized_sd3_components, 4.5, 1.0, None),  # SD3Adapter.training_defaults: sigma 1, CFG 4.5
 }
 
 
@@ -172,6 +214,8 @@ def run_layout(
 
 
 def main():
+    from diffusers_onestep.families import get_adapter_class
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per layout (after one warm-up step)")
     parser.add_argument("--batch_size", type=int, default=2)
@@ -218,7 +262,7 @@ def main():
     lora, separate = results["lora"], results["separate"]
     print(
         f"{'UNet' if args.family == 'sdxl' else 'Transformer'}: {lora['unet_parameters_m']:.1f}M parameters "
-        f"({'SDXL' if args.family == 'sdxl' else 'FLUX.1'}-shaped), LoRA rank {args.lora_rank} "
+        f"({get_adapter_class(args.family).display_name}-shaped), LoRA rank {args.lora_rank} "
         f"({lora['trainable_parameters_m']:.1f}M trainable in both adapters), batch {args.batch_size}, "
         f"{args.resolution}x{args.resolution} images, {args.steps} timed steps, 1 thread, CPU"
     )

@@ -268,8 +268,8 @@ def test_constructor_errors():
     scheduler = OneStepScheduler(conditioning_timesteps=[399])
     with pytest.raises(ValueError, match=r"needs exactly one denoiser"):
         OneStepPipeline(vae=components["vae"], scheduler=scheduler)
-    with pytest.raises(ValueError, match=r"Unknown family 'sd3'"):
-        OneStepPipeline(vae=components["vae"], unet=components["unet"], scheduler=scheduler, family="sd3")
+    with pytest.raises(ValueError, match=r"Unknown family 'kandinsky'"):
+        OneStepPipeline(vae=components["vae"], unet=components["unet"], scheduler=scheduler, family="kandinsky")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -472,6 +472,13 @@ def test_a_native_scheduler_config_becomes_one_noise_path(family):
             {"transformer": {"_class_name": "FluxTransformer2DModel"}},
             "flux",
         ),
+        ({"_class_name": "StableDiffusion3Pipeline"}, {}, "sd3"),
+        # any pipeline around an SD3 transformer (ControlNet, inpainting, ...)
+        (
+            {"_class_name": "StableDiffusion3ControlNetPipeline"},
+            {"transformer": {"_class_name": "SD3Transformer2DModel"}},
+            "sd3",
+        ),
         # a pipeline class a family names wins over what the denoiser looks like
         (
             {"_class_name": "SanaPipeline"},
@@ -507,14 +514,14 @@ def test_detect_family(model_index, configs, family):
 
 
 def test_detect_family_refuses_unknown_backbones_naming_the_supported_ones():
-    from diffusers_onestep.families import detect_family
+    from diffusers_onestep.families import detect_family, supported_families_text
 
+    listed = supported_families_text()
+    assert listed.startswith("SDXL (sdxl), PixArt-α (pixart_alpha), PixArt-Σ (pixart_sigma), SANA (sana), ")
+    for family in ("SANA-Sprint (sana_sprint)", "Stable Diffusion 1.x/2.x (sd)", "FLUX.1 (flux)", "SD3 (sd3)"):
+        assert family in listed
     with pytest.raises(
-        ValueError,
-        match=re.escape(
-            "UNet2DModel is not a supported backbone; diffusers-onestep supports SDXL (sdxl), PixArt-α (pixart_alpha), "
-            "PixArt-Σ (pixart_sigma), SANA (sana), SANA-Sprint (sana_sprint), Stable Diffusion 1.x/2.x (sd) and FLUX.1 (flux)."
-        ),
+        ValueError, match=re.escape(f"UNet2DModel is not a supported backbone; diffusers-onestep supports {listed}.")
     ):
         detect_family({}, {"unet": {"_class_name": "UNet2DModel"}})
     # UNets of the SD lineage that are no text-to-image backbone: inpainting (9 input channels), DeepFloyd IF (T5

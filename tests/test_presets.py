@@ -25,6 +25,7 @@ from diffusers import (
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
     SanaSprintPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     TCDScheduler,
@@ -33,7 +34,7 @@ from diffusers import (
 from safetensors.torch import save_file
 
 from diffusers_onestep import OneStepPipeline
-from diffusers_onestep.families import FluxAdapter, SDXLAdapter, StableDiffusionAdapter
+from diffusers_onestep.families import FluxAdapter, SDXLAdapter, StableDiffusionAdapter, get_adapter_class
 from diffusers_onestep.hub import resolve_weight_name
 from diffusers_onestep.pipelines import PRESETS, find_preset
 from diffusers_onestep.pipelines.loading import load_state_dict_file
@@ -62,6 +63,7 @@ SPRINT_REPOS = (
     "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers",
     "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
 )
+SD35_TURBO = "stabilityai/stable-diffusion-3.5-large-turbo"
 PROMPT = "a photo of a cat"
 INSTAFLOW = "XCLiu/instaflow_0_9B_from_sd_1_5"
 #: stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json as the Hub serves it: the keys of the
@@ -295,6 +297,8 @@ def hub(tmp_path_factory):
     put(PIXART_DMD, pixart_dmd)
     for i, repo in enumerate(SPRINT_REPOS):
         put(repo, lambda d, i=i: tiny_native_pipeline("sana_sprint", seed=6 + i).save_pretrained(d))
+    # a full SD3.5 pipeline repo with FlowMatchEulerDiscreteScheduler(shift=3.0), sd3_infer.py's shift for the model
+    put(SD35_TURBO, lambda d: tiny_native_pipeline("sd3", seed=8).save_pretrained(d))
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_CACHE", cache)
@@ -374,9 +378,11 @@ def test_every_row_cites_a_pinned_source_and_holds_a_runnable_recipe():
         assert p.solver in SOLVERS and 1 <= len(p.conditioning_timesteps) <= MAX_STEPS, p
         assert p.variant is None or p.kind == "pipeline", "a variant names the files of a full-pipeline repo"
         assert not p.weight_name_spellings or p.weight_name, p
-        if p.solver == "ode" and p.prediction_type == "flow_prediction":  # FluxPipeline's default sigmas
+        if p.solver == "ode" and p.family == "flux":  # FluxPipeline's default sigmas, shifted at each size
             assert p.conditioning_timesteps == flow_euler_sigmas(len(p.conditioning_timesteps)), p
-        elif p.solver == "ode":  # trailing Euler / DDIM: the trailing grid of as many steps
+        elif p.solver == "ode" and get_adapter_class(p.family).noise_path_kind == "vp":
+            # trailing Euler / DDIM: the trailing grid of as many steps (other flow presets: their scheduler's sigmas,
+            # checked against it in their own test)
             assert p.conditioning_timesteps == TRAILING[len(p.conditioning_timesteps)], p
     ids = [(p.repo_id, p.weight_name or p.subfolder) for p in PRESETS]
     assert len(ids) == len(set(ids))
@@ -897,6 +903,25 @@ def test_hyper_flux_lora_presets_equal_the_card_recipe(weight_name, hub, run):
         assert np.abs(ours - expected).max() <= 1e-5
     base, _ = _ours(FLUX_DEV, run, conditioning_timesteps=list(preset.conditioning_timesteps))
     assert np.abs(run(base) - images).max() > 1e-3  # the LoRA is fused
+
+
+@checks((SD35_TURBO, None))
+def test_sd35_large_turbo_preset_equals_the_card_call(hub, run):
+    """The card's call, StableDiffusion3Pipeline.from_pretrained(repo) and pipe(prompt, num_inference_steps=4,
+    guidance_scale=0.0): four Euler steps of the repo's shift-3 FlowMatchEulerDiscreteScheduler, equal to
+    OneStepPipeline.from_pretrained(repo) with the preset's stored sigmas and its `ode` solver."""
+    pipe, images = _ours(SD35_TURBO, run)
+    preset = find_preset(SD35_TURBO)
+    _assert_scheduler(pipe, preset)
+    assert pipe.scheduler.path.shift == 3.0  # the repo's noise path (training-time sampling) is read from its config
+    native = StableDiffusion3Pipeline.from_pretrained(SD35_TURBO)
+    native.set_progress_bar_config(disable=True)
+    native.scheduler.set_timesteps(4)
+    assert [float(s) for s in native.scheduler.sigmas[:-1]] == list(preset.conditioning_timesteps)
+    assert np.abs(images - run(native, num_inference_steps=4, guidance_scale=0.0)).max() <= 1e-5
+    one_step = run(pipe, num_inference_steps=1)
+    assert np.abs(one_step - run(native, num_inference_steps=1, guidance_scale=0.0)).max() <= 1e-5
+    assert np.abs(one_step - images).max() > 1e-3
 
 
 def test_every_preset_row_is_checked_against_its_source():

@@ -702,7 +702,13 @@ def load_teacher_pipeline(
         denoiser = denoiser_cls.from_pretrained(
             config.teacher, subfolder=denoiser_name, torch_dtype=weight_dtype, **kwargs
         )
-        return DiffusionPipeline.from_pretrained(config.teacher, **{denoiser_name: denoiser}, **kwargs)
+        # Components the folder was saved without (`[null, null]` in model_index.json, e.g. SD3 without T5):
+        # diffusers' from_pretrained refuses such a folder unless they are named again as None.
+        absent = {
+            name: None for name, entry in model_index.items() if isinstance(entry, list) and entry == [None, None]
+        }
+        absent.pop(denoiser_name, None)
+        return DiffusionPipeline.from_pretrained(config.teacher, **{denoiser_name: denoiser}, **absent, **kwargs)
     except (OSError, ValueError) as error:
         raise ConfigError(f"The teacher {config.teacher} could not be loaded ({reason_of(error)}).") from None
 

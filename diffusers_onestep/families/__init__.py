@@ -17,6 +17,7 @@ from .flux import FluxAdapter
 from .pixart import PixArtAlphaAdapter, PixArtSigmaAdapter
 from .sana import SanaAdapter, SanaSprintAdapter
 from .sd import StableDiffusionAdapter
+from .sd3 import SD3Adapter
 from .sdxl import SDXLAdapter
 
 
@@ -51,6 +52,7 @@ for _adapter_cls in (
     SanaSprintAdapter,
     StableDiffusionAdapter,
     FluxAdapter,
+    SD3Adapter,
 ):
     register_family(_adapter_cls)
 
@@ -151,6 +153,7 @@ __all__ = [
     "SanaAdapter",
     "SanaSprintAdapter",
     "StableDiffusionAdapter",
+    "SD3Adapter",
     "adapter_for_pipeline",
     "denoiser_component_names",
     "detect_family",

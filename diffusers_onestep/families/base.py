@@ -134,6 +134,9 @@ class FamilyAdapter:
     denoiser_name: str = "transformer"
     #: text components (tokenizers and text encoders), in ``model_index.json`` order
     text_component_names: Tuple[str, ...] = ("tokenizer", "text_encoder")
+    #: text components the family's pipeline runs without (SD3's T5: ``text_encoder_3=None``); prompts are encoded
+    #: whether they are there or not
+    optional_text_component_names: Tuple[str, ...] = ()
     #: the kind of noise path :meth:`_forward` takes times on; the scheduler config gives its parameters
     noise_path_kind: str = "vp"
     #: LoRA target modules used when the user gives none (the UNet attention list of diffusers'
@@ -223,8 +226,13 @@ class FamilyAdapter:
         return self.components.get("vae")
 
     @property
+    def required_text_component_names(self) -> Tuple[str, ...]:
+        """The text components prompts cannot be encoded without."""
+        return tuple(n for n in self.text_component_names if n not in self.optional_text_component_names)
+
+    @property
     def has_text_encoders(self) -> bool:
-        return all(self.components.get(n) is not None for n in self.text_component_names)
+        return all(self.components.get(n) is not None for n in self.required_text_component_names)
 
     def drop_text_encoders(self) -> None:
         """Free the text encoders once every condition the run needs is cached."""
@@ -376,7 +384,7 @@ class FamilyAdapter:
 
     def _require_text_encoders(self) -> None:
         if not self.has_text_encoders:
-            missing = [n for n in self.text_component_names if self.components.get(n) is None]
+            missing = [n for n in self.required_text_component_names if self.components.get(n) is None]
             raise ValueError(
                 f"This {self.display_name} model has no {', '.join(missing)}; pass `prompt_embeds` (and the "
                 "matching masks/pooled embeddings) instead of `prompt`."
@@ -438,7 +446,7 @@ class FamilyAdapter:
         module = self.feature_module(_unwrap(denoiser))
 
         def hook(_module, _inputs, output):
-            captured.append(self._feature_output(output))
+            captured.append(self.feature_of_block_output(output))
 
         handle = module.register_forward_hook(hook)
         try:
@@ -455,8 +463,16 @@ class FamilyAdapter:
         blocks = denoiser.transformer_blocks
         return blocks[len(blocks) // 2]
 
-    def _feature_output(self, output) -> torch.Tensor:
-        """The feature tensor in the output of :meth:`feature_module` (the first element of a tuple by default)."""
+    def fuse_qkv_projections(self, denoiser: torch.nn.Module) -> None:
+        """Fuse the denoiser's query/key/value projections (``fuse_qkv_projections()``, where diffusers has it), for
+        :meth:`OneStepPipeline.enable_fast_path`; a family whose fused processors do not cover every attention of its
+        denoiser completes the job."""
+        if hasattr(denoiser, "fuse_qkv_projections"):
+            denoiser.fuse_qkv_projections()
+
+    def feature_of_block_output(self, output) -> torch.Tensor:
+        """The image features in the output of :meth:`feature_module`: the output itself, or the first element of a
+        tuple (diffusers' transformer blocks); a family whose blocks return several streams picks the image one."""
         return output[0] if isinstance(output, (tuple, list)) else output
 
     def feature_channels(self) -> int:

@@ -194,7 +194,7 @@ class FluxAdapter(FamilyAdapter):
         after it carry text and image tokens as one sequence)."""
         return denoiser.transformer_blocks[-1]
 
-    def _feature_output(self, output) -> torch.Tensor:
+    def feature_of_block_output(self, output) -> torch.Tensor:
         # FluxTransformerBlock returns (encoder_hidden_states, hidden_states): the image stream is the second
         return output[1]
 

@@ -23,6 +23,7 @@ from diffusers import (
     ImagePipelineOutput,
     PixArtTransformer2DModel,
     SanaTransformer2DModel,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -117,7 +118,9 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         vae: Union[AutoencoderKL, AutoencoderDC],
         scheduler: OneStepScheduler,
         unet: Optional[UNet2DConditionModel] = None,
-        transformer: Optional[Union[PixArtTransformer2DModel, SanaTransformer2DModel, FluxTransformer2DModel]] = None,
+        transformer: Optional[
+            Union[PixArtTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel]
+        ] = None,
         text_encoder: Optional[PreTrainedModel] = None,
         text_encoder_2: Optional[PreTrainedModel] = None,
         text_encoder_3: Optional[PreTrainedModel] = None,
@@ -273,9 +276,9 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         """
         modules = [m for m in (self.denoiser, self.vae) if m is not None]
         if fuse_qkv:
-            for module in modules:
-                if hasattr(module, "fuse_qkv_projections"):
-                    module.fuse_qkv_projections()
+            self.adapter.fuse_qkv_projections(self.denoiser)
+            if self.vae is not None and hasattr(self.vae, "fuse_qkv_projections"):
+                self.vae.fuse_qkv_projections()
         if channels_last:
             for module in modules:
                 module.to(memory_format=torch.channels_last)

@@ -57,6 +57,12 @@ DISTAR_README = (
 )
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 NITRO_README = "https://github.com/ChenDarYen/NitroFusion/blob/75ce562f1e07470fbb5866b4ff0b711c0056ac9a/README.md"
+#: Stability AI's SD3.5 reference inference code; its CONFIGS table holds each SD3.x model's sampling settings
+SD35_INFER = "https://github.com/Stability-AI/sd3.5/blob/fbf8f483f992d8d6ad4eaaeb23b1dc5f523c3b3a/sd3_infer.py"
+#: the sigmas of FlowMatchEulerDiscreteScheduler(shift=3.0).set_timesteps(4) (diffusers 0.42, float32), the schedule
+#: StableDiffusion3Pipeline runs SD3.5-Large-Turbo's 4 steps at; sd3_infer.py's 4-step Euler schedule at shift 3.0
+#: (linspace over timesteps from sigma_max to sigma_min, then shifted) computes the same values
+SD35_TURBO_SIGMAS = (1.0, 0.857692301273346, 0.602150559425354, 0.008928571827709675)
 
 #: verbatim copies of Hub model cards (their text at the revision the copy was made; the Hub cards themselves are not
 #: reachable here), where the SD 1.5, SD-Turbo, Hyper-FLUX and FLUX.1-schnell code blocks were read for this table
@@ -652,6 +658,31 @@ PRESETS: List[Preset] = [
         weight_name="nitrosd-vibrant_unet.safetensors",
         base_model=SDXL_BASE,
         notes=NITRO_NOTE.format(shift=500, t=499),
+    ),
+    # Left out (see docs/inference.md): ByteDance/Hyper-SD's SD3 LoRAs (Hyper-SD3-{4,8,16}steps-CFG-lora). Their card
+    # (its "SD3-related models" block and Aug.19, 2024 note, read in a copy of the card's text: YinanWusoymilk/
+    # hf-readme@1ab39f2 training_and_application/readme_files/ByteDance_Hyper-SD.md) fuses them at lora_scale=0.125
+    # and samples with classifier-free guidance 3.0 / 5.0 / 7.0 at 4 / 8 / 16 steps; OneStepPipeline runs no
+    # classifier-free guidance, and 16 steps exceed its 8.
+    Preset(
+        "stabilityai/stable-diffusion-3.5-large-turbo",
+        "sd3",
+        "pipeline",
+        SD35_TURBO_SIGMAS,
+        "flow_prediction",
+        1024,
+        recipe="StableDiffusion3Pipeline.from_pretrained(repo, torch_dtype=torch.bfloat16), pipe(prompt, "
+        "num_inference_steps=4, guidance_scale=0.0) with the repo's FlowMatchEulerDiscreteScheduler; sd3_infer.py "
+        "CONFIGS['sd3.5_large_turbo'] = {shift: 3.0, cfg: 1.0, steps: 4, sampler: euler}",
+        sources=(SD35_INFER,),
+        source_kind="demo script",
+        solver="ode",
+        notes="Euler steps of the flow velocity are the `ode` solver; num_inference_steps=1 gives the one-step image "
+        "(StableDiffusion3Pipeline's num_inference_steps=1: one Euler step from sigma 1)",
+        unconfirmed="the Hub model card's diffusers block (the call above) was read in a copy of the card's page "
+        "text whose revision is not known, so it is not linked; the repo's scheduler_config.json was not read: "
+        "shift 3.0 is sd3_infer.py's",
+        default=True,
     ),
 ]
 

@@ -244,13 +244,13 @@ def tiny_sdxl_components(seed: int = 0, time_cond_proj_dim: Optional[int] = None
     }
 
 
-def _tiny_t5(seed: int, words=None):
+def _tiny_t5(seed: int, words=None, d_model: int = 32):
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = tiny_t5_tokenizer(words)
     config = T5Config(
         vocab_size=max(128, len(tokenizer)),
-        d_model=32,
+        d_model=d_model,
         d_ff=37,
         d_kv=8,
         num_heads=4,
@@ -510,6 +510,84 @@ def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True) -> Dict[st
         "tokenizer": tiny_clip_tokenizer(),
         "text_encoder_2": text_encoder_2,
         "tokenizer_2": tokenizer_2,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def tiny_sd3_components(seed: int = 0, t5: bool = True, sd35: bool = True) -> Dict[str, object]:
+    """A tiny SD3.5-shaped model: an MMDiT with QK RMS-norm and one dual-attention (MMDiT-X) block as in SD3.5-Medium,
+    patch size 2, a 16-channel-like latent (here 6 channels) and a shift-3 flow scheduler, CLIP-L/CLIP-G/T5 encoders of
+    different widths (so the CLIP tokens are zero-padded to the T5 width, as in the real model). ``t5=False`` leaves
+    out ``text_encoder_3``/``tokenizer_3``, as ``StableDiffusion3Pipeline.from_pretrained(..., text_encoder_3=None)``;
+    ``sd35=False`` gives SD3-Medium's block (no QK norm, no dual attention).
+
+    Sizes are unlike diffusers' own SD3 tests (patch size 1, 4 channels, one CLIP width, 32-wide T5).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    clip_l_width, clip_g_width, t5_width = 8, 12, 28
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=6,
+        out_channels=6,
+        num_layers=3,
+        attention_head_dim=6,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=12,  # = heads x head dim, as in every SD3 checkpoint
+        pooled_projection_dim=clip_l_width + clip_g_width,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,) if sd35 else (),
+        qk_norm="rms_norm" if sd35 else None,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=6,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        # SD3's VAE normalization (stabilityai/stable-diffusion-3-medium-diffusers vae/config.json)
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+    )
+    encoders = []
+    for offset, (width, heads, layers) in enumerate(((clip_l_width, 2, 3), (clip_g_width, 3, 2))):
+        config = CLIPTextConfig(
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_attention_heads=heads,
+            num_hidden_layers=layers,
+            vocab_size=1000,
+            hidden_act="gelu",
+            projection_dim=width,
+        )
+        torch.manual_seed(seed + offset)
+        encoders.append(CLIPTextModelWithProjection(config).eval())
+    text_encoder_3, tokenizer_3 = _tiny_t5(seed + 2, d_model=t5_width) if t5 else (None, None)
+    return {
+        "transformer": transformer.eval(),
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "vae": vae.eval(),
+        "text_encoder": encoders[0],
+        "tokenizer": tiny_clip_tokenizer(),
+        "text_encoder_2": encoders[1],
+        "tokenizer_2": tiny_clip_tokenizer(pad_token="!"),
+        "text_encoder_3": text_encoder_3,
+        "tokenizer_3": tokenizer_3,
         "image_encoder": None,
         "feature_extractor": None,
     }

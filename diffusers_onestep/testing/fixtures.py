@@ -17,6 +17,7 @@ from .components import (
     tiny_flux_components,
     tiny_pixart_components,
     tiny_sana_components,
+    tiny_sd3_components,
     tiny_sd_components,
     tiny_sdxl_components,
 )
@@ -111,12 +112,22 @@ def sana_sprint_setup(pipe, timesteps):
     return {"num_inference_steps": 1, "intermediate_timesteps": None}
 
 
-def flow_sigmas_setup(pipe, timesteps):
+def flux_sigmas_setup(pipe, timesteps):
     """FluxPipeline's own FlowMatchEulerDiscreteScheduler at ``sigmas=timesteps`` (its default schedule is
     ``linspace(1, 1/N, N)``), which it shifts at the image's resolution where the scheduler uses dynamic shifting, at
     the embedded guidance OneStepPipeline defaults to (FluxPipeline's 3.5; ignored without a guidance embedding): one
     Euler step from sigma 1 is the student's x0, several are the deterministic `ode` solver (FLUX.1)."""
     return {"sigmas": [float(t) for t in timesteps], "num_inference_steps": len(timesteps), "guidance_scale": 3.5}
+
+
+def sd3_sigmas_setup(pipe, timesteps):
+    """``FlowMatchEulerDiscreteScheduler(shift=1)`` with ``sigmas=[...]`` at guidance 0 (SD3): the scheduler shifts the
+    sigmas it is given, so with shift 1 it runs exactly the student's; its Euler steps from sigma ``s`` to ``s'`` are
+    ``x + (s' - s) v``, the deterministic re-noising of the `ode` solver, and the last step (to sigma 0) returns x0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)
+    return {"sigmas": [float(t) for t in timesteps], "guidance_scale": 0.0}
 
 
 _PIXART_CALL = {"use_resolution_binning": False, "clean_caption": False}
@@ -134,7 +145,9 @@ register_tiny_fixture(
 # at guidance 0 returns that one step's x0 (the v-prediction SD 2.x case is tests/test_sd_family.py's)
 register_tiny_fixture("sd", TinyFixture(tiny_sd_components, [999], lcm_timesteps_setup))
 
-register_tiny_fixture("flux", TinyFixture(tiny_flux_components, [1.0], flow_sigmas_setup))
+register_tiny_fixture("flux", TinyFixture(tiny_flux_components, [1.0], flux_sigmas_setup))
+
+register_tiny_fixture("sd3", TinyFixture(tiny_sd3_components, [1.0], sd3_sigmas_setup))
 
 #: the families with a tiny fixture when this module was imported (the built-in ones; tests parametrize over it)
 TINY_FAMILIES = tiny_families()
