@@ -41,6 +41,10 @@ class ServeSettings:
     max_queue: int = 16
     #: the most variations (images of one prompt from one seed) a request may ask for
     max_batch: int = 4
+    #: visitors whose session state Gradio keeps (it copies the page's configuration for each, some 200 KB, and
+    #: every call of the HTTP API is a new session): the oldest is dropped past this, which bounds the server's memory
+    #: (Gradio's default, 10000, lets it grow by about 2 GB). The page keeps no per-visitor state, so nothing is lost.
+    max_sessions: int = 64
     #: the page's initial prompt
     default_prompt: str = ""
 
@@ -172,32 +176,42 @@ def build_app(generator: LiveGenerator, title: str = "diffusers-onestep"):
         result = generator.generate(prompt, seed, steps, height, width, num_images)
         return result.images, result.status
 
-    with gr.Blocks(title=title) as app:
+    # delete_cache: every image a request makes is a file in Gradio's cache; a long-running page drops those older
+    # than an hour (checked every ten minutes) instead of filling the disk
+    with gr.Blocks(title=title, delete_cache=(600, 3600)) as app:
         gr.Markdown(
-            f"### {title}\nA one-step student: the images follow the prompt as you type. The student was trained at "
+            f"### {title}\nA one-step student: the images follow the prompt as you type. It was trained at "
             f"{generator.trained_steps} step(s); its native size is {generator.native_resolution} pixels, and sizes "
             f"must be multiples of {multiple}."
         )
-        prompt = gr.Textbox(
-            label="Prompt", value=settings.default_prompt, placeholder="Type a prompt", elem_id="prompt", lines=1
-        )
         with gr.Row():
-            seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
-            steps = gr.Slider(
-                label="Steps", minimum=1, maximum=MAX_STEPS, step=1, value=generator.default_steps, elem_id="steps"
-            )
-            num_images = gr.Slider(
-                label="Variations", minimum=1, maximum=settings.max_batch, step=1, value=1, elem_id="variations"
-            )
-        with gr.Row():
-            height = gr.Number(
-                label="Height", value=generator.native_resolution, precision=0, step=multiple, elem_id="height"
-            )
-            width = gr.Number(
-                label="Width", value=generator.native_resolution, precision=0, step=multiple, elem_id="width"
-            )
-        status = gr.Textbox(label="Latency", interactive=False, elem_id="status")
-        gallery = gr.Gallery(label="Images", columns=4, format="png", elem_id="images")
+            with gr.Column():
+                prompt = gr.Textbox(
+                    label="Prompt", value=settings.default_prompt, placeholder="Type a prompt", elem_id="prompt"
+                )
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
+                    steps = gr.Slider(
+                        label="Steps", minimum=1, maximum=MAX_STEPS, step=1, value=generator.default_steps
+                    )
+                num_images = gr.Slider(
+                    label="Variations", minimum=1, maximum=settings.max_batch, step=1, value=1, elem_id="variations"
+                )
+                with gr.Row():
+                    native = generator.native_resolution
+                    height = gr.Number(label="Height", value=native, precision=0, step=multiple, elem_id="height")
+                    width = gr.Number(label="Width", value=native, precision=0, step=multiple, elem_id="width")
+            with gr.Column():
+                status = gr.Textbox(label="Latency", interactive=False, elem_id="status")
+                gallery = gr.Gallery(
+                    label="Images",
+                    columns=2,
+                    height=520,
+                    object_fit="contain",
+                    allow_preview=False,
+                    format="png",
+                    elem_id="images",
+                )
         controls = [prompt, seed, steps, height, width, num_images]
         gr.on(
             triggers=[control.change for control in controls] + [prompt.submit],
@@ -237,7 +251,14 @@ def serve(
     block: bool = True,
 ):
     """Load ``model`` and serve its page on ``host:port``; returns the Gradio app (``block=False``: at once)."""
+    settings = settings or ServeSettings()
     generator = load_generator(model, device, settings)
     app = build_app(generator, title=f"diffusers-onestep: {model}")
-    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, quiet=False)
+    app.launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=not block,
+        show_error=True,
+        state_session_capacity=settings.max_sessions,
+    )
     return app

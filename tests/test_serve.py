@@ -272,6 +272,7 @@ def browser():
 
 def test_browser_image_follows_the_typed_prompt(server, browser):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, process = server
@@ -282,19 +283,25 @@ def test_browser_image_follows_the_typed_prompt(server, browser):
     # the page opens with an empty prompt and says so
     wait.until(lambda d: status.get_attribute("value") == EMPTY_PROMPT_MESSAGE)
 
-    def shown_image():
-        images = browser.find_elements(By.CSS_SELECTOR, "#images img")
-        return images[0].get_attribute("src") if images else None
+    def shown_images():
+        return [image.get_attribute("src") for image in browser.find_elements(By.CSS_SELECTOR, "#images img")]
 
     prompt.send_keys("a handwritten digit 3")
-    first = wait.until(lambda d: shown_image())
+    first = wait.until(lambda d: shown_images())
     wait.until(lambda d: "ms per image" in status.get_attribute("value"))
     wait.until(lambda d: "digit 3" in prompt.get_attribute("value"))
     prompt.send_keys("\b7")  # the prompt becomes "a handwritten digit 7" as one types
-    second = wait.until(lambda d: shown_image() if shown_image() not in (None, first) else None)
-    assert second != first
+    second = wait.until(lambda d: (lambda now: now if now and now != first else None)(shown_images()))
+    assert len(first) == len(second) == 1
+    assert " ms per image (1 image in " in status.get_attribute("value")
+    # a batch of variations: the slider's number box set to 4
+    variations = browser.find_element(By.CSS_SELECTOR, "#variations input[type=number]")
+    variations.send_keys(Keys.CONTROL, "a")
+    variations.send_keys("4", Keys.ENTER)
+    batch = wait.until(lambda d: (lambda now: now if len(now) == 4 else None)(shown_images()))
+    assert len(set(batch)) == 4
     latency = status.get_attribute("value")
-    assert " ms per image (1 image in " in latency
+    assert " ms per image (4 images in " in latency
     os.makedirs(ARTIFACTS, exist_ok=True)
     screenshot = os.path.join(ARTIFACTS, "serve.png")
     assert browser.save_screenshot(screenshot)
