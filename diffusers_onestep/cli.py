@@ -174,7 +174,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         serve(args.model, host=args.host, port=args.port, device=args.device, settings=settings)
     except (OSError, ValueError, KeyError, RuntimeError) as error:  # loading, the device, a port in use
-        raise CommandError(f"cannot serve {args.model!r}: {reason_of(error)}") from None
+        raise CommandError(f"cannot serve {args.model!r}: {reason_of(error)}.") from None
     return 0
 
 
