@@ -244,9 +244,9 @@ def test_load_every_request_is_answered_or_politely_refused_without_leaking(serv
             f"{rss_before:.0f} MB before, {rss_after:.0f} MB after ({growth_per_round:+.1f} MB a round)"
         )
     # Keeping the images of every answered request would add about 13 MB a round (LOAD_VARIATIONS; a server patched
-    # to keep them measured +22.7 MB a round); Gradio's own
-    # handling of the bursts measured 1-6 MB a round here (as much for empty prompts, which make no image; flat when
-    # the same requests come one at a time), and the generator alone stays flat over 340 calls.
+    # to keep them measured +22.7 MB a round). Gradio's own handling of the bursts measured 1-6 MB a round here (as
+    # much for empty prompts, which make no image; flat when the same requests come one at a time), and the generator
+    # alone stays flat over 340 calls.
     assert growth_per_round < RSS_GROWTH_PER_ROUND_MB, growth_per_round
 
 
@@ -282,7 +282,8 @@ def browser():
     driver.quit()
 
 
-def test_browser_image_follows_the_typed_prompt(server, browser):
+def test_browser_image_follows_the_typed_prompt(browser, server):
+    # `browser` first: without Chromium the test is skipped before the student is trained and served
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
