@@ -29,8 +29,10 @@ $(STAMP_OLDEST): pyproject.toml $(CONSTRAINTS_OLDEST)
 
 install: $(STAMP)
 
+# -rs prints the reason of every skipped test (e.g. the browser test without Chromium: apt-get install chromium
+# chromium-driver, as .ci/run does)
 test: $(STAMP) $(STAMP_OLDEST)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests
 	$(MAKE) --no-print-directory test-oldest
 
 # the fast subset on the oldest dependencies: parity with every native pipeline, one training run per family and
@@ -39,7 +41,7 @@ test-oldest: $(STAMP_OLDEST)
 	ONESTEP_CONSTRAINTS=$(CONSTRAINTS_OLDEST) $(BIN_OLDEST)/python -m pytest -q -m "oldest and not slow" tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -rs -m "not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/python -m diffusers_onestep.demo

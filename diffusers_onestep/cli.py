@@ -6,6 +6,7 @@
     diffusers-onestep presets
     diffusers-onestep push out --repo_id me/pixart-onestep
     diffusers-onestep evaluate out --prompts captions.jsonl --reference coco-val-images
+    diffusers-onestep serve out --port 7860
 
 Each subcommand's ``--help`` is its manual. Bad input is refused with one sentence and a nonzero exit status: 2 for
 arguments that are wrong before anything is loaded (as argparse does), 1 for a failure while running.
@@ -25,7 +26,7 @@ PROG = "diffusers-onestep"
 
 DESCRIPTION = """\
 One-step text-to-image students for diffusers: distill a teacher, generate with a student, run the bundled digits
-demo, list the supported public students, push a student to the Hub."""
+demo, list the supported public students, push a student to the Hub, serve a student as a live web page."""
 
 EPILOG = """\
 examples:
@@ -37,6 +38,7 @@ examples:
   diffusers-onestep presets
   diffusers-onestep push out --repo_id me/pixart-onestep --private
   diffusers-onestep evaluate out --prompts captions.jsonl --caption_column caption --reference coco-val-images
+  diffusers-onestep serve out --host 127.0.0.1 --port 7860
 
 `diffusers-onestep SUBCOMMAND --help` prints the manual of a subcommand."""
 
@@ -65,6 +67,17 @@ local teacher folder names that folder, so pushing it needs --base_model_id with
 examples:
   diffusers-onestep push out --repo_id me/pixart-onestep --private
   diffusers-onestep push lora-out --repo_id me/pixart-lora --base_model_id PixArt-alpha/PixArt-XL-2-512x512"""
+
+SERVE_EPILOG = """\
+MODEL is anything OneStepPipeline.from_pretrained accepts (see `diffusers-onestep generate --help`). The page
+regenerates as the prompt is typed; seed, steps (1-4, at most the student's own), size and the number of variations
+are controls, and each answer shows the measured generation latency per image. Requests share one queue:
+--concurrency generate at once, --max_queue wait, and a request past that is refused ("queue is full"). Needs the
+serve extra: pip install "diffusers-onestep[serve]".
+
+examples:
+  diffusers-onestep serve out
+  diffusers-onestep serve tianweiy/DMD2 --host 0.0.0.0 --port 8000 --max_batch 2"""
 
 
 EVALUATE_EPILOG = """\
@@ -300,6 +313,37 @@ def evaluate_command(args, output_dir: str, settings, prompts: List[str], done: 
         print(f"  {name:<16}{'-' if value is None else f'{value:.6g}'}", flush=True)
     print(f"wrote {output_dir}/{evaluation.METRICS_NAME} and {output_dir}/{evaluation.GRID_NAME}", flush=True)
     return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    # checked before the model loads: a missing extra is a sentence, not a traceback after minutes of loading
+    if importlib.util.find_spec("gradio") is None:
+        raise CommandError('serve needs gradio: pip install "diffusers-onestep[serve]".', status=2)
+    from .serve import ServeSettings, serve
+
+    settings = ServeSettings(
+        concurrency_limit=args.concurrency,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        default_prompt=args.prompt,
+    )
+    try:
+        serve(args.model, host=args.host, port=args.port, device=args.device, settings=settings)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:  # loading, the device, a port in use
+        raise CommandError(f"cannot serve {args.model!r}: {reason_of(error)}.") from None
+    return 0
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port between 1 and 65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port between 1 and 65535, got {text!r}")
+    return value
 
 
 def run_presets(args: argparse.Namespace) -> int:
@@ -547,6 +591,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     evaluate.set_defaults(run=run_evaluate)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a one-step student as a live web page (Gradio): the image follows the prompt as you type",
+        description="Serve a one-step student (OneStepPipeline) as a Gradio web page that regenerates as you type.",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("model", metavar="MODEL", help="student folder or Hub id")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    serve.add_argument("--port", type=port_number, default=7860, help="TCP port (default: 7860)")
+    serve.add_argument(
+        "--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu)"
+    )
+    serve.add_argument("--concurrency", type=positive_int, default=1, help="requests generating at once (default: 1)")
+    serve.add_argument(
+        "--max_queue",
+        type=positive_int,
+        default=16,
+        help="requests waiting at most; one past that is refused (default: 16)",
+    )
+    serve.add_argument(
+        "--max_batch", type=positive_int, default=4, help="the most variations one request may ask for (default: 4)"
+    )
+    serve.add_argument("--prompt", default="", help="the prompt the page opens with (default: none)")
+    serve.set_defaults(run=run_serve)
     return parser
 
 

@@ -140,3 +140,25 @@ def hub_calls(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
     return calls
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """``diffusers-onestep demo --quick`` run once per session: (output folder, printed output). Its digits student
+    (``out / "student"``) serves tests/test_serve.py, its metrics tests/test_demo.py."""
+    import subprocess
+    import sys
+
+    from training_utils import REPO, env
+
+    out = tmp_path_factory.mktemp("demo") / "demo-output"
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusers_onestep.demo", "--quick", "--output_dir", str(out)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout + result.stderr

@@ -669,6 +669,51 @@ def evaluate_cases() -> List[Case]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers-onestep serve
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def serve_case(name, args_fn, without_gradio=False):
+    """A refusal of ``diffusers-onestep serve``: exit status 2 before the model loads, one sentence on stderr.
+    ``without_gradio``: as if the serve extra were not installed (``sys.modules["gradio"] = None`` makes
+    ``importlib.util.find_spec`` answer None, as it does for a missing package)."""
+
+    def run(c):
+        import contextlib
+        import io
+
+        from diffusers_onestep import cli
+
+        stderr = io.StringIO()
+        missing = object()
+        saved = sys.modules.get("gradio", missing)
+        if without_gradio:
+            sys.modules["gradio"] = None
+        try:
+            with contextlib.redirect_stderr(stderr):
+                try:
+                    c["last_exit_code"] = cli.main(["serve", *[str(a) for a in args_fn(c)]])
+                except SystemExit as exit_:
+                    c["last_exit_code"] = exit_.code
+        finally:
+            if saved is missing:
+                sys.modules.pop("gradio", None)
+            else:
+                sys.modules["gradio"] = saved
+        lines = [line for line in stderr.getvalue().strip().splitlines() if line]
+        return lines[-1].split("error: ", 1)[1]
+
+    return Case("diffusers-onestep serve", name, run, cli=True)
+
+
+def serve_cases() -> List[Case]:
+    return [
+        serve_case("without the serve extra (gradio)", lambda c: [c["sdxl_dir"]], without_gradio=True),
+        serve_case("--port outside 1-65535", lambda c: [c["sdxl_dir"], "--port", "70000"]),
+    ]
+
+
 def _huggingface_hub():
     import huggingface_hub
 
@@ -682,7 +727,15 @@ def _accelerate_utils():
 
 
 def all_cases() -> List[Case]:
-    return pipeline_cases() + loading_cases() + scheduler_cases() + cli_cases() + push_cases() + evaluate_cases()
+    return (
+        pipeline_cases()
+        + loading_cases()
+        + scheduler_cases()
+        + cli_cases()
+        + push_cases()
+        + evaluate_cases()
+        + serve_cases()
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from PIL import Image
 from diffusers_onestep import cli
 
 
-SUBCOMMANDS = ("distill", "demo", "generate", "presets", "push", "evaluate")
+SUBCOMMANDS = ("distill", "demo", "generate", "presets", "push", "evaluate", "serve")
 
 
 def run(capsys, *argv):
@@ -45,6 +45,7 @@ def test_help_lists_every_subcommand(capsys):
         ("presets", ["Markdown", "timesteps"]),
         ("push", ["--repo_id", "--private", "FOLDER", "hf auth login"]),
         ("evaluate", ["--prompts", "--reference", "--num_images", "--features", "clean-fid", "metrics.json"]),
+        ("serve", ["MODEL", "--host", "--port", "--concurrency", "--max_queue", "--max_batch", "[serve]"]),
     ],
 )
 def test_each_subcommand_help_is_its_manual(capsys, name, flags):
@@ -163,6 +164,28 @@ def test_generate_refuses_bad_numbers_before_loading(capsys, extra, message):
     status, out, err = run(capsys, "generate", "no/such-model", "a cat", *extra)
     assert status == 2 and out == ""  # refused before any loading or printing
     assert error_lines(err) == [f"diffusers-onestep generate: error: {message}"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--port", "0"], "argument --port: expected a TCP port between 1 and 65535, got '0'"),
+        (["--max_queue", "0"], "argument --max_queue: expected a positive integer, got '0'"),
+        (["--concurrency", "x"], "argument --concurrency: expected a positive integer, got 'x'"),
+    ],
+)
+def test_serve_refuses_bad_numbers_before_loading(capsys, extra, message):
+    status, out, err = run(capsys, "serve", "no/such-model", *extra)
+    assert status == 2 and out == ""
+    assert error_lines(err) == [f"diffusers-onestep serve: error: {message}"]
+
+
+def test_serve_refuses_a_model_it_cannot_load_in_one_sentence(capsys, tmp_path):
+    pytest.importorskip("gradio", reason="the serve extra (gradio) is not installed")
+    status, out, err = run(capsys, "serve", str(tmp_path / "no-such-folder"), "--port", "1")
+    assert status == 1
+    [line] = error_lines(err)
+    assert line.startswith("diffusers-onestep serve: error: cannot serve ") and line.endswith(".")
 
 
 def test_generate_refuses_a_model_it_cannot_load(capsys, tmp_path):

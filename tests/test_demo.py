@@ -1,29 +1,17 @@
 """`make demo --quick`: the main job end to end on the bundled digits teacher, in about a minute."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from training_utils import REPO, env
 
 
 KEYS = {"teacher50_fd", "teacher1_fd", "best_student", "best_student_fd", "fd_ratio", "acc_ratio", "wall_s"}
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "demo-output"
-    result = subprocess.run(
-        [sys.executable, "-m", "diffusers_onestep.demo", "--quick", "--output_dir", str(out)],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result.stdout + result.stderr
+@pytest.fixture
+def demo(quick_demo):
+    """The quick demo's output folder and printed output (run once per session: tests/conftest.py)."""
+    return quick_demo
 
 
 def test_quick_demo_writes_student_grid_and_metrics(demo):

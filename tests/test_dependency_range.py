@@ -15,11 +15,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONSTRAINTS = os.path.join(REPO, "tests", "constraints-oldest.txt")
 #: the dependencies whose floors the oldest run tests (torch is installed at 2.13.0 in both venvs)
 TESTED_FLOORS = {"diffusers", "transformers", "huggingface-hub", "accelerate", "peft", "datasets", "safetensors"}
+#: optional dependencies of the test extra whose floors the oldest run installs too, and the extra that declares them
+TESTED_EXTRA_FLOORS = {"gradio": "serve"}
 
 
 def _requirements():
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         return {r.name.lower(): r for r in map(Requirement, tomllib.load(f)["project"]["dependencies"])}
+
+
+def _extra_requirements(extra):
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        requirements = tomllib.load(f)["project"]["optional-dependencies"][extra]
+    return {r.name.lower(): r for r in map(Requirement, requirements)}
 
 
 def _pins(path=CONSTRAINTS):
@@ -42,10 +50,15 @@ def _floor(requirement):
 def test_the_oldest_constraints_pin_every_floor():
     requirements, pins = _requirements(), _pins()
     assert TESTED_FLOORS <= set(requirements)
-    assert set(pins) == TESTED_FLOORS
+    assert set(pins) == TESTED_FLOORS | set(TESTED_EXTRA_FLOORS)
     for name in sorted(TESTED_FLOORS):
         assert pins[name] == _floor(requirements[name]), f"{name}: pyproject floor and {CONSTRAINTS} pin differ"
         assert requirements[name].specifier.contains(pins[name])
+    for name, extra in sorted(TESTED_EXTRA_FLOORS.items()):
+        requirement = _extra_requirements(extra)[name]
+        assert pins[name] == _floor(requirement), f"{name}: the {extra} extra's floor and {CONSTRAINTS} pin differ"
+        # the tests install it through the test extra: the same range as the extra users install
+        assert _extra_requirements("test")[name].specifier == requirement.specifier
 
 
 def test_diffusers_is_a_capped_range_not_a_pin():
