@@ -22,6 +22,7 @@ import torch
 
 from ..errors import reason_of
 from ..families import get_adapter_class
+from . import sharding
 from .checkpoint import (
     CONFIG_NAME,
     RunIdentity,
@@ -87,6 +88,8 @@ class Trainer:
         #: the step of the newest checkpoint this run wrote or resumed (an interrupt there saves no second one)
         self.checkpointed_step: Optional[int] = None
         self._interrupt_signal: Optional[int] = None
+        #: whether the run's modules are FSDP-sharded (then every process takes part in sampling and export)
+        self.sharded = False
 
     @property
     def global_step(self) -> int:
@@ -147,12 +150,16 @@ class Trainer:
             # must hook them when wrapping, so they require grad at prepare time; see roles.py).
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
-        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise ConfigError(
-                f"{self.accelerator.distributed_type.value} is not supported yet: the frozen teacher and critic passes "
-                "run outside the wrapper and the two roles have separate optimizers; use DDP "
-                "(training/accelerate_configs/multi_gpu.yaml) with LoRA roles and --gradient_checkpointing."
+                "DeepSpeed is not supported: the student and the critic have separate optimizers while accelerate gives "
+                "DeepSpeed one engine per model; use FSDP (training/accelerate_configs/fsdp.yaml) or DDP "
+                "(training/accelerate_configs/multi_gpu.yaml)."
             )
+        # Several CPU processes asked for FSDP: accelerate keeps MULTI_CPU there; give it the FSDP2 plugin it dropped.
+        sharding.enable_fsdp_on_cpu(self.accelerator)
+        sharding.check_fsdp_support(self.accelerator, cfg)
+        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
         if self.accelerator.mixed_precision != cfg.optim.mixed_precision:
             # accelerate keeps the first Accelerator's settings for the whole process (a second run in a notebook)
             raise ConfigError(
@@ -256,7 +263,15 @@ class Trainer:
                 if isinstance(module, torch.nn.Module):
                     module.to("cpu")
 
-        optimizers = build_optimizers(roles, optim)
+        if self.sharded:
+            optimizers = self._shard_roles(roles)
+        else:
+            optimizers = build_optimizers(roles, optim)
+            modules = roles.trainable_modules()
+            prepared = acc.prepare(*modules.values(), optimizers["student"], optimizers["critic"])
+            for name, module in zip(modules, prepared[: len(modules)]):
+                roles.set_prepared(name, module)
+            optimizers = {"student": prepared[len(modules)], "critic": prepared[len(modules) + 1]}
         lr_schedulers = {
             role: get_scheduler(
                 optim.lr_scheduler,
@@ -267,18 +282,13 @@ class Trainer:
             for role, opt in optimizers.items()
         }
 
-        modules = roles.trainable_modules()
-        prepared = acc.prepare(*modules.values(), optimizers["student"], optimizers["critic"])
-        for name, module in zip(modules, prepared[: len(modules)]):
-            roles.set_prepared(name, module)
-        optimizers = {"student": prepared[len(modules)], "critic": prepared[len(modules) + 1]}
-
         ema = None
         if optim.ema_decay:
-            # --offload_ema keeps the average in CPU memory: a full SDXL student's float32 EMA is 10 GB
+            # --offload_ema keeps the average in CPU memory: a full SDXL student's float32 EMA is 10 GB. Under FSDP
+            # each process averages its own shard of the student (a sharded EMA).
             ema_device = "cpu" if optim.offload_ema else None
             ema = {
-                name: p.detach().to(device=ema_device, dtype=torch.float32, copy=True)
+                name: sharding.local(p.detach()).to(device=ema_device, dtype=torch.float32, copy=True)
                 for name, p in roles.named_role_parameters("student")
             }
         random_source = RandomSource(
@@ -317,6 +327,21 @@ class Trainer:
             self.resolution,
             cfg.max_sequence_length,
         )
+
+    def _shard_roles(self, roles: BackboneRoles) -> Dict[str, torch.optim.Optimizer]:
+        """FSDP: shard every module a role runs through -- the frozen backbone (teacher, and LoRA roles) first, then
+        the full copies and the discriminator head -- each with ``Accelerator.prepare`` (accelerate's FSDP2 path takes
+        one model per call). ``fully_shard`` converts in place, so the roles keep calling the same objects. The
+        optimizers are built afterwards, over the sharded parameters."""
+        acc = self.accelerator
+        modules = {"backbone": roles.backbone, **roles.trainable_modules()}
+        for name, module in modules.items():
+            prepared = acc.prepare(module)
+            if prepared is not module:  # fully_shard works in place; anything else would leave the roles unsharded
+                raise RuntimeError(f"accelerate's FSDP2 preparation replaced the {name} instead of sharding it.")
+            roles.set_prepared(name, prepared)
+        roles.sharded = True
+        return build_optimizers(roles, self.config.optim)
 
     # ------------------------------------------------------------------------------------------------------------
     # one update
@@ -383,7 +408,8 @@ class Trainer:
         decay = self.config.optim.ema_decay
         for name, parameter in self.state.roles.named_role_parameters("student"):
             average = self.state.ema[name]
-            average.mul_(decay).add_(parameter.detach().to(average.device, torch.float32), alpha=1 - decay)
+            shard = sharding.local(parameter.detach())
+            average.mul_(decay).add_(shard.to(average.device, torch.float32), alpha=1 - decay)
 
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints, validation, export
@@ -396,8 +422,10 @@ class Trainer:
 
     def validate(self):
         acc = self.accelerator
-        if acc.is_main_process:
+        # A sharded student's forward is a collective: every process samples, the main process writes.
+        if acc.is_main_process or self.sharded:
             images = self.renderer.sample(self.validation_conditions.to(self.device), seed=self.config.optim.seed)
+        if acc.is_main_process:
             write_validation(
                 images,
                 self.validation_prompts,
@@ -408,8 +436,9 @@ class Trainer:
 
     def export(self) -> str:
         """Write the student into the output folder (full pipeline or LoRA + config), with samples and card (whose
-        loading snippet names the Hub repo with ``--push_to_hub``)."""
-        if self.accelerator.is_main_process:
+        loading snippet names the Hub repo with ``--push_to_hub``). Under FSDP every process takes part (the full
+        state dict is gathered from the shards) and the main process writes."""
+        if self.accelerator.is_main_process or self.sharded:
             export_student(
                 self.renderer,
                 self.config,
@@ -417,6 +446,7 @@ class Trainer:
                 self.validation_prompts,
                 ema=self.state.ema,
                 repo_id=self.hub_repo_id,
+                is_main_process=self.accelerator.is_main_process,
             )
         self.accelerator.wait_for_everyone()
         return self.config.output.output_dir
