@@ -466,6 +466,8 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     accelerator.wait_for_everyone()
+    if hasattr(state.roles, "reshard"):
+        state.roles.reshard()  # FSDP: the parameters must be the shards, not a gathered root
     # Every process writes its own RNG state; the main process writes the shared state.
     _save_rng_state(staging, accelerator.process_index, state.random_source)
     sharded = bool(getattr(state.roles, "sharded", False))
@@ -525,6 +527,7 @@ def load_checkpoint(path: str, state: TrainingState, process_index: int, device=
             f"{path} was written {written}; resume it the same way (a sharded checkpoint holds each process's shard)."
         )
     if sharded:
+        state.roles.reshard()
         _load_shards(path, process_index, state)
     else:
         state.roles.load_trainable_state_dict(storage.load_tensors(os.path.join(path, "trainable.safetensors")))

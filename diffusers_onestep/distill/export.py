@@ -140,6 +140,8 @@ def export_student(
     roles = renderer.roles
     lora = config.roles.student == "lora"
     sharded = getattr(roles, "sharded", False)
+    if sharded:
+        roles.reshard()  # the EMA swap below works shard by shard
     staging = storage.staging_path(os.path.join(output_dir, "export")) if is_main_process else None
     if is_main_process:
         os.makedirs(staging)

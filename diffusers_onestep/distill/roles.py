@@ -226,6 +226,19 @@ class BackboneRoles(RolePhases, DistillationModels):
         """Record the wrapped (e.g. DDP) version of a trainable module."""
         self.prepared[name] = module
 
+    def reshard(self) -> None:
+        """FSDP: put every sharded module back into its sharded state. FSDP2 leaves a root module's parameters
+        gathered after a forward that no backward followed (a frozen or ``no_grad`` pass), and while gathered the
+        module's registered parameters are the whole tensors, not the shards; call this before reading them."""
+        if not self.sharded:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.prepared.values():
+            for sub in module.modules():
+                if isinstance(sub, FSDPModule):
+                    sub.reshard()
+
     def named_role_parameters(self, role: str) -> Iterator:
         """``(name, parameter)`` of a trainable role; the critic's include the discriminator head."""
         check_trainable_role(role)

@@ -50,6 +50,36 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
     return True
 
 
+def shard_whole(accelerator, module: torch.nn.Module) -> torch.nn.Module:
+    """``fully_shard`` ``module`` as one unit with the accelerator's FSDP2 plugin settings (what
+    ``fsdp2_prepare_model`` does to a model none of whose submodules its wrap policy selects)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    module.to(accelerator.device)
+    return fully_shard(
+        module,
+        mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        offload_policy=plugin.cpu_offload,
+    )
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """Clip sharded gradients to a global norm; returns the norm (the same on every process).
+
+    The torchtitan recipe over public torch APIs: the total norm of ``DTensor`` gradients is reduced across the shards
+    (``full_tensor``) before the gradients are scaled. (``Accelerator.clip_grad_norm_`` cannot be used here: under
+    FSDP it compares the parameter list with every prepared model's by ``==``, which fails on same-length lists of
+    other tensors, e.g. a full student's against the frozen teacher's.)
+    """
+    parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    total_norm = full(total_norm)
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+    return total_norm
+
+
 def check_fsdp_support(accelerator, config) -> None:
     """Refuse, in one sentence each, what this trainer does not run under FSDP."""
     from accelerate.utils import DistributedType

@@ -336,6 +336,13 @@ class Trainer:
         acc = self.accelerator
         modules = {"backbone": roles.backbone, **roles.trainable_modules()}
         for name, module in modules.items():
+            if name == "discriminator_head":
+                # The plugin's transformer auto-wrap policy keeps the block classes of the first model it saw (the
+                # denoiser's) and refuses a model without them; the small head is one FSDP unit, sharded as
+                # fsdp2_prepare_model shards a root, with the plugin's settings.
+                sharding.shard_whole(acc, module)
+                roles.set_prepared(name, module)
+                continue
             prepared = acc.prepare(module)
             if prepared is not module:  # fully_shard works in place; anything else would leave the roles unsharded
                 raise RuntimeError(f"accelerate's FSDP2 preparation replaced the {name} instead of sharding it.")
@@ -387,7 +394,11 @@ class Trainer:
             self.accelerator.backward(loss / accum)
             for key, value in micro_logs.items():
                 logs[key] = logs.get(key, 0.0) + value / accum
-        grad_norm = self.accelerator.clip_grad_norm_(self.state.roles.role_parameters(role), cfg.optim.max_grad_norm)
+        parameters = self.state.roles.role_parameters(role)
+        if self.sharded:
+            grad_norm = sharding.clip_grad_norm_(parameters, cfg.optim.max_grad_norm)
+        else:
+            grad_norm = self.accelerator.clip_grad_norm_(parameters, cfg.optim.max_grad_norm)
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if not self._all_finite(math.isfinite(grad_norm)) and self._nonfinite(step, role, "gradient norm"):
             return {}
@@ -397,6 +408,7 @@ class Trainer:
         for optimizer in state.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         self.state.roles.end_phase()
+        self.state.roles.reshard()  # FSDP: the EMA and the next phase's grad flags read the shards
         if role == "student" and state.ema is not None:
             self._update_ema()
         logs[f"{role}/grad_norm"] = grad_norm
