@@ -194,3 +194,33 @@ def test_fsdp_kill_during_commit_then_exact_resume(workspace):
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
     assert not [n for n in os.listdir(out) if n.startswith(".checkpoint-")]  # the crash's staging folder is gone
+
+
+def test_fsdp_refusals_are_one_sentence(monkeypatch):
+    """What the trainer does not run under FSDP is refused before any model loads, in one sentence."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from diffusers_onestep.distill import sharding
+    from diffusers_onestep.distill.config import ConfigError, TrainConfig
+
+    def refusal(accelerator, **optim):
+        config = TrainConfig(teacher="t")
+        for key, value in optim.items():
+            setattr(config.optim, key, value)
+        with pytest.raises(ConfigError) as error:
+            sharding.check_fsdp_support(accelerator, config)
+        message = str(error.value)
+        assert message.endswith(".") and "\n" not in message and message.count(". ") == 0
+        return message
+
+    fsdp2 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True)
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
+    assert "fsdp_version: 2" in refusal(fsdp1)
+    assert "bf16" in refusal(fsdp2, mixed_precision="fp16")
+    assert "--use_8bit_adam" in refusal(fsdp2, use_8bit_adam=True)
+    sharding.check_fsdp_support(fsdp2, TrainConfig(teacher="t"))  # the supported case passes
+    # the CPU seam leaves a run alone unless FSDP was asked for
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert not sharding.enable_fsdp_on_cpu(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))

@@ -158,7 +158,7 @@ def export_student(
             if is_main_process:
                 _save_full_student(staging, renderer.pipeline(denoiser))
             commit = "model_index.json"
-        if is_main_process or (sharded and denoiser is None):
+        if is_main_process or (sharded and lora):
             images = renderer.sample(conditions, seed=config.optim.seed, denoiser=denoiser)
     if not is_main_process:
         return output_dir
