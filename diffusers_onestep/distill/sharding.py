@@ -20,7 +20,7 @@ the device and the collective backend differ.
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
@@ -138,21 +138,3 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 def full_state(named_tensors) -> Dict[str, torch.Tensor]:
     """``{name: whole tensor on the CPU}`` of ``(name, tensor)`` pairs; a collective for sharded tensors."""
     return {name: full(tensor.detach()).cpu() for name, tensor in named_tensors}
-
-
-def shard_of(full_tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """The rows of ``full_tensor`` that FSDP2's ``Shard(0)`` gives ``rank`` (``torch.chunk`` semantics: the last
-    shards may be shorter or empty)."""
-    chunks = torch.chunk(full_tensor, world_size, dim=0) if full_tensor.dim() else (full_tensor,)
-    if rank < len(chunks):
-        return chunks[rank]
-    return full_tensor.new_empty((0,) + tuple(full_tensor.shape[1:]))
-
-
-def world_info(accelerator) -> Optional[Dict[str, int]]:
-    """``{"num_shards": N}`` for a sharded run (what a checkpoint records), ``None`` otherwise."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return {"num_shards": accelerator.num_processes}
-    return None
