@@ -122,20 +122,20 @@ def test_fsdp_full_roles_match_one_process(workspace):
     state = json.loads((two / "trainer_state.json").read_text())
     assert state["num_shards"] == 2 and state["num_processes"] == 2
     trained = consolidated_tensors(str(two), "trainable")
-    # OPEN: the discriminator head's first conv differs by up to 2.1e-5 (weights) and 7.5e-6 (AdamW moments) between
-    # 2 FSDP processes and 1 process, where DDP differs by 1.7e-6; every other tensor agrees within 1e-6. Its GroupNorm
-    # normalizes groups of 3-4 values on this tiny 1x1 feature map, which amplifies round-off, but why FSDP's
-    # round-off is 10x DDP's is not explained yet; the head is held to 1e-4 here and its resume is exact (below).
-    head = {name for name in trained if name.startswith("discriminator_head.")}
+    # The discriminator head's first conv bias has an exactly zero true gradient (a GroupNorm follows that removes a
+    # per-channel shift on this tiny 1x1 feature map): at the first critic update its gradient is round-off, 3e-8
+    # against 0.69 for the same conv's weight, and differs from the 1-process one by 2.4x its size under FSDP and
+    # 1.5x under DDP. AdamW makes updates of that noise, so the bias (and its moments) is held to 1e-4 only.
+    head = [name for name in trained if name.startswith("discriminator_head.")]
     critic_count = sum(name.startswith(("critic_model.", "discriminator_head.")) for name in trained)
-    head_moments = {
-        f"{i}.{m}" for i in range(critic_count - len(head), critic_count) for m in ("exp_avg", "exp_avg_sq")
-    }
+    noise_only = {"discriminator_head.body.0.bias"}
+    bias_index = critic_count - len(head) + 1  # the critic optimizer holds the critic's, then the head's parameters
+    noise_moments = {f"{bias_index}.exp_avg", f"{bias_index}.exp_avg_sq"}
     for prefix in ("trainable", "ema", "optimizer_student", "optimizer_critic"):
         # sharded: each process wrote its own shard, and the commit file lists them with their sizes
         assert {f"{prefix}.shard-0.safetensors", f"{prefix}.shard-1.safetensors"} <= set(state["files"])
         assert not (two / f"{prefix}.safetensors").exists()
-        loose = head_moments if prefix == "optimizer_critic" else head
+        loose = noise_moments if prefix == "optimizer_critic" else noise_only
         assert_close_states(
             consolidated_tensors(str(one), prefix), consolidated_tensors(str(two), prefix), loose=loose
         )
