@@ -12,6 +12,9 @@ file                            content
 ``scheduler_<role>.json``       the LR scheduler's state (its lambdas are rebuilt from the config)
 ``grad_scaler.json``            the fp16 GradScaler's state (loss scale, growth tracker), under fp16 only
 ``rng_<rank>.*``                every process's torch/CUDA/RandomSource (safetensors) and Python/NumPy (JSON) state
+``*.shard-<rank>.safetensors``  under FSDP, instead of ``trainable``/``ema``/``optimizer_<role>.safetensors``: each
+                                process's shard of them (FSDP2 splits dim 0 in process order; resume with the same
+                                number of processes; :func:`consolidated_tensors` joins them)
 ``training_config.json``        the configuration the state belongs to
 ``trainer_state.json``          step, skipped non-finite updates and fp16 overflows, process count, run id and the
                                 size of every other
@@ -229,8 +232,13 @@ def checkpoint_problem(checkpoint: str, num_processes: int = 1) -> Optional[str]
         saved_processes = int(state.get("num_processes", 1))
         listed = int(state.get("format", 1)) >= 2
         expected_sizes = {str(name): int(size) for name, size in state["files"].items()} if listed else {}
+        num_shards = int(state.get("num_shards") or 0)
     except (KeyError, TypeError, ValueError, AttributeError):
         return f"{state_path} does not describe a checkpoint (corrupt)"
+    if num_shards and num_shards != num_processes:
+        return (
+            f"{state_path} records weights sharded over {_processes(num_shards)} (FSDP), this run has {num_processes}"
+        )
     if not listed:
         expected_sizes = dict.fromkeys(FORMAT_1_FILES)
         for rank in range(saved_processes):
@@ -484,18 +492,26 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     accelerator.wait_for_everyone()
+    if hasattr(state.roles, "reshard"):
+        state.roles.reshard()  # FSDP: the parameters must be the shards, not a gathered root
     # Every process writes its own RNG state; the main process writes the shared state.
     _save_rng_state(staging, accelerator.process_index, state.random_source)
+    sharded = bool(getattr(state.roles, "sharded", False))
+    if sharded:
+        # FSDP: every process writes its own shard of the weights, the EMA and the optimizer moments.
+        _save_shards(staging, accelerator.process_index, state)
     if accelerator.is_main_process:
-        storage.save_tensors(os.path.join(staging, "trainable.safetensors"), state.roles.trainable_state_dict())
-        if state.ema is not None:
-            storage.save_tensors(os.path.join(staging, "ema.safetensors"), state.ema)
+        if not sharded:
+            storage.save_tensors(os.path.join(staging, "trainable.safetensors"), state.roles.trainable_state_dict())
+            if state.ema is not None:
+                storage.save_tensors(os.path.join(staging, "ema.safetensors"), state.ema)
         method_state = _flatten(state.method.state_dict())
         if method_state:
             storage.save_tensors(os.path.join(staging, "method.safetensors"), method_state)
         for role, optimizer in state.optimizers.items():
             tensors, plain = _optimizer_to_tensors(optimizer.state_dict())
-            storage.save_tensors(os.path.join(staging, f"optimizer_{role}.safetensors"), tensors)
+            if not sharded:
+                storage.save_tensors(os.path.join(staging, f"optimizer_{role}.safetensors"), tensors)
             storage.write_json(os.path.join(staging, f"optimizer_{role}.json"), plain)
             storage.write_json(
                 os.path.join(staging, f"scheduler_{role}.json"), _scheduler_state(state.lr_schedulers[role])
@@ -515,6 +531,7 @@ def save_checkpoint(
                 "nonfinite_skips": state.nonfinite_skips,
                 "overflow_skips": state.overflow_skips,
                 "num_processes": accelerator.num_processes,
+                **({"num_shards": accelerator.num_processes} if sharded else {}),
                 "format": CHECKPOINT_FORMAT,
                 "run_id": state.run.run_id,
                 **({"training_cost": state.training_cost} if state.training_cost else {}),
@@ -535,7 +552,18 @@ def load_checkpoint(path: str, state: TrainingState, process_index: int, device=
     """Restore ``state`` in place from a checkpoint folder (this process's RNG state included; the run identity is
     the caller's, see :func:`continued_run`)."""
     trainer_state = _read_json(os.path.join(path, TRAINER_STATE_NAME))
-    state.roles.load_trainable_state_dict(storage.load_tensors(os.path.join(path, "trainable.safetensors")))
+    num_shards = trainer_state.get("num_shards")
+    sharded = bool(getattr(state.roles, "sharded", False))
+    if bool(num_shards) != sharded:
+        written = f"under FSDP by {_processes(int(num_shards))}" if num_shards else "without FSDP"
+        raise ConfigError(
+            f"{path} was written {written}; resume it the same way (a sharded checkpoint holds each process's shard)."
+        )
+    if sharded:
+        state.roles.reshard()
+        _load_shards(path, process_index, state)
+    else:
+        state.roles.load_trainable_state_dict(storage.load_tensors(os.path.join(path, "trainable.safetensors")))
     ema_path = os.path.join(path, "ema.safetensors")
     if state.ema is not None and os.path.isfile(ema_path):
         # each average goes back where the run keeps it (the CPU with --offload_ema)
@@ -546,8 +574,12 @@ def load_checkpoint(path: str, state: TrainingState, process_index: int, device=
         state.method.load_state_dict(_unflatten(storage.load_tensors(method_path)))
     for role, optimizer in state.optimizers.items():
         plain = _read_json(os.path.join(path, f"optimizer_{role}.json"))
-        tensors = storage.load_tensors(os.path.join(path, f"optimizer_{role}.safetensors"))
-        optimizer.load_state_dict(_optimizer_from_tensors(tensors, plain))
+        name = f"optimizer_{role}.shard-{process_index}" if sharded else f"optimizer_{role}"
+        tensors = storage.load_tensors(os.path.join(path, f"{name}.safetensors"))
+        loaded = _optimizer_from_tensors(tensors, plain)
+        if sharded:
+            loaded = _shard_optimizer_state(optimizer, loaded)
+        optimizer.load_state_dict(loaded)
         scheduler = state.lr_schedulers[role]
         saved = _read_json(os.path.join(path, f"scheduler_{role}.json"))
         scheduler.load_state_dict({**scheduler.state_dict(), **saved})
@@ -616,6 +648,63 @@ def _optimizer_from_tensors(tensors: Dict[str, torch.Tensor], plain: Dict[str, A
             entry = entry.setdefault(parent, {})
         entry[leaf] = value
     return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def _save_shards(folder: str, rank: int, state: TrainingState) -> None:
+    """This process's shards (FSDP): ``trainable.shard-<rank>``, ``ema.shard-<rank>`` and the optimizer moments
+    ``optimizer_<role>.shard-<rank>`` (safetensors); the optimizers' plain values are the main process's JSON."""
+    from . import sharding
+
+    trainable = {name: sharding.local(t) for name, t in state.roles.trainable_state_dict().items()}
+    storage.save_tensors(os.path.join(folder, f"trainable.shard-{rank}.safetensors"), trainable)
+    if state.ema is not None:  # a sharded run's EMA holds this process's shards already
+        storage.save_tensors(os.path.join(folder, f"ema.shard-{rank}.safetensors"), state.ema)
+    for role, optimizer in state.optimizers.items():
+        tensors, _ = _optimizer_to_tensors(optimizer.state_dict())
+        tensors = {name: sharding.local(t) for name, t in tensors.items()}
+        storage.save_tensors(os.path.join(folder, f"optimizer_{role}.shard-{rank}.safetensors"), tensors)
+
+
+def _load_shards(folder: str, rank: int, state: TrainingState) -> None:
+    state.roles.load_trainable_state_dict(
+        storage.load_tensors(os.path.join(folder, f"trainable.shard-{rank}.safetensors"))
+    )
+    ema_path = os.path.join(folder, f"ema.shard-{rank}.safetensors")
+    if state.ema is not None and os.path.isfile(ema_path):
+        devices = {k: v.device for k, v in state.ema.items()}
+        state.ema = {k: v.to(devices[k]) for k, v in storage.load_tensors(ema_path).items()}
+
+
+def _shard_optimizer_state(optimizer, loaded: Dict[str, Any]) -> Dict[str, Any]:
+    """Lay a sharded checkpoint's optimizer moments out as the optimizer's (``DTensor``) parameters: a moment of a
+    sharded parameter becomes a shard of the same layout; scalars (``step``) stay plain."""
+    from . import sharding
+
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in loaded["state"].items():
+        parameter = parameters[int(index)]
+        for key, value in list(entry.items()):
+            if torch.is_tensor(value) and value.dim() > 0 and sharding.is_sharded(parameter):
+                entry[key] = sharding.like(parameter, value)
+    return loaded
+
+
+def consolidated_tensors(checkpoint: str, prefix: str) -> Dict[str, torch.Tensor]:
+    """The whole tensors of ``<prefix>.safetensors`` (``trainable``, ``ema``, ``optimizer_student``, ...) of a
+    checkpoint, joined from its per-process shards when it was written under FSDP (FSDP2 shards dim 0 in process
+    order, as ``torch.chunk``); no process group needed."""
+    trainer_state = read_trainer_state(checkpoint) or {}
+    num_shards = trainer_state.get("num_shards")
+    if not num_shards:
+        return storage.load_tensors(os.path.join(checkpoint, f"{prefix}.safetensors"))
+    shards = [
+        storage.load_tensors(os.path.join(checkpoint, f"{prefix}.shard-{r}.safetensors")) for r in range(num_shards)
+    ]
+    out = {}
+    for name, first in shards[0].items():
+        pieces = [shard[name] for shard in shards]
+        out[name] = torch.cat(pieces, dim=0) if first.dim() else first
+    return out
 
 
 def _scheduler_state(scheduler) -> Dict[str, Any]:

@@ -19,6 +19,7 @@ from .. import storage
 from ..families import Condition
 from ..lora import LORA_WEIGHT_NAME, lora_metadata
 from ..schedulers import OneStepScheduler
+from . import sharding
 from .checkpoint import CONFIG_NAME
 from .config import TrainConfig
 
@@ -107,7 +108,8 @@ def ema_weights(roles, ema: Optional[Dict[str, torch.Tensor]]):
     if ema is None:
         yield
         return
-    parameters = dict(roles.named_role_parameters("student"))
+    # Under FSDP the parameters are shards and the EMA holds this process's shard of each: swap shard for shard.
+    parameters = {name: sharding.local(p) for name, p in roles.named_role_parameters("student")}
     backup = {name: parameter.detach().clone() for name, parameter in parameters.items()}
     try:
         with torch.no_grad():
@@ -128,9 +130,11 @@ def export_student(
     ema: Optional[Dict[str, torch.Tensor]] = None,
     repo_id: Optional[str] = None,
     training_cost: Optional[Dict] = None,
+    is_main_process: bool = True,
 ) -> str:
-    """Write the student into ``config.output.output_dir`` (call on the main process); returns the folder. The
-    card's loading snippet names ``repo_id`` (the Hub repo it is pushed to) when given.
+    """Write the student into ``config.output.output_dir`` (call on the main process; with FSDP-sharded roles on
+    every process, ``is_main_process`` telling which one writes); returns the folder. The card's loading snippet names
+    ``repo_id`` (the Hub repo it is pushed to) when given.
 
     Everything is written into a staging folder first and moved in with the commit file (``model_index.json`` or
     ``onestep_lora.json``) last, so a crash never leaves a folder that looks loadable but is not.
@@ -141,17 +145,29 @@ def export_student(
     output_dir = config.output.output_dir
     roles = renderer.roles
     lora = config.roles.student == "lora"
-    staging = storage.staging_path(os.path.join(output_dir, "export"))
-    os.makedirs(staging)
+    sharded = getattr(roles, "sharded", False)
+    if sharded:
+        roles.reshard()  # the EMA swap below works shard by shard
+    staging = storage.staging_path(os.path.join(output_dir, "export")) if is_main_process else None
+    if is_main_process:
+        os.makedirs(staging)
     with ema_weights(roles, ema):
+        # Sharded roles: gathering the student's full weights is a collective (every process), and so is sampling
+        # the live (sharded) LoRA student; the full student is sampled from its gathered copy on the main process.
         if lora:
-            _save_lora_student(staging, renderer, config)
+            lora_state = roles.student_lora_state_dict()
+            if is_main_process:
+                _save_lora_student(staging, renderer, config, lora_state)
             commit, denoiser = LORA_CONFIG_NAME, None
         else:
             denoiser = roles.student_denoiser()
-            _save_full_student(staging, renderer.pipeline(denoiser))
+            if is_main_process:
+                _save_full_student(staging, renderer.pipeline(denoiser))
             commit = "model_index.json"
-        images = renderer.sample(conditions, seed=config.optim.seed, denoiser=denoiser)
+        if is_main_process or (sharded and lora):
+            images = renderer.sample(conditions, seed=config.optim.seed, denoiser=denoiser)
+    if not is_main_process:
+        return output_dir
     image_grid(images).save(os.path.join(staging, SAMPLE_GRID_NAME))
     config.save(os.path.join(staging, CONFIG_NAME))
     hub.write_model_card(
@@ -193,14 +209,16 @@ def _save_full_student(staging: str, pipe) -> None:
     os.rmdir(folder)
 
 
-def _save_lora_student(staging: str, renderer: StudentRenderer, config: TrainConfig) -> None:
+def _save_lora_student(
+    staging: str, renderer: StudentRenderer, config: TrainConfig, lora_state: Dict[str, torch.Tensor]
+) -> None:
     import diffusers
 
     roles, adapter = renderer.roles, renderer.adapter
     saver = getattr(diffusers, adapter.lora_pipeline_class_name)
     saver.save_lora_weights(
         staging,
-        **adapter.lora_save_kwargs(roles.student_lora_state_dict(), lora_metadata(roles.lora_config("student"))),
+        **adapter.lora_save_kwargs(lora_state, lora_metadata(roles.lora_config("student"))),
         weight_name=LORA_WEIGHT_NAME,
         safe_serialization=True,
     )

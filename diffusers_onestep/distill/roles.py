@@ -39,6 +39,7 @@ from torch import nn
 
 from ..families import Condition, FamilyAdapter
 from ..families.base import _unwrap
+from . import sharding
 from .config import RolesConfig
 from .models import TRAINABLE_ROLES, DistillationModels, RolePhases, check_trainable_role
 
@@ -139,6 +140,10 @@ class BackboneRoles(RolePhases, DistillationModels):
         self.prediction_type = adapter.prediction_type
         self.student_prediction_type = student_prediction_type or adapter.prediction_type
         base = adapter.denoiser
+        #: the denoiser's own class (FSDP2 swaps a sharded module's class for a subclass), to rebuild a plain copy
+        self.denoiser_class = type(base)
+        #: set by the trainer once the modules are FSDP-sharded (their parameters are then DTensor shards)
+        self.sharded = False
         self.teacher_has_embedded_guidance = adapter.has_embedded_guidance and bool(
             getattr(base.config, "guidance_embeds", False)
         )
@@ -228,6 +233,19 @@ class BackboneRoles(RolePhases, DistillationModels):
         """Record the wrapped (e.g. DDP) version of a trainable module."""
         self.prepared[name] = module
 
+    def reshard(self) -> None:
+        """FSDP: put every sharded module back into its sharded state. FSDP2 leaves a root module's parameters
+        gathered after a forward that no backward followed (a frozen or ``no_grad`` pass), and while gathered the
+        module's registered parameters are the whole tensors, not the shards; call this before reading them."""
+        if not self.sharded:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.prepared.values():
+            for sub in module.modules():
+                if isinstance(sub, FSDPModule):
+                    sub.reshard()
+
     def named_role_parameters(self, role: str) -> Iterator:
         """``(name, parameter)`` of a trainable role; the critic's include the discriminator head."""
         check_trainable_role(role)
@@ -254,6 +272,8 @@ class BackboneRoles(RolePhases, DistillationModels):
 
     @torch.no_grad()
     def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` into the trainable parameters -- into this process's shard of each when the roles are
+        sharded (``state`` then holds the shards, as a sharded checkpoint stores them)."""
         own = {}
         for role in TRAINABLE_ROLES:
             own.update(dict(self.named_role_parameters(role)))
@@ -265,7 +285,13 @@ class BackboneRoles(RolePhases, DistillationModels):
                 f"tensors (e.g. {(missing + unexpected)[0]}); was it written with other --student/--critic settings?"
             )
         for name, parameter in own.items():
-            parameter.copy_(state[name].to(parameter.dtype))
+            target = sharding.local(parameter)
+            if tuple(state[name].shape) != tuple(target.shape):
+                raise ValueError(
+                    f"The checkpoint's {name} has shape {tuple(state[name].shape)}, this run's is "
+                    f"{tuple(target.shape)}; was it written with another model or number of FSDP processes?"
+                )
+            target.copy_(state[name].to(target.dtype))
 
     # ------------------------------------------------------------------------------------------------------------
     # role switching
@@ -375,10 +401,29 @@ class BackboneRoles(RolePhases, DistillationModels):
 
         if "student" not in self.lora_roles:
             raise ValueError("The student is a full model, not a LoRA.")
+        if self.sharded:  # gather the adapter's shards (a collective: every process calls this)
+            marker = ".student."
+            named = ((n, p) for n, p in self.backbone.named_parameters() if "lora_" in n and marker in n)
+            return get_peft_model_state_dict(
+                self.backbone, state_dict=sharding.full_state(named), adapter_name="student"
+            )
         return get_peft_model_state_dict(self.backbone, adapter_name="student")
 
-    def student_denoiser(self) -> nn.Module:
-        """A plain denoiser with the student's weights (the copy, or the backbone with the student LoRA fused)."""
+    def student_denoiser(self) -> Optional[nn.Module]:
+        """A plain denoiser with the student's weights (the copy, or the backbone with the student LoRA fused).
+
+        Sharded roles (a full student): the weights are gathered from the shards -- a collective, every process
+        calls this -- into a new plain module on the main process; the other processes get ``None``.
+        """
+        if self.sharded:
+            if self.student_model is None:
+                raise ValueError("A sharded LoRA student is exported as its LoRA (student_lora_state_dict).")
+            weights = sharding.full_state(self.student_model.state_dict().items())
+            if torch.distributed.get_rank() != 0:
+                return None
+            plain = self.denoiser_class.from_config(self.student_model.config)
+            plain.load_state_dict(weights, strict=True)
+            return plain.to(device=_device_of(self.student_model), dtype=torch.float32).eval()
         if self.student_model is not None:
             return copy.deepcopy(_unwrap(self.student_model))
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -392,3 +437,7 @@ class BackboneRoles(RolePhases, DistillationModels):
                 layer.enable_adapters(True)
         fuse_lora(clone, ["student"])
         return clone
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(iter(sharding.local(p) for p in module.parameters())).device

@@ -23,6 +23,7 @@ import torch
 from ..errors import reason_of
 from ..families import get_adapter_class
 from ..storage import write_json
+from . import sharding
 from .checkpoint import (
     CONFIG_NAME,
     RunIdentity,
@@ -101,6 +102,8 @@ class Trainer:
         #: the step of the newest checkpoint this run wrote or resumed (an interrupt there saves no second one)
         self.checkpointed_step: Optional[int] = None
         self._interrupt_signal: Optional[int] = None
+        #: whether the run's modules are FSDP-sharded (then every process takes part in sampling and export)
+        self.sharded = False
 
     @property
     def global_step(self) -> int:
@@ -161,12 +164,16 @@ class Trainer:
             # must hook them when wrapping, so they require grad at prepare time; see roles.py).
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
-        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise ConfigError(
-                f"{self.accelerator.distributed_type.value} is not supported yet: the frozen teacher and critic passes "
-                "run outside the wrapper and the two roles have separate optimizers; use DDP "
-                "(training/accelerate_configs/multi_gpu.yaml) with LoRA roles and --gradient_checkpointing."
+                "DeepSpeed is not supported: the student and the critic have separate optimizers while accelerate gives "
+                "DeepSpeed one engine per model; use FSDP (training/accelerate_configs/fsdp.yaml) or DDP "
+                "(training/accelerate_configs/multi_gpu.yaml)."
             )
+        # Several CPU processes asked for FSDP: accelerate keeps MULTI_CPU there; give it the FSDP2 plugin it dropped.
+        sharding.enable_fsdp_on_cpu(self.accelerator)
+        sharding.check_fsdp_support(self.accelerator, cfg)
+        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
         if self.accelerator.mixed_precision != cfg.optim.mixed_precision:
             # accelerate keeps the first Accelerator's settings for the whole process (a second run in a notebook)
             raise ConfigError(
@@ -280,7 +287,15 @@ class Trainer:
                 if isinstance(module, torch.nn.Module):
                     module.to("cpu")
 
-        optimizers = build_optimizers(roles, optim)
+        if self.sharded:
+            optimizers = self._shard_roles(roles)
+        else:
+            optimizers = build_optimizers(roles, optim)
+            modules = roles.trainable_modules()
+            prepared = acc.prepare(*modules.values(), optimizers["student"], optimizers["critic"])
+            for name, module in zip(modules, prepared[: len(modules)]):
+                roles.set_prepared(name, module)
+            optimizers = {"student": prepared[len(modules)], "critic": prepared[len(modules) + 1]}
         lr_schedulers = {
             role: get_scheduler(
                 optim.lr_scheduler,
@@ -291,18 +306,13 @@ class Trainer:
             for role, opt in optimizers.items()
         }
 
-        modules = roles.trainable_modules()
-        prepared = acc.prepare(*modules.values(), optimizers["student"], optimizers["critic"])
-        for name, module in zip(modules, prepared[: len(modules)]):
-            roles.set_prepared(name, module)
-        optimizers = {"student": prepared[len(modules)], "critic": prepared[len(modules) + 1]}
-
         ema = None
         if optim.ema_decay:
-            # --offload_ema keeps the average in CPU memory: a full SDXL student's float32 EMA is 10 GB
+            # --offload_ema keeps the average in CPU memory: a full SDXL student's float32 EMA is 10 GB. Under FSDP
+            # each process averages its own shard of the student (a sharded EMA).
             ema_device = "cpu" if optim.offload_ema else None
             ema = {
-                name: p.detach().to(device=ema_device, dtype=torch.float32, copy=True)
+                name: sharding.local(p.detach()).to(device=ema_device, dtype=torch.float32, copy=True)
                 for name, p in roles.named_role_parameters("student")
             }
         random_source = RandomSource(
@@ -343,6 +353,28 @@ class Trainer:
             self.resolution,
             cfg.max_sequence_length,
         )
+
+    def _shard_roles(self, roles: BackboneRoles) -> Dict[str, torch.optim.Optimizer]:
+        """FSDP: shard every module a role runs through -- the frozen backbone (teacher, and LoRA roles) first, then
+        the full copies and the discriminator head -- each with ``Accelerator.prepare`` (accelerate's FSDP2 path takes
+        one model per call). ``fully_shard`` converts in place, so the roles keep calling the same objects. The
+        optimizers are built afterwards, over the sharded parameters."""
+        acc = self.accelerator
+        modules = {"backbone": roles.backbone, **roles.trainable_modules()}
+        for name, module in modules.items():
+            if name == "discriminator_head":
+                # The plugin's transformer auto-wrap policy keeps the block classes of the first model it saw (the
+                # denoiser's) and refuses a model without them; the small head is one FSDP unit, sharded as
+                # fsdp2_prepare_model shards a root, with the plugin's settings.
+                sharding.shard_whole(acc, module)
+                roles.set_prepared(name, module)
+                continue
+            prepared = acc.prepare(module)
+            if prepared is not module:  # fully_shard works in place; anything else would leave the roles unsharded
+                raise RuntimeError(f"accelerate's FSDP2 preparation replaced the {name} instead of sharding it.")
+            roles.set_prepared(name, prepared)
+        roles.sharded = True
+        return build_optimizers(roles, self.config.optim)
 
     # ------------------------------------------------------------------------------------------------------------
     # one update
@@ -401,8 +433,11 @@ class Trainer:
                 self.accelerator.backward(loss / accum)
             for key, value in micro_logs.items():
                 logs[key] = logs.get(key, 0.0) + value / accum
-        # (under fp16, accelerate unscales the gradients here first)
-        grad_norm = self.accelerator.clip_grad_norm_(self.state.roles.role_parameters(role), cfg.optim.max_grad_norm)
+        parameters = self.state.roles.role_parameters(role)
+        if self.sharded:
+            grad_norm = sharding.clip_grad_norm_(parameters, cfg.optim.max_grad_norm)
+        else:  # (under fp16, accelerate unscales the gradients here first)
+            grad_norm = self.accelerator.clip_grad_norm_(parameters, cfg.optim.max_grad_norm)
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if not self._all_finite(math.isfinite(grad_norm)):
             if is_loss_scale_overflow(state.grad_scaler):
@@ -417,6 +452,7 @@ class Trainer:
         for optimizer in state.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         self.state.roles.end_phase()
+        self.state.roles.reshard()  # FSDP: the EMA and the next phase's grad flags read the shards
         if role == "student" and state.ema is not None:
             self._update_ema()
         logs[f"{role}/grad_norm"] = grad_norm
@@ -448,7 +484,8 @@ class Trainer:
         decay = self.config.optim.ema_decay
         for name, parameter in self.state.roles.named_role_parameters("student"):
             average = self.state.ema[name]
-            average.mul_(decay).add_(parameter.detach().to(average.device, torch.float32), alpha=1 - decay)
+            shard = sharding.local(parameter.detach())
+            average.mul_(decay).add_(shard.to(average.device, torch.float32), alpha=1 - decay)
 
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints, validation, export
@@ -495,8 +532,10 @@ class Trainer:
 
     def validate(self):
         acc = self.accelerator
-        if acc.is_main_process:
+        # A sharded student's forward is a collective: every process samples, the main process writes.
+        if acc.is_main_process or self.sharded:
             images = self.renderer.sample(self.validation_conditions.to(self.device), seed=self.config.optim.seed)
+        if acc.is_main_process:
             write_validation(
                 images,
                 self.validation_prompts,
@@ -507,8 +546,9 @@ class Trainer:
 
     def export(self) -> str:
         """Write the student into the output folder (full pipeline or LoRA + config), with samples and card (whose
-        loading snippet names the Hub repo with ``--push_to_hub``)."""
-        if self.accelerator.is_main_process:
+        loading snippet names the Hub repo with ``--push_to_hub``). Under FSDP every process takes part (the full
+        state dict is gathered from the shards) and the main process writes."""
+        if self.accelerator.is_main_process or self.sharded:
             export_student(
                 self.renderer,
                 self.config,
@@ -517,6 +557,7 @@ class Trainer:
                 ema=self.state.ema,
                 repo_id=self.hub_repo_id,
                 training_cost=self.cost.current(),
+                is_main_process=self.accelerator.is_main_process,
             )
         self.accelerator.wait_for_everyone()
         return self.config.output.output_dir
