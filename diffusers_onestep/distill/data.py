@@ -446,8 +446,12 @@ def _to_stored(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return (tensor.view(torch.int16) if dtype == torch.bfloat16 else tensor).numpy()
 
 
+#: the numpy dtype of each stored dtype (datasets' numpy format widens int16 and float16; the cast back is exact)
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
+
+
 def _from_stored(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=_NUMPY_DTYPES[dtype]))
     return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
 
 
@@ -522,6 +526,8 @@ class TextEmbeddingCache:
                 features=datasets.Features(features),
                 cache_file_name=path,
                 load_from_cache_file=True,
+                # our own fingerprint: datasets would otherwise hash the function, with the text encoders it holds
+                new_fingerprint=f"{name}-{content}",
                 desc="Caching text embeddings",
             )
         self.path = path
@@ -738,6 +744,7 @@ class LatentCache:
                 features=datasets.Features(features),
                 cache_file_name=path,
                 load_from_cache_file=True,
+                new_fingerprint=name,
                 desc="Caching VAE latents",
             )
         self.path = path
