@@ -67,27 +67,43 @@ def folder_bytes(path: str) -> int:
     return total
 
 
-def child(argv) -> None:
-    """The training command (as the console script parses and checks it), stopped after its first step."""
+class _FirstStepDone(Exception):
+    pass
+
+
+def train_to_first_step(argv, started: float) -> dict:
+    """The training command (as the console script parses and checks it), stopped after its first step; returns
+    the peak RSS of this process and the time since ``started``."""
     import resource
 
     from diffusers_onestep.distill import cli
     from diffusers_onestep.distill.trainer import Trainer
 
-    started = float(os.environ["DATA_SCALE_STARTED"])
+    measured = {}
 
     def stop_after_first_step(event, trainer, **info):
         if event == "after_step":
-            rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            print(RESULT_PREFIX + json.dumps({"rss_mib": rss_mib, "first_step_s": time.time() - started}), flush=True)
-            os._exit(0)
+            measured["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            measured["first_step_s"] = time.time() - started
+            raise _FirstStepDone
 
     config, _ = cli.resolve_args(argv)
-    Trainer(config, hooks=[stop_after_first_step]).run()
-    raise SystemExit("the run ended without a step")
+    try:
+        Trainer(config, hooks=[stop_after_first_step]).run()
+    except _FirstStepDone:
+        return measured
+    raise RuntimeError("the run ended without a step")
 
 
-def run_case(repo: str, teacher: str, images: str, prompts: str, work: str, resolution: int, extra) -> dict:
+def child(argv) -> None:
+    result = train_to_first_step(argv, float(os.environ["DATA_SCALE_STARTED"]))
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    os._exit(0)  # nothing after the first step is measured
+
+
+def run_case(
+    repo: str, teacher: str, images: str, prompts: str, work: str, resolution: int, extra, in_process: bool = False
+) -> dict:
     output_dir = tempfile.mkdtemp(dir=work, prefix="run-")
     argv = [
         "--teacher",
@@ -118,6 +134,10 @@ def run_case(repo: str, teacher: str, images: str, prompts: str, work: str, reso
         os.path.join(work, "hf-cache"),
         *extra,
     ]
+    if in_process:  # the tests' reduced mode: no interpreter start per case, and RSS is this process's peak
+        result = train_to_first_step(argv, time.time())
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return result
     environment = dict(os.environ, PYTHONPATH=repo, DATA_SCALE_STARTED=str(time.time()), OMP_NUM_THREADS="1")
     environment.setdefault("HF_HUB_OFFLINE", "1")
     environment.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -145,6 +165,11 @@ def main(argv=None) -> int:
         "--temperatures", nargs="+", default=("cold", "warm"), choices=("cold", "warm"), help="cold and/or warm runs"
     )
     parser.add_argument("--baseline_repo", default=None, help="also run this checkout (the data path before)")
+    parser.add_argument(
+        "--in_process",
+        action="store_true",
+        help="run the cases in this process (a quick check of the benchmark; its RSS is not per case)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     if args.child:
@@ -169,7 +194,7 @@ def main(argv=None) -> int:
                 extra += ["--cache_latents"] if mode == "cached" else []
                 results[mode][n] = {}
                 for temperature in args.temperatures:  # warm: the same command again, with the caches of cold
-                    case = run_case(repo, teacher, *data[n], work, args.resolution, extra)
+                    case = run_case(repo, teacher, *data[n], work, args.resolution, extra, args.in_process)
                     case["cache_mib"] = folder_bytes(cache) / 2**20 if os.path.isdir(cache) else 0.0
                     results[mode][n][temperature] = case
                 print(mode, n, json.dumps(results[mode][n]), flush=True)
