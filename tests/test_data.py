@@ -26,7 +26,7 @@ from diffusers_onestep.distill.data import (
     nearest_bucket,
     open_real_images,
 )
-from diffusers_onestep.families import PixArtAlphaAdapter
+from diffusers_onestep.families import PixArtAlphaAdapter, SDXLAdapter
 from diffusers_onestep.testing import TINY_PROMPTS, tiny_components
 
 
@@ -166,6 +166,13 @@ def test_aspect_ratio_buckets(tmp_path, tiny_adapter):
     multiple = tiny_adapter.vae_scale_factor * tiny_adapter.patch_size
     assert (16, 16) in buckets and len(buckets) > 3
     assert all(h % multiple == 0 and w % multiple == 0 for h, w in buckets)
+    # SDXL's pipeline has no table of its own: PixArt's 1024 px one (SDXL's multi-aspect sizes), scaled
+    sdxl = SDXLAdapter(tiny_components("sdxl"))
+    assert sdxl.resolution_bins() is None
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_1024_BIN
+
+    sdxl_buckets = aspect_ratio_buckets(sdxl, 1024)
+    assert set(sdxl_buckets) == {(int(h), int(w)) for h, w in ASPECT_RATIO_1024_BIN.values()}
     tall, wide = nearest_bucket(buckets, 40, 20), nearest_bucket(buckets, 20, 40)
     assert buckets[tall][0] > buckets[tall][1] and buckets[wide][0] < buckets[wide][1]
     # every epoch sees every image once at least, in batches of one bucket each; the order is a function of the step
