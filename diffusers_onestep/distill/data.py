@@ -478,6 +478,13 @@ def _from_stored(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
 
 
+def _list_feature(value, length: int = -1):
+    """A list column: ``datasets.List`` (datasets >= 4), ``datasets.Sequence`` before it (the oldest supported, 3.0)."""
+    import datasets
+
+    return getattr(datasets, "List", datasets.Sequence)(value, length=length)
+
+
 def default_cache_root(cache_dir: Optional[str] = None) -> str:
     """Where the caches go without ``--data_cache_dir``: ``diffusers_onestep`` in ``datasets``' cache folder."""
     import datasets
@@ -525,7 +532,7 @@ class TextEmbeddingCache:
             features[name] = (
                 datasets.Array2D(shape, stored)
                 if len(shape) == 2
-                else datasets.List(datasets.Value(stored), length=shape[0])
+                else _list_feature(datasets.Value(stored), length=shape[0])
             )
         self.columns = list(probe)
         self.float_columns = {k for k, v in probe.items() if v.is_floating_point()}
@@ -720,8 +727,8 @@ class LatentCache:
         )
         path = os.path.join(cache_root, f"latents-{name}.arrow")
         features = {
-            "latents": datasets.List(datasets.Value(_ARROW_DTYPES[dtype])),
-            "shape": datasets.List(datasets.Value("int64"), length=3),
+            "latents": _list_feature(datasets.Value(_ARROW_DTYPES[dtype])),
+            "shape": _list_feature(datasets.Value("int64"), length=3),
         }
         if rows.caption_column:
             features[rows.caption_column] = rows.undecoded.features[rows.caption_column]
