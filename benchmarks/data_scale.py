@@ -1,7 +1,7 @@
 """Host memory and time to the first step as the data grows: 200 vs 2,000 real images and prompts.
 
 A tiny PixArt-alpha teacher trains f-distill (its discriminator reads real images with their captions) on images
-generated into a temporary ``imagefolder`` (PNG files, 256 x 256, with a caption each) and as many prompts. Every
+generated into a temporary ``imagefolder`` (PNG files, 128 x 128, with a caption each) and as many prompts. Every
 case runs in a fresh subprocess that stops right after its first optimization step and reports:
 
 * ``rss_mib``: the peak resident memory of the process (``ru_maxrss``) up to the end of the first step;
@@ -158,8 +158,8 @@ def run_case(
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=(200, 2000), metavar=("SMALL", "LARGE"))
-    parser.add_argument("--resolution", type=int, default=64, help="training resolution of the tiny teacher")
-    parser.add_argument("--image_size", type=int, default=256, help="side of the generated PNG images")
+    parser.add_argument("--resolution", type=int, default=32, help="training resolution of the tiny teacher")
+    parser.add_argument("--image_size", type=int, default=128, help="side of the generated PNG images")
     parser.add_argument("--modes", nargs="+", default=("lazy", "cached"), choices=("lazy", "cached"))
     parser.add_argument(
         "--temperatures", nargs="+", default=("cold", "warm"), choices=("cold", "warm"), help="cold and/or warm runs"
