@@ -497,6 +497,26 @@ def cli_cases() -> List[Case]:
             "image dataset on the Hub, not cached, offline",
             lambda c: base(c, **{"--divergence": "js", "--real_images": "someone/uncached-images"}),
         ),
+        cli_case("--streaming without --real_images", lambda c: base(c, **{"--streaming": []})),
+        cli_case(
+            "--cache_latents of a streamed source",
+            lambda c: base(
+                c, **{"--divergence": "js", "--real_images": c["empty_dir"], "--streaming": [], "--cache_latents": []}
+            ),
+        ),
+        cli_case(
+            "--aspect_ratio_buckets of a streamed source",
+            lambda c: base(
+                c,
+                **{
+                    "--divergence": "js",
+                    "--real_images": c["empty_dir"],
+                    "--streaming": [],
+                    "--aspect_ratio_buckets": [],
+                },
+            ),
+        ),
+        cli_case("--max_train_samples 0", lambda c: base(c, **{"--max_train_samples": "0"})),
         # the teacher
         cli_case("Hub teacher not cached, offline", lambda c: base(c, **{"--teacher": "someone/uncached-teacher"})),
         cli_case("a saved one-step student as --teacher", lambda c: base(c, **{"--teacher": c["student_dir"]})),

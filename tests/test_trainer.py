@@ -87,6 +87,72 @@ def test_resume_equals_uninterrupted_run(workspace, student):
     assert any(not torch.equal(start[k], a[k]) for k in a)
 
 
+def write_shaped_images(folder):
+    """Tall, wide and square PNG images (three aspect-ratio buckets) with a caption each."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    sizes = [(32, 16), (16, 32), (16, 16), (30, 16), (16, 30), (20, 20)]
+    for i, (width, height) in enumerate(sizes):
+        array = (np.random.RandomState(i).rand(height, width, 3) * 255).astype("uint8")
+        Image.fromarray(array).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text(
+        "\n".join(json.dumps({"file_name": f"{i}.png", "text": f"image {i}"}) for i in range(len(sizes))) + "\n"
+    )
+    return str(folder)
+
+
+def assert_same_state(a_dir, b_dir):
+    for name in ("trainable.safetensors", "optimizer_student.safetensors", "optimizer_critic.safetensors"):
+        x, y = load_file(str(a_dir / name)), load_file(str(b_dir / name))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+
+
+@pytest.mark.parametrize("data", ["cached_buckets", "streamed"])
+def test_resume_with_the_data_at_scale_paths(workspace, tmp_path, data):
+    """Exact resume on the other data paths: latents from the on-disk cache (built by the first run, mapped by the
+    resumed one) with aspect-ratio buckets, random crops and flips and captions; and webdataset shards streamed."""
+    if data == "cached_buckets":
+        flags = [
+            "--real_images",
+            write_shaped_images(tmp_path / "shapes"),
+            "--caption_column",
+            "text",
+            "--resolution",
+            "16",
+            "--cache_latents",
+            "--aspect_ratio_buckets",
+            "--no_center_crop",
+            "--random_flip",
+            "--max_train_samples",
+            "5",
+        ]
+    else:
+        from test_data import write_shards
+
+        flags = ["--real_images", write_shards(tmp_path / "shards"), "--streaming", "--image_column", "png"]
+        flags += ["--caption_column", "txt"]
+
+    def config(output_dir, *extra):
+        argv = run_args(workspace, output_dir, *flags, "--data_cache_dir", tmp_path / "cache", *extra)
+        return cli.resolve_args(argv)[0]
+
+    full = Trainer(config(tmp_path / "full", "--max_train_steps", "4"))
+    full.run()
+    Trainer(config(tmp_path / "split", "--max_train_steps", "2")).run()
+    Trainer(config(tmp_path / "split", "--max_train_steps", "4", "--resume_from_checkpoint", "latest")).run()
+    assert_same_state(tmp_path / "full" / "checkpoint-4", tmp_path / "split" / "checkpoint-4")
+    caches = sorted(name.split("-")[0] for name in os.listdir(tmp_path / "cache") if name.endswith(".arrow"))
+    if data == "cached_buckets":
+        assert caches == ["latents", "text"]  # one file each, shared by the three runs
+        sizes = {tuple(full.batches(step, 0).real.shape[-2:]) for step in range(8)}
+        assert len(sizes) > 1  # batches of several buckets, each with noise of its size
+        assert full.batches(0, 0).noise.shape[-2:] == full.batches(0, 0).real.shape[-2:]
+    else:
+        assert caches == ["text"]  # streamed captions are encoded as they come
+
+
 def test_update_schedule(workspace):
     """Critic every iteration, student when step % ratio == 0 (DMD2 two time-scale rule), student first."""
     events = []

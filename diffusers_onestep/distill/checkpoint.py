@@ -90,6 +90,7 @@ RESUMABLE_CHANGES = (
     "optim.max_train_steps",
     "output.",
     "data.dataloader_num_workers",
+    "data.data_cache_dir",
     "optim.on_nonfinite",
     "optim.max_nonfinite_skips",
     "cache_dir",

@@ -429,7 +429,42 @@ class DataConfig:
         "for very large prompt sets).",
     )
     dataloader_num_workers: int = setting(
-        0, "Worker processes that decode and resize --real_images (0: in the main process)."
+        0,
+        "DataLoader worker processes that decode and resize the next batches of --real_images while the accelerator "
+        "trains (0: in the main process; a --streaming source is read in the main process).",
+    )
+    max_train_samples: Optional[int] = setting(
+        None,
+        "Train on the first N prompts and the first N real images only (quick runs, debugging).",
+        default_text="all",
+    )
+    center_crop: bool = setting(
+        True,
+        "Center-crop real images to the training size after resizing (--no_center_crop: a random crop, drawn per "
+        "image and epoch from --seed).",
+    )
+    random_flip: bool = setting(False, "Mirror each real image horizontally with probability 1/2 (drawn from --seed).")
+    cache_latents: bool = setting(
+        False,
+        "Encode every real image once with the VAE (datasets.map) into an Arrow file in the frozen dtype under "
+        "--data_cache_dir, shared by all processes and reused by later runs with the same images, VAE and settings; "
+        "its random crops and flips are drawn once, when cached. Without it images are decoded and encoded per batch.",
+    )
+    data_cache_dir: Optional[str] = setting(
+        None,
+        "Folder of the on-disk text-embedding and latent caches (file names are fingerprints of their inputs).",
+        default_text="diffusers_onestep in the datasets cache (HF_DATASETS_CACHE, or --cache_dir)",
+    )
+    streaming: bool = setting(
+        False,
+        "Read --real_images as a stream (datasets streaming; webdataset .tar shards too): nothing is downloaded or "
+        "converted first; the order is a seeded shuffle buffer, new each epoch.",
+    )
+    aspect_ratio_buckets: bool = setting(
+        False,
+        "Multi-aspect-ratio training: each real image goes to the bucket of the family's aspect-ratio table nearest "
+        "its shape (PixArt/SANA's, SDXL: the same 1024 px table), scaled to --resolution; each batch is one bucket, "
+        "and the student generates at that size.",
     )
 
     def validate(self) -> "DataConfig":
@@ -445,6 +480,25 @@ class DataConfig:
         _require(
             isinstance(self.dataloader_num_workers, int) and self.dataloader_num_workers >= 0,
             f"`--dataloader_num_workers` must be an integer >= 0, got {self.dataloader_num_workers!r}.",
+        )
+        _require(
+            self.max_train_samples is None or self.max_train_samples >= 1,
+            f"`--max_train_samples` must be >= 1, got {self.max_train_samples}.",
+        )
+        for flag in ("streaming", "cache_latents", "aspect_ratio_buckets"):
+            _require(
+                not getattr(self, flag) or bool(self.real_images),
+                f"`--{flag}` applies to --real_images, which this run does not read; drop --{flag}.",
+            )
+        _require(
+            not (self.streaming and self.cache_latents),
+            "`--cache_latents` needs a map-style dataset to index; drop --streaming (a local folder or Hub dataset is "
+            "then converted to Arrow once) or --cache_latents.",
+        )
+        _require(
+            not (self.streaming and self.aspect_ratio_buckets),
+            "`--aspect_ratio_buckets` sorts every image into a bucket before training, which a stream cannot; drop "
+            "--streaming or --aspect_ratio_buckets.",
         )
         return self
 

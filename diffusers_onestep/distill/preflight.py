@@ -59,9 +59,13 @@ def preflight(resolved: ResolvedConfig) -> None:
             validate_repo_id(config.data.real_images)
         except HFValidationError:
             raise ConfigError(f"--real_images {config.data.real_images} does not exist.") from None
-    if config.data.real_images and method.uses_discriminator and is_main_process():
+    if config.data.real_images and method.uses_discriminator and is_main_process() and not config.data.streaming:
         check_real_images(
-            config.data.real_images, config.data.image_column, config.data.caption_column, cache_dir=config.cache_dir
+            config.data.real_images,
+            config.data.image_column,
+            config.data.caption_column,
+            cache_dir=config.cache_dir,
+            max_samples=config.data.max_train_samples,
         )
     if config.output.eval_steps is not None:
         from .evaluate import check_evaluation_inputs

@@ -36,7 +36,21 @@ from .checkpoint import (
     write_run,
 )
 from .config import ConfigError, OptimizationConfig, TrainConfig
-from .data import DataError, PromptSource, TrainingBatches, encode_real_images, load_prompts, load_real_images
+from .data import (
+    DataError,
+    ImageSettings,
+    LatentCache,
+    PromptSource,
+    RealBatches,
+    RealImageRows,
+    StreamedBatches,
+    TextEmbeddingCache,
+    TrainingBatches,
+    aspect_ratio_buckets,
+    default_cache_root,
+    load_prompts,
+    open_real_images,
+)
 from .evaluate import BEST_CHECKPOINT_NAME, CostMeter, TrainingEvaluator, check_evaluation_inputs
 from .export import StudentRenderer, export_student, write_validation
 from .methods import build_method
@@ -235,30 +249,92 @@ class Trainer:
         )
 
     def _setup_data(self):
-        cfg, adapter = self.config, self.adapter
-        self.prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_column, cache_dir=cfg.cache_dir)
-        self.prompt_source = PromptSource(
-            adapter, self.prompts, cache=cfg.data.cache_text_embeddings, device=self.device
+        """Prompts, real images and caches. Nothing is decoded here: real images are read per batch (or from the
+        latent cache); the caches are built once, by the main process first, into files every process maps."""
+        cfg, adapter, acc, data = self.config, self.adapter, self.accelerator, self.config.data
+        self.prompts = load_prompts(
+            data.prompts, data.prompt_column, cache_dir=cfg.cache_dir, max_samples=data.max_train_samples
         )
         self.validation_prompts = list(cfg.output.validation_prompts or self.prompts[:4])
         self.validation_conditions = adapter.encode_prompt(self.validation_prompts, device=self.device)
-        self.resolution = cfg.data.resolution or adapter.default_resolution
+        self.resolution = data.resolution or adapter.default_resolution
+        cache_root = data.data_cache_dir or default_cache_root(cfg.cache_dir)
+        frozen_dtype = self.weight_dtype or torch.float32
+        self.real_batches = self.real_conditions = None
+        #: whether texts reach the text encoders while training (streamed captions, or no text cache)
+        self.encodes_text_while_training = not data.cache_text_embeddings
+        captions: List[str] = []
         self.evaluator = None
         if cfg.output.eval_steps and self.accelerator.is_main_process:
             self.evaluator = TrainingEvaluator(cfg, adapter, self.device, cfg.optim.seed)
-        self.real_latents = self.real_conditions = None
         if cfg.method.uses_discriminator:
-            images, captions = load_real_images(
-                cfg.data.real_images,
-                self.resolution,
-                cfg.data.image_column,
-                cfg.data.caption_column,
-                num_workers=cfg.data.dataloader_num_workers,
+            dataset = open_real_images(
+                data.real_images,
+                data.image_column,
+                data.caption_column,
                 cache_dir=cfg.cache_dir,
+                streaming=data.streaming,
+                max_samples=data.max_train_samples,
             )
-            self.real_latents = encode_real_images(adapter, images, cfg.optim.seed, device=self.device)
-            if captions is not None:
-                self.real_conditions = PromptSource(adapter, captions, cache=True, device=self.device)
+            buckets = aspect_ratio_buckets(adapter, self.resolution) if data.aspect_ratio_buckets else None
+            images = ImageSettings(self.resolution, data.center_crop, data.random_flip, cfg.optim.seed, buckets)
+            global_batch = cfg.optim.train_batch_size * acc.num_processes
+            mine = slice(
+                acc.process_index * cfg.optim.train_batch_size, (acc.process_index + 1) * cfg.optim.train_batch_size
+            )
+            rows = stream = latent_cache = None
+            if data.streaming:
+
+                def stream(start: int) -> StreamedBatches:
+                    return StreamedBatches(
+                        dataset,
+                        data.real_images,
+                        data.image_column,
+                        data.caption_column,
+                        images,
+                        global_batch,
+                        mine,
+                        start,
+                    )
+
+                self.encodes_text_while_training |= data.caption_column is not None
+            else:
+                rows = RealImageRows(dataset, data.real_images, data.image_column, data.caption_column, images)
+                if data.caption_column:
+                    captions = [str(c) for c in rows.undecoded[data.caption_column]]
+                if data.cache_latents:
+                    latent_cache = LatentCache(
+                        adapter, rows, cache_root, frozen_dtype, acc.main_process_first, device=self.device
+                    )
+            self.real_batches = RealBatches(
+                adapter,
+                cfg.optim.seed + 1,
+                cfg.optim.seed,
+                global_batch,
+                acc.process_index,
+                cfg.optim.train_batch_size,
+                rows=rows,
+                cache=latent_cache,
+                stream=stream,
+                num_workers=data.dataloader_num_workers,
+                device=self.device,
+            )
+        text_cache = None
+        if data.cache_text_embeddings:
+            text_cache = TextEmbeddingCache(
+                adapter,
+                self.prompts + captions,
+                cache_root,
+                frozen_dtype,
+                settings=[cfg.teacher, cfg.revision, cfg.variant],
+                main_process_first=acc.main_process_first,
+                device=self.device,
+            )
+        self.prompt_source = PromptSource(adapter, self.prompts, text_cache, device=self.device)
+        if self.real_batches is not None and data.caption_column:
+            self.real_conditions = PromptSource(
+                adapter, captions, None if data.streaming else text_cache, device=self.device
+            )
 
     def _setup_models(self):
         from diffusers.optimization import get_scheduler
@@ -280,7 +356,7 @@ class Trainer:
         method = build_method(
             cfg.method, roles, self.adapter.noise_path.timesteps_at(student_timesteps, image_seq_len)
         )
-        if cfg.data.cache_text_embeddings:
+        if not self.encodes_text_while_training:
             # Every condition is cached: move the text encoders off the accelerator (kept for the export).
             for name in self.adapter.text_component_names:
                 module = self.adapter.components.get(name)
@@ -333,14 +409,15 @@ class Trainer:
         )
         self.batches = TrainingBatches(
             self.prompt_source,
-            lambda n: self.adapter.latent_shape(n, self.resolution, self.resolution),
+            self.adapter.latent_shape,
             random_source,
             optim.seed,
             optim.train_batch_size,
+            self.resolution,
             acc.process_index,
             acc.num_processes,
             optim.gradient_accumulation_steps,
-            self.real_latents,
+            self.real_batches,
             self.real_conditions,
             device=self.device,
         )
