@@ -144,7 +144,7 @@ def inject_lora(
     # diffusers takes; later releases added keywords that its computation does not use).
     if metadata is None:
         metadata = get_peft_kwargs(rank, network_alphas, state_dict)
-    config = LoraConfig(**metadata)
+    config = LoraConfig(**_known_lora_options(LoraConfig, metadata))
     had_peft_layers = _has_peft_layers(model)
     try:
         inject_adapter_in_model(config, model, adapter_name=adapter_name)
@@ -284,6 +284,27 @@ def fold_lora_scale(state_dict: Dict[str, torch.Tensor], config: Dict) -> Dict[s
     if scale == 1.0:
         return dict(state_dict)
     return {k: (v * scale if ".lora_B." in k else v) for k, v in state_dict.items()}
+
+
+def _known_lora_options(config_class, metadata: dict) -> dict:
+    """``metadata`` without the options the installed peft's ``config_class`` does not have, when they are unset.
+
+    A newer peft writes every field of its LoraConfig into the adapter metadata (e.g. peft 0.19's ``kasa_config:
+    None``), which an older peft's LoraConfig refuses as an unexpected keyword; left at their defaults they change
+    nothing, so they are dropped. An option that is set cannot be honoured by this peft, so it is refused.
+    """
+    import dataclasses
+
+    known = {field.name for field in dataclasses.fields(config_class)}
+    unknown = {k: v for k, v in metadata.items() if k not in known}
+    in_use = sorted(k for k, v in unknown.items() if v not in (None, False, {}, [], ""))
+    if in_use:
+        import peft
+
+        raise ValueError(
+            f"The LoRA uses {', '.join(in_use)}, which peft {peft.__version__} does not have; upgrade peft to load it."
+        )
+    return {k: v for k, v in metadata.items() if k in known}
 
 
 def lora_metadata(config) -> Dict[str, str]:

@@ -188,3 +188,30 @@ def test_lora_for_another_model_is_refused(lora_files, native_folder, load_stude
                 "transformer.down_blocks.0.conv.lora_B.weight": torch.zeros(8, 4),
             }
         )
+
+
+def test_metadata_of_a_newer_peft_loads_where_its_new_options_are_unset():
+    """A newer peft writes every LoraConfig field into the file's metadata (peft 0.19: ``kasa_config: None``), which an
+    older LoraConfig refuses as an unexpected keyword; unset, such options are dropped, and a set one is refused."""
+    from diffusers_onestep.lora import inject_lora, lora_metadata
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["0"])
+    state = {"0.lora_A.weight": torch.randn(2, 6), "0.lora_B.weight": torch.randn(5, 2)}
+    metadata = {**lora_metadata(config), "an_option_of_a_later_peft": None}
+    inject_lora(model, dict(state), "newer", metadata=metadata)
+    x = torch.randn(3, 6)
+    expected = (
+        x @ model[0].base_layer.weight.T
+        + model[0].base_layer.bias
+        + x @ state["0.lora_A.weight"].T @ state["0.lora_B.weight"].T
+    )
+    assert torch.allclose(model(x), expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^The LoRA uses an_option_of_a_later_peft, which peft .* does not have"):
+        inject_lora(
+            torch.nn.Sequential(torch.nn.Linear(6, 5)),
+            dict(state),
+            "x",
+            metadata={**metadata, "an_option_of_a_later_peft": 3},
+        )
