@@ -27,6 +27,8 @@ UPLOAD_IGNORE_PATTERNS = [
     "logs/**",
     "validation/**",
     "run.json",
+    # --keep_best's record names a local checkpoint folder, which stays local too
+    "best_checkpoint.json",
     # an evaluation folder's generated images and resume record; its metrics.json and grid.png are published
     "evaluation/images/**",
     "evaluation/generation.json",

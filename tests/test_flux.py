@@ -284,3 +284,18 @@ def test_lora_files_with_alpha_entries_load_as_flux_pipeline_loads_them(folders,
     images = _run(student)
     assert np.abs(images - _run(native, **kwargs)).max() <= 1e-5
     assert np.abs(images - plain).max() > 1e-3
+
+
+def test_aspect_ratio_buckets_are_refused_for_a_resolution_dependent_schedule(workspace, folders):
+    """FLUX.1-dev's noise schedule shifts with the image size: the run's noise levels and the student's conditioning
+    are set for the square resolution, so multi-aspect buckets would train other sizes on the wrong schedule."""
+    from training_utils import TINY_FLAGS, in_process
+
+    from diffusers_onestep.distill.config import ConfigError
+
+    out = workspace["root"] / "out-buckets"
+    args = ["--teacher", folders["dev"], "--prompts", workspace["prompts"], "--output_dir", out, "--divergence", "js"]
+    args += ["--real_images", workspace["images"], "--aspect_ratio_buckets", "--max_train_steps", "1", *TINY_FLAGS]
+    with pytest.raises(ConfigError, match=r"^--aspect_ratio_buckets is not supported for FLUX\.1 teachers, .*\.$"):
+        in_process(args)
+    assert not (out / "training_config.json").exists()

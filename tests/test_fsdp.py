@@ -10,6 +10,7 @@ sums across processes, into updates of the learning rate's size; eps 1e-4 keeps 
 real gradient (1e-3 and more) moving as before.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import time
 
 import pytest
 import torch
+from fault_launcher import pid_path
 from safetensors.torch import load_file
 from training_utils import FAULT_LAUNCHER, REPO, SCRIPT, env, in_process, tiny_run_argv, write_images, write_prompts
 
@@ -194,7 +196,14 @@ def test_fsdp_kill_during_commit_then_exact_resume(workspace):
         assert process.poll() is None, process.stderr.read()[-4000:]
         assert time.time() < deadline, "the run never reached the fault"
         time.sleep(0.1)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks
+    # both ranks by their process ids (torchrun starts them in sessions of their own, which the launcher's process
+    # group does not reach), then the launcher
+    for rank in (0, 1):
+        with open(pid_path(str(out), rank)) as f:
+            rank_pid = int(f.read())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rank_pid, signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     assert not (out / "checkpoint-4").exists() and (out / "checkpoint-2" / "trainer_state.json").exists()
 
@@ -219,8 +228,9 @@ def test_fsdp_refusals_are_one_sentence(monkeypatch):
     from diffusers_onestep.distill import sharding
     from diffusers_onestep.distill.config import ConfigError, TrainConfig
 
-    def refusal(accelerator, **optim):
+    def refusal(accelerator, eval_steps=None, **optim):
         config = TrainConfig(teacher="t")
+        config.output.eval_steps = eval_steps
         for key, value in optim.items():
             setattr(config.optim, key, value)
         with pytest.raises(ConfigError) as error:
@@ -234,6 +244,7 @@ def test_fsdp_refusals_are_one_sentence(monkeypatch):
     assert "fsdp_version: 2" in refusal(fsdp1)
     assert "bf16" in refusal(fsdp2, mixed_precision="fp16")
     assert "--use_8bit_adam" in refusal(fsdp2, use_8bit_adam=True)
+    assert "--eval_steps" in refusal(fsdp2, eval_steps=10)  # the main process alone cannot run a sharded student
     sharding.check_fsdp_support(fsdp2, TrainConfig(teacher="t"))  # the supported case passes
     # the CPU seam leaves a run alone unless FSDP was asked for
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)

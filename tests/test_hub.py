@@ -104,6 +104,7 @@ def test_push_creates_the_repo_and_uploads_only_the_student(tmp_path, hub_calls)
         "validation/step-000010.png",
         ".checkpoint-20.tmp/trainable.safetensors",
         "run.json",
+        "best_checkpoint.json",
     ):
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)

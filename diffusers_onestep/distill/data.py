@@ -15,6 +15,7 @@ processes by rank.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import hashlib
@@ -306,7 +307,9 @@ def image_size_of(item) -> Tuple[int, int]:
 def _row_generator(seed: int, index: int, epoch: int) -> torch.Generator:
     """The generator of one image's random crop, flip and VAE sample: a function of the run's seed, the row and the
     epoch only, so neither the batch size, the number of processes nor the worker count changes it."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 2_147_483_647 + index)
+    # reduced to 63 bits: torch's manual_seed takes a signed 64-bit integer (seeds above ~8,600 would overflow it);
+    # below that bound the reduction changes nothing
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63)
 
 
 def fit_image(
@@ -907,6 +910,10 @@ class StreamedBatches:
         return {"pixels": torch.stack(pixels), "captions": captions, "entries": entries}
 
 
+#: real-image batches kept by position (the micro-batches of one step, up to 16 gradient-accumulation steps)
+RECENT_BATCHES = 16
+
+
 class RealBatches:
     """This process's real images of each position (``step * accumulation + micro``), as latents and captions.
 
@@ -946,7 +953,9 @@ class RealBatches:
         self.plan = BatchPlan(seed, global_batch, self.mine, len(rows), rows.members) if rows is not None else None
         self._iterator = None
         self._next_position: Optional[int] = None
-        self._last: Optional[Tuple[int, tuple]] = None
+        #: the batches of the latest positions: the critic and the student updates of one step read the same
+        #: micro-batches (each of them all of the step's, with gradient accumulation), which must not restart the loader
+        self._recent: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
 
     def _start(self, position: int):
         if self.stream is not None:
@@ -966,8 +975,8 @@ class RealBatches:
         self._next_position = position
 
     def __call__(self, position: int) -> Tuple[torch.Tensor, Optional[List[str]]]:
-        if self._last is not None and self._last[0] == position:  # the critic and student update of one step
-            return self._last[1]
+        if position in self._recent:
+            return self._recent[position]
         if self.cache is not None:
             latents, captions = self.cache.get([index for index, _ in self.plan(position)])
             result = (latents.to(self.device), captions)
@@ -980,7 +989,9 @@ class RealBatches:
                 raise DataError(item["error"])
             latents = encode_latents(self.adapter, item["pixels"], item["entries"], self.sample_seed, self.device)
             result = (latents, item["captions"])
-        self._last = (position, result)
+        self._recent[position] = result
+        while len(self._recent) > RECENT_BATCHES:
+            self._recent.popitem(last=False)
         return result
 
 

@@ -101,6 +101,12 @@ def check_fsdp_support(accelerator, config) -> None:
             "--use_8bit_adam is not supported with FSDP (bitsandbytes' optimizer does not take sharded DTensor "
             "parameters); drop it or use DDP."
         )
+    if config.output.eval_steps:
+        raise ConfigError(
+            "--eval_steps is not supported with FSDP yet (the evaluation renders on the main process alone, while a "
+            "sharded student needs every process in its passes); evaluate the exported student with "
+            "`diffusers-onestep evaluate` instead."
+        )
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

@@ -276,6 +276,13 @@ class Trainer:
                 streaming=data.streaming,
                 max_samples=data.max_train_samples,
             )
+            if data.aspect_ratio_buckets and adapter.noise_path.resolution_dependent:
+                # the run's noise levels and the student's conditioning are set for the square resolution's token
+                # count (FLUX.1's dynamic shift); other sizes would be trained on another schedule
+                raise ConfigError(
+                    f"--aspect_ratio_buckets is not supported for {adapter.display_name} teachers, whose noise "
+                    "schedule shifts with the image size; train at one --resolution."
+                )
             buckets = aspect_ratio_buckets(adapter, self.resolution) if data.aspect_ratio_buckets else None
             images = ImageSettings(self.resolution, data.center_crop, data.random_flip, cfg.optim.seed, buckets)
             global_batch = cfg.optim.train_batch_size * acc.num_processes
