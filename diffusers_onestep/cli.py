@@ -142,7 +142,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        pipe = OneStepPipeline.from_pretrained(args.model)
+        pipe = OneStepPipeline.from_pretrained(args.model, **torch_dtype_kwargs(args.dtype))
     except (OSError, ValueError, KeyError) as error:
         raise CommandError(f"cannot load {args.model!r} as a one-step student: {reason_of(error)}") from None
     try:
@@ -252,7 +252,7 @@ def evaluate_command(args, output_dir: str, settings, prompts: List[str], done: 
     )
     if done < settings.num_images:
         try:
-            pipe = OneStepPipeline.from_pretrained(args.model)
+            pipe = OneStepPipeline.from_pretrained(args.model, **torch_dtype_kwargs(args.dtype))
         except (OSError, ValueError, KeyError) as error:
             raise CommandError(f"cannot load {args.model!r} as a one-step student: {reason_of(error)}") from None
         pipe.to(device)
@@ -330,10 +330,23 @@ def run_serve(args: argparse.Namespace) -> int:
         default_prompt=args.prompt,
     )
     try:
-        serve(args.model, host=args.host, port=args.port, device=args.device, settings=settings)
+        serve(args.model, host=args.host, port=args.port, device=args.device, settings=settings, dtype=args.dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as error:  # loading, the device, a port in use
         raise CommandError(f"cannot serve {args.model!r}: {reason_of(error)}.") from None
     return 0
+
+
+#: the weights' dtypes the model commands take (``--dtype``)
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def torch_dtype_kwargs(dtype: Optional[str]) -> dict:
+    """``{"torch_dtype": torch.<dtype>}`` for ``from_pretrained``, or nothing (the saved dtype)."""
+    if dtype is None:
+        return {}
+    import torch
+
+    return {"torch_dtype": getattr(torch, dtype)}
 
 
 def port_number(text: str) -> int:
@@ -494,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu)"
     )
+    generate.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="weights' dtype, as from_pretrained's torch_dtype (default: as saved, float32 for most students; "
+        "bfloat16 or float16 for the large ones on a GPU)",
+    )
     generate.set_defaults(run=run_generate)
 
     presets = commands.add_parser(
@@ -590,6 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="images, metrics.json and grid.png (default: MODEL/evaluation for a folder, else evaluation-<id>)",
     )
     evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    evaluate.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="weights' dtype, as from_pretrained's torch_dtype (default: as saved, float32 for most students; "
+        "bfloat16 or float16 for the large ones on a GPU)",
+    )
     evaluate.set_defaults(run=run_evaluate)
 
     serve = commands.add_parser(
@@ -616,6 +643,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_batch", type=positive_int, default=4, help="the most variations one request may ask for (default: 4)"
     )
     serve.add_argument("--prompt", default="", help="the prompt the page opens with (default: none)")
+    serve.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="weights' dtype, as from_pretrained's torch_dtype (default: as saved, float32 for most students; "
+        "bfloat16 or float16 for the large ones on a GPU)",
+    )
     serve.set_defaults(run=run_serve)
     return parser
 

@@ -230,14 +230,17 @@ def build_app(generator: LiveGenerator, title: str = "diffusers-onestep"):
     return app
 
 
-def load_generator(model: str, device: Optional[str] = None, settings: Optional[ServeSettings] = None):
-    """Load ``model`` (anything ``OneStepPipeline.from_pretrained`` accepts) onto ``device`` for the page."""
+def load_generator(
+    model: str, device: Optional[str] = None, settings: Optional[ServeSettings] = None, dtype: Optional[str] = None
+):
+    """Load ``model`` (anything ``OneStepPipeline.from_pretrained`` accepts) onto ``device`` for the page, in ``dtype``
+    (``"bfloat16"``, ...; the saved dtype by default)."""
     import torch
 
     from . import OneStepPipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = OneStepPipeline.from_pretrained(model)
+    pipe = OneStepPipeline.from_pretrained(model, **({"torch_dtype": getattr(torch, dtype)} if dtype else {}))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return LiveGenerator(pipe, settings)
@@ -250,10 +253,11 @@ def serve(
     device: Optional[str] = None,
     settings: Optional[ServeSettings] = None,
     block: bool = True,
+    dtype: Optional[str] = None,
 ):
     """Load ``model`` and serve its page on ``host:port``; returns the Gradio app (``block=False``: at once)."""
     settings = settings or ServeSettings()
-    generator = load_generator(model, device, settings)
+    generator = load_generator(model, device, settings, dtype)
     app = build_app(generator, title=f"diffusers-onestep: {model}")
     app.launch(
         server_name=host,

@@ -53,6 +53,16 @@ def generator(student_folder):
     return LiveGenerator(pipe, ServeSettings(max_batch=3))
 
 
+def test_the_model_loads_in_the_dtype_asked_for(student_folder):
+    from diffusers_onestep.serve import load_generator
+
+    for dtype, expected in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
+        loaded = load_generator(student_folder("pixart_alpha"), "cpu", ServeSettings(), dtype=dtype)
+        assert loaded.pipe.transformer.dtype == expected
+        generation = loaded.generate("a cat", seed=0, steps=1, num_images=1)
+        assert len(generation.images) == 1 and generation.seconds_per_image is not None, generation.status
+
+
 def test_generation_follows_prompt_and_seed_and_reports_latency(generator):
     first = generator.generate("a photo of a cat", seed=0, steps=1, num_images=2)
     assert len(first.images) == 2 and first.seconds_per_image > 0
