@@ -17,6 +17,26 @@ import torch
 from .. import parameterization as param
 
 
+#: the UNet LoRA targets of DMD2's --generator_lora and of diffusers' LCM-LoRA training examples (SD 1.5 and SDXL):
+#: attention, feed-forward, resnet convolutions and the time embedding
+UNET_LORA_TARGET_MODULES = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
+
+
 @dataclass(frozen=True)
 class TrainingDefaults:
     """What a distillation run of this family uses where the user sets nothing (resolved once by

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import List
 
-from .base import Condition, FamilyAdapter, TrainingDefaults, _unwrap
+from .base import UNET_LORA_TARGET_MODULES, Condition, FamilyAdapter, TrainingDefaults, _unwrap
 
 
 class StableDiffusionAdapter(FamilyAdapter):
@@ -29,22 +29,7 @@ class StableDiffusionAdapter(FamilyAdapter):
     # The UNet LoRA targets of diffusers' LCM-LoRA SD 1.5 training example (train_lcm_distill_lora_sd_wds.py), the
     # same list as SDXL's (DMD2's --generator_lora targets): attention, feed-forward, resnet convolutions and time
     # embedding.
-    default_lora_target_modules = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "proj_in",
-        "proj_out",
-        "ff.net.0.proj",
-        "ff.net.2",
-        "conv1",
-        "conv2",
-        "conv_shortcut",
-        "downsamplers.0.conv",
-        "upsamplers.0.conv",
-        "time_emb_proj",
-    )
+    default_lora_target_modules = UNET_LORA_TARGET_MODULES
     # StableDiffusionPipeline's own LoRA loader (StableDiffusionLoraLoaderMixin): `unet.`-prefixed keys; it reads
     # diffusers, peft and Kohya layouts.
     lora_pipeline_class_name = "StableDiffusionPipeline"

@@ -6,7 +6,7 @@ from typing import List
 
 import torch
 
-from .base import Condition, FamilyAdapter, TrainingDefaults, _unwrap
+from .base import UNET_LORA_TARGET_MODULES, Condition, FamilyAdapter, TrainingDefaults, _unwrap
 
 
 class SDXLAdapter(FamilyAdapter):
@@ -22,22 +22,7 @@ class SDXLAdapter(FamilyAdapter):
     text_component_names = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
     # DMD2's --generator_lora targets, also the target list of diffusers' LCM-LoRA SDXL training example
     # (train_lcm_distill_lora_sdxl.py).
-    default_lora_target_modules = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "proj_in",
-        "proj_out",
-        "ff.net.0.proj",
-        "ff.net.2",
-        "conv1",
-        "conv2",
-        "conv_shortcut",
-        "downsamplers.0.conv",
-        "upsamplers.0.conv",
-        "time_emb_proj",
-    )
+    default_lora_target_modules = UNET_LORA_TARGET_MODULES
     # SDXL's own LoRA loader: it reads diffusers, peft and Kohya/SGM UNet layouts (the latter given the UNet config).
     lora_pipeline_class_name = "StableDiffusionXLPipeline"
     required_condition_fields = ("embeds", "pooled")
