@@ -358,12 +358,29 @@ def tiny_sana_components(seed: int = 0, sprint: bool = False) -> Dict[str, objec
     }
 
 
+def _tiny_two_block_vae(**config):
+    """An AutoencoderKL of two blocks of widths 8 and 16 (the new families' tiny VAE), with ``config`` on top."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        **{
+            "block_out_channels": (8, 16),
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            "norm_num_groups": 4,
+            **config,
+        }
+    )
+
+
 def tiny_sd_components(seed: int = 0, v_prediction: bool = False) -> Dict[str, object]:
     """A tiny Stable Diffusion 1.x model (PNDMScheduler, epsilon, as stable-diffusion-v1-5 ships it) or, with
     ``v_prediction``, a 2.x-like one (DDIMScheduler predicting v, linear-projection attention with per-block head
     sizes, as stable-diffusion-2-1 ships it). Sizes differ from diffusers' own fast tests (block widths 4/8, one CLIP
     of width 32): widths 6/12, a CLIP of width 24, a 2-block VAE of widths 8/16."""
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -393,14 +410,8 @@ def tiny_sd_components(seed: int = 0, v_prediction: bool = False) -> Dict[str, o
     else:
         scheduler = PNDMScheduler(**scheduler_config, skip_prk_steps=True)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[8, 16],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    vae = _tiny_two_block_vae(
         latent_channels=4,
-        norm_num_groups=4,
         sample_size=32,
     )
     config = CLIPTextConfig(
@@ -435,7 +446,7 @@ def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True) -> Dict[st
     repos' (``scheduler/scheduler_config.json`` of black-forest-labs/FLUX.1-dev and -schnell); the sizes are our own,
     unlike diffusers' FLUX tests (4 latent channels packed to 16, 3 heads of 8 with rotary axes (2, 2, 4), 24-wide T5,
     20-wide CLIP). The VAE's ``sample_size`` (32 px) is the default image size, as FLUX.1's VAE states 1024."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -452,14 +463,8 @@ def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True) -> Dict[st
         axes_dims_rope=(2, 2, 4),
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[8, 16],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    vae = _tiny_two_block_vae(
         latent_channels=4,
-        norm_num_groups=4,
         sample_size=32,
         use_quant_conv=False,
         use_post_quant_conv=False,
@@ -524,7 +529,7 @@ def tiny_sd3_components(seed: int = 0, t5: bool = True, sd35: bool = True) -> Di
 
     Sizes are unlike diffusers' own SD3 tests (patch size 1, 4 channels, one CLIP width, 32-wide T5).
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     clip_l_width, clip_g_width, t5_width = 8, 12, 28
@@ -545,15 +550,9 @@ def tiny_sd3_components(seed: int = 0, t5: bool = True, sd35: bool = True) -> Di
         qk_norm="rms_norm" if sd35 else None,
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    vae = _tiny_two_block_vae(
         latent_channels=6,
         layers_per_block=1,
-        norm_num_groups=4,
         sample_size=16,
         use_quant_conv=False,
         use_post_quant_conv=False,
