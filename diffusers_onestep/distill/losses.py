@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import parameterization
+from .config import SIM_DISTANCES
 from .divergences import Divergence, get_divergence
 
 
@@ -494,9 +495,6 @@ def sid_generator_loss(
         "nonfinite": float((~finite).sum()),
     }
     return loss, log
-
-
-SIM_DISTANCES = ("pseudo_huber", "squared")
 
 
 def sim_generator_loss(
