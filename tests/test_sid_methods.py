@@ -143,3 +143,14 @@ def test_short_toy_run_learns(method_name):
     energies = [entry["energy"] for entry in result.history]
     assert energies[-1] < energies[0] / 3, energies
     assert result.last_logs["student/nonfinite"] == 0
+
+
+def test_cli_flags_set_the_method_settings():
+    from diffusers_onestep.distill import cli
+
+    argv = ["--teacher", "t", "--prompts", "p.txt", "--method", "sim", "--sim_distance", "squared"]
+    argv += ["--sim_huber_c", "0.5", "--fake_guidance_scale", "2", "--fake_train_guidance_scale", "1.5"]
+    method = cli.parse_args(argv)[0].method
+    assert (method.method, method.sim_distance, method.sim_huber_c) == ("sim", "squared", 0.5)
+    assert (method.fake_guidance_scale, method.fake_train_guidance_scale, method.sid_alpha) == (2.0, 1.5, None)
+    assert cli.parse_args(["--teacher", "t", "--prompts", "p.txt", "--sid_alpha", "1"])[0].method.sid_alpha == 1.0
