@@ -154,3 +154,18 @@ def test_cli_flags_set_the_method_settings():
     assert (method.method, method.sim_distance, method.sim_huber_c) == ("sim", "squared", 0.5)
     assert (method.fake_guidance_scale, method.fake_train_guidance_scale, method.sid_alpha) == (2.0, 1.5, None)
     assert cli.parse_args(["--teacher", "t", "--prompts", "p.txt", "--sid_alpha", "1"])[0].method.sid_alpha == 1.0
+
+
+def test_model_card_names_the_score_divergence(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from diffusers_onestep import hub
+    from diffusers_onestep.distill.config import TrainConfig
+
+    config = TrainConfig(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    config.method = resolve_method_config(MethodConfig(method="sid"))
+    config.data.prompts = "prompts.txt"
+    hub.write_model_card(str(tmp_path), config, family="sd", student_timesteps=[625], lora=False, method=SiD)
+    card = ModelCard.load(str(tmp_path / "README.md"))
+    assert {"sid", "fisher"} <= set(card.data.tags) and None not in card.data.tags
+    assert "divergence `fisher`" in card.text and "arXiv 2404.04057" in card.text
