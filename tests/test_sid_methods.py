@@ -1,8 +1,11 @@
 """The ``sid`` and ``sim`` methods: configuration, SiD-LSG's guidance placement on a tiny real backbone, gradients
 through ``x_t`` into both frozen networks, and a short training run on the 2-D analytic teacher."""
 
+import math
+
 import pytest
 import torch
+from training_utils import in_process, tiny_run_argv, write_prompts
 
 from diffusers_onestep import parameterization as param
 from diffusers_onestep.distill import losses
@@ -11,7 +14,7 @@ from diffusers_onestep.distill.methods import SIM, SiD, build_method, resolve_me
 from diffusers_onestep.distill.models import Batch, RandomSource
 from diffusers_onestep.distill.roles import BackboneRoles
 from diffusers_onestep.families import PixArtAlphaAdapter
-from diffusers_onestep.testing import TINY_PROMPTS, tiny_components
+from diffusers_onestep.testing import TINY_PROMPTS, save_tiny_native_pipeline, tiny_components
 from diffusers_onestep.testing.analytic import GaussianMixture
 from diffusers_onestep.testing.toy import train_toy
 
@@ -169,3 +172,20 @@ def test_model_card_names_the_score_divergence(tmp_path):
     card = ModelCard.load(str(tmp_path / "README.md"))
     assert {"sid", "fisher"} <= set(card.data.tags) and None not in card.data.tags
     assert "divergence `fisher`" in card.text and "arXiv 2404.04057" in card.text
+
+
+@pytest.mark.parametrize("method_name, student", [("sid", "lora"), ("sim", "full")])
+def test_trainer_runs_the_method_in_process(tmp_path, method_name, student):
+    """The real trainer on a tiny PixArt teacher: a LoRA student (one shared backbone: the input gradient runs
+    through the frozen teacher and the LoRA fake on the same weights) and a full one, with SiD-LSG's flags."""
+    workspace = {
+        "teacher": save_tiny_native_pipeline("pixart_alpha", str(tmp_path / "teacher")),
+        "prompts": write_prompts(str(tmp_path)),
+    }
+    flags = ["--method", method_name, "--student", student, "--max_train_steps", "3"]
+    flags += ["--fake_guidance_scale", "2", "--fake_train_guidance_scale", "1.5"]
+    result = in_process(tiny_run_argv(workspace, tmp_path / "out", *flags))
+    assert result.global_step == 3
+    assert all(math.isfinite(value) for value in result.logs.values()), result.logs
+    assert result.logs["student/nonfinite"] == 0 and result.logs["student/grad_norm"] > 0
+    assert (tmp_path / "out" / "README.md").exists()
