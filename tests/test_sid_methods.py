@@ -40,6 +40,24 @@ def test_resolved_settings_and_refusals():
             resolve_method_config(config)
 
 
+def test_sd_family_defaults_are_sid_lsg_published_settings():
+    """SiD-LSG's run_sid.sh for SD 1.5 (algorithms.md §7.2): init timestep 625, α = 1, κ1..κ4 = 2, 1:1, lr 1e-6;
+    they apply to ``sid`` only, and what the user sets wins."""
+    from diffusers_onestep.families import StableDiffusionAdapter
+
+    defaults = StableDiffusionAdapter.training_defaults
+    sid = resolve_method_config(MethodConfig(method="sid"), defaults)
+    assert sid.student_timesteps == [625.0] and sid.sid_alpha == 1.0 and sid.critic_updates_per_student == 1
+    assert (sid.guidance_scale, sid.fake_guidance_scale, sid.fake_train_guidance_scale) == (2.0, 2.0, 2.0)
+    assert defaults.learning_rate("full", "sid") == 1e-6 and defaults.learning_rate("full", "dmd2") == 1e-5
+    chosen = resolve_method_config(MethodConfig(method="sid", guidance_scale=4.5, sid_alpha=1.2), defaults)
+    assert (chosen.guidance_scale, chosen.sid_alpha, chosen.fake_guidance_scale) == (4.5, 1.2, 2.0)
+    dmd2 = resolve_method_config(MethodConfig(), defaults)
+    assert dmd2.student_timesteps == [999.0] and dmd2.guidance_scale == 1.75 and dmd2.sid_alpha is None
+    sim = resolve_method_config(MethodConfig(method="sim"), defaults)  # no published SIM run on SD 1.5
+    assert sim.student_timesteps == [999.0] and sim.fake_guidance_scale == 1.0
+
+
 @pytest.fixture(scope="module")
 def setup():
     adapter = PixArtAlphaAdapter(tiny_components("pixart_alpha"), max_sequence_length=16)

@@ -86,6 +86,10 @@ def resolve_method_config(config: MethodConfig, defaults=None, has_real_images: 
     defaults = defaults or FamilyAdapter.training_defaults
     method_cls = method_for(config.method, config.divergence)
     config.method = method_cls.name
+    # The family's record of this method's published settings fills what the user left unset.
+    for setting_name, value in getattr(defaults, "method_defaults", {}).get(method_cls.name, {}).items():
+        if setting_name != "learning_rate" and getattr(config, setting_name) is None:
+            setattr(config, setting_name, copy.deepcopy(list(value) if isinstance(value, tuple) else value))
     for setting_name in METHOD_SETTINGS:
         if getattr(config, setting_name) is not None and setting_name not in method_cls.settings:
             owners = [name for name, cls in METHODS.items() if setting_name in cls.settings]
