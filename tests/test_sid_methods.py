@@ -207,3 +207,36 @@ def test_trainer_runs_the_method_in_process(tmp_path, method_name, student):
     assert all(math.isfinite(value) for value in result.logs.values()), result.logs
     assert result.logs["student/nonfinite"] == 0 and result.logs["student/grad_norm"] > 0
     assert (tmp_path / "out" / "README.md").exists()
+
+
+def test_resumed_sid_run_is_bit_exact(tmp_path):
+    """Kill-free resume: 4 steps straight vs 2 steps, then resumed from checkpoint-2 to 4; every state file equal."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    workspace = {
+        "teacher": save_tiny_native_pipeline("pixart_alpha", str(tmp_path / "teacher")),
+        "prompts": write_prompts(str(tmp_path)),
+    }
+    flags = ["--method", "sid", "--fake_guidance_scale", "2", "--fake_train_guidance_scale", "1.5"]
+    flags += ["--checkpointing_steps", "2", "--lr_scheduler", "constant", "--ema_decay", "0.9"]
+    in_process(tiny_run_argv(workspace, tmp_path / "straight", *flags, "--max_train_steps", "4"))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    student_updates = []
+
+    def count(event, trainer, **info):
+        if event == "optimizer_step" and info.get("role") == "student":
+            student_updates.append(info)
+
+    argv = tiny_run_argv(workspace, resumed, *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    in_process(argv, hooks=[count])
+    assert len(student_updates) == 2  # it resumed at step 2 rather than starting over
+    for name in ("trainable.safetensors", "ema.safetensors", "optimizer_student.safetensors"):
+        expected = load_file(str(tmp_path / "straight" / "checkpoint-4" / name))
+        actual = load_file(str(resumed / "checkpoint-4" / name))
+        assert expected.keys() == actual.keys() and expected, name
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), f"{name}:{key}"
