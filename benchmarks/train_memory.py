@@ -17,6 +17,11 @@ the same for both layouts).
     python benchmarks/train_memory.py                 # prints a table; the last line is one JSON object
     python benchmarks/train_memory.py --family flux   # the FLUX.1-shaped case
     python benchmarks/train_memory.py --family sd3    # the SD3.5-shaped case
+    python benchmarks/train_memory.py --method sid    # SiD: input gradients through the teacher and the critic
+
+``--method sid`` (or ``sim``) measures the score-divergence methods, whose student step back-propagates through the
+frozen teacher's and the frozen critic's passes into ``x_t`` (gradient checkpointing off for those passes): three
+backward paths through the backbone per student step instead of one.
 """
 
 from __future__ import annotations
@@ -135,7 +140,13 @@ FAMILY_CASES = {
 
 
 def run_layout(
-    layout: str, steps: int, batch_size: int, resolution: int, lora_rank: int, family: str = "sdxl"
+    layout: str,
+    steps: int,
+    batch_size: int,
+    resolution: int,
+    lora_rank: int,
+    family: str = "sdxl",
+    method_name: str = "dmd2",
 ) -> dict:
     """One layout in this process: build, run ``steps`` student+critic updates, report memory and timings."""
     import torch
@@ -159,7 +170,8 @@ def run_layout(
     roles = BackboneRoles(
         adapter, RolesConfig(student=kind, critic=kind, lora_rank=lora_rank, lora_alpha=8), image_seq_len=image_seq_len
     )
-    method = build_method(MethodConfig(guidance_scale=guidance_scale).validate(), roles, [student_time])
+    method_config = MethodConfig(method=method_name, guidance_scale=guidance_scale).validate()
+    method = build_method(method_config, roles, [student_time])
     optimizers = {role: torch.optim.AdamW(roles.role_parameters(role), lr=1e-5) for role in ("student", "critic")}
 
     # Time every network pass by wrapping the roles' single entry point.
@@ -228,10 +240,15 @@ def main():
         "narrowest width; r=16 keeps that proportion on this UNet's 96-384 channels.",
     )
     parser.add_argument("--family", choices=sorted(FAMILY_CASES), default="sdxl", help="the backbone's shape")
+    parser.add_argument(
+        "--method", choices=("dmd2", "sid", "sim"), default="dmd2", help="the distillation method of the step"
+    )
     parser.add_argument("--layout", choices=("lora", "separate"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.layout:
-        result = run_layout(args.layout, args.steps, args.batch_size, args.resolution, args.lora_rank, args.family)
+        result = run_layout(
+            args.layout, args.steps, args.batch_size, args.resolution, args.lora_rank, args.family, args.method
+        )
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
 
@@ -252,6 +269,8 @@ def main():
             str(args.lora_rank),
             "--family",
             args.family,
+            "--method",
+            args.method,
         ]
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
         out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
@@ -264,7 +283,7 @@ def main():
         f"{'UNet' if args.family == 'sdxl' else 'Transformer'}: {lora['unet_parameters_m']:.1f}M parameters "
         f"({get_adapter_class(args.family).display_name}-shaped), LoRA rank {args.lora_rank} "
         f"({lora['trainable_parameters_m']:.1f}M trainable in both adapters), batch {args.batch_size}, "
-        f"{args.resolution}x{args.resolution} images, {args.steps} timed steps, 1 thread, CPU"
+        f"{args.resolution}x{args.resolution} images, {args.steps} timed steps, 1 thread, CPU, method {args.method}"
     )
     print(
         f"{'layout':<34}{'memory MiB':>11}{'step s':>9}{'teacher':>9}{'critic':>9}{'student':>9}{'other':>9}"
@@ -281,7 +300,13 @@ def main():
         f"memory ratio (LoRA / separate) = {memory_ratio:.3f} (target <= 0.45); "
         f"overhead ratio (LoRA layout) = {lora['overhead_ratio']:.3f} (target <= 1.15)"
     )
-    print(json.dumps({"memory_ratio": round(memory_ratio, 4), "overhead_ratio": round(lora["overhead_ratio"], 4)}))
+    summary = {"memory_ratio": round(memory_ratio, 4), "overhead_ratio": round(lora["overhead_ratio"], 4)}
+    summary.update(
+        method=args.method,
+        lora_memory_mib=round(lora["memory_mib"]),
+        separate_memory_mib=round(separate["memory_mib"]),
+    )
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -188,7 +188,12 @@ def license_text(teacher: str, license_fields: Dict[str, str]) -> str:
 
 def method_name(method, config) -> str:
     """A method class's own name and description, with the run's divergence."""
-    return f"{method.name} ({config.method.divergence}): {method.description}"
+    return f"{method.name} ({_divergence_label(method, config)}): {method.description}"
+
+
+def _divergence_label(method, config) -> str:
+    """The run's f-divergence, or the divergence a score-matching method (SiD, SIM) names for itself."""
+    return config.method.divergence or getattr(method, "divergence_label", None) or "none"
 
 
 def card_text(
@@ -259,7 +264,7 @@ def card_text(
         "## Training",
         "",
         f"- Teacher: `{teacher}` ({family})",
-        f"- Method: `{method.name}`, divergence `{config.method.divergence}` ({method.reference})",
+        f"- Method: `{method.name}`, divergence `{_divergence_label(method, config)}` ({method.reference})",
         f"- Student: {config.roles.student}; critic: {config.roles.critic}",
         f"- Steps: {config.optim.max_train_steps}, batch {config.optim.train_batch_size}, "
         f"student lr {config.optim.learning_rate}",
@@ -483,7 +488,7 @@ def write_model_card(
         "diffusers",
         family,
         *method.tags,
-        config.method.divergence,
+        _divergence_label(method, config),
     ]
     if lora:
         tags.append("lora")

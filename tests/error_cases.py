@@ -364,6 +364,13 @@ def cli_cases() -> List[Case]:
         cli_case("--family that does not match the teacher", lambda c: base(c, **{"--family": "sdxl"})),
         cli_case("unknown --family", lambda c: base(c, **{"--family": "hunyuan_dit"})),
         cli_case("unknown --divergence", lambda c: base(c, **{"--divergence": "wasserstein"})),
+        cli_case(
+            "a method flag that does not apply (--sid_alpha with dmd2)", lambda c: base(c, **{"--sid_alpha": "1"})
+        ),
+        cli_case(
+            "--divergence with a score-matching method", lambda c: base(c, **{"--method": "sid", "--divergence": "js"})
+        ),
+        cli_case("--gan_weight with sid", lambda c: base(c, **{"--method": "sid", "--gan_weight": "0.01"})),
         cli_case("--lora_rank 0 with a LoRA student", lambda c: base(c, **{"--lora_rank": "0"})),
         cli_case("--student that is not lora or full", lambda c: base(c, **{"--student": "half"})),
         cli_case(

@@ -25,6 +25,7 @@ REPORT_TO = ("tensorboard", "wandb", "none", "all")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 ON_NONFINITE = ("stop", "skip")
 DISCRIMINATOR_TRUNKS = ("teacher", "critic")
+SIM_DISTANCES = ("pseudo_huber", "squared")
 
 
 class ConfigError(ValueError):
@@ -135,6 +136,14 @@ class MethodConfig:
         ratio_clip, logit_clamp, ratio_bins, ratio_ema: density-ratio estimation and normalisation of f-distill.
         critic_updates_per_student: critic updates per student update (DMD2's two time-scale update rule).
         backward_simulation: train multi-step students on their own rollouts (DMD2's backward simulation).
+        sid_alpha: SiD's α (Zhou et al. 2024, eq. 23; ``sid`` only): 1.2 in SiD's released runs, 1 in SiD-LSG's SD
+            runs; ½ is the exact Fisher-divergence gradient.
+        fake_guidance_scale: SiD-LSG's κ2 = κ3 (``cfg_eval_fake``): classifier-free guidance of the fake score in the
+            generator loss (``sid``, ``sim``).
+        fake_train_guidance_scale: SiD-LSG's κ1 (``cfg_train_fake``): guidance of the fake score inside its own
+            denoising loss (``sid``, ``sim``).
+        sim_distance, sim_huber_c: SIM's distance ``d`` (``pseudo_huber`` or ``squared``) and the pseudo-Huber ``c``
+            in score units (``sim`` only).
     """
 
     method: Optional[str] = setting(
@@ -197,6 +206,25 @@ class MethodConfig:
     backward_simulation: bool = setting(
         True, "Train multi-step students on their own rollouts (DMD2's backward simulation)."
     )
+    sid_alpha: Optional[float] = setting(
+        None, "SiD's alpha in its generator loss (sid only).", default_text="1.2 (SiD's released runs)"
+    )
+    fake_guidance_scale: Optional[float] = setting(
+        None,
+        "CFG scale of the fake score in the generator loss, SiD-LSG's kappa2 = kappa3 (sid, sim).",
+        default_text="1 (no guidance)",
+    )
+    fake_train_guidance_scale: Optional[float] = setting(
+        None,
+        "CFG scale of the fake score inside its own denoising loss, SiD-LSG's kappa1 (sid, sim).",
+        default_text="1 (no guidance)",
+    )
+    sim_distance: Optional[str] = setting(
+        None, "SIM's score distance (sim only).", choices=SIM_DISTANCES, default_text="pseudo_huber"
+    )
+    sim_huber_c: Optional[float] = setting(
+        None, "The pseudo-Huber c of SIM's distance, in score units (sim only).", default_text="1"
+    )
 
     @property
     def uses_discriminator(self) -> bool:
@@ -255,6 +283,17 @@ class MethodConfig:
             f"`--discriminator_weight` must be >= 0, got {self.discriminator_weight}.",
         )
         _require(self.logit_clamp > 0, f"`--logit_clamp` must be positive, got {self.logit_clamp}.")
+        for name in ("fake_guidance_scale", "fake_train_guidance_scale"):
+            value = getattr(self, name)
+            _require(value is None or value >= 0, f"`--{name}` must be >= 0, got {value}.")
+        _require(
+            self.sim_distance in (None,) + SIM_DISTANCES,
+            f"`--sim_distance` must be one of {', '.join(SIM_DISTANCES)}, got {self.sim_distance!r}.",
+        )
+        _require(
+            self.sim_huber_c is None or self.sim_huber_c > 0,
+            f"`--sim_huber_c` must be positive, got {self.sim_huber_c}.",
+        )
         return self
 
 

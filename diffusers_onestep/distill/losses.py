@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import parameterization
+from .config import SIM_DISTANCES
 from .divergences import Divergence, get_divergence
 
 
@@ -35,6 +36,8 @@ __all__ = [
     "gan_discriminator_loss",
     "gan_generator_loss",
     "sample_guidance_scale",
+    "sid_generator_loss",
+    "sim_generator_loss",
     "vsd_gradient",
     "vsd_generator_loss",
 ]
@@ -423,3 +426,144 @@ def f_divergence_weight(ratio: Tensor, divergence: Union[str, Divergence], norma
     stats = torch.stack([h.sum(), torch.tensor(float(h.numel()), device=h.device)])
     _all_reduce_sum(stats)
     return h / (stats[0] / stats[1] + 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Score-divergence (Fisher-type) distillation: SiD (arXiv 2404.04057), SiD-LSG (arXiv 2406.01561), SIM (2410.16794)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sid_generator_loss(
+    x0_student: Tensor,
+    x0_real: Tensor,
+    x0_fake: Tensor,
+    alpha: float = 1.2,
+    normalize: bool = True,
+    eps: float = 1e-5,
+) -> Tuple[Tensor, Dict[str, float]]:
+    """SiD's generator loss (Zhou et al. 2024, "Score identity Distillation", arXiv 2404.04057, eq. 23; SiD code
+    ``training/sid_loss.py``).
+
+    Per element, with ``δ = x̂_real − x̂_fake`` (``f_φ − f_ψ``) and ``x = G(z)``::
+
+        L = δ ⊙ [(x̂_real − x) − α δ] / W = [(1 − α) δ² + δ ⊙ (x̂_fake − x)] / W,   W = mean_{C,H,W} |x − x̂_real|
+
+    ``W`` is computed per sample without gradient and clipped at ``eps`` (SiD's ``weight_factor``). Unlike VSD, the
+    gradient flows through ``x_t`` into **both** networks: ``x0_real`` and ``x0_fake`` must be evaluated at
+    ``x_t = α_t x + σ_t ε`` with the graph to ``x`` kept (their parameters frozen). With an exact fake score
+    ``f_ψ = E_q[x0 | x_t]`` the score identity ``E_q[h(x_t)ᵀ f_q(x_t)] = E[h(x_t)ᵀ x0]`` gives
+    ``∇θ E[L] = ½ ∇θ E_q‖f_p − f_q‖² − (α − ½) ∂θ E‖δ‖²|_ψ`` for ``normalize=False``: α = ½ is the exact gradient
+    of the (x0-space) Fisher divergence, and SiD's released α = 1.2 (α = 1 for SiD-LSG on SD) adds a term that
+    pushes ``‖δ‖²`` down along the sample path (``tests/test_score_divergence.py`` checks both on Gaussians).
+
+    Samples whose loss is not finite are dropped (SiD drops NaN samples). The reduction is the mean over all
+    elements; SiD's code sums over elements, averages over the batch and multiplies by ``loss_scaling_G = 100``,
+    a constant factor that Adam absorbs.
+
+    Args:
+        x0_student (`torch.Tensor` of shape `[B, ...]`): ``x = G(z)`` with its graph.
+        x0_real (`torch.Tensor`): the (guided) teacher's ``x̂0`` at ``x_t``, graph to ``x_t`` kept.
+        x0_fake (`torch.Tensor`): the (guided, SiD-LSG) fake score's ``x̂0`` at ``x_t``, graph to ``x_t`` kept.
+        alpha (`float`, defaults to 1.2): SiD's α.
+        normalize (`bool`, defaults to `True`): divide by ``W`` (SiD); ``False`` gives the raw Fisher-type loss.
+        eps (`float`, defaults to 1e-5): lower clip of ``W``.
+
+    Returns:
+        `tuple(torch.Tensor, dict)`: the scalar loss (float32, float64 for float64 inputs) and logs ``sid_delta_sq``
+        (mean ``δ²``), ``sid_normalizer`` (mean ``W``) and ``nonfinite`` (samples dropped).
+    """
+    if not (x0_student.shape == x0_real.shape == x0_fake.shape):
+        raise ValueError(
+            f"x0_student, x0_real and x0_fake must have one shape, got {tuple(x0_student.shape)}, "
+            f"{tuple(x0_real.shape)} and {tuple(x0_fake.shape)}."
+        )
+    dtype = _compute_dtype(x0_student, x0_real, x0_fake)
+    x, x0_real, x0_fake = x0_student.to(dtype), x0_real.to(dtype), x0_fake.to(dtype)
+    delta = x0_real - x0_fake
+    per_element = delta * ((x0_real - x) - alpha * delta)
+    reduce_dims = tuple(range(1, x.ndim))
+    with torch.no_grad():
+        normalizer = (x - x0_real).abs().mean(dim=reduce_dims, keepdim=True).clamp_min(eps)
+    if normalize:
+        per_element = per_element / normalizer
+    per_sample = per_element.reshape(per_element.shape[0], -1).mean(dim=1)
+    finite = torch.isfinite(per_sample)
+    loss = per_sample[finite].sum() / per_sample.shape[0]
+    log = {
+        "sid_delta_sq": float(delta.detach()[finite].pow(2).mean()) if bool(finite.any()) else float("nan"),
+        "sid_normalizer": float(normalizer.mean()),
+        "nonfinite": float((~finite).sum()),
+    }
+    return loss, log
+
+
+def sim_generator_loss(
+    x0_student: Tensor,
+    x0_real: Tensor,
+    x0_fake: Tensor,
+    t: Union[float, Tensor],
+    path: "parameterization.NoisePath",
+    distance: str = "pseudo_huber",
+    huber_c: float = 1.0,
+    weight: Optional[Union[float, Tensor]] = None,
+) -> Tuple[Tensor, Dict[str, float]]:
+    """SIM's tractable generator loss (Luo et al. 2024, "One-Step Diffusion Distillation through Score Implicit
+    Matching", arXiv 2410.16794, Theorem 3.1)::
+
+        L = − w_t · d'(y_t)ᵀ (s_ψ(x_t) − ∇_{x_t} log q_t(x_t | x)),   y_t = s_ψ(x_t) − s_p(x_t)
+
+    with the scores of the x0 estimates ``s = (α_t x̂0 − x_t)/σ_t²`` (§1.2 of algorithms.md). For
+    ``x_t = α_t x + σ_t ε`` the conditional score is ``−ε/σ_t``, so ``s_ψ − ∇log q_t(x_t|x) = α_t (x̂_fake − x)/σ_t²``
+    exactly and ``y_t = α_t (x̂_fake − x̂_real)/σ_t²``: the loss needs only the three x0 tensors, and its gradient
+    reaches ``x`` directly and through ``x_t`` into both networks (as SiD). Distances (per sample, over all
+    non-batch elements):
+
+    - ``pseudo_huber``: ``d(y) = √(‖y‖² + c²) − c``, ``d'(y) = y / √(‖y‖² + c²)`` (SIM's choice).
+    - ``squared``: ``d(y) = ‖y‖²``, ``d'(y) = 2y``. With ``w_t = σ_t⁴ / (2 α_t² W)`` this is SiD's loss at α = 1
+      (:func:`sid_generator_loss`) elementwise -- tested.
+
+    Note (derived here, checked on Gaussians): the exact gradient of ``∫ E_q d(y_t)`` also has the path term
+    ``∂θ E[d(y_t)]`` at frozen networks, which this loss leaves out; for the squared distance that is SiD α = 1
+    versus the Fisher gradient's α = ½.
+
+    Args:
+        x0_student (`torch.Tensor` of shape `[B, ...]`): ``x = G(z)`` with its graph.
+        x0_real, x0_fake (`torch.Tensor`): teacher and fake ``x̂0`` at ``x_t``, graph to ``x_t`` kept.
+        t (`float` or `torch.Tensor` of shape `[B]`): natural times of ``path``.
+        path (`NoisePath`): the noise path ``x_t`` was built on.
+        distance (`str`, defaults to ``"pseudo_huber"``): ``pseudo_huber`` or ``squared``.
+        huber_c (`float`, defaults to 1.0): the pseudo-Huber ``c`` in score units (SIM's value is not confirmed).
+        weight (`float` or `torch.Tensor` of shape `[B]`, *optional*): ``w_t`` per sample, no gradient; ``None``: 1.
+
+    Returns:
+        `tuple(torch.Tensor, dict)`: the scalar loss (mean over all elements, non-finite samples dropped) and logs
+        ``sim_score_gap`` (mean per-sample ``‖y_t‖``) and ``nonfinite``.
+    """
+    if distance not in SIM_DISTANCES:
+        raise ValueError(f"Unknown SIM distance {distance!r}; use one of {', '.join(SIM_DISTANCES)}.")
+    if not (x0_student.shape == x0_real.shape == x0_fake.shape):
+        raise ValueError(
+            f"x0_student, x0_real and x0_fake must have one shape, got {tuple(x0_student.shape)}, "
+            f"{tuple(x0_real.shape)} and {tuple(x0_fake.shape)}."
+        )
+    dtype = _compute_dtype(x0_student, x0_real, x0_fake)
+    x, x0_real, x0_fake = x0_student.to(dtype), x0_real.to(dtype), x0_fake.to(dtype)
+    t = torch.as_tensor(t, device=x.device)
+    alpha_t, sigma_t = path.alpha_sigma(t.expand(x.shape[0]) if t.ndim == 0 else t, device=x.device)
+    scale = _per_sample((alpha_t / sigma_t**2).to(dtype), x)
+    y = scale * (x0_fake - x0_real)
+    residual = scale * (x0_fake - x)  # s_ψ(x_t) − ∇log q_t(x_t | x)
+    flat_y = y.reshape(y.shape[0], -1)
+    norm_sq = flat_y.pow(2).sum(dim=1)
+    if distance == "squared":
+        direction = 2.0 * y
+    else:
+        direction = y / _per_sample(torch.sqrt(norm_sq + huber_c**2), y)
+    per_element = -direction * residual
+    if weight is not None:
+        per_element = per_element * _per_sample(torch.as_tensor(weight, dtype=dtype, device=x.device).detach(), x)
+    per_sample = per_element.reshape(per_element.shape[0], -1).mean(dim=1)
+    finite = torch.isfinite(per_sample)
+    loss = per_sample[finite].sum() / per_sample.shape[0]
+    log = {"sim_score_gap": float(norm_sq.detach().sqrt().mean()), "nonfinite": float((~finite).sum())}
+    return loss, log

@@ -176,7 +176,7 @@ def resolve(config: TrainConfig, teacher_configs: Optional[Dict[str, Dict[str, A
     optim = config.optim
     optim.mixed_precision, mixed_precision_source = resolve_mixed_precision(optim.mixed_precision)
     if optim.learning_rate is None:
-        optim.learning_rate = defaults.learning_rate(roles.student)
+        optim.learning_rate = defaults.learning_rate(roles.student, config.method.method)
     if optim.critic_learning_rate is None:
         optim.critic_learning_rate = optim.learning_rate
     if config.max_sequence_length is None:

@@ -9,7 +9,7 @@ adapter converts them to what the network expects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -49,6 +49,9 @@ class TrainingDefaults:
         gan_weight: generator GAN weight when the method trains a discriminator.
         lora_rank, lora_alpha: LoRA shape of the student and critic adapters.
         critic_updates_per_student: DMD2's two time-scale update rule (Yin et al. 2024b, arXiv 2405.14867).
+        method_defaults: per method name, the settings a method's published runs on this family used: fields of
+            :class:`~diffusers_onestep.distill.config.MethodConfig` plus ``learning_rate`` (both roles); they
+            fill what the user left unset before the generic values above.
     """
 
     student_timesteps: Tuple[float, ...]
@@ -59,8 +62,12 @@ class TrainingDefaults:
     lora_rank: int = 64
     lora_alpha: float = 64
     critic_updates_per_student: int = 5
+    method_defaults: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
-    def learning_rate(self, student_kind: str) -> float:
+    def learning_rate(self, student_kind: str, method: Optional[str] = None) -> float:
+        published = self.method_defaults.get(method or "", {}).get("learning_rate")
+        if published is not None:
+            return float(published)
         return self.learning_rate_lora if student_kind == "lora" else self.learning_rate_full
 
 

@@ -45,7 +45,7 @@ class StableDiffusionAdapter(FamilyAdapter):
     # LoRA learning rate that of its SDXL LoRA run (sdxl_cond999_8node_lr5e-5_..._lora.sh), labelled so in
     # docs/training.md.
     #
-    # SiD-LSG's SD 1.5 settings, recorded for the `sid` method (algorithms.md §7.2), which is not built yet (Zhou
+    # SiD-LSG's SD 1.5 settings, the `sid` method's defaults on this family (algorithms.md §7.2; method_defaults) (Zhou
     # et al., "Guided Score identity Distillation for Data-Free One-Step Text-to-Image Generation", ICLR 2025, arXiv
     # 2406.01561; mingyuanzhou/SiD-LSG run_sid.sh 'sd1.5', sid_train.py defaults and README at commit 709fc22):
     # generator initialised from SD 1.5 and conditioned on --init_timestep 625 (of 1000); --alpha 1; --lr 1e-6 (fake
@@ -62,6 +62,17 @@ class StableDiffusionAdapter(FamilyAdapter):
         lora_rank=64,
         lora_alpha=8,
         critic_updates_per_student=10,
+        method_defaults={
+            "sid": {
+                "student_timesteps": (625.0,),
+                "sid_alpha": 1.0,
+                "guidance_scale": 2.0,
+                "fake_guidance_scale": 2.0,
+                "fake_train_guidance_scale": 2.0,
+                "critic_updates_per_student": 1,
+                "learning_rate": 1e-6,
+            }
+        },
     )
 
     @classmethod

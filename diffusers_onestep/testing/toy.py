@@ -263,8 +263,9 @@ class ToyModels(RolePhases, DistillationModels):
     def teacher(self, x_t, t, condition, *, guidance=None, return_features=False):
         self._check_condition(condition)
         t = self._times(t, x_t)
-        with torch.no_grad():
-            pred = self.gmm.prediction(x_t.detach(), t, self.path, self.prediction_type)
+        # The analytic teacher has no parameters; its output keeps a graph to x_t where the caller differentiates
+        # the frozen teacher w.r.t. its input (SiD, SIM).
+        pred = self.gmm.prediction(x_t, t, self.path, self.prediction_type)
         if return_features:
             return pred, x_t  # the trunk features of an analytic teacher: its input
         return pred

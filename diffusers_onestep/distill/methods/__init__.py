@@ -1,6 +1,7 @@
 """Distillation methods as plug-ins: ``--method NAME`` picks a registered class (see :mod:`.base`).
 
-Registered here: :class:`DMD2` (``dmd2``) and :class:`FDistill` (``fdistill``). A new method is one file in this folder
+Registered here: :class:`DMD2` (``dmd2``), :class:`FDistill` (``fdistill``), :class:`SiD` (``sid``, with SiD-LSG's
+guidance flags) and :class:`SIM` (``sim``). A new method is one file in this folder
 (or in user code) with a :class:`DistillationMethod` subclass decorated with :func:`register_method`.
 """
 
@@ -17,6 +18,7 @@ from .base import (
 )
 from .dmd2 import DMD2
 from .fdistill import FDistill
+from .sid import SIM, SiD
 
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "DistillationMethod",
     "FDistill",
     "GeneratorTerms",
+    "SIM",
+    "SiD",
     "build_method",
     "get_method_class",
     "method_for",

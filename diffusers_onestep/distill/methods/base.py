@@ -36,6 +36,10 @@ Logs = Dict[str, float]
 
 METHODS: Dict[str, Type["DistillationMethod"]] = {}
 
+#: :class:`MethodConfig` fields that only some methods read (a method lists its own in ``settings``); setting one
+#: for another method is refused in one sentence
+METHOD_SETTINGS = ("sid_alpha", "fake_guidance_scale", "fake_train_guidance_scale", "sim_distance", "sim_huber_c")
+
 
 def register_method(cls: Type["DistillationMethod"]) -> Type["DistillationMethod"]:
     """Add a method class to the registry under ``cls.name`` (usable as a class decorator)."""
@@ -82,6 +86,17 @@ def resolve_method_config(config: MethodConfig, defaults=None, has_real_images: 
     defaults = defaults or FamilyAdapter.training_defaults
     method_cls = method_for(config.method, config.divergence)
     config.method = method_cls.name
+    # The family's record of this method's published settings fills what the user left unset.
+    for setting_name, value in getattr(defaults, "method_defaults", {}).get(method_cls.name, {}).items():
+        if setting_name != "learning_rate" and getattr(config, setting_name) is None:
+            setattr(config, setting_name, copy.deepcopy(list(value) if isinstance(value, tuple) else value))
+    for setting_name in METHOD_SETTINGS:
+        if getattr(config, setting_name) is not None and setting_name not in method_cls.settings:
+            owners = [name for name, cls in METHODS.items() if setting_name in cls.settings]
+            raise ConfigError(
+                f"--{setting_name} applies to the {' and '.join(owners)} method{'s' if len(owners) > 1 else ''}, "
+                f"not {method_cls.name}; drop it or pick --method {owners[0]}."
+            )
     return method_cls.resolve_config(config, defaults, has_real_images)
 
 
@@ -132,6 +147,10 @@ class DistillationMethod:
     requires_discriminator: bool = False
     default_discriminator_weight: float = 1e-2
     default_discriminator_trunk: str = "critic"
+    #: the method-specific settings (of ``METHOD_SETTINGS``) this method reads
+    settings: Tuple[str, ...] = ()
+    #: what the model card names as the matched divergence when the method takes no ``--divergence``
+    divergence_label: Optional[str] = None
 
     # ------------------------------------------------------------------------------------------------------------
     # configuration
@@ -148,7 +167,7 @@ class DistillationMethod:
         config = copy.deepcopy(config)
         if config.divergence is None:
             config.divergence = cls.default_divergence
-        if not cls.accepts_divergence(config.divergence):
+        if cls.divergences != () and not cls.accepts_divergence(config.divergence):
             raise ConfigError(
                 f"The {cls.name} method takes the {' or '.join(cls.divergences)} divergence, not "
                 f"{config.divergence}; drop --divergence or pick another --method."
@@ -187,7 +206,8 @@ class DistillationMethod:
         self.models = models
         self.path = models.path
         self.student_timesteps = [float(t) for t in student_timesteps]
-        self.divergence = get_divergence(config.divergence)
+        # None for methods that match scores rather than an f-divergence (SiD, SIM: ``divergences = ()``)
+        self.divergence = get_divergence(config.divergence) if config.divergence is not None else None
         self.gan_weight = float(config.gan_weight)
         self.discriminator_weight = float(config.discriminator_weight)
         self.discriminator_trunk = config.discriminator_trunk
