@@ -124,6 +124,8 @@ class MethodConfig:
             values train a multi-step student by backward simulation (DMD2).
         guidance_scale: teacher classifier-free guidance ``w`` in the form ``u + w (c - u)`` (Ho & Salimans).
         guidance_range: draw ``w`` uniformly per sample from this range instead (SNOOPI); overrides the scale.
+        critic_guidance: with ``guidance_range``, guide the critic (fake score) with the same per-sample ``w`` as
+            the teacher (SNOOPI's PG-SB varies the scale of both teachers of the VSD loss).
         time_range: fraction of the path used for the score terms (DMD: 0.02-0.98).
         critic_time_range: fraction of the path used for the critic's denoising loss (DMD2: all of it).
         dm_weight: weight of the distribution-matching term.
@@ -159,6 +161,10 @@ class MethodConfig:
     )
     guidance_range: Optional[Tuple[float, float]] = setting(
         None, "Draw the CFG scale uniformly from this range per sample (SNOOPI).", metavar=("LOW", "HIGH")
+    )
+    critic_guidance: bool = setting(
+        True,
+        "With --guidance_range, guide the critic (fake score) with the teacher's per-sample CFG scale (SNOOPI PG-SB).",
     )
     time_range: Tuple[float, float] = setting(
         (0.02, 0.98), "Fraction of the noise path for the score terms.", metavar=("LOW", "HIGH")
