@@ -82,7 +82,11 @@ def pipeline_cases() -> List[Case]:
         ("one generator per image expected", lambda c: _call(c, generator=[torch.Generator()] * 3)),
         ("latents of the wrong shape", lambda c: _call(c, latents=torch.zeros(1, 4, 8, 8))),
         ("unknown output_type", lambda c: _call(c, output_type="jpeg")),
-        ("negative prompt on a guidance-distilled student", lambda c: _call(c, negative_prompt="blurry")),
+        ("negative_scale without negative_prompt (NASA)", lambda c: _call(c, negative_scale=2.0)),
+        (
+            "negative_prompt_embeds instead of negative_prompt text",
+            lambda c: _call(c, negative_prompt_embeds=embeds(c)),
+        ),
         ("guidance_scale > 1 on a guidance-distilled student", lambda c: _call(c, guidance_scale=5.0)),
         ("unknown callback tensor input", lambda c: _call(c, callback_on_step_end_tensor_inputs=["noise_pred"])),
         ("custom timesteps out of range", lambda c: _call(c, timesteps=[1200])),

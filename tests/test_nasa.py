@@ -1,0 +1,116 @@
+"""NASA negative prompts (SNOOPI, arXiv 2412.02687) on one-step students: the processor's closed form, λ = 0, the
+processors put back, the families it applies to and the ones that refuse."""
+
+import math
+
+import pytest
+import torch
+
+from diffusers_onestep.pipelines import nasa
+
+
+PROMPT = "a photo of a cat"
+NEGATIVE = "a red square"
+
+
+def _cross_attention_layer(pipe):
+    """The first cross-attention module of the denoiser (``attn2``, text keys and values)."""
+    for name, module in pipe.denoiser.named_modules():
+        if name.endswith("attn2"):
+            return module
+    raise AssertionError("no attn2 module")
+
+
+def _hand_attention(attn, hidden, states):
+    """softmax(Q Kᵀ / √d) V per head, merged, before the output projection (no masking: SD/SDXL cross-attention)."""
+    b, n, _ = hidden.shape
+    heads = attn.heads
+    q, k, v = attn.to_q(hidden), attn.to_k(states), attn.to_v(states)
+    d = q.shape[-1] // heads
+
+    def split(x):
+        return x.view(b, -1, heads, d).transpose(1, 2)
+
+    weights = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(d), dim=-1)
+    return (weights @ split(v)).transpose(1, 2).reshape(b, n, heads * d)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.7, 2.0])
+def test_processor_is_the_closed_form_on_one_layer(student, scale):
+    """out = out_proj(Attn(Q, K+, V+) − λ·Attn(Q, K−, V−)), computed by hand from the layer's own projections."""
+    attn = _cross_attention_layer(student("sd"))
+    gen = torch.Generator().manual_seed(0)
+    width = attn.to_q.in_features
+    context = attn.to_k.in_features
+    hidden = torch.randn(2, 16, width, generator=gen)
+    positive, negative = torch.randn(2, 2, 7, context, generator=gen)
+    processor = nasa.NASAAttnProcessor(attn.processor, negative, None, scale)
+    with torch.no_grad():
+        out = processor(attn, hidden, encoder_hidden_states=positive)
+        z = _hand_attention(attn, hidden, positive) - scale * _hand_attention(attn, hidden, negative)
+        expected = attn.to_out[0](z)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        # negative control: subtracting after the projection would scale the bias too
+        if scale:
+            assert not torch.allclose(
+                out, attn.processor(attn, hidden, positive) - scale * attn.processor(attn, hidden, negative), atol=1e-4
+            )
+        # self-attention (no encoder states) passes through untouched
+        self_attn = next(m for n, m in student("sd").denoiser.named_modules() if n.endswith("attn1"))
+        wrapped = nasa.NASAAttnProcessor(self_attn.processor, negative, None, scale)
+        hidden = torch.randn(2, 16, self_attn.to_q.in_features, generator=gen)
+        torch.testing.assert_close(wrapped(self_attn, hidden), self_attn.processor(self_attn, hidden), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "pixart_alpha", "sana"])
+def test_negative_prompt_on_cross_attention_families(student, run, family):
+    pipe = student(family)
+    before = dict(pipe.denoiser.attn_processors)
+    plain = run(pipe, PROMPT)
+    zero = run(pipe, PROMPT, negative_prompt=NEGATIVE, negative_scale=0.0)
+    torch.testing.assert_close(torch.from_numpy(zero), torch.from_numpy(plain), rtol=0, atol=0)
+    steered = run(pipe, PROMPT, negative_prompt=NEGATIVE, negative_scale=1.0)
+    assert float(abs(steered - plain).max()) > 1e-3, "the negative prompt changed nothing"
+    other = run(pipe, PROMPT, negative_prompt="a blue circle on grass", negative_scale=1.0)
+    assert float(abs(steered - other).max()) > 1e-4, "the image does not depend on the negative prompt"
+    assert run(pipe, PROMPT, negative_prompt=NEGATIVE).shape == plain.shape  # default λ
+    after = pipe.denoiser.attn_processors
+    assert set(after) == set(before) and all(after[k] is before[k] for k in before), "processors not restored"
+
+
+def test_processors_restored_after_an_exception(student, run):
+    pipe = student("pixart_alpha")
+    before = dict(pipe.denoiser.attn_processors)
+    seen = []
+
+    def fail(pipe_, i, t, tensors):
+        seen.append(sum(isinstance(p, nasa.NASAAttnProcessor) for p in pipe_.denoiser.attn_processors.values()))
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        run(pipe, PROMPT, negative_prompt=NEGATIVE, callback_on_step_end=fail)
+    assert seen and seen[0] > 0, "NASA was not installed during the call"
+    after = pipe.denoiser.attn_processors
+    assert all(after[k] is before[k] for k in before)
+
+
+@pytest.mark.parametrize(
+    "family, kwargs, message",
+    [
+        (
+            "flux",
+            {"negative_prompt": NEGATIVE},
+            r"FLUX.1 student takes no negative prompt: its text enters through joint",
+        ),
+        ("sd3", {"negative_prompt": NEGATIVE}, r"SD3 student takes no negative prompt: its text enters through joint"),
+        ("sdxl", {"negative_scale": 1.0}, r"`negative_scale` weighs the negative prompt's attention \(NASA\)"),
+        ("sdxl", {"negative_prompt": NEGATIVE, "negative_scale": -1.0}, r"`negative_scale` must be a finite number"),
+        ("sdxl", {"negative_prompt": [NEGATIVE] * 2}, r"`negative_prompt` must be one string or one per prompt \(1\)"),
+        ("sdxl", {"negative_prompt": 3}, r"`negative_prompt` must be a string"),
+    ],
+)
+def test_refusals(student, family, kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        student(family)(PROMPT, output_type="np", **kwargs)
+    text = str(info.value)
+    assert text.endswith(".") and "\n" not in text
