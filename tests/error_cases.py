@@ -441,6 +441,7 @@ def cli_cases() -> List[Case]:
         cli_case("--config file that does not exist", lambda c: base(c, **{"--config": "nope.yaml"})),
         cli_case("--config with an unknown setting", lambda c: base(c, **{"--config": c["bad_config"]})),
         cli_case("--guidance_range with low > high", lambda c: base(c, **{"--guidance_range": ["5", "2"]})),
+        cli_case("--no_critic_guidance without --guidance_range", lambda c: base(c, **{"--no_critic_guidance": []})),
         cli_case("--max_train_steps 0", lambda c: base(c, **{"--max_train_steps": "0"})),
         cli_case("--guidance_scale inf", lambda c: base(c, **{"--guidance_scale": "inf"})),
         cli_case("--config with a fractional step count", lambda c: base(c, **{"--config": c["fractional_config"]})),

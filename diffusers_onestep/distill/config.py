@@ -234,6 +234,11 @@ class MethodConfig:
             f"`guidance_scale` must be >= 0, got {self.guidance_scale}.",
         )
         self.guidance_range = _pair(self.guidance_range, "guidance_range")
+        _require(
+            self.critic_guidance or self.guidance_range is not None,
+            "`--no_critic_guidance` applies only with `--guidance_range` (a fixed scale never guides the critic); "
+            "remove it.",
+        )
         for name in ("time_range", "critic_time_range", "diffusion_gan_time_range"):
             value = _pair(getattr(self, name), name)
             _require(
