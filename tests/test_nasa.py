@@ -158,3 +158,43 @@ def test_batches_and_fused_projections(native_folder, load_student, run):
     torch.testing.assert_close(
         torch.from_numpy(run(pipe, [PROMPT, "a dog"], **kwargs)), torch.from_numpy(images), rtol=1e-4, atol=1e-4
     )
+
+
+class _RecordAll:
+    def __init__(self, processor, store):
+        self.processor, self.store = processor, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        if encoder_hidden_states is not None:
+            self.store.append((encoder_hidden_states, attention_mask))
+        return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "pixart_alpha", "sana"])
+def test_every_cross_attention_layer_receives_the_recorded_states(student, family):
+    """NASA records the negative states at the first cross-attention layer and stops; that is exact only if every
+    cross-attention layer of a full forward receives those same states and mask, checked here layer by layer."""
+    pipe = student(family)
+    adapter = pipe.adapter
+    condition = adapter.encode_prompt([NEGATIVE])
+    latents = torch.randn(adapter.latent_shape(1, 16, 16), generator=torch.Generator().manual_seed(0))
+    t = torch.full((1,), 500.0, dtype=torch.float64)
+
+    def forward():
+        return adapter.denoise(latents, t, condition)
+
+    with torch.no_grad():
+        states, mask = nasa.record_cross_attention_states(pipe.denoiser, forward)
+        store = []
+        original = dict(pipe.denoiser.attn_processors)
+        pipe.denoiser.set_attn_processor({name: _RecordAll(p, store) for name, p in original.items()})
+        try:
+            forward()
+        finally:
+            pipe.denoiser.set_attn_processor(original)
+    # the tiny SANA has a single block (its transformer projects and norms the caption once, before the blocks)
+    assert len(store) >= (1 if family == "sana" else 2)
+    for layer_states, layer_mask in store:
+        assert torch.equal(layer_states, states)
+        assert (layer_mask is None and mask is None) or torch.equal(layer_mask, mask)
+    assert all(pipe.denoiser.attn_processors[k] is original[k] for k in original)

@@ -12,10 +12,13 @@ negative content into the image instead of removing it (the paper's motivation).
 
 How it is wired, with public diffusers API only (``attn_processors`` / ``set_attn_processor``):
 
-1. :func:`record_cross_attention_states` runs the denoiser once on the negative condition with a recording wrapper
-   around every processor, keeping the encoder states and attention mask each cross-attention layer receives. These
-   are what the blocks see after the family's own caption projection and norm (PixArt, SANA) and mask-to-bias
-   conversion, so no family-specific preprocessing is repeated here.
+1. :func:`record_cross_attention_states` starts a denoiser forward on the negative condition with a recording wrapper
+   around every processor and stops it at the first cross-attention layer, keeping the encoder states and attention
+   mask that layer receives: what the blocks see after the family's own caption projection and norm (PixArt, SANA)
+   and mask-to-bias conversion, so no family-specific preprocessing is repeated here. In the families that take NASA
+   every cross-attention layer receives that same tensor (the UNet passes ``encoder_hidden_states`` through, the
+   DiTs project the caption once before their blocks; ``tests/test_nasa.py`` checks it layer by layer), so the cost is
+   the stem of the network up to its first cross-attention, not a second denoiser pass.
 2. :class:`NASAAttnProcessor` wraps each existing processor: self-attention (no encoder states) passes through;
    cross-attention returns ``P − λ (N − C)``, where ``P`` and ``N`` are the wrapped processor's outputs for the
    positive and the recorded negative states and ``C`` the same processor's output at a zero attention result (the
@@ -56,15 +59,23 @@ def _zero_attention_output(attn, hidden_states: torch.Tensor) -> torch.Tensor:
     return constant
 
 
-class _RecordingProcessor:
-    """Wraps a processor; stores the encoder states and mask a cross-attention call receives, under ``name``."""
+class _Recorded(Exception):
+    """Stops the recording forward at the first cross-attention layer (nothing after it is needed)."""
 
-    def __init__(self, processor, name: str, store: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]):
-        self.processor, self.name, self.store = processor, name, store
+    def __init__(self, encoder_hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+        super().__init__("recorded")
+        self.states = (encoder_hidden_states, attention_mask)
+
+
+class _RecordingProcessor:
+    """Wraps a processor; the first call with encoder states ends the forward, carrying those states and the mask."""
+
+    def __init__(self, processor):
+        self.processor = processor
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if encoder_hidden_states is not None:
-            self.store[self.name] = (encoder_hidden_states, attention_mask)
+            raise _Recorded(encoder_hidden_states, attention_mask)
         return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
 
@@ -107,16 +118,16 @@ class NASAAttnProcessor:
         return positive - self.scale * (negative - _zero_attention_output(attn, hidden_states))
 
 
-def record_cross_attention_states(denoiser: torch.nn.Module, run) -> Dict[str, Tuple[torch.Tensor, Any]]:
-    """Call ``run()`` (one denoiser forward on the negative condition) with recording wrappers around every
-    processor of ``denoiser``; return ``{processor name: (encoder states, attention mask)}`` for the layers that were
-    called with encoder states. The original processors are back in place on return, also after an exception."""
-    store: Dict[str, Tuple[torch.Tensor, Any]] = {}
-    with _installed(
-        denoiser, {name: _RecordingProcessor(p, name, store) for name, p in denoiser.attn_processors.items()}
-    ):
-        run()
-    return store
+def record_cross_attention_states(denoiser: torch.nn.Module, run) -> Tuple[torch.Tensor, Any]:
+    """``(encoder states, attention mask)`` that the first cross-attention layer of ``denoiser`` receives when
+    ``run()`` (a denoiser forward on the negative condition) is called; the forward stops there. The original
+    processors are back in place on return, also after an exception."""
+    with _installed(denoiser, {name: _RecordingProcessor(p) for name, p in denoiser.attn_processors.items()}):
+        try:
+            run()
+        except _Recorded as recorded:
+            return recorded.states
+    raise ValueError(f"{type(denoiser).__name__} has no cross-attention layer for a negative prompt to steer.")
 
 
 @contextlib.contextmanager
@@ -131,12 +142,13 @@ def _installed(denoiser: torch.nn.Module, processors: Dict[str, Any]) -> Iterato
 
 @contextlib.contextmanager
 def negative_away_steer_attention(
-    denoiser: torch.nn.Module, negative_states: Dict[str, Tuple[torch.Tensor, Any]], scale: float
+    denoiser: torch.nn.Module, negative_states: Tuple[torch.Tensor, Any], scale: float
 ) -> Iterator[None]:
-    """Within the block, every processor of ``denoiser`` that received negative states is wrapped in a
-    :class:`NASAAttnProcessor` with λ = ``scale``; the original processors are restored on exit (also on error)."""
+    """Within the block, every processor of ``denoiser`` is wrapped in a :class:`NASAAttnProcessor` with the
+    negative ``(encoder states, attention mask)`` and λ = ``scale`` (self-attention calls pass through); the original
+    processors are restored on exit, also on error."""
     processors = {
-        name: NASAAttnProcessor(processor, *negative_states[name], scale) if name in negative_states else processor
+        name: NASAAttnProcessor(processor, *negative_states, scale)
         for name, processor in denoiser.attn_processors.items()
     }
     with _installed(denoiser, processors):

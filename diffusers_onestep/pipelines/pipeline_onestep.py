@@ -715,9 +715,9 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
     def _negative_away_steer_attention(
         self, negative_prompt, batch, num_images_per_prompt, latents, condition, guidance, negative_scale
     ):
-        """The NASA context for one call: the cross-attention states of the negative prompt, recorded by one
-        denoiser pass (they do not depend on the latents or the time in these families), then every cross-attention
-        processor wrapped until the context exits (see :mod:`.nasa`)."""
+        """The NASA context for one call: the cross-attention states of the negative prompt, recorded at the first
+        cross-attention layer of a denoiser pass that stops there (they depend on neither the latents nor the time in
+        these families), then every processor wrapped until the context exits (see :mod:`.nasa`)."""
         device = latents.device
         negative_prompts = (
             [negative_prompt] * (batch // num_images_per_prompt)
