@@ -115,3 +115,55 @@ def test_random_source_slices_the_global_batch():
         for r in (0, 1)
     ]
     torch.testing.assert_close(torch.cat(parts_t), whole_t)
+
+
+def test_random_guidance_reaches_teacher_and_critic_with_one_draw(setup):
+    """SNOOPI PG-SB (arXiv 2412.02687): the per-sample CFG scale drawn for a step guides both the teacher and the
+    fake score; the critic's x̂0 is u + w (c - u) of its own null and prompt passes with that same w."""
+    adapter, roles, batch = setup
+    seen = {}
+
+    def record(method):
+        teacher_x0, critic_x0 = method._teacher_x0, method._critic_x0
+
+        def teacher(*args, guidance=None, **kwargs):
+            seen["teacher"] = guidance
+            return teacher_x0(*args, guidance=guidance, **kwargs)
+
+        def critic(x_t, t, condition, null_discriminator=False, guidance=None):
+            seen["critic"] = guidance
+            out = critic_x0(x_t, t, condition, null_discriminator, guidance=guidance)
+            seen["critic_args"] = (x_t.detach(), t, out[0])
+            return out
+
+        method._teacher_x0, method._critic_x0 = teacher, critic
+        return method
+
+    method = record(build_method(MethodConfig(guidance_range=(2.0, 8.0)).validate(), roles, [400]))
+    assert method.critic_guided
+    method.student_step(batch, RandomSource.from_seed(3))
+    roles.end_phase()
+    w = seen["teacher"]
+    assert w is not None and seen["critic"] is w
+    assert w.shape == (2,) and bool((w >= 2.0).all() and (w <= 8.0).all()) and w[0] != w[1]
+    x_t, t, critic_x0 = seen["critic_args"]
+    with torch.no_grad():
+        uncond = roles.critic(x_t, t, roles.unconditional(batch.condition))
+        cond = roles.critic(x_t, t, batch.condition)
+    expected = param.to_x0(losses.classifier_free_guidance(uncond, cond, w), x_t, t, adapter.noise_path, "epsilon")
+    torch.testing.assert_close(critic_x0, expected, rtol=1e-5, atol=1e-5)
+    # the guided critic is not the conditional one (the draw matters)
+    assert not torch.allclose(critic_x0, param.to_x0(cond, x_t, t, adapter.noise_path, "epsilon"), atol=1e-4)
+
+    # negative controls: --no_critic_guidance, and a fixed scale, leave the critic conditional (DMD, SwiftBrush)
+    for config in (MethodConfig(guidance_range=(2.0, 8.0), critic_guidance=False), MethodConfig(guidance_scale=4.5)):
+        seen.clear()
+        method = record(build_method(config.validate(), roles, [400]))
+        assert not method.critic_guided
+        method.student_step(batch, RandomSource.from_seed(3))
+        roles.end_phase()
+        assert seen["teacher"] is not None and seen["critic"] is None
+        x_t, t, critic_x0 = seen["critic_args"]
+        with torch.no_grad():
+            cond = roles.critic(x_t, t, batch.condition)
+        torch.testing.assert_close(critic_x0, param.to_x0(cond, x_t, t, adapter.noise_path, "epsilon"))

@@ -199,15 +199,19 @@ ERROR_CASES = [
         r"`output_type` must be one of pil, np, pt, latent, got 'jpeg'",
     ),
     (
+        "sana_sprint",
+        {"prompt": PROMPT, "negative_prompt": "blurry", "negative_scale": float("nan")},
+        r"`negative_scale` must be a finite number >= 0, got nan",
+    ),
+    (
         "sdxl",
-        {"prompt": PROMPT, "negative_prompt": "blurry"},
-        r"This SDXL student takes no negative prompt: classifier-free guidance was distilled into it .* remove "
-        r"`negative_prompt`",
+        {"prompt": PROMPT, "negative_scale": 2.0},
+        r"`negative_scale` weighs the negative prompt's attention \(NASA\) and needs `negative_prompt`",
     ),
     (
         "pixart_alpha",
         {"prompt": PROMPT, "negative_prompt_embeds": _embeds(1, 120, 32)},
-        r"This PixArt-α student takes no negative prompt",
+        r"This PixArt-α student takes a negative prompt as text only",
     ),
     (
         "sdxl",

@@ -125,6 +125,8 @@ class MethodConfig:
             values train a multi-step student by backward simulation (DMD2).
         guidance_scale: teacher classifier-free guidance ``w`` in the form ``u + w (c - u)`` (Ho & Salimans).
         guidance_range: draw ``w`` uniformly per sample from this range instead (SNOOPI); overrides the scale.
+        critic_guidance: with ``guidance_range``, guide the critic (fake score) with the same per-sample ``w`` as
+            the teacher (SNOOPI's PG-SB varies the scale of both teachers of the VSD loss).
         time_range: fraction of the path used for the score terms (DMD: 0.02-0.98).
         critic_time_range: fraction of the path used for the critic's denoising loss (DMD2: all of it).
         dm_weight: weight of the distribution-matching term.
@@ -168,6 +170,10 @@ class MethodConfig:
     )
     guidance_range: Optional[Tuple[float, float]] = setting(
         None, "Draw the CFG scale uniformly from this range per sample (SNOOPI).", metavar=("LOW", "HIGH")
+    )
+    critic_guidance: bool = setting(
+        True,
+        "With --guidance_range, guide the critic (fake score) with the teacher's per-sample CFG scale (SNOOPI PG-SB).",
     )
     time_range: Tuple[float, float] = setting(
         (0.02, 0.98), "Fraction of the noise path for the score terms.", metavar=("LOW", "HIGH")
@@ -256,6 +262,11 @@ class MethodConfig:
             f"`guidance_scale` must be >= 0, got {self.guidance_scale}.",
         )
         self.guidance_range = _pair(self.guidance_range, "guidance_range")
+        _require(
+            self.critic_guidance or self.guidance_range is not None,
+            "`--no_critic_guidance` applies only with `--guidance_range` (a fixed scale never guides the critic); "
+            "remove it.",
+        )
         for name in ("time_range", "critic_time_range", "diffusion_gan_time_range"):
             value = _pair(getattr(self, name), name)
             _require(

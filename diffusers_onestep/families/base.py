@@ -172,6 +172,9 @@ class FamilyAdapter:
     #: diffusers pipeline class whose ``lora_state_dict`` reads and ``save_lora_weights`` writes this family's LoRA
     #: files (diffusers key prefixes); every family names its own
     lora_pipeline_class_name: str = ""
+    #: text reaches the denoiser through cross-attention with its own keys and values (UNet, PixArt, SANA), so NASA
+    #: negative prompts (SNOOPI, :mod:`diffusers_onestep.pipelines.nasa`) apply; joint-attention MMDiTs cannot
+    negative_prompt_attention: bool = False
     #: the denoiser takes an embedded guidance scale (SANA-Sprint)
     has_embedded_guidance: bool = False
     #: default embedded guidance scale of the family's pipeline

@@ -7,6 +7,7 @@ nothing in it depends on the backbone.
 
 # No `from __future__ import annotations` here: diffusers before 0.37 reads the `__init__` annotations with
 # `inspect` and fails on string annotations when loading a folder.
+import contextlib
 import json
 import math
 import numbers
@@ -34,7 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..families import ONESTEP_INDEX_KEY, Condition, FamilyAdapter, detect_family, get_adapter_class
 from ..schedulers import OneStepScheduler
 from ..storage import publish_entries, staging_path
-from . import loading, serving
+from . import loading, nasa, serving
 from .lora_loading import OneStepLoraLoaderMixin
 
 
@@ -72,11 +73,11 @@ class _DisabledProgressBar:
         pass
 
 
-def _check_prompt(prompt) -> None:
+def _check_prompt(prompt, name: str = "prompt") -> None:
     if not (
         isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
     ):
-        raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
+        raise ValueError(f"`{name}` must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
 
 
 class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
@@ -381,6 +382,7 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         output_type: str = "pil",
         callback_on_step_end_tensor_inputs: Optional[Sequence[str]] = None,
         callback_on_step_end=None,
+        negative_scale: Optional[float] = None,
     ) -> None:
         """Raise one actionable ``ValueError`` for the first invalid argument."""
         adapter = self.adapter
@@ -448,11 +450,36 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
                     f"({prompt_embeds.shape[1]}), got shape {tuple(mask.shape)}."
                 )
 
-        if negative_prompt is not None or negative_prompt_embeds is not None:
+        if negative_prompt_embeds is not None:
             raise ValueError(
-                f"This {family} student takes no negative prompt: classifier-free guidance was distilled into it "
-                "(running it twice per step would not give guidance); remove `negative_prompt`."
+                f"This {family} student takes a negative prompt as text only (NASA steers its cross-attention away "
+                "from it); pass `negative_prompt` instead of `negative_prompt_embeds`."
             )
+        if negative_prompt is None and negative_scale is not None:
+            raise ValueError(
+                "`negative_scale` weighs the negative prompt's attention (NASA) and needs `negative_prompt`; pass "
+                "one or remove `negative_scale`."
+            )
+        if negative_prompt is not None:
+            if not adapter.negative_prompt_attention:
+                raise ValueError(
+                    f"This {family} student takes no negative prompt: its text enters through joint attention, which "
+                    "has no separate text keys and values for NASA to steer away from, and classifier-free guidance "
+                    "was distilled into it; remove `negative_prompt`."
+                )
+            _check_prompt(negative_prompt, "negative_prompt")
+            if not isinstance(negative_prompt, str) and len(negative_prompt) != batch_size:
+                raise ValueError(
+                    f"`negative_prompt` must be one string or one per prompt ({batch_size}), got "
+                    f"{len(negative_prompt)}."
+                )
+            if negative_scale is not None and (
+                isinstance(negative_scale, bool)
+                or not isinstance(negative_scale, numbers.Real)
+                or not math.isfinite(negative_scale)
+                or negative_scale < 0
+            ):
+                raise ValueError(f"`negative_scale` must be a finite number >= 0, got {negative_scale!r}.")
         if guidance_scale is not None:
             if (
                 isinstance(guidance_scale, bool)
@@ -532,6 +559,7 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         ] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         use_resolution_binning: Optional[bool] = None,
+        negative_scale: Optional[float] = None,
     ):
         r"""Generate images.
 
@@ -549,7 +577,11 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
                 need `prompt_attention_mask`).
             guidance_scale (`float`, *optional*): only for students with embedded guidance (SANA-Sprint); other
                 students had classifier-free guidance distilled into them and refuse values above 1.
-            negative_prompt, negative_prompt_embeds: refused with an explanation (guidance-distilled students).
+            negative_prompt (`str` or `list[str]`, *optional*): what to steer away from, by NASA (SNOOPI, arXiv
+                2412.02687): every cross-attention layer outputs `out_proj(Attn(Q, K+, V+) − λ·Attn(Q, K−, V−))`
+                with λ = `negative_scale` (see `diffusers_onestep.pipelines.nasa`). Families whose text enters
+                through joint attention (SD3, FLUX.1) refuse it. One extra denoiser pass per call.
+            negative_prompt_embeds: refused; pass `negative_prompt` text.
             output_type (`str`): `"pil"`, `"np"`, `"pt"` or `"latent"` (the denoised latents).
             return_dict (`bool`): return an [`ImagePipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, [`~diffusers.callbacks.PipelineCallback`] or
@@ -562,6 +594,9 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             use_resolution_binning (`bool`, *optional*): generate at the nearest aspect-ratio bin of the family's
                 native pipeline and resize the image back, as that pipeline does; default: on where it bins this
                 denoiser's own resolution (see `FamilyAdapter.binned_size`).
+            negative_scale (`float`, *optional*): NASA's λ >= 0, only with `negative_prompt`; default
+                `nasa.DEFAULT_NEGATIVE_SCALE` (0.5, this package's choice: the paper states none). 0 gives the image
+                without the negative prompt.
 
         Returns:
             [`ImagePipelineOutput`] or `(images,)`.
@@ -595,6 +630,7 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             output_type,
             callback_on_step_end_tensor_inputs,
             callback_on_step_end,
+            negative_scale=negative_scale,
         )
         self._interrupt = False
         device = self._compute_device()
@@ -635,7 +671,12 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         # 6. Sampling: predict x0 at each conditioning timestep, re-noise to the next (OneStepScheduler.step)
         condition = condition.to(dtype=dtype)
         denoised = latents
-        with self.progress_bar(total=self._num_timesteps) as progress_bar:
+        steering = contextlib.nullcontext()
+        if negative_prompt is not None:
+            steering = self._negative_away_steer_attention(
+                negative_prompt, batch, num_images_per_prompt, latents.to(dtype), condition, guidance, negative_scale
+            )
+        with steering, self.progress_bar(total=self._num_timesteps) as progress_bar:
             for i, t in enumerate(self.scheduler.timesteps):
                 if self.interrupt:
                     break
@@ -670,6 +711,29 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    def _negative_away_steer_attention(
+        self, negative_prompt, batch, num_images_per_prompt, latents, condition, guidance, negative_scale
+    ):
+        """The NASA context for one call: the cross-attention states of the negative prompt, recorded at the first
+        cross-attention layer of a denoiser pass that stops there (they depend on neither the latents nor the time in
+        these families), then every processor wrapped until the context exits (see :mod:`.nasa`)."""
+        device = latents.device
+        negative_prompts = (
+            [negative_prompt] * (batch // num_images_per_prompt)
+            if isinstance(negative_prompt, str)
+            else negative_prompt
+        )
+        negative = self.adapter.encode_prompt(list(negative_prompts), device=device)
+        if num_images_per_prompt > 1:
+            negative = negative.repeat_interleave(num_images_per_prompt)
+        negative = negative.to(device).to(dtype=condition.embeds.dtype)
+        t = self.scheduler.path_timesteps[0]
+        states = nasa.record_cross_attention_states(
+            self.denoiser, lambda: self.adapter.denoise(latents, t, negative, guidance=guidance)
+        )
+        scale = nasa.DEFAULT_NEGATIVE_SCALE if negative_scale is None else float(negative_scale)
+        return nasa.negative_away_steer_attention(self.denoiser, states, scale)
 
     def _run_callback(self, callback, tensor_inputs, i, t, latents, denoised, condition, device, dtype):
         """Call ``callback_on_step_end`` with the named tensors; take back every tensor of ``_callback_tensor_inputs``

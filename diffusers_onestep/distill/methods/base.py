@@ -268,14 +268,40 @@ class DistillationMethod:
         null = self.models.unconditional(batch.condition)
         return null, null, True
 
-    def _teacher_x0(self, x_t, t, condition, rng: RandomSource, null_discriminator: bool = False):
+    @property
+    def critic_guided(self) -> bool:
+        """Whether the critic (fake score) is guided too: SNOOPI's PG-SB (arXiv 2412.02687, §3.2) varies the CFG
+        scale of *both* teachers of the VSD loss, the frozen teacher and the fake score, with one draw per sample.
+        Only with ``guidance_range`` (a fixed scale keeps DMD/SwiftBrush's conditional fake score) and only for
+        teachers guided by classifier-free combination (an embedded-guidance critic has no null branch here)."""
+        return (
+            self.config.guidance_range is not None
+            and self.config.critic_guidance
+            and not self.models.teacher_has_embedded_guidance
+        )
+
+    def sample_guidance(self, x_t: torch.Tensor, rng: RandomSource) -> torch.Tensor:
+        """Per-sample CFG scales ``[B]`` for one student step: the constant scale, or SNOOPI's uniform draw."""
+        return rng.guidance(x_t.shape[0], self.config.guidance_scale, self.config.guidance_range).to(x_t.device)
+
+    def _teacher_x0(
+        self,
+        x_t,
+        t,
+        condition,
+        rng: RandomSource,
+        null_discriminator: bool = False,
+        guidance: Optional[torch.Tensor] = None,
+    ):
         """Guided teacher ``x̂0`` (no grad), plus discriminator logits if the teacher is the trunk.
 
         The logits come from the teacher pass under the discriminator's condition (the prompt, or the null prompt
         when ``null_discriminator``); that pass keeps its graph to ``x_t`` for the GAN term, the others run without.
+        ``guidance`` is the step's per-sample scale (:meth:`sample_guidance`); ``None`` draws it from ``rng``.
         """
         models = self.models
-        guidance = rng.guidance(x_t.shape[0], self.config.guidance_scale, self.config.guidance_range).to(x_t.device)
+        if guidance is None:
+            guidance = self.sample_guidance(x_t, rng)
         want_logits = self.uses_discriminator and self.discriminator_trunk == "teacher"
         null = (
             models.unconditional(condition)
@@ -318,8 +344,24 @@ class DistillationMethod:
         guided = losses.classifier_free_guidance(uncond_pred, cond_pred, guidance)
         return param.to_x0(guided, x_t.detach(), t, self.path, models.prediction_type), logits
 
-    def _critic_x0(self, x_t, t, condition, null_discriminator: bool = False):
-        """Critic ``x̂0`` (no grad), plus discriminator logits if the critic is the trunk."""
+    def _critic_x0(self, x_t, t, condition, null_discriminator: bool = False, guidance: Optional[torch.Tensor] = None):
+        """Critic ``x̂0`` (no grad), plus discriminator logits if the critic is the trunk.
+
+        With ``guidance`` (per-sample scales ``[B]``; SNOOPI's PG-SB, see :attr:`critic_guided`) the fake score is
+        classifier-free guided like the teacher, ``u + w (c - u)`` of the critic's null and prompt passes at the same
+        ``x_t`` with the same ``w``; without, it is the conditional critic (DMD, SwiftBrush).
+        """
+        x0, logits = self._critic_x0_conditional(x_t, t, condition, null_discriminator)
+        if guidance is None:
+            return x0, logits
+        models = self.models
+        with torch.no_grad():
+            uncond_pred = models.critic(x_t.detach(), t, models.unconditional(condition))
+        uncond_x0 = param.to_x0(uncond_pred, x_t.detach(), t, self.path, models.prediction_type)
+        # CFG is affine in the prediction at a shared x_t, so guiding x̂0 equals guiding the native prediction.
+        return losses.classifier_free_guidance(uncond_x0, x0, guidance).to(x0.dtype), logits
+
+    def _critic_x0_conditional(self, x_t, t, condition, null_discriminator: bool = False):
         models = self.models
         logits = None
         if self.uses_discriminator and self.discriminator_trunk == "critic":
@@ -354,8 +396,14 @@ class DistillationMethod:
             x_t = param.add_noise(x, noise, t, self.path)
             null_discriminator = self.uses_discriminator and batch.real_condition is None
 
-            x0_real, teacher_logits = self._teacher_x0(x_t, t, batch.condition, rng, null_discriminator)
-            x0_fake, critic_logits = self._critic_x0(x_t, t, batch.condition, null_discriminator)
+            # One draw of the CFG scale per sample, shared by the teacher and (SNOOPI's PG-SB) the critic.
+            guidance = self.sample_guidance(x_t, rng)
+            x0_real, teacher_logits = self._teacher_x0(
+                x_t, t, batch.condition, rng, null_discriminator, guidance=guidance
+            )
+            x0_fake, critic_logits = self._critic_x0(
+                x_t, t, batch.condition, null_discriminator, guidance=guidance if self.critic_guided else None
+            )
             logits = teacher_logits if teacher_logits is not None else critic_logits
             terms = GeneratorTerms(
                 x=x,
