@@ -20,8 +20,9 @@ the same for both layouts).
     python benchmarks/train_memory.py --method sid    # SiD: input gradients through the teacher and the critic
 
 ``--method sid`` (or ``sim``) measures the score-divergence methods, whose student step back-propagates through the
-frozen teacher's and the frozen critic's passes into ``x_t`` (gradient checkpointing off for those passes): three
-backward paths through the backbone per student step instead of one.
+frozen teacher's and the frozen critic's passes into ``x_t``: three backward paths through the backbone per student
+step instead of one. ``--gradient_checkpointing`` checkpoints every pass, those two included (each block is
+recomputed under the role that ran it).
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def run_layout(
     lora_rank: int,
     family: str = "sdxl",
     method_name: str = "dmd2",
+    gradient_checkpointing: bool = False,
 ) -> dict:
     """One layout in this process: build, run ``steps`` student+critic updates, report memory and timings."""
     import torch
@@ -168,7 +170,15 @@ def run_layout(
     kind = "lora" if layout == "lora" else "full"
     image_seq_len = adapter.image_seq_len(resolution, resolution)
     roles = BackboneRoles(
-        adapter, RolesConfig(student=kind, critic=kind, lora_rank=lora_rank, lora_alpha=8), image_seq_len=image_seq_len
+        adapter,
+        RolesConfig(
+            student=kind,
+            critic=kind,
+            lora_rank=lora_rank,
+            lora_alpha=8,
+            gradient_checkpointing=gradient_checkpointing,
+        ),
+        image_seq_len=image_seq_len,
     )
     method_config = MethodConfig(method=method_name, guidance_scale=guidance_scale).validate()
     method = build_method(method_config, roles, [student_time])
@@ -243,11 +253,23 @@ def main():
     parser.add_argument(
         "--method", choices=("dmd2", "sid", "sim"), default="dmd2", help="the distillation method of the step"
     )
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute activations in backward (every role, the frozen input-gradient passes included)",
+    )
     parser.add_argument("--layout", choices=("lora", "separate"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.layout:
         result = run_layout(
-            args.layout, args.steps, args.batch_size, args.resolution, args.lora_rank, args.family, args.method
+            args.layout,
+            args.steps,
+            args.batch_size,
+            args.resolution,
+            args.lora_rank,
+            args.family,
+            args.method,
+            args.gradient_checkpointing,
         )
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
@@ -271,7 +293,7 @@ def main():
             args.family,
             "--method",
             args.method,
-        ]
+        ] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
         out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
         results[layout] = json.loads(
@@ -284,6 +306,7 @@ def main():
         f"({get_adapter_class(args.family).display_name}-shaped), LoRA rank {args.lora_rank} "
         f"({lora['trainable_parameters_m']:.1f}M trainable in both adapters), batch {args.batch_size}, "
         f"{args.resolution}x{args.resolution} images, {args.steps} timed steps, 1 thread, CPU, method {args.method}"
+        f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
     )
     print(
         f"{'layout':<34}{'memory MiB':>11}{'step s':>9}{'teacher':>9}{'critic':>9}{'student':>9}{'other':>9}"

@@ -131,6 +131,34 @@ def test_checkpointing_gives_the_same_gradients(family):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+def sid_student_grads(family, checkpointing, default_checkpoint_function=False):
+    torch.manual_seed(0)
+    adapter = make_adapter(family)
+    roles = BackboneRoles(adapter, RolesConfig(lora_rank=4, gradient_checkpointing=checkpointing))
+    if default_checkpoint_function:
+        roles.backbone.enable_gradient_checkpointing()  # diffusers' own: recomputes under the active adapter
+    perturb_lora(roles)
+    config = MethodConfig(method="sid", guidance_scale=3.0, fake_guidance_scale=2.0).validate()
+    method = build_method(config, roles, TIMESTEPS[family])
+    run_step(roles, method, "student", make_batch(adapter), seed=1)
+    return [p.grad.clone() for p in roles.role_parameters("student")]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "pixart_alpha"])
+def test_checkpointed_input_gradient_passes_recompute_under_their_own_role(family):
+    """SiD's student step differentiates the frozen teacher (adapters off) and the frozen critic adapter w.r.t. x_t
+    on the one shared backbone. With checkpointing kept on for those passes, each block must be recomputed under
+    the role that ran it: the gradients equal the uncheckpointed ones. Negative control: diffusers' default
+    checkpoint function recomputes the teacher's and critic's blocks under the student adapter (active at
+    backward), and torch refuses the recomputation: the LoRA layers save tensors the teacher's forward did not."""
+    plain = sid_student_grads(family, checkpointing=False)
+    ours = sid_student_grads(family, checkpointing=True)
+    for a, b in zip(plain, ours):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    with pytest.raises(torch.utils.checkpoint.CheckpointError, match="different metadata"):
+        sid_student_grads(family, checkpointing=True, default_checkpoint_function=True)
+
+
 @pytest.mark.parametrize("student,critic", [("full", "lora"), ("lora", "full"), ("full", "full")])
 def test_separate_copy_layouts(student, critic):
     adapter = make_adapter("pixart_alpha")

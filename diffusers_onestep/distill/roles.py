@@ -17,9 +17,11 @@ Two silent traps are handled here (both reproduced by ``tests/test_roles.py``):
    backward time, so switching to the teacher or critic after the student's forward silently drops the student's
    gradients. :meth:`BackboneRoles.train_phase` fixes the flags for the whole update: exactly the trained role's
    parameters require grad, re-applied after every adapter switch.
-2. Under gradient checkpointing the forward is recomputed during backward with whatever adapter is active *then*;
-   ``train_phase`` re-activates the trained role before backward, and passes through a frozen role that are
-   differentiated w.r.t. their input (the GAN term) run without checkpointing (:meth:`input_grad_pass`).
+2. Under gradient checkpointing the forward is recomputed during backward with whatever adapter is active *then*.
+   The shared backbone therefore checkpoints with its own function (:meth:`BackboneRoles._checkpoint`): each
+   checkpointed block records the role that ran its forward and is recomputed under that role. Passes through a
+   frozen role that are differentiated w.r.t. their input (the GAN term, SiD's teacher and fake score) keep their
+   checkpointing, which is what keeps SiD's two input-gradient passes within the shared-LoRA memory.
 
 Under DDP every trainable parameter requires grad when the modules are wrapped (DDP only hooks those), the only
 forward through a DDP wrapper in an update is the trained role's, and every other pass uses the unwrapped module
@@ -35,6 +37,7 @@ import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..families import Condition, FamilyAdapter
@@ -171,8 +174,15 @@ class BackboneRoles(RolePhases, DistillationModels):
         self._active: Optional[str] = None
         self._apply_requires_grad()
         if config.gradient_checkpointing:
-            for module in self.trainable_modules().values():
-                if hasattr(module, "enable_gradient_checkpointing"):
+            modules = dict(self.trainable_modules())
+            # The frozen backbone too: a pass through it differentiated w.r.t. its input stores activations.
+            modules.setdefault("backbone", self.backbone)
+            for name, module in modules.items():
+                if not hasattr(module, "enable_gradient_checkpointing"):
+                    continue
+                if module is self.backbone:
+                    module.enable_gradient_checkpointing(gradient_checkpointing_func=self._checkpoint)
+                else:
                     module.enable_gradient_checkpointing()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -319,15 +329,33 @@ class BackboneRoles(RolePhases, DistillationModels):
 
     @contextlib.contextmanager
     def input_grad_pass(self, role: str):
-        module = self._module_of(role)
-        checkpointing = getattr(module, "is_gradient_checkpointing", False)
-        if checkpointing:
-            module.disable_gradient_checkpointing()
+        """A pass through a frozen role differentiated w.r.t. its input. Nothing is switched: gradient
+        checkpointing stays on (:meth:`_checkpoint` recomputes under this role); only a misuse is caught."""
+        if role == self._phase:
+            raise RuntimeError(f"input_grad_pass({role!r}) inside the {role} phase: that role is not frozen.")
+        yield
+
+    def _checkpoint(self, block: nn.Module, *args):
+        """The shared backbone's gradient-checkpointing function (diffusers' ``gradient_checkpointing_func``): torch's
+        non-reentrant checkpoint whose recomputation runs under the role that ran the forward (teacher, critic or
+        student), whatever role is active when backward reaches the block."""
+        role = self._active
+
+        def contexts():
+            return contextlib.nullcontext(), self._recomputing_as(role)
+
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+    @contextlib.contextmanager
+    def _recomputing_as(self, role: Optional[str]):
+        previous = self._active
+        if role is not None:
+            self.activate(role)
         try:
             yield
         finally:
-            if checkpointing:
-                module.enable_gradient_checkpointing()
+            if previous is not None:
+                self.activate(previous)
 
     def _module_name(self, role: str) -> str:
         if role == "student" and self.student_model is not None:
