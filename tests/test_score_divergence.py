@@ -5,15 +5,20 @@ Setting: teacher ``p_0 = N(μ, s² I)`` (a one-component :class:`GaussianMixture
 noise time on SD's VP path. Every quantity is affine in ``x_t``, so every loss is quadratic in ``(z, ε)``: the 2n
 points ``±√n e_i`` of ``(z, ε) ∈ R^n`` (equal weights) integrate quadratics against ``N(0, I)`` exactly, which makes
 the expectations and their θ-gradients exact, not Monte Carlo.
+
+The last section is groundwork for Uni-Instruct (algorithms.md §8): the diffusion expansion of f-divergences and the
+exact gradient of its integrand, on a 1-D mixture teacher with Gauss-Hermite quadrature.
 """
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from diffusers_onestep import parameterization as param
 from diffusers_onestep.distill import losses
+from diffusers_onestep.distill.divergences import get_divergence
 from diffusers_onestep.testing.analytic import GaussianMixture, GaussianStudent
 
 
@@ -213,3 +218,135 @@ def test_sim_pseudo_huber_gradient_matches_the_divergence_gradient_by_monte_carl
     assert (grad_sim - expected).norm() < 0.03 * expected.norm()
     # Negative control: the sign-flipped loss is far off.
     assert (-grad_sim - expected).norm() > 1.5 * expected.norm()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Groundwork for Uni-Instruct (Wang et al. 2025, arXiv 2505.20755; algorithms.md §8). Its Theorem 3.2 could not be
+# read here (UNI_INSTRUCT_FINDINGS.md on branch issue14-uni), so these tests pin only what can be derived: the diffusion
+# expansion of D_f (§8.1, the object its Theorem 3.1 expands) and the exact θ-gradient of that expansion's integrand.
+# Setting: a 1-D two-component teacher and a linear student on the flow path (α_t = 1 − t, σ_t = t, whose forward SDE
+# has g_t² = 2t / (1 − t)); expectations by a tensor Gauss-Hermite rule (smooth integrands, accurate to ~1e-9).
+# ---------------------------------------------------------------------------------------------------------------------
+
+FLOW = param.FlowPath()
+EXPANSION_DIVERGENCES = ["reverse_kl", "forward_kl", "js", "jeffreys", "hellinger", "pearson"]
+
+
+def _expansion_setup():
+    teacher = GaussianMixture(
+        torch.tensor([[-1.0], [1.2]]), torch.tensor([0.3, 0.5]), weights=torch.tensor([0.3, 0.7])
+    )
+    student = GaussianStudent(torch.tensor([[1.1]]), torch.tensor([0.2]))
+    return teacher, student
+
+
+def _hermite(n):
+    """Probabilists' Gauss-Hermite nodes and weights normalized to sum 1 (``E_{N(0,1)}``)."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(n)
+    return torch.tensor(nodes), torch.tensor(weights / weights.sum())
+
+
+def _h_and_derivatives(divergence, r):
+    """``h(r) = r² f''(r)``, ``h'`` and ``h''`` by autograd (``+ 0·r³`` keeps a graph for constant ``h``)."""
+    r = r.detach().clone().requires_grad_(True)
+    h = divergence.h(r) + 0 * r**3
+    (h1,) = torch.autograd.grad(h.sum(), r, create_graph=True)
+    (h2,) = torch.autograd.grad(h1.sum(), r)
+    return h.detach(), h1.detach(), h2.detach()
+
+
+@pytest.mark.parametrize("name", EXPANSION_DIVERGENCES)
+def test_diffusion_expansion_of_f_divergences(name):
+    """algorithms.md §8.1: for two marginals under one forward SDE,
+    ``d/dt D_f(p_t‖q_t) = −(g_t²/2) E_{q_t}[h(r_t) ‖s_p − s_q‖²]`` with ``h = r² f''`` and ``r = p_t / q_t``.
+    Integrated over t this is the expansion Uni-Instruct's Theorem 3.1 states (reverse KL: h ≡ 1, de Bruijn)."""
+    divergence = get_divergence(name)
+    teacher, student = _expansion_setup()
+    nodes, weights = _hermite(120)
+
+    def on_q_t(t):
+        alpha, sigma = FLOW.alpha_sigma(torch.tensor(t, dtype=torch.float64))
+        std = torch.sqrt(alpha**2 * student.covariance()[0, 0] + sigma**2)
+        x = (alpha * student.b.detach() + std * nodes)[:, None]
+        return x, student.exact_ratio(x, t, FLOW, teacher)
+
+    def divergence_at(t):
+        _, ratio = on_q_t(t)
+        return (weights * divergence.f(ratio)).sum()
+
+    def expansion_integrand(t, h):
+        x, ratio = on_q_t(t)
+        gap = (teacher.score(x, t, FLOW) - student.score(x, t, FLOW)).pow(2).sum(1)
+        return (weights * h(ratio) * gap).sum()
+
+    for t in (0.5, 0.8):
+        step = 1e-5
+        rate = (divergence_at(t + step) - divergence_at(t - step)) / (2 * step)
+        g_sq = 2 * t / (1 - t)
+        predicted = -(g_sq / 2) * expansion_integrand(t, divergence.h)
+        assert float(rate) < 0  # both marginals contract towards the same prior
+        torch.testing.assert_close(rate, predicted, rtol=1e-6, atol=0)
+        assert abs(float(2 * predicted - rate)) > 0.5 * abs(float(rate))  # negative control: g² without the ½
+    # Negative control (at t = 0.5, where r_t is far from 1): h of the ratio the wrong way round (student over
+    # teacher; reverse KL's h ≡ 1 is blind to that, so there the weight f'' without the r² factor).
+    wrong = (lambda r: divergence.h(r) / r**2) if name == "reverse_kl" else (lambda r: divergence.h(1 / r))
+    assert abs(float(expansion_integrand(0.5, wrong) / expansion_integrand(0.5, divergence.h)) - 1) > 0.05
+
+
+def _grads_kept(value, student):
+    """θ-gradient, keeping the graph: the four terms below share one forward pass."""
+    grads = torch.autograd.grad(value, [student.A, student.b], retain_graph=True)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+@pytest.mark.parametrize("name", EXPANSION_DIVERGENCES)
+def test_gradient_of_the_expanded_f_divergence_integrand(name):
+    """The exact θ-gradient of ``J_t(θ) = E_{q_t}[h(r_t) ‖s_p − s_q‖²]`` (derived here, not Uni-Instruct's Thm 3.2)::
+
+        ∇θ J_t = ∇θ E[h(r̄(x_t)) ℓ_SIM]                                   (SIM, weight differentiated through x_t)
+               + E[−r² h''(r) ‖Δ‖² · (s_p − s_q) · ∂x_t/∂θ]               (a DI/VSD-type term)
+               + (h − r h')(r) · ∂θ E‖Δ(x_t)‖² at frozen networks          (the path term)
+
+    ``ℓ_SIM`` is SIM's squared-distance per-sample loss, ``Δ = s_q − s_p``, ``r̄`` the ratio frozen at θ0 as a
+    function of x (a discriminator's logit, input differentiated). The weight on SIM must carry its x_t-gradient:
+    with a stop-gradient weight (the released Uni-Instruct code's ``loss * w_sim``) the sum is off by 25-75 %."""
+    divergence = get_divergence(name)
+    teacher, student = _expansion_setup()
+    nodes, weights = _hermite(60)
+    z = nodes.repeat_interleave(nodes.shape[0])[:, None]
+    eps = nodes.repeat(nodes.shape[0])[:, None]
+    w = weights.repeat_interleave(nodes.shape[0]) * weights.repeat(nodes.shape[0])
+    t = torch.full((z.shape[0],), 0.5, dtype=torch.float64)
+    alpha_t, sigma_t = FLOW.alpha_sigma(torch.tensor(0.5, dtype=torch.float64))
+
+    # Left side: J_t with the live student density (q_t = N(α b, α² a² + σ²)), differentiated in closed form.
+    x_t = param.add_noise(student.sample(z), eps, t, FLOW)
+    var = alpha_t**2 * student.A[0, 0] ** 2 + sigma_t**2
+    centred = x_t[:, 0] - alpha_t * student.b[0]
+    log_q = -0.5 * (math.log(2 * math.pi) + torch.log(var) + centred**2 / var)
+    ratio_live = torch.exp(teacher.noisy_log_prob(x_t, t, FLOW) - log_q)
+    gap_live = (teacher.score(x_t, t, FLOW)[:, 0] + centred / var) ** 2
+    expected = _grads_kept((w * divergence.h(ratio_live) * gap_live).sum(), student)
+
+    # Right side: networks and ratio frozen at θ0, inputs differentiated.
+    x = student.sample(z)
+    x_t = param.add_noise(x, eps, t, FLOW)
+    ratio = student.exact_ratio(x_t, t, FLOW, teacher)
+    h, h1, h2 = _h_and_derivatives(divergence, ratio)
+    x0_real, x0_fake = teacher.x0(x_t, t, FLOW), student.x0(x_t, t, FLOW)
+    gap = (alpha_t / sigma_t**2) * (x0_fake - x0_real)  # s_q − s_p
+    gap_sq = gap.pow(2).sum(1)
+    sim_per_sample = (-2 * gap * (alpha_t / sigma_t**2) * (x0_fake - x)).sum(1)  # SIM, d = ‖·‖², Thm 3.1
+    sim_term = _grads_kept((w * divergence.h(ratio) * sim_per_sample).sum(), student)
+    sim_term_stop_grad = _grads_kept((w * h * sim_per_sample).sum(), student)
+    di_weight = (-(ratio.detach() ** 2) * h2 * gap_sq).detach()
+    di_term = _grads_kept((w * di_weight * (-gap.detach() * x_t).sum(1)).sum(), student)
+    path_term = _grads_kept((w * (h - ratio.detach() * h1) * gap_sq).sum(), student)
+
+    torch.testing.assert_close(sim_term + di_term + path_term, expected, rtol=1e-7, atol=1e-10)
+    if name != "reverse_kl":  # h ≡ 1: an x-independent weight
+        assert (sim_term_stop_grad + di_term + path_term - expected).norm() > 0.2 * expected.norm()
+    if name in ("js", "hellinger", "pearson"):  # h'' = 0 for reverse KL, forward KL, Jeffreys: no DI term there
+        assert di_term.norm() > 1e-3 * expected.norm()
+    if name != "forward_kl":  # h = r: h − r h' = 0
+        assert path_term.norm() > 0.02 * expected.norm()
