@@ -436,6 +436,7 @@ class Trainer:
             student_timesteps,
             self.resolution,
             cfg.max_sequence_length,
+            solver=method.sampler_solver,
         )
 
     def _shard_roles(self, roles: BackboneRoles) -> Dict[str, torch.optim.Optimizer]:
