@@ -163,8 +163,8 @@ class DistillationMethod:
     #: how the exported student's OneStepScheduler moves between conditioning timesteps (``"sde"``: fresh noise, as
     #: DMD2's backward simulation; ``"ode"``: the student's own noise, TDM's deterministic trajectory)
     sampler_solver: str = "sde"
-    #: optimizer settings of the method's released runs (``learning_rate``, ``adam_beta1``, ``adam_beta2``) that fill
-    #: what the user and the family left unset (:func:`~..resolve.resolve`)
+    #: optimizer settings of the method's released runs (``learning_rate``, ``critic_learning_rate``, ``adam_beta1``,
+    #: ``adam_beta2``) that fill what the user and the family left unset (:func:`~..resolve.resolve`)
     optimizer_defaults: Dict[str, float] = {}
     #: the critic's learning rate as a multiple of the student's where ``critic_learning_rate`` is unset
     critic_learning_rate_ratio: float = 1.0

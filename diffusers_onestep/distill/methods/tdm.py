@@ -103,7 +103,7 @@ class TDM(DistillationMethod):
     sampler_solver = "ode"
     #: ``train_tdm_demo.py``'s optimizer: Adam β = (0, 0.95), weight decay 1e-2 (the generic default), fake lr 2e-5
     #: and generator lr 2e-5 / 5 (full PixArt fine-tuning; the LoRA releases do not state theirs)
-    optimizer_defaults = {"learning_rate": 4e-6, "adam_beta1": 0.0, "adam_beta2": 0.95}
+    optimizer_defaults = {"learning_rate": 4e-6, "critic_learning_rate": 2e-5, "adam_beta1": 0.0, "adam_beta2": 0.95}
     critic_learning_rate_ratio = 5.0
     default_guidance_scale = 4.5
     min_steps, max_steps = 2, 8
