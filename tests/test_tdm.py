@@ -206,6 +206,58 @@ def test_segment_draw(path, timesteps, random_mid):
     torch.testing.assert_close(rebuilt.float(), drawn.x_t, rtol=1e-5, atol=1e-5)
 
 
+def _toy_tdm_run(steps, swapped=False):
+    """A 2-step TDM student (MSE/W) on a two-mode VP teacher, 1:1 updates after 50 fake-only warm-up steps; the energy
+    distance of its 2-step samples to the teacher at the start and every 100 iterations."""
+    import dataclasses
+
+    from diffusers_onestep.testing.toy import energy_distance
+
+    teacher = GaussianMixture(torch.tensor([[2.0, 0.0], [-2.0, 0.0]]), torch.tensor([0.3, 0.3]))
+    models = ToyModels(teacher, VP, hidden=64, depth=2, discriminator_trunk=None, seed=0)
+    times = [999.0, 499.0]
+    config = MethodConfig(method="tdm", student_timesteps=times, guidance_scale=1.0, tdm_loss="mse")
+    method = build_method(config, models, times)
+    if swapped:  # negative control: the teacher and the fake trade places in the generator loss
+        loss_of = method.generator_loss
+        method.generator_loss = lambda t: loss_of(dataclasses.replace(t, x0_real=t.x0_fake, x0_fake=t.x0_real))
+    optimizers = {
+        "student": torch.optim.Adam(models.role_parameters("student"), lr=1e-3, betas=(0.0, 0.95)),
+        "critic": torch.optim.Adam(models.role_parameters("critic"), lr=5e-3, betas=(0.0, 0.95)),
+    }
+    rng, g = RandomSource.from_seed(0), torch.Generator().manual_seed(123)
+    reference = teacher.sample(2000, generator=torch.Generator().manual_seed(5))
+    eval_noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(9))
+    energies = [energy_distance(method.rollout(eval_noise, None, 2)[-1], reference)]
+    for i in range(steps):
+        batch = Batch(condition=None, noise=torch.randn(128, 2, generator=g))
+        for role in ("student", "critic") if i >= 50 else ("critic",):
+            loss, _ = (method.student_step if role == "student" else method.critic_step)(batch, rng)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(models.role_parameters(role), 1.0)
+            optimizers[role].step()
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            models.end_phase()
+        if (i + 1) % 100 == 0:
+            energies.append(energy_distance(method.rollout(eval_noise, None, 2)[-1], reference))
+    return energies
+
+
+def test_short_toy_run_learns_and_the_swapped_loss_diverges():
+    """300 iterations: the 2-step student's energy distance to the teacher falls more than 3x (1.72 → 0.26 measured);
+    with the teacher and fake swapped it grows more than 3x within 100 iterations (1.72 → 21.5)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2-D MLPs: threading only adds overhead
+    try:
+        learned = _toy_tdm_run(300)
+        swapped = _toy_tdm_run(100, swapped=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert learned[-1] < learned[0] / 3, learned
+    assert swapped[-1] > 3 * swapped[0], swapped
+
+
 def test_segments_too_close_are_refused():
     teacher = GaussianMixture(torch.tensor([[1.0, 0.0]]), torch.tensor([0.3]))
     models = ToyModels(teacher, VP, hidden=8, depth=1, discriminator_trunk=None)
