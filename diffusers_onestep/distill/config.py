@@ -433,6 +433,12 @@ class OptimizationConfig:
     )
     max_nonfinite_skips: int = setting(10, "With --on_nonfinite skip: stop after this many skipped updates.")
 
+    @property
+    def betas(self) -> Tuple[float, float]:
+        """AdamW's ``(beta1, beta2)``: the set (or resolved) values, AdamW's (0.9, 0.999) where still unset."""
+        beta1 = 0.9 if self.adam_beta1 is None else self.adam_beta1
+        return beta1, 0.999 if self.adam_beta2 is None else self.adam_beta2
+
     def validate(self) -> "OptimizationConfig":
         for name in ("learning_rate", "critic_learning_rate"):
             value = getattr(self, name)
