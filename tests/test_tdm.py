@@ -357,21 +357,28 @@ def test_student_and_fake_steps_train_their_roles(pixart_roles):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("student, timesteps", [("lora", ["899", "449"]), ("full", ["899", "674", "449", "224"])])
-def test_trainer_runs_tdm_and_exports_a_k_step_student(tmp_path, student, timesteps):
-    """``--method tdm`` on a tiny PixArt teacher: the TDM optimizer defaults reach the config, and the saved folder
-    loads in OneStepPipeline with the K timesteps and the ode solver, and samples in K steps."""
+@pytest.mark.parametrize(
+    "family, student, timesteps, size",
+    [
+        ("pixart_alpha", "lora", ["899", "449"], 8),
+        ("pixart_alpha", "full", ["899", "674", "449", "224"], 8),
+        ("sana", "lora", ["1.0", "0.5"], 32),  # a flow teacher: times are sigmas
+    ],
+)
+def test_trainer_runs_tdm_and_exports_a_k_step_student(tmp_path, family, student, timesteps, size):
+    """``--method tdm`` on tiny PixArt (VP) and SANA (flow) teachers: the TDM optimizer defaults reach the config, and
+    the saved folder loads in OneStepPipeline with the K timesteps and the ode solver, and samples in K steps."""
     import json
 
     from diffusers_onestep import OneStepPipeline
 
     workspace = {
-        "teacher": save_tiny_native_pipeline("pixart_alpha", str(tmp_path / "teacher")),
+        "teacher": save_tiny_native_pipeline(family, str(tmp_path / "teacher")),
         "prompts": write_prompts(str(tmp_path)),
     }
     out = tmp_path / "out"
     flags = ["--method", "tdm", "--student", student, "--max_train_steps", "2", "--student_timesteps", *timesteps]
-    result = in_process(tiny_run_argv(workspace, out, *flags))
+    result = in_process(tiny_run_argv(workspace, out, *flags, "--resolution", str(size)))
     assert result.global_step == 2
     assert all(math.isfinite(value) for value in result.logs.values()), result.logs
     assert result.logs["student/grad_norm"] > 0 and result.logs["critic/grad_norm"] > 0
@@ -387,14 +394,14 @@ def test_trainer_runs_tdm_and_exports_a_k_step_student(tmp_path, student, timest
     steps = []
     images = pipe(
         TINY_PROMPTS[0],
-        height=8,
-        width=8,
+        height=size,
+        width=size,
         generator=torch.Generator().manual_seed(0),
         output_type="np",
-        callback_on_step_end=lambda p, i, t, kwargs: steps.append(int(t)) or {},
+        callback_on_step_end=lambda p, i, t, kwargs: steps.append(float(p.scheduler.path_timesteps[i])) or {},
     ).images
-    assert images.shape == (1, 8, 8, 3) and np.isfinite(images).all()
-    assert steps == [int(t) for t in timesteps]
+    assert images.shape == (1, size, size, 3) and np.isfinite(images).all()
+    assert steps == [float(t) for t in timesteps]
 
 
 def test_resumed_tdm_run_is_bit_exact(tmp_path):
