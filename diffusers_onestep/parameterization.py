@@ -581,6 +581,40 @@ def convert_prediction(
     return from_x0_and_epsilon(x0, eps, t, path, target)
 
 
+def _time_tensor(t: TimeLike) -> torch.Tensor:
+    return t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.float64)
+
+
+def forward_transition_coefficients(
+    s: TimeLike, t: TimeLike, path: NoisePath, device=None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` of the forward transition ``q(x_t | x_s) = N(a x_s, b² I)`` from time ``s`` to a noisier ``t``:
+    ``a = alpha_t / alpha_s`` and ``b = sqrt(sigma_t² − (a sigma_s)²)`` (Kingma et al. 2021, arXiv 2107.00630,
+    eq. 10; TDM's ``Predictor.add_noise``). It composes with ``x_s = alpha_s x0 + sigma_s eps`` into the marginal
+    ``x_t = alpha_t x0 + sigma_t eps'`` on every path (VP, flow, TrigFlow), since only ``alpha`` and ``sigma`` enter.
+    ``b²`` is clipped at 0, where rounding makes ``t`` and ``s`` the same noise level."""
+    alpha_s, sigma_s = path.alpha_sigma(_time_tensor(s), device=device)
+    alpha_t, sigma_t = path.alpha_sigma(_time_tensor(t), device=device)
+    scale = alpha_t / alpha_s
+    return scale, (sigma_t**2 - (scale * sigma_s) ** 2).clamp_min(0).sqrt()
+
+
+def forward_transition(
+    x_s: torch.Tensor, noise: torch.Tensor, s: TimeLike, t: TimeLike, path: NoisePath
+) -> torch.Tensor:
+    """``x_t = (alpha_t/alpha_s) x_s + sqrt(sigma_t² − (alpha_t sigma_s/alpha_s)²) · noise``: a sample of the
+    forward transition from ``s`` to ``t >= s`` (:func:`forward_transition_coefficients`), in float64."""
+    scale, std = forward_transition_coefficients(s, t, path, device=x_s.device)
+    scale, std = _broadcast(scale, x_s), _broadcast(std, x_s)
+    return (scale * x_s.to(scale.dtype) + std * noise.to(scale.dtype)).to(x_s.dtype)
+
+
+def signal_to_noise(t: TimeLike, path: NoisePath, device=None) -> torch.Tensor:
+    """``SNR_t = alpha_t² / sigma_t²`` (Kingma et al. 2021), float64."""
+    alpha, sigma = path.alpha_sigma(_time_tensor(t), device=device)
+    return alpha**2 / sigma**2
+
+
 def x0_to_score(x0: torch.Tensor, sample: torch.Tensor, t: TimeLike, path: NoisePath) -> torch.Tensor:
     """Tweedie: ``∇ log p_t(x_t) = -(x_t - alpha_t x̂0) / sigma_t^2``."""
     alpha, sigma = _coefficients(path, t, sample)

@@ -375,6 +375,22 @@ def cli_cases() -> List[Case]:
             "--divergence with a score-matching method", lambda c: base(c, **{"--method": "sid", "--divergence": "js"})
         ),
         cli_case("--gan_weight with sid", lambda c: base(c, **{"--method": "sid", "--gan_weight": "0.01"})),
+        cli_case(
+            "--method tdm with one student timestep",
+            lambda c: base(c, **{"--method": "tdm", "--student_timesteps": "399"}),
+        ),
+        cli_case(
+            "--method tdm on a family that records no TDM timesteps (SDXL)",
+            lambda c: base(c, **{"--teacher": c["sdxl_dir"], "--resolution": "32", "--method": "tdm"}),
+        ),
+        cli_case(
+            "a tdm-only flag with another method (--tdm_huber_c with dmd2)",
+            lambda c: base(c, **{"--tdm_huber_c": "0.01"}),
+        ),
+        cli_case(
+            "more than 8 --student_timesteps",
+            lambda c: base(c, **{"--student_timesteps": [str(999 - 100 * i) for i in range(9)]}),
+        ),
         cli_case("--lora_rank 0 with a LoRA student", lambda c: base(c, **{"--lora_rank": "0"})),
         cli_case("--student that is not lora or full", lambda c: base(c, **{"--student": "half"})),
         cli_case(

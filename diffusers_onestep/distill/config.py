@@ -26,6 +26,9 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 ON_NONFINITE = ("stop", "skip")
 DISCRIMINATOR_TRUNKS = ("teacher", "critic")
 SIM_DISTANCES = ("pseudo_huber", "squared")
+TDM_LOSSES = ("pseudo_huber", "mse")
+#: the most conditioning timesteps a trained student takes (TDM's students take 2-8; OneStepScheduler stores up to 16)
+MAX_STUDENT_TIMESTEPS = 8
 
 
 class ConfigError(ValueError):
@@ -146,6 +149,10 @@ class MethodConfig:
             denoising loss (``sid``, ``sim``).
         sim_distance, sim_huber_c: SIM's distance ``d`` (``pseudo_huber`` or ``squared``) and the pseudo-Huber ``c``
             in score units (``sim`` only).
+        tdm_loss, tdm_huber_c: TDM's generator distance (``pseudo_huber``, the demo's ``--use_huber``, or ``mse``)
+            and its ``c`` in latent units (1e-3 in ``train_tdm_demo.py``) (``tdm`` only).
+        tdm_random_mid: re-noise the student's ``x̂0`` to a random time inside its segment instead of the segment's
+            lower edge (the demo's ``--use_randmid``; ``tdm`` only).
     """
 
     method: Optional[str] = setting(
@@ -231,6 +238,20 @@ class MethodConfig:
     sim_huber_c: Optional[float] = setting(
         None, "The pseudo-Huber c of SIM's distance, in score units (sim only).", default_text="1"
     )
+    tdm_loss: Optional[str] = setting(
+        None,
+        "TDM's generator distance: pseudo_huber (the demo's --use_huber) or mse, each divided by W (tdm only).",
+        choices=TDM_LOSSES,
+        default_text="pseudo_huber",
+    )
+    tdm_huber_c: Optional[float] = setting(
+        None, "The pseudo-Huber c of TDM's generator loss, in latent units (tdm only).", default_text="1e-3"
+    )
+    tdm_random_mid: Optional[bool] = setting(
+        None,
+        "Re-noise the student's x0 to a random time inside its segment instead of the segment's lower edge "
+        "(TDM's --use_randmid; tdm only).",
+    )
 
     @property
     def uses_discriminator(self) -> bool:
@@ -248,8 +269,8 @@ class MethodConfig:
                 raise ConfigError(str(error)) from None
         if self.student_timesteps is not None:
             _require(
-                1 <= len(self.student_timesteps) <= 4,
-                f"`student_timesteps` takes 1 to 4 values, got {list(self.student_timesteps)}.",
+                1 <= len(self.student_timesteps) <= MAX_STUDENT_TIMESTEPS,
+                f"`student_timesteps` takes 1 to {MAX_STUDENT_TIMESTEPS} values, got {list(self.student_timesteps)}.",
             )
             values = [float(t) for t in self.student_timesteps]
             _require(
@@ -305,6 +326,14 @@ class MethodConfig:
             self.sim_huber_c is None or self.sim_huber_c > 0,
             f"`--sim_huber_c` must be positive, got {self.sim_huber_c}.",
         )
+        _require(
+            self.tdm_loss in (None,) + TDM_LOSSES,
+            f"`--tdm_loss` must be one of {', '.join(TDM_LOSSES)}, got {self.tdm_loss!r}.",
+        )
+        _require(
+            self.tdm_huber_c is None or self.tdm_huber_c > 0,
+            f"`--tdm_huber_c` must be positive, got {self.tdm_huber_c}.",
+        )
         return self
 
 
@@ -358,9 +387,11 @@ class OptimizationConfig:
     """Optimisers and schedule (AdamW for each trainable role, as DMD2)."""
 
     learning_rate: Optional[float] = setting(None, "Student learning rate.", family_default="learning_rate")
-    critic_learning_rate: Optional[float] = setting(None, "Critic learning rate.", default_text="--learning_rate")
-    adam_beta1: float = setting(0.9, "AdamW beta1.")
-    adam_beta2: float = setting(0.999, "AdamW beta2.")
+    critic_learning_rate: Optional[float] = setting(
+        None, "Critic learning rate.", default_text="--learning_rate; 5x --learning_rate for tdm"
+    )
+    adam_beta1: Optional[float] = setting(None, "AdamW beta1.", default_text="0.9; the method's for tdm (0)")
+    adam_beta2: Optional[float] = setting(None, "AdamW beta2.", default_text="0.999; the method's for tdm (0.95)")
     adam_weight_decay: float = setting(0.01, "AdamW weight decay.")
     adam_epsilon: float = setting(1e-8, "AdamW epsilon.")
     lr_scheduler: str = setting("constant_with_warmup", "Learning-rate schedule.", choices=LR_SCHEDULERS)
@@ -402,6 +433,12 @@ class OptimizationConfig:
     )
     max_nonfinite_skips: int = setting(10, "With --on_nonfinite skip: stop after this many skipped updates.")
 
+    @property
+    def betas(self) -> Tuple[float, float]:
+        """AdamW's ``(beta1, beta2)``: the set (or resolved) values, AdamW's (0.9, 0.999) where still unset."""
+        beta1 = 0.9 if self.adam_beta1 is None else self.adam_beta1
+        return beta1, 0.999 if self.adam_beta2 is None else self.adam_beta2
+
     def validate(self) -> "OptimizationConfig":
         for name in ("learning_rate", "critic_learning_rate"):
             value = getattr(self, name)
@@ -427,7 +464,7 @@ class OptimizationConfig:
         # torch.optim.AdamW's own limits, checked here so that a bad value fails before the teacher loads
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
-            _require(0.0 <= value < 1.0, f"`--{name}` must be in [0, 1), got {value}.")
+            _require(value is None or 0.0 <= value < 1.0, f"`--{name}` must be in [0, 1), got {value}.")
         _require(self.adam_epsilon > 0, f"`--adam_epsilon` must be positive, got {self.adam_epsilon}.")
         _require(self.adam_weight_decay >= 0, f"`--adam_weight_decay` must be >= 0, got {self.adam_weight_decay}.")
         _require(self.lr_warmup_steps >= 0, f"`--lr_warmup_steps` must be >= 0, got {self.lr_warmup_steps}.")

@@ -40,6 +40,7 @@ class StudentRenderer:
         student_timesteps: the student's conditioning timesteps (carried by its scheduler).
         resolution: the image size of samples.
         max_sequence_length: the prompt length of the text encoders.
+        solver: how the student's scheduler moves between its timesteps (the method's ``sampler_solver``).
     """
 
     def __init__(
@@ -51,8 +52,10 @@ class StudentRenderer:
         student_timesteps: Sequence[float],
         resolution: int,
         max_sequence_length: Optional[int] = None,
+        solver: str = "sde",
     ):
         self.roles = roles
+        self.solver = solver
         self.adapter = adapter
         self.components = components
         self.family = family
@@ -62,7 +65,7 @@ class StudentRenderer:
 
     def scheduler(self) -> OneStepScheduler:
         return OneStepScheduler.from_noise_path(
-            self.adapter.noise_path, self.student_timesteps, self.roles.student_prediction_type
+            self.adapter.noise_path, self.student_timesteps, self.roles.student_prediction_type, solver=self.solver
         )
 
     def pipeline(self, denoiser):

@@ -38,6 +38,9 @@ __all__ = [
     "sample_guidance_scale",
     "sid_generator_loss",
     "sim_generator_loss",
+    "tdm_fake_loss",
+    "tdm_generator_loss",
+    "tdm_importance_weight",
     "vsd_gradient",
     "vsd_generator_loss",
 ]
@@ -567,3 +570,93 @@ def sim_generator_loss(
     loss = per_sample[finite].sum() / per_sample.shape[0]
     log = {"sim_score_gap": float(norm_sq.detach().sqrt().mean()), "nonfinite": float((~finite).sum())}
     return loss, log
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trajectory distribution matching (TDM, Luo et al. ICCV 2025, arXiv 2503.06674; code train_tdm_demo.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tdm_generator_loss(
+    x0_student: Tensor,
+    x0_real: Tensor,
+    x0_fake: Tensor,
+    huber_c: Optional[float] = 1e-3,
+    eps: float = 1e-8,
+) -> Tuple[Tensor, Dict[str, float]]:
+    """TDM's generator loss (Luo et al. 2025, arXiv 2503.06674, its released ``train_tdm_demo.py``)::
+
+        x* = x̂0 + (x̂_real,cond − x̂_fake) + (w − 1)(x̂_real,cond − x̂_real,uncond) = x̂0 + (x̂_real − x̂_fake)
+        L  = mean[(√((x̂0 − sg(x*))² + c²) − c) / W],   W = mean_{C,H,W} |x̂0 − x̂_real|   (pseudo-Huber)
+        L  = mean[(x̂0 − sg(x*))² / W]                                                    (``huber_c=None``: MSE/W)
+
+    ``x̂_real = x̂_u + w (x̂_c − x̂_u)`` is the guided teacher, so both forms of ``x*`` agree (CFG is affine in ``x̂0``
+    at a shared ``x_t``); the fake is unguided. ``x̂0 − x* = x̂_fake − x̂_real`` elementwise, so with ``N`` elements
+    ``dL/dx̂0 = d / (√(d² + c²) W N)`` with ``d = x̂_fake − x̂_real``: for ``c → 0`` the sign of DMD's direction,
+    for ``c → ∞`` ``c · dL/dx̂0 → d / (W N)`` (DMD's ``(x̂_fake − x̂_real)/W``, Yin et al. 2024, eq. 7), and the
+    MSE form gives ``2 d / (W N)``. ``W`` (no gradient) is clipped at ``eps``.
+
+    Args:
+        x0_student (`torch.Tensor` of shape `[B, ...]`): the student's ``x̂0`` at its trajectory state, with graph.
+        x0_real (`torch.Tensor`): the guided teacher's ``x̂0`` at ``x_t``; no gradient.
+        x0_fake (`torch.Tensor`): the (unguided) fake score's ``x̂0`` at ``x_t``; no gradient.
+        huber_c (`float`, *optional*, defaults to 1e-3): TDM's pseudo-Huber ``c`` (``--use_huber``); ``None``: MSE/W.
+        eps (`float`): lower clip of ``W``.
+
+    Returns:
+        `tuple(torch.Tensor, dict)`: the scalar loss (float32, float64 for float64 inputs) and logs
+        ``tdm_normalizer`` (mean ``W``) and ``tdm_gap`` (mean ``|x̂_fake − x̂_real|``).
+    """
+    if not (x0_student.shape == x0_real.shape == x0_fake.shape):
+        raise ValueError(
+            f"x0_student, x0_real and x0_fake must have one shape, got {tuple(x0_student.shape)}, "
+            f"{tuple(x0_real.shape)} and {tuple(x0_fake.shape)}."
+        )
+    dtype = _compute_dtype(x0_student, x0_real, x0_fake)
+    x = x0_student.to(dtype)
+    with torch.no_grad():
+        x0_real, x0_fake = x0_real.to(dtype), x0_fake.to(dtype)
+        target = x.detach() + (x0_real - x0_fake)
+        dims = tuple(range(1, x.ndim))
+        normalizer = (x.detach() - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(eps)
+    difference = x - target
+    if huber_c is None:
+        per_element = difference.pow(2)
+    else:
+        per_element = torch.sqrt(difference.pow(2) + huber_c**2) - huber_c
+    loss = (per_element / normalizer).mean()
+    log = {"tdm_normalizer": float(normalizer.mean()), "tdm_gap": float((x0_fake - x0_real).abs().mean())}
+    return loss, log
+
+
+@torch.no_grad()
+def tdm_importance_weight(mixed_noise: Tensor, fresh_noise: Tensor) -> Tensor:
+    """TDM's per-sample importance weight of the fake-score loss (``train_tdm_demo.py``)::
+
+        ω = exp(−½ mean(ñ²)) / exp(−½ mean(n²))
+
+    with ``n`` the fresh noise of the forward transition and ``ñ = (x_t − α_t x̂0)/σ_t`` the total noise of ``x_t``
+    (part deterministic, the student's ``ε̂``): the ratio of the (per-element mean) Gaussian densities of the noise
+    the fake sees to the noise that was drawn. Computed as ``exp(−½ (mean(ñ²) − mean(n²)))`` in float32/64."""
+    dtype = _compute_dtype(mixed_noise, fresh_noise)
+    dims = tuple(range(1, mixed_noise.ndim))
+    mixed = mixed_noise.to(dtype).pow(2).mean(dim=dims)
+    fresh = fresh_noise.to(dtype).pow(2).mean(dim=dims)
+    return torch.exp(-0.5 * (mixed - fresh))
+
+
+def tdm_fake_loss(
+    x0_fake: Tensor, x0_student: Tensor, snr: Tensor, importance_weight: Tensor, snr_cap: float = 5.0
+) -> Tuple[Tensor, Dict[str, float]]:
+    """TDM's fake-score loss: ``mean_B[ mean_{C,H,W}(x̂_fake − x̂0)² · min(SNR_t, 5) · ω ]`` (``train_tdm_demo.py``;
+    the min-SNR weight of Hang et al. 2023, arXiv 2303.09556, times :func:`tdm_importance_weight`). ``x0_student`` is
+    the student's ``x̂0`` (no gradient) whose re-noised ``x_t`` the fake denoises.
+
+    Returns:
+        `tuple(torch.Tensor, dict)`: the scalar loss and logs ``tdm_importance_weight`` (mean ``ω``).
+    """
+    dtype = _compute_dtype(x0_fake, x0_student)
+    dims = tuple(range(1, x0_fake.ndim))
+    per_sample = (x0_fake.to(dtype) - x0_student.detach().to(dtype)).pow(2).mean(dim=dims)
+    weight = (torch.clamp(snr.to(per_sample.device, dtype), max=snr_cap) * importance_weight.to(dtype)).detach()
+    return (per_sample * weight).mean(), {"tdm_importance_weight": float(importance_weight.float().mean())}

@@ -175,10 +175,25 @@ def resolve(config: TrainConfig, teacher_configs: Optional[Dict[str, Dict[str, A
         roles.lora_target_modules = list(adapter_cls.default_lora_target_modules)
     optim = config.optim
     optim.mixed_precision, mixed_precision_source = resolve_mixed_precision(optim.mixed_precision)
+    # The method's own published optimizer settings (TDM: Adam betas (0, 0.95), generator lr = fake lr / 5) fill
+    # what the user left unset, after the family's record of the method's runs and before the generic defaults.
+    method_cls = get_method_class(config.method.method)
+    published = getattr(defaults, "method_defaults", {}).get(method_cls.name, {})
+    method_rates = optim.learning_rate is None and "learning_rate" not in published
+    method_rates = method_rates and "learning_rate" in method_cls.optimizer_defaults
     if optim.learning_rate is None:
-        optim.learning_rate = defaults.learning_rate(roles.student, config.method.method)
+        if method_rates:
+            optim.learning_rate = float(method_cls.optimizer_defaults["learning_rate"])
+        else:
+            optim.learning_rate = defaults.learning_rate(roles.student, config.method.method)
     if optim.critic_learning_rate is None:
-        optim.critic_learning_rate = optim.learning_rate
+        if method_rates and "critic_learning_rate" in method_cls.optimizer_defaults:
+            optim.critic_learning_rate = float(method_cls.optimizer_defaults["critic_learning_rate"])
+        else:
+            optim.critic_learning_rate = optim.learning_rate * method_cls.critic_learning_rate_ratio
+    for name, generic in (("adam_beta1", 0.9), ("adam_beta2", 0.999)):
+        if getattr(optim, name) is None:
+            setattr(optim, name, float(method_cls.optimizer_defaults.get(name, generic)))
     if config.max_sequence_length is None:
         config.max_sequence_length = adapter_cls.default_max_sequence_length
     if config.data.resolution is None:

@@ -436,6 +436,7 @@ class Trainer:
             student_timesteps,
             self.resolution,
             cfg.max_sequence_length,
+            solver=method.sampler_solver,
         )
 
     def _shard_roles(self, roles: BackboneRoles) -> Dict[str, torch.optim.Optimizer]:
@@ -783,7 +784,7 @@ def build_optimizers(roles: BackboneRoles, optim: OptimizationConfig) -> Dict[st
         optimizers[role] = optimizer_class(
             roles.role_parameters(role),
             lr=optim.learning_rate if role == "student" else optim.critic_learning_rate,
-            betas=(optim.adam_beta1, optim.adam_beta2),
+            betas=optim.betas,
             weight_decay=optim.adam_weight_decay,
             eps=optim.adam_epsilon,
         )

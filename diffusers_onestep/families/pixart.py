@@ -53,11 +53,15 @@ class PixArtAlphaAdapter(FamilyAdapter):
     # The public PixArt-α DMD student runs at t=400 (the PixArt-α DMD model card and the PixArt-sigma repo's DMD
     # demo: timesteps=[400]); TDM (Luo et al. 2025, arXiv 2503.06674) distils PixArt with CFG 4.5 in its PixArt
     # training demo. No published learning rate: ours, labelled so in docs/training.md.
+    # The `tdm` method's defaults on PixArt-α are that demo's (train_tdm_demo.py, algorithms.md §11.1): a 4-step student
+    # at T_k = k·225 − 1 of the 1000-step schedule (--total_steps 900) and --cfg 4.5; its optimizer settings (fake lr
+    # 2e-5, generator lr 4e-6, Adam betas (0, 0.95)) are the method's own (TDM.optimizer_defaults).
     training_defaults = TrainingDefaults(
         student_timesteps=(400.0,),
         guidance_scale=4.5,
         learning_rate_full=1e-6,
         learning_rate_lora=5e-5,
+        method_defaults={"tdm": {"student_timesteps": (899.0, 674.0, 449.0, 224.0), "guidance_scale": 4.5}},
     )
 
     @classmethod

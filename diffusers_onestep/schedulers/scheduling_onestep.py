@@ -30,7 +30,7 @@ from .. import parameterization as param
 
 
 #: the most conditioning timesteps a student may store: Hyper-SD's 16-step FLUX.1-dev LoRA is the longest published
-#: schedule (the trainer's own students take 1-4 timesteps, a separate limit in distill/config.py)
+#: schedule (the trainer's own students take 1-8 timesteps, a separate limit in distill/config.py)
 MAX_STEPS = 16
 #: multi-step samplers: re-noise with fresh noise (DMD2) or with the predicted noise (deterministic)
 SOLVERS = ("sde", "ode")

@@ -38,7 +38,16 @@ METHODS: Dict[str, Type["DistillationMethod"]] = {}
 
 #: :class:`MethodConfig` fields that only some methods read (a method lists its own in ``settings``); setting one
 #: for another method is refused in one sentence
-METHOD_SETTINGS = ("sid_alpha", "fake_guidance_scale", "fake_train_guidance_scale", "sim_distance", "sim_huber_c")
+METHOD_SETTINGS = (
+    "sid_alpha",
+    "fake_guidance_scale",
+    "fake_train_guidance_scale",
+    "sim_distance",
+    "sim_huber_c",
+    "tdm_loss",
+    "tdm_huber_c",
+    "tdm_random_mid",
+)
 
 
 def register_method(cls: Type["DistillationMethod"]) -> Type["DistillationMethod"]:
@@ -151,6 +160,14 @@ class DistillationMethod:
     settings: Tuple[str, ...] = ()
     #: what the model card names as the matched divergence when the method takes no ``--divergence``
     divergence_label: Optional[str] = None
+    #: how the exported student's OneStepScheduler moves between conditioning timesteps (``"sde"``: fresh noise, as
+    #: DMD2's backward simulation; ``"ode"``: the student's own noise, TDM's deterministic trajectory)
+    sampler_solver: str = "sde"
+    #: optimizer settings of the method's released runs (``learning_rate``, ``critic_learning_rate``, ``adam_beta1``,
+    #: ``adam_beta2``) that fill what the user and the family left unset (:func:`~..resolve.resolve`)
+    optimizer_defaults: Dict[str, float] = {}
+    #: the critic's learning rate as a multiple of the student's where ``critic_learning_rate`` is unset
+    critic_learning_rate_ratio: float = 1.0
 
     # ------------------------------------------------------------------------------------------------------------
     # configuration
