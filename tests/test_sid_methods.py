@@ -58,6 +58,22 @@ def test_sd_family_defaults_are_sid_lsg_published_settings():
     assert sim.student_timesteps == [999.0] and sim.fake_guidance_scale == 1.0
 
 
+def test_sid_and_sim_take_sids_adam_betas(tmp_path):
+    """SiD's and SiD-LSG's released runs use Adam β = (0, 0.999) (algorithms.md §7.1-7.2); unset, those are the
+    betas of both roles; a user's beta wins; DMD2 keeps AdamW's (0.9, 0.999)."""
+    from diffusers_onestep.distill import cli
+
+    teacher = save_tiny_native_pipeline("pixart_alpha", str(tmp_path / "teacher"))
+    argv = ["--teacher", teacher, "--prompts", write_prompts(str(tmp_path)), "--output_dir", str(tmp_path / "o")]
+    for method_name in ("sid", "sim"):
+        optim = cli.resolve_args(argv + ["--method", method_name])[0].config.optim
+        assert (optim.adam_beta1, optim.adam_beta2) == (0.0, 0.999)
+    mine = cli.resolve_args(argv + ["--method", "sid", "--adam_beta1", "0.5"])[0].config.optim
+    assert (mine.adam_beta1, mine.adam_beta2) == (0.5, 0.999)
+    dmd2 = cli.resolve_args(argv)[0].config.optim
+    assert (dmd2.adam_beta1, dmd2.adam_beta2) == (0.9, 0.999)
+
+
 @pytest.fixture(scope="module")
 def setup():
     adapter = PixArtAlphaAdapter(tiny_components("pixart_alpha"), max_sequence_length=16)

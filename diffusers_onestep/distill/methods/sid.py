@@ -46,6 +46,9 @@ class SiD(DistillationMethod):
     #: method-specific settings of :class:`MethodConfig` this method reads (others are refused when set)
     settings = ("sid_alpha", "fake_guidance_scale", "fake_train_guidance_scale")
     default_alpha = 1.2
+    #: Adam β = (0, 0.999) for the generator and the fake score: SiD's sid_train.py and SiD-LSG's run_sid.sh
+    #: (algorithms.md §7.1-7.2). SIM released no training code and inherits these (built on SiD's loop, unconfirmed).
+    optimizer_defaults = {"adam_beta1": 0.0, "adam_beta2": 0.999}
 
     @classmethod
     def accepts_divergence(cls, divergence: str) -> bool:
