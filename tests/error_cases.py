@@ -375,6 +375,18 @@ def cli_cases() -> List[Case]:
             "--divergence with a score-matching method", lambda c: base(c, **{"--method": "sid", "--divergence": "js"})
         ),
         cli_case("--gan_weight with sid", lambda c: base(c, **{"--method": "sid", "--gan_weight": "0.01"})),
+        cli_case("unknown --method", lambda c: base(c, **{"--method": "consistency_model"})),
+        cli_case("--divergence with sim", lambda c: base(c, **{"--method": "sim", "--divergence": "reverse_kl"})),
+        cli_case("--sim_distance with sid", lambda c: base(c, **{"--method": "sid", "--sim_distance": "squared"})),
+        cli_case("--sid_alpha with sim", lambda c: base(c, **{"--method": "sim", "--sid_alpha": "1"})),
+        cli_case(
+            "--fake_guidance_scale with f-distill",
+            lambda c: base(c, **{"--method": "fdistill", "--fake_guidance_scale": "2"}),
+        ),
+        cli_case("--fake_train_guidance_scale with dmd2", lambda c: base(c, **{"--fake_train_guidance_scale": "2"})),
+        cli_case(
+            "--guidance_range with sid", lambda c: base(c, **{"--method": "sid", "--guidance_range": ["1", "3"]})
+        ),
         cli_case("--lora_rank 0 with a LoRA student", lambda c: base(c, **{"--lora_rank": "0"})),
         cli_case("--student that is not lora or full", lambda c: base(c, **{"--student": "half"})),
         cli_case(
