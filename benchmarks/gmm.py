@@ -240,6 +240,8 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
         )
     label = spec["divergence"]
     method = {"method": label} if label in SCORE_METHODS else {"divergence": label}
+    if label == "sid" and spec.get("sid_alpha") is not None:
+        method["sid_alpha"] = spec["sid_alpha"]
     config = MethodConfig(
         **method,
         guidance_scale=1.0,
@@ -452,6 +454,7 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--variants", default="learned", help=f"comma-separated of {', '.join(VARIANTS)}, or 'all'")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--path", default="flow", choices=["flow", "vp"])
+    parser.add_argument("--sid_alpha", type=float, default=None, help="SiD's α (default: the method's, 1.2)")
     parser.add_argument("--std", type=float, default=0.2, help="std of every mode")
     parser.add_argument("--student_steps", type=int, default=2000)
     parser.add_argument("--critic_updates_per_student", type=int, default=1)
@@ -518,6 +521,7 @@ def main(argv=None) -> Dict[str, Any]:
                             "lr_decay": args.lr_decay,
                             "out": args.out,
                             "ratio_check": args.ratio_check,
+                            "sid_alpha": args.sid_alpha,
                         }
                     )
     started = time.perf_counter()
