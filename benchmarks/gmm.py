@@ -37,7 +37,8 @@ onto the exact ODE map needs ~30000 steps to cover them all (docs/methods.md, "g
 
 Run (the tables in docs/methods.md came from the commands printed at the top of the output)::
 
-    .venv/bin/python benchmarks/gmm.py                       # 3 teachers x 5 divergences, 1 seed
+    .venv/bin/python benchmarks/gmm.py                       # 3 teachers x (5 divergences + sid + sim), 1 seed
+    .venv/bin/python benchmarks/gmm.py --methods sid,sim     # the score-divergence methods only
     .venv/bin/python benchmarks/gmm.py --teachers pair --variants all --seeds 0,1,2
 
 The last printed line is one JSON object
@@ -69,6 +70,11 @@ from diffusers_onestep.testing.toy import mixture_metrics, train_toy  # noqa: E4
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIVERGENCES = ["reverse_kl", "js", "forward_kl", "hellinger", "jeffreys"]
+#: ``--methods``: ``divergence`` runs DMD2 (reverse KL) / f-distill once per ``--divergences`` entry; ``sid`` (SiD at
+#: its default α = 1.2) and ``sim`` (SIM, pseudo-Huber, c = 1) run once each, labelled by the method's name in the
+#: tables' divergence column (they match scores, not an f-divergence; no discriminator, no ratio)
+METHODS = ["divergence", "sid", "sim"]
+SCORE_METHODS = ["sid", "sim"]
 TEACHERS = ["ring8", "grid25", "pair"]
 
 #: Diagnostic variants (``--variants``). ``learned`` is the default method; the others change one thing.
@@ -232,8 +238,12 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
                 "target_high_quality": result.target_metrics["high_quality"],
             },
         )
+    label = spec["divergence"]
+    method = {"method": label} if label in SCORE_METHODS else {"divergence": label}
+    if label == "sid" and spec.get("sid_alpha") is not None:
+        method["sid_alpha"] = spec["sid_alpha"]
     config = MethodConfig(
-        divergence=spec["divergence"],
+        **method,
         guidance_scale=1.0,
         critic_updates_per_student=spec["ratio"],
         time_range=(0.02, 0.5) if variant == "low_t" else (0.02, 0.98),
@@ -258,7 +268,7 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
         init_student=collapse if variant == "collapsed" else None,
     )
     extra = {}
-    if spec.get("ratio_check") and variant == "learned" and spec["divergence"] != "reverse_kl":
+    if spec.get("ratio_check") and variant == "learned" and label not in ["reverse_kl", *SCORE_METHODS]:
         extra["ratio_check"] = ratio_check(result.models, path, seed=spec["seed"])
     return _finish(spec, teacher, result, extra)
 
@@ -349,7 +359,7 @@ def tables(rows: List[Dict[str, Any]], references: Dict[str, Dict[str, Any]]) ->
         sub = [r for r in rows if r["teacher"] == teacher]
         pair = teacher == "pair"
         head = (
-            "| divergence | variant | seeds | modes | lenient | HQ | "
+            "| divergence / method | variant | seeds | modes | lenient | HQ | "
             + ("minor | minor3s | " if pair else "")
             + "TV | energy | s/run |"
         )
@@ -405,7 +415,7 @@ def summary_json(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
     def avg(values):
         return round(sum(values) / len(values), 4) if values else None
 
-    divs = [d for d in DIVERGENCES if any(r["divergence"] == d for r in main)]
+    divs = [d for d in DIVERGENCES + SCORE_METHODS if any(r["divergence"] == d for r in main)]
     out: Dict[str, Dict[str, float]] = {
         "ring8_modes": {},
         "grid25_modes": {},
@@ -436,9 +446,15 @@ def main(argv=None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teachers", default=",".join(TEACHERS))
     parser.add_argument("--divergences", default=",".join(DIVERGENCES))
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated of divergence (DMD2 / f-distill over --divergences), sid, sim",
+    )
     parser.add_argument("--variants", default="learned", help=f"comma-separated of {', '.join(VARIANTS)}, or 'all'")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--path", default="flow", choices=["flow", "vp"])
+    parser.add_argument("--sid_alpha", type=float, default=None, help="SiD's α (default: the method's, 1.2)")
     parser.add_argument("--std", type=float, default=0.2, help="std of every mode")
     parser.add_argument("--student_steps", type=int, default=2000)
     parser.add_argument("--critic_updates_per_student", type=int, default=1)
@@ -467,15 +483,22 @@ def main(argv=None) -> Dict[str, Any]:
     for v in variants:
         if v not in VARIANTS:
             parser.error(f"unknown variant {v!r}; expected one of {', '.join(VARIANTS)}")
+    methods = args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            parser.error(f"unknown method {m!r}; expected one of {', '.join(METHODS)}")
+    labels = (args.divergences.split(",") if "divergence" in methods else []) + [
+        m for m in methods if m in SCORE_METHODS
+    ]
     os.makedirs(os.path.join(args.out, "plots"), exist_ok=True)
     specs = []
     for teacher in args.teachers.split(","):
         for variant in variants:
-            for div in args.divergences.split(","):
-                if variant == "oracle" and div == "reverse_kl":
-                    continue  # h = 1: the ratio is unused
+            for div in labels:
+                if variant == "oracle" and div in ["reverse_kl", *SCORE_METHODS]:
+                    continue  # h = 1 or no f-divergence: the ratio is unused
                 if variant == "ode_fit":
-                    if div != args.divergences.split(",")[0]:
+                    if div != labels[0]:
                         continue  # no divergence involved: one run per seed
                     div = "none"
                 for seed in (int(s) for s in args.seeds.split(",")):
@@ -498,6 +521,7 @@ def main(argv=None) -> Dict[str, Any]:
                             "lr_decay": args.lr_decay,
                             "out": args.out,
                             "ratio_check": args.ratio_check,
+                            "sid_alpha": args.sid_alpha,
                         }
                     )
     started = time.perf_counter()
@@ -565,7 +589,7 @@ def main(argv=None) -> Dict[str, Any]:
     # per-teacher contact sheets: rows = divergences x variants, columns = seeds
     for teacher in references:
         grid = []
-        for div in args.divergences.split(",") + ["none"]:
+        for div in labels + ["none"]:
             for variant in variants:
                 files = [
                     os.path.join(REPO, r["png"])

@@ -16,6 +16,7 @@ flow path with mode std 0.2 (as the benchmark). The thresholds are loose version
 """
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -80,13 +81,31 @@ def test_metrics_calibration():
 
 
 def test_benchmark_ode_map_covers_grid25():
-    spec = importlib.util.spec_from_file_location("gmm_benchmark", os.path.join(REPO, "benchmarks", "gmm.py"))
-    gmm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gmm)
+    gmm = _benchmark_module()
     teacher = GaussianMixture.grid25(std=0.2)
     z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     metrics = mixture_metrics(teacher, gmm.ode_map(teacher, FLOW, z, steps=100))
     assert metrics["modes"] == 25 and metrics["high_quality"] > 0.95, metrics
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("gmm_benchmark", os.path.join(REPO, "benchmarks", "gmm.py"))
+    gmm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gmm)
+    return gmm
+
+
+def test_benchmark_methods_option_adds_sid_and_sim_rows(tmp_path):
+    """``--methods divergence,sid,sim``: one row per divergence, then SiD's and SIM's, each trained by its method
+    (a few steps: this checks the plumbing, the committed tables check the training)."""
+    gmm = _benchmark_module()
+    argv = ["--teachers", "pair", "--divergences", "reverse_kl", "--methods", "divergence,sid,sim", "--sid_alpha"]
+    argv += ["1.0", "--student_steps", "3", "--batch_size", "32", "--hidden", "16", "--out", str(tmp_path)]
+    summary = gmm.main(argv)
+    assert list(summary["minor_mass"]) == ["reverse_kl", "sid", "sim"]
+    rows = json.loads((tmp_path / "main.json").read_text())["rows"]
+    assert [(r["divergence"], r["sid_alpha"]) for r in rows] == [("reverse_kl", 1.0), ("sid", 1.0), ("sim", 1.0)]
+    assert "| sid | learned |" in (tmp_path / "main.md").read_text()
 
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "js"])

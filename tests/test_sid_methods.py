@@ -225,7 +225,8 @@ def test_trainer_runs_the_method_in_process(tmp_path, method_name, student):
     assert (tmp_path / "out" / "README.md").exists()
 
 
-def test_resumed_sid_run_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("method_name", ["sid", "sim"])
+def test_resumed_run_is_bit_exact(tmp_path, method_name):
     """Kill-free resume: 4 steps straight vs 2 steps, then resumed from checkpoint-2 to 4; every state file equal."""
     import shutil
 
@@ -235,7 +236,7 @@ def test_resumed_sid_run_is_bit_exact(tmp_path):
         "teacher": save_tiny_native_pipeline("pixart_alpha", str(tmp_path / "teacher")),
         "prompts": write_prompts(str(tmp_path)),
     }
-    flags = ["--method", "sid", "--fake_guidance_scale", "2", "--fake_train_guidance_scale", "1.5"]
+    flags = ["--method", method_name, "--fake_guidance_scale", "2", "--fake_train_guidance_scale", "1.5"]
     flags += ["--checkpointing_steps", "2", "--lr_scheduler", "constant", "--ema_decay", "0.9"]
     in_process(tiny_run_argv(workspace, tmp_path / "straight", *flags, "--max_train_steps", "4"))
     resumed = tmp_path / "resumed"

@@ -30,6 +30,9 @@ def workspace(tmp_path_factory):
     }
 
 
+#: the methods selected by ``--method`` (score divergences: no ``--divergence``); the others are ``--divergence`` names
+SCORE_METHODS = ("sid", "sim")
+
 #: Every method × student kind on the first three families; PixArt-Σ and SANA-Sprint share the export and method code
 #: with PixArt-α and SANA, so they run the two cases that take each method and each student kind once (each case is
 #: a separate `accelerate launch` of 15-30 s on two cores).
@@ -46,6 +49,10 @@ CASES = [
     # SD 1.5: DMD2 with a LoRA student, JS f-distill with a full one (the family's GAN head on the UNet mid-block)
     ("sd", "reverse_kl", "lora"),
     ("sd", "js", "full"),
+    # the score-divergence methods (no discriminator, no real images): launched once each, every other family and
+    # student kind in process below (IN_PROCESS_CASES); `test_two_processes_match_one_process_sid` launches sid on
+    # two processes and loads what it saved
+    ("sana", "sim", "full"),
 ]
 #: one run per family on the oldest supported dependencies, each method and each student kind at least twice
 OLDEST_CASES = {
@@ -60,21 +67,28 @@ CASES = [pytest.param(*case, marks=pytest.mark.oldest) if case in OLDEST_CASES e
 
 #: the other method x student-kind pairs of families whose launched cases take each method and kind once: the same
 #: trainer and checks in this process, without the launcher's 15-30 s start
-IN_PROCESS_CASES = [("sd", "js", "lora"), ("sd", "reverse_kl", "full")]
+IN_PROCESS_CASES = [("sd", "js", "lora"), ("sd", "reverse_kl", "full")] + [
+    (family, method, kind)
+    for family in ("sdxl", "pixart_alpha", "sana")
+    for method in SCORE_METHODS
+    for kind in ("lora", "full")
+    if (family, method, kind) != ("sana", "sim", "full")  # launched above
+]
 
 
-@pytest.mark.parametrize("family,divergence,kind", CASES)
-def test_distill_save_load_run(workspace, family, divergence, kind):
-    _distill_save_load_run(workspace, family, divergence, kind, launch)
+@pytest.mark.parametrize("family,objective,kind", CASES)
+def test_distill_save_load_run(workspace, family, objective, kind):
+    _distill_save_load_run(workspace, family, objective, kind, launch)
 
 
-@pytest.mark.parametrize("family,divergence,kind", IN_PROCESS_CASES)
-def test_distill_save_load_run_in_process(workspace, family, divergence, kind):
-    _distill_save_load_run(workspace, family, divergence, kind, in_process)
+@pytest.mark.parametrize("family,objective,kind", IN_PROCESS_CASES)
+def test_distill_save_load_run_in_process(workspace, family, objective, kind):
+    _distill_save_load_run(workspace, family, objective, kind, in_process)
 
 
-def _distill_save_load_run(workspace, family, divergence, kind, run):
-    out = workspace["root"] / f"out-{family}-{divergence}-{kind}"
+def _distill_save_load_run(workspace, family, objective, kind, run):
+    """``objective``: a ``--divergence`` name (DMD2 / f-distill) or a score-divergence ``--method`` (sid, sim)."""
+    out = workspace["root"] / f"out-{family}-{objective}-{kind}"
     args = [
         "--teacher",
         workspace["teachers"][family],
@@ -82,8 +96,7 @@ def _distill_save_load_run(workspace, family, divergence, kind, run):
         workspace["prompts"],
         "--output_dir",
         out,
-        "--divergence",
-        divergence,
+        *(["--method", objective] if objective in SCORE_METHODS else ["--divergence", objective]),
         "--student",
         kind,
         "--max_train_steps",
@@ -94,14 +107,17 @@ def _distill_save_load_run(workspace, family, divergence, kind, run):
         RESOLUTION[family],
         *TINY_FLAGS,
     ]
-    if divergence == "js":
+    if objective == "js":
         args += ["--real_images", workspace["images"]]
     result = run(args)
     if run is launch:
         assert "Distilling" in result.stderr + result.stdout  # the progress bar
+    _assert_saved_student_loads_and_generates(workspace, out, family, objective, kind, steps=2)
 
+
+def _assert_saved_student_loads_and_generates(workspace, out, family, objective, kind, steps):
     files = set(os.listdir(out))
-    assert {"README.md", "samples.png", "training_config.json", "checkpoint-2"} <= files
+    assert {"README.md", "samples.png", "training_config.json", f"checkpoint-{steps}"} <= files
     if kind == "lora":
         assert {"pytorch_lora_weights.safetensors", "onestep_lora.json", "scheduler"} <= files
         prefix = get_adapter_class(family).denoiser_name + "."
@@ -113,7 +129,7 @@ def _distill_save_load_run(workspace, family, divergence, kind, run):
     else:
         assert "model_index.json" in files and not (out / "pytorch_lora_weights.safetensors").exists()
     card = (out / "README.md").read_text()
-    assert workspace["teachers"][family] in card and "one-step" in card and divergence in card
+    assert workspace["teachers"][family] in card and "one-step" in card and objective in card
 
     pipe = OneStepPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
@@ -121,8 +137,13 @@ def _distill_save_load_run(workspace, family, divergence, kind, run):
     images = pipe("a photo of a cat", output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images.shape[0] == 1 and images.shape[-1] == 3 and images.std() > 0
     config = json.loads((out / "training_config.json").read_text())
-    assert config["method"]["divergence"] == divergence and config["roles"]["student"] == kind
-    if kind == "lora" and hasattr(native_pipeline_class(family), "load_lora_weights"):
+    if objective in SCORE_METHODS:
+        assert config["method"]["method"] == objective and config["method"]["divergence"] is None
+    else:
+        assert config["method"]["divergence"] == objective
+    assert config["roles"]["student"] == kind
+    # the LoRA export does not depend on the method: the score methods check it once (sid), not again for sim
+    if kind == "lora" and objective != "sim" and hasattr(native_pipeline_class(family), "load_lora_weights"):
         _assert_native_lora_loader_reads_it(family, workspace["teachers"][family], out, pipe)
 
 
@@ -149,6 +170,29 @@ def test_two_processes_match_one_process(workspace):
     """2 processes × batch 2 (gloo) equal 1 process × batch 4, each update accumulated over 2 micro-batches: all
     randomness is drawn for the global batch, and the micro-batches that skip DDP's all-reduce (``no_sync``) are
     reduced with the last one."""
+    one, two = _two_processes_and_one(workspace, "ddp", [], single=launch)
+    state = json.loads((two / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
+    # the commit file lists both processes' RNG states (written before it), and the checkpoint resumes on two
+    assert {"rng_0.safetensors", "rng_1.safetensors", "rng_1.json"} <= set(state["files"])
+    assert checkpoint_problem(str(two / "checkpoint-3"), num_processes=2) is None
+
+
+def test_two_processes_match_one_process_sid(workspace):
+    """SiD-LSG (κ on the teacher, the fake in the generator loss and the fake's own loss) on 2 processes equals 1
+    process with the same global batch: the input-gradient passes through the frozen teacher and the LoRA fake on the
+    one DDP-wrapped backbone reduce like DMD2's. The 1-process reference runs in this process (the same trainer, no
+    launcher start); the launched 2-process run is also sid's `accelerate launch` end-to-end case on PixArt: its
+    saved LoRA student loads in OneStepPipeline and generates."""
+    flags = ["--method", "sid", "--fake_guidance_scale", "2", "--fake_train_guidance_scale", "1.5"]
+    _, two = _two_processes_and_one(workspace, "ddp-sid", flags, single=in_process)
+    _assert_saved_student_loads_and_generates(workspace, two, "pixart_alpha", "sid", "lora", steps=3)
+
+
+def _two_processes_and_one(workspace, name, flags, single):
+    """3 steps, 2 critic updates per student, 2 accumulated micro-batches: global batch 4 on one process (run by
+    ``single``: ``launch`` or ``in_process``) and 2 × 2 on two launched processes; every trainable tensor of the
+    final checkpoints equal within 1e-5, and trained."""
     common = [
         "--teacher",
         workspace["teachers"]["pixart_alpha"],
@@ -163,14 +207,17 @@ def test_two_processes_match_one_process(workspace):
         "--gradient_accumulation_steps",
         "2",
         *TINY_FLAGS,
+        *flags,
     ]
-    common = list(common)
     index = common.index("--train_batch_size")
-    one = workspace["root"] / "ddp-1"
-    two = workspace["root"] / "ddp-2"
-    single = list(common)
-    single[index + 1] = "4"
-    launch(single + ["--output_dir", one], num_processes=1)
+    one = workspace["root"] / f"{name}-1"
+    two = workspace["root"] / f"{name}-2"
+    reference = list(common)
+    reference[index + 1] = "4"
+    if single is launch:
+        launch(reference + ["--output_dir", one], num_processes=1)
+    else:
+        single(reference + ["--output_dir", one])
     launch(common + ["--output_dir", two], num_processes=2)
     a = load_file(str(one / "checkpoint-3" / "trainable.safetensors"))
     b = load_file(str(two / "checkpoint-3" / "trainable.safetensors"))
@@ -180,8 +227,4 @@ def test_two_processes_match_one_process(workspace):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
         moved = max(moved, float(a[key].abs().max()))
     assert moved > 0  # the weights did train
-    state = json.loads((two / "checkpoint-3" / "trainer_state.json").read_text())
-    assert state["num_processes"] == 2
-    # the commit file lists both processes' RNG states (written before it), and the checkpoint resumes on two
-    assert {"rng_0.safetensors", "rng_1.safetensors", "rng_1.json"} <= set(state["files"])
-    assert checkpoint_problem(str(two / "checkpoint-3"), num_processes=2) is None
+    return one, two

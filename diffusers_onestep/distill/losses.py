@@ -456,8 +456,10 @@ def sid_generator_loss(
     ``x_t = α_t x + σ_t ε`` with the graph to ``x`` kept (their parameters frozen). With an exact fake score
     ``f_ψ = E_q[x0 | x_t]`` the score identity ``E_q[h(x_t)ᵀ f_q(x_t)] = E[h(x_t)ᵀ x0]`` gives
     ``∇θ E[L] = ½ ∇θ E_q‖f_p − f_q‖² − (α − ½) ∂θ E‖δ‖²|_ψ`` for ``normalize=False``: α = ½ is the exact gradient
-    of the (x0-space) Fisher divergence, and SiD's released α = 1.2 (α = 1 for SiD-LSG on SD) adds a term that
-    pushes ``‖δ‖²`` down along the sample path (``tests/test_score_divergence.py`` checks both on Gaussians).
+    of the (x0-space) Fisher divergence, and SiD's released α = 1.2 (α = 1 for SiD-LSG on SD) adds a term whose
+    descent raises ``‖δ‖²`` along the sample path at frozen networks, for the fake score to catch up
+    (``tests/test_score_divergence.py`` checks both on Gaussians; docs/methods.md's GMM benchmark shows α = 1.2
+    diverging where the critic cannot catch up).
 
     Samples whose loss is not finite are dropped (SiD drops NaN samples). The reduction is the mean over all
     elements; SiD's code sums over elements, averages over the batch and multiplies by ``loss_scaling_G = 100``,

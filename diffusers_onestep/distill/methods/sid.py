@@ -59,7 +59,7 @@ class SiD(DistillationMethod):
         config = copy.deepcopy(config)
         if config.divergence is not None:
             raise ConfigError(
-                f"The {cls.name} method matches scores (a {cls.divergence_label} divergence), not an f-divergence; "
+                f"The {cls.name} method matches scores (divergence: {cls.divergence_label}), not an f-divergence; "
                 "drop --divergence."
             )
         if config.gan_weight:
