@@ -26,6 +26,8 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 ON_NONFINITE = ("stop", "skip")
 DISCRIMINATOR_TRUNKS = ("teacher", "critic")
 SIM_DISTANCES = ("pseudo_huber", "squared")
+#: the ``--real_images`` value that asks for a reference set sampled by the teacher from the training prompts
+TEACHER_REFERENCE = "teacher"
 
 
 class ConfigError(ValueError):
@@ -146,6 +148,9 @@ class MethodConfig:
             denoising loss (``sid``, ``sim``).
         sim_distance, sim_huber_c: SIM's distance ``d`` (``pseudo_huber`` or ``squared``) and the pseudo-Huber ``c``
             in score units (``sim`` only).
+        regression_weight: λ of DMD's regression loss (Yin et al. 2024, arXiv 2311.18828, §3.3 and
+            Algorithm 1): ``λ · mean((G(z) - x_teacher(z))^2)`` over the pairs of ``--real_images teacher``, a
+            latent-space mean squared error where DMD uses LPIPS on decoded images (``dmd2``, ``fdistill``).
     """
 
     method: Optional[str] = setting(
@@ -231,6 +236,13 @@ class MethodConfig:
     sim_huber_c: Optional[float] = setting(
         None, "The pseudo-Huber c of SIM's distance, in score units (sim only).", default_text="1"
     )
+    regression_weight: Optional[float] = setting(
+        None,
+        "Weight lambda of DMD's regression loss (arXiv 2311.18828, sec. 3.3): lambda * mean((G(z) - x_teacher(z))^2) "
+        "on the (noise, teacher sample) pairs of --real_images teacher -- a latent-space mean squared error where "
+        "DMD uses LPIPS on decoded images (dmd2, fdistill).",
+        default_text="0 (no regression loss)",
+    )
 
     @property
     def uses_discriminator(self) -> bool:
@@ -304,6 +316,10 @@ class MethodConfig:
         _require(
             self.sim_huber_c is None or self.sim_huber_c > 0,
             f"`--sim_huber_c` must be positive, got {self.sim_huber_c}.",
+        )
+        _require(
+            self.regression_weight is None or self.regression_weight >= 0,
+            f"`--regression_weight` must be >= 0, got {self.regression_weight}.",
         )
         return self
 
@@ -454,6 +470,15 @@ class OptimizationConfig:
         return self
 
 
+#: the DataConfig fields that only --real_images teacher reads
+TEACHER_REFERENCE_FLAGS = (
+    "teacher_reference_count",
+    "teacher_reference_steps",
+    "teacher_reference_guidance_scale",
+    "teacher_reference_dir",
+)
+
+
 @dataclass
 class DataConfig:
     """Prompts (and optional real images for the GAN / discriminator)."""
@@ -463,7 +488,34 @@ class DataConfig:
     )
     prompt_column: str = setting("text", "Column/field holding the prompts.")
     real_images: Optional[str] = setting(
-        None, "Image dataset (imagefolder or Hub name) for the GAN / f-divergence discriminator.", default_text="none"
+        None,
+        "Image dataset (imagefolder or Hub name) for the GAN / f-divergence discriminator, or 'teacher': a reference "
+        "set the teacher samples from the training prompts with its own multi-step sampler, cached on disk (prompts "
+        "only; name a folder called teacher ./teacher).",
+        default_text="none",
+    )
+    teacher_reference_count: Optional[int] = setting(
+        None,
+        "With --real_images teacher: how many reference latents the teacher samples (prompt i of each is a seeded "
+        "pass over the training prompts, every prompt once before any repeats).",
+        default_text="1000",
+    )
+    teacher_reference_steps: Optional[int] = setting(
+        None,
+        "With --real_images teacher: sampling steps of the teacher's own pipeline and scheduler.",
+        default_text="the teacher pipeline's default num_inference_steps",
+    )
+    teacher_reference_guidance_scale: Optional[float] = setting(
+        None,
+        "With --real_images teacher: the teacher's guidance scale while sampling the reference set (CFG w in "
+        "u + w(c - u), or the embedded scale of a guidance-distilled teacher).",
+        default_text="--guidance_scale",
+    )
+    teacher_reference_dir: Optional[str] = setting(
+        None,
+        "With --real_images teacher: folder of the cached reference sets (one subfolder per fingerprint of the "
+        "teacher, prompts, count, steps, guidance, seed, resolution and precision; a killed build resumes there).",
+        default_text="teacher_reference in --output_dir",
     )
     image_column: str = setting("image", "Image column of --real_images.")
     caption_column: Optional[str] = setting(
@@ -540,6 +592,40 @@ class DataConfig:
                 not getattr(self, flag) or bool(self.real_images),
                 f"`--{flag}` applies to --real_images, which this run does not read; drop --{flag}.",
             )
+        if self.real_images == TEACHER_REFERENCE:
+            for flag in ("streaming", "cache_latents", "aspect_ratio_buckets", "random_flip"):
+                _require(
+                    not getattr(self, flag),
+                    f"`--{flag}` applies to an image dataset, but --real_images teacher samples latents (cached "
+                    f"already); drop --{flag}.",
+                )
+            _require(
+                self.caption_column is None,
+                "`--caption_column` applies to an image dataset; --real_images teacher pairs each reference with the "
+                "prompt it was sampled from, so drop --caption_column.",
+            )
+        else:
+            for flag in TEACHER_REFERENCE_FLAGS:
+                _require(
+                    getattr(self, flag) is None,
+                    f"`--{flag}` applies to --real_images teacher; pass --real_images teacher or drop --{flag}.",
+                )
+        _require(
+            self.teacher_reference_count is None or self.teacher_reference_count >= 1,
+            f"`--teacher_reference_count` must be >= 1, got {self.teacher_reference_count}.",
+        )
+        _require(
+            self.teacher_reference_steps is None or self.teacher_reference_steps >= 1,
+            f"`--teacher_reference_steps` must be >= 1, got {self.teacher_reference_steps}.",
+        )
+        _require(
+            self.teacher_reference_guidance_scale is None or self.teacher_reference_guidance_scale >= 0,
+            f"`--teacher_reference_guidance_scale` must be >= 0, got {self.teacher_reference_guidance_scale}.",
+        )
+        _require(
+            self.teacher_reference_dir is None or bool(self.teacher_reference_dir.strip()),
+            "`--teacher_reference_dir` must not be empty.",
+        )
         _require(
             not (self.streaming and self.cache_latents),
             "`--cache_latents` needs a map-style dataset to index; drop --streaming (a local folder or Hub dataset is "
@@ -745,6 +831,11 @@ class TrainConfig:
         )
         for part in (self.method, self.roles, self.optim, self.data, self.output):
             part.validate()
+        _require(
+            not self.method.regression_weight or self.data.real_images == TEACHER_REFERENCE,
+            "`--regression_weight` regresses the student onto the teacher's samples from the same noise, which only "
+            "--real_images teacher stores; pass --real_images teacher or drop --regression_weight.",
+        )
         return self
 
     def to_dict(self) -> Dict[str, Any]:
