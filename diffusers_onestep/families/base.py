@@ -632,6 +632,8 @@ class FamilyAdapter:
                 value = getattr(null, field_name)
                 if value is not None and f"negative_{argument}" in parameters:
                     kwargs[f"negative_{argument}"] = value
+            if "negative_prompt" in parameters:  # PixArt's and SANA's default "" would clash with the embeddings
+                kwargs["negative_prompt"] = None
         if "use_resolution_binning" in parameters:
             kwargs["use_resolution_binning"] = False
         if generator is not None:
