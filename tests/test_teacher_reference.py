@@ -112,6 +112,7 @@ def test_reference_set_is_cached_reused_rebuilt_and_resumed(teacher, tmp_path, m
     killed = CountingSampler(monkeypatch, stop_after=1)
     with pytest.raises(KeyboardInterrupt):
         build_teacher_reference(adapter, pipe, prompts, settings(), str(tmp_path / "b"), progress=False)
+    assert killed.calls == 1
     folder = os.path.join(tmp_path / "b", settings().name)
     assert missing_chunks(folder, settings()) == [1, 2]
     assert not [name for name in os.listdir(folder) if "tmp" in name]
@@ -184,9 +185,7 @@ def test_regression_loss_gradient_is_the_closed_form():
 
 @pytest.fixture(scope="module")
 def roles():
-    adapter = PixArtAlphaAdapter(
-        tiny_native_pipeline("pixart_alpha").components, max_sequence_length=SEQUENCE_LENGTH
-    )
+    adapter = PixArtAlphaAdapter(tiny_native_pipeline("pixart_alpha").components, max_sequence_length=SEQUENCE_LENGTH)
     roles = BackboneRoles(adapter, RolesConfig(lora_rank=4))
     with torch.no_grad():
         for name, parameter in roles.backbone.named_parameters():
@@ -228,7 +227,9 @@ def test_regression_term_pairs_the_students_map_of_the_stored_noise_with_the_tea
         unpaired = losses.regression_loss(method._student_x0(batch.noise, t, reference_condition), batch.real)
     assert "student/regression_loss" in logs and "student/regression_loss" not in logs_without
     torch.testing.assert_close(logs["student/regression_loss"], float(paired), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(float((with_regression - without).detach()), weight * float(paired), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        float((with_regression - without).detach()), weight * float(paired), rtol=1e-4, atol=1e-6
+    )
     assert abs(float(paired) - float(unpaired)) > 1e-4  # negative control: the batch's own noise is not the pair
     with_regression.backward()
     grads = [p.grad for p in roles.role_parameters("student") if p.grad is not None]
