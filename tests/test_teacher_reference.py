@@ -355,3 +355,15 @@ def config_of_raw(workspace, output_dir, *extra):
     argv = ["--teacher", workspace["teacher"], "--prompts", workspace["prompts"], "--output_dir", str(output_dir)]
     config, _ = cli.resolve_args([*argv, *TINY_FLAGS, *[str(a) for a in extra]])
     return config
+
+
+def test_a_half_built_set_in_the_output_folder_does_not_block_the_same_command(workspace, tmp_path):
+    """A build killed before training wrote anything else leaves only the reference folder: the same command starts
+    again (and finishes the set) instead of refusing a non-empty --output_dir."""
+    partial = tmp_path / "run" / "teacher_reference" / "reference-0123"
+    partial.mkdir(parents=True)
+    (partial / "chunk-000000.safetensors").write_bytes(b"")
+    config_of(workspace, tmp_path / "run", "--divergence", "js")
+    (tmp_path / "run" / "stray.txt").write_text("not this run's")
+    with pytest.raises(ConfigError, match="stray.txt"):
+        config_of(workspace, tmp_path / "run", "--divergence", "js")
