@@ -16,7 +16,6 @@ an uninterrupted one. With several processes the missing chunks are split across
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -241,11 +240,6 @@ def build_teacher_reference(
             "failed?); run the same command again to finish it."
         )
     return TeacherReferenceSet(folder, settings, prompts)
-
-
-def read_settings(folder: str) -> Dict[str, Any]:
-    with open(os.path.join(folder, SETTINGS_NAME), encoding="utf-8") as f:
-        return json.load(f)
 
 
 class TeacherReferenceBatches:
