@@ -367,3 +367,16 @@ def test_a_half_built_set_in_the_output_folder_does_not_block_the_same_command(w
     (tmp_path / "run" / "stray.txt").write_text("not this run's")
     with pytest.raises(ConfigError, match="stray.txt"):
         config_of(workspace, tmp_path / "run", "--divergence", "js")
+
+
+def test_the_defaults_are_resolved_once(workspace, tmp_path):
+    """Unset, the count is 1000, the steps the teacher pipeline's own default (PixArt-α: 20), the guidance scale the
+    run's, the folder inside --output_dir; a resolved config resolves to itself."""
+    from diffusers_onestep.distill.resolve import resolve
+
+    resolved = config_of_raw(workspace, tmp_path / "run", "--real_images", "teacher", "--divergence", "js")
+    data = resolved.config.data
+    assert (data.teacher_reference_count, data.teacher_reference_steps) == (1000, 20)
+    assert data.teacher_reference_guidance_scale == resolved.config.method.guidance_scale == 3.0
+    assert data.teacher_reference_dir == os.path.join(str(tmp_path / "run"), "teacher_reference")
+    assert resolve(resolved.config).config == resolved.config
