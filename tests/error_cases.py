@@ -557,6 +557,43 @@ def cli_cases() -> List[Case]:
             ),
         ),
         cli_case("--max_train_samples 0", lambda c: base(c, **{"--max_train_samples": "0"})),
+        # prompts only: the teacher's reference set and DMD's regression loss
+        cli_case(
+            "--regression_weight without --real_images teacher",
+            lambda c: base(c, **{"--regression_weight": "0.25"}),
+        ),
+        cli_case(
+            "a teacher-reference flag without --real_images teacher",
+            lambda c: base(c, **{"--teacher_reference_count": "100"}),
+        ),
+        cli_case(
+            "--teacher_reference_count 0",
+            lambda c: base(c, **{"--real_images": "teacher", "--teacher_reference_count": "0"}),
+        ),
+        cli_case(
+            "--teacher_reference_steps 0",
+            lambda c: base(c, **{"--real_images": "teacher", "--teacher_reference_steps": "0"}),
+        ),
+        cli_case(
+            "--teacher_reference_guidance_scale below 1 for a CFG teacher",
+            lambda c: base(c, **{"--real_images": "teacher", "--teacher_reference_guidance_scale": "0.5"}),
+        ),
+        cli_case(
+            "--real_images teacher with --cache_latents",
+            lambda c: base(c, **{"--real_images": "teacher", "--cache_latents": []}),
+        ),
+        cli_case(
+            "--real_images teacher with --caption_column",
+            lambda c: base(c, **{"--real_images": "teacher", "--caption_column": "text"}),
+        ),
+        cli_case(
+            "--real_images teacher in a run with no discriminator and no regression",
+            lambda c: base(c, **{"--real_images": "teacher", "--gan_weight": "0"}),
+        ),
+        cli_case(
+            "--regression_weight with a method it does not apply to (sid)",
+            lambda c: base(c, **{"--real_images": "teacher", "--method": "sid", "--regression_weight": "1"}),
+        ),
         # the teacher
         cli_case("Hub teacher not cached, offline", lambda c: base(c, **{"--teacher": "someone/uncached-teacher"})),
         cli_case("a saved one-step student as --teacher", lambda c: base(c, **{"--teacher": c["student_dir"]})),

@@ -418,6 +418,11 @@ def check_fresh_start(output_dir: str, config: TrainConfig) -> None:
         "best_checkpoint.json",  # --keep_best
         config.output.logging_dir.replace(os.sep, "/").split("/")[0],
     }
+    reference_dir = config.data.teacher_reference_dir
+    if reference_dir:  # --real_images teacher: a reference set built (or half built) inside the output folder
+        inside = os.path.relpath(os.path.abspath(reference_dir), os.path.abspath(output_dir))
+        if inside != "." and not inside.startswith(".."):
+            run_files.add(inside.split(os.sep)[0])
     foreign = sorted(
         name
         for name in os.listdir(output_dir)

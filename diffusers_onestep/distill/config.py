@@ -29,6 +29,8 @@ SIM_DISTANCES = ("pseudo_huber", "squared")
 TDM_LOSSES = ("pseudo_huber", "mse")
 #: the most conditioning timesteps a trained student takes (TDM's students take 2-8; OneStepScheduler stores up to 16)
 MAX_STUDENT_TIMESTEPS = 8
+#: the ``--real_images`` value that asks for a reference set sampled by the teacher from the training prompts
+TEACHER_REFERENCE = "teacher"
 
 
 class ConfigError(ValueError):
@@ -153,6 +155,9 @@ class MethodConfig:
             and its ``c`` in latent units (1e-3 in ``train_tdm_demo.py``) (``tdm`` only).
         tdm_random_mid: re-noise the student's ``x̂0`` to a random time inside its segment instead of the segment's
             lower edge (the demo's ``--use_randmid``; ``tdm`` only).
+        regression_weight: λ of DMD's regression loss (Yin et al. 2024, arXiv 2311.18828, §3.3 and
+            Algorithm 1): ``λ · mean((G(z) - x_teacher(z))^2)`` over the pairs of ``--real_images teacher``, a
+            latent-space mean squared error where DMD uses LPIPS on decoded images (``dmd2``, ``fdistill``).
     """
 
     method: Optional[str] = setting(
@@ -252,6 +257,13 @@ class MethodConfig:
         "Re-noise the student's x0 to a random time inside its segment instead of the segment's lower edge "
         "(TDM's --use_randmid; tdm only).",
     )
+    regression_weight: Optional[float] = setting(
+        None,
+        "Weight lambda of DMD's regression loss (arXiv 2311.18828, sec. 3.3): lambda * mean((G(z) - x_teacher(z))^2) "
+        "on the (noise, teacher sample) pairs of --real_images teacher -- a latent-space mean squared error where "
+        "DMD uses LPIPS on decoded images (dmd2, fdistill).",
+        default_text="0 (no regression loss)",
+    )
 
     @property
     def uses_discriminator(self) -> bool:
@@ -333,6 +345,10 @@ class MethodConfig:
         _require(
             self.tdm_huber_c is None or self.tdm_huber_c > 0,
             f"`--tdm_huber_c` must be positive, got {self.tdm_huber_c}.",
+        )
+        _require(
+            self.regression_weight is None or self.regression_weight >= 0,
+            f"`--regression_weight` must be >= 0, got {self.regression_weight}.",
         )
         return self
 
@@ -491,6 +507,15 @@ class OptimizationConfig:
         return self
 
 
+#: the DataConfig fields that only --real_images teacher reads
+TEACHER_REFERENCE_FLAGS = (
+    "teacher_reference_count",
+    "teacher_reference_steps",
+    "teacher_reference_guidance_scale",
+    "teacher_reference_dir",
+)
+
+
 @dataclass
 class DataConfig:
     """Prompts (and optional real images for the GAN / discriminator)."""
@@ -500,7 +525,34 @@ class DataConfig:
     )
     prompt_column: str = setting("text", "Column/field holding the prompts.")
     real_images: Optional[str] = setting(
-        None, "Image dataset (imagefolder or Hub name) for the GAN / f-divergence discriminator.", default_text="none"
+        None,
+        "Image dataset (imagefolder or Hub name) for the GAN / f-divergence discriminator, or 'teacher': a reference "
+        "set the teacher samples from the training prompts with its own multi-step sampler, cached on disk (prompts "
+        "only; name a folder called teacher ./teacher).",
+        default_text="none",
+    )
+    teacher_reference_count: Optional[int] = setting(
+        None,
+        "With --real_images teacher: how many reference latents the teacher samples (prompt i of each is a seeded "
+        "pass over the training prompts, every prompt once before any repeats).",
+        default_text="1000",
+    )
+    teacher_reference_steps: Optional[int] = setting(
+        None,
+        "With --real_images teacher: sampling steps of the teacher's own pipeline and scheduler.",
+        default_text="the teacher pipeline's default num_inference_steps",
+    )
+    teacher_reference_guidance_scale: Optional[float] = setting(
+        None,
+        "With --real_images teacher: the teacher's guidance scale while sampling the reference set (CFG w in "
+        "u + w(c - u), or the embedded scale of a guidance-distilled teacher).",
+        default_text="--guidance_scale",
+    )
+    teacher_reference_dir: Optional[str] = setting(
+        None,
+        "With --real_images teacher: folder of the cached reference sets (one subfolder per fingerprint of the "
+        "teacher, prompts, count, steps, guidance, seed, resolution and precision; a killed build resumes there).",
+        default_text="teacher_reference in --output_dir",
     )
     image_column: str = setting("image", "Image column of --real_images.")
     caption_column: Optional[str] = setting(
@@ -577,6 +629,40 @@ class DataConfig:
                 not getattr(self, flag) or bool(self.real_images),
                 f"`--{flag}` applies to --real_images, which this run does not read; drop --{flag}.",
             )
+        if self.real_images == TEACHER_REFERENCE:
+            for flag in ("streaming", "cache_latents", "aspect_ratio_buckets", "random_flip"):
+                _require(
+                    not getattr(self, flag),
+                    f"`--{flag}` applies to an image dataset, but --real_images teacher samples latents (cached "
+                    f"already); drop --{flag}.",
+                )
+            _require(
+                self.caption_column is None,
+                "`--caption_column` applies to an image dataset; --real_images teacher pairs each reference with the "
+                "prompt it was sampled from, so drop --caption_column.",
+            )
+        else:
+            for flag in TEACHER_REFERENCE_FLAGS:
+                _require(
+                    getattr(self, flag) is None,
+                    f"`--{flag}` applies to --real_images teacher; pass --real_images teacher or drop --{flag}.",
+                )
+        _require(
+            self.teacher_reference_count is None or self.teacher_reference_count >= 1,
+            f"`--teacher_reference_count` must be >= 1, got {self.teacher_reference_count}.",
+        )
+        _require(
+            self.teacher_reference_steps is None or self.teacher_reference_steps >= 1,
+            f"`--teacher_reference_steps` must be >= 1, got {self.teacher_reference_steps}.",
+        )
+        _require(
+            self.teacher_reference_guidance_scale is None or self.teacher_reference_guidance_scale >= 0,
+            f"`--teacher_reference_guidance_scale` must be >= 0, got {self.teacher_reference_guidance_scale}.",
+        )
+        _require(
+            self.teacher_reference_dir is None or bool(self.teacher_reference_dir.strip()),
+            "`--teacher_reference_dir` must not be empty.",
+        )
         _require(
             not (self.streaming and self.cache_latents),
             "`--cache_latents` needs a map-style dataset to index; drop --streaming (a local folder or Hub dataset is "
@@ -782,6 +868,11 @@ class TrainConfig:
         )
         for part in (self.method, self.roles, self.optim, self.data, self.output):
             part.validate()
+        _require(
+            not self.method.regression_weight or self.data.real_images == TEACHER_REFERENCE,
+            "`--regression_weight` regresses the student onto the teacher's samples from the same noise, which only "
+            "--real_images teacher stores; pass --real_images teacher or drop --regression_weight.",
+        )
         return self
 
     def to_dict(self) -> Dict[str, Any]:

@@ -1009,7 +1009,9 @@ class TrainingBatches:
         resolution: the square training size (real batches of aspect-ratio buckets set their own).
         rank, world_size: this process and the number of processes.
         accumulation_steps: micro-batches per optimization step.
-        real: the real images (:class:`RealBatches`), or ``None`` without a discriminator.
+        real: the real images (:class:`RealBatches`), the teacher's reference set
+            (:class:`~.teacher_reference.TeacherReferenceBatches`, which also gives each latent's starting noise),
+            or ``None`` without a discriminator.
         real_conditions: conditions of the real images' captions; ``None``: the images have no captions, the batch's
             ``real_condition`` is ``None`` and the method judges real and generated samples under the null prompt.
     """
@@ -1047,14 +1049,16 @@ class TrainingBatches:
         position = step * self.accumulation_steps + micro
         prompt_indices = batch_indices(self.seed, position, global_batch, len(self.prompts))[self._mine]
         condition = self.prompts.conditions(prompt_indices)
-        real = real_condition = None
+        real = real_condition = real_noise = None
         height = width = self.resolution
         if self.real is not None:
-            real, captions = self.real(position)
+            # a teacher reference set also gives the noise each latent was sampled from (the regression pairs)
+            real, captions, *paired = self.real(position)
             real = real.to(self.device)
+            real_noise = paired[0].to(self.device) if paired else None
             # the generated batch takes the real batch's size (its aspect-ratio bucket): the discriminator sees both
             height, width = self.real.adapter.image_size_of(real)
             if self.real_conditions is not None and captions is not None:
                 real_condition = self.real_conditions.conditions_of(captions)
         noise = self.random_source.randn(self.noise_shape(self.batch_size, height, width))
-        return Batch(condition=condition, noise=noise, real=real, real_condition=real_condition)
+        return Batch(condition=condition, noise=noise, real=real, real_condition=real_condition, real_noise=real_noise)

@@ -35,6 +35,7 @@ __all__ = [
     "f_divergence_weight",
     "gan_discriminator_loss",
     "gan_generator_loss",
+    "regression_loss",
     "sample_guidance_scale",
     "sid_generator_loss",
     "sim_generator_loss",
@@ -306,6 +307,21 @@ def gan_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
 def gan_generator_loss(logits_fake: Tensor) -> Tensor:
     """The non-saturating generator loss ``mean softplus(−D(fake))`` (DMD2 ``gen_cls_loss``)."""
     return F.softplus(-logits_fake.float()).mean()
+
+
+def regression_loss(student_x0: Tensor, teacher_x0: Tensor) -> Tensor:
+    """DMD's regression loss (Yin et al. 2024, arXiv 2311.18828, §3.3), ``mean((G(z) − y)²)`` over every
+    element, where ``y`` is the teacher's multi-step sample from the same noise ``z`` (a precomputed pair).
+
+    DMD measures ``d`` with LPIPS on decoded images; this is the latent-space mean squared error (no LPIPS weights
+    are needed, and no VAE decode): its gradient in ``G(z)`` is ``2 (G(z) − y) / n`` with ``n`` the element count.
+    """
+    if student_x0.shape != teacher_x0.shape:
+        raise ValueError(
+            f"The student's samples {tuple(student_x0.shape)} and the teacher's {tuple(teacher_x0.shape)} differ in "
+            "shape; the regression pairs must be sampled at the training resolution."
+        )
+    return F.mse_loss(student_x0.float(), teacher_x0.detach().float())
 
 
 # ----------------------------------------------------------------------------------------------------------------

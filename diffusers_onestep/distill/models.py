@@ -192,9 +192,12 @@ class RandomSource:
 
 @dataclass
 class Batch:
-    """One training batch. ``noise`` is the student's input noise; ``real`` are real clean latents (optional)."""
+    """One training batch. ``noise`` is the student's input noise; ``real`` are real clean latents (optional);
+    ``real_noise`` is, for a teacher reference set (``--real_images teacher``), the noise each ``real`` latent was
+    sampled from by the teacher (the pairs of DMD's regression loss)."""
 
     condition: Any
     noise: torch.Tensor
     real: Optional[torch.Tensor] = None
     real_condition: Any = None
+    real_noise: Optional[torch.Tensor] = None

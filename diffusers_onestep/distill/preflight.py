@@ -10,7 +10,7 @@ import os
 from typing import Optional
 
 from .checkpoint import check_fresh_start, check_resume_config, find_resume_point
-from .config import ConfigError
+from .config import TEACHER_REFERENCE, ConfigError
 from .resolve import ResolvedConfig
 
 
@@ -52,14 +52,21 @@ def preflight(resolved: ResolvedConfig) -> None:
             f"The {method.method} method ({method.divergence}) trains a discriminator on real images (GAN weight "
             f"{method.gan_weight}); pass --real_images IMAGE_DATASET, or use dmd2 (reverse_kl) with --gan_weight 0."
         )
-    if config.data.real_images and not os.path.exists(config.data.real_images):
+    teacher_reference = config.data.real_images == TEACHER_REFERENCE  # sampled by the teacher: nothing to read
+    if config.data.real_images and not teacher_reference and not os.path.exists(config.data.real_images):
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
         try:
             validate_repo_id(config.data.real_images)
         except HFValidationError:
             raise ConfigError(f"--real_images {config.data.real_images} does not exist.") from None
-    if config.data.real_images and method.uses_discriminator and is_main_process() and not config.data.streaming:
+    if (
+        config.data.real_images
+        and not teacher_reference
+        and method.uses_discriminator
+        and is_main_process()
+        and not config.data.streaming
+    ):
         check_real_images(
             config.data.real_images,
             config.data.image_column,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import reason_of
-from .config import MIXED_PRECISIONS, ConfigError, TrainConfig
+from .config import MIXED_PRECISIONS, TEACHER_REFERENCE, ConfigError, TrainConfig
 from .methods import get_method_class, resolve_method_config
 
 
@@ -198,6 +198,8 @@ def resolve(config: TrainConfig, teacher_configs: Optional[Dict[str, Dict[str, A
         config.max_sequence_length = adapter_cls.default_max_sequence_length
     if config.data.resolution is None:
         config.data.resolution = _native_resolution(adapter_cls, teacher_configs)
+    if config.data.real_images == TEACHER_REFERENCE:
+        _resolve_teacher_reference(config, adapter_cls)
     return ResolvedConfig(
         config=config.validate(),
         family=family,
@@ -229,3 +231,41 @@ def _native_resolution(adapter_cls, teacher_configs: Dict[str, Dict[str, Any]]) 
     if not sample_size or not vae:
         return None
     return int(sample_size) * adapter_cls.vae_scale_factor_of(vae)
+
+
+#: how many latents ``--real_images teacher`` samples where ``--teacher_reference_count`` is not given
+DEFAULT_TEACHER_REFERENCE_COUNT = 1000
+#: the reference set's folder inside ``--output_dir`` where ``--teacher_reference_dir`` is not given
+TEACHER_REFERENCE_DIR_NAME = "teacher_reference"
+
+
+def _resolve_teacher_reference(config: TrainConfig, adapter_cls) -> None:
+    """The defaults of ``--real_images teacher``: 1000 latents, the native pipeline's own default number of steps,
+    the run's guidance scale, a folder inside the output folder (where a resumed run finds a half-built set)."""
+    import inspect
+
+    import diffusers
+
+    data = config.data
+    if not config.method.gan_weight and not config.method.regression_weight:
+        raise ConfigError(
+            f"--real_images teacher feeds a discriminator or the regression loss, and this {config.method.method} run "
+            "has neither (GAN weight 0, no --regression_weight); drop --real_images or set one of them."
+        )
+    if data.teacher_reference_count is None:
+        data.teacher_reference_count = DEFAULT_TEACHER_REFERENCE_COUNT
+    if data.teacher_reference_steps is None:
+        call = getattr(diffusers, adapter_cls.native_pipeline_class_name).__call__
+        default = inspect.signature(call).parameters.get("num_inference_steps")
+        data.teacher_reference_steps = int(default.default) if default is not None and default.default else 50
+    if data.teacher_reference_guidance_scale is None:
+        data.teacher_reference_guidance_scale = float(config.method.guidance_scale)
+    guidance = data.teacher_reference_guidance_scale
+    if not adapter_cls.has_embedded_guidance and guidance < 1:
+        # the native pipelines guide only above 1 (below, they run the conditional branch alone)
+        raise ConfigError(
+            f"`--teacher_reference_guidance_scale` {guidance} is below 1, where the teacher's pipeline "
+            "switches classifier-free guidance off; pass 1 (no guidance) or more."
+        )
+    if data.teacher_reference_dir is None:
+        data.teacher_reference_dir = os.path.join(config.output.output_dir, TEACHER_REFERENCE_DIR_NAME)

@@ -35,7 +35,7 @@ from .checkpoint import (
     save_checkpoint,
     write_run,
 )
-from .config import ConfigError, OptimizationConfig, TrainConfig
+from .config import TEACHER_REFERENCE, ConfigError, OptimizationConfig, TrainConfig
 from .data import (
     DataError,
     ImageSettings,
@@ -48,7 +48,9 @@ from .data import (
     TrainingBatches,
     aspect_ratio_buckets,
     default_cache_root,
+    fingerprint,
     load_prompts,
+    module_fingerprint,
     open_real_images,
 )
 from .evaluate import BEST_CHECKPOINT_NAME, CostMeter, TrainingEvaluator, check_evaluation_inputs
@@ -57,6 +59,7 @@ from .methods import build_method
 from .models import RandomSource, roles_to_update
 from .resolve import ResolvedConfig, resolve
 from .roles import BackboneRoles
+from .teacher_reference import ReferenceSettings, TeacherReferenceBatches, build_teacher_reference, dtype_name
 
 
 logger = logging.getLogger(__name__)
@@ -267,7 +270,10 @@ class Trainer:
         self.evaluator = None
         if cfg.output.eval_steps and self.accelerator.is_main_process:
             self.evaluator = TrainingEvaluator(cfg, adapter, self.device, cfg.optim.seed)
-        if cfg.method.uses_discriminator:
+        if data.real_images == TEACHER_REFERENCE:
+            self._setup_teacher_reference()
+            captions = list(self.prompts)  # the references are judged under the prompts they were sampled from
+        elif cfg.method.uses_discriminator:
             dataset = open_real_images(
                 data.real_images,
                 data.image_column,
@@ -338,10 +344,59 @@ class Trainer:
                 device=self.device,
             )
         self.prompt_source = PromptSource(adapter, self.prompts, text_cache, device=self.device)
-        if self.real_batches is not None and data.caption_column:
+        if self.real_batches is not None and (data.caption_column or data.real_images == TEACHER_REFERENCE):
             self.real_conditions = PromptSource(
                 adapter, captions, None if data.streaming else text_cache, device=self.device
             )
+
+    def _setup_teacher_reference(self):
+        """``--real_images teacher``: build (or finish, or reuse) the teacher's reference set -- its own multi-step
+        samples of the training prompts -- with the missing chunks split across the processes, and read it as the
+        run's real latents (with each one's prompt and starting noise)."""
+        cfg, data, acc = self.config, self.config.data, self.accelerator
+        frozen_dtype = self.weight_dtype or torch.float32
+        scheduler = self.teacher_pipeline.components.get("scheduler")
+        settings = ReferenceSettings(
+            teacher=cfg.teacher,
+            revision=cfg.revision,
+            variant=cfg.variant,
+            teacher_fingerprint=fingerprint(
+                module_fingerprint(self.adapter.denoiser), dict(scheduler.config) if scheduler is not None else None
+            ),
+            prompts_fingerprint=fingerprint(self.prompts),
+            num_prompts=len(self.prompts),
+            count=data.teacher_reference_count,
+            steps=data.teacher_reference_steps,
+            guidance_scale=float(data.teacher_reference_guidance_scale),
+            seed=cfg.optim.seed,
+            height=self.resolution,
+            width=self.resolution,
+            dtype=dtype_name(frozen_dtype),
+            max_sequence_length=cfg.max_sequence_length,
+        )
+        # the pipeline's own per-call progress bar would print once per chunk; the set's bar counts latents
+        self.teacher_pipeline.set_progress_bar_config(disable=True)
+        reference = build_teacher_reference(
+            self.adapter,
+            self.teacher_pipeline,
+            self.prompts,
+            settings,
+            data.teacher_reference_dir,
+            device=self.device,
+            accelerator=acc if acc.num_processes > 1 else None,
+            autocast=acc.autocast,
+            progress=acc.is_local_main_process,
+        )
+        acc.print(f"Teacher reference set: {len(reference)} latents in {reference.folder}.")
+        self.real_batches = TeacherReferenceBatches(
+            self.adapter,
+            reference,
+            cfg.optim.seed + 1,
+            cfg.optim.train_batch_size * acc.num_processes,
+            acc.process_index,
+            cfg.optim.train_batch_size,
+            device=self.device,
+        )
 
     def _setup_models(self):
         from diffusers.optimization import get_scheduler

@@ -571,6 +571,77 @@ class FamilyAdapter:
         return (latents - mean) / scale
 
     # ------------------------------------------------------------------------------------------------------------
+    # the teacher's own multi-step sampler
+    # ------------------------------------------------------------------------------------------------------------
+
+    def to_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Canonical latents ``[B, C, H, W]`` in the layout the family's pipeline takes as ``latents=`` (the same by
+        default; FLUX.1 packs them)."""
+        return latents
+
+    def from_pipeline_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Inverse of :meth:`to_pipeline_latents` for the pipeline's ``output_type="latent"`` output of latent size
+        ``height x width``."""
+        return latents
+
+    def pipeline_sampling_kwargs(self, num_inference_steps: int) -> Dict[str, Any]:
+        """Extra arguments of the family's pipeline call for a multi-step sample (none by default)."""
+        return {}
+
+    @torch.no_grad()
+    def sample_with_pipeline(
+        self,
+        pipeline,
+        noise: torch.Tensor,
+        condition: Condition,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator=None,
+    ) -> torch.Tensor:
+        """The teacher's own multi-step sample from ``noise``: the family's native pipeline (its scheduler, its
+        guidance) called with ``latents=noise``, the conditions ``condition`` (and, for classifier-free guidance,
+        :meth:`unconditional` as the negative ones, the null condition training guides with) and
+        ``output_type="latent"``. Returns canonical latents ``[B, C, H, W]`` in the units the denoiser sees.
+
+        ``noise`` is standard normal, as the pipelines draw it (they scale it by the scheduler's
+        ``init_noise_sigma``); ``generator`` (one per sample) feeds stochastic schedulers. The image size is the
+        noise's: resolution binning is switched off where the pipeline has it.
+        """
+        import inspect
+
+        parameters = inspect.signature(pipeline.__call__).parameters
+        height, width = self.image_size_of(noise)
+        kwargs: Dict[str, Any] = {
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "height": height,
+            "width": width,
+            "latents": self.to_pipeline_latents(noise),
+            "output_type": "latent",
+            "return_dict": False,
+            **self.pipeline_sampling_kwargs(num_inference_steps),
+        }
+        fields = {"embeds": "prompt_embeds", "mask": "prompt_attention_mask", "pooled": "pooled_prompt_embeds"}
+        for field_name, argument in fields.items():
+            value = getattr(condition, field_name)
+            if value is not None and argument in parameters:
+                kwargs[argument] = value
+        if not self.has_embedded_guidance:
+            null = self.unconditional(noise.shape[0], device=noise.device)
+            for field_name, argument in fields.items():
+                value = getattr(null, field_name)
+                if value is not None and f"negative_{argument}" in parameters:
+                    kwargs[f"negative_{argument}"] = value
+            if "negative_prompt" in parameters:  # PixArt's and SANA's default "" would clash with the embeddings
+                kwargs["negative_prompt"] = None
+        if "use_resolution_binning" in parameters:
+            kwargs["use_resolution_binning"] = False
+        if generator is not None:
+            kwargs["generator"] = generator
+        latents = pipeline(**kwargs)[0]
+        return self.from_pipeline_latents(latents, noise.shape[-2], noise.shape[-1])
+
+    # ------------------------------------------------------------------------------------------------------------
     # LoRA
     # ------------------------------------------------------------------------------------------------------------
 

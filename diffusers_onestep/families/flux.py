@@ -108,6 +108,13 @@ class FluxAdapter(FamilyAdapter):
     def matches(cls, model_index, component_configs):
         return (component_configs.get("transformer") or {}).get("_class_name") == "FluxTransformer2DModel"
 
+    def to_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        # FluxPipeline takes (and returns, with output_type="latent") its packed token sequence
+        return pack_latents(latents)
+
+    def from_pipeline_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return unpack_latents(latents, height, width)
+
     # ------------------------------------------------------------------------------------------------------------
     # shapes: canonical latents outside, packed tokens inside the network
     # ------------------------------------------------------------------------------------------------------------

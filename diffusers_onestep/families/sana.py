@@ -109,6 +109,10 @@ class SanaSprintAdapter(SanaAdapter):
         transformer = component_configs.get("transformer") or {}
         return transformer.get("_class_name") == "SanaTransformer2DModel" and bool(transformer.get("guidance_embeds"))
 
+    def pipeline_sampling_kwargs(self, num_inference_steps: int):
+        # SanaSprintPipeline's intermediate timestep belongs to its 2-step schedule only
+        return {} if num_inference_steps == 2 else {"intermediate_timesteps": None}
+
     def _encode(self, prompts: List[str], device) -> Condition:
         embeds, mask = self.text_pipeline().encode_prompt(
             prompts,

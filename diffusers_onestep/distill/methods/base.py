@@ -47,6 +47,7 @@ METHOD_SETTINGS = (
     "tdm_loss",
     "tdm_huber_c",
     "tdm_random_mid",
+    "regression_weight",
 )
 
 
@@ -229,6 +230,8 @@ class DistillationMethod:
         self.discriminator_weight = float(config.discriminator_weight)
         self.discriminator_trunk = config.discriminator_trunk
         self.uses_discriminator = config.uses_discriminator
+        #: λ of DMD's regression loss on the teacher's (noise, sample) pairs (0: none)
+        self.regression_weight = float(config.regression_weight or 0.0)
 
     # ------------------------------------------------------------------------------------------------------------
     # the hook a method writes
@@ -434,10 +437,28 @@ class DistillationMethod:
                 simulated_steps=k,
             )
             loss, term_logs = self.generator_loss(terms)
+            if self.regression_weight > 0:
+                regression = self.regression_loss(batch)
+                loss = loss + self.regression_weight * regression
+                term_logs = {**term_logs, "regression_loss": float(regression.detach())}
             logs = {f"student/{name}": value for name, value in term_logs.items()}
             logs["student/loss"] = float(loss.detach())
             logs["student/simulated_steps"] = float(k)
         return loss, logs
+
+    def regression_loss(self, batch: Batch) -> torch.Tensor:
+        """DMD's regression loss (Yin et al. 2024, arXiv 2311.18828, §3.3) on the batch's teacher pairs: the
+        student maps the noise ``z`` each reference latent was sampled from (``batch.real_noise``), under that
+        reference's prompt, from its first timestep (pure noise), and is pulled toward the teacher's multi-step
+        sample ``y = batch.real`` by :func:`~..losses.regression_loss` (latent MSE; DMD uses LPIPS)."""
+        if batch.real is None or batch.real_noise is None or batch.real_condition is None:
+            raise ValueError(
+                "The regression loss needs the teacher's (noise, sample) pairs with their prompts: pass `real`, "
+                "`real_noise` and `real_condition` in the batch (--real_images teacher)."
+            )
+        z = batch.real_noise.to(batch.real.device)
+        x = self._student_x0(z, self._full_time(self.student_timesteps[0], z), batch.real_condition)
+        return losses.regression_loss(x, batch.real)
 
     def critic_step(self, batch: Batch, rng: RandomSource) -> Tuple[torch.Tensor, Logs]:
         """The critic loss: denoising score matching on detached student samples (+ the discriminator loss)."""

@@ -21,7 +21,8 @@ class DMD2(DistillationMethod):
     Generator loss (DMD2's ``compute_distribution_matching_loss``): ``dm_weight · 0.5 ||x - sg(x - g)||^2`` with
     ``g = (x̂0_fake - x̂0_real) / mean|x - x̂0_real|`` (per sample), plus ``gan_weight`` times the non-saturating
     GAN loss of the discriminator's logits when a discriminator trains (DMD2; on by default with
-    ``--real_images``).
+    ``--real_images``), plus ``regression_weight`` times DMD's regression loss on the teacher's (noise, sample) pairs
+    (:meth:`~.base.DistillationMethod.regression_loss`; ``--real_images teacher``).
     """
 
     name = "dmd2"
@@ -35,6 +36,8 @@ class DMD2(DistillationMethod):
     divergences = ("reverse_kl",)
     default_discriminator_weight = 1e-2
     default_discriminator_trunk = "critic"
+    #: DMD's regression loss on the teacher's (noise, sample) pairs (``--regression_weight``; f-distill inherits it)
+    settings = ("regression_weight",)
 
     def distribution_matching_weight(self, logits: Optional[torch.Tensor], t: torch.Tensor) -> Optional[torch.Tensor]:
         """Per-sample weight ``h(r)`` on the VSD gradient: none for reverse KL (``h = 1``)."""
