@@ -93,6 +93,7 @@ def measure(
     seed: int = 0,
     negative_digits: Sequence[int] = tuple(range(10)),
     settings: Sequence[str] = SETTINGS,
+    verbose: bool = False,
 ) -> List[Dict[str, float]]:
     """One row per (setting, λ): the share read as k, prompt accuracy, FD to the setting's reference classes and its
     ratio to λ = 0, each averaged over ``negative_digits``."""
@@ -110,6 +111,8 @@ def measure(
                 features, predicted = digits.classify(images, value_range="-1,1")
                 cell = per_scale[scale]
                 cell["share_k"].append(float((predicted == k).mean()))
+                if verbose:
+                    print(f"  {setting} k={k} λ={scale:g}: share read as k {cell['share_k'][-1]:.3f}", flush=True)
                 if requested is not None and setting != "self":
                     cell["accuracy"].append(float((predicted == np.asarray(requested)).mean()))
                 if setting != "self":
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
     pipe = OneStepPipeline.from_pretrained(args.student)
     pipe.set_progress_bar_config(disable=True)
     started = time.perf_counter()
-    rows = measure(pipe, scales, args.per_digit, args.seed, settings=args.settings.split(","))
+    rows = measure(pipe, scales, args.per_digit, args.seed, settings=args.settings.split(","), verbose=True)
     print(format_table(rows), flush=True)
     print(f"{(time.perf_counter() - started) / 60:.1f} min", flush=True)
     print(json.dumps({"student": args.student, "per_digit": args.per_digit, "rows": rows}))
