@@ -138,6 +138,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", default="lora,full")
     parser.add_argument("--max_train_steps", type=int, default=None, help="budget per student (default: the demo's)")
     parser.add_argument("--ema_decay", type=float, default=None, help="student EMA decay (default: the demo's)")
+    parser.add_argument(
+        "--learning_rate", type=float, default=None, help="a LoRA student's learning rate (default: the demo's)"
+    )
     parser.add_argument("--eval_per_digit", type=int, default=digits.EVAL_PER_DIGIT)
     parser.add_argument("--jobs", type=int, default=1, help="students trained at once (one thread each when > 1)")
     parser.add_argument(
@@ -156,6 +159,8 @@ def main(argv=None) -> int:
         base = replace(base, max_train_steps=args.max_train_steps)
     if args.ema_decay:
         base = replace(base, ema_decay=args.ema_decay)
+    if args.learning_rate:
+        base = replace(base, learning_rate=args.learning_rate)
     os.makedirs(args.output_dir, exist_ok=True)
     data = write_data(os.path.join(args.output_dir, "data"), base.seed)
     students, train_seconds, to_train = {}, {}, []
