@@ -547,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--negative_scale",
         type=nonnegative_float,
         default=None,
-        help="NASA's lambda >= 0, with --negative_prompt (default: 0.5, measured on the digits benchmark; "
+        help="NASA's lambda >= 0, with --negative_prompt (default: 0.1, measured on the digits benchmark; "
         "docs/benchmarks.md)",
     )
     generate.add_argument(
@@ -704,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--negative_scale",
         type=nonnegative_float,
         default=None,
-        help="the NASA lambda the page opens with (default: 0.5)",
+        help="the NASA lambda the page opens with (default: 0.1)",
     )
     serve.add_argument(
         "--dtype",

@@ -163,6 +163,7 @@ def test_generate_negative_prompt_is_the_pipelines_nasa(capsys, tmp_path, studen
     import torch
 
     from diffusers_onestep import OneStepPipeline
+    from diffusers_onestep.pipelines import nasa
 
     folder = student_folder("pixart_alpha")
     flags = ["--out", str(tmp_path / "steered"), "--device", "cpu", "--negative_prompt", "a red square"]
@@ -178,7 +179,7 @@ def test_generate_negative_prompt_is_the_pipelines_nasa(capsys, tmp_path, studen
     plain = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert not np.array_equal(written, (plain * 255).round().astype(np.uint8))  # the negative prompt acted
     status, out, _ = run(capsys, "generate", folder, "a cat", *flags[:1], str(tmp_path / "default"), *flags[2:])
-    assert status == 0 and "(NASA λ 0.5)" in out
+    assert status == 0 and f"(NASA λ {nasa.DEFAULT_NEGATIVE_SCALE:g})" in out
 
 
 @pytest.mark.parametrize(

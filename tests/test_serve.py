@@ -21,6 +21,7 @@ import pytest
 import torch
 from training_utils import REPO, env
 
+from diffusers_onestep.pipelines.nasa import DEFAULT_NEGATIVE_SCALE
 from diffusers_onestep.serve import EMPTY_PROMPT_MESSAGE, LiveGenerator, ServeSettings
 
 
@@ -91,8 +92,8 @@ def test_negative_prompt_is_the_pipelines_nasa(generator):
         again = generator.generate("a cat", **kwargs, negative_prompt=empty, negative_scale=1.0)
         assert np.array_equal(np.asarray(again.images[0]), np.asarray(plain.images[0]))
     default = generator.generate("a cat", **kwargs, negative_prompt="a red square")
-    half = generator.generate("a cat", **kwargs, negative_prompt="a red square", negative_scale=0.5)
-    assert np.array_equal(np.asarray(default.images[0]), np.asarray(half.images[0]))
+    half = generator.generate("a cat", **kwargs, negative_prompt="a red square", negative_scale=DEFAULT_NEGATIVE_SCALE)
+    assert np.array_equal(np.asarray(default.images[0]), np.asarray(half.images[0]))  # the pipeline's default λ
     bad = generator.generate("a cat", **kwargs, negative_prompt="a red square", negative_scale=-1.0)
     assert bad.images == [] and "`negative_scale` must be a finite number >= 0" in bad.status
     assert generator.takes_negative_prompt
@@ -194,7 +195,16 @@ def server(quick_demo, tmp_path_factory):
 
 
 def call_generate(
-    url, prompt, seed=0, steps=1, height=16, width=16, num_images=1, negative_prompt="", negative_scale=0.5, timeout=60
+    url,
+    prompt,
+    seed=0,
+    steps=1,
+    height=16,
+    width=16,
+    num_images=1,
+    negative_prompt="",
+    negative_scale=DEFAULT_NEGATIVE_SCALE,
+    timeout=60,
 ):
     """One request through Gradio's HTTP API: (HTTP status of the join, event name, data or error, seconds)."""
     start = time.perf_counter()
