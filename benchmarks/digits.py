@@ -3,13 +3,15 @@
 Each student -- reverse_kl (DMD2: VSD + GAN), js and forward_kl (f-distill) × {lora, full}, and with ``--methods``
 the data-free score-divergence methods sid and sim (SiD, SIM) -- is trained by ``accelerate launch
 training/train_onestep.py`` with the same budget and settings as ``make demo`` (only the divergence or method and
-the student's kind change; sid and sim take no real images and no GAN, and the method's own 1:1 update ratio), then all runs are evaluated on the same 1,000 prompts (100 per digit)
-and seeds with the bundled classifier (``diffusers_onestep/demo/digits.py``): FD to real held-out digits, prompt
+the student's kind change; sid and sim take no real images and no GAN, and the method's own 1:1 update ratio), then
+all runs are evaluated on the same 1,000 prompts (100 per digit) and seeds with the bundled classifier (``diffusers_onestep/demo/digits.py``): FD to real held-out digits, prompt
 accuracy, coverage, and wall time.
 
     python benchmarks/digits.py                       # ~40-60 minutes on 2 CPU cores; writes docs/benchmarks.md
     python benchmarks/digits.py --divergences js --kinds lora --no_docs   # one student
     python benchmarks/digits.py --divergences "" --methods sid,sim --kinds lora --no_docs   # SiD and SIM students
+    python benchmarks/digits.py --divergences "" --methods sid --kinds lora --learning_rate 1e-4 --no_docs
+    # (SiD and SIM diverge on digits at the demo's LoRA learning rate 1e-3; 1e-4 trains: docs/benchmarks.md)
 
 The last printed line is one JSON object: ``{"teacher50_fd", "teacher1_fd", "best_student", "best_student_fd",
 "fd_ratio", "acc_ratio"}``.
