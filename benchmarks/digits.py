@@ -1,13 +1,17 @@
 """Digits benchmark: the bundled teacher at 50, 4 and 1 steps against one-step students of every divergence.
 
-Each student -- reverse_kl (DMD2: VSD + GAN), js and forward_kl (f-distill) × {lora, full} -- is trained by
-``accelerate launch training/train_onestep.py`` with the same budget and settings as ``make demo`` (only the
-divergence and the student's kind change), then all runs are evaluated on the same 1,000 prompts (100 per digit)
-and seeds with the bundled classifier (``diffusers_onestep/demo/digits.py``): FD to real held-out digits, prompt
+Each student -- reverse_kl (DMD2: VSD + GAN), js and forward_kl (f-distill) × {lora, full}, and with ``--methods``
+the data-free score-divergence methods sid and sim (SiD, SIM) -- is trained by ``accelerate launch
+training/train_onestep.py`` with the same budget and settings as ``make demo`` (only the divergence or method and
+the student's kind change; sid and sim take no real images and no GAN, and the method's own 1:1 update ratio), then
+all runs are evaluated on the same 1,000 prompts (100 per digit) and seeds with the bundled classifier (``diffusers_onestep/demo/digits.py``): FD to real held-out digits, prompt
 accuracy, coverage, and wall time.
 
     python benchmarks/digits.py                       # ~40-60 minutes on 2 CPU cores; writes docs/benchmarks.md
     python benchmarks/digits.py --divergences js --kinds lora --no_docs   # one student
+    python benchmarks/digits.py --divergences "" --methods sid,sim --kinds lora --no_docs   # SiD and SIM students
+    python benchmarks/digits.py --divergences "" --methods sid --kinds lora --learning_rate 1e-4 --no_docs
+    # (SiD and SIM diverge on digits at the demo's LoRA learning rate 1e-3; 1e-4 trains: docs/benchmarks.md)
 
 The last printed line is one JSON object: ``{"teacher50_fd", "teacher1_fd", "best_student", "best_student_fd",
 "fd_ratio", "acc_ratio"}``.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
@@ -34,6 +39,79 @@ from diffusers_onestep.demo.__main__ import DemoSettings, evaluate_runs, log, pr
 
 DOC = os.path.join(REPO, "docs", "benchmarks.md")
 SECTION = "## Digits: one-step students against the teacher"
+
+
+#: the data-free score-divergence methods (``distill/methods/sid.py``) this benchmark trains besides the divergences
+SCORE_METHODS = ("sid", "sim")
+
+
+def train_score_method(settings: DemoSettings, method: str, data, output_dir: str, teacher: str) -> None:
+    """Train a ``--method sid|sim`` student with the demo's budget and settings (``DemoSettings``).
+
+    The demo's :func:`train` command with what a score-divergence method refuses taken out: no ``--divergence``, no
+    real images and no ``--gan_weight`` (SiD and SIM are data-free), and no ``--critic_updates_per_student`` (the
+    method's own 1:1 fake-score:generator ratio, SiD's Algorithm 1). SiD's alpha, SiD-LSG's fake-score guidance and
+    SIM's pseudo-Huber distance take the library's defaults (``MethodConfig``); the teacher's CFG is the demo's.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "diffusers_onestep.distill",
+        "--teacher",
+        teacher,
+        "--prompts",
+        data["prompts"],
+        "--method",
+        method,
+        "--student",
+        settings.student,
+        "--critic",
+        settings.critic,
+        "--lora_rank",
+        str(settings.lora_rank),
+        "--lora_target_modules",
+        settings.lora_target_modules,
+        "--learning_rate",
+        str(settings.full_learning_rate if settings.student == "full" else settings.learning_rate),
+        "--critic_learning_rate",
+        str(settings.critic_learning_rate),
+        "--guidance_scale",
+        str(settings.guidance_scale),
+        "--student_timesteps",
+        *[str(t) for t in settings.student_timesteps],
+        "--ema_decay",
+        str(settings.ema_decay),
+        "--train_batch_size",
+        str(settings.train_batch_size),
+        "--max_train_steps",
+        str(settings.max_train_steps),
+        "--checkpointing_steps",
+        str(settings.max_train_steps),
+        "--validation_steps",
+        str(10 * settings.max_train_steps),
+        "--lr_scheduler",
+        "constant",
+        "--report_to",
+        "none",
+        "--seed",
+        str(settings.seed),
+        "--output_dir",
+        output_dir,
+        "--overwrite_output_dir",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if subprocess.run(command, env=env).returncode != 0:
+        raise SystemExit(f"The training script failed for --method {method}.")
 
 
 def update_docs(table: str, command: str, extra: str) -> None:
@@ -54,9 +132,17 @@ def update_docs(table: str, command: str, extra: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--divergences", default="reverse_kl,js,forward_kl")
+    parser.add_argument(
+        "--methods",
+        default="",
+        help=f"comma-separated data-free methods ({', '.join(SCORE_METHODS)}) trained besides the divergences",
+    )
     parser.add_argument("--kinds", default="lora,full")
     parser.add_argument("--max_train_steps", type=int, default=None, help="budget per student (default: the demo's)")
     parser.add_argument("--ema_decay", type=float, default=None, help="student EMA decay (default: the demo's)")
+    parser.add_argument(
+        "--learning_rate", type=float, default=None, help="a LoRA student's learning rate (default: the demo's)"
+    )
     parser.add_argument("--eval_per_digit", type=int, default=digits.EVAL_PER_DIGIT)
     parser.add_argument("--jobs", type=int, default=1, help="students trained at once (one thread each when > 1)")
     parser.add_argument(
@@ -66,7 +152,11 @@ def main(argv=None) -> int:
         "from an earlier run of this benchmark are kept instead of retrained",
     )
     parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks", "results", "digits"))
-    parser.add_argument("--no_docs", action="store_true", help="do not rewrite the section of docs/benchmarks.md")
+    parser.add_argument(
+        "--no_docs",
+        action="store_true",
+        help="do not rewrite the section of docs/benchmarks.md nor its grid (the grid goes to --output_dir)",
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -75,6 +165,8 @@ def main(argv=None) -> int:
         base = replace(base, max_train_steps=args.max_train_steps)
     if args.ema_decay:
         base = replace(base, ema_decay=args.ema_decay)
+    if args.learning_rate:
+        base = replace(base, learning_rate=args.learning_rate)
     os.makedirs(args.output_dir, exist_ok=True)
     data = write_data(os.path.join(args.output_dir, "data"), base.seed)
     students, train_seconds, to_train = {}, {}, []
@@ -84,9 +176,13 @@ def main(argv=None) -> int:
     if reuse and os.path.isfile(previous_path):
         with open(previous_path, encoding="utf-8") as f:
             previous = json.load(f).get("train_seconds", {})
-    for divergence in args.divergences.split(","):
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(SCORE_METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: {', '.join(unknown)} is not one of {', '.join(SCORE_METHODS)}.")
+    for objective in [d for d in args.divergences.split(",") if d] + methods:
         for kind in args.kinds.split(","):
-            name = f"{divergence}-{kind}"
+            name = f"{objective}-{kind}"
             students[name] = os.path.join(args.output_dir, name)
             if name in reuse:
                 if not os.path.isfile(os.path.join(students[name], "training_config.json")) or name not in previous:
@@ -96,13 +192,18 @@ def main(argv=None) -> int:
                 train_seconds[name] = previous[name]
                 log(f"== {name}: reused from the earlier run")
             else:
-                to_train.append((name, replace(base, divergence=divergence, student=kind)))
+                method = objective if objective in SCORE_METHODS else None
+                divergence = base.divergence if method else objective
+                to_train.append((name, method, replace(base, divergence=divergence, student=kind)))
 
     def train_one(item):
-        name, settings = item
+        name, method, settings = item
         log(f"== {name}: {settings.max_train_steps} steps")
         t0 = time.perf_counter()
-        train(settings, data, students[name], digits.TEACHER_DIR)
+        if method:
+            train_score_method(settings, method, data, students[name], digits.TEACHER_DIR)
+        else:
+            train(settings, data, students[name], digits.TEACHER_DIR)
         return name, time.perf_counter() - t0
 
     if args.jobs > 1:
@@ -119,7 +220,12 @@ def main(argv=None) -> int:
     import torch
 
     grid = torch.cat([r.pop("grid") for r in results.values()])
-    grid_path = os.path.join(REPO, "docs", "images", "digits_grid.png")
+    # the docs' grid only when the docs are rewritten; a --no_docs run keeps its grid beside its students
+    grid_path = (
+        os.path.join(args.output_dir, "digits_grid.png")
+        if args.no_docs
+        else os.path.join(REPO, "docs", "images", "digits_grid.png")
+    )
     os.makedirs(os.path.dirname(grid_path), exist_ok=True)
     digits.save_grid(grid, grid_path, nrow=10, scale=4, value_range="-1,1")
     reference = digits.reference_fd(per_digit=args.eval_per_digit)["fd"]

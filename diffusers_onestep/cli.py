@@ -15,6 +15,7 @@ arguments that are wrong before anything is loaded (as argparse does), 1 for a f
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
@@ -135,11 +136,38 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def negative_prompt_kwargs(negative_prompt: Optional[str], negative_scale: Optional[float]) -> dict:
+    """The pipeline's NASA arguments (``negative_prompt``, ``negative_scale``) of the commands' flags; nothing when
+    no negative prompt is given (an empty one is none)."""
+    if not negative_prompt:
+        return {}
+    kwargs = {"negative_prompt": negative_prompt}
+    if negative_scale is not None:
+        kwargs["negative_scale"] = negative_scale
+    return kwargs
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from . import OneStepPipeline
 
+    if args.negative_scale is not None and not args.negative_prompt:
+        raise CommandError(
+            "--negative_scale weighs the negative prompt's attention (NASA) and needs --negative_prompt; pass one or "
+            "remove --negative_scale.",
+            status=2,
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         pipe = OneStepPipeline.from_pretrained(args.model, **torch_dtype_kwargs(args.dtype))
@@ -155,8 +183,16 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CommandError(reason_of(error), status=2) from None
     os.makedirs(args.out, exist_ok=True)
+    negative = negative_prompt_kwargs(args.negative_prompt, args.negative_scale)
+    steering = ""
+    if negative:
+        from .pipelines.nasa import DEFAULT_NEGATIVE_SCALE
+
+        steering = (
+            f", away from {args.negative_prompt!r} (NASA λ {negative.get('negative_scale', DEFAULT_NEGATIVE_SCALE):g})"
+        )
     print(
-        f"{PROG} generate: {args.num_images} image(s) of {args.prompt!r} with {args.model} at "
+        f"{PROG} generate: {args.num_images} image(s) of {args.prompt!r}{steering} with {args.model} at "
         f"{len(timesteps)} step(s) (timesteps {[round(t, 2) for t in timesteps]}), seed {args.seed}, on {device}",
         flush=True,
     )
@@ -169,6 +205,7 @@ def run_generate(args: argparse.Namespace) -> int:
             height=args.height,
             width=args.width,
             generator=generator,
+            **negative,
         ).images
     except ValueError as error:  # the pipeline's own input checks: one actionable sentence each
         raise CommandError(reason_of(error), status=2) from None
@@ -328,6 +365,8 @@ def run_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         default_prompt=args.prompt,
+        default_negative_prompt=args.negative_prompt or "",
+        default_negative_scale=args.negative_scale,
     )
     try:
         serve(args.model, host=args.host, port=args.port, device=args.device, settings=settings, dtype=args.dtype)
@@ -499,6 +538,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="image width in pixels (default: the student's native resolution)",
     )
     generate.add_argument(
+        "--negative_prompt",
+        default=None,
+        help="what to steer away from, by NASA (SNOOPI): every cross-attention layer subtracts the negative "
+        "prompt's attention; SD, SDXL, PixArt and SANA students (default: none)",
+    )
+    generate.add_argument(
+        "--negative_scale",
+        type=nonnegative_float,
+        default=None,
+        help="NASA's lambda >= 0, with --negative_prompt (default: 0.1, measured on the digits benchmark; "
+        "docs/benchmarks.md)",
+    )
+    generate.add_argument(
         "--out",
         default="onestep-images",
         metavar="DIR",
@@ -643,6 +695,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_batch", type=positive_int, default=4, help="the most variations one request may ask for (default: 4)"
     )
     serve.add_argument("--prompt", default="", help="the prompt the page opens with (default: none)")
+    serve.add_argument(
+        "--negative_prompt",
+        default="",
+        help="the negative prompt the page opens with (NASA; students with cross-attention) (default: none)",
+    )
+    serve.add_argument(
+        "--negative_scale",
+        type=nonnegative_float,
+        default=None,
+        help="the NASA lambda the page opens with (default: 0.1)",
+    )
     serve.add_argument(
         "--dtype",
         choices=DTYPES,

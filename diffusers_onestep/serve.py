@@ -3,8 +3,8 @@
     diffusers-onestep serve demo-output/student                  # http://127.0.0.1:7860
     diffusers-onestep serve tianweiy/DMD2 --host 0.0.0.0 --port 8000
 
-The page regenerates as the prompt is typed: each edit of the prompt, seed, steps, size or number of variations is a
-request, and Gradio's ``trigger_mode="always_last"`` debounces them (while one image is being made, every further
+The page regenerates as the prompt is typed: each edit of the prompt, the negative prompt and its scale (NASA, for
+students with cross-attention), seed, steps, size or number of variations is a request, and Gradio's ``trigger_mode="always_last"`` debounces them (while one image is being made, every further
 edit collapses into one pending request for the latest text, so a fast typist never queues stale prompts). Requests
 of all visitors share one queue: at most ``concurrency_limit`` generate at once (one model, one device) and at most
 ``max_queue`` wait; a request past that is refused by Gradio with "queue is full" instead of piling up. Bad input
@@ -48,6 +48,10 @@ class ServeSettings:
     max_sessions: int = 64
     #: the page's initial prompt
     default_prompt: str = ""
+    #: the page's initial negative prompt (NASA; empty: none)
+    default_negative_prompt: str = ""
+    #: the page's initial NASA λ (None: the pipeline's default, ``nasa.DEFAULT_NEGATIVE_SCALE``)
+    default_negative_scale: Optional[float] = None
 
 
 @dataclass
@@ -71,6 +75,8 @@ class LiveGenerator:
         self.trained_steps = len(pipe.scheduler.select_timesteps(None))
         self.native_resolution = pipe.adapter.default_resolution
         self.resolution_multiple = pipe.adapter.resolution_multiple
+        #: whether the student takes a negative prompt (NASA needs cross-attention; SD3 and FLUX.1 have none)
+        self.takes_negative_prompt = bool(pipe.adapter.negative_prompt_attention)
 
     @property
     def default_steps(self) -> int:
@@ -84,10 +90,14 @@ class LiveGenerator:
         height: Optional[float] = None,
         width: Optional[float] = None,
         num_images: float = 1,
+        negative_prompt: Optional[str] = None,
+        negative_scale: Optional[float] = None,
     ) -> Generation:
-        """``num_images`` variations of ``prompt`` from ``seed`` at ``steps`` of the student's timesteps.
+        """``num_images`` variations of ``prompt`` from ``seed`` at ``steps`` of the student's timesteps, steered away
+        from ``negative_prompt`` by NASA with λ = ``negative_scale`` (None: the pipeline's default) when one is given.
 
         Numbers arrive from the page as floats (or None from an emptied box); each is checked before the model runs.
+        An empty negative prompt is none (its scale is then ignored).
         """
         import torch
 
@@ -103,6 +113,11 @@ class LiveGenerator:
             return Generation([], _sentence(error))
         if num_images > self.settings.max_batch:
             return Generation([], f"At most {self.settings.max_batch} variations per request, got {num_images}.")
+        negative = {}
+        if negative_prompt is not None and negative_prompt.strip():
+            negative["negative_prompt"] = negative_prompt
+            if negative_scale is not None:
+                negative["negative_scale"] = negative_scale
         generator = torch.Generator().manual_seed(seed)
         device = self.pipe.device
         try:
@@ -115,6 +130,7 @@ class LiveGenerator:
                 width=width,
                 num_images_per_prompt=num_images,
                 generator=generator,
+                **negative,
             ).images
             # CUDA runs asynchronously: the clock stops when the images exist, not when the kernels were queued
             _synchronize(device)
@@ -173,8 +189,12 @@ def build_app(generator: LiveGenerator, title: str = "diffusers-onestep"):
     settings = generator.settings
     multiple = generator.resolution_multiple
 
-    def run(prompt, seed, steps, height, width, num_images) -> Tuple[List, str]:
-        result = generator.generate(prompt, seed, steps, height, width, num_images)
+    from .pipelines.nasa import DEFAULT_NEGATIVE_SCALE
+
+    def run(
+        prompt, seed, steps, height, width, num_images, negative_prompt="", negative_scale=None
+    ) -> Tuple[List, str]:
+        result = generator.generate(prompt, seed, steps, height, width, num_images, negative_prompt, negative_scale)
         return result.images, result.status
 
     # delete_cache: every image a request makes is a file in Gradio's cache; a long-running page drops those older
@@ -198,6 +218,26 @@ def build_app(generator: LiveGenerator, title: str = "diffusers-onestep"):
                 num_images = gr.Slider(
                     label="Variations", minimum=1, maximum=settings.max_batch, step=1, value=1, elem_id="variations"
                 )
+                # NASA: only students with cross-attention take a negative prompt (the boxes are hidden otherwise)
+                with gr.Row(visible=generator.takes_negative_prompt):
+                    negative_prompt = gr.Textbox(
+                        label="Negative prompt",
+                        value=settings.default_negative_prompt,
+                        placeholder="What to steer away from (optional)",
+                        elem_id="negative_prompt",
+                    )
+                    negative_scale = gr.Slider(
+                        label="Negative scale (NASA λ)",
+                        minimum=0,
+                        maximum=2,
+                        step=0.05,
+                        value=(
+                            DEFAULT_NEGATIVE_SCALE
+                            if settings.default_negative_scale is None
+                            else settings.default_negative_scale
+                        ),
+                        elem_id="negative_scale",
+                    )
                 with gr.Row():
                     native = generator.native_resolution
                     height = gr.Number(label="Height", value=native, precision=0, step=multiple, elem_id="height")
@@ -213,9 +253,10 @@ def build_app(generator: LiveGenerator, title: str = "diffusers-onestep"):
                     format="png",
                     elem_id="images",
                 )
-        controls = [prompt, seed, steps, height, width, num_images]
+        # the HTTP API takes the values in this order (the negative prompt's last: "" for none, and its λ)
+        controls = [prompt, seed, steps, height, width, num_images, negative_prompt, negative_scale]
         gr.on(
-            triggers=[control.change for control in controls] + [prompt.submit],
+            triggers=[control.change for control in controls] + [prompt.submit, negative_prompt.submit],
             fn=run,
             inputs=controls,
             outputs=[gallery, status],

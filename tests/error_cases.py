@@ -84,8 +84,8 @@ def pipeline_cases() -> List[Case]:
         ("unknown output_type", lambda c: _call(c, output_type="jpeg")),
         ("negative_scale without negative_prompt (NASA)", lambda c: _call(c, negative_scale=2.0)),
         (
-            "negative_prompt_embeds instead of negative_prompt text",
-            lambda c: _call(c, negative_prompt_embeds=embeds(c)),
+            "both negative_prompt and negative_prompt_embeds",
+            lambda c: _call(c, negative_prompt="blurry", negative_prompt_embeds=embeds(c)),
         ),
         ("guidance_scale > 1 on a guidance-distilled student", lambda c: _call(c, guidance_scale=5.0)),
         ("unknown callback tensor input", lambda c: _call(c, callback_on_step_end_tensor_inputs=["noise_pred"])),

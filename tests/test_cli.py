@@ -41,11 +41,15 @@ def test_help_lists_every_subcommand(capsys):
     [
         ("distill", ["--teacher", "--prompts", "--output_dir", "--divergence"]),
         ("demo", ["--quick", "--output_dir"]),
-        ("generate", ["--steps", "--seed", "--num_images", "--height", "--width", "--out", "MODEL", "PROMPT"]),
+        (
+            "generate",
+            ["--steps", "--seed", "--num_images", "--height", "--width", "--negative_prompt", "--negative_scale"]
+            + ["--out", "MODEL", "PROMPT"],
+        ),
         ("presets", ["Markdown", "timesteps"]),
         ("push", ["--repo_id", "--private", "FOLDER", "hf auth login"]),
         ("evaluate", ["--prompts", "--reference", "--num_images", "--features", "clean-fid", "metrics.json"]),
-        ("serve", ["MODEL", "--host", "--port", "--concurrency", "--max_queue", "--max_batch", "[serve]"]),
+        ("serve", ["MODEL", "--host", "--port", "--max_queue", "--max_batch", "--negative_prompt", "[serve]"]),
     ],
 )
 def test_each_subcommand_help_is_its_manual(capsys, name, flags):
@@ -152,9 +156,41 @@ def test_generate_refuses_what_the_student_cannot_do(capsys, tmp_path, student_f
     assert not any(name.endswith(".png") for name in os.listdir(tmp_path))
 
 
+def test_generate_negative_prompt_is_the_pipelines_nasa(capsys, tmp_path, student_folder):
+    """--negative_prompt / --negative_scale write the image `pipe(prompt, negative_prompt=..., negative_scale=...)`
+    gives; without a scale the pipeline's default λ."""
+    import numpy as np
+    import torch
+
+    from diffusers_onestep import OneStepPipeline
+    from diffusers_onestep.pipelines import nasa
+
+    folder = student_folder("pixart_alpha")
+    flags = ["--out", str(tmp_path / "steered"), "--device", "cpu", "--negative_prompt", "a red square"]
+    status, out, _ = run(capsys, "generate", folder, "a cat", *flags, "--negative_scale", "0.8")
+    assert status == 0 and "away from 'a red square' (NASA λ 0.8)" in out
+    pipe = OneStepPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    call = {"generator": torch.Generator().manual_seed(0), "output_type": "np"}
+    expected = pipe("a cat", negative_prompt="a red square", negative_scale=0.8, **call).images[0]
+    with Image.open(tmp_path / "steered" / "seed0_000.png") as image:
+        written = np.asarray(image)
+    assert np.array_equal(written, (expected * 255).round().astype(np.uint8))
+    plain = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert not np.array_equal(written, (plain * 255).round().astype(np.uint8))  # the negative prompt acted
+    status, out, _ = run(capsys, "generate", folder, "a cat", *flags[:1], str(tmp_path / "default"), *flags[2:])
+    assert status == 0 and f"(NASA λ {nasa.DEFAULT_NEGATIVE_SCALE:g})" in out
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
+        (["--negative_scale", "-1"], "argument --negative_scale: expected a number >= 0, got '-1'"),
+        (
+            ["--negative_scale", "1"],
+            "--negative_scale weighs the negative prompt's attention (NASA) and needs --negative_prompt; pass one or "
+            "remove --negative_scale.",
+        ),
         (["--num_images", "0"], "argument --num_images: expected a positive integer, got '0'"),
         (["--steps", "one"], "argument --steps: expected a positive integer, got 'one'"),
         (["--seed", "x"], "argument --seed: invalid int value: 'x'"),

@@ -210,8 +210,8 @@ ERROR_CASES = [
     ),
     (
         "pixart_alpha",
-        {"prompt": PROMPT, "negative_prompt_embeds": _embeds(1, 120, 32)},
-        r"This PixArt-α student takes a negative prompt as text only",
+        {"prompt": PROMPT, "negative_prompt": "blurry", "negative_prompt_embeds": _embeds(1, 120, 32)},
+        r"Pass at most one of `negative_prompt` and `negative_prompt_embeds`, got both",
     ),
     (
         "sdxl",

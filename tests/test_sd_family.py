@@ -85,8 +85,8 @@ def test_batches_generators_and_output_types_equal_the_native_pipeline(sd2_folde
     assert torch.equal(embeds, native_embeds)
     latents = pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert latents.shape == (1, 4, 16, 16)
-    with pytest.raises(ValueError, match=r"This Stable Diffusion 1.x/2.x student takes a negative prompt as text"):
-        pipe(PROMPT, negative_prompt_embeds=embeds)
+    with pytest.raises(ValueError, match=r"Pass at most one of `negative_prompt` and `negative_prompt_embeds`"):
+        pipe(PROMPT, negative_prompt="blurry", negative_prompt_embeds=embeds)
     with pytest.raises(ValueError, match=r"distilled with its guidance built in .* \(got 7.5\)"):
         pipe(PROMPT, guidance_scale=7.5)
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 from training_utils import REPO, env
 
+from diffusers_onestep.pipelines.nasa import DEFAULT_NEGATIVE_SCALE
 from diffusers_onestep.serve import EMPTY_PROMPT_MESSAGE, LiveGenerator, ServeSettings
 
 
@@ -75,6 +76,33 @@ def test_generation_follows_prompt_and_seed_and_reports_latency(generator):
     other_seed = generator.generate("a photo of a cat", seed=1, steps=1)
     for other in (other_prompt, other_seed):
         assert not np.array_equal(np.asarray(other.images[0]), np.asarray(first.images[0]))
+
+
+def test_negative_prompt_is_the_pipelines_nasa(generator):
+    """The page's negative prompt and scale reach the pipeline as `negative_prompt` / `negative_scale`; an empty one is
+    none; a bad scale is the pipeline's sentence."""
+    pipe = generator.pipe
+    kwargs = {"seed": 0, "steps": 1, "num_images": 1}
+    plain = generator.generate("a cat", **kwargs)
+    steered = generator.generate("a cat", **kwargs, negative_prompt="a red square", negative_scale=1.0)
+    raw = pipe("a cat", generator=torch.Generator().manual_seed(0), negative_prompt="a red square", negative_scale=1.0)
+    assert np.array_equal(np.asarray(steered.images[0]), np.asarray(_enlarged(generator, raw.images[0])))
+    assert not np.array_equal(np.asarray(steered.images[0]), np.asarray(plain.images[0]))
+    for empty in ("", "  ", None):
+        again = generator.generate("a cat", **kwargs, negative_prompt=empty, negative_scale=1.0)
+        assert np.array_equal(np.asarray(again.images[0]), np.asarray(plain.images[0]))
+    default = generator.generate("a cat", **kwargs, negative_prompt="a red square")
+    half = generator.generate("a cat", **kwargs, negative_prompt="a red square", negative_scale=DEFAULT_NEGATIVE_SCALE)
+    assert np.array_equal(np.asarray(default.images[0]), np.asarray(half.images[0]))  # the pipeline's default λ
+    bad = generator.generate("a cat", **kwargs, negative_prompt="a red square", negative_scale=-1.0)
+    assert bad.images == [] and "`negative_scale` must be a finite number >= 0" in bad.status
+    assert generator.takes_negative_prompt
+
+
+def _enlarged(generator, image):
+    from diffusers_onestep.serve import _for_display
+
+    return _for_display(image)
 
 
 def test_small_images_are_enlarged_for_the_page_by_nearest_neighbour(generator):
@@ -166,10 +194,22 @@ def server(quick_demo, tmp_path_factory):
         process.kill()
 
 
-def call_generate(url, prompt, seed=0, steps=1, height=16, width=16, num_images=1, timeout=60):
+def call_generate(
+    url,
+    prompt,
+    seed=0,
+    steps=1,
+    height=16,
+    width=16,
+    num_images=1,
+    negative_prompt="",
+    negative_scale=DEFAULT_NEGATIVE_SCALE,
+    timeout=60,
+):
     """One request through Gradio's HTTP API: (HTTP status of the join, event name, data or error, seconds)."""
     start = time.perf_counter()
-    body = json.dumps({"data": [prompt, seed, steps, height, width, num_images]}).encode()
+    values = [prompt, seed, steps, height, width, num_images, negative_prompt, negative_scale]
+    body = json.dumps({"data": values}).encode()
     request = urllib.request.Request(
         url + "/gradio_api/call/generate", data=body, headers={"Content-Type": "application/json"}
     )

@@ -363,6 +363,54 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
     # inputs
     # ------------------------------------------------------------------------------------------------------------
 
+    def _check_condition_tensors(self, prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, prefix="") -> None:
+        """Check pre-computed text conditions (``prompt_embeds`` and its mask and pooled embedding, or the negative
+        prompt's with ``prefix="negative_"``) against the family's layout and the denoiser's widths."""
+        adapter = self.adapter
+        family = adapter.display_name
+        provided = {"embeds": prompt_embeds, "mask": prompt_attention_mask, "pooled": pooled_prompt_embeds}
+        arg_names = {
+            "embeds": f"{prefix}prompt_embeds",
+            "mask": f"{prefix}prompt_attention_mask",
+            "pooled": f"{prefix}pooled_prompt_embeds",
+        }
+        embeds_name = arg_names["embeds"]
+        for field in adapter.required_condition_fields:
+            if provided[field] is None:
+                raise ValueError(f"{family} students need `{arg_names[field]}` together with `{embeds_name}`.")
+        layouts = {"embeds": "(batch, tokens, width)", "mask": "(batch, tokens)", "pooled": "(batch, width)"}
+        for field, value in provided.items():
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"`{arg_names[field]}` must be a torch.Tensor, got {type(value).__name__}.")
+            if value.ndim != layouts[field].count(",") + 1:
+                raise ValueError(
+                    f"`{arg_names[field]}` must have the shape {layouts[field]}, got {tuple(value.shape)}."
+                )
+        batch_size = prompt_embeds.shape[0]
+        for field, value in provided.items():
+            if value is not None and value.shape[0] != batch_size:
+                raise ValueError(
+                    f"`{arg_names[field]}` has batch size {value.shape[0]} but `{embeds_name}` has {batch_size}."
+                )
+        # The denoiser's input projections fix these widths; a mismatch would fail deep inside its forward.
+        widths = {"embeds": adapter.text_embedding_dim, "pooled": adapter.pooled_embedding_dim}
+        for field, embedding_width in widths.items():  # not `width`: that is the image's
+            value = provided[field]
+            if value is not None and embedding_width is not None and value.shape[-1] != embedding_width:
+                raise ValueError(
+                    f"`{arg_names[field]}` must be {embedding_width} wide for this {family} student's "
+                    f"{adapter.denoiser_name}, got shape {tuple(value.shape)}; encode prompts with "
+                    "`pipe.encode_prompt`."
+                )
+        mask = provided["mask"]
+        if mask is not None and mask.shape[1] != prompt_embeds.shape[1]:
+            raise ValueError(
+                f"`{arg_names['mask']}` must have one entry per token of `{embeds_name}` "
+                f"({prompt_embeds.shape[1]}), got shape {tuple(mask.shape)}."
+            )
+
     def check_inputs(
         self,
         prompt,
@@ -383,6 +431,8 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         callback_on_step_end_tensor_inputs: Optional[Sequence[str]] = None,
         callback_on_step_end=None,
         negative_scale: Optional[float] = None,
+        negative_prompt_attention_mask: Optional[torch.Tensor] = None,
+        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
     ) -> None:
         """Raise one actionable ``ValueError`` for the first invalid argument."""
         adapter = self.adapter
@@ -412,67 +462,46 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             _check_prompt(prompt)
             batch_size = 1 if isinstance(prompt, str) else len(prompt)
         else:
-            provided = {"embeds": prompt_embeds, "mask": prompt_attention_mask, "pooled": pooled_prompt_embeds}
-            arg_names = {"embeds": "prompt_embeds", "mask": "prompt_attention_mask", "pooled": "pooled_prompt_embeds"}
-            for field in adapter.required_condition_fields:
-                if provided[field] is None:
-                    raise ValueError(f"{family} students need `{arg_names[field]}` together with `prompt_embeds`.")
-            layouts = {"embeds": "(batch, tokens, width)", "mask": "(batch, tokens)", "pooled": "(batch, width)"}
-            for field, value in provided.items():
-                if value is None:
-                    continue
-                if not isinstance(value, torch.Tensor):
-                    raise ValueError(f"`{arg_names[field]}` must be a torch.Tensor, got {type(value).__name__}.")
-                if value.ndim != layouts[field].count(",") + 1:
-                    raise ValueError(
-                        f"`{arg_names[field]}` must have the shape {layouts[field]}, got {tuple(value.shape)}."
-                    )
+            self._check_condition_tensors(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds)
             batch_size = prompt_embeds.shape[0]
-            for field, value in provided.items():
-                if value is not None and value.shape[0] != batch_size:
-                    raise ValueError(
-                        f"`{arg_names[field]}` has batch size {value.shape[0]} but `prompt_embeds` has {batch_size}."
-                    )
-            # The denoiser's input projections fix these widths; a mismatch would fail deep inside its forward.
-            widths = {"embeds": adapter.text_embedding_dim, "pooled": adapter.pooled_embedding_dim}
-            for field, embedding_width in widths.items():  # not `width`: that is the image's, checked below
-                value = provided[field]
-                if value is not None and embedding_width is not None and value.shape[-1] != embedding_width:
-                    raise ValueError(
-                        f"`{arg_names[field]}` must be {embedding_width} wide for this {family} student's "
-                        f"{adapter.denoiser_name}, got shape {tuple(value.shape)}; encode prompts with "
-                        "`pipe.encode_prompt`."
-                    )
-            mask = provided["mask"]
-            if mask is not None and mask.shape[1] != prompt_embeds.shape[1]:
-                raise ValueError(
-                    f"`prompt_attention_mask` must have one entry per token of `prompt_embeds` "
-                    f"({prompt_embeds.shape[1]}), got shape {tuple(mask.shape)}."
-                )
 
-        if negative_prompt_embeds is not None:
-            raise ValueError(
-                f"This {family} student takes a negative prompt as text only (NASA steers its cross-attention away "
-                "from it); pass `negative_prompt` instead of `negative_prompt_embeds`."
-            )
-        if negative_prompt is None and negative_scale is not None:
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`, got both.")
+        if negative_prompt_embeds is None:
+            for value, name in (
+                (negative_prompt_attention_mask, "negative_prompt_attention_mask"),
+                (negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds"),
+            ):
+                if value is not None:
+                    raise ValueError(f"`{name}` goes with `negative_prompt_embeds`; pass both or neither.")
+        if negative_prompt is None and negative_prompt_embeds is None and negative_scale is not None:
             raise ValueError(
                 "`negative_scale` weighs the negative prompt's attention (NASA) and needs `negative_prompt`; pass "
                 "one or remove `negative_scale`."
             )
-        if negative_prompt is not None:
+        if negative_prompt is not None or negative_prompt_embeds is not None:
             if not adapter.negative_prompt_attention:
                 raise ValueError(
                     f"This {family} student takes no negative prompt: its text enters through joint attention, which "
                     "has no separate text keys and values for NASA to steer away from, and classifier-free guidance "
                     "was distilled into it; remove `negative_prompt`."
                 )
-            _check_prompt(negative_prompt, "negative_prompt")
-            if not isinstance(negative_prompt, str) and len(negative_prompt) != batch_size:
-                raise ValueError(
-                    f"`negative_prompt` must be one string or one per prompt ({batch_size}), got "
-                    f"{len(negative_prompt)}."
+            if negative_prompt_embeds is not None:
+                self._check_condition_tensors(
+                    negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds, "negative_"
                 )
+                if negative_prompt_embeds.shape[0] != batch_size:
+                    raise ValueError(
+                        f"`negative_prompt_embeds` must have one row per prompt ({batch_size}), got batch size "
+                        f"{negative_prompt_embeds.shape[0]}."
+                    )
+            else:
+                _check_prompt(negative_prompt, "negative_prompt")
+                if not isinstance(negative_prompt, str) and len(negative_prompt) != batch_size:
+                    raise ValueError(
+                        f"`negative_prompt` must be one string or one per prompt ({batch_size}), got "
+                        f"{len(negative_prompt)}."
+                    )
             if negative_scale is not None and (
                 isinstance(negative_scale, bool)
                 or not isinstance(negative_scale, numbers.Real)
@@ -560,6 +589,8 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         use_resolution_binning: Optional[bool] = None,
         negative_scale: Optional[float] = None,
+        negative_prompt_attention_mask: Optional[torch.Tensor] = None,
+        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
     ):
         r"""Generate images.
 
@@ -581,7 +612,9 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
                 2412.02687): every cross-attention layer outputs `out_proj(Attn(Q, K+, V+) − λ·Attn(Q, K−, V−))`
                 with λ = `negative_scale` (see `diffusers_onestep.pipelines.nasa`). Families whose text enters
                 through joint attention (SD3, FLUX.1) refuse it. One extra denoiser pass per call.
-            negative_prompt_embeds: refused; pass `negative_prompt` text.
+            negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds (*optional*): the
+                negative prompt pre-computed, as [`~OneStepPipeline.encode_prompt`] returns it (one row per prompt,
+                the same fields `prompt_embeds` needs); instead of `negative_prompt`, with the same effect.
             output_type (`str`): `"pil"`, `"np"`, `"pt"` or `"latent"` (the denoised latents).
             return_dict (`bool`): return an [`ImagePipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, [`~diffusers.callbacks.PipelineCallback`] or
@@ -594,8 +627,8 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             use_resolution_binning (`bool`, *optional*): generate at the nearest aspect-ratio bin of the family's
                 native pipeline and resize the image back, as that pipeline does; default: on where it bins this
                 denoiser's own resolution (see `FamilyAdapter.binned_size`).
-            negative_scale (`float`, *optional*): NASA's λ >= 0, only with `negative_prompt`; default
-                `nasa.DEFAULT_NEGATIVE_SCALE` (0.5, this package's choice: the paper states none). 0 gives the image
+            negative_scale (`float`, *optional*): NASA's λ >= 0, only with a negative prompt; default
+                `nasa.DEFAULT_NEGATIVE_SCALE` (0.1, measured on the digits benchmark: the paper states none). 0 gives the image
                 without the negative prompt.
 
         Returns:
@@ -631,6 +664,8 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             callback_on_step_end_tensor_inputs,
             callback_on_step_end,
             negative_scale=negative_scale,
+            negative_prompt_attention_mask=negative_prompt_attention_mask,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
         self._interrupt = False
         device = self._compute_device()
@@ -672,7 +707,11 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         condition = condition.to(dtype=dtype)
         denoised = latents
         steering = contextlib.nullcontext()
-        if negative_prompt is not None:
+        if negative_prompt is not None or negative_prompt_embeds is not None:
+            if negative_prompt_embeds is not None:
+                negative_prompt = Condition(
+                    negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds
+                )
             steering = self._negative_away_steer_attention(
                 negative_prompt, batch, num_images_per_prompt, latents.to(dtype), condition, guidance, negative_scale
             )
@@ -717,14 +756,18 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
     ):
         """The NASA context for one call: the cross-attention states of the negative prompt, recorded at the first
         cross-attention layer of a denoiser pass that stops there (they depend on neither the latents nor the time in
-        these families), then every processor wrapped until the context exits (see :mod:`.nasa`)."""
+        these families), then every processor wrapped until the context exits (see :mod:`.nasa`). ``negative_prompt``
+        is text or an encoded :class:`Condition` (from ``negative_prompt_embeds``), one row per prompt."""
         device = latents.device
-        negative_prompts = (
-            [negative_prompt] * (batch // num_images_per_prompt)
-            if isinstance(negative_prompt, str)
-            else negative_prompt
-        )
-        negative = self.adapter.encode_prompt(list(negative_prompts), device=device)
+        if isinstance(negative_prompt, Condition):
+            negative = negative_prompt
+        else:
+            negative_prompts = (
+                [negative_prompt] * (batch // num_images_per_prompt)
+                if isinstance(negative_prompt, str)
+                else negative_prompt
+            )
+            negative = self.adapter.encode_prompt(list(negative_prompts), device=device)
         if num_images_per_prompt > 1:
             negative = negative.repeat_interleave(num_images_per_prompt)
         negative = negative.to(device).to(dtype=condition.embeds.dtype)
