@@ -41,3 +41,26 @@ def test_fast_path_matches_the_default_path_and_compiles_once(family, native_fol
         assert images.shape == expected[prompt].shape
         assert np.abs(images - expected[prompt]).max() <= 1e-4
     assert np.isfinite(again).all()
+
+
+def test_nasa_negative_prompts_on_the_fast_path(native_folder, load_student, run):
+    """NASA's processors (installed and removed around each call) run under the compiled denoiser: the same image as
+    NASA on the default path, and each mode (with and without a negative prompt) compiles once -- a new prompt, or
+    returning to NASA after a plain call, compiles nothing."""
+    torch.compiler.reset()
+    pipe = load_student(native_folder("pixart_alpha"), "pixart_alpha")
+    nasa = {"negative_prompt": "a blue square", "negative_scale": 0.5}
+    expected = run(pipe, prompt=TINY_PROMPTS[0], **nasa)
+    backend = CountingBackend()
+    pipe.enable_fast_path(backend=backend)
+    first = run(pipe, prompt=TINY_PROMPTS[0], **nasa)
+    compiled = backend.graphs
+    assert compiled >= 1
+    run(pipe, prompt=TINY_PROMPTS[1], **nasa)
+    assert backend.graphs == compiled, "a new prompt with the same negative prompt recompiled"
+    run(pipe, prompt=TINY_PROMPTS[0])
+    with_plain = backend.graphs
+    again = run(pipe, prompt=TINY_PROMPTS[0], **nasa)
+    assert backend.graphs == with_plain, "NASA after a plain call recompiled"
+    assert np.abs(first - expected).max() <= 1e-4 and np.abs(again - expected).max() <= 1e-4
+    assert np.abs(first - run(pipe, prompt=TINY_PROMPTS[0])).max() > 1e-3  # the negative prompt changes the image
