@@ -30,8 +30,13 @@ def workspace(tmp_path_factory):
     }
 
 
-#: the methods selected by ``--method`` (score divergences: no ``--divergence``); the others are ``--divergence`` names
+#: the methods selected by ``--method`` (score divergences and TDM: no ``--divergence``); the others are
+#: ``--divergence`` names
 SCORE_METHODS = ("sid", "sim")
+METHODS = SCORE_METHODS + ("tdm",)
+#: TDM trains a 2-8 step student: 2 conditioning timesteps per family (SDXL records no TDM grid; PixArt's recorded one
+#: has 4), step indices on the VP teachers and sigmas on the flow one
+TDM_TIMESTEPS = {"sdxl": ["999", "499"], "pixart_alpha": ["899", "449"], "sana": ["1.0", "0.5"]}
 
 #: Every method × student kind on the first three families; PixArt-Σ and SANA-Sprint share the export and method code
 #: with PixArt-α and SANA, so they run the two cases that take each method and each student kind once (each case is
@@ -70,9 +75,10 @@ CASES = [pytest.param(*case, marks=pytest.mark.oldest) if case in OLDEST_CASES e
 IN_PROCESS_CASES = [("sd", "js", "lora"), ("sd", "reverse_kl", "full")] + [
     (family, method, kind)
     for family in ("sdxl", "pixart_alpha", "sana")
-    for method in SCORE_METHODS
+    for method in METHODS
     for kind in ("lora", "full")
     if (family, method, kind) != ("sana", "sim", "full")  # launched above
+    # tdm's launched case is `test_two_processes_match_one_process_tdm` (PixArt, LoRA, two processes)
 ]
 
 
@@ -87,7 +93,7 @@ def test_distill_save_load_run_in_process(workspace, family, objective, kind):
 
 
 def _distill_save_load_run(workspace, family, objective, kind, run):
-    """``objective``: a ``--divergence`` name (DMD2 / f-distill) or a score-divergence ``--method`` (sid, sim)."""
+    """``objective``: a ``--divergence`` name (DMD2 / f-distill) or a ``--method`` (sid, sim, tdm: a 2-step student)."""
     out = workspace["root"] / f"out-{family}-{objective}-{kind}"
     args = [
         "--teacher",
@@ -96,7 +102,7 @@ def _distill_save_load_run(workspace, family, objective, kind, run):
         workspace["prompts"],
         "--output_dir",
         out,
-        *(["--method", objective] if objective in SCORE_METHODS else ["--divergence", objective]),
+        *(["--method", objective] if objective in METHODS else ["--divergence", objective]),
         "--student",
         kind,
         "--max_train_steps",
@@ -109,13 +115,17 @@ def _distill_save_load_run(workspace, family, objective, kind, run):
     ]
     if objective == "js":
         args += ["--real_images", workspace["images"]]
+    if objective == "tdm":
+        args += ["--student_timesteps", *TDM_TIMESTEPS[family]]
     result = run(args)
     if run is launch:
         assert "Distilling" in result.stderr + result.stdout  # the progress bar
     _assert_saved_student_loads_and_generates(workspace, out, family, objective, kind, steps=2)
 
 
-def _assert_saved_student_loads_and_generates(workspace, out, family, objective, kind, steps):
+def _assert_saved_student_loads_and_generates(workspace, out, family, objective, kind, steps, timesteps=None):
+    """``steps``: the training steps run (the last checkpoint's number); ``timesteps``: a few-step student's
+    conditioning timesteps (TDM), sampled with the ode solver it was trained on (by default ``TDM_TIMESTEPS``)."""
     files = set(os.listdir(out))
     assert {"README.md", "samples.png", "training_config.json", f"checkpoint-{steps}"} <= files
     if kind == "lora":
@@ -134,16 +144,34 @@ def _assert_saved_student_loads_and_generates(workspace, out, family, objective,
     pipe = OneStepPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.family == family
-    images = pipe("a photo of a cat", output_type="np", generator=torch.Generator().manual_seed(0)).images
+    if objective == "tdm":  # K steps at the trained timesteps, each re-noised with the student's own ε̂ (DDIM eta 0)
+        timesteps = [float(t) for t in (timesteps or TDM_TIMESTEPS[family])]
+        assert pipe.scheduler.config.solver == "ode"
+        assert pipe.scheduler.config.conditioning_timesteps == timesteps
+    sampled = []
+    images = pipe(
+        "a photo of a cat",
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        callback_on_step_end=lambda p, i, t, kwargs: sampled.append(float(p.scheduler.path_timesteps[i])) or {},
+    ).images
     assert images.shape[0] == 1 and images.shape[-1] == 3 and images.std() > 0
+    if objective == "tdm":
+        assert sampled == timesteps  # by default every trained timestep, in order
     config = json.loads((out / "training_config.json").read_text())
-    if objective in SCORE_METHODS:
+    if objective in METHODS:
         assert config["method"]["method"] == objective and config["method"]["divergence"] is None
     else:
         assert config["method"]["divergence"] == objective
     assert config["roles"]["student"] == kind
-    # the LoRA export does not depend on the method: the score methods check it once (sid), not again for sim
-    if kind == "lora" and objective != "sim" and hasattr(native_pipeline_class(family), "load_lora_weights"):
+    if objective == "tdm":
+        assert config["method"]["student_timesteps"] == timesteps
+    # the LoRA export does not depend on the method: the --method runs check it once (sid), not again for sim or tdm
+    if (
+        kind == "lora"
+        and objective not in ("sim", "tdm")
+        and hasattr(native_pipeline_class(family), "load_lora_weights")
+    ):
         _assert_native_lora_loader_reads_it(family, workspace["teachers"][family], out, pipe)
 
 
@@ -187,6 +215,26 @@ def test_two_processes_match_one_process_sid(workspace):
     flags = ["--method", "sid", "--fake_guidance_scale", "2", "--fake_train_guidance_scale", "1.5"]
     _, two = _two_processes_and_one(workspace, "ddp-sid", flags, single=in_process)
     _assert_saved_student_loads_and_generates(workspace, two, "pixart_alpha", "sid", "lora", steps=3)
+
+
+def test_two_processes_match_one_process_tdm(workspace):
+    """TDM on 2 processes equals 1 process with the same global batch: the segment per sample, the random lower edge,
+    the noise time and the fresh noise are drawn for the global batch and sliced, and every process rolls the
+    trajectory as deep as the deepest sample of the global batch (so the student passes match). The 1-process
+    reference runs in this process; the launched 2-process run is also tdm's `accelerate launch` end-to-end case on
+    PixArt: its saved 2-step LoRA student loads in OneStepPipeline and samples at both timesteps.
+
+    ``--tdm_huber_c 1``, not TDM's ``c = 1e-3``: the pseudo-Huber gradient ``d / √(d² + c²)`` has slope ``1/c`` where
+    ``d = x̂_fake − x̂_cfg`` is near 0, so the float32 rounding that differs between a batch of 4 and two of 2 (~1e-7)
+    moves those elements' gradients by ~1e-4 relative, and Adam with β1 = 0 (TDM's) turns a near-zero gradient whose
+    sign flips into a learning-rate-sized step. Measured on this run (3 steps, lr 1e-3): ``c = 1e-3`` gives one
+    LoRA student element of 1536 off by 1.2e-3 (the rest ≤ 3.4e-6; the fake ≤ 6.6e-7); ``c = 1`` gives ≤ 1.5e-7 on the
+    student and ≤ 6.7e-7 on the fake, as does ``--tdm_loss mse`` (≤ 6.9e-8 / 4.4e-7) -- the draws match, the rounding
+    is what ``c = 1e-3`` amplifies."""
+    flags = ["--method", "tdm", "--tdm_random_mid", "--tdm_huber_c", "1.0"]
+    flags += ["--student_timesteps", *TDM_TIMESTEPS["pixart_alpha"]]
+    _, two = _two_processes_and_one(workspace, "ddp-tdm", flags, single=in_process)
+    _assert_saved_student_loads_and_generates(workspace, two, "pixart_alpha", "tdm", "lora", steps=3)
 
 
 def _two_processes_and_one(workspace, name, flags, single):
