@@ -3,7 +3,8 @@
 Each student -- reverse_kl (DMD2: VSD + GAN), js and forward_kl (f-distill) × {lora, full}, and with ``--methods``
 the data-free score-divergence methods sid and sim (SiD, SIM) -- is trained by ``accelerate launch
 training/train_onestep.py`` with the same budget and settings as ``make demo`` (only the divergence or method and
-the student's kind change; sid and sim take no real images and no GAN, and the method's own 1:1 update ratio), then
+the student's kind change; sid and sim take no real images and no GAN, and the method's own 1:1 update ratio; tdm
+likewise, as a 2-step student on 899 449 by default, evaluated with its 2 steps through its saved folder), then
 all runs are evaluated on the same 1,000 prompts (100 per digit) and seeds with the bundled classifier (``diffusers_onestep/demo/digits.py``): FD to real held-out digits, prompt
 accuracy, coverage, and wall time.
 

@@ -37,8 +37,9 @@ onto the exact ODE map needs ~30000 steps to cover them all (docs/methods.md, "g
 
 Run (the tables in docs/methods.md came from the commands printed at the top of the output)::
 
-    .venv/bin/python benchmarks/gmm.py                       # 3 teachers x (5 divergences + sid + sim), 1 seed
+    .venv/bin/python benchmarks/gmm.py                       # 3 teachers x (5 divergences + sid + sim + tdm), 1 seed
     .venv/bin/python benchmarks/gmm.py --methods sid,sim     # the score-divergence methods only
+    .venv/bin/python benchmarks/gmm.py --methods tdm --tag tdm_2step   # a 2-step TDM student (--tdm_loss mse too)
     .venv/bin/python benchmarks/gmm.py --teachers pair --variants all --seeds 0,1,2
 
 The last printed line is one JSON object
