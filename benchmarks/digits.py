@@ -3,7 +3,8 @@
 Each student -- reverse_kl (DMD2: VSD + GAN), js and forward_kl (f-distill) × {lora, full}, and with ``--methods``
 the data-free score-divergence methods sid and sim (SiD, SIM) -- is trained by ``accelerate launch
 training/train_onestep.py`` with the same budget and settings as ``make demo`` (only the divergence or method and
-the student's kind change; sid and sim take no real images and no GAN, and the method's own 1:1 update ratio), then
+the student's kind change; sid and sim take no real images and no GAN, and the method's own 1:1 update ratio; tdm
+likewise, as a 2-step student on 899 449 by default, evaluated with its 2 steps through its saved folder), then
 all runs are evaluated on the same 1,000 prompts (100 per digit) and seeds with the bundled classifier (``diffusers_onestep/demo/digits.py``): FD to real held-out digits, prompt
 accuracy, coverage, and wall time.
 
@@ -11,6 +12,7 @@ accuracy, coverage, and wall time.
     python benchmarks/digits.py --divergences js --kinds lora --no_docs   # one student
     python benchmarks/digits.py --divergences "" --methods sid,sim --kinds lora --no_docs   # SiD and SIM students
     python benchmarks/digits.py --divergences "" --methods sid --kinds lora --learning_rate 1e-4 --no_docs
+    python benchmarks/digits.py --divergences "" --methods tdm --kinds lora --learning_rate 1e-4 --no_docs  # 2 steps
     # (SiD and SIM diverge on digits at the demo's LoRA learning rate 1e-3; 1e-4 trains: docs/benchmarks.md)
 
 The last printed line is one JSON object: ``{"teacher50_fd", "teacher1_fd", "best_student", "best_student_fd",
@@ -43,15 +45,25 @@ SECTION = "## Digits: one-step students against the teacher"
 
 #: the data-free score-divergence methods (``distill/methods/sid.py``) this benchmark trains besides the divergences
 SCORE_METHODS = ("sid", "sim")
+#: TDM (``distill/methods/tdm.py``): a data-free few-step student, trained like sid/sim but on a K-step grid
+FEW_STEP_METHODS = ("tdm",)
+#: the TDM student's default grid: TDM's ``total_steps = 900`` grid (the library's PixArt default 899 674 449 224)
+#: at 2 steps, ``T_k = 899 - 900 k / K``
+TDM_STUDENT_TIMESTEPS = (899, 449)
 
 
-def train_score_method(settings: DemoSettings, method: str, data, output_dir: str, teacher: str) -> None:
-    """Train a ``--method sid|sim`` student with the demo's budget and settings (``DemoSettings``).
+def train_score_method(
+    settings: DemoSettings, method: str, data, output_dir: str, teacher: str, extra_args=()
+) -> None:
+    """Train a ``--method sid|sim|tdm`` student with the demo's budget and settings (``DemoSettings``).
 
     The demo's :func:`train` command with what a score-divergence method refuses taken out: no ``--divergence``, no
     real images and no ``--gan_weight`` (SiD and SIM are data-free), and no ``--critic_updates_per_student`` (the
     method's own 1:1 fake-score:generator ratio, SiD's Algorithm 1). SiD's alpha, SiD-LSG's fake-score guidance and
     SIM's pseudo-Huber distance take the library's defaults (``MethodConfig``); the teacher's CFG is the demo's.
+    ``tdm`` trains on ``settings.student_timesteps`` (its K-step grid) and keeps the method's own fake-score learning
+    rate (5x the student's) and Adam betas (0, 0.95) (``TDM.optimizer_defaults``); ``extra_args`` (e.g.
+    ``--tdm_loss mse``) are appended.
     """
     command = [
         sys.executable,
@@ -83,8 +95,7 @@ def train_score_method(settings: DemoSettings, method: str, data, output_dir: st
         settings.lora_target_modules,
         "--learning_rate",
         str(settings.full_learning_rate if settings.student == "full" else settings.learning_rate),
-        "--critic_learning_rate",
-        str(settings.critic_learning_rate),
+        *([] if method in FEW_STEP_METHODS else ["--critic_learning_rate", str(settings.critic_learning_rate)]),
         "--guidance_scale",
         str(settings.guidance_scale),
         "--student_timesteps",
@@ -108,6 +119,7 @@ def train_score_method(settings: DemoSettings, method: str, data, output_dir: st
         "--output_dir",
         output_dir,
         "--overwrite_output_dir",
+        *extra_args,
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if subprocess.run(command, env=env).returncode != 0:
@@ -135,8 +147,15 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--methods",
         default="",
-        help=f"comma-separated data-free methods ({', '.join(SCORE_METHODS)}) trained besides the divergences",
+        help=f"comma-separated data-free methods ({', '.join(SCORE_METHODS + FEW_STEP_METHODS)}) trained besides "
+        "the divergences",
     )
+    parser.add_argument(
+        "--tdm_student_timesteps",
+        default=" ".join(str(t) for t in TDM_STUDENT_TIMESTEPS),
+        help="the tdm student's K conditioning timesteps, decreasing, space-separated (2 to 8)",
+    )
+    parser.add_argument("--tdm_loss", default=None, help="tdm's generator distance (default: the library's)")
     parser.add_argument("--kinds", default="lora,full")
     parser.add_argument("--max_train_steps", type=int, default=None, help="budget per student (default: the demo's)")
     parser.add_argument("--ema_decay", type=float, default=None, help="student EMA decay (default: the demo's)")
@@ -177,9 +196,12 @@ def main(argv=None) -> int:
         with open(previous_path, encoding="utf-8") as f:
             previous = json.load(f).get("train_seconds", {})
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(SCORE_METHODS))
+    unknown = sorted(set(methods) - set(SCORE_METHODS + FEW_STEP_METHODS))
     if unknown:
-        raise SystemExit(f"--methods: {', '.join(unknown)} is not one of {', '.join(SCORE_METHODS)}.")
+        raise SystemExit(
+            f"--methods: {', '.join(unknown)} is not one of {', '.join(SCORE_METHODS + FEW_STEP_METHODS)}."
+        )
+    tdm_timesteps = [int(t) for t in args.tdm_student_timesteps.split()]
     for objective in [d for d in args.divergences.split(",") if d] + methods:
         for kind in args.kinds.split(","):
             name = f"{objective}-{kind}"
@@ -192,16 +214,20 @@ def main(argv=None) -> int:
                 train_seconds[name] = previous[name]
                 log(f"== {name}: reused from the earlier run")
             else:
-                method = objective if objective in SCORE_METHODS else None
+                method = objective if objective in SCORE_METHODS + FEW_STEP_METHODS else None
                 divergence = base.divergence if method else objective
-                to_train.append((name, method, replace(base, divergence=divergence, student=kind)))
+                settings = replace(base, divergence=divergence, student=kind)
+                if method in FEW_STEP_METHODS:
+                    settings = replace(settings, student_timesteps=tdm_timesteps)
+                to_train.append((name, method, settings))
 
     def train_one(item):
         name, method, settings = item
         log(f"== {name}: {settings.max_train_steps} steps")
         t0 = time.perf_counter()
         if method:
-            train_score_method(settings, method, data, students[name], digits.TEACHER_DIR)
+            extra = ["--tdm_loss", args.tdm_loss] if method == "tdm" and args.tdm_loss else []
+            train_score_method(settings, method, data, students[name], digits.TEACHER_DIR, extra)
         else:
             train(settings, data, students[name], digits.TEACHER_DIR)
         return name, time.perf_counter() - t0

@@ -37,8 +37,9 @@ onto the exact ODE map needs ~30000 steps to cover them all (docs/methods.md, "g
 
 Run (the tables in docs/methods.md came from the commands printed at the top of the output)::
 
-    .venv/bin/python benchmarks/gmm.py                       # 3 teachers x (5 divergences + sid + sim), 1 seed
+    .venv/bin/python benchmarks/gmm.py                       # 3 teachers x (5 divergences + sid + sim + tdm), 1 seed
     .venv/bin/python benchmarks/gmm.py --methods sid,sim     # the score-divergence methods only
+    .venv/bin/python benchmarks/gmm.py --methods tdm --tag tdm_2step   # a 2-step TDM student (--tdm_loss mse too)
     .venv/bin/python benchmarks/gmm.py --teachers pair --variants all --seeds 0,1,2
 
 The last printed line is one JSON object
@@ -73,7 +74,8 @@ DIVERGENCES = ["reverse_kl", "js", "forward_kl", "hellinger", "jeffreys"]
 #: ``--methods``: ``divergence`` runs DMD2 (reverse KL) / f-distill once per ``--divergences`` entry; ``sid`` (SiD at
 #: its default α = 1.2) and ``sim`` (SIM, pseudo-Huber, c = 1) run once each, labelled by the method's name in the
 #: tables' divergence column (they match scores, not an f-divergence; no discriminator, no ratio)
-METHODS = ["divergence", "sid", "sim"]
+METHODS = ["divergence", "sid", "sim", "tdm"]
+#: ``tdm`` (TDM, a 2-step student by default: ``--tdm_steps``) also runs once, labelled ``tdm-<K>step``
 SCORE_METHODS = ["sid", "sim"]
 TEACHERS = ["ring8", "grid25", "pair"]
 
@@ -222,11 +224,96 @@ def ode_fit(teacher: GaussianMixture, path: param.NoisePath, spec: Dict[str, Any
     return _FitResult(samples, mixture_metrics(teacher, samples, reference), seconds, target_metrics)
 
 
+def tdm_label(steps: int, loss: str) -> str:
+    """The tables' name of a TDM run: ``tdm-2step`` (the method's pseudo-Huber), ``tdm-2step-mse``."""
+    return f"tdm-{steps}step" + ("" if loss == "pseudo_huber" else f"-{loss}")
+
+
+def tdm_grid(path: param.NoisePath, steps: int) -> List[float]:
+    """The ``K``-step student's conditioning times ``T_k = t_max (1 − (k − 1)/K)``: 1.0, 0.5 on flow and 999, 499
+    on VP at 2 steps (tests/test_tdm.py's toy grid; on VP rounded down to integer DDPM steps)."""
+    times = [path.t_max * (1.0 - k / steps) for k in range(steps)]
+    return [float(math.floor(t)) if path.kind == "vp" else t for t in times]
+
+
+def train_tdm(teacher: GaussianMixture, path: param.NoisePath, spec: Dict[str, Any]):
+    """A ``K``-step TDM student trained with the library's method on the toy roles, then sampled the way the exported
+    student samples: the method's own deterministic rollout (``TDM.rollout``: x̂0 re-noised with the student's ε̂,
+    what ``OneStepScheduler(solver="ode")`` does between steps; tested equal to ``OneStepPipeline`` in
+    tests/test_tdm.py).
+
+    The loop is :func:`~diffusers_onestep.testing.toy.train_toy`'s (its 200 fake-only warm-up updates, one Adam per
+    role, gradients clipped to 10, a non-finite loss stops the run) with TDM's own 1:1 ratio and optimizer: the fake
+    score's learning rate is ``TDM.critic_learning_rate_ratio`` (5) times the student's and Adam's β2 is TDM's 0.95
+    (``TDM.optimizer_defaults``); β1 is ``--beta1`` (0 by default, also TDM's). ``train_toy`` cannot run it: it
+    builds a one-step method at ``t_max``.
+    """
+    from diffusers_onestep.distill.methods import build_method, resolve_method_config
+    from diffusers_onestep.distill.methods.tdm import TDM
+    from diffusers_onestep.distill.models import Batch, RandomSource
+    from diffusers_onestep.testing.toy import TOY_TRAINING_DEFAULTS, ToyModels, ToyResult
+
+    times = tdm_grid(path, spec["tdm_steps"])
+    config = resolve_method_config(
+        MethodConfig(method="tdm", student_timesteps=times, guidance_scale=1.0, tdm_loss=spec["tdm_loss"]),
+        TOY_TRAINING_DEFAULTS,
+    )
+    seed = spec["seed"]
+    models = ToyModels(teacher, path, hidden=spec["hidden"], depth=3, discriminator_trunk=None, seed=seed)
+    method = build_method(config, models, times)
+    betas = (spec["beta1"], TDM.optimizer_defaults["adam_beta2"])
+    optimizers = {
+        "student": torch.optim.Adam(models.role_parameters("student"), lr=spec["lr"], betas=betas),
+        "critic": torch.optim.Adam(
+            models.role_parameters("critic"), lr=spec["lr"] * TDM.critic_learning_rate_ratio, betas=betas
+        ),
+    }
+    rng = RandomSource.from_seed(seed)
+    data = torch.Generator().manual_seed(seed + 1)
+    logs: Dict[str, float] = {}
+
+    def update(role: str) -> None:
+        noise = torch.randn(spec["batch"], teacher.dim, generator=data)
+        step_fn = method.student_step if role == "student" else method.critic_step
+        try:
+            loss, step_logs = step_fn(Batch(condition=None, noise=noise), rng)
+            if not bool(torch.isfinite(loss.detach()).all()):
+                raise FloatingPointError(f"Non-finite {role} loss: {step_logs}")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(models.role_parameters(role), 10.0)
+            optimizers[role].step()
+            logs.update(step_logs)
+        finally:
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            models.end_phase()
+
+    started = time.perf_counter()
+    for _ in range(200):
+        update("critic")
+    for step in range(spec["steps"]):
+        if spec["lr_decay"]:
+            for role, optimizer in optimizers.items():
+                scale = TDM.critic_learning_rate_ratio if role == "critic" else 1.0
+                optimizer.param_groups[0]["lr"] = spec["lr"] * scale * (1.0 - step / spec["steps"])
+        update("student")
+        update("critic")
+    seconds = time.perf_counter() - started
+    noise = torch.randn(4000, teacher.dim, generator=torch.Generator().manual_seed(seed + 7))
+    with torch.no_grad():
+        samples = method.rollout(noise, None, len(times))[-1].double()
+    reference = teacher.sample(4000, generator=torch.Generator().manual_seed(10_000 + seed))
+    metrics = mixture_metrics(teacher, samples, reference)
+    return ToyResult(samples=samples, metrics=metrics, seconds=seconds, last_logs=logs, models=models, method=method)
+
+
 def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     torch.set_num_threads(1)
     teacher = make_teacher(spec["teacher"], spec["std"])
     path = make_path(spec["path"])
     variant = spec["variant"]
+    if spec["divergence"].startswith("tdm"):
+        return _finish(spec, teacher, train_tdm(teacher, path, spec), {"tdm_loss": spec["tdm_loss"]})
     if variant == "ode_fit":
         result = ode_fit(teacher, path, spec)
         return _finish(
@@ -415,7 +502,8 @@ def summary_json(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
     def avg(values):
         return round(sum(values) / len(values), 4) if values else None
 
-    divs = [d for d in DIVERGENCES + SCORE_METHODS if any(r["divergence"] == d for r in main)]
+    tdm = [d for d in dict.fromkeys(r["divergence"] for r in main) if d.startswith("tdm")]
+    divs = [d for d in DIVERGENCES + SCORE_METHODS + tdm if any(r["divergence"] == d for r in main)]
     out: Dict[str, Dict[str, float]] = {
         "ring8_modes": {},
         "grid25_modes": {},
@@ -449,7 +537,11 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
-        help="comma-separated of divergence (DMD2 / f-distill over --divergences), sid, sim",
+        help="comma-separated of divergence (DMD2 / f-distill over --divergences), sid, sim, tdm",
+    )
+    parser.add_argument("--tdm_steps", type=int, default=2, help="the tdm student's number of steps K (2 to 8)")
+    parser.add_argument(
+        "--tdm_loss", default="pseudo_huber", help="tdm's generator distance: pseudo_huber (the method's) or mse"
     )
     parser.add_argument("--variants", default="learned", help=f"comma-separated of {', '.join(VARIANTS)}, or 'all'")
     parser.add_argument("--seeds", default="0")
@@ -487,9 +579,11 @@ def main(argv=None) -> Dict[str, Any]:
     for m in methods:
         if m not in METHODS:
             parser.error(f"unknown method {m!r}; expected one of {', '.join(METHODS)}")
-    labels = (args.divergences.split(",") if "divergence" in methods else []) + [
-        m for m in methods if m in SCORE_METHODS
-    ]
+    labels = (
+        (args.divergences.split(",") if "divergence" in methods else [])
+        + [m for m in methods if m in SCORE_METHODS]
+        + ([tdm_label(args.tdm_steps, args.tdm_loss)] if "tdm" in methods else [])
+    )
     os.makedirs(os.path.join(args.out, "plots"), exist_ok=True)
     specs = []
     for teacher in args.teachers.split(","):
@@ -497,6 +591,8 @@ def main(argv=None) -> Dict[str, Any]:
             for div in labels:
                 if variant == "oracle" and div in ["reverse_kl", *SCORE_METHODS]:
                     continue  # h = 1 or no f-divergence: the ratio is unused
+                if div.startswith("tdm") and variant != "learned":
+                    continue  # the diagnostic variants are for the one-step methods
                 if variant == "ode_fit":
                     if div != labels[0]:
                         continue  # no divergence involved: one run per seed
@@ -522,6 +618,8 @@ def main(argv=None) -> Dict[str, Any]:
                             "out": args.out,
                             "ratio_check": args.ratio_check,
                             "sid_alpha": args.sid_alpha,
+                            "tdm_steps": args.tdm_steps,
+                            "tdm_loss": args.tdm_loss,
                         }
                     )
     started = time.perf_counter()

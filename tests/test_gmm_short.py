@@ -108,6 +108,26 @@ def test_benchmark_methods_option_adds_sid_and_sim_rows(tmp_path):
     assert "| sid | learned |" in (tmp_path / "main.md").read_text()
 
 
+def test_benchmark_methods_option_adds_a_k_step_tdm_row(tmp_path):
+    """``--methods tdm``: a 2-step TDM row on the grid ``t_max, t_max / 2``, sampled by the method's own deterministic
+    rollout (the exported student's ``ode`` trajectory), labelled with its steps and a non-default loss."""
+    gmm = _benchmark_module()
+    assert gmm.tdm_grid(FLOW, 2) == [1.0, 0.5] and gmm.tdm_grid(P.VPPath.from_betas(), 2) == [999.0, 499.0]
+    argv = ["--teachers", "pair", "--methods", "tdm", "--tdm_loss", "mse", "--student_steps", "3", "--batch_size"]
+    argv += ["32", "--hidden", "16", "--out", str(tmp_path), "--tag", "tdm"]
+    summary = gmm.main(argv)
+    assert list(summary["minor_mass"]) == ["tdm-2step-mse"]
+    assert "| tdm-2step-mse | learned |" in (tmp_path / "tdm.md").read_text()
+    spec = json.loads((tmp_path / "tdm.json").read_text())["rows"][0]
+    result = gmm.train_tdm(GaussianMixture.imbalanced_pair(std=0.2), FLOW, spec)
+    assert result.method.student_timesteps == [1.0, 0.5]
+    noise = torch.randn(4000, 2, generator=torch.Generator().manual_seed(spec["seed"] + 7))
+    with torch.no_grad():
+        states = result.method.rollout(noise, None, 2)
+    torch.testing.assert_close(result.samples, states[-1].double())
+    assert not torch.allclose(states[1], states[-1])  # two student passes: the second starts from the re-noised x̂0
+
+
 @pytest.mark.parametrize("divergence", ["reverse_kl", "js"])
 def test_each_update_reaches_only_its_role(divergence):
     teacher = GaussianMixture.imbalanced_pair(std=0.2)
