@@ -58,6 +58,7 @@ CASES = [
     # student kind in process below (IN_PROCESS_CASES); `test_two_processes_match_one_process_sid` launches sid on
     # two processes and loads what it saved
     ("sana", "sim", "full"),
+    ("sdxl", "tdm", "full"),  # a 2-step student on the UNet family, launched
 ]
 #: one run per family on the oldest supported dependencies, each method and each student kind at least twice
 OLDEST_CASES = {
@@ -77,7 +78,7 @@ IN_PROCESS_CASES = [("sd", "js", "lora"), ("sd", "reverse_kl", "full")] + [
     for family in ("sdxl", "pixart_alpha", "sana")
     for method in METHODS
     for kind in ("lora", "full")
-    if (family, method, kind) != ("sana", "sim", "full")  # launched above
+    if (family, method, kind) not in (("sana", "sim", "full"), ("sdxl", "tdm", "full"))  # launched above
     # tdm's launched case is `test_two_processes_match_one_process_tdm` (PixArt, LoRA, two processes)
 ]
 
