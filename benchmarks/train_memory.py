@@ -180,8 +180,14 @@ def run_layout(
         ),
         image_seq_len=image_seq_len,
     )
-    method_config = MethodConfig(method=method_name, guidance_scale=guidance_scale).validate()
-    method = build_method(method_config, roles, [student_time])
+    # TDM trains a K-step student: a 2-step grid from the case's first time to the middle of the path.
+    # (integer steps on a discrete VP path: 399 -> 199; sigma 1.0 -> 0.5 on a flow path).
+    middle = student_time / 2 if student_time <= 1 else student_time // 2
+    timesteps = [student_time] if method_name != "tdm" else [float(student_time), float(middle)]
+    method_config = MethodConfig(method=method_name, guidance_scale=guidance_scale)
+    if method_name == "tdm":
+        method_config.student_timesteps = timesteps
+    method = build_method(method_config.validate(), roles, timesteps)
     optimizers = {role: torch.optim.AdamW(roles.role_parameters(role), lr=1e-5) for role in ("student", "critic")}
 
     # Time every network pass by wrapping the roles' single entry point.
@@ -251,7 +257,10 @@ def main():
     )
     parser.add_argument("--family", choices=sorted(FAMILY_CASES), default="sdxl", help="the backbone's shape")
     parser.add_argument(
-        "--method", choices=("dmd2", "sid", "sim"), default="dmd2", help="the distillation method of the step"
+        "--method",
+        choices=("dmd2", "sid", "sim", "tdm"),
+        default="dmd2",
+        help="the distillation method of the step (tdm: a 2-step student, its no-grad rollout included)",
     )
     parser.add_argument(
         "--gradient_checkpointing",
