@@ -64,3 +64,6 @@ def test_nasa_negative_prompts_on_the_fast_path(native_folder, load_student, run
     assert backend.graphs == with_plain, "NASA after a plain call recompiled"
     assert np.abs(first - expected).max() <= 1e-4 and np.abs(again - expected).max() <= 1e-4
     assert np.abs(first - run(pipe, prompt=TINY_PROMPTS[0])).max() > 1e-3  # the negative prompt changes the image
+    # NASA's wrapped processors add guarded variants of diffusers' attention forwards; leave no cache entries behind
+    # (they count toward the recompile limit of the next test that compiles the same code with fullgraph=True)
+    torch.compiler.reset()
