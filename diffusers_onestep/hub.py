@@ -196,6 +196,12 @@ def _divergence_label(method, config) -> str:
     return config.method.divergence or getattr(method, "divergence_label", None) or "none"
 
 
+def steps_label(student_timesteps: Sequence[float]) -> str:
+    """ "one-step" for a student with one conditioning timestep, "K-step" for a K-step one (TDM, multi-step DMD2)."""
+    steps = len(student_timesteps)
+    return "one-step" if steps == 1 else f"{steps}-step"
+
+
 def card_text(
     config,
     family: str,
@@ -220,10 +226,11 @@ def card_text(
         f"{config.method.guidance_scale} on the teacher); the student takes no `guidance_scale`."
     )
     kind = "LoRA adapter" if lora else "full"
+    label = steps_label(student_timesteps)
     lines = [
-        f"# One-step {family} student of `{teacher}`",
+        f"# {label.capitalize()} {family} student of `{teacher}`",
         "",
-        f"A {kind} one-step student distilled from **{teacher}** with diffusers-onestep using "
+        f"A {kind} {label} student distilled from **{teacher}** with diffusers-onestep using "
         f"**{method_name(method, config)}**.",
         "",
         "## How to run",
@@ -480,8 +487,9 @@ def write_model_card(
 
     hub_kwargs = {key: getattr(config, key, None) for key in ("revision", "cache_dir")}
     license_fields = teacher_license(config.teacher, {k: v for k, v in hub_kwargs.items() if v})
+    # "one-step" only where it is true: a K-step student (TDM, multi-step DMD2) is tagged "few-step"
     tags: List[str] = [
-        "one-step",
+        "one-step" if len(student_timesteps) == 1 else "few-step",
         "distillation",
         "diffusers-onestep",
         "text-to-image",

@@ -41,6 +41,22 @@ def test_model_card_names_teacher_method_and_how_to_run(tmp_path):
     assert card.data.pipeline_tag == "text-to-image"
 
 
+def test_model_card_of_a_few_step_student_says_how_many_steps(tmp_path):
+    """A 2-step TDM student is not called one-step: the title, the sentence and the tags name its step count."""
+    from diffusers_onestep.distill.methods import TDM
+
+    hub.write_model_card(
+        str(tmp_path), make_config(divergence=None), "pixart_alpha", [899, 449], lora=True, method=TDM
+    )
+    loaded = ModelCard.load(str(tmp_path / "README.md"))
+    assert "# 2-step pixart_alpha student" in loaded.text
+    assert "A LoRA adapter 2-step student" in loaded.text
+    assert "few-step" in loaded.data.tags and "one-step" not in loaded.data.tags
+    assert "one-step" not in loaded.text  # negative control of the wording: the one-step card below says it
+    one = hub.write_model_card(str(tmp_path), make_config(), "pixart_alpha", [400], lora=True, method=FDistill)
+    assert "# One-step pixart_alpha student" in one.text and "one-step" in one.data.tags
+
+
 def test_model_card_of_a_local_teacher_has_no_base_model_but_names_it(tmp_path):
     teacher = str(tmp_path / "my-teacher")
     os.makedirs(teacher)
