@@ -15,6 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "training", "train_onestep.py")
 #: the training command with faults injected through the trainer's hooks (``--fault event@step[:action]``)
 FAULT_LAUNCHER = os.path.join(REPO, "tests", "fault_launcher.py")
+#: the training command recording the DDP wrappers alive when the process group is destroyed (tests/teardown_launcher.py)
+TEARDOWN_LAUNCHER = os.path.join(REPO, "tests", "teardown_launcher.py")
 PROMPTS = ["a photo of a cat", "a red car on the road", "an astronaut riding a horse", "a bowl of fruit"]
 #: flags that make every family's tiny run small and fast
 TINY_FLAGS = [

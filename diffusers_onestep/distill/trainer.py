@@ -767,7 +767,7 @@ class Trainer:
                         f"Interrupted at step {self.global_step}: saved {path}; resume with "
                         "--resume_from_checkpoint latest."
                     )
-                acc.end_training()
+                self._end_training()
                 raise
             finally:
                 progress.close()
@@ -776,8 +776,26 @@ class Trainer:
             from .. import hub
 
             hub.upload_student(output_dir, self.hub_repo_id)
-        acc.end_training()
+        self._end_training()
         return TrainingResult(output_dir=output_dir, global_step=self.global_step, logs=logs)
+
+    def _end_training(self) -> None:
+        """Release the wrapped (DDP) modules, then end the run (trackers, process group).
+
+        The order prevents a hang at exit measured on 2 gloo processes: DDP's ``Reducer`` holds a reference to the
+        process group, and its Python binding frees it with the GIL held. Had it dropped the last reference (after
+        ``end_training`` unregistered the group), ``~ProcessGroupGloo`` would join gloo's worker threads while one
+        of them waited for the GIL to free a finished collective's tensor (pytorch/pytorch#56297); the process then
+        never exited after writing its student. Freed here, while the group is still registered, the reducers are
+        not the last owners; ``destroy_process_group`` is, and its binding releases the GIL (pytorch/pytorch#154976).
+        The roles keep the unwrapped modules, so the trainer stays usable for inspection after ``run``."""
+        acc = self.accelerator
+        roles = self.state.roles if self.state is not None else None
+        if roles is not None:
+            for name in list(roles.prepared):  # no local may keep a wrapper alive past free_memory's collection
+                roles.set_prepared(name, acc.unwrap_model(roles.prepared[name]))
+        acc.free_memory()  # accelerate's own references to the prepared modules and optimizers; runs gc
+        acc.end_training()
 
     def _iteration(self, progress) -> Dict[str, float]:
         """One iteration of the schedule, then its logs, checkpoint and validation; returns the logs."""
