@@ -267,6 +267,15 @@ class JointNASAAttnProcessor:
         return out
 
 
+def eager_compiler():
+    """A context in which ``torch.compile``'d modules (``OneStepPipeline.enable_fast_path``) run eagerly
+    (``torch.compiler.set_stance("force_eager")``, torch >= 2.6; elsewhere nothing): Dynamo does not trace the
+    torch function mode that joint-attention NASA enters inside each processor (measured on torch 2.13: the compiled
+    FLUX.1 forward handed the mode tensors of another shape), so steered forwards run uncompiled."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 class JointNegativeSteering:
     """NASA for joint-attention denoisers, as the context :func:`joint_negative_away_steer_attention` yields.
 
@@ -297,7 +306,8 @@ class JointNegativeSteering:
         t = torch.as_tensor(t, device=latents.device)
         if t.ndim:
             t = torch.cat([t, t])
-        prediction = self.denoise_fn(torch.cat([latents, latents]), t, both, guidance)
+        with eager_compiler():
+            prediction = self.denoise_fn(torch.cat([latents, latents]), t, both, guidance)
         missing = [name for name, count in self.calls.items() if count != 1]
         if missing:
             raise RuntimeError(

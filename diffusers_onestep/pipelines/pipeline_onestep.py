@@ -295,6 +295,7 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             if mode is not None:
                 options["mode"] = mode
             self.denoiser.compile(**options)
+            self._denoiser_compiled = True  # joint-attention NASA runs it eagerly (torch >= 2.6) or refuses
             if compile_vae and self.vae is not None:
                 self.vae.decoder.compile(**options)
         return self
@@ -491,6 +492,16 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
                 raise ValueError(
                     f"This {family} student takes no negative prompt: its family adapter names no attention for NASA "
                     "to steer (`negative_prompt_attention`); remove `negative_prompt`."
+                )
+            if (
+                adapter.negative_prompt_attention == "joint"
+                and getattr(self, "_denoiser_compiled", False)
+                and not hasattr(torch.compiler, "set_stance")
+            ):
+                raise ValueError(
+                    f"NASA negative prompts on {family} run the compiled denoiser eagerly, which needs torch >= 2.6 "
+                    f"(`torch.compiler.set_stance`), found {torch.__version__}; call without `enable_fast_path`'s "
+                    "compile or remove `negative_prompt`."
                 )
             if negative_prompt_embeds is not None:
                 self._check_condition_tensors(
