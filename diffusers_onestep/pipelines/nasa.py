@@ -244,7 +244,9 @@ class JointNASAAttnProcessor:
             return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if layout.text_from_encoder_states:
             if encoder_hidden_states is None:
-                raise RuntimeError(f"NASA expected text encoder states in joint-attention layer {self.name}, got none.")
+                raise RuntimeError(
+                    f"NASA expected text encoder states in joint-attention layer {self.name}, got none."
+                )
             text_length = encoder_hidden_states.shape[1]
             sequence_length = hidden_states.shape[1] + text_length
         else:
@@ -253,7 +255,10 @@ class JointNASAAttnProcessor:
         if layout.text_first:
             text, image = slice(0, text_length), slice(text_length, sequence_length)
         else:
-            text, image = slice(sequence_length - text_length, sequence_length), slice(0, sequence_length - text_length)
+            text, image = (
+                slice(sequence_length - text_length, sequence_length),
+                slice(0, sequence_length - text_length),
+            )
         mode = _JointLayerSteering(self.name, text, image, layout.text_first, sequence_length, self.steering.scale)
         with mode:
             out = self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
@@ -295,8 +300,9 @@ class JointNegativeSteering:
         negative = self.negative.to(device=latents.device, dtype=condition.embeds.dtype)
         if negative.embeds.shape[0] != batch or negative.embeds.shape[1:] != condition.embeds.shape[1:]:
             raise ValueError(
-                f"The negative prompt's embeddings {tuple(negative.embeds.shape)} must match the prompt's "
-                f"{tuple(condition.embeds.shape)} (one row per image, the same token count)."
+                f"The negative prompt's embeddings {tuple(negative.embeds.shape)} must have the shape of the "
+                f"prompt's {tuple(condition.embeds.shape)} (one row per image, as many tokens): encode both with the "
+                "same `max_sequence_length`."
             )
         self.text_length = condition.embeds.shape[1]
         self.calls = dict.fromkeys(self.joint_layers, 0)
