@@ -1,4 +1,5 @@
-"""NASA negative prompts for one-step and guidance-distilled students (SNOOPI, Nguyen et al., arXiv 2412.02687).
+"""NASA negative prompts for one-step and guidance-distilled students (SNOOPI, Nguyen et al., arXiv 2412.02687),
+in cross-attention (the paper's form) and joint attention (our extension, at the end).
 
 Negative-Away Steer Attention is training-free and acts inside the denoiser, not on its output: in every
 cross-attention layer the attention output of the negative prompt is subtracted from the positive one,
@@ -32,9 +33,31 @@ the sweep at which images prompted for another digit keep their FD within 10 % (
 2.98), while the share of the negated digit among "a handwritten digit" images drops from 10.0 % to 7.7 % (at λ = 1:
 2.4 %, and prompt = negative = "digit k" drops k from 97 % to 10 %). Larger λ removes more and costs fidelity.
 
-Families whose text conditioning goes through joint attention (SD3's MMDiT, FLUX.1's double/single-stream blocks)
-have no cross-attention with separate text keys and values: the text tokens are queries too, so ``Attn(Q, K−, V−)``
-is not defined there and those families refuse a negative prompt.
+Joint attention (SD3/SD3.5's MMDiT, FLUX.1's double- and single-stream blocks) -- OUR extension, the paper defines
+NASA for cross-attention only. There text and image tokens attend over one sequence and the text stream is updated
+in every layer, so there are no text keys and values that stay fixed across layers to record once. Instead:
+
+1. The negative prompt runs as a second stream of the same denoiser call: the batch is ``[positive; negative]`` with
+   the same latents, time and guidance (like classifier-free guidance's unconditional branch), and only the positive
+   half is returned. Cost: one doubled denoiser batch per step (the cross-attention form above costs only the stem).
+2. In every joint-attention layer the positive half's image-token queries get
+   ``Z_img = Attn(Q_img, K, V) − λ·Attn(Q_img, K−_txt, V−_txt)``, where ``K−_txt, V−_txt`` are the negative half's
+   text-token keys and values of that same layer, after its q/k norms and rotary embedding. The positive half's
+   text tokens and the whole negative half (a plain forward on the negative prompt) are left as they are.
+3. Nothing of diffusers' processors is reimplemented (diffusers 0.34's ``Attention`` + ``FluxAttnProcessor2_0`` and
+   0.42's ``FluxAttention`` + ``FluxAttnProcessor`` through ``dispatch_attention_fn`` alike): each processor is
+   wrapped (:class:`JointNASAAttnProcessor`), and during its call a ``torch.overrides.TorchFunctionMode`` intercepts
+   ``torch.nn.functional.scaled_dot_product_attention``, where ``q, k, v`` are ``[2B, H, S, D]`` with norms and
+   rotary applied. An attention backend that bypasses torch's SDPA (flash-attn kernels, say) fails loudly: each
+   joint layer must see exactly one intercepted call per forward, and every joint layer must be called.
+4. Which layers are joint and where the text tokens sit (SD3: ``[image; text]``, its ``attn2`` image-only; FLUX.1:
+   ``[text; image]``, the single-stream blocks holding the prompt's tokens as a prefix) are family facts: the
+   adapters' ``joint_attention_layout``.
+
+λ = 0 returns the plain image exactly (the pipeline then runs no doubled batch). Under ``enable_fast_path``'s
+``torch.compile`` the steered forwards run eagerly (``torch.compiler.set_stance("force_eager")``, torch >= 2.6; the
+pipeline refuses on older torch): Dynamo does not trace the function mode. ``DEFAULT_NEGATIVE_SCALE`` was measured on
+a cross-attention student; no joint-attention benchmark has measured a λ for SD3 or FLUX.1.
 """
 
 from __future__ import annotations

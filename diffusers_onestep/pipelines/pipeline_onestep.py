@@ -280,7 +280,8 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         run one call per shape you will serve before timing or serving. Later calls of the same shape -- any prompt,
         seed or guidance -- reuse the compiled graphs without recompiling. Images stay within floating-point
         tolerance of the default path (fused projections change the order of the sums); ``tests/test_fast_path.py``
-        checks both on every family. On the CPU it runs, but it is meant for CUDA GPUs.
+        checks both on every family. On the CPU it runs, but it is meant for CUDA GPUs. NASA negative prompts on
+        joint-attention students (SD3, FLUX.1) run the denoiser eagerly in those calls (see :mod:`.nasa`).
         """
         modules = [m for m in (self.denoiser, self.vae) if m is not None]
         if fuse_qkv:
@@ -627,8 +628,12 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
                 students had classifier-free guidance distilled into them and refuse values above 1.
             negative_prompt (`str` or `list[str]`, *optional*): what to steer away from, by NASA (SNOOPI, arXiv
                 2412.02687): every cross-attention layer outputs `out_proj(Attn(Q, K+, V+) − λ·Attn(Q, K−, V−))`
-                with λ = `negative_scale` (see `diffusers_onestep.pipelines.nasa`). Families whose text enters
-                through joint attention (SD3, FLUX.1) refuse it. One extra denoiser pass per call.
+                with λ = `negative_scale` (see `diffusers_onestep.pipelines.nasa`); costs the denoiser's stem up to
+                its first cross-attention once per call. SD3/SD3.5 and FLUX.1 (joint attention; our extension, the
+                paper defines cross-attention only): the negative prompt runs as a second stream on the same
+                latents, and in every joint layer the image tokens' attention result subtracts λ times their
+                attention to the negative prompt's text keys and values of that layer; costs a doubled denoiser
+                batch at every step.
             negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds (*optional*): the
                 negative prompt pre-computed, as [`~OneStepPipeline.encode_prompt`] returns it (one row per prompt,
                 the same fields `prompt_embeds` needs); instead of `negative_prompt`, with the same effect.
