@@ -258,6 +258,20 @@ def test_embeds_batches_and_no_leak(students, variant):
     assert all(after[k] is before[k] for k in before)
 
 
+@pytest.mark.parametrize("variant", ["sd3", "flux_schnell"])
+def test_fused_projections_steer_alike(variant):
+    """After enable_fast_path's fused q/k/v projections (diffusers' fused SD3 and FLUX processors) NASA gives the same
+    image: the intercept sits on SDPA, after the projections, whichever processor computed them."""
+    pipe = OneStepPipeline.from_pipe(VARIANTS[variant](), conditioning_timesteps=[1.0])
+    pipe.set_progress_bar_config(disable=True)
+    steer = {"negative_prompt": NEGATIVE, "negative_scale": 0.8}
+    expected = _run(pipe, **steer)
+    pipe.enable_fast_path(compile=False, channels_last=False)
+    assert any(hasattr(m, "to_qkv") for m in pipe.denoiser.modules())
+    assert float(abs(_run(pipe, **steer) - expected).max()) <= 1e-4
+    assert float(abs(_run(pipe) - expected).max()) > 1e-3
+
+
 def test_negative_embeds_of_another_token_count_are_refused(students):
     pipe = students("flux_dev")
     embeds, _, pooled = pipe.encode_prompt([NEGATIVE])
