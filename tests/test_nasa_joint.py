@@ -272,6 +272,20 @@ def test_fused_projections_steer_alike(variant):
     assert float(abs(_run(pipe) - expected).max()) > 1e-3
 
 
+def test_a_forward_outside_the_steering_is_refused(students):
+    """Under the context the wrapped processors need the [positive; negative] batch the steering builds: a plain
+    denoiser call there fails with its sentence instead of steering across unrelated rows."""
+    pipe = students("flux_schnell")
+    adapter = pipe.adapter
+    condition = adapter.encode_prompt([PROMPT, PROMPT])
+    with (
+        torch.no_grad(),
+        nasa.joint_negative_away_steer_attention(pipe.denoiser, adapter.joint_attention_layout, None, condition, 1.0),
+    ):
+        with pytest.raises(RuntimeError, match=r"called outside NASA's steered forward"):
+            adapter.denoise(_latents(pipe, 0, batch=2), torch.ones(()), condition)
+
+
 def test_negative_embeds_of_another_token_count_are_refused(students):
     pipe = students("flux_dev")
     embeds, _, pooled = pipe.encode_prompt([NEGATIVE])

@@ -265,6 +265,11 @@ class JointNASAAttnProcessor:
         layout = self.layout
         if layout is None:
             return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if self.steering.text_length is None:
+            raise RuntimeError(
+                f"Joint-attention layer {self.name} was called outside NASA's steered forward; under "
+                "`joint_negative_away_steer_attention` call the denoiser through the steering it yields."
+            )
         if layout.text_from_encoder_states:
             if encoder_hidden_states is None:
                 raise RuntimeError(
@@ -288,14 +293,14 @@ class JointNASAAttnProcessor:
         if mode.calls != 1:
             raise RuntimeError(
                 f"NASA intercepted {mode.calls} torch scaled_dot_product_attention calls in joint-attention layer "
-                f"{self.name}, expected 1: its attention backend does not go through torch's SDPA; use diffusers' "
-                "native attention backend or remove the negative prompt."
+                f"{self.name}, expected 1 (none: its attention backend bypasses torch's SDPA, so use diffusers' "
+                "native attention backend or remove the negative prompt)."
             )
         self.steering.calls[self.name] += 1
         return out
 
 
-def eager_compiler():
+def _eager_compiler():
     """A context in which ``torch.compile``'d modules (``OneStepPipeline.enable_fast_path``) run eagerly
     (``torch.compiler.set_stance("force_eager")``, torch >= 2.6; elsewhere nothing): Dynamo does not trace the
     torch function mode that joint-attention NASA enters inside each processor (measured on torch 2.13: the compiled
@@ -327,7 +332,6 @@ class JointNegativeSteering:
                 f"prompt's {tuple(condition.embeds.shape)} (one row per image, as many tokens): encode both with the "
                 "same `max_sequence_length`."
             )
-        self.text_length = condition.embeds.shape[1]
         self.calls = dict.fromkeys(self.joint_layers, 0)
         both = type(condition).cat([condition, negative])
         if guidance is not None:
@@ -335,8 +339,12 @@ class JointNegativeSteering:
         t = torch.as_tensor(t, device=latents.device)
         if t.ndim:
             t = torch.cat([t, t])
-        with eager_compiler():
-            prediction = self.denoise_fn(torch.cat([latents, latents]), t, both, guidance)
+        self.text_length = condition.embeds.shape[1]  # the text prefix of single-stream layers
+        try:
+            with _eager_compiler():
+                prediction = self.denoise_fn(torch.cat([latents, latents]), t, both, guidance)
+        finally:
+            self.text_length = None
         missing = [name for name, count in self.calls.items() if count != 1]
         if missing:
             raise RuntimeError(
