@@ -541,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--negative_prompt",
         default=None,
         help="what to steer away from, by NASA (SNOOPI): every cross-attention layer subtracts the negative "
-        "prompt's attention; SD, SDXL, PixArt and SANA students (default: none)",
+        "prompt's attention; SD3 and FLUX.1 (joint attention, our extension): the image tokens' attention to the "
+        "negative prompt's text tokens, at the cost of a doubled denoiser batch (default: none)",
     )
     generate.add_argument(
         "--negative_scale",
@@ -698,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--negative_prompt",
         default="",
-        help="the negative prompt the page opens with (NASA; students with cross-attention) (default: none)",
+        help="the negative prompt the page opens with (NASA) (default: none)",
     )
     serve.add_argument(
         "--negative_scale",

@@ -3,8 +3,8 @@
     diffusers-onestep serve demo-output/student                  # http://127.0.0.1:7860
     diffusers-onestep serve tianweiy/DMD2 --host 0.0.0.0 --port 8000
 
-The page regenerates as the prompt is typed: each edit of the prompt, the negative prompt and its scale (NASA, for
-students with cross-attention), seed, steps, size or number of variations is a request, and Gradio's ``trigger_mode="always_last"`` debounces them (while one image is being made, every further
+The page regenerates as the prompt is typed: each edit of the prompt, the negative prompt and its scale (NASA,
+through cross- or joint attention), seed, steps, size or number of variations is a request, and Gradio's ``trigger_mode="always_last"`` debounces them (while one image is being made, every further
 edit collapses into one pending request for the latest text, so a fast typist never queues stale prompts). Requests
 of all visitors share one queue: at most ``concurrency_limit`` generate at once (one model, one device) and at most
 ``max_queue`` wait; a request past that is refused by Gradio with "queue is full" instead of piling up. Bad input
@@ -75,7 +75,7 @@ class LiveGenerator:
         self.trained_steps = len(pipe.scheduler.select_timesteps(None))
         self.native_resolution = pipe.adapter.default_resolution
         self.resolution_multiple = pipe.adapter.resolution_multiple
-        #: whether the student takes a negative prompt (NASA needs cross-attention; SD3 and FLUX.1 have none)
+        #: whether the student takes a negative prompt (NASA: every family's adapter names its attention for it)
         self.takes_negative_prompt = bool(pipe.adapter.negative_prompt_attention)
 
     @property
@@ -218,7 +218,7 @@ def build_app(generator: LiveGenerator, title: str = "diffusers-onestep"):
                 num_images = gr.Slider(
                     label="Variations", minimum=1, maximum=settings.max_batch, step=1, value=1, elem_id="variations"
                 )
-                # NASA: only students with cross-attention take a negative prompt (the boxes are hidden otherwise)
+                # NASA: students whose adapter names no attention for it take no negative prompt (boxes hidden)
                 with gr.Row(visible=generator.takes_negative_prompt):
                     negative_prompt = gr.Textbox(
                         label="Negative prompt",

@@ -53,6 +53,18 @@ def _call(ctx, **kwargs):
     return lambda: pipe(**kwargs)
 
 
+def _flux_call(**kwargs):
+    """A call of a tiny FLUX.1 student (the NASA cases of joint-attention families)."""
+    from diffusers import FluxPipeline
+
+    from diffusers_onestep import OneStepPipeline
+    from diffusers_onestep.testing import tiny_flux_components
+
+    pipe = OneStepPipeline.from_pipe(FluxPipeline(**tiny_flux_components()), conditioning_timesteps=[1.0])
+    pipe.set_progress_bar_config(disable=True)
+    return lambda: pipe(prompt="a cat", output_type="latent", **kwargs)
+
+
 def pipeline_cases() -> List[Case]:
     def embeds(ctx, batch=1):
         return torch.zeros(batch, 77, 64)
@@ -86,6 +98,12 @@ def pipeline_cases() -> List[Case]:
         (
             "both negative_prompt and negative_prompt_embeds",
             lambda c: _call(c, negative_prompt="blurry", negative_prompt_embeds=embeds(c)),
+        ),
+        (
+            "negative_prompt_embeds of another token count than the prompt's (NASA on FLUX.1 / SD3)",
+            lambda c: _flux_call(
+                negative_prompt_embeds=torch.zeros(1, 5, 24), negative_pooled_prompt_embeds=torch.zeros(1, 20)
+            ),
         ),
         ("guidance_scale > 1 on a guidance-distilled student", lambda c: _call(c, guidance_scale=5.0)),
         ("unknown callback tensor input", lambda c: _call(c, callback_on_step_end_tensor_inputs=["noise_pred"])),

@@ -156,7 +156,8 @@ def test_generate_refuses_what_the_student_cannot_do(capsys, tmp_path, student_f
     assert not any(name.endswith(".png") for name in os.listdir(tmp_path))
 
 
-def test_generate_negative_prompt_is_the_pipelines_nasa(capsys, tmp_path, student_folder):
+@pytest.mark.parametrize("family", ["pixart_alpha", "flux"])  # cross attention; joint attention (our extension)
+def test_generate_negative_prompt_is_the_pipelines_nasa(capsys, tmp_path, student_folder, family):
     """--negative_prompt / --negative_scale write the image `pipe(prompt, negative_prompt=..., negative_scale=...)`
     gives; without a scale the pipeline's default λ."""
     import numpy as np
@@ -165,7 +166,7 @@ def test_generate_negative_prompt_is_the_pipelines_nasa(capsys, tmp_path, studen
     from diffusers_onestep import OneStepPipeline
     from diffusers_onestep.pipelines import nasa
 
-    folder = student_folder("pixart_alpha")
+    folder = student_folder(family)
     flags = ["--out", str(tmp_path / "steered"), "--device", "cpu", "--negative_prompt", "a red square"]
     status, out, _ = run(capsys, "generate", folder, "a cat", *flags, "--negative_scale", "0.8")
     assert status == 0 and "away from 'a red square' (NASA λ 0.8)" in out

@@ -1,5 +1,6 @@
 """NASA negative prompts (SNOOPI, arXiv 2412.02687) on one-step students: the processor's closed form, λ = 0, the
-processors put back, the families it applies to and the ones that refuse."""
+processors put back, the cross-attention families it applies to and the refusals (joint-attention families:
+tests/test_nasa_joint.py)."""
 
 import math
 
@@ -114,12 +115,6 @@ def test_processors_restored_after_an_exception(student, run):
 @pytest.mark.parametrize(
     "family, kwargs, message",
     [
-        (
-            "flux",
-            {"negative_prompt": NEGATIVE},
-            r"FLUX.1 student takes no negative prompt: its text enters through joint",
-        ),
-        ("sd3", {"negative_prompt": NEGATIVE}, r"SD3 student takes no negative prompt: its text enters through joint"),
         ("sdxl", {"negative_scale": 1.0}, r"`negative_scale` weighs the negative prompt's attention \(NASA\)"),
         ("sdxl", {"negative_prompt": NEGATIVE, "negative_scale": -1.0}, r"`negative_scale` must be a finite number"),
         ("sdxl", {"negative_prompt": [NEGATIVE] * 2}, r"`negative_prompt` must be one string or one per prompt \(1\)"),
@@ -144,7 +139,11 @@ def test_processors_restored_after_an_exception(student, run):
             {"negative_prompt_attention_mask": torch.ones(1, 77)},
             r"`negative_prompt_attention_mask` goes with `negative_prompt_embeds`",
         ),
-        ("flux", {"negative_prompt_embeds": torch.zeros(1, 8, 32)}, r"FLUX.1 student takes no negative prompt"),
+        (
+            "flux",
+            {"negative_prompt_embeds": torch.zeros(1, 8, 24)},
+            r"FLUX.1 students need `negative_pooled_prompt_embeds` together with `negative_prompt_embeds`",
+        ),
     ],
 )
 def test_refusals(student, family, kwargs, message):
@@ -152,6 +151,14 @@ def test_refusals(student, family, kwargs, message):
         student(family)(PROMPT, output_type="np", **kwargs)
     text = str(info.value)
     assert text.endswith(".") and "\n" not in text
+
+
+def test_a_family_naming_no_attention_refuses(student, monkeypatch):
+    """A family adapter without `negative_prompt_attention` (none is registered today) takes no negative prompt."""
+    pipe = student("sdxl")
+    monkeypatch.setattr(type(pipe.adapter), "negative_prompt_attention", None)
+    with pytest.raises(ValueError, match=r"SDXL student takes no negative prompt: .*; remove `negative_prompt`\.$"):
+        pipe(PROMPT, output_type="np", negative_prompt=NEGATIVE)
 
 
 class _ZeroCrossAttention:

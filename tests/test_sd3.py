@@ -187,7 +187,10 @@ def test_fused_qkv_projections_keep_the_output(sd35):
             {"prompt_embeds": torch.zeros(1, 333, 28), "pooled_prompt_embeds": torch.zeros(1, 16)},
             r"^`pooled_prompt_embeds` must be 20 wide",
         ),
-        ({"prompt": "a cat", "negative_prompt": "blurry"}, r"^This SD3 student takes no negative prompt"),
+        (
+            {"prompt": "a cat", "negative_prompt_embeds": torch.zeros(1, 333, 28)},
+            r"^SD3 students need `negative_pooled_prompt_embeds` together with `negative_prompt_embeds`",
+        ),
         ({"prompt": "a cat", "guidance_scale": 4.5}, r"^This SD3 student was distilled with its guidance built in"),
     ],
 )

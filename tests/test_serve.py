@@ -99,6 +99,20 @@ def test_negative_prompt_is_the_pipelines_nasa(generator):
     assert generator.takes_negative_prompt
 
 
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_joint_attention_students_show_the_negative_prompt(student_folder, family):
+    """SD3 and FLUX.1 students take NASA through joint attention: the page shows the boxes and steers as the pipeline."""
+    from diffusers_onestep import OneStepPipeline
+
+    pipe = OneStepPipeline.from_pretrained(student_folder(family))
+    pipe.set_progress_bar_config(disable=True)
+    live = LiveGenerator(pipe, ServeSettings(max_batch=1))
+    assert live.takes_negative_prompt
+    steered = live.generate("a cat", seed=0, steps=1, num_images=1, negative_prompt="a red square", negative_scale=1.0)
+    raw = pipe("a cat", generator=torch.Generator().manual_seed(0), negative_prompt="a red square", negative_scale=1.0)
+    assert np.array_equal(np.asarray(steered.images[0]), np.asarray(_enlarged(live, raw.images[0])))
+
+
 def _enlarged(generator, image):
     from diffusers_onestep.serve import _for_display
 

@@ -12,7 +12,7 @@ import os
 from typing import Any, Dict, Optional, Type
 
 from ..hub import read_json
-from .base import Condition, FamilyAdapter
+from .base import Condition, FamilyAdapter, JointTokenLayout
 from .flux import FluxAdapter
 from .pixart import PixArtAlphaAdapter, PixArtSigmaAdapter
 from .sana import SanaAdapter, SanaSprintAdapter
@@ -146,6 +146,7 @@ __all__ = [
     "FamilyAdapter",
     "FAMILIES",
     "FluxAdapter",
+    "JointTokenLayout",
     "ONESTEP_INDEX_KEY",
     "SDXLAdapter",
     "PixArtAlphaAdapter",

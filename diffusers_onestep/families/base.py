@@ -71,6 +71,22 @@ class TrainingDefaults:
         return self.learning_rate_lora if student_kind == "lora" else self.learning_rate_full
 
 
+@dataclass(frozen=True)
+class JointTokenLayout:
+    """Where the text tokens sit in the token sequence of one joint-attention layer (for NASA negative prompts on
+    MMDiTs, :func:`diffusers_onestep.pipelines.nasa.joint_negative_away_steer_attention`).
+
+    Attributes:
+        text_first: the sequence is ``[text; image]`` (else ``[image; text]``).
+        text_from_encoder_states: the text tokens are the layer's ``encoder_hidden_states`` (a double-stream /
+            MMDiT layer); else the layer gets no encoder states and its ``hidden_states`` already hold the text
+            tokens, as many as the prompt embeddings have (a single-stream layer).
+    """
+
+    text_first: bool
+    text_from_encoder_states: bool
+
+
 @dataclass
 class Condition:
     """Encoded text condition of a batch. Every tensor has the batch on dim 0.
@@ -172,9 +188,11 @@ class FamilyAdapter:
     #: diffusers pipeline class whose ``lora_state_dict`` reads and ``save_lora_weights`` writes this family's LoRA
     #: files (diffusers key prefixes); every family names its own
     lora_pipeline_class_name: str = ""
-    #: text reaches the denoiser through cross-attention with its own keys and values (UNet, PixArt, SANA), so NASA
-    #: negative prompts (SNOOPI, :mod:`diffusers_onestep.pipelines.nasa`) apply; joint-attention MMDiTs cannot
-    negative_prompt_attention: bool = False
+    #: how NASA negative prompts (SNOOPI, :mod:`diffusers_onestep.pipelines.nasa`) reach the denoiser's attention:
+    #: ``"cross"`` where text enters through cross-attention with its own keys and values (UNet, PixArt, SANA; the
+    #: paper's form), ``"joint"`` where text and image tokens attend jointly (MMDiTs: our extension, the layers and
+    #: token layouts given by :meth:`joint_attention_layout`), ``None``: the family takes no negative prompt
+    negative_prompt_attention: Optional[str] = None
     #: the denoiser takes an embedded guidance scale (SANA-Sprint)
     has_embedded_guidance: bool = False
     #: default embedded guidance scale of the family's pipeline
@@ -492,6 +510,12 @@ class FamilyAdapter:
         """The module whose output feeds discriminator heads: the middle transformer block by default."""
         blocks = denoiser.transformer_blocks
         return blocks[len(blocks) // 2]
+
+    def joint_attention_layout(self, processor_name: str) -> Optional[JointTokenLayout]:
+        """For families with ``negative_prompt_attention = "joint"``: the token layout of the attention layer whose
+        processor is ``denoiser.attn_processors[processor_name]``, or ``None`` where that layer is not joint (image
+        self-attention, which NASA passes through)."""
+        raise NotImplementedError(f"{self.display_name} students have no joint attention for NASA.")
 
     def fuse_qkv_projections(self, denoiser: torch.nn.Module) -> None:
         """Fuse the denoiser's query/key/value projections (``fuse_qkv_projections()``, where diffusers has it), for

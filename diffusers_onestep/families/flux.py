@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .base import Condition, FamilyAdapter, TrainingDefaults, _unwrap
+from .base import Condition, FamilyAdapter, JointTokenLayout, TrainingDefaults, _unwrap
 
 
 #: side of the latent patches FluxPipeline packs into one token
@@ -93,6 +93,9 @@ class FluxAdapter(FamilyAdapter):
     #: FluxPipeline's default `max_sequence_length` (T5 tokens)
     default_max_sequence_length = 512
     required_condition_fields = ("embeds", "pooled")
+    #: NASA negative prompts through the double- and single-stream joint attention (our extension, see
+    #: :mod:`..pipelines.nasa`)
+    negative_prompt_attention = "joint"
     # As a teacher, FLUX.1-dev is queried with its embedded guidance at FluxPipeline's default 3.5 (one pass, no CFG);
     # the student starts from pure noise (sigma 1). No DMD2/f-distill recipe for FLUX.1 is published: the learning
     # rates are SANA's (ours). Roles default to LoRA adapters on one shared backbone (RolesConfig), which a 12B
@@ -195,6 +198,16 @@ class FluxAdapter(FamilyAdapter):
             return_dict=False,
         )[0]
         return unpack_latents(velocity, height, width)
+
+    def joint_attention_layout(self, processor_name: str) -> Optional[JointTokenLayout]:
+        # Every attention of FLUX.1 is joint over `[text; image]` (FluxAttnProcessor2_0 in diffusers 0.34,
+        # FluxAttnProcessor in 0.42 concatenate the text stream first). Double-stream blocks
+        # (`transformer_blocks.{i}.attn`) get the text stream as encoder states; single-stream blocks
+        # (`single_transformer_blocks.{i}.attn`) get one sequence whose first tokens are the text, as many as the prompt
+        # embeddings (0.34 concatenates before the single blocks, 0.42 inside each).
+        if processor_name.startswith("single_transformer_blocks."):
+            return JointTokenLayout(text_first=True, text_from_encoder_states=False)
+        return JointTokenLayout(text_first=True, text_from_encoder_states=True)
 
     def feature_module(self, denoiser: torch.nn.Module) -> torch.nn.Module:
         """The last double-stream block: its image stream is the deepest that is image tokens alone (the single blocks

@@ -30,7 +30,7 @@ PIXART_BLOCK_CONFIG = {
 class PixArtAlphaAdapter(FamilyAdapter):
     name = "pixart_alpha"
     display_name = "PixArt-α"
-    negative_prompt_attention = True
+    negative_prompt_attention = "cross"
     pipeline_class_names = ("PixArtAlphaPipeline",)
     native_pipeline_class_name = "PixArtAlphaPipeline"
     native_interop_pipeline_class_name = "PixArtAlphaPipeline"

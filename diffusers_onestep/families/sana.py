@@ -13,7 +13,7 @@ from .base import Condition, FamilyAdapter, TrainingDefaults, _unwrap
 class SanaAdapter(FamilyAdapter):
     name = "sana"
     display_name = "SANA"
-    negative_prompt_attention = True
+    negative_prompt_attention = "cross"
     pipeline_class_names = ("SanaPipeline", "SanaPAGPipeline")
     native_pipeline_class_name = "SanaPipeline"
     native_interop_pipeline_class_name = "SanaPipeline"

@@ -16,7 +16,7 @@ from .base import UNET_LORA_TARGET_MODULES, Condition, FamilyAdapter, TrainingDe
 class StableDiffusionAdapter(FamilyAdapter):
     name = "sd"
     display_name = "Stable Diffusion 1.x/2.x"
-    negative_prompt_attention = True
+    negative_prompt_attention = "cross"
     pipeline_class_names = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
     native_pipeline_class_name = "StableDiffusionPipeline"
     # No safety checker in our folders: StableDiffusionPipeline takes None for both and, with

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import torch
 
-from .base import Condition, FamilyAdapter, TrainingDefaults, _unwrap
+from .base import Condition, FamilyAdapter, JointTokenLayout, TrainingDefaults, _unwrap
 
 
 class SD3Adapter(FamilyAdapter):
@@ -62,6 +62,8 @@ class SD3Adapter(FamilyAdapter):
     #: T5 tokens kept, StableDiffusion3Pipeline's default ``max_sequence_length``
     default_max_sequence_length = 256
     required_condition_fields = ("embeds", "pooled")
+    #: NASA negative prompts through the MMDiT's joint attention (our extension, see :mod:`..pipelines.nasa`)
+    negative_prompt_attention = "joint"
     # No published DMD2/f-distill recipe for SD3. The student starts from pure noise (sigma 1), where SD3.5-Large-Turbo
     # (adversarially distilled: its card names ADD; SD3-Turbo is LADD, Sauer et al. 2024, arXiv 2403.12015) starts its
     # 4 Euler steps: its model card calls
@@ -129,6 +131,14 @@ class SD3Adapter(FamilyAdapter):
             pooled_projections=condition.pooled,
             return_dict=False,
         )[0]
+
+    def joint_attention_layout(self, processor_name: str) -> Optional[JointTokenLayout]:
+        # `transformer_blocks.{i}.attn`: JointAttnProcessor2_0 (and FusedJointAttnProcessor2_0) attend over
+        # `cat([image, text])`, the text tokens being the block's encoder states (diffusers 0.34 to 0.42).
+        # `transformer_blocks.{i}.attn2` (SD3.5's MMDiT-X dual attention) is image-only self-attention.
+        if processor_name.split(".")[-2] == "attn2":
+            return None
+        return JointTokenLayout(text_first=False, text_from_encoder_states=True)
 
     def fuse_qkv_projections(self, denoiser):
         # diffusers' SD3Transformer2DModel.fuse_qkv_projections gives every attention FusedJointAttnProcessor2_0, which

@@ -12,7 +12,7 @@ from .base import UNET_LORA_TARGET_MODULES, Condition, FamilyAdapter, TrainingDe
 class SDXLAdapter(FamilyAdapter):
     name = "sdxl"
     display_name = "SDXL"
-    negative_prompt_attention = True
+    negative_prompt_attention = "cross"
     pipeline_class_names = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
     native_pipeline_class_name = "StableDiffusionXLPipeline"
     # The invisible watermark changes pixels; off, the native pipeline computes the same images as ours.

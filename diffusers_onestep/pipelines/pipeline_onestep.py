@@ -73,6 +73,13 @@ class _DisabledProgressBar:
         pass
 
 
+@contextlib.contextmanager
+def _yielding(context, value):
+    """``context`` entered, yielding ``value`` instead of what it yields."""
+    with context:
+        yield value
+
+
 def _check_prompt(prompt, name: str = "prompt") -> None:
     if not (
         isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
@@ -273,7 +280,8 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         run one call per shape you will serve before timing or serving. Later calls of the same shape -- any prompt,
         seed or guidance -- reuse the compiled graphs without recompiling. Images stay within floating-point
         tolerance of the default path (fused projections change the order of the sums); ``tests/test_fast_path.py``
-        checks both on every family. On the CPU it runs, but it is meant for CUDA GPUs.
+        checks both on every family. On the CPU it runs, but it is meant for CUDA GPUs. NASA negative prompts on
+        joint-attention students (SD3, FLUX.1) run the denoiser eagerly in those calls (see :mod:`.nasa`).
         """
         modules = [m for m in (self.denoiser, self.vae) if m is not None]
         if fuse_qkv:
@@ -288,6 +296,7 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             if mode is not None:
                 options["mode"] = mode
             self.denoiser.compile(**options)
+            self._denoiser_compiled = True  # joint-attention NASA runs it eagerly (torch >= 2.6) or refuses
             if compile_vae and self.vae is not None:
                 self.vae.decoder.compile(**options)
         return self
@@ -482,9 +491,18 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         if negative_prompt is not None or negative_prompt_embeds is not None:
             if not adapter.negative_prompt_attention:
                 raise ValueError(
-                    f"This {family} student takes no negative prompt: its text enters through joint attention, which "
-                    "has no separate text keys and values for NASA to steer away from, and classifier-free guidance "
-                    "was distilled into it; remove `negative_prompt`."
+                    f"This {family} student takes no negative prompt: its family adapter names no attention for NASA "
+                    "to steer (`negative_prompt_attention`); remove `negative_prompt`."
+                )
+            if (
+                adapter.negative_prompt_attention == "joint"
+                and getattr(self, "_denoiser_compiled", False)
+                and not hasattr(torch.compiler, "set_stance")
+            ):
+                raise ValueError(
+                    f"NASA negative prompts on {family} run the compiled denoiser eagerly, which needs torch >= 2.6 "
+                    f"(`torch.compiler.set_stance`), found {torch.__version__}; call without `enable_fast_path`'s "
+                    "compile or remove `negative_prompt`."
                 )
             if negative_prompt_embeds is not None:
                 self._check_condition_tensors(
@@ -610,8 +628,12 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
                 students had classifier-free guidance distilled into them and refuse values above 1.
             negative_prompt (`str` or `list[str]`, *optional*): what to steer away from, by NASA (SNOOPI, arXiv
                 2412.02687): every cross-attention layer outputs `out_proj(Attn(Q, K+, V+) − λ·Attn(Q, K−, V−))`
-                with λ = `negative_scale` (see `diffusers_onestep.pipelines.nasa`). Families whose text enters
-                through joint attention (SD3, FLUX.1) refuse it. One extra denoiser pass per call.
+                with λ = `negative_scale` (see `diffusers_onestep.pipelines.nasa`); costs the denoiser's stem up to
+                its first cross-attention once per call. SD3/SD3.5 and FLUX.1 (joint attention; our extension, the
+                paper defines cross-attention only): the negative prompt runs as a second stream on the same
+                latents, and in every joint layer the image tokens' attention result subtracts λ times their
+                attention to the negative prompt's text keys and values of that layer; costs a doubled denoiser
+                batch at every step.
             negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds (*optional*): the
                 negative prompt pre-computed, as [`~OneStepPipeline.encode_prompt`] returns it (one row per prompt,
                 the same fields `prompt_embeds` needs); instead of `negative_prompt`, with the same effect.
@@ -706,7 +728,7 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         # 6. Sampling: predict x0 at each conditioning timestep, re-noise to the next (OneStepScheduler.step)
         condition = condition.to(dtype=dtype)
         denoised = latents
-        steering = contextlib.nullcontext()
+        steering = contextlib.nullcontext(self._denoise)
         if negative_prompt is not None or negative_prompt_embeds is not None:
             if negative_prompt_embeds is not None:
                 negative_prompt = Condition(
@@ -715,13 +737,11 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             steering = self._negative_away_steer_attention(
                 negative_prompt, batch, num_images_per_prompt, latents.to(dtype), condition, guidance, negative_scale
             )
-        with steering, self.progress_bar(total=self._num_timesteps) as progress_bar:
+        with steering as denoise, self.progress_bar(total=self._num_timesteps) as progress_bar:
             for i, t in enumerate(self.scheduler.timesteps):
                 if self.interrupt:
                     break
-                model_output = adapter.denoise(
-                    latents.to(dtype), self.scheduler.path_timesteps[i], condition, guidance=guidance
-                )
+                model_output = denoise(latents.to(dtype), self.scheduler.path_timesteps[i], condition, guidance)
                 latents, denoised = self.scheduler.step(
                     model_output.float(), t, latents, generator=generator, return_dict=False
                 )
@@ -751,13 +771,20 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
             return (image,)
         return ImagePipelineOutput(images=image)
 
+    def _denoise(self, latents, t, condition, guidance):
+        """One denoiser prediction of the sampling loop (without a negative prompt)."""
+        return self.adapter.denoise(latents, t, condition, guidance=guidance)
+
     def _negative_away_steer_attention(
         self, negative_prompt, batch, num_images_per_prompt, latents, condition, guidance, negative_scale
     ):
-        """The NASA context for one call: the cross-attention states of the negative prompt, recorded at the first
-        cross-attention layer of a denoiser pass that stops there (they depend on neither the latents nor the time in
-        these families), then every processor wrapped until the context exits (see :mod:`.nasa`). ``negative_prompt``
-        is text or an encoded :class:`Condition` (from ``negative_prompt_embeds``), one row per prompt."""
+        """The NASA context for one call, yielding the sampling loop's ``denoise(latents, t, condition, guidance)``
+        (see :mod:`.nasa`). Cross-attention families: the cross-attention states of the negative prompt, recorded at
+        the first cross-attention layer of a denoiser pass that stops there (they depend on neither the latents nor the
+        time in these families), then every processor wrapped until the context exits. Joint-attention families: every
+        forward runs on ``[positive; negative]`` and keeps the positive half, each joint layer steering the positive
+        image queries away from the negative text keys and values. ``negative_prompt`` is text or an encoded
+        :class:`Condition` (from ``negative_prompt_embeds``), one row per prompt."""
         device = latents.device
         if isinstance(negative_prompt, Condition):
             negative = negative_prompt
@@ -771,12 +798,18 @@ class OneStepPipeline(DiffusionPipeline, OneStepLoraLoaderMixin):
         if num_images_per_prompt > 1:
             negative = negative.repeat_interleave(num_images_per_prompt)
         negative = negative.to(device).to(dtype=condition.embeds.dtype)
+        scale = nasa.DEFAULT_NEGATIVE_SCALE if negative_scale is None else float(negative_scale)
+        if self.adapter.negative_prompt_attention == "joint":
+            if scale == 0:  # exactly the plain image, without the doubled batch (whose sums may round differently)
+                return contextlib.nullcontext(self._denoise)
+            return nasa.joint_negative_away_steer_attention(
+                self.denoiser, self.adapter.joint_attention_layout, self._denoise, negative, scale
+            )
         t = self.scheduler.path_timesteps[0]
         states = nasa.record_cross_attention_states(
             self.denoiser, lambda: self.adapter.denoise(latents, t, negative, guidance=guidance)
         )
-        scale = nasa.DEFAULT_NEGATIVE_SCALE if negative_scale is None else float(negative_scale)
-        return nasa.negative_away_steer_attention(self.denoiser, states, scale)
+        return _yielding(nasa.negative_away_steer_attention(self.denoiser, states, scale), self._denoise)
 
     def _run_callback(self, callback, tensor_inputs, i, t, latents, denoised, condition, device, dtype):
         """Call ``callback_on_step_end`` with the named tensors; take back every tensor of ``_callback_tensor_inputs``
