@@ -36,7 +36,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from diffusers_onestep.demo import digits  # noqa: E402
-from diffusers_onestep.demo.__main__ import DemoSettings, evaluate_runs, log, print_table, train, write_data  # noqa: E402
+from diffusers_onestep.demo.__main__ import (  # noqa: E402
+    DemoSettings,
+    evaluate_runs,
+    log,
+    print_table,
+    train,
+    training_command,
+    write_data,
+)
 
 
 DOC = os.path.join(REPO, "docs", "benchmarks.md")
@@ -57,70 +65,21 @@ def train_score_method(
 ) -> None:
     """Train a ``--method sid|sim|tdm`` student with the demo's budget and settings (``DemoSettings``).
 
-    The demo's :func:`train` command with what a score-divergence method refuses taken out: no ``--divergence``, no
-    real images and no ``--gan_weight`` (SiD and SIM are data-free), and no ``--critic_updates_per_student`` (the
-    method's own 1:1 fake-score:generator ratio, SiD's Algorithm 1). SiD's alpha, SiD-LSG's fake-score guidance and
+    The demo's :func:`training_command` without what a score-divergence method refuses: no ``--divergence``, no real
+    images and no ``--gan_weight`` (SiD and SIM are data-free), and no ``--critic_updates_per_student`` (the method's
+    own 1:1 fake-score:generator ratio, SiD's Algorithm 1). SiD's alpha, SiD-LSG's fake-score guidance and
     SIM's pseudo-Huber distance take the library's defaults (``MethodConfig``); the teacher's CFG is the demo's.
     ``tdm`` trains on ``settings.student_timesteps`` (its K-step grid) and keeps the method's own fake-score learning
     rate (5x the student's) and Adam betas (0, 0.95) (``TDM.optimizer_defaults``); ``extra_args`` (e.g.
     ``--tdm_loss mse``) are appended.
     """
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "diffusers_onestep.distill",
-        "--teacher",
-        teacher,
-        "--prompts",
-        data["prompts"],
+    objective = [
         "--method",
         method,
-        "--student",
-        settings.student,
-        "--critic",
-        settings.critic,
-        "--lora_rank",
-        str(settings.lora_rank),
-        "--lora_target_modules",
-        settings.lora_target_modules,
-        "--learning_rate",
-        str(settings.full_learning_rate if settings.student == "full" else settings.learning_rate),
         *([] if method in FEW_STEP_METHODS else ["--critic_learning_rate", str(settings.critic_learning_rate)]),
-        "--guidance_scale",
-        str(settings.guidance_scale),
-        "--student_timesteps",
-        *[str(t) for t in settings.student_timesteps],
-        "--ema_decay",
-        str(settings.ema_decay),
-        "--train_batch_size",
-        str(settings.train_batch_size),
-        "--max_train_steps",
-        str(settings.max_train_steps),
-        "--checkpointing_steps",
-        str(settings.max_train_steps),
-        "--validation_steps",
-        str(10 * settings.max_train_steps),
-        "--lr_scheduler",
-        "constant",
-        "--report_to",
-        "none",
-        "--seed",
-        str(settings.seed),
-        "--output_dir",
-        output_dir,
-        "--overwrite_output_dir",
         *extra_args,
     ]
+    command = training_command(settings, teacher, data["prompts"], output_dir, objective)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if subprocess.run(command, env=env).returncode != 0:
         raise SystemExit(f"The training script failed for --method {method}.")

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 
 #: the folder holding the ``diffusers_onestep`` package (the checkout, or site-packages of an installed wheel)
@@ -106,9 +106,14 @@ def write_data(folder: str, seed: int) -> Dict[str, str]:
     return {"prompts": prompts, "real": real}
 
 
-def train(settings: DemoSettings, data: Dict[str, str], output_dir: str, teacher: str) -> None:
-    """The product's own entry point, as a user runs it."""
-    command = [
+def training_command(
+    settings: DemoSettings, teacher: str, prompts: str, output_dir: str, objective_args: Sequence[str]
+) -> List[str]:
+    """``accelerate launch -m diffusers_onestep.distill`` with the demo's budget and settings (``DemoSettings``), as a
+    user runs it; ``objective_args`` are what the objective adds: the demo's divergence, real images and GAN
+    (:func:`train`), or a data-free ``--method`` (``benchmarks/digits.py``), each without the flags that do not apply
+    to it (the training CLI refuses those)."""
+    return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
@@ -125,13 +130,7 @@ def train(settings: DemoSettings, data: Dict[str, str], output_dir: str, teacher
         "--teacher",
         teacher,
         "--prompts",
-        data["prompts"],
-        "--real_images",
-        data["real"],
-        "--caption_column",
-        "text",
-        "--divergence",
-        settings.divergence,
+        prompts,
         "--student",
         settings.student,
         "--critic",
@@ -142,16 +141,10 @@ def train(settings: DemoSettings, data: Dict[str, str], output_dir: str, teacher
         settings.lora_target_modules,
         "--learning_rate",
         str(settings.full_learning_rate if settings.student == "full" else settings.learning_rate),
-        "--critic_learning_rate",
-        str(settings.critic_learning_rate),
         "--guidance_scale",
         str(settings.guidance_scale),
         "--student_timesteps",
         *[str(t) for t in settings.student_timesteps],
-        "--critic_updates_per_student",
-        str(settings.critic_updates_per_student),
-        "--gan_weight",
-        str(settings.gan_weight),
         "--ema_decay",
         str(settings.ema_decay),
         "--train_batch_size",
@@ -171,7 +164,27 @@ def train(settings: DemoSettings, data: Dict[str, str], output_dir: str, teacher
         "--output_dir",
         output_dir,
         "--overwrite_output_dir",
+        *objective_args,
     ]
+
+
+def train(settings: DemoSettings, data: Dict[str, str], output_dir: str, teacher: str) -> None:
+    """The product's own entry point, as a user runs it."""
+    objective = [
+        "--real_images",
+        data["real"],
+        "--caption_column",
+        "text",
+        "--divergence",
+        settings.divergence,
+        "--critic_learning_rate",
+        str(settings.critic_learning_rate),
+        "--critic_updates_per_student",
+        str(settings.critic_updates_per_student),
+        "--gan_weight",
+        str(settings.gan_weight),
+    ]
+    command = training_command(settings, teacher, data["prompts"], output_dir, objective)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, env=env)
     if result.returncode != 0:
