@@ -48,7 +48,7 @@ METHODS = SCORE_METHODS + ("tdm",)
 TDM_TIMESTEPS = {"sdxl": ["999", "499"], "pixart_alpha": ["899", "449"], "sana": ["1.0", "0.5"]}
 
 #: the method x family x kind cases launched on two processes (and loaded) by the equality tests below
-TWO_PROCESS_CASES = {("pixart_alpha", "sid", "lora"), ("pixart_alpha", "tdm", "lora")}
+TWO_PROCESS_CASES = {("pixart_alpha", "sid", "lora"), ("pixart_alpha", "sim", "lora"), ("pixart_alpha", "tdm", "lora")}
 #: Every method × student kind on the first three families; PixArt-Σ and SANA-Sprint share the export and method code
 #: with PixArt-α and SANA, so they run the two cases that take each method and each student kind once (each case is
 #: a separate `accelerate launch` of 15-30 s on two cores).
@@ -67,8 +67,9 @@ CASES = (
         # SD 1.5: DMD2 with a LoRA student, JS f-distill with a full one (the family's GAN head on the UNet mid-block)
         ("sd", "reverse_kl", "lora"),
         ("sd", "js", "full"),
-        # the score-divergence methods and TDM (below) on every family and student kind; sid and tdm on PixArt LoRA are
-        # launched on two processes by `test_two_processes_match_one_process_sid` / `_tdm`, which load what they saved
+        # the score-divergence methods and TDM (below) on every family and student kind; sid, sim and tdm on PixArt
+        # LoRA are launched on two processes by `test_two_processes_match_one_process_sid` / `_sim` / `_tdm`, which
+        # load what they saved
     ]
     + [
         (family, method, kind)
@@ -234,6 +235,14 @@ def test_two_processes_match_one_process_sid(workspace):
     flags = ["--method", "sid", "--fake_guidance_scale", "2", "--fake_train_guidance_scale", "1.5"]
     _, two = _two_processes_and_one(workspace, "ddp-sid", flags, single=in_process)
     _assert_saved_student_loads_and_generates(workspace, two, "pixart_alpha", "sid", "lora", steps=3)
+
+
+def test_two_processes_match_one_process_sim(workspace):
+    """SIM (pseudo-Huber distance, its default c = 1) on 2 processes equals 1 process with the same global batch: the
+    same input-gradient passes as SiD under SIM's distance. The launched 2-process run is also sim's PixArt LoRA
+    end-to-end case: its saved student loads in OneStepPipeline and generates."""
+    _, two = _two_processes_and_one(workspace, "ddp-sim", ["--method", "sim"], single=in_process)
+    _assert_saved_student_loads_and_generates(workspace, two, "pixart_alpha", "sim", "lora", steps=3)
 
 
 def test_two_processes_match_one_process_tdm(workspace):
