@@ -5,15 +5,13 @@ import math
 
 import pytest
 import torch
-from training_utils import in_process, tiny_run_argv, write_prompts
+from training_utils import in_process, tiny_pixart_roles, tiny_run_argv, write_prompts
 
 from diffusers_onestep import parameterization as param
 from diffusers_onestep.distill import losses
-from diffusers_onestep.distill.config import ConfigError, MethodConfig, RolesConfig
+from diffusers_onestep.distill.config import ConfigError, MethodConfig
 from diffusers_onestep.distill.methods import SIM, SiD, build_method, resolve_method_config
 from diffusers_onestep.distill.models import Batch, RandomSource
-from diffusers_onestep.distill.roles import BackboneRoles
-from diffusers_onestep.families import PixArtAlphaAdapter
 from diffusers_onestep.testing import TINY_PROMPTS, save_tiny_native_pipeline, tiny_components
 from diffusers_onestep.testing.analytic import GaussianMixture
 from diffusers_onestep.testing.toy import train_toy
@@ -76,12 +74,7 @@ def test_sid_and_sim_take_sids_adam_betas(tmp_path):
 
 @pytest.fixture(scope="module")
 def setup():
-    adapter = PixArtAlphaAdapter(tiny_components("pixart_alpha"), max_sequence_length=16)
-    roles = BackboneRoles(adapter, RolesConfig(lora_rank=4))
-    with torch.no_grad():
-        for name, parameter in roles.backbone.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
+    adapter, roles = tiny_pixart_roles(tiny_components("pixart_alpha"))
     condition = adapter.encode_prompt(TINY_PROMPTS[:2])
     noise = torch.randn(adapter.latent_shape(2, 8, 8), generator=torch.Generator().manual_seed(0))
     return adapter, roles, Batch(condition=condition, noise=noise)

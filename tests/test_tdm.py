@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from training_utils import in_process, tiny_run_argv, write_prompts
+from training_utils import in_process, tiny_pixart_roles, tiny_run_argv, write_prompts
 
 from diffusers_onestep import parameterization as param
 from diffusers_onestep.distill import losses
-from diffusers_onestep.distill.config import ConfigError, MethodConfig, RolesConfig
+from diffusers_onestep.distill.config import ConfigError, MethodConfig
 from diffusers_onestep.distill.methods import TDM, build_method, resolve_method_config
 from diffusers_onestep.distill.models import Batch, RandomSource
 from diffusers_onestep.families import PixArtAlphaAdapter
@@ -290,15 +290,7 @@ def test_config_defaults_and_refusals():
 
 @pytest.fixture(scope="module")
 def pixart_roles():
-    from diffusers_onestep.distill.roles import BackboneRoles
-
-    adapter = PixArtAlphaAdapter(tiny_components("pixart_alpha"), max_sequence_length=16)
-    roles = BackboneRoles(adapter, RolesConfig(lora_rank=4))
-    with torch.no_grad():
-        for name, parameter in roles.backbone.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
-    return adapter, roles
+    return tiny_pixart_roles(tiny_components("pixart_alpha"))
 
 
 def test_training_rollout_equals_onestep_pipeline_sampling(pixart_roles):

@@ -11,13 +11,12 @@ import os
 
 import pytest
 import torch
-from training_utils import TINY_FLAGS, write_prompts
+from training_utils import TINY_FLAGS, tiny_pixart_roles, tiny_run_argv, write_prompts
 
 from diffusers_onestep.distill import cli, losses
-from diffusers_onestep.distill.config import ConfigError, MethodConfig, RolesConfig
+from diffusers_onestep.distill.config import ConfigError, MethodConfig
 from diffusers_onestep.distill.methods import build_method
 from diffusers_onestep.distill.models import Batch, RandomSource
-from diffusers_onestep.distill.roles import BackboneRoles
 from diffusers_onestep.distill.teacher_reference import (
     ReferenceSettings,
     build_teacher_reference,
@@ -124,32 +123,12 @@ def test_reference_set_is_cached_reused_rebuilt_and_resumed(teacher, tmp_path, m
         assert torch.equal(a, b)
 
 
-def test_cached_latent_is_the_native_pipelines_sample_from_its_noise_and_prompt(teacher, tmp_path):
-    """Row i of the set is ``pipe(prompt_i, latents=z_i)`` of the teacher's own pipeline (text encoded by the
-    pipeline itself, negative prompt "" as it encodes it), row by row."""
-    pipe, adapter = teacher
-    prompts = list(TINY_PROMPTS)
-    reference = build_teacher_reference(adapter, pipe, prompts, settings(), str(tmp_path), progress=False)
-    latents, noise, row_texts = read_all(reference)
-    for row in range(len(reference)):
-        assert torch.equal(noise[row], row_noise(0, row, adapter.latent_shape(1, 8, 8)[1:]))
-        native = pipe(
-            row_texts[row],
-            latents=noise[row : row + 1],
-            num_inference_steps=3,
-            guidance_scale=3.0,
-            height=8,
-            width=8,
-            output_type="latent",
-            use_resolution_binning=False,
-            clean_caption=False,
-            max_sequence_length=SEQUENCE_LENGTH,
-        ).images
-        torch.testing.assert_close(latents[row : row + 1], native, rtol=1e-5, atol=1e-5)
-    # negative control: another row's prompt gives another sample from the same noise
-    wrong = pipe(
-        row_texts[1] if row_texts[1] != row_texts[0] else row_texts[2],
-        latents=noise[0:1],
+def native_sample(pipe, prompt, noise):
+    """The teacher's own pipeline from ``noise``: 3 steps, CFG 3 and the set's sequence length, as ``settings()``
+    builds the set."""
+    return pipe(
+        prompt,
+        latents=noise,
         num_inference_steps=3,
         guidance_scale=3.0,
         height=8,
@@ -159,6 +138,21 @@ def test_cached_latent_is_the_native_pipelines_sample_from_its_noise_and_prompt(
         clean_caption=False,
         max_sequence_length=SEQUENCE_LENGTH,
     ).images
+
+
+def test_cached_latent_is_the_native_pipelines_sample_from_its_noise_and_prompt(teacher, tmp_path):
+    """Row i of the set is ``pipe(prompt_i, latents=z_i)`` of the teacher's own pipeline (text encoded by the
+    pipeline itself, negative prompt "" as it encodes it), row by row."""
+    pipe, adapter = teacher
+    prompts = list(TINY_PROMPTS)
+    reference = build_teacher_reference(adapter, pipe, prompts, settings(), str(tmp_path), progress=False)
+    latents, noise, row_texts = read_all(reference)
+    for row in range(len(reference)):
+        assert torch.equal(noise[row], row_noise(0, row, adapter.latent_shape(1, 8, 8)[1:]))
+        native = native_sample(pipe, row_texts[row], noise[row : row + 1])
+        torch.testing.assert_close(latents[row : row + 1], native, rtol=1e-5, atol=1e-5)
+    # negative control: another row's prompt gives another sample from the same noise
+    wrong = native_sample(pipe, row_texts[1] if row_texts[1] != row_texts[0] else row_texts[2], noise[0:1])
     assert (wrong - latents[0:1]).abs().max() > 1e-3
 
 
@@ -185,13 +179,7 @@ def test_regression_loss_gradient_is_the_closed_form():
 
 @pytest.fixture(scope="module")
 def roles():
-    adapter = PixArtAlphaAdapter(tiny_native_pipeline("pixart_alpha").components, max_sequence_length=SEQUENCE_LENGTH)
-    roles = BackboneRoles(adapter, RolesConfig(lora_rank=4))
-    with torch.no_grad():
-        for name, parameter in roles.backbone.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
-    return adapter, roles
+    return tiny_pixart_roles(tiny_native_pipeline("pixart_alpha").components, max_sequence_length=SEQUENCE_LENGTH)
 
 
 def test_regression_term_pairs_the_students_map_of_the_stored_noise_with_the_teachers_sample(roles):
@@ -257,16 +245,9 @@ def workspace(tmp_path_factory):
 
 
 def config_of(workspace, output_dir, *extra):
-    argv = [
-        "--teacher",
-        workspace["teacher"],
-        "--prompts",
-        workspace["prompts"],
-        "--output_dir",
-        str(output_dir),
-        "--resolution",
-        "8",
-        *TINY_FLAGS,
+    argv = tiny_run_argv(
+        workspace,
+        output_dir,
         "--real_images",
         "teacher",
         "--teacher_reference_count",
@@ -279,8 +260,8 @@ def config_of(workspace, output_dir, *extra):
         "1",
         "--checkpointing_steps",
         "100",
-        *[str(a) for a in extra],
-    ]
+        *extra,
+    )
     config, _ = cli.resolve_args(argv)
     return config
 

@@ -44,6 +44,25 @@ STATE_FILES = (
 RESOLUTION = {"sdxl": 32, "pixart_alpha": 8, "pixart_sigma": 8, "sana": 32, "sana_sprint": 32, "sd": 16}
 
 
+def tiny_pixart_roles(components, max_sequence_length=16):
+    """``(adapter, roles)``: a tiny PixArt-α adapter on ``components`` and its LoRA roles (rank 4) with every LoRA B
+    drawn from N(0, 0.1), so that student, fake score and teacher differ (the zero B of a fresh LoRA would make
+    them one network)."""
+    import torch
+
+    from diffusers_onestep.distill.config import RolesConfig
+    from diffusers_onestep.distill.roles import BackboneRoles
+    from diffusers_onestep.families import PixArtAlphaAdapter
+
+    adapter = PixArtAlphaAdapter(components, max_sequence_length=max_sequence_length)
+    roles = BackboneRoles(adapter, RolesConfig(lora_rank=4))
+    with torch.no_grad():
+        for name, parameter in roles.backbone.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    return adapter, roles
+
+
 def tiny_run_argv(workspace, output_dir, *extra):
     """The flags of a run of the workspace's tiny teacher into ``output_dir``, then ``extra``."""
     return [
